@@ -1,0 +1,170 @@
+"""The `lhv` command. `main(argv) -> int` is the entry point; each subcommand is a function
+`_cmd_<name>(args) -> int` with an `_args_<name>(parser)` that declares its options, and
+is registered once in `COMMANDS`.
+
+    lhv stack up [--env-file .stack/env] [--partitions 4] [--foreground]
+    lhv stack status [--env-file .stack/env]
+    lhv stack down [--env-file .stack/env]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["COMMANDS", "Command", "build_parser", "main"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENV_FILE = ".stack/env"
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One `lhv <name>` subcommand."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# --------------------------------------------------------------------------------------
+# lhv stack
+
+
+def _args_stack(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="stack_action", metavar="{up,status,down}", required=True)
+    up = sub.add_parser("up", help="start Kafka (KRaft) and SeaweedFS S3 on loopback")
+    up.add_argument("--env-file", default=DEFAULT_ENV_FILE, help="where to write the env")
+    up.add_argument(
+        "--partitions", type=int, default=None, help="partitions of lhv.commands/lhv.search (4)"
+    )
+    up.add_argument(
+        "--foreground", action="store_true", help="keep running until Ctrl-C, then stop"
+    )
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds per server to be ready")
+    for name, text in (("status", "is the stack up and answering"), ("down", "stop the stack")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--env-file", default=DEFAULT_ENV_FILE, help="env file of `stack up`")
+
+
+def _cmd_stack(args: argparse.Namespace) -> int:
+    from worker import stack
+
+    env_file = Path(args.env_file)
+    action = args.stack_action
+    if action == "up":
+        return _stack_up(args, env_file)
+    if not env_file.is_file():
+        print(f"no stack: {env_file} does not exist", file=sys.stderr)
+        return 0 if action == "down" else 1
+    if action == "down":
+        try:
+            for line in stack.stop_from_env_file(env_file):
+                print(line)
+        except stack.StackError as exc:
+            print(f"stack down failed: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    rows = stack.stack_status(stack.read_env_file(env_file))
+    for name, ok, detail in rows:
+        print(f"{name:14} {'ok ' if ok else 'DOWN'} {detail}")
+    return 0 if all(ok for _, ok, _ in rows) else 1
+
+
+def _stack_up(args: argparse.Namespace, env_file: Path) -> int:
+    from worker import stack
+
+    if env_file.is_file():
+        values = stack.read_env_file(env_file)
+        if any(
+            ok for name, ok, _ in stack.stack_status(values, timeout_s=3.0) if "process" in name
+        ):
+            print(
+                f"a stack from {env_file} is already running; `lhv stack down --env-file "
+                f"{env_file}` first",
+                file=sys.stderr,
+            )
+            return 1
+        stack.stop_from_env_file(env_file)  # leftovers of a dead stack
+    settings = stack.StackSettings(
+        partitions=args.partitions if args.partitions is not None else stack.DEFAULT_PARTITIONS,
+        start_timeout_s=args.timeout,
+    )
+    # a detached stack outlives this process: its directory is removed by `stack down`
+    local = stack.LocalStack(settings, keep_dir=not args.foreground)
+    try:
+        local.start()
+    except stack.StackError as exc:
+        print(f"stack up failed: {exc}", file=sys.stderr)
+        return 1
+    stack.write_env_file(env_file, local.env())
+    print(f"stack ready in {local.ready_s:.1f} s")
+    print(f"  kafka  {local.bootstrap_servers}  (log {local.kafka_log})")
+    print(f"  s3     {local.s3_endpoint_url}  bucket {local.bucket}  (log {local.s3_log})")
+    print(f"  env    source {env_file}")
+    if not args.foreground:
+        print(f"  stop   lhv stack down --env-file {env_file}")
+        return 0
+    print("running in the foreground; Ctrl-C stops it")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            if not (local.kafka_alive() and local.s3_alive()):
+                print("a stack process died; stopping", file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        local.stop()
+        env_file.unlink(missing_ok=True)
+        print("stack stopped")
+
+
+# --------------------------------------------------------------------------------------
+# registry: one row per subcommand
+
+COMMANDS: tuple[Command, ...] = (
+    Command("stack", "run the local Kafka + S3 stack (no Docker)", _args_stack, _cmd_stack),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lhv", description="LHV: vector indexes fed by Kafka, checkpointed to S3"
+    )
+    parser.add_argument(
+        "--log-level", default=os.environ.get("LHV_LOG_LEVEL", "INFO"), help="INFO, DEBUG, ..."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `lhv` with `argv` (default: sys.argv[1:]); returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args._run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
