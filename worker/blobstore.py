@@ -675,7 +675,11 @@ class S3BlobStore:
             kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": start}
             if token:
                 kwargs["ContinuationToken"] = token
-            resp = await self._call("list", prefix, lambda c, kw=kwargs: c.list_objects_v2(**kw))
+
+            async def page(c: Any, kw: dict[str, Any] = kwargs) -> Any:
+                return await c.list_objects_v2(**kw)
+
+            resp = await self._call("list", prefix, page)
             keys.extend(obj["Key"][n:] for obj in resp.get("Contents", ()))
             if not resp.get("IsTruncated"):
                 break

@@ -170,7 +170,7 @@ class _DropStackThreadRecords(logging.Filter):
     are dropped (records of the application's own clients pass)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.threadName.startswith("lhv-stack")
+        return not (record.threadName or "").startswith("lhv-stack")
 
 
 for _name in ("aiokafka", "aiokafka.client", "aiokafka.conn", "aiokafka.admin.client"):
