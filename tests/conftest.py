@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from stackfixtures import (  # noqa: F401  (fixtures are found by name)
+    USED,
     StackHandle,
     blobstore,
     bootstrap_servers,
@@ -35,6 +36,13 @@ _HERE = Path(__file__).resolve().parent
 
 def pytest_report_header(config: pytest.Config) -> str:
     return describe_stack()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if USED:
+        terminalreporter.write_sep("-", "lhv stack")
+        for line in USED:
+            terminalreporter.write_line(line)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -64,6 +64,9 @@ SEAWEEDFS_IMAGE = "chrislusf/seaweedfs:4.48"
 
 _RUN_ID = uuid.uuid4().hex[:8]
 
+#: what the session actually used, for the summary line (conftest.py prints it)
+USED: list[str] = []
+
 
 @dataclass(slots=True)
 class StackHandle:
@@ -291,6 +294,7 @@ def stack() -> Iterator[StackHandle]:
     if mode == "external":
         env = {k: v for k, v in os.environ.items() if k.startswith(("LHV_", "AWS_"))}
         s3 = S3Config.from_env(env, prefix=f"tests/{_RUN_ID}/")
+        USED.append(f"external stack at {env['LHV_BOOTSTRAP_SERVERS']}")
         yield StackHandle("external", env["LHV_BOOTSTRAP_SERVERS"], s3, env)
         return
     if mode == "testcontainers":
@@ -300,6 +304,7 @@ def stack() -> Iterator[StackHandle]:
         except BaseException:
             docker.stop()
             raise
+        USED.append(f"testcontainers stack at {docker.bootstrap_servers}")
         try:
             env = docker.env()
             yield StackHandle(
@@ -316,6 +321,7 @@ def stack() -> Iterator[StackHandle]:
         _skip_or_fail(why)
     local = LocalStack()
     local.start()
+    USED.append(f"local stack in {local.dir}, ready in {local.ready_s:.1f} s")
     try:
         env = local.env()
         yield StackHandle(
@@ -384,6 +390,7 @@ def make_local_stack() -> Iterator[Callable[..., LocalStack]]:
     def make(**settings: Any) -> LocalStack:
         s = LocalStack(**settings)
         s.start()
+        USED.append(f"private local stack, ready in {s.ready_s:.1f} s")
         started.append(s)
         return s
 

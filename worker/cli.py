@@ -18,6 +18,10 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.config import WorkerConfig
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -100,7 +104,7 @@ def _stack_up(args: argparse.Namespace, env_file: Path) -> int:
         start_timeout_s=args.timeout,
     )
     # a detached stack outlives this process: its directory is removed by `stack down`
-    local = stack.LocalStack(settings, keep_dir=not args.foreground)
+    local = stack.LocalStack(settings, keep_dir=not args.foreground, detached=not args.foreground)
     try:
         local.start()
     except stack.StackError as exc:
@@ -131,10 +135,124 @@ def _stack_up(args: argparse.Namespace, env_file: Path) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# lhv worker
+
+
+def _args_worker(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument(
+        "--bootstrap-servers",
+        default=env("LHV_BOOTSTRAP_SERVERS"),
+        help="Kafka bootstrap servers (LHV_BOOTSTRAP_SERVERS)",
+    )
+    parser.add_argument("--group", default=None, help="consumer group (LHV_GROUP_ID, lhv)")
+    parser.add_argument("--commands-topic", default=None, help="(LHV_COMMANDS_TOPIC)")
+    parser.add_argument("--search-topic", default=None, help="(LHV_SEARCH_TOPIC)")
+    parser.add_argument("--dlq-topic", default=None, help="(LHV_DLQ_TOPIC)")
+    parser.add_argument(
+        "--reply-pattern",
+        default=None,
+        help="reply topics allowed, fnmatch style (LHV_REPLY_PATTERN)",
+    )
+    parser.add_argument("--s3-endpoint-url", default=None, help="(LHV_S3_ENDPOINT_URL)")
+    parser.add_argument("--s3-bucket", default=None, help="(LHV_S3_BUCKET)")
+    parser.add_argument("--s3-prefix", default=None, help="(LHV_S3_PREFIX)")
+    parser.add_argument(
+        "--checkpoint-records",
+        type=int,
+        default=None,
+        help="checkpoint after this many records (LHV_CHECKPOINT_RECORDS)",
+    )
+    parser.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        default=None,
+        help="checkpoint after this many seconds (LHV_CHECKPOINT_SECONDS)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve /metrics, /healthz, /readyz here (LHV_METRICS_PORT)",
+    )
+    parser.add_argument(
+        "--accept-data-loss",
+        action="store_true",
+        default=None,
+        help="serve partitions whose log lost records after the checkpoint",
+    )
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        default=os.environ.get("LHV_LOG_JSON", "") not in ("", "0"),
+        help="JSON log lines (LHV_LOG_JSON=1)",
+    )
+
+
+def _worker_config(args: argparse.Namespace) -> WorkerConfig:
+    """Flags override `LHV_*` variables, which override the defaults."""
+    from worker.config import WorkerConfig
+
+    env = dict(os.environ)
+    flags = {
+        "LHV_BOOTSTRAP_SERVERS": args.bootstrap_servers,
+        "LHV_GROUP_ID": args.group,
+        "LHV_COMMANDS_TOPIC": args.commands_topic,
+        "LHV_SEARCH_TOPIC": args.search_topic,
+        "LHV_DLQ_TOPIC": args.dlq_topic,
+        "LHV_REPLY_PATTERN": args.reply_pattern,
+        "LHV_S3_ENDPOINT_URL": args.s3_endpoint_url,
+        "LHV_S3_BUCKET": args.s3_bucket,
+        "LHV_S3_PREFIX": args.s3_prefix,
+        "LHV_CHECKPOINT_RECORDS": args.checkpoint_records,
+        "LHV_CHECKPOINT_SECONDS": args.checkpoint_seconds,
+        "LHV_METRICS_PORT": args.metrics_port,
+        "LHV_ACCEPT_DATA_LOSS": "1" if args.accept_data_loss else None,
+    }
+    env.update({k: str(v) for k, v in flags.items() if v is not None})
+    return WorkerConfig.from_env(env)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from worker.logs import setup_logging
+    from worker.service import Worker
+
+    setup_logging(args.log_level, json=args.log_json)
+    try:
+        config = _worker_config(args)
+    except (ValueError, KeyError) as exc:
+        print(f"bad worker configuration: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        loop = asyncio.get_running_loop()
+        worker = Worker(config)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.request_stop)
+        try:
+            async with worker:
+                await worker.run()
+        except Exception:
+            log.exception("worker failed")
+            return 1
+        return 0
+
+    return asyncio.run(run())
+
+
+# --------------------------------------------------------------------------------------
 # registry: one row per subcommand
 
 COMMANDS: tuple[Command, ...] = (
     Command("stack", "run the local Kafka + S3 stack (no Docker)", _args_stack, _cmd_stack),
+    Command(
+        "worker",
+        "run a worker: consume commands and queries, checkpoint to S3",
+        _args_worker,
+        _cmd_worker,
+    ),
 )
 
 

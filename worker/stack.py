@@ -61,6 +61,7 @@ __all__ = [
     "create_topics",
     "live_processes",
     "read_env_file",
+    "reap_orphans",
     "resolve_kafka_jars",
     "stack_status",
     "stop_from_env_file",
@@ -316,6 +317,31 @@ def _wait_gone(pid: int, timeout_s: float) -> bool:
     return not _proc_running(pid)
 
 
+def reap_orphans() -> list[str]:
+    """Stop the servers of stacks whose owner died without stopping them (a test run that
+    was killed), and remove their directories. Detached stacks (`lhv stack up`) and stacks
+    whose owner still runs are left alone. Returns the directories reaped."""
+    reaped: list[str] = []
+    for marker in Path(tempfile.gettempdir()).glob(f"lhv-stack-*/{MARKER}"):
+        try:
+            words = marker.read_text().split()
+        except OSError:
+            continue
+        if len(words) != 2 or words[0] != "owner" or not words[1].isdigit():
+            continue
+        if _proc_running(int(words[1])):
+            continue
+        stack_dir = str(marker.parent)
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit() and _is_our_process(int(proc.name), stack_dir):
+                _signal_group(int(proc.name), signal.SIGKILL)
+                _wait_gone(int(proc.name), 10.0)
+        shutil.rmtree(stack_dir, ignore_errors=True)
+        log.warning("stopped the servers of an orphaned stack in %s", stack_dir)
+        reaped.append(stack_dir)
+    return reaped
+
+
 def live_processes() -> list[tuple[int, str]]:
     """Processes this interpreter's stacks started and that are still running."""
     with _LIVE_LOCK:
@@ -568,7 +594,7 @@ def _is_our_process(pid: int, stack_dir: str) -> bool:
     """The pid still runs the command we started: its command line names our stack dir,
     and it leads its own process group."""
     cmdline = _proc_cmdline(pid)
-    if cmdline is None or stack_dir not in cmdline or not _proc_running(pid):
+    if cmdline is None or stack_dir.rstrip("/") + "/" not in cmdline or not _proc_running(pid):
         return False
     try:
         return os.getpgid(pid) == pid
@@ -706,6 +732,7 @@ class LocalStack:
         *,
         stack_dir: str | os.PathLike[str] | None = None,
         keep_dir: bool = False,
+        detached: bool = False,
         **overrides: Any,
     ) -> None:
         if settings is None:
@@ -715,6 +742,7 @@ class LocalStack:
         self.settings = settings
         self._requested_dir = Path(stack_dir) if stack_dir is not None else None
         self._keep_dir = keep_dir
+        self._detached = detached
         self.dir: Path | None = None
         self.access_key_id = "lhv-" + secrets.token_hex(4)
         self._secret_access_key = secrets.token_urlsafe(24)
@@ -805,6 +833,7 @@ class LocalStack:
         self._state = "starting"
         started = time.monotonic()
         try:
+            reap_orphans()
             libs = resolve_kafka_jars(self.settings.kafka_version)
             t_jars = time.monotonic()
             self._prepare_dir()
@@ -862,7 +891,9 @@ class LocalStack:
             self.dir = self._requested_dir.resolve()
         else:
             self.dir = Path(tempfile.mkdtemp(prefix="lhv-stack-")).resolve()
-        (self.dir / MARKER).write_text(f"{os.getpid()}\n")
+        # who stops it: a detached stack (`lhv stack up`) outlives its starter on purpose
+        owner = "detached" if self._detached else f"owner {os.getpid()}"
+        (self.dir / MARKER).write_text(owner + "\n")
         (self.dir / "kafka").mkdir(exist_ok=True)
         (self.dir / "s3" / "data").mkdir(parents=True, exist_ok=True)
 
@@ -1071,6 +1102,16 @@ class LocalStack:
 
     def s3_alive(self) -> bool:
         return self._s3 is not None and self._s3.alive()
+
+    def check(self) -> None:
+        """Raise `StackError` (with the log's tail) if a server of this stack has died."""
+        self._running()
+        for svc in (self._kafka, self._s3):
+            if svc is not None and not svc.alive():
+                raise StackError(
+                    f"{svc.name} exited with {svc.exit_code()}; last lines of "
+                    f"{svc.log_path}:\n{svc.tail()}"
+                )
 
     def _running(self) -> None:
         if self._state != "running":
