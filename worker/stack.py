@@ -956,7 +956,11 @@ class LocalStack:
 
     def _format_kafka(self, libs: Path) -> None:
         d = self._need_dir() / "kafka"
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        # Kafka's Uuid text form; like Kafka's own, never one starting with '-', which the
+        # tool's argument parser would read as an option
+        cluster_id = "-"
+        while cluster_id.startswith("-"):
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         argv = [
             _find_java(), "-Xmx256m", f"-Dlog4j.configuration=file:{d / 'log4j.properties'}",
             "-cp", f"{libs}/*", "kafka.tools.StorageTool", "format",
