@@ -54,6 +54,9 @@ def _args_stack(parser: argparse.ArgumentParser) -> None:
     up.add_argument(
         "--foreground", action="store_true", help="keep running until Ctrl-C, then stop"
     )
+    up.add_argument(
+        "--kafka-version", default=None, help="Kafka release (default 3.9.1, $LHV_KAFKA_VERSION)"
+    )
     up.add_argument("--timeout", type=float, default=60.0, help="seconds per server to be ready")
     for name, text in (("status", "is the stack up and answering"), ("down", "stop the stack")):
         p = sub.add_parser(name, help=text)
@@ -102,6 +105,7 @@ def _stack_up(args: argparse.Namespace, env_file: Path) -> int:
     settings = stack.StackSettings(
         partitions=args.partitions if args.partitions is not None else stack.DEFAULT_PARTITIONS,
         start_timeout_s=args.timeout,
+        **({"kafka_version": args.kafka_version} if args.kafka_version else {}),
     )
     # a detached stack outlives this process: its directory is removed by `stack down`
     local = stack.LocalStack(settings, keep_dir=not args.foreground, detached=not args.foreground)

@@ -703,7 +703,10 @@ class StackSettings:
     topics: Mapping[str, int] | None = None
     """Topics to create ({name: partitions}); None: the three defaults."""
     bucket: str = DEFAULT_BUCKET
-    kafka_version: str = KAFKA_VERSION
+    kafka_version: str = field(
+        default_factory=lambda: os.environ.get("LHV_KAFKA_VERSION") or KAFKA_VERSION
+    )
+    """Kafka release to run (`LHV_KAFKA_VERSION`); 3.9.1 by default, 4.1.1 also works."""
     kafka_heap_mb: int = 1024
     broker_config: Mapping[str, str] = field(default_factory=dict)
     """Extra server.properties entries (they win over the defaults)."""
