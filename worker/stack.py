@@ -619,6 +619,7 @@ def stop_from_env_file(
     stack_dir = env.get("LHV_STACK_DIR")
     if not stack_dir or not Path(stack_dir).is_absolute():
         raise StackError(f"{path} names no LHV_STACK_DIR; is it a stack env file?")
+    removable = (Path(stack_dir) / MARKER).is_file()
     done: list[str] = []
     for name, var in _PID_VARS.items():
         raw = env.get(var)
@@ -628,7 +629,8 @@ def stop_from_env_file(
         if not _is_our_process(pid, stack_dir):
             done.append(f"{name}: pid {pid} is not running the stack's process; left alone")
             continue
-        _signal_group(pid, signal.SIGTERM)
+        # SIGKILL when the data goes too: a graceful shutdown would only slow this down
+        _signal_group(pid, signal.SIGKILL if removable else signal.SIGTERM)
         if not _wait_gone(pid, timeout_s):
             _signal_group(pid, signal.SIGKILL)
             if not _wait_gone(pid, 10.0):
@@ -637,7 +639,7 @@ def stop_from_env_file(
         else:
             done.append(f"{name}: pid {pid} stopped")
         _signal_group(pid, signal.SIGKILL)
-    if (Path(stack_dir) / MARKER).is_file():
+    if removable:
         shutil.rmtree(stack_dir, ignore_errors=True)
         done.append(f"removed {stack_dir}")
     if remove_file:
@@ -880,7 +882,9 @@ class LocalStack:
         for svc in (self._kafka, self._s3):
             if svc is not None:
                 try:
-                    svc.stop(timeout_s=self.settings.stop_timeout_s)
+                    # the data is about to be removed: a graceful shutdown buys nothing
+                    # (SeaweedFS can take 20 s flushing volumes that are deleted next)
+                    svc.stop(timeout_s=self.settings.stop_timeout_s, kill=not self._keep_dir)
                 except BaseException as exc:  # keep stopping the others
                     errors.append(exc)
         if self.dir is not None and not self._keep_dir:
