@@ -131,7 +131,8 @@ def _all_subclasses(cls: type[LhvError]) -> list[type[LhvError]]:
 
 #: wire code -> the most general class with that code
 BY_CODE: dict[str, type[LhvError]] = {}
-for _cls in [LhvError, *_all_subclasses(LhvError)]:
+_CLASSES: list[type[LhvError]] = [LhvError, *_all_subclasses(LhvError)]
+for _cls in _CLASSES:
     BY_CODE.setdefault(_cls.code, _cls)
 BY_CODE["internal"] = Internal
 

@@ -1,0 +1,49 @@
+"""LHV's index library: string ids, metadata, last-write-wins clocks and tombstones over
+hnswlib (or exact numpy search), with the framed LHV1 snapshot format.
+
+No Kafka, no S3, no asyncio: a library a user can import on its own.
+"""
+
+from __future__ import annotations
+
+from lhv_index import errors
+from lhv_index._clock import Clock
+from lhv_index._index import Index
+from lhv_index._params import EngineKind, IndexParams, Limits, Space
+from lhv_index._snapshot import read_snapshot, write_snapshot
+from lhv_index._types import Hit, Item
+from lhv_index._writes import ApplyResult, Delete, Upsert, Write
+
+__all__ = [
+    "ApplyResult",
+    "Clock",
+    "Delete",
+    "EngineKind",
+    "Hit",
+    "Index",
+    "IndexParams",
+    "Item",
+    "Limits",
+    "Space",
+    "Upsert",
+    "Write",
+    "errors",
+    "read_snapshot",
+    "write_snapshot",
+]
+
+for _obj in (
+    ApplyResult,
+    Clock,
+    Delete,
+    EngineKind,
+    Hit,
+    Index,
+    IndexParams,
+    Item,
+    Limits,
+    Space,
+    Upsert,
+):
+    _obj.__module__ = "lhv_index"
+del _obj

@@ -1,0 +1,68 @@
+"""The `Engine` protocol: what `Index` needs from a nearest-neighbour library.
+
+Engines know labels (uint64) and vectors only: ids, metadata, clocks and the decision of
+which label is live belong to `Index`, whose bookkeeping is the truth. Engines see two
+metrics, `l2` and `ip`; cosine is `ip` over vectors the index normalized itself.
+
+Calls never overlap with a write: `Index` holds its exclusive lock for `reserve`, `add`,
+`mark_deleted` and `dump`, and its shared lock for `get` and `query`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from lhv_index._distance import Metric, TopK
+from lhv_index._types import Labels, Vectors
+
+__all__ = ["Engine", "ShortResult"]
+
+
+class ShortResult(Exception):
+    """The engine could not return k results for every query (an unreachable part of the
+    graph, many deleted slots); the index answers those queries by brute force."""
+
+
+class Engine(Protocol):
+    """One nearest-neighbour structure over labelled vectors."""
+
+    metric: Metric
+    dim: int
+
+    @property
+    def capacity(self) -> int:
+        """Labels `0 .. capacity-1` can be added without `reserve`."""
+        ...
+
+    def reserve(self, capacity: int) -> None:
+        """Grow to hold labels `0 .. capacity-1` (never shrinks)."""
+        ...
+
+    def add(self, labels: Labels, vectors: Vectors) -> None:
+        """Upsert in one call: a new label is inserted, a live or deleted one replaced (and
+        revived). Labels are distinct and below `capacity`."""
+        ...
+
+    def mark_deleted(self, labels: Labels) -> None:
+        """Hide live labels from queries; their slots stay until re-added."""
+        ...
+
+    def get(self, labels: Labels) -> Vectors:
+        """Copies of the stored vectors of live labels, float32 (n, dim)."""
+        ...
+
+    def query(self, queries: Vectors, k: int, *, ef: int) -> TopK:
+        """The k nearest live labels per query; k is at most the live count.
+
+        Raises:
+            ShortResult: fewer than k results for some query.
+        """
+        ...
+
+    def dump(self, path: str) -> dict[str, Any]:
+        """Write the engine's bytes to `path`; returns what `load` needs besides them."""
+        ...
+
+    def slots(self) -> int:
+        """Slots in use, live and deleted (hnswlib's element count)."""
+        ...

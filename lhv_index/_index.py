@@ -1,0 +1,483 @@
+"""`Index`: string ids, metadata and last-write-wins clocks over one engine.
+
+State per live id: a label (`LabelMap`), the clock of its last write (`ClockTable`),
+metadata as compact JSON bytes (None when empty), and under cosine the vector's norm (the
+engine holds the normalized vector, so `get` returns vector * norm). Deleted ids leave a
+tombstone (id -> clock) that is kept for good, so an older add arriving later is ignored.
+
+Locking: `search`, `get`, `stats`, `logical_state`, `live_items` and `clock_of` share the
+lock; `apply` and snapshot writing hold it alone (see `_locks`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from lhv_index._clock import Clock, ClockTable
+from lhv_index._distance import TopK, merge_topk, topk
+from lhv_index._engines import Engine, ExactEngine, ShortResult, make_engine, metric_of
+from lhv_index._filter import compile_filter, filter_key
+from lhv_index._ids import LabelMap
+from lhv_index._locks import RWLock
+from lhv_index._params import IndexParams, Limits, Space
+from lhv_index._types import Hit, Item, Labels, Metadata, Vectors
+from lhv_index._validate import META_KEEP, Prepared, prepare, prepare_queries
+from lhv_index._writes import ApplyResult, Write
+from lhv_index.errors import EngineError, InvalidRequest
+
+__all__ = ["COMPACT_DELETED_FRACTION", "COMPACT_MIN_SLOTS", "Index"]
+
+log = logging.getLogger(__name__)
+
+#: capacity of a new index when `max_elements_hint` is smaller
+MIN_CAPACITY = 1024
+#: rebuild the engine when free (deleted) slots exceed this fraction of all slots ...
+COMPACT_DELETED_FRACTION = 0.3
+#: ... and there are at least this many slots
+COMPACT_MIN_SLOTS = 1024
+#: a filter matching at most this many items is answered by brute force over them
+FILTER_BRUTE_MAX = 20_000
+#: vectors read from the engine at a time by brute force, rebuilds and `live_items`
+CHUNK = 16_384
+#: filters whose matching labels are cached (per index, until the next write)
+FILTER_CACHE_SIZE = 16
+
+
+class Index:
+    """One vector index: see the module docstring and docs/ARCHITECTURE.md."""
+
+    def __init__(self, name: str, params: IndexParams, *, limits: Limits | None = None) -> None:
+        limits = limits if limits is not None else Limits()
+        if params.dim > limits.max_dim:
+            raise InvalidRequest(f"dim {params.dim} is over the limit of {limits.max_dim}")
+        capacity = max(params.max_elements_hint, MIN_CAPACITY)
+        self._setup(name, params, limits, make_engine(params, capacity))
+
+    @classmethod
+    def _with_engine(
+        cls, name: str, params: IndexParams, limits: Limits | None, engine: Engine
+    ) -> Index:
+        """An empty index around an engine that was loaded (snapshots)."""
+        index = cls.__new__(cls)
+        index._setup(name, params, limits if limits is not None else Limits(), engine)
+        return index
+
+    def _setup(self, name: str, params: IndexParams, limits: Limits, engine: Engine) -> None:
+        capacity = engine.capacity
+        self.name = name
+        self.params = params
+        self.limits = limits
+        self._lock = RWLock()
+        self._engine = engine
+        self._map = LabelMap()
+        self._clocks = ClockTable(capacity)
+        self._cosine = params.space is Space.COSINE
+        self._norms: npt.NDArray[np.float32] = np.ones(
+            capacity if self._cosine else 0, dtype=np.float32
+        )
+        self._meta: list[bytes | None] = []
+        self._tombs: dict[str, Clock] = {}
+        self._generation = 0
+        self._filter_cache: OrderedDict[bytes, tuple[int, Labels]] = OrderedDict()
+        self._filter_cache_lock = threading.Lock()
+        self._broken: str | None = None
+
+    # -- writes -------------------------------------------------------------------------
+
+    def validate(self, writes: Sequence[Write]) -> None:
+        """Check every write without applying anything.
+
+        Raises:
+            InvalidRequest: a bad item (`item` = its position; the message names its id).
+            DimMismatch: a vector of another dim.
+        """
+        prepare(writes, self.params, self.limits)
+
+    def apply(self, writes: Sequence[Write]) -> ApplyResult:
+        """Validate all, keep the newest write per id, drop those not newer than the stored
+        clock (live or tombstone), apply the rest with one engine call. All or nothing.
+
+        Raises:
+            InvalidRequest, DimMismatch: as `validate`; nothing is applied.
+            EngineError: the engine failed; the index refuses further use (restore it).
+        """
+        prep = prepare(writes, self.params, self.limits)
+        with self._lock.exclusive():
+            self._check_usable()
+            applied = self._apply(prep)
+            if applied:
+                self._generation += 1
+                self._maybe_compact()
+        return ApplyResult(applied=applied, skipped=len(prep.ids) - applied)
+
+    def _apply(self, prep: Prepared) -> int:
+        ids, clocks = prep.ids, prep.clocks
+        best: dict[str, int] = {}
+        for pos, id_ in enumerate(ids):
+            cur = best.get(id_)
+            if cur is None or clocks[pos] > clocks[cur]:
+                best[id_] = pos
+        labels_of = self._map.labels
+        update_pos: list[int] = []  # upserts of live ids
+        update_labels: list[int] = []
+        new_pos: list[int] = []  # upserts of ids that are not live
+        delete_pos: list[int] = []  # deletes of live ids
+        tomb_pos: list[int] = []  # deletes of ids that are not live
+        for id_, pos in best.items():
+            label = labels_of.get(id_)
+            if label is not None:
+                if clocks[pos] <= self._clocks.get(label):
+                    continue
+                if prep.rows[pos] >= 0:
+                    update_pos.append(pos)
+                    update_labels.append(label)
+                else:
+                    delete_pos.append(pos)
+            else:
+                tomb = self._tombs.get(id_)
+                if tomb is not None and clocks[pos] <= tomb:
+                    continue
+                (new_pos if prep.rows[pos] >= 0 else tomb_pos).append(pos)
+        if not (update_pos or new_pos or delete_pos or tomb_pos):
+            return 0
+
+        new_ids = [ids[p] for p in new_pos]
+        new_labels, fresh = self._map.allocate(len(new_pos))
+        self._reserve(self._map.next_label + fresh)
+        up_pos = update_pos + new_pos
+        up_labels = np.array(update_labels + new_labels, dtype=np.uint64)
+        rows = np.array([prep.rows[p] for p in up_pos], dtype=np.intp)
+        if rows.size == prep.vectors.shape[0] and np.array_equal(rows, np.arange(rows.size)):
+            vectors, norms = prep.vectors, prep.norms
+        else:
+            vectors, norms = prep.vectors[rows], prep.norms[rows]
+        if self._cosine and rows.size:
+            vectors = np.ascontiguousarray(vectors / norms[:, None], dtype=np.float32)
+        delete_ids = [ids[p] for p in delete_pos]
+        delete_labels = np.array([labels_of[i] for i in delete_ids], dtype=np.uint64)
+        try:
+            self._engine.add(up_labels, vectors)
+            if delete_labels.size:
+                self._engine.mark_deleted(delete_labels)
+        except Exception as exc:
+            self._broken = f"engine failed during apply: {exc}"
+            log.error("index %s: %s", self.name, self._broken)
+            if isinstance(exc, EngineError):
+                raise
+            raise EngineError(self._broken) from exc
+
+        # bookkeeping: pure Python and numpy from here on
+        self._map.bind(new_ids, new_labels, fresh)
+        self._meta.extend([None] * (self._map.next_label - len(self._meta)))
+        meta = self._meta
+        n_updates = len(update_pos)
+        for n, (pos, label) in enumerate(zip(up_pos, up_labels.tolist(), strict=True)):
+            blob = prep.metas[pos]
+            if blob is META_KEEP:
+                if n >= n_updates:  # a new id: nothing stored to keep
+                    meta[label] = None
+            else:
+                meta[label] = blob or None
+        for id_ in new_ids:
+            self._tombs.pop(id_, None)
+        if up_pos:
+            self._clocks.set(up_labels.astype(np.intp), [clocks[p] for p in up_pos])
+            if self._cosine:
+                self._norms[up_labels.astype(np.intp)] = norms
+        for label in self._map.release(delete_ids):
+            meta[label] = None
+        for p in delete_pos + tomb_pos:
+            self._tombs[ids[p]] = clocks[p]
+        return len(up_pos) + len(delete_pos) + len(tomb_pos)
+
+    def _reserve(self, slots: int) -> None:
+        capacity = self._engine.capacity
+        if slots <= capacity:
+            return
+        capacity = max(slots, 2 * capacity)
+        self._engine.reserve(capacity)
+        self._clocks.reserve(capacity)
+        if self._cosine:
+            norms = np.ones(capacity, dtype=np.float32)
+            norms[: self._norms.shape[0]] = self._norms
+            self._norms = norms
+
+    def _maybe_compact(self) -> None:
+        slots = self._map.next_label
+        if slots >= COMPACT_MIN_SLOTS and len(self._map.free) > COMPACT_DELETED_FRACTION * slots:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild the engine from the live items, labels `0 .. live-1` in label order."""
+        old = np.array(sorted(self._map.labels.values()), dtype=np.uint64)
+        n = old.size
+        log.info("index %s: rebuilding, %d live of %d slots", self.name, n, self._map.next_label)
+        capacity = max(n, MIN_CAPACITY, self.params.max_elements_hint)
+        engine = make_engine(self.params, capacity)
+        try:
+            for start in range(0, n, CHUNK):
+                part = old[start : start + CHUNK]
+                engine.add(
+                    np.arange(start, start + part.size, dtype=np.uint64), self._engine.get(part)
+                )
+        except Exception as exc:
+            # the old engine is untouched: keep it
+            log.error("index %s: rebuild failed, keeping the old engine: %s", self.name, exc)
+            return
+        idx = old.astype(np.intp)
+        ids = [self._map.ids[i] for i in idx.tolist()]
+        clocks = ClockTable(capacity)
+        clocks.version[:n] = self._clocks.version[idx]
+        clocks.offset[:n] = self._clocks.offset[idx]
+        clocks.position[:n] = self._clocks.position[idx]
+        if self._cosine:
+            norms = np.ones(capacity, dtype=np.float32)
+            norms[:n] = self._norms[idx]
+            self._norms = norms
+        self._meta = [self._meta[i] for i in idx.tolist()]
+        self._map = LabelMap()
+        self._map.bind([i for i in ids if i is not None], list(range(n)), n)
+        self._clocks = clocks
+        self._engine = engine
+
+    # -- reads --------------------------------------------------------------------------
+
+    def search(
+        self,
+        vectors: npt.ArrayLike,
+        k: int,
+        *,
+        ef: int | None = None,
+        filter: dict[str, Any] | None = None,
+        include_metadata: bool = False,
+    ) -> list[list[Hit]]:
+        """The k nearest live items to each query row (a 1-D vector is one query).
+
+        k is clamped to the live (matching) count. `filter` is an equality filter on
+        metadata fields, all must match; k hits come back whenever k live items match.
+
+        Raises:
+            InvalidRequest: bad k, ef, filter or query vector. DimMismatch: wrong dim.
+        """
+        queries, qnorms = prepare_queries(vectors, self.params)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.limits.max_k:
+            raise InvalidRequest(f"k must be an integer in [1, {self.limits.max_k}], got {k!r}")
+        if ef is None:
+            ef = self.params.ef_search
+        elif isinstance(ef, bool) or not isinstance(ef, int) or not 1 <= ef <= 1_000_000:
+            raise InvalidRequest(f"ef must be an integer in [1, 1000000], got {ef!r}")
+        key = filter_key(filter) if filter else None
+        if self._cosine:
+            queries = np.ascontiguousarray(queries / qnorms[:, None], dtype=np.float32)
+        with self._lock.shared():
+            self._check_usable()
+            if key is not None:
+                assert filter is not None
+                allowed = self._matching(key, filter)
+                labels, dists = self._search_filtered(queries, k, ef, allowed)
+            else:
+                labels, dists = self._search_all(queries, min(k, len(self._map)), ef)
+            return self._hits(labels, dists, include_metadata)
+
+    def _search_all(self, queries: Vectors, k: int, ef: int) -> TopK:
+        try:
+            return self._engine.query(queries, k, ef=ef)
+        except ShortResult:
+            live = np.array(sorted(self._map.labels.values()), dtype=np.uint64)
+            return self._brute(queries, k, live)
+
+    def _brute(self, queries: Vectors, k: int, labels: Labels) -> TopK:
+        """Exact top-k among `labels` (live labels only)."""
+        engine = self._engine
+        if isinstance(engine, ExactEngine):
+            return engine.query_labels(queries, k, labels)
+        metric = metric_of(self.params.space)
+        best: TopK | None = None
+        for start in range(0, max(labels.size, 1), CHUNK):
+            part = labels[start : start + CHUNK]
+            got = topk(metric, queries, engine.get(part), part, k)
+            best = got if best is None else merge_topk(best, got, k)
+        assert best is not None
+        return best
+
+    def _search_filtered(self, queries: Vectors, k: int, ef: int, allowed: Labels) -> TopK:
+        n = queries.shape[0]
+        m = int(allowed.size)
+        k = min(k, m)
+        if k == 0:
+            return np.empty((n, 0), dtype=np.uint64), np.empty((n, 0), dtype=np.float32)
+        live = len(self._map)
+        if m <= FILTER_BRUTE_MAX or isinstance(self._engine, ExactEngine):
+            return self._brute(queries, k, allowed)
+        # over-fetch in proportion to how selective the filter is, then post-filter
+        mask = np.zeros(self._map.next_label, dtype=np.bool_)
+        mask[allowed.astype(np.intp)] = True
+        out_l = np.zeros((n, k), dtype=np.uint64)
+        out_d = np.zeros((n, k), dtype=np.float32)
+        todo = np.arange(n)
+        fetch = min(live, math.ceil(2 * k * live / m) + 16)
+        while todo.size:
+            try:
+                got_l, got_d = self._engine.query(queries[todo], fetch, ef=max(ef, fetch))
+            except ShortResult:
+                got_l, got_d = self._brute(queries[todo], k, allowed)
+                out_l[todo], out_d[todo] = got_l, got_d
+                break
+            ok = mask[got_l.astype(np.intp)]
+            enough = ok.sum(axis=1) >= k
+            for row in np.flatnonzero(enough | (fetch >= live)).tolist():
+                sel = np.flatnonzero(ok[row])[:k]
+                if sel.size < k:  # cannot happen when every live item came back
+                    sub_l, sub_d = self._brute(queries[todo[row] : todo[row] + 1], k, allowed)
+                    out_l[todo[row]], out_d[todo[row]] = sub_l[0], sub_d[0]
+                    continue
+                out_l[todo[row]] = got_l[row, sel]
+                out_d[todo[row]] = got_d[row, sel]
+            todo = todo[~(enough | (fetch >= live))]
+            fetch = min(live, fetch * 4)
+        return out_l, out_d
+
+    def _matching(self, key: bytes, flt: dict[str, Any]) -> Labels:
+        """Live labels whose metadata matches `flt` (sorted), cached until the next write."""
+        generation = self._generation
+        with self._filter_cache_lock:
+            hit = self._filter_cache.get(key)
+            if hit is not None and hit[0] == generation:
+                self._filter_cache.move_to_end(key)
+                return hit[1]
+        match = compile_filter(flt)
+        labels = np.fromiter(
+            (label for label, blob in enumerate(self._meta) if blob is not None and match(blob)),
+            dtype=np.uint64,
+        )
+        with self._filter_cache_lock:
+            self._filter_cache[key] = (generation, labels)
+            self._filter_cache.move_to_end(key)
+            while len(self._filter_cache) > FILTER_CACHE_SIZE:
+                self._filter_cache.popitem(last=False)
+        return labels
+
+    def _hits(
+        self, labels: Labels, dists: npt.NDArray[np.float32], with_meta: bool
+    ) -> list[list[Hit]]:
+        ids = self._map.ids
+        meta = self._meta
+        out: list[list[Hit]] = []
+        for row_l, row_d in zip(labels.tolist(), dists.tolist(), strict=True):
+            if with_meta:
+                out.append(
+                    [
+                        Hit(ids[lb] or "", d, _load(meta[lb]))
+                        for lb, d in zip(row_l, row_d, strict=True)
+                    ]
+                )
+            else:
+                out.append(
+                    [Hit(ids[lb] or "", d, None) for lb, d in zip(row_l, row_d, strict=True)]
+                )
+        return out
+
+    def _vectors(self, labels: Labels) -> Vectors:
+        """Stored vectors of live labels, as given (norms restored under cosine)."""
+        vectors = self._engine.get(labels)
+        if self._cosine and labels.size:
+            vectors *= self._norms[labels.astype(np.intp)][:, None]
+        return vectors
+
+    def get(
+        self, ids: Iterable[str], *, include_vectors: bool = True, include_metadata: bool = True
+    ) -> list[Item]:
+        """The live items among `ids`, in the order asked (ids not live are left out)."""
+        asked = list(ids)
+        with self._lock.shared():
+            self._check_usable()
+            found = [(i, self._map.labels.get(i)) for i in asked if isinstance(i, str)]
+            pairs = [(i, lb) for i, lb in found if lb is not None]
+            labels = np.array([lb for _, lb in pairs], dtype=np.uint64)
+            vectors = self._vectors(labels) if include_vectors else None
+            return [
+                Item(
+                    id=id_,
+                    vector=None if vectors is None else vectors[n],
+                    metadata=_load(self._meta[lb]) if include_metadata else None,
+                    clock=self._clocks.get(lb),
+                )
+                for n, (id_, lb) in enumerate(pairs)
+            ]
+
+    def live_items(self) -> Iterator[Item]:
+        """Every live item with vector, metadata and clock, read in chunks.
+
+        Note: items written while iterating may or may not be seen; each item returned is
+        as stored at the moment its chunk was read.
+        """
+        with self._lock.shared():
+            ids = list(self._map.labels)
+        for start in range(0, len(ids), CHUNK):
+            yield from self.get(ids[start : start + CHUNK])
+
+    def clock_of(self, id_: str) -> Clock | None:
+        """The clock of the last write to `id_` (live or tombstone), None if never written."""
+        with self._lock.shared():
+            label = self._map.labels.get(id_)
+            if label is not None:
+                return self._clocks.get(label)
+            return self._tombs.get(id_)
+
+    def stats(self) -> dict[str, Any]:
+        """`count` (live), `deleted` (tombstones), `dim`, `space`, `engine`, `params`, and
+        the engine's `slots` (live + free), `free_slots`, `capacity`."""
+        with self._lock.shared():
+            return {
+                "count": len(self._map),
+                "deleted": len(self._tombs),
+                "dim": self.params.dim,
+                "space": self.params.space.value,
+                "engine": self.params.engine.value,
+                "params": self.params.to_dict(),
+                "slots": self._map.next_label,
+                "free_slots": len(self._map.free),
+                "capacity": self._engine.capacity,
+            }
+
+    def logical_state(self) -> dict[str, Any]:
+        """What replay equivalence compares: `{"live": {id: (vector_bytes, metadata,
+        clock)}, "tombstones": {id: clock}}`. Materializes every vector: for tests."""
+        with self._lock.shared():
+            pairs = sorted(self._map.labels.items())
+            labels = np.array([lb for _, lb in pairs], dtype=np.uint64)
+            vectors = self._vectors(labels)
+            live = {
+                id_: (vectors[n].tobytes(), _load(self._meta[lb]), self._clocks.get(lb))
+                for n, (id_, lb) in enumerate(pairs)
+            }
+            return {"live": live, "tombstones": dict(self._tombs)}
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def __repr__(self) -> str:
+        return (
+            f"Index(name={self.name!r}, dim={self.params.dim}, space={self.params.space.value},"
+            f" engine={self.params.engine.value}, count={len(self._map)})"
+        )
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise EngineError(f"index {self.name!r} is unusable: {self._broken}")
+
+
+def _load(blob: bytes | None) -> Metadata | None:
+    if blob is None:
+        return None
+    out: Metadata = orjson.loads(blob)
+    return out

@@ -1,0 +1,603 @@
+"""The LHV1 snapshot frame: one self-contained object per index.
+
+Frame::
+
+    MAGIC (4 bytes, b"LHV1") | envelope length (u32, big-endian) | envelope (JSON) | sections
+
+All integers inside sections are little-endian. A reader checks the magic, the envelope,
+every section's length and checksum, that nothing follows the last section, and the
+parameters against `expect`, before it builds anything: a truncated, corrupted or
+mismatched object raises `SnapshotError` and is never loaded.
+
+Envelope v3 (written by this version)::
+
+    {"format": 3, "name": str, "engine": "hnsw" | "exact", "params": IndexParams.to_dict(),
+     "engine_state": {...},          # what the engine's bytes do not record (hnsw: metric,
+                                     # allow_replace_deleted; exact: slots)
+     "count": live items, "tombstones": tombstones, "slots": labels handed out,
+     "source": {...},                # e.g. {"topic", "partition", "offset"}
+     "checksum": "crc32",
+     "sections": [{"name": str, "length": int, "crc32": int}, ...]}   # in frame order
+
+v3 sections, in this order (n = count, t = tombstones):
+
+- `labels`: u64[n], the label of each live item, ascending
+- `ids.len`: u32[n] UTF-8 byte lengths of the ids; `ids.utf8`: the ids, concatenated
+- `clocks`: i64[n, 3] (version, offset, position)
+- `meta.len`: u32[n] (0: no metadata); `meta.json`: compact JSON objects, concatenated
+- `norms`: f32[n], cosine only: the norm of each vector as given (the engine holds the
+  normalized vector)
+- `tombs.len`, `tombs.utf8`, `tombs.clocks`: the tombstones, encoded like ids and clocks
+- `engine`: the engine's bytes (hnsw: hnswlib `save_index` output over metric `ip` for
+  cosine and ip, `l2` for l2; exact: the f32[slots, dim] matrix)
+
+Older envelopes, read but no longer written. Both are followed by exactly one section,
+hnswlib `save_index` bytes (engine `hnsw` only), whose length and crc32 sit in the
+envelope as `length` and `crc32`. Their `params` hold at least `dim` and `space`; under
+cosine the engine holds normalized vectors and no norms were kept, so `get` returns unit
+vectors for these items (a documented limitation). Neither recorded clocks reliably; an
+item without one gets `(0, source.offset, 2**63-1)` (source offset -1 when unknown): a
+replay of records up to the snapshot's offset changes nothing, and any later record wins.
+
+- v1: ``{"format": 1, "name"?, "engine": "hnsw", "params": {...}, "source": {...},
+  "metadata": {"<id>": {"label": int, "metadata": {...}}}, "length", "crc32"}``. Ids are
+  known only from the keys of `metadata`, and v1 writers left out ids that had no
+  metadata: such items cannot be recovered. Their labels are deleted on load (the count is
+  logged as a warning); everything else survives. No tombstones.
+- v2: ``{"format": 2, "name"?, "engine": "hnsw", "params": {...}, "source": {...},
+  "IDs": [id | null, ...], "metadata": {"<id>": {...}}, "clocks": {"<id>": [v, o, p]},
+  "tombstones": {"<id>": [v, o, p]}, "length", "crc32"}``. `IDs[label]` names the item of
+  each engine label (null: deleted), so no id is lost; `clocks` and `tombstones` may be
+  absent.
+
+In both, the engine's labels must be exactly `0 .. element_count-1`.
+
+Encoding and decoding stream: the engine is saved to a temporary file and copied to `out`
+in chunks (and read back the same way), so a large index is never held twice in memory
+(`pickle.dumps` of an hnswlib index holds two extra copies). The index's exclusive lock is
+held only while its state is captured, not while `out` is written.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import struct
+import tempfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO, Any, BinaryIO
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from lhv_index._clock import CLOCK_MAX, Clock
+from lhv_index._engines import Engine, ExactEngine, HnswEngine, metric_of
+from lhv_index._index import Index
+from lhv_index._params import EngineKind, IndexParams, Limits, Space
+from lhv_index._validate import check_id
+from lhv_index.errors import InvalidRequest, LhvError, SnapshotError
+
+__all__ = [
+    "ENVELOPE_VERSION",
+    "HEADER",
+    "MAGIC",
+    "MAX_ENVELOPE_BYTES",
+    "read_snapshot",
+    "write_snapshot",
+]
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"LHV1"
+HEADER = struct.Struct(">4sI")
+ENVELOPE_VERSION = 3
+#: envelopes above this size are refused before being read (v2 ones hold every id)
+MAX_ENVELOPE_BYTES = 1 << 31
+#: bytes copied at a time between files
+_COPY_CHUNK = 1 << 20
+
+
+# -- encoding ---------------------------------------------------------------------------
+
+
+def _strings(values: list[str]) -> tuple[bytes, bytes]:
+    encoded = [v.encode("utf-8") for v in values]
+    return np.array([len(e) for e in encoded], dtype="<u4").tobytes(), b"".join(encoded)
+
+
+def _clock_bytes(clocks: npt.NDArray[np.int64]) -> bytes:
+    return np.ascontiguousarray(clocks, dtype="<i8").tobytes()
+
+
+@dataclass(slots=True)
+class _Captured:
+    envelope: dict[str, Any]
+    sections: list[tuple[str, bytes]]
+    engine_path: str
+
+
+def _capture(index: Index, tmpdir: str) -> _Captured:
+    """Everything the frame needs, taken under the index's exclusive lock."""
+    with index._lock.exclusive():
+        index._check_usable()
+        pairs = sorted(index._map.labels.items(), key=lambda p: p[1])
+        labels = np.array([lb for _, lb in pairs], dtype=np.intp)
+        ids_len, ids_utf8 = _strings([i for i, _ in pairs])
+        metas = [index._meta[lb] or b"" for lb in labels.tolist()]
+        sections: list[tuple[str, bytes]] = [
+            ("labels", labels.astype("<u8").tobytes()),
+            ("ids.len", ids_len),
+            ("ids.utf8", ids_utf8),
+            ("clocks", _clock_bytes(index._clocks.take(labels))),
+            ("meta.len", np.array([len(m) for m in metas], dtype="<u4").tobytes()),
+            ("meta.json", b"".join(metas)),
+        ]
+        if index.params.space is Space.COSINE:
+            sections.append(("norms", index._norms[labels].astype("<f4").tobytes()))
+        tombs = list(index._tombs.items())
+        tomb_len, tomb_utf8 = _strings([i for i, _ in tombs])
+        tomb_clocks = np.array([c for _, c in tombs], dtype=np.int64).reshape(len(tombs), 3)
+        sections += [
+            ("tombs.len", tomb_len),
+            ("tombs.utf8", tomb_utf8),
+            ("tombs.clocks", _clock_bytes(tomb_clocks)),
+        ]
+        engine_path = os.path.join(tmpdir, "engine")
+        engine_state = index._engine.dump(engine_path)
+        envelope: dict[str, Any] = {
+            "format": ENVELOPE_VERSION,
+            "name": index.name,
+            "engine": index.params.engine.value,
+            "params": index.params.to_dict(),
+            "engine_state": engine_state,
+            "count": len(pairs),
+            "tombstones": len(tombs),
+            "slots": index._map.next_label,
+        }
+    return _Captured(envelope, sections, engine_path)
+
+
+def write_snapshot(index: Index, out: BinaryIO | IO[bytes], *, source: dict[str, Any]) -> int:
+    """Write `index` as one LHV1 frame (envelope v3) to `out`; returns the bytes written.
+
+    `source` (e.g. `{"topic": "lhv.commands", "partition": 3, "offset": 1234}`) is stored
+    in the envelope and returned by `read_snapshot`.
+
+    Raises:
+        InvalidRequest: `source` is not a JSON object.
+        EngineError: the index is unusable, or the engine failed to save.
+    """
+    if not isinstance(source, dict):
+        raise InvalidRequest("source must be a JSON object")
+    with tempfile.TemporaryDirectory(prefix="lhv-snap-") as tmpdir:
+        cap = _capture(index, tmpdir)
+        engine_crc, engine_len = _file_crc(cap.engine_path)
+        sections = [
+            {"name": name, "length": len(data), "crc32": zlib.crc32(data)}
+            for name, data in cap.sections
+        ]
+        sections.append({"name": "engine", "length": engine_len, "crc32": engine_crc})
+        envelope = {**cap.envelope, "source": source, "checksum": "crc32", "sections": sections}
+        try:
+            env = orjson.dumps(envelope)
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            raise InvalidRequest(f"source is not valid JSON: {exc}") from None
+        out.write(HEADER.pack(MAGIC, len(env)))
+        written = HEADER.size
+        out.write(env)
+        written += len(env)
+        for _, data in cap.sections:
+            out.write(data)
+            written += len(data)
+        with open(cap.engine_path, "rb") as f:
+            while chunk := f.read(_COPY_CHUNK):
+                out.write(chunk)
+                written += len(chunk)
+    return written
+
+
+def _file_crc(path: str) -> tuple[int, int]:
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_COPY_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return crc, size
+
+
+# -- decoding ---------------------------------------------------------------------------
+
+
+class _Reader:
+    """Exact reads from a binary stream; a short read is a truncated snapshot."""
+
+    def __init__(self, src: BinaryIO | IO[bytes]) -> None:
+        self._src = src
+
+    def read(self, n: int, what: str) -> bytes:
+        data = self._src.read(n)
+        if data is None or len(data) != n:
+            raise SnapshotError(f"snapshot is truncated in {what}")
+        return bytes(data)
+
+    def section(self, spec: dict[str, Any]) -> bytes:
+        name, length, crc = _section_spec(spec)
+        data = self.read(length, f"section {name!r}")
+        if zlib.crc32(data) != crc:
+            raise SnapshotError(f"checksum mismatch in section {name!r}")
+        return data
+
+    def section_to_file(self, spec: dict[str, Any], path: str) -> None:
+        """Copy a section to `path` in chunks, checking its length and checksum."""
+        name, length, crc = _section_spec(spec)
+        got, running = 0, 0
+        with open(path, "wb") as f:
+            while got < length:
+                chunk = self._src.read(min(_COPY_CHUNK, length - got))
+                if not chunk:
+                    raise SnapshotError(f"snapshot is truncated in section {name!r}")
+                got += len(chunk)
+                running = zlib.crc32(chunk, running)
+                f.write(chunk)
+        if running != crc:
+            raise SnapshotError(f"checksum mismatch in section {name!r}")
+
+    def expect_end(self) -> None:
+        if self._src.read(1):
+            raise SnapshotError("snapshot has bytes after its last section")
+
+
+def _section_spec(spec: Any) -> tuple[str, int, int]:
+    if not isinstance(spec, dict):
+        raise SnapshotError("malformed section entry in envelope")
+    name, length, crc = spec.get("name"), spec.get("length"), spec.get("crc32")
+    if not isinstance(name, str) or type(length) is not int or type(crc) is not int:
+        raise SnapshotError(f"malformed section entry in envelope: {spec!r}")
+    if length < 0:
+        raise SnapshotError(f"negative length for section {name!r}")
+    return name, length, crc
+
+
+@contextmanager
+def _snapshot_errors() -> Iterator[None]:
+    """Anything unexpected while decoding means a bad snapshot."""
+    try:
+        yield
+    except SnapshotError:
+        raise
+    except (LhvError, ValueError, KeyError, TypeError, IndexError, OverflowError) as exc:
+        raise SnapshotError(f"snapshot is malformed: {exc}") from exc
+
+
+def read_snapshot(
+    src: BinaryIO | IO[bytes] | bytes | bytearray | memoryview,
+    *,
+    expect: IndexParams | None = None,
+    limits: Limits | None = None,
+) -> tuple[Index, dict[str, Any]]:
+    """Decode one LHV1 frame (envelope v1, v2 or v3); returns the index and its `source`.
+
+    `expect`: the parameters the caller believes the index has; a different dim, space or
+    engine is refused. `limits`: the new index's limits (default `Limits()`).
+
+    Raises:
+        SnapshotError: truncated, corrupted or mismatched input; nothing is loaded.
+    """
+    if isinstance(src, bytes | bytearray | memoryview):
+        src = io.BytesIO(src)
+    reader = _Reader(src)
+    magic, env_len = HEADER.unpack(reader.read(HEADER.size, "the header"))
+    if magic != MAGIC:
+        raise SnapshotError(f"not an LHV1 snapshot (magic {magic!r})")
+    if env_len > MAX_ENVELOPE_BYTES:
+        raise SnapshotError(f"envelope of {env_len} bytes is over the limit")
+    raw = reader.read(env_len, "the envelope")
+    try:
+        envelope = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise SnapshotError(f"envelope is not JSON: {exc}") from exc
+    if not isinstance(envelope, dict):
+        raise SnapshotError("envelope is not a JSON object")
+    fmt = envelope.get("format")
+    with _snapshot_errors():
+        params = IndexParams.from_dict(envelope.get("params"))  # type: ignore[arg-type]
+        if envelope.get("engine", params.engine.value) != params.engine.value:
+            raise SnapshotError("envelope engine and params engine differ")
+        if expect is not None:
+            _check_expected(params, expect)
+        source = envelope.get("source", {})
+        if not isinstance(source, dict):
+            raise SnapshotError("envelope source is not an object")
+        name = envelope.get("name", "")
+        if not isinstance(name, str):
+            raise SnapshotError("envelope name is not a string")
+        with tempfile.TemporaryDirectory(prefix="lhv-load-") as tmpdir:
+            engine_path = os.path.join(tmpdir, "engine")
+            if fmt == 3:
+                index = _read_v3(reader, envelope, params, name, engine_path, limits)
+            elif fmt in (1, 2):
+                index = _read_legacy(reader, envelope, params, name, engine_path, limits, fmt)
+            else:
+                raise SnapshotError(f"unknown envelope format {fmt!r}")
+    return index, source
+
+
+def _check_expected(params: IndexParams, expect: IndexParams) -> None:
+    for field in ("dim", "space", "engine"):
+        got, want = getattr(params, field), getattr(expect, field)
+        if got != want:
+            raise SnapshotError(f"snapshot holds {field}={got}, expected {want}")
+
+
+def _decode_strings(lengths: bytes, blob: bytes, n: int, what: str) -> list[str]:
+    lens = np.frombuffer(lengths, dtype="<u4")
+    if lens.size != n or int(lens.sum(dtype=np.int64)) != len(blob):
+        raise SnapshotError(f"section {what} does not match its lengths")
+    ends = np.cumsum(lens, dtype=np.int64).tolist()
+    out, start = [], 0
+    for end in ends:
+        out.append(blob[start:end].decode("utf-8"))
+        start = end
+    return out
+
+
+def _read_v3(
+    reader: _Reader,
+    envelope: dict[str, Any],
+    params: IndexParams,
+    name: str,
+    engine_path: str,
+    limits: Limits | None,
+) -> Index:
+    specs = envelope["sections"]
+    if not isinstance(specs, list):
+        raise SnapshotError("envelope sections is not a list")
+    data: dict[str, bytes] = {}
+    for spec in specs:
+        sec_name = _section_spec(spec)[0]
+        if sec_name in data or (sec_name == "engine" and "engine" in data):
+            raise SnapshotError(f"section {sec_name!r} appears twice")
+        if sec_name == "engine":
+            reader.section_to_file(spec, engine_path)
+            data["engine"] = b""
+        else:
+            data[sec_name] = reader.section(spec)
+    reader.expect_end()
+    need = ["labels", "ids.len", "ids.utf8", "clocks", "meta.len", "meta.json", "engine"]
+    need += ["tombs.len", "tombs.utf8", "tombs.clocks"]
+    if params.space is Space.COSINE:
+        need.append("norms")
+    missing = [s for s in need if s not in data]
+    if missing:
+        raise SnapshotError(f"snapshot lacks sections {missing}")
+    n, t, slots = envelope["count"], envelope["tombstones"], envelope["slots"]
+    if not all(type(x) is int and x >= 0 for x in (n, t, slots)):
+        raise SnapshotError("envelope counts are malformed")
+    labels = np.frombuffer(data["labels"], dtype="<u8").astype(np.uint64)
+    if labels.size != n:
+        raise SnapshotError("labels section does not match count")
+    ids = _decode_strings(data["ids.len"], data["ids.utf8"], n, "ids")
+    clocks = np.frombuffer(data["clocks"], dtype="<i8").astype(np.int64)
+    if clocks.size != 3 * n:
+        raise SnapshotError("clocks section does not match count")
+    meta_lens = np.frombuffer(data["meta.len"], dtype="<u4")
+    blob = data["meta.json"]
+    if meta_lens.size != n or int(meta_lens.sum(dtype=np.int64)) != len(blob):
+        raise SnapshotError("metadata sections do not match")
+    metas: list[bytes | None] = []
+    start = 0
+    for end in np.cumsum(meta_lens, dtype=np.int64).tolist():
+        metas.append(blob[start:end] or None)
+        start = end
+    norms = None
+    if params.space is Space.COSINE:
+        norms = np.frombuffer(data["norms"], dtype="<f4").astype(np.float32)
+        if norms.size != n:
+            raise SnapshotError("norms section does not match count")
+    tomb_ids = _decode_strings(data["tombs.len"], data["tombs.utf8"], t, "tombs")
+    tomb_clocks = np.frombuffer(data["tombs.clocks"], dtype="<i8").astype(np.int64)
+    if tomb_clocks.size != 3 * t:
+        raise SnapshotError("tombstone clocks do not match count")
+    tombs = {
+        i: Clock(*c) for i, c in zip(tomb_ids, tomb_clocks.reshape(t, 3).tolist(), strict=True)
+    }
+    if len(tombs) != t:
+        raise SnapshotError("tombstone ids repeat")
+    state = envelope.get("engine_state") or {}
+    if not isinstance(state, dict):
+        raise SnapshotError("engine_state is not an object")
+    engine = _load_engine(params, engine_path, slots=slots, live=labels, state=state)
+    return _build(
+        name, params, limits, engine, ids, labels, clocks.reshape(n, 3), metas, norms, tombs, slots
+    )
+
+
+def _load_engine(
+    params: IndexParams,
+    path: str,
+    *,
+    slots: int,
+    live: npt.NDArray[np.uint64],
+    state: dict[str, Any],
+) -> Engine:
+    metric = metric_of(params.space)
+    if params.engine is EngineKind.HNSW:
+        space = state.get("hnswlib_space", metric)
+        if space not in (metric, "cosine") or state.get("allow_replace_deleted", False):
+            raise SnapshotError(f"hnsw engine state {state!r} does not fit space {params.space}")
+        engine = HnswEngine.load(
+            path,
+            metric=metric,
+            dim=params.dim,
+            M=params.M,
+            ef_construction=params.ef_construction,
+            ef_search=params.ef_search,
+        )
+        if engine.slots() != slots:
+            raise SnapshotError(f"engine holds {engine.slots()} slots, envelope says {slots}")
+        return engine
+    if params.engine is EngineKind.EXACT:
+        if live.size and int(live.max()) >= slots:
+            raise SnapshotError("a label is beyond the engine's slots")
+        deleted = np.setdiff1d(np.arange(slots, dtype=np.uint64), live)
+        return ExactEngine.load(path, metric=metric, dim=params.dim, slots=slots, deleted=deleted)
+    raise SnapshotError(f"engine {params.engine.value!r} is not available in this version")
+
+
+def _build(
+    name: str,
+    params: IndexParams,
+    limits: Limits | None,
+    engine: Engine,
+    ids: list[str],
+    labels: npt.NDArray[np.uint64],
+    clocks: npt.NDArray[np.int64],
+    metas: list[bytes | None],
+    norms: npt.NDArray[np.float32] | None,
+    tombs: dict[str, Clock],
+    slots: int,
+) -> Index:
+    """A new Index holding this state; every cross-check fails as SnapshotError."""
+    index = Index._with_engine(name, params, limits, engine)
+    n = len(ids)
+    if not (labels.size == n == clocks.shape[0] == len(metas)):
+        raise SnapshotError("live item sections disagree in length")
+    if n and (int(labels.max()) >= slots or np.unique(labels).size != n):
+        raise SnapshotError("labels repeat or lie beyond the engine's slots")
+    if slots > engine.capacity:
+        raise SnapshotError("engine capacity is below its slots")
+    if len(set(ids)) != n:
+        raise SnapshotError("ids repeat")
+    for id_ in ids:
+        why = check_id(id_, index.limits)
+        if why is not None:
+            raise SnapshotError(f"bad id {id_!r} in snapshot: {why}")
+    if not tombs.keys().isdisjoint(ids):
+        raise SnapshotError("an id is both live and tombstoned")
+    for blob in metas:
+        if blob is not None and not blob.startswith(b"{"):
+            raise SnapshotError("metadata is not a JSON object")
+    label_list = labels.astype(np.intp)
+    index._clocks.version[label_list] = clocks[:, 0]
+    index._clocks.offset[label_list] = clocks[:, 1]
+    index._clocks.position[label_list] = clocks[:, 2]
+    if norms is not None:
+        index._norms[label_list] = norms
+    meta: list[bytes | None] = [None] * slots
+    for label, blob in zip(label_list.tolist(), metas, strict=True):
+        meta[label] = blob
+    index._meta = meta
+    m = index._map
+    m.ids = [None] * slots
+    for id_, label in zip(ids, label_list.tolist(), strict=True):
+        m.ids[label] = id_
+        m.labels[id_] = label
+    m.free = [lb for lb in range(slots - 1, -1, -1) if m.ids[lb] is None]
+    index._tombs = tombs
+    return index
+
+
+def _read_legacy(
+    reader: _Reader,
+    envelope: dict[str, Any],
+    params: IndexParams,
+    name: str,
+    engine_path: str,
+    limits: Limits | None,
+    fmt: int,
+) -> Index:
+    if params.engine is not EngineKind.HNSW:
+        raise SnapshotError(f"format {fmt} snapshots hold hnsw indexes only")
+    spec = {"name": "engine", "length": envelope["length"], "crc32": envelope["crc32"]}
+    reader.section_to_file(spec, engine_path)
+    reader.expect_end()
+    source = envelope.get("source") or {}
+    offset = source.get("offset") if isinstance(source, dict) else None
+    default = Clock(0, offset if type(offset) is int else -1, CLOCK_MAX)
+    engine = HnswEngine.load(
+        engine_path,
+        metric=metric_of(params.space),
+        dim=params.dim,
+        M=params.M,
+        ef_construction=params.ef_construction,
+        ef_search=params.ef_search,
+    )
+    slots = engine.slots()
+    present = np.sort(np.array(engine.raw.get_ids_list(), dtype=np.uint64))
+    if not np.array_equal(present, np.arange(slots, dtype=np.uint64)):
+        raise SnapshotError("engine labels are not 0 .. count-1")
+    by_label: dict[int, str] = {}
+    metas: dict[str, bytes | None] = {}
+    clocks: dict[str, Clock] = {}
+    tombs: dict[str, Clock] = {}
+    if fmt == 1:
+        for id_, entry in envelope["metadata"].items():
+            label = entry["label"]
+            if type(label) is not int or not 0 <= label < slots or label in by_label:
+                raise SnapshotError(f"bad label for id {id_!r}")
+            by_label[label] = id_
+            metas[id_] = _legacy_meta(entry.get("metadata"))
+    else:
+        id_list = envelope["IDs"]
+        if not isinstance(id_list, list) or len(id_list) != slots:
+            raise SnapshotError("IDs does not name every engine label")
+        meta_in = envelope.get("metadata") or {}
+        for label, id_ in enumerate(id_list):
+            if id_ is not None:
+                by_label[label] = id_
+                metas[id_] = _legacy_meta(meta_in.get(id_))
+        for id_, c in (envelope.get("clocks") or {}).items():
+            clocks[id_] = _legacy_clock(c)
+        for id_, c in (envelope.get("tombstones") or {}).items():
+            tombs[id_] = _legacy_clock(c)
+    # labels no id names are deleted: free slots (in v1, items lost with their ids)
+    unnamed = [lb for lb in range(slots) if lb not in by_label]
+    lost = 0
+    for label in unnamed:
+        try:
+            engine.raw.mark_deleted(label)
+            lost += 1
+        except RuntimeError:
+            pass  # already deleted
+    if lost and fmt == 1:
+        log.warning(
+            "snapshot v1 of index %s: %d items had no metadata, so no id: dropped", name, lost
+        )
+    order = sorted(by_label)
+    ids = [by_label[lb] for lb in order]
+    labels = np.array(order, dtype=np.uint64)
+    clock_rows = np.array([clocks.get(i, default) for i in ids], dtype=np.int64).reshape(
+        len(ids), 3
+    )
+    return _build(
+        name,
+        params,
+        limits,
+        engine,
+        ids,
+        labels,
+        clock_rows,
+        [metas[i] for i in ids],
+        None,
+        tombs,
+        slots,
+    )
+
+
+def _legacy_meta(meta: Any) -> bytes | None:
+    if meta is None or meta == {}:
+        return None
+    if not isinstance(meta, dict):
+        raise SnapshotError("metadata is not a JSON object")
+    return orjson.dumps(meta)
+
+
+def _legacy_clock(value: Any) -> Clock:
+    if not isinstance(value, list) or len(value) != 3 or any(type(x) is not int for x in value):
+        raise SnapshotError(f"malformed clock {value!r}")
+    return Clock(*value)

@@ -1,0 +1,46 @@
+"""Shared type aliases and the small value types returned by reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+from lhv_index._clock import Clock
+
+__all__ = ["Hit", "Item", "ItemId", "Labels", "Metadata", "Vector", "Vectors"]
+
+Vector: TypeAlias = npt.NDArray[np.float32]
+"""One vector: float32, shape (dim,)."""
+
+Vectors: TypeAlias = npt.NDArray[np.float32]
+"""A matrix of vectors: float32, shape (n, dim), C-contiguous."""
+
+Labels: TypeAlias = npt.NDArray[np.uint64]
+"""Engine labels: uint64, shape (n,). hnswlib truncates float labels, so never use floats."""
+
+Metadata: TypeAlias = dict[str, Any]
+"""An opaque JSON object stored per id."""
+
+ItemId: TypeAlias = str
+"""A client id: a non-empty string of at most `Limits.max_id_bytes` UTF-8 bytes."""
+
+
+class Hit(NamedTuple):
+    """One search result. `distance`: cosine `1 - cos`, l2 squared euclidean, ip `1 - dot`."""
+
+    id: str
+    distance: float
+    metadata: Metadata | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Item:
+    """A live item as stored: `vector` is a copy (None when not asked for)."""
+
+    id: str
+    vector: Vector | None
+    metadata: Metadata | None
+    clock: Clock

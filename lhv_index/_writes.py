@@ -1,0 +1,45 @@
+"""The writes `Index.apply` takes, and what it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+from lhv_index._clock import Clock
+from lhv_index._types import Metadata
+
+__all__ = ["ApplyResult", "Delete", "Upsert", "Write"]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Upsert:
+    """Insert or replace `id`.
+
+    `metadata=None` keeps the stored metadata, `{}` clears it, an object replaces it.
+    """
+
+    id: str
+    vector: npt.NDArray[np.floating] | list[float]
+    metadata: Metadata | None
+    clock: Clock
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """Delete `id`, leaving a tombstone with `clock` so older adds arriving later are ignored."""
+
+    id: str
+    clock: Clock
+
+
+Write: TypeAlias = Upsert | Delete
+
+
+class ApplyResult(NamedTuple):
+    """What one `apply` did: `applied` writes changed state, `skipped` did not (not newer)."""
+
+    applied: int
+    skipped: int
