@@ -30,7 +30,7 @@ from lhv_index._ids import LabelMap
 from lhv_index._locks import RWLock
 from lhv_index._params import IndexParams, Limits, Space
 from lhv_index._types import Hit, Item, Labels, Metadata, Vectors
-from lhv_index._validate import META_KEEP, Prepared, prepare, prepare_queries
+from lhv_index._validate import META_CLEAR, META_KEEP, Prepared, prepare, prepare_queries
 from lhv_index._writes import ApplyResult, Write
 from lhv_index.errors import EngineError, InvalidRequest
 
@@ -120,33 +120,46 @@ class Index:
         return ApplyResult(applied=applied, skipped=len(prep.ids) - applied)
 
     def _apply(self, prep: Prepared) -> int:
-        ids, clocks = prep.ids, prep.clocks
-        best: dict[str, int] = {}
-        for pos, id_ in enumerate(ids):
-            cur = best.get(id_)
-            if cur is None or clocks[pos] > clocks[cur]:
-                best[id_] = pos
+        ids, clocks, rows, metas = prep.ids, prep.clocks, prep.rows, prep.metas
         labels_of = self._map.labels
+        # One pass in arrival order gives what applying the writes one by one would give:
+        # per id, the last effective write (newer than everything before it) wins, and its
+        # metadata is resolved along the chain (None keeps, a delete clears).
+        state: dict[str, list[Any]] = {}  # id -> [winning pos or -1, clock, metadata]
+        for pos, id_ in enumerate(ids):
+            clock = clocks[pos]
+            st = state.get(id_)
+            if st is None:
+                label = labels_of.get(id_)
+                stored = self._clocks.get(label) if label is not None else self._tombs.get(id_)
+                st = state[id_] = [-1, stored, META_KEEP]
+            if st[1] is not None and clock <= st[1]:
+                continue
+            st[0], st[1] = pos, clock
+            if rows[pos] < 0:
+                st[2] = META_CLEAR
+            elif metas[pos] is not META_KEEP:
+                st[2] = metas[pos]
         update_pos: list[int] = []  # upserts of live ids
         update_labels: list[int] = []
+        update_meta: list[bytes] = []
         new_pos: list[int] = []  # upserts of ids that are not live
+        new_meta: list[bytes] = []
         delete_pos: list[int] = []  # deletes of live ids
         tomb_pos: list[int] = []  # deletes of ids that are not live
-        for id_, pos in best.items():
+        for id_, (pos, _, meta) in state.items():
+            if pos < 0:
+                continue
             label = labels_of.get(id_)
-            if label is not None:
-                if clocks[pos] <= self._clocks.get(label):
-                    continue
-                if prep.rows[pos] >= 0:
-                    update_pos.append(pos)
-                    update_labels.append(label)
-                else:
-                    delete_pos.append(pos)
+            if rows[pos] < 0:
+                (delete_pos if label is not None else tomb_pos).append(pos)
+            elif label is not None:
+                update_pos.append(pos)
+                update_labels.append(label)
+                update_meta.append(meta)
             else:
-                tomb = self._tombs.get(id_)
-                if tomb is not None and clocks[pos] <= tomb:
-                    continue
-                (new_pos if prep.rows[pos] >= 0 else tomb_pos).append(pos)
+                new_pos.append(pos)
+                new_meta.append(META_CLEAR if meta is META_KEEP else meta)
         if not (update_pos or new_pos or delete_pos or tomb_pos):
             return 0
 
@@ -179,13 +192,8 @@ class Index:
         self._map.bind(new_ids, new_labels, fresh)
         self._meta.extend([None] * (self._map.next_label - len(self._meta)))
         meta = self._meta
-        n_updates = len(update_pos)
-        for n, (pos, label) in enumerate(zip(up_pos, up_labels.tolist(), strict=True)):
-            blob = prep.metas[pos]
-            if blob is META_KEEP:
-                if n >= n_updates:  # a new id: nothing stored to keep
-                    meta[label] = None
-            else:
+        for blob, label in zip(update_meta + new_meta, up_labels.tolist(), strict=True):
+            if blob is not META_KEEP:
                 meta[label] = blob or None
         for id_ in new_ids:
             self._tombs.pop(id_, None)

@@ -468,3 +468,27 @@ def test_concurrent_search_and_apply_from_threads_do_not_crash(engine: str) -> N
             t.join()
     assert not errors, errors
     assert len(idx) == 500 + 39 * 100 - 38 * 50
+
+
+def test_null_metadata_in_one_batch_keeps_metadata_of_earlier_write(engine: str) -> None:
+    idx = make(engine)
+    idx.apply([up("a", 1, {"x": 1}, o=1), up("a", 2, None, o=2)])
+    assert idx.get(["a"])[0].metadata == {"x": 1}
+    idx.apply([rm("a", o=3), up("a", 3, None, o=4)])
+    assert idx.get(["a"])[0].metadata is None
+
+
+def test_batch_equals_one_by_one_when_versions_arrive_out_of_order(engine: str) -> None:
+    writes = [
+        up("a", 1, {"s": 1}, v=1, o=1),
+        up("a", 2, None, v=5, o=2),
+        up("a", 3, {"s": 3}, v=3, o=3),
+        rm("b", v=2, o=4),
+        up("b", 4, {"b": 1}, v=1, o=5),
+    ]
+    one, many = make(engine), make(engine)
+    one.apply(writes)
+    for w in writes:
+        many.apply([w])
+    assert one.logical_state() == many.logical_state()
+    assert one.get(["a"])[0].metadata == {"s": 1}
