@@ -168,12 +168,12 @@ class Index:
         self._reserve(self._map.next_label + fresh)
         up_pos = update_pos + new_pos
         up_labels = np.array(update_labels + new_labels, dtype=np.uint64)
-        rows = np.array([prep.rows[p] for p in up_pos], dtype=np.intp)
-        if rows.size == prep.vectors.shape[0] and np.array_equal(rows, np.arange(rows.size)):
+        sel = np.array([prep.rows[p] for p in up_pos], dtype=np.intp)
+        if sel.size == prep.vectors.shape[0] and np.array_equal(sel, np.arange(sel.size)):
             vectors, norms = prep.vectors, prep.norms
         else:
-            vectors, norms = prep.vectors[rows], prep.norms[rows]
-        if self._cosine and rows.size:
+            vectors, norms = prep.vectors[sel], prep.norms[sel]
+        if self._cosine and sel.size:
             vectors = np.ascontiguousarray(vectors / norms[:, None], dtype=np.float32)
         delete_ids = [ids[p] for p in delete_pos]
         delete_labels = np.array([labels_of[i] for i in delete_ids], dtype=np.uint64)
@@ -379,19 +379,11 @@ class Index:
     ) -> list[list[Hit]]:
         ids = self._map.ids
         meta = self._meta
+        make = Hit._make
         out: list[list[Hit]] = []
         for row_l, row_d in zip(labels.tolist(), dists.tolist(), strict=True):
-            if with_meta:
-                out.append(
-                    [
-                        Hit(ids[lb] or "", d, _load(meta[lb]))
-                        for lb, d in zip(row_l, row_d, strict=True)
-                    ]
-                )
-            else:
-                out.append(
-                    [Hit(ids[lb] or "", d, None) for lb, d in zip(row_l, row_d, strict=True)]
-                )
+            metas = [_load(meta[lb]) for lb in row_l] if with_meta else [None] * len(row_l)
+            out.append(list(map(make, zip([ids[lb] for lb in row_l], row_d, metas, strict=True))))
         return out
 
     def _vectors(self, labels: Labels) -> Vectors:

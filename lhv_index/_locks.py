@@ -37,7 +37,7 @@ class RWLock:
         finally:
             with self._cond:
                 self._readers -= 1
-                if not self._readers:
+                if not self._readers and self._waiting_writers:
                     self._cond.notify_all()
 
     @contextmanager

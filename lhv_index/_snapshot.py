@@ -594,7 +594,7 @@ def _legacy_meta(meta: Any) -> bytes | None:
         return None
     if not isinstance(meta, dict):
         raise SnapshotError("metadata is not a JSON object")
-    return orjson.dumps(meta)
+    return bytes(memoryview(orjson.dumps(meta)))  # exact size: see _validate.encode_metadata
 
 
 def _legacy_clock(value: Any) -> Clock:

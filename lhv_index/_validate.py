@@ -101,7 +101,8 @@ def encode_metadata(metadata: object, limits: Limits) -> bytes:
         raise InvalidRequest(
             f"metadata is {len(blob)} bytes, over the limit of {limits.max_metadata_bytes}"
         )
-    return blob
+    # orjson hands back its whole output buffer (4 KiB at least); keep an exact-size copy
+    return bytes(memoryview(blob))
 
 
 def _fail(exc_type: type[InvalidRequest], pos: int, id_: object, why: str) -> InvalidRequest:
@@ -188,7 +189,7 @@ def prepare_queries(
 ) -> tuple[Vectors, npt.NDArray[np.float32]]:
     """Check query vectors: 2-D (a 1-D vector is one query), right dim, finite.
 
-    Returns the float32 matrix and its row norms.
+    Returns the float32 matrix and its row norms (ones unless the space is cosine).
     """
     try:
         q = np.asarray(vectors, dtype=np.float32)
@@ -200,14 +201,13 @@ def prepare_queries(
         raise InvalidRequest(f"query vectors must be 2-D (n, dim), got shape {q.shape}")
     if q.shape[1] != params.dim:
         raise DimMismatch(f"query vector has dim {q.shape[1]}, the index has {params.dim}")
-    bad = np.flatnonzero(~np.isfinite(q).all(axis=1))
-    if bad.size:
-        raise InvalidRequest(f"query {int(bad[0])} contains NaN or Inf", item=int(bad[0]))
+    if not np.isfinite(q).all():
+        bad = int(np.flatnonzero(~np.isfinite(q).all(axis=1))[0])
+        raise InvalidRequest(f"query {bad} contains NaN or Inf", item=bad)
+    if params.space is not Space.COSINE:
+        return np.ascontiguousarray(q), np.ones(q.shape[0], dtype=np.float32)
     norms = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
-    if params.space is Space.COSINE:
-        bad = np.flatnonzero(~(norms > 1e-30) | ~np.isfinite(norms))
-        if bad.size:
-            raise InvalidRequest(
-                f"query {int(bad[0])} is a zero vector under cosine", item=int(bad[0])
-            )
+    if not ((norms > 1e-30) & np.isfinite(norms)).all():
+        bad = int(np.flatnonzero(~(norms > 1e-30) | ~np.isfinite(norms))[0])
+        raise InvalidRequest(f"query {bad} is a zero vector under cosine", item=bad)
     return np.ascontiguousarray(q), norms.astype(np.float32)

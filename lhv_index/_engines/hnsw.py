@@ -86,12 +86,18 @@ class _EfGate:
         self._cond = threading.Condition()
         self._ef = ef
         self._active = 0
+        self._waiting = 0
 
     @contextmanager
     def use(self, ef: int) -> Iterator[None]:
         with self._cond:
-            while self._active and self._ef != ef:
-                self._cond.wait()
+            if self._active and self._ef != ef:
+                self._waiting += 1
+                try:
+                    while self._active and self._ef != ef:
+                        self._cond.wait()
+                finally:
+                    self._waiting -= 1
             if self._ef != ef:
                 self._index.set_ef(ef)
                 self._ef = ef
@@ -101,7 +107,7 @@ class _EfGate:
         finally:
             with self._cond:
                 self._active -= 1
-                if not self._active:
+                if not self._active and self._waiting:
                     self._cond.notify_all()
 
 
