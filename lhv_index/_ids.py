@@ -4,11 +4,126 @@ Labels are dense: `0 .. next_label-1` have all been given to the engine once. A 
 either live (its id is in `labels`) or free (deleted in the engine, waiting in `free` to be
 given to a new id; hnswlib then replaces the slot's vector and revives it). Labels are
 never handed to hnswlib's `replace_deleted`, so a label always names one slot.
+
+Memory: a dict of a million str -> int costs about 75 MB (the dict and one int object per
+entry); `IdTable` keeps the same map in an open-addressing table of int32 (8 MB per
+million ids), comparing against the `ids` list it shares with `LabelMap`.
 """
 
 from __future__ import annotations
 
-__all__ = ["LabelMap"]
+from array import array
+from collections.abc import Iterator
+
+__all__ = ["IdTable", "LabelMap"]
+
+#: slot values: 0 empty, -1 deleted, else label + 1
+_EMPTY = 0
+_GONE = -1
+#: the table is rebuilt bigger past this fill (live + deleted slots) ...
+_MAX_FILL = 0.7
+_MIN_SLOTS = 1024
+
+
+class IdTable:
+    """A dict-like map live id -> label over `LabelMap.ids` (which must name each label)."""
+
+    __slots__ = ("_gone", "_mask", "_owner", "_slots", "_used")
+
+    def __init__(self, owner: LabelMap, size: int = _MIN_SLOTS) -> None:
+        self._owner = owner
+        self._alloc(size)
+
+    def _alloc(self, size: int) -> None:
+        self._slots = array("i", bytes(4 * size))
+        self._mask = size - 1
+        self._used = 0
+        self._gone = 0
+
+    def _find(self, id_: str) -> int:
+        """The slot holding `id_`, or -1."""
+        slots, mask, ids = self._slots, self._mask, self._owner.ids
+        i = hash(id_) & mask
+        while True:
+            v = slots[i]
+            if v == _EMPTY:
+                return -1
+            if v > 0 and ids[v - 1] == id_:
+                return i
+            i = (i + 1) & mask
+
+    def get(self, id_: str) -> int | None:
+        i = self._find(id_)
+        return None if i < 0 else self._slots[i] - 1
+
+    def __contains__(self, id_: object) -> bool:
+        return isinstance(id_, str) and self._find(id_) >= 0
+
+    def __getitem__(self, id_: str) -> int:
+        i = self._find(id_)
+        if i < 0:
+            raise KeyError(id_)
+        return self._slots[i] - 1
+
+    def __setitem__(self, id_: str, label: int) -> None:
+        """Map `id_` to `label`; `ids[label]` must already be `id_`."""
+        i = self._find(id_)
+        if i >= 0:
+            self._slots[i] = label + 1
+            return
+        if (self._used + self._gone + 1) > _MAX_FILL * (self._mask + 1):
+            self._rehash(self._used + 1)
+        slots, mask = self._slots, self._mask
+        i = hash(id_) & mask
+        while slots[i] > 0:
+            i = (i + 1) & mask
+        if slots[i] == _GONE:
+            self._gone -= 1
+        slots[i] = label + 1
+        self._used += 1
+
+    def pop(self, id_: str) -> int:
+        i = self._find(id_)
+        if i < 0:
+            raise KeyError(id_)
+        label = self._slots[i] - 1
+        self._slots[i] = _GONE
+        self._used -= 1
+        self._gone += 1
+        return label
+
+    def _rehash(self, need: int) -> None:
+        size = _MIN_SLOTS
+        while size * _MAX_FILL < 2 * need:
+            size *= 2
+        old = self._slots
+        self._alloc(size)
+        slots, mask, ids = self._slots, self._mask, self._owner.ids
+        for v in old:
+            if v > 0:
+                i = hash(ids[v - 1]) & mask
+                while slots[i]:
+                    i = (i + 1) & mask
+                slots[i] = v
+        self._used = need - 1
+
+    def __len__(self) -> int:
+        return self._used
+
+    def items(self) -> Iterator[tuple[str, int]]:
+        """(id, label) of every live id, in label order."""
+        for label, id_ in enumerate(self._owner.ids):
+            if id_ is not None:
+                yield id_, label
+
+    def values(self) -> Iterator[int]:
+        """Live labels, ascending."""
+        for _, label in self.items():
+            yield label
+
+    def __iter__(self) -> Iterator[str]:
+        for id_, _ in self.items():
+            yield id_
 
 
 class LabelMap:
@@ -19,7 +134,7 @@ class LabelMap:
     def __init__(self) -> None:
         self.ids: list[str | None] = []
         """label -> id (None for a free label); its length is `next_label`"""
-        self.labels: dict[str, int] = {}
+        self.labels = IdTable(self)
         """live id -> label"""
         self.free: list[int] = []
         """labels deleted in the engine, reused last-in first-out"""
@@ -47,9 +162,10 @@ class LabelMap:
         if reused:
             del self.free[len(self.free) - reused :]
         self.ids.extend([None] * fresh)
+        table = self.labels
         for id_, label in zip(ids, labels, strict=True):
             self.ids[label] = id_
-            self.labels[id_] = label
+            table[id_] = label
 
     def release(self, ids: list[str]) -> list[int]:
         """Make live `ids` free; returns their labels (to delete in the engine)."""

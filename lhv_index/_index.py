@@ -28,6 +28,7 @@ from lhv_index._engines import Engine, ExactEngine, ShortResult, make_engine, me
 from lhv_index._filter import compile_filter, filter_key
 from lhv_index._ids import LabelMap
 from lhv_index._locks import RWLock
+from lhv_index._metadata import MetaStore
 from lhv_index._params import IndexParams, Limits, Space
 from lhv_index._types import Hit, Item, Labels, Metadata, Vectors
 from lhv_index._validate import META_CLEAR, META_KEEP, Prepared, prepare, prepare_queries
@@ -84,7 +85,7 @@ class Index:
         self._norms: npt.NDArray[np.float32] = np.ones(
             capacity if self._cosine else 0, dtype=np.float32
         )
-        self._meta: list[bytes | None] = []
+        self._meta = MetaStore(capacity)
         self._tombs: dict[str, Clock] = {}
         self._generation = 0
         self._filter_cache: OrderedDict[bytes, tuple[int, Labels]] = OrderedDict()
@@ -190,11 +191,10 @@ class Index:
 
         # bookkeeping: pure Python and numpy from here on
         self._map.bind(new_ids, new_labels, fresh)
-        self._meta.extend([None] * (self._map.next_label - len(self._meta)))
         meta = self._meta
         for blob, label in zip(update_meta + new_meta, up_labels.tolist(), strict=True):
             if blob is not META_KEEP:
-                meta[label] = blob or None
+                meta.set(label, blob or None)
         for id_ in new_ids:
             self._tombs.pop(id_, None)
         if up_pos:
@@ -202,7 +202,8 @@ class Index:
             if self._cosine:
                 self._norms[up_labels.astype(np.intp)] = norms
         for label in self._map.release(delete_ids):
-            meta[label] = None
+            meta.set(label, None)
+        meta.maybe_compact()
         for p in delete_pos + tomb_pos:
             self._tombs[ids[p]] = clocks[p]
         return len(up_pos) + len(delete_pos) + len(tomb_pos)
@@ -211,9 +212,10 @@ class Index:
         capacity = self._engine.capacity
         if slots <= capacity:
             return
-        capacity = max(slots, 2 * capacity)
+        capacity = max(slots, capacity + capacity // 2)
         self._engine.reserve(capacity)
         self._clocks.reserve(capacity)
+        self._meta.reserve(capacity)
         if self._cosine:
             norms = np.ones(capacity, dtype=np.float32)
             norms[: self._norms.shape[0]] = self._norms
@@ -226,7 +228,7 @@ class Index:
 
     def _compact(self) -> None:
         """Rebuild the engine from the live items, labels `0 .. live-1` in label order."""
-        old = np.array(sorted(self._map.labels.values()), dtype=np.uint64)
+        old = np.fromiter(self._map.labels.values(), dtype=np.uint64)
         n = old.size
         log.info("index %s: rebuilding, %d live of %d slots", self.name, n, self._map.next_label)
         capacity = max(n, MIN_CAPACITY, self.params.max_elements_hint)
@@ -251,7 +253,7 @@ class Index:
             norms = np.ones(capacity, dtype=np.float32)
             norms[:n] = self._norms[idx]
             self._norms = norms
-        self._meta = [self._meta[i] for i in idx.tolist()]
+        self._meta.permute(idx, capacity)
         self._map = LabelMap()
         self._map.bind([i for i in ids if i is not None], list(range(n)), n)
         self._clocks = clocks
@@ -300,7 +302,7 @@ class Index:
         try:
             return self._engine.query(queries, k, ef=ef)
         except ShortResult:
-            live = np.array(sorted(self._map.labels.values()), dtype=np.uint64)
+            live = np.fromiter(self._map.labels.values(), dtype=np.uint64)
             return self._brute(queries, k, live)
 
     def _brute(self, queries: Vectors, k: int, labels: Labels) -> TopK:
@@ -363,10 +365,7 @@ class Index:
                 self._filter_cache.move_to_end(key)
                 return hit[1]
         match = compile_filter(flt)
-        labels = np.fromiter(
-            (label for label, blob in enumerate(self._meta) if blob is not None and match(blob)),
-            dtype=np.uint64,
-        )
+        labels = self._meta.matching(match)
         with self._filter_cache_lock:
             self._filter_cache[key] = (generation, labels)
             self._filter_cache.move_to_end(key)
@@ -382,7 +381,7 @@ class Index:
         make = Hit._make
         out: list[list[Hit]] = []
         for row_l, row_d in zip(labels.tolist(), dists.tolist(), strict=True):
-            metas = [_load(meta[lb]) for lb in row_l] if with_meta else [None] * len(row_l)
+            metas = [_load(meta.get(lb)) for lb in row_l] if with_meta else [None] * len(row_l)
             out.append(list(map(make, zip([ids[lb] for lb in row_l], row_d, metas, strict=True))))
         return out
 
@@ -408,7 +407,7 @@ class Index:
                 Item(
                     id=id_,
                     vector=None if vectors is None else vectors[n],
-                    metadata=_load(self._meta[lb]) if include_metadata else None,
+                    metadata=_load(self._meta.get(lb)) if include_metadata else None,
                     clock=self._clocks.get(lb),
                 )
                 for n, (id_, lb) in enumerate(pairs)
@@ -457,7 +456,7 @@ class Index:
             labels = np.array([lb for _, lb in pairs], dtype=np.uint64)
             vectors = self._vectors(labels)
             live = {
-                id_: (vectors[n].tobytes(), _load(self._meta[lb]), self._clocks.get(lb))
+                id_: (vectors[n].tobytes(), _load(self._meta.get(lb)), self._clocks.get(lb))
                 for n, (id_, lb) in enumerate(pairs)
             }
             return {"live": live, "tombstones": dict(self._tombs)}

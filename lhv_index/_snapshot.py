@@ -125,17 +125,17 @@ def _capture(index: Index, tmpdir: str) -> _Captured:
     """Everything the frame needs, taken under the index's exclusive lock."""
     with index._lock.exclusive():
         index._check_usable()
-        pairs = sorted(index._map.labels.items(), key=lambda p: p[1])
+        pairs = list(index._map.labels.items())  # in label order
         labels = np.array([lb for _, lb in pairs], dtype=np.intp)
         ids_len, ids_utf8 = _strings([i for i, _ in pairs])
-        metas = [index._meta[lb] or b"" for lb in labels.tolist()]
+        meta_len, meta_json = index._meta.take(labels.tolist())
         sections: list[tuple[str, bytes]] = [
             ("labels", labels.astype("<u8").tobytes()),
             ("ids.len", ids_len),
             ("ids.utf8", ids_utf8),
             ("clocks", _clock_bytes(index._clocks.take(labels))),
-            ("meta.len", np.array([len(m) for m in metas], dtype="<u4").tobytes()),
-            ("meta.json", b"".join(metas)),
+            ("meta.len", meta_len.astype("<u4").tobytes()),
+            ("meta.json", meta_json),
         ]
         if index.params.space is Space.COSINE:
             sections.append(("norms", index._norms[labels].astype("<f4").tobytes()))
@@ -488,10 +488,8 @@ def _build(
     index._clocks.position[label_list] = clocks[:, 2]
     if norms is not None:
         index._norms[label_list] = norms
-    meta: list[bytes | None] = [None] * slots
     for label, blob in zip(label_list.tolist(), metas, strict=True):
-        meta[label] = blob
-    index._meta = meta
+        index._meta.set(label, blob)
     m = index._map
     m.ids = [None] * slots
     for id_, label in zip(ids, label_list.tolist(), strict=True):

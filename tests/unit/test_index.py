@@ -492,3 +492,42 @@ def test_batch_equals_one_by_one_when_versions_arrive_out_of_order(engine: str) 
         many.apply([w])
     assert one.logical_state() == many.logical_state()
     assert one.get(["a"])[0].metadata == {"s": 1}
+
+
+def test_metadata_churn_keeps_latest_values(engine: str) -> None:
+    import lhv_index._metadata as meta_mod
+
+    idx = make(engine)
+    fill(idx, 200, meta=lambda i: {"i": i})
+    old = meta_mod._COMPACT_MIN_BYTES
+    meta_mod._COMPACT_MIN_BYTES = 100  # compact the arena often
+    try:
+        for r in range(1, 30):
+            idx.apply(
+                [
+                    up(f"id{i}", i, {"i": i, "r": r, "pad": "x" * (r % 7)}, o=r, p=i)
+                    for i in range(0, 200, 3)
+                ]
+            )
+            idx.apply([up(f"id{i}", i, {}, o=r, p=1000 + i) for i in range(1, 200, 5)])
+    finally:
+        meta_mod._COMPACT_MIN_BYTES = old
+    items = {i.id: i.metadata for i in idx.live_items()}
+    assert items["id0"] == {"i": 0, "r": 29, "pad": "x" * (29 % 7)}
+    assert items["id1"] is None and items["id2"] == {"i": 2}
+    expect = set(range(0, 200, 3)) - set(range(1, 200, 5))
+    assert {h.id for h in idx.search(vec(0), 100, filter={"r": 29})[0]} == {
+        f"id{i}" for i in expect
+    }
+
+
+def test_many_ids_survive_id_table_growth_and_deletes() -> None:
+    idx = make("exact")
+    n = 5000
+    fill(idx, n)
+    idx.apply([rm(f"id{i}", o=1, p=i) for i in range(0, n, 2)])
+    assert len(idx) == n // 2
+    assert [i.id for i in idx.get([f"id{i}" for i in range(6)])] == ["id1", "id3", "id5"]
+    idx.apply([up(f"id{i}", i, o=2, p=i) for i in range(0, n, 4)])
+    assert len(idx) == n // 2 + n // 4
+    assert idx.clock_of("id4") == Clock(0, 2, 4) and idx.clock_of("id2") == Clock(0, 1, 2)
