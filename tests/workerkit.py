@@ -1,0 +1,442 @@
+"""Test kit for worker tests: command streams, a plain-dict oracle, running workers.
+
+The oracle implements DESIGN's semantics with dicts and no engine: last-write-wins by
+`(version, offset, position)`, tombstones, the metadata rules, create/drop. The worker's
+indexes are compared with it through `Index.logical_state()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from lhv_index import Index
+from worker.apply import home_partition
+from worker.blobstore import S3Config
+from worker.config import CheckpointPolicy, KafkaConfig, TopicsConfig, WorkerConfig
+from worker.service import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+Clock = tuple[int, int, int]
+
+
+# -- topics --------------------------------------------------------------------------------
+
+
+async def create_topics(bootstrap: str, names: Iterable[str], partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        resp = await admin.create_topics(
+            [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names]
+        )
+        for topic, code, *rest in resp.topic_errors:
+            assert code in (0, 36), f"create topic {topic}: error {code} {rest}"
+    finally:
+        await admin.close()
+
+
+@dataclass(frozen=True)
+class Env:
+    """One test's own topics, group and S3 prefix on the shared stack."""
+
+    bootstrap: str
+    s3: S3Config
+    topics: TopicsConfig
+    group: str
+    partitions: int
+
+    def config(self, **overrides: Any) -> WorkerConfig:
+        kw: dict[str, Any] = {
+            "kafka": KafkaConfig(bootstrap_servers=self.bootstrap),
+            "s3": self.s3,
+            "topics": self.topics,
+            "group_id": self.group,
+            "checkpoint": CheckpointPolicy(every_records=2_000, every_s=2.0, retry_backoff_s=0.2,
+                                           retry_backoff_max_s=1.0),
+            "session_timeout_ms": 10_000,
+            "rebalance_timeout_ms": 20_000,
+        }
+        kw.update(overrides)
+        return WorkerConfig(**kw)
+
+    def child_env(self, **extra: str) -> dict[str, str]:
+        """Environment for a `lhv worker` subprocess with this test's settings."""
+        env = dict(os.environ)
+        env.update({
+            "LHV_BOOTSTRAP_SERVERS": self.bootstrap,
+            "LHV_S3_ENDPOINT_URL": self.s3.endpoint_url or "",
+            "LHV_S3_BUCKET": self.s3.bucket,
+            "LHV_S3_PREFIX": self.s3.prefix,
+            "LHV_COMMANDS_TOPIC": self.topics.commands,
+            "LHV_SEARCH_TOPIC": self.topics.search,
+            "LHV_DLQ_TOPIC": self.topics.dlq,
+            "LHV_GROUP_ID": self.group,
+            "LHV_CHECKPOINT_RECORDS": "2000",
+            "LHV_CHECKPOINT_SECONDS": "2",
+            "PYTHONUNBUFFERED": "1",
+        })
+        if self.s3.access_key_id:
+            env["AWS_ACCESS_KEY_ID"] = self.s3.access_key_id
+        if self.s3.secret_access_key:
+            env["AWS_SECRET_ACCESS_KEY"] = self.s3.secret_access_key
+        env.update(extra)
+        return env
+
+
+async def make_env(bootstrap: str, s3: S3Config, *, partitions: int = 3) -> Env:
+    tag = uuid.uuid4().hex[:8]
+    topics = TopicsConfig(
+        commands=f"t{tag}.commands", search=f"t{tag}.search", dlq=f"t{tag}.dlq",
+    )
+    await create_topics(bootstrap, [topics.commands, topics.search], partitions)
+    await create_topics(bootstrap, [topics.dlq], 1)
+    prefix = f"{s3.prefix.rstrip('/')}/t{tag}/".lstrip("/")
+    from dataclasses import replace
+
+    return Env(bootstrap, replace(s3, prefix=prefix), topics, f"g{tag}", partitions)
+
+
+# -- command streams -------------------------------------------------------------------------
+
+
+def vec_b64(v: np.ndarray) -> str:
+    import base64
+
+    return base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()
+
+
+def index_names(n: int, partitions: int) -> list[str]:
+    """n index names spread over all partitions."""
+    names: list[str] = []
+    i = 0
+    while len(names) < n:
+        name = f"idx-{i}"
+        i += 1
+        if sum(1 for x in names if home_partition(x.encode(), partitions)
+               == home_partition(name.encode(), partitions)) <= n // partitions:
+            names.append(name)
+    return names
+
+
+def command_stream(
+    n_commands: int, *, partitions: int, n_indexes: int = 8, dim: int = 8, seed: int = 7,
+    id_pool: int = 150,
+) -> list[tuple[str, dict[str, Any]]]:
+    """A mixed stream of (index, command) pairs: creates, adds with and without client
+    versions (some out of order), duplicates inside a record, deletes, and drops followed
+    by re-creates."""
+    rng = random.Random(seed)
+    nrng = np.random.default_rng(seed)
+    names = index_names(n_indexes, partitions)
+    spaces = ["cosine", "l2", "ip"]
+    out: list[tuple[str, dict[str, Any]]] = []
+    params = {n: {"dim": dim, "space": spaces[i % 3], "M": 8, "ef_construction": 64}
+              for i, n in enumerate(names)}
+    for n in names:
+        out.append((n, {"op": "create", **params[n]}))
+    while len(out) < n_commands:
+        n = rng.choice(names)
+        r = rng.random()
+        if r < 0.6:
+            items = []
+            for _ in range(rng.randint(1, 12)):
+                item: dict[str, Any] = {"id": f"id-{rng.randrange(id_pool)}"}
+                v = nrng.normal(size=dim).astype("<f4")
+                if rng.random() < 0.5:
+                    item["vector"] = [float(x) for x in v]
+                else:
+                    item["vector_b64"] = vec_b64(v)
+                m = rng.random()
+                if m < 0.3:
+                    item["metadata"] = {"tag": rng.choice("abcd"), "n": rng.randrange(10)}
+                elif m < 0.4:
+                    item["metadata"] = {}
+                elif m < 0.5:
+                    item["metadata"] = None
+                if rng.random() < 0.3:
+                    item["version"] = rng.randrange(5)
+                items.append(item)
+            if rng.random() < 0.1 and items:  # a duplicate id inside one record
+                items.append({**items[0], "metadata": {"dup": True}})
+            out.append((n, {"op": "add", "items": items}))
+        elif r < 0.9:
+            cmd: dict[str, Any] = {"op": "delete",
+                                   "ids": [f"id-{rng.randrange(id_pool)}"
+                                           for _ in range(rng.randint(1, 5))]}
+            if rng.random() < 0.3:
+                cmd["version"] = rng.randrange(5)
+            out.append((n, cmd))
+        elif r < 0.995:
+            out.append((n, {"op": "create", **params[n]}))  # identical: a no-op
+        else:
+            out.append((n, {"op": "drop"}))
+            out.append((n, {"op": "create", **params[n]}))
+    return out
+
+
+async def produce(
+    bootstrap: str, topic: str, commands: list[tuple[str, dict[str, Any]]],
+    *, headers: list[tuple[str, bytes]] | None = None,
+) -> list[tuple[int, int]]:
+    """Produce keyed commands in order; returns (partition, offset) of each."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+                                enable_idempotence=True, linger_ms=5)
+    await producer.start()
+    try:
+        futs = []
+        for name, cmd in commands:
+            body = {"index": name, **cmd}
+            futs.append(await producer.send(topic, key=name.encode(), value=orjson.dumps(body),
+                                            headers=headers or []))
+        metas = await asyncio.gather(*futs)
+        return [(m.partition, m.offset) for m in metas]
+    finally:
+        await producer.stop()
+
+
+async def produce_raw(
+    bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes | None, int | None]],
+    *, headers: list[tuple[str, bytes]] | None = None,
+) -> list[tuple[int, int]]:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        out = []
+        for key, value, partition in records:
+            meta = await producer.send_and_wait(topic, key=key, value=value, partition=partition,
+                                                headers=headers or [])
+            out.append((meta.partition, meta.offset))
+        return out
+    finally:
+        await producer.stop()
+
+
+async def read_all(bootstrap: str, topic: str, *, timeout_s: float = 20.0) -> list[Any]:
+    """Every record of `topic` from the beginning up to its end now."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        ends_by_p = await end_offsets(bootstrap, topic)
+        tps = [TopicPartition(topic, p) for p in sorted(ends_by_p)]
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while any((await consumer.position(tp)) < ends[tp] for tp in tps):
+            assert time.monotonic() < deadline, f"could not read {topic} to its end"
+            batch = await consumer.getmany(timeout_ms=500)
+            for recs in batch.values():
+                out.extend(recs)
+        return out
+    finally:
+        await stop_quietly(consumer)
+
+
+# -- the oracle ------------------------------------------------------------------------------
+
+
+@dataclass
+class OracleIndex:
+    params: dict[str, Any]
+    live: dict[str, tuple[np.ndarray, dict[str, Any] | None, Clock]] = field(default_factory=dict)
+    tomb: dict[str, Clock] = field(default_factory=dict)
+
+    def clock(self, id_: str) -> Clock | None:
+        if id_ in self.live:
+            return self.live[id_][2]
+        return self.tomb.get(id_)
+
+
+def _decode_vector(item: dict[str, Any]) -> np.ndarray:
+    import base64
+
+    if "vector_b64" in item:
+        return np.frombuffer(base64.b64decode(item["vector_b64"]), dtype="<f4").astype(np.float32)
+    return np.asarray(item["vector"], dtype=np.float32)
+
+
+def oracle_from_records(records: Iterable[Any]) -> dict[str, OracleIndex]:
+    """Apply command records (all partitions, each in offset order) the plain way."""
+    state: dict[str, OracleIndex] = {}
+    for rec in records:
+        try:
+            body = orjson.loads(rec.value)
+        except orjson.JSONDecodeError:
+            continue
+        name = body.get("index")
+        op = body.get("op")
+        idx = state.get(name)
+        if op == "create":
+            if idx is None:
+                params = {k: v for k, v in body.items() if k not in ("op", "index", "request_id")}
+                state[name] = OracleIndex(params)
+        elif op == "drop":
+            state.pop(name, None)
+        elif op == "add" and idx is not None:
+            for pos, item in enumerate(body["items"]):
+                clock = (int(item.get("version", 0)), rec.offset, pos)
+                cur = idx.clock(item["id"])
+                if cur is not None and clock <= cur:
+                    continue
+                old_meta = idx.live[item["id"]][1] if item["id"] in idx.live else None
+                meta = item.get("metadata")
+                new_meta = old_meta if meta is None else (meta or None)
+                idx.live[item["id"]] = (_decode_vector(item), new_meta, clock)
+                idx.tomb.pop(item["id"], None)
+        elif op == "delete" and idx is not None:
+            for pos, id_ in enumerate(body["ids"]):
+                clock = (int(body.get("version", 0)), rec.offset, pos)
+                cur = idx.clock(id_)
+                if cur is not None and clock <= cur:
+                    continue
+                idx.live.pop(id_, None)
+                idx.tomb[id_] = clock
+    return state
+
+
+def assert_index_matches(name: str, index: Index, oracle: OracleIndex) -> None:
+    st = index.logical_state()
+    live = st["live"]
+    assert set(live) == set(oracle.live), (
+        f"{name}: live ids differ: extra {sorted(set(live) - set(oracle.live))[:5]}, "
+        f"missing {sorted(set(oracle.live) - set(live))[:5]}"
+    )
+    for id_, (vec, meta, clock) in oracle.live.items():
+        got_vec, got_meta, got_clock = live[id_]
+        got = np.frombuffer(got_vec, dtype=np.float32) if isinstance(got_vec, bytes) else got_vec
+        assert np.allclose(got, vec, rtol=1e-5, atol=1e-6), f"{name}/{id_}: vector differs"
+        assert (got_meta or None) == (meta or None), f"{name}/{id_}: metadata {got_meta} != {meta}"
+        assert tuple(got_clock) == clock, f"{name}/{id_}: clock {got_clock} != {clock}"
+    tomb = {k: tuple(v) for k, v in st["tombstones"].items()}
+    assert tomb == oracle.tomb, f"{name}: tombstones differ"
+
+
+def assert_state_matches(indexes: dict[str, Index], oracle: dict[str, OracleIndex]) -> None:
+    assert set(indexes) == set(oracle), f"indexes differ: {sorted(indexes)} != {sorted(oracle)}"
+    for name, idx in indexes.items():
+        assert_index_matches(name, idx, oracle[name])
+
+
+# -- running workers ---------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def running(config: WorkerConfig) -> AsyncIterator[Worker]:
+    """A worker running in this process; stopped gracefully on exit."""
+    worker = Worker(config)
+    await worker.start()
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.request_stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 30)
+        await worker.stop()
+
+
+async def stop_quietly(consumer: AIOKafkaConsumer) -> None:
+    """Stop a short-lived consumer. aiokafka's no-group coordinator raises CancelledError
+    from close() when its background task was cancelled before it first ran."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+
+
+async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """Partition -> log end offset of `topic`, now."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        await asyncio.sleep(0)
+        for _ in range(100):
+            parts = consumer.partitions_for_topic(topic)
+            if parts:
+                break
+            await consumer.topics()
+            await asyncio.sleep(0.05)
+        tps = [TopicPartition(topic, p) for p in sorted(parts or ())]
+        ends = await consumer.end_offsets(tps)
+        return {tp.partition: off for tp, off in ends.items()}
+    finally:
+        await stop_quietly(consumer)
+
+
+async def wait_caught_up(workers: list[Worker], bootstrap: str, topic: str, *,
+                         timeout_s: float = 120.0) -> None:
+    """Wait until the workers together serve every partition up to the log end."""
+    ends = await end_offsets(bootstrap, topic)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = []
+        for p, end in ends.items():
+            owners = [w.partitions[p] for w in workers if p in w.partitions]
+            if not any(o.status.value == "serving" and o.applied_offset >= end - 1
+                       for o in owners):
+                missing.append(p)
+        if not missing:
+            return
+        assert time.monotonic() < deadline, f"partitions {missing} not caught up"
+        await asyncio.sleep(0.1)
+
+
+def all_indexes(workers: list[Worker]) -> dict[str, Index]:
+    out: dict[str, Index] = {}
+    for w in workers:
+        for part in w.partitions.values():
+            out.update(part.indexes)
+    return out
+
+
+class WorkerProcess:
+    """`lhv worker` in a child process, for kill -9 tests."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "--log-level", "INFO", "worker"],
+            env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def kill9(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self._log.close()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")

@@ -1,0 +1,166 @@
+"""Worker configuration: small frozen dataclasses, defaults in one place, `from_env()`.
+
+Every setting can come from an `LHV_*` environment variable (the CLI flags override them).
+Secrets are kept out of reprs, so a config can be logged.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lhv_index import Limits as IndexLimits
+from worker.blobstore import S3Config
+from worker.messages import MessageLimits
+
+__all__ = [
+    "CheckpointPolicy",
+    "KafkaConfig",
+    "S3Config",
+    "TopicsConfig",
+    "WorkerConfig",
+]
+
+
+def _env(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
+    value = env.get(name)
+    return value if value not in (None, "") else default
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KafkaConfig:
+    """How to reach Kafka; SASL/SSL settings pass straight through to aiokafka."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "lhv"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = field(default=None, repr=False)
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    request_timeout_ms: int = 30_000
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments shared by aiokafka's consumer, producer and admin client."""
+        kw: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism:
+            kw["sasl_mechanism"] = self.sasl_mechanism
+            kw["sasl_plain_username"] = self.sasl_plain_username
+            kw["sasl_plain_password"] = self.sasl_plain_password
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            kw["ssl_context"] = create_ssl_context(
+                cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile
+            )
+        return kw
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> KafkaConfig:
+        return cls(
+            bootstrap_servers=_env(env, "LHV_BOOTSTRAP_SERVERS", "127.0.0.1:9092") or "",
+            client_id=_env(env, "LHV_CLIENT_ID", "lhv") or "lhv",
+            security_protocol=_env(env, "LHV_SECURITY_PROTOCOL", "PLAINTEXT") or "PLAINTEXT",
+            sasl_mechanism=_env(env, "LHV_SASL_MECHANISM"),
+            sasl_plain_username=_env(env, "LHV_SASL_USERNAME"),
+            sasl_plain_password=_env(env, "LHV_SASL_PASSWORD"),
+            ssl_cafile=_env(env, "LHV_SSL_CAFILE"),
+            ssl_certfile=_env(env, "LHV_SSL_CERTFILE"),
+            ssl_keyfile=_env(env, "LHV_SSL_KEYFILE"),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TopicsConfig:
+    """Topic names and the reply-topic pattern (fnmatch style)."""
+
+    commands: str = "lhv.commands"
+    search: str = "lhv.search"
+    dlq: str = "lhv.commands.dlq"
+    reply_pattern: str = "lhv.replies.*"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> TopicsConfig:
+        return cls(
+            commands=_env(env, "LHV_COMMANDS_TOPIC", cls.commands) or cls.commands,
+            search=_env(env, "LHV_SEARCH_TOPIC", cls.search) or cls.search,
+            dlq=_env(env, "LHV_DLQ_TOPIC", cls.dlq) or cls.dlq,
+            reply_pattern=_env(env, "LHV_REPLY_PATTERN", cls.reply_pattern) or cls.reply_pattern,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointPolicy:
+    """When a partition is checkpointed: whichever comes first, if anything changed.
+
+    Also on revoke and on graceful shutdown, whatever the policy says.
+    """
+
+    every_records: int = 50_000
+    every_s: float = 30.0
+    retry_backoff_s: float = 1.0
+    retry_backoff_max_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.every_records < 1 or self.every_s <= 0:
+            raise ValueError("checkpoint policy needs every_records >= 1 and every_s > 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerConfig:
+    """Everything a `Worker` needs."""
+
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    s3: S3Config
+    topics: TopicsConfig = field(default_factory=TopicsConfig)
+    checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    limits: MessageLimits = field(default_factory=MessageLimits)
+    index_limits: IndexLimits = field(default_factory=IndexLimits)
+    group_id: str = "lhv"
+    #: identifies this process in manifests and logs
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
+    #: serve partitions whose log no longer holds the records after their checkpoint
+    accept_data_loss: bool = False
+    max_poll_records: int = 5_000
+    #: records buffered per partition before it is paused (backpressure)
+    max_pending_records: int = 20_000
+    session_timeout_ms: int = 30_000
+    rebalance_timeout_ms: int = 120_000
+    #: default wait for a query whose partition is not ready and that names no deadline
+    query_wait_ms: int = 30_000
+    #: port of /metrics, /healthz, /readyz; None disables, 0 picks a free one
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    stall_timeout_s: float = 60.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> WorkerConfig:
+        """Build from `LHV_*` variables; keyword overrides win."""
+        kw: dict[str, Any] = {
+            "kafka": KafkaConfig.from_env(env),
+            "s3": S3Config.from_env(env),
+            "topics": TopicsConfig.from_env(env),
+            "checkpoint": CheckpointPolicy(
+                every_records=int(_env(env, "LHV_CHECKPOINT_RECORDS", "50000") or 50000),
+                every_s=float(_env(env, "LHV_CHECKPOINT_SECONDS", "30") or 30),
+            ),
+            "group_id": _env(env, "LHV_GROUP_ID", "lhv") or "lhv",
+            "accept_data_loss": (_env(env, "LHV_ACCEPT_DATA_LOSS", "") or "").lower()
+            in ("1", "true", "yes"),
+        }
+        port = _env(env, "LHV_METRICS_PORT")
+        if port is not None:
+            kw["metrics_port"] = int(port)
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)

@@ -1,0 +1,499 @@
+"""The worker: consume commands and queries, own partitions, checkpoint, serve.
+
+    async with Worker(config) as worker:   # start(): S3, producer, consumer, metrics
+        await worker.run()                 # until stop() or a fatal error
+    # stop(): finish batches, checkpoint owned partitions, leave the group, close
+
+One consumer reads both topics in one group with the range assignor, so partition p of
+`lhv.commands` and of `lhv.search` belong to the same worker. The poll loop only routes:
+command records go to the partition's runner (a task that applies them in a thread and
+checkpoints between batches), query records to the search server. A partition whose
+runner falls behind is paused until it catches up (backpressure), so the poll loop keeps
+polling and the group keeps its heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import KafkaError
+
+from lhv_index._drift import DriftMonitor
+from lhv_index.errors import Internal, LhvError
+from worker import failpoints
+from worker.apply import Outcome, apply_records
+from worker.blobstore import S3BlobStore
+from worker.config import TopicsConfig, WorkerConfig
+from worker.logs import log_context
+from worker.messages import encode_ack
+from worker.metrics import HealthTracker, Metrics, MetricsServer
+from worker.ownership import Ownership
+from worker.partition import Partition, PartitionStatus
+from worker.replies import ReplyTopicPolicy, build_reply_headers, dlq_headers
+from worker.search import SearchServer
+from worker.store import SnapshotStore
+
+__all__ = ["Worker"]
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class _Runner:
+    """Applies one partition's command records in order, and checkpoints between batches."""
+
+    def __init__(self, worker: Worker, partition: Partition) -> None:
+        self.worker = worker
+        self.partition = partition
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.pending = 0
+        self.paused = False
+        self.task = asyncio.create_task(self._run(), name=f"partition-{partition.number}")
+
+    def enqueue(self, records: Sequence[Any]) -> None:
+        self.pending += len(records)
+        self.queue.put_nowait(records)
+
+    async def stop(self) -> None:
+        self.queue.put_nowait(_STOP)
+        await asyncio.gather(self.task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        w = self.worker
+        p = self.partition
+        policy = w.config.checkpoint
+        with log_context(partition=p.number):
+            try:
+                while True:
+                    batch: list[Any] = []
+                    stop = False
+                    try:
+                        timeout = max(0.05, policy.every_s - (time.monotonic() - p.last_checkpoint))
+                        async with asyncio.timeout(timeout):
+                            item = await self.queue.get()
+                        while True:
+                            if item is _STOP:
+                                stop = True
+                                break
+                            batch.extend(item)
+                            if self.queue.empty() or len(batch) >= w.config.max_poll_records:
+                                break
+                            item = self.queue.get_nowait()
+                    except TimeoutError:
+                        pass
+                    if batch:
+                        await self._apply(batch)
+                    if stop:
+                        return
+                    if p.needs_checkpoint and (
+                        p.records_since_checkpoint >= policy.every_records
+                        or time.monotonic() - p.last_checkpoint >= policy.every_s
+                    ):
+                        await w.ownership.checkpoint(p, reason="policy")
+                    if p.status is PartitionStatus.REVOKED:
+                        return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("partition runner crashed")
+                raise Internal(f"partition {p.number} runner crashed") from exc
+
+    async def _apply(self, batch: list[Any]) -> None:
+        w = self.worker
+        p = self.partition
+        started = time.monotonic()
+        outcomes = await asyncio.to_thread(
+            apply_records,
+            p,
+            batch,
+            num_partitions=w.num_partitions,
+            limits=w.config.limits,
+            index_limits=w.config.index_limits,
+            barrier=w.barrier,
+            on_vectors=w.observe_vectors,
+        )
+        self.pending -= len(batch)
+        failpoints.hit("mid_batch")
+        w.metrics.observe_apply(p.number, len(batch), time.monotonic() - started)
+        await w.report(p, outcomes)
+        if p.mark_ready_if_caught_up():
+            log.info("partition serving at offset %d", p.applied_offset)
+        w.health.progress(p.number, p.applied_offset)
+        await p.notify()
+        if self.paused and self.pending <= w.config.max_pending_records // 2:
+            self.paused = False
+            w.consumer.resume(w.commands_tp(p.number))
+
+
+class Worker:
+    """An LHV worker process. See the module docstring for the lifecycle."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.topics: TopicsConfig = config.topics
+        self.partitions: dict[int, Partition] = {}
+        self.metrics = Metrics()
+        self.health = HealthTracker(
+            stall_timeout_s=config.stall_timeout_s, states=self.partition_states
+        )
+        self.reply_policy = ReplyTopicPolicy(config.topics.reply_pattern)
+        self.barrier: Any = None  # merge/import steps, installed by worker.merge when present
+        self._runners: dict[int, _Runner] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drift: dict[str, DriftMonitor] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._state = "unopened"
+        self._stopping = asyncio.Event()
+        self.num_partitions = 0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._blobs = S3BlobStore(config.s3)
+        self.store = SnapshotStore(
+            self._blobs, topic=config.topics.commands, worker_id=config.worker_id
+        )
+        self.ownership = Ownership(self)
+        self.search = SearchServer(self)
+        self._metrics_server: MetricsServer | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Connect to S3 and Kafka and join the group. Not reentrant."""
+        if self._state != "unopened":
+            raise RuntimeError(f"worker cannot start: it is {self._state}")
+        self._state = "starting"
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        with log_context(worker=self.config.worker_id):
+            await self._blobs.start()
+            kw = self.config.kafka.client_kwargs()
+            self._producer = AIOKafkaProducer(
+                **kw,
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=2,
+                max_request_size=max(self.config.limits.max_message_bytes * 2, 1048576),
+            )
+            await self._producer.start()
+            self._consumer = AIOKafkaConsumer(
+                **kw,
+                group_id=self.config.group_id,
+                enable_auto_commit=False,
+                auto_offset_reset="latest",
+                partition_assignment_strategy=(RangePartitionAssignor,),
+                session_timeout_ms=self.config.session_timeout_ms,
+                heartbeat_interval_ms=max(1000, self.config.session_timeout_ms // 10),
+                rebalance_timeout_ms=self.config.rebalance_timeout_ms,
+                max_poll_interval_ms=max(300_000, self.config.rebalance_timeout_ms),
+                max_partition_fetch_bytes=max(self.config.limits.max_message_bytes, 1048576),
+                fetch_max_bytes=64 * 1024 * 1024,
+            )
+            await self._consumer.start()
+            await self._check_topics()
+            self._consumer.subscribe(
+                [self.topics.commands, self.topics.search], listener=self.ownership
+            )
+            if self.config.metrics_port is not None:
+                self._metrics_server = MetricsServer(
+                    self.metrics,
+                    self.health,
+                    host=self.config.metrics_host,
+                    port=self.config.metrics_port,
+                )
+                await self._metrics_server.start()
+            await self.search.start()
+            self._state = "started"
+            log.info(
+                "worker started: group %s, topics %s/%s, %d partitions",
+                self.config.group_id,
+                self.topics.commands,
+                self.topics.search,
+                self.num_partitions,
+            )
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._metrics_server.port if self._metrics_server else None
+
+    async def _check_topics(self) -> None:
+        """Both topics exist with equal partition counts (co-partitioning needs it)."""
+        counts = []
+        for topic in (self.topics.commands, self.topics.search):
+            try:
+                async with asyncio.timeout(30):
+                    counts.append(len(await self.producer.partitions_for(topic)))
+            except (TimeoutError, KafkaError) as exc:
+                raise Internal(
+                    f"topic {topic!r} must exist (create it with `lhv stack up`, or your usual "
+                    f"tooling): {exc!r}"
+                ) from exc
+        n_cmd, n_search = counts
+        if n_cmd != n_search:
+            raise Internal(
+                f"{self.topics.commands} has {n_cmd} partitions and {self.topics.search} has "
+                f"{n_search}: they must be equal so that both are co-partitioned"
+            )
+        self.num_partitions = n_cmd
+
+    def request_stop(self) -> None:
+        """Ask `run()` to return (e.g. from a signal handler); `stop()` does the rest."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Poll until `request_stop()`; a crashed background task ends it with an error."""
+        if self._state != "started":
+            raise RuntimeError("run() needs a started worker")
+        consumer = self.consumer
+        with log_context(worker=self.config.worker_id):
+            while not self._stopping.is_set():
+                self._raise_task_errors()
+                data = await consumer.getmany(
+                    timeout_ms=200, max_records=self.config.max_poll_records
+                )
+                for tp, records in data.items():
+                    if tp.topic == self.topics.commands:
+                        self._route_commands(tp, records)
+                    else:
+                        self.search.submit(tp.partition, records)
+                self._update_lag()
+
+    def _route_commands(self, tp: TopicPartition, records: list[Any]) -> None:
+        runner = self._runners.get(tp.partition)
+        if runner is None:
+            return  # not ours any more (or not restored): the owner reads them again
+        runner.enqueue(records)
+        if not runner.paused and runner.pending >= self.config.max_pending_records:
+            runner.paused = True
+            self.consumer.pause(tp)
+
+    def _update_lag(self) -> None:
+        consumer = self.consumer
+        for p, partition in self.partitions.items():
+            tp = self.commands_tp(p)
+            hw = consumer.highwater(tp)
+            if hw is not None:
+                lag = max(0, hw - 1 - partition.applied_offset)
+                self.health.set_lag(p, lag)
+                self.metrics.set_partition(
+                    p,
+                    partition.status.value,
+                    partition.applied_offset,
+                    partition.checkpoint_offset,
+                    lag,
+                )
+
+    def _raise_task_errors(self) -> None:
+        for runner in list(self._runners.values()):
+            if runner.task.done() and not runner.task.cancelled():
+                exc = runner.task.exception()
+                if exc is not None:
+                    raise exc
+
+    async def stop(self) -> None:
+        """Finish batches, checkpoint owned partitions, leave the group, close. Idempotent."""
+        if self._state in ("stopped", "unopened"):
+            self._state = "stopped"
+            return
+        self._state = "stopped"
+        self._stopping.set()
+        with log_context(worker=self.config.worker_id):
+            log.info("worker stopping: checkpointing %d partitions", len(self.partitions))
+            await self.ownership.stop()
+            if self._consumer is not None:
+                for p in list(self.partitions):
+                    await self.ownership.release(p, park=False)
+            await self.search.stop()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._consumer is not None:
+                await self._consumer.stop()
+            if self._producer is not None:
+                await self._producer.stop()
+            if self._metrics_server is not None:
+                await self._metrics_server.stop()
+            await self._blobs.stop()
+            log.info("worker stopped")
+
+    # -- services for the parts ----------------------------------------------------------
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise RuntimeError("worker not started")
+        return self._consumer
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("worker not started")
+        return self._producer
+
+    def commands_tp(self, p: int) -> TopicPartition:
+        return TopicPartition(self.topics.commands, p)
+
+    def start_runner(self, partition: Partition) -> None:
+        self._runners[partition.number] = _Runner(self, partition)
+
+    async def stop_runner(self, p: int) -> None:
+        runner = self._runners.pop(p, None)
+        if runner is not None:
+            await runner.stop()
+
+    def forget_partition(self, p: int) -> None:
+        runner = self._runners.pop(p, None)
+        if runner is not None and not runner.task.done():
+            runner.task.cancel()
+        self.search.forget(p)
+        self.health.forget(p)
+        self.metrics.forget_partition(p)
+
+    def run_async(self, coro: Coroutine[Any, Any, Any], *, timeout_s: float = 120.0) -> Any:
+        """Run `coro` on the worker's loop from an apply thread and wait for its result."""
+        assert self._loop is not None, "worker not started"
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> None:
+        """Run a best-effort background step; its failure is logged, not fatal."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("background step %s failed: %s", name, t.exception())
+
+        task.add_done_callback(done)
+
+    async def flush_producer(self) -> None:
+        await self.producer.flush()
+
+    async def commit_offsets(self, p: int, commands_offset: int) -> None:
+        offsets = {self.commands_tp(p): commands_offset}
+        search_offset = self.search.committable(p)
+        if search_offset is not None:
+            offsets[TopicPartition(self.topics.search, p)] = search_offset
+        await self.consumer.commit(offsets)
+
+    async def report(self, partition: Partition, outcomes: list[Outcome]) -> None:
+        """Send acks and DLQ records for one applied batch."""
+        sends = []
+        for out in outcomes:
+            if out.error is not None:
+                self.metrics.command_rejected(out.op or "unknown", out.error.code)
+                self.metrics.dlq_record()
+                log.warning(
+                    "command rejected (%s): %s",
+                    out.error.code,
+                    out.error.message,
+                    extra={
+                        "offset": out.offset,
+                        "index": out.index or None,
+                        "partition": partition.number,
+                    },
+                )
+                sends.append(
+                    self.producer.send(
+                        self.topics.dlq,
+                        key=out.key,
+                        value=out.value,
+                        headers=[
+                            *(out.headers or ()),
+                            *dlq_headers(
+                                out.error, self.topics.commands, partition.number, out.offset
+                            ),
+                        ],
+                    )
+                )
+            else:
+                self.metrics.command_applied(out.op, out.applied)
+            if out.reply_to is not None:
+                try:
+                    self.reply_policy.check(out.reply_to.topic)
+                except LhvError as exc:
+                    log.warning(
+                        "not acking to %r: %s",
+                        out.reply_to.topic,
+                        exc,
+                        extra={"offset": out.offset},
+                    )
+                    continue
+                sends.append(
+                    self.producer.send(
+                        out.reply_to.topic,
+                        key=out.reply_to.correlation_id,
+                        value=encode_ack(out),
+                        partition=out.reply_to.partition,
+                        headers=build_reply_headers(out.reply_to),
+                    )
+                )
+        if sends:
+            await asyncio.gather(*sends)
+
+    # -- metrics hooks used by ownership --------------------------------------------------
+
+    def metrics_rebalance(self) -> None:
+        self.metrics.rebalance()
+
+    def observe_restore(self, p: int, seconds: float) -> None:
+        self.metrics.observe_restore(p, seconds)
+
+    def observe_refused(self, p: int) -> None:
+        self.metrics.set_partition(p, PartitionStatus.REFUSED.value, -1, -1, 0)
+
+    def observe_checkpoint(self, p: int, seconds: float, offset: int) -> None:
+        self.metrics.observe_checkpoint(p, seconds, offset)
+
+    def observe_checkpoint_failure(self, p: int) -> None:
+        self.metrics.checkpoint_failed(p)
+
+    # -- drift ---------------------------------------------------------------------------
+
+    def _drift_of(self, index: str) -> DriftMonitor:
+        monitor = self._drift.get(index)
+        if monitor is None:
+            monitor = self._drift.setdefault(index, DriftMonitor())
+        return monitor
+
+    def observe_vectors(self, index: str, vectors: list[Any]) -> None:
+        """Feed upserted vectors to the index's drift monitor (called in apply threads)."""
+        if vectors:
+            self._drift_of(index).observe_vectors(np.stack(vectors))
+
+    def observe_distances(self, index: str, distances: np.ndarray) -> None:
+        if distances.size:
+            self._drift_of(index).observe_distances(distances)
+
+    def drift_report(self, index: str) -> dict[str, Any] | None:
+        monitor = self._drift.get(index)
+        if monitor is None:
+            return None
+        report = monitor.report()
+        self.metrics.set_drift(index, report)
+        return report
+
+    # -- HealthSource --------------------------------------------------------------------
+
+    def partition_states(self) -> dict[int, str]:
+        return {p: part.status.value for p, part in self.partitions.items()}
