@@ -15,6 +15,9 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterator
 
+import numpy as np
+import numpy.typing as npt
+
 __all__ = ["IdTable", "LabelMap"]
 
 #: slot values: 0 empty, -1 deleted, else label + 1
@@ -93,19 +96,49 @@ class IdTable:
         return label
 
     def _rehash(self, need: int) -> None:
+        old = np.frombuffer(self._slots, dtype=np.int32)
+        labels = old[old > 0] - 1
+        ids = self._owner.ids
+        self.bulk_load([ids[lb] for lb in labels.tolist()], labels, need)
+
+    def bulk_load(
+        self,
+        ids: list[str],
+        labels: npt.NDArray[np.integer],
+        need: int | None = None,
+        *,
+        hashes: npt.NDArray[np.int64] | None = None,
+    ) -> None:
+        """Replace the table with `ids` -> `labels` (distinct; `ids[label]` already set),
+        sized for `need` entries. Vectorized linear probing: the same slots as inserting
+        one by one would give up to the order of collisions, which lookups do not care about.
+        """
+        n = len(ids)
         size = _MIN_SLOTS
-        while size * _MAX_FILL < 2 * need:
+        while size * _MAX_FILL < 2 * max(n, need or 0):
             size *= 2
-        old = self._slots
-        self._alloc(size)
-        slots, mask, ids = self._slots, self._mask, self._owner.ids
-        for v in old:
-            if v > 0:
-                i = hash(ids[v - 1]) & mask
-                while slots[i]:
-                    i = (i + 1) & mask
-                slots[i] = v
-        self._used = need - 1
+        mask = size - 1
+        slots = np.zeros(size, dtype=np.int32)
+        values = np.asarray(labels, dtype=np.int64).astype(np.int32) + 1
+        if hashes is None:
+            hashes = np.fromiter(map(hash, ids), dtype=np.int64, count=n)
+        pos = hashes & mask
+        pending = np.arange(n)
+        while pending.size:
+            p = pos[pending]
+            free = slots[p] == _EMPTY
+            cand, cpos = pending[free], p[free]
+            taken, first = np.unique(cpos, return_index=True)
+            winners = cand[first]
+            slots[taken] = values[winners]
+            placed = np.zeros(n, dtype=np.bool_)
+            placed[winners] = True
+            pending = pending[~placed[pending]]
+            pos[pending] = (pos[pending] + 1) & mask
+        self._slots = array("i", slots.tobytes())
+        self._mask = mask
+        self._used = n
+        self._gone = 0
 
     def __len__(self) -> int:
         return self._used

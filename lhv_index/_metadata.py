@@ -7,7 +7,7 @@ deleted entry leaves garbage in the arena, which is compacted when it passes hal
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -91,13 +91,40 @@ class MetaStore:
         ]
         return np.array(hits, dtype=np.uint64)
 
-    def take(self, labels: Iterable[int]) -> tuple[npt.NDArray[np.uint32], bytes]:
+    def take(self, labels: npt.NDArray[np.intp]) -> tuple[npt.NDArray[np.uint32], bytes]:
         """Lengths (0: none) and the concatenated bytes of `labels`, in that order."""
-        labels = np.fromiter(labels, dtype=np.intp)
-        lens = self._len[labels]
-        buf, offs = self._buf, self._off[labels]
-        parts = [buf[o : o + n] for o, n in zip(offs.tolist(), lens.tolist(), strict=True) if n]
-        return lens.copy(), b"".join(parts)
+        lens = self._len[labels].astype(np.int64)
+        total = int(lens.sum())
+        if not total:
+            return lens.astype(np.uint32), b""
+        offs = self._off[labels]
+        # byte positions: each piece's offset repeated over its length, plus 0, 1, 2, ...
+        within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+        where = np.repeat(offs, lens) + within
+        arena = np.frombuffer(self._buf, dtype=np.uint8)
+        try:
+            out = arena[where].tobytes()
+        finally:
+            del arena  # release the export, or the bytearray cannot grow again
+        return lens.astype(np.uint32), out
+
+    def load(self, labels: npt.NDArray[np.intp], lens: npt.NDArray[np.uint32], blob: bytes) -> None:
+        """Replace the content: `labels[i]` gets the i-th of the concatenated `blob` pieces
+        of `lens` bytes (0: none). Raises ValueError when a piece is not a JSON object."""
+        lens64 = lens.astype(np.int64)
+        offs = np.cumsum(lens64) - lens64
+        if int(lens64.sum()) != len(blob):
+            raise ValueError("metadata lengths do not add up")
+        present = lens64 > 0
+        if (
+            present.any()
+            and not (np.frombuffer(blob, dtype=np.uint8)[offs[present]] == ord("{")).all()
+        ):
+            raise ValueError("metadata is not a JSON object")
+        self._buf = bytearray(blob)
+        self._off[labels] = offs
+        self._len[labels] = lens
+        self._garbage = 0
 
     def nbytes(self) -> int:
         """Arena bytes, garbage included."""

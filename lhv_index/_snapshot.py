@@ -106,6 +106,10 @@ _COPY_CHUNK = 1 << 20
 
 
 def _strings(values: list[str]) -> tuple[bytes, bytes]:
+    joined = "".join(values)
+    if joined.isascii():  # one encode; byte lengths equal character lengths
+        lens = np.fromiter(map(len, values), dtype="<u4", count=len(values))
+        return lens.tobytes(), joined.encode("ascii")
     encoded = [v.encode("utf-8") for v in values]
     return np.array([len(e) for e in encoded], dtype="<u4").tobytes(), b"".join(encoded)
 
@@ -125,10 +129,15 @@ def _capture(index: Index, tmpdir: str) -> _Captured:
     """Everything the frame needs, taken under the index's exclusive lock."""
     with index._lock.exclusive():
         index._check_usable()
-        pairs = list(index._map.labels.items())  # in label order
-        labels = np.array([lb for _, lb in pairs], dtype=np.intp)
-        ids_len, ids_utf8 = _strings([i for i, _ in pairs])
-        meta_len, meta_json = index._meta.take(labels.tolist())
+        by_label = index._map.ids
+        if index._map.free:
+            live_ids = [i for i in by_label if i is not None]
+            labels = np.flatnonzero([i is not None for i in by_label]).astype(np.intp)
+        else:  # every label is live: the list is already in label order
+            live_ids = by_label  # type: ignore[assignment]
+            labels = np.arange(len(by_label), dtype=np.intp)
+        ids_len, ids_utf8 = _strings(live_ids)
+        meta_len, meta_json = index._meta.take(labels)
         sections: list[tuple[str, bytes]] = [
             ("labels", labels.astype("<u8").tobytes()),
             ("ids.len", ids_len),
@@ -155,7 +164,7 @@ def _capture(index: Index, tmpdir: str) -> _Captured:
             "engine": index.params.engine.value,
             "params": index.params.to_dict(),
             "engine_state": engine_state,
-            "count": len(pairs),
+            "count": len(live_ids),
             "tombstones": len(tombs),
             "slots": index._map.next_label,
         }
@@ -339,11 +348,11 @@ def _decode_strings(lengths: bytes, blob: bytes, n: int, what: str) -> list[str]
     if lens.size != n or int(lens.sum(dtype=np.int64)) != len(blob):
         raise SnapshotError(f"section {what} does not match its lengths")
     ends = np.cumsum(lens, dtype=np.int64).tolist()
-    out, start = [], 0
-    for end in ends:
-        out.append(blob[start:end].decode("utf-8"))
-        start = end
-    return out
+    starts = [0, *ends[:-1]] if ends else []
+    if blob.isascii():  # one decode; character offsets equal byte offsets
+        text = blob.decode("ascii")
+        return [text[a:b] for a, b in zip(starts, ends, strict=True)]
+    return [blob[a:b].decode("utf-8") for a, b in zip(starts, ends, strict=True)]
 
 
 def _read_v3(
@@ -382,18 +391,13 @@ def _read_v3(
     if labels.size != n:
         raise SnapshotError("labels section does not match count")
     ids = _decode_strings(data["ids.len"], data["ids.utf8"], n, "ids")
+    id_bytes = np.frombuffer(data["ids.len"], dtype="<u4").astype(np.uint32)
     clocks = np.frombuffer(data["clocks"], dtype="<i8").astype(np.int64)
     if clocks.size != 3 * n:
         raise SnapshotError("clocks section does not match count")
-    meta_lens = np.frombuffer(data["meta.len"], dtype="<u4")
-    blob = data["meta.json"]
-    if meta_lens.size != n or int(meta_lens.sum(dtype=np.int64)) != len(blob):
+    meta_lens = np.frombuffer(data["meta.len"], dtype="<u4").astype(np.uint32)
+    if meta_lens.size != n:
         raise SnapshotError("metadata sections do not match")
-    metas: list[bytes | None] = []
-    start = 0
-    for end in np.cumsum(meta_lens, dtype=np.int64).tolist():
-        metas.append(blob[start:end] or None)
-        start = end
     norms = None
     if params.space is Space.COSINE:
         norms = np.frombuffer(data["norms"], dtype="<f4").astype(np.float32)
@@ -413,7 +417,17 @@ def _read_v3(
         raise SnapshotError("engine_state is not an object")
     engine = _load_engine(params, engine_path, slots=slots, live=labels, state=state)
     return _build(
-        name, params, limits, engine, ids, labels, clocks.reshape(n, 3), metas, norms, tombs, slots
+        name,
+        params,
+        limits,
+        engine,
+        (ids, id_bytes),
+        labels,
+        clocks.reshape(n, 3),
+        (meta_lens, data["meta.json"]),
+        norms,
+        tombs,
+        slots,
     )
 
 
@@ -454,48 +468,58 @@ def _build(
     params: IndexParams,
     limits: Limits | None,
     engine: Engine,
-    ids: list[str],
+    ids: tuple[list[str], npt.NDArray[np.uint32]],
     labels: npt.NDArray[np.uint64],
     clocks: npt.NDArray[np.int64],
-    metas: list[bytes | None],
+    metas: tuple[npt.NDArray[np.uint32], bytes],
     norms: npt.NDArray[np.float32] | None,
     tombs: dict[str, Clock],
     slots: int,
 ) -> Index:
-    """A new Index holding this state; every cross-check fails as SnapshotError."""
+    """A new Index holding this state; every cross-check fails as SnapshotError.
+
+    `ids`: the ids and their UTF-8 byte lengths; `metas`: byte lengths (0: none) and the
+    concatenated compact JSON objects, both in the order of `labels`.
+    """
     index = Index._with_engine(name, params, limits, engine)
-    n = len(ids)
-    if not (labels.size == n == clocks.shape[0] == len(metas)):
+    id_list, id_bytes = ids
+    meta_lens, meta_blob = metas
+    n = len(id_list)
+    if not (labels.size == n == clocks.shape[0] == meta_lens.size == id_bytes.size):
         raise SnapshotError("live item sections disagree in length")
-    if n and (int(labels.max()) >= slots or np.unique(labels).size != n):
+    if n and (int(labels.max()) >= slots or np.bincount(labels.astype(np.intp)).max() > 1):
         raise SnapshotError("labels repeat or lie beyond the engine's slots")
     if slots > engine.capacity:
         raise SnapshotError("engine capacity is below its slots")
-    if len(set(ids)) != n:
+    if n and (int(id_bytes.min()) < 1 or int(id_bytes.max()) > index.limits.max_id_bytes):
+        raise SnapshotError("an id is empty or over the id size limit")
+    hashes = np.fromiter(map(hash, id_list), dtype=np.int64, count=n)
+    ordered = np.sort(hashes)
+    if (ordered[1:] == ordered[:-1]).any() and len(set(id_list)) != n:
         raise SnapshotError("ids repeat")
-    for id_ in ids:
-        why = check_id(id_, index.limits)
-        if why is not None:
-            raise SnapshotError(f"bad id {id_!r} in snapshot: {why}")
-    if not tombs.keys().isdisjoint(ids):
+    if tombs and not tombs.keys().isdisjoint(id_list):
         raise SnapshotError("an id is both live and tombstoned")
-    for blob in metas:
-        if blob is not None and not blob.startswith(b"{"):
-            raise SnapshotError("metadata is not a JSON object")
-    label_list = labels.astype(np.intp)
-    index._clocks.version[label_list] = clocks[:, 0]
-    index._clocks.offset[label_list] = clocks[:, 1]
-    index._clocks.position[label_list] = clocks[:, 2]
+    label_arr = labels.astype(np.intp)
+    try:
+        index._meta.load(label_arr, meta_lens, meta_blob)
+    except ValueError as exc:
+        raise SnapshotError(str(exc)) from exc
+    index._clocks.version[label_arr] = clocks[:, 0]
+    index._clocks.offset[label_arr] = clocks[:, 1]
+    index._clocks.position[label_arr] = clocks[:, 2]
     if norms is not None:
-        index._norms[label_list] = norms
-    for label, blob in zip(label_list.tolist(), metas, strict=True):
-        index._meta.set(label, blob)
+        index._norms[label_arr] = norms
     m = index._map
-    m.ids = [None] * slots
-    for id_, label in zip(ids, label_list.tolist(), strict=True):
-        m.ids[label] = id_
-        m.labels[id_] = label
-    m.free = [lb for lb in range(slots - 1, -1, -1) if m.ids[lb] is None]
+    if n == slots and np.array_equal(label_arr, np.arange(n)):
+        m.ids = list(id_list)
+        m.free = []
+    else:
+        by_label: list[str | None] = [None] * slots
+        for id_, label in zip(id_list, label_arr.tolist(), strict=True):
+            by_label[label] = id_
+        m.ids = by_label
+        m.free = [lb for lb in range(slots - 1, -1, -1) if by_label[lb] is None]
+    m.labels.bulk_load(id_list, label_arr, hashes=hashes)
     index._tombs = tombs
     return index
 
@@ -572,15 +596,19 @@ def _read_legacy(
     clock_rows = np.array([clocks.get(i, default) for i in ids], dtype=np.int64).reshape(
         len(ids), 3
     )
+    for id_ in ids:
+        if not isinstance(id_, str) or check_id(id_, Limits(max_id_bytes=2**31)) is not None:
+            raise SnapshotError(f"bad id {id_!r} in snapshot")
+    blobs = [metas[i] or b"" for i in ids]
     return _build(
         name,
         params,
         limits,
         engine,
-        ids,
+        (ids, np.array([len(i.encode("utf-8")) for i in ids], dtype=np.uint32)),
         labels,
         clock_rows,
-        [metas[i] for i in ids],
+        (np.array([len(b) for b in blobs], dtype=np.uint32), b"".join(blobs)),
         None,
         tombs,
         slots,
