@@ -242,11 +242,14 @@ async def read_all(bootstrap: str, topic: str, *, timeout_s: float = 20.0) -> li
         await consumer.seek_to_beginning(*tps)
         out: list[Any] = []
         deadline = time.monotonic() + timeout_s
-        while any((await consumer.position(tp)) < ends[tp] for tp in tps):
+        seen = {tp: -1 for tp in tps}
+        while any(seen[tp] < ends[tp] - 1 for tp in tps):
             assert time.monotonic() < deadline, f"could not read {topic} to its end"
             batch = await consumer.getmany(timeout_ms=500)
-            for recs in batch.values():
-                out.extend(recs)
+            for tp, recs in batch.items():
+                out.extend(r for r in recs if r.offset < ends[tp])
+                if recs:
+                    seen[tp] = recs[-1].offset
         return out
     finally:
         await stop_quietly(consumer)
@@ -366,19 +369,22 @@ async def stop_quietly(consumer: AIOKafkaConsumer) -> None:
             raise
 
 
+async def partitions_of(bootstrap: str, topic: str) -> list[int]:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        return sorted(await producer.partitions_for(topic))
+    finally:
+        await producer.stop()
+
+
 async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     """Partition -> log end offset of `topic`, now."""
+    tps = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await consumer.start()
     try:
-        await asyncio.sleep(0)
-        for _ in range(100):
-            parts = consumer.partitions_for_topic(topic)
-            if parts:
-                break
-            await consumer.topics()
-            await asyncio.sleep(0.05)
-        tps = [TopicPartition(topic, p) for p in sorted(parts or ())]
+        consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
         return {tp.partition: off for tp, off in ends.items()}
     finally:

@@ -92,11 +92,12 @@ class TopicsConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> TopicsConfig:
+        d = cls()
         return cls(
-            commands=_env(env, "LHV_COMMANDS_TOPIC", cls.commands) or cls.commands,
-            search=_env(env, "LHV_SEARCH_TOPIC", cls.search) or cls.search,
-            dlq=_env(env, "LHV_DLQ_TOPIC", cls.dlq) or cls.dlq,
-            reply_pattern=_env(env, "LHV_REPLY_PATTERN", cls.reply_pattern) or cls.reply_pattern,
+            commands=_env(env, "LHV_COMMANDS_TOPIC", d.commands) or d.commands,
+            search=_env(env, "LHV_SEARCH_TOPIC", d.search) or d.search,
+            dlq=_env(env, "LHV_DLQ_TOPIC", d.dlq) or d.dlq,
+            reply_pattern=_env(env, "LHV_REPLY_PATTERN", d.reply_pattern) or d.reply_pattern,
         )
 
 
