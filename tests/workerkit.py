@@ -69,8 +69,9 @@ class Env:
             "s3": self.s3,
             "topics": self.topics,
             "group_id": self.group,
-            "checkpoint": CheckpointPolicy(every_records=2_000, every_s=2.0, retry_backoff_s=0.2,
-                                           retry_backoff_max_s=1.0),
+            "checkpoint": CheckpointPolicy(
+                every_records=2_000, every_s=2.0, retry_backoff_s=0.2, retry_backoff_max_s=1.0
+            ),
             "session_timeout_ms": 10_000,
             "rebalance_timeout_ms": 20_000,
         }
@@ -80,19 +81,21 @@ class Env:
     def child_env(self, **extra: str) -> dict[str, str]:
         """Environment for a `lhv worker` subprocess with this test's settings."""
         env = dict(os.environ)
-        env.update({
-            "LHV_BOOTSTRAP_SERVERS": self.bootstrap,
-            "LHV_S3_ENDPOINT_URL": self.s3.endpoint_url or "",
-            "LHV_S3_BUCKET": self.s3.bucket,
-            "LHV_S3_PREFIX": self.s3.prefix,
-            "LHV_COMMANDS_TOPIC": self.topics.commands,
-            "LHV_SEARCH_TOPIC": self.topics.search,
-            "LHV_DLQ_TOPIC": self.topics.dlq,
-            "LHV_GROUP_ID": self.group,
-            "LHV_CHECKPOINT_RECORDS": "2000",
-            "LHV_CHECKPOINT_SECONDS": "2",
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "LHV_BOOTSTRAP_SERVERS": self.bootstrap,
+                "LHV_S3_ENDPOINT_URL": self.s3.endpoint_url or "",
+                "LHV_S3_BUCKET": self.s3.bucket,
+                "LHV_S3_PREFIX": self.s3.prefix,
+                "LHV_COMMANDS_TOPIC": self.topics.commands,
+                "LHV_SEARCH_TOPIC": self.topics.search,
+                "LHV_DLQ_TOPIC": self.topics.dlq,
+                "LHV_GROUP_ID": self.group,
+                "LHV_CHECKPOINT_RECORDS": "2000",
+                "LHV_CHECKPOINT_SECONDS": "2",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         if self.s3.access_key_id:
             env["AWS_ACCESS_KEY_ID"] = self.s3.access_key_id
         if self.s3.secret_access_key:
@@ -104,7 +107,9 @@ class Env:
 async def make_env(bootstrap: str, s3: S3Config, *, partitions: int = 3) -> Env:
     tag = uuid.uuid4().hex[:8]
     topics = TopicsConfig(
-        commands=f"t{tag}.commands", search=f"t{tag}.search", dlq=f"t{tag}.dlq",
+        commands=f"t{tag}.commands",
+        search=f"t{tag}.search",
+        dlq=f"t{tag}.dlq",
     )
     await create_topics(bootstrap, [topics.commands, topics.search], partitions)
     await create_topics(bootstrap, [topics.dlq], 1)
@@ -130,14 +135,26 @@ def index_names(n: int, partitions: int) -> list[str]:
     while len(names) < n:
         name = f"idx-{i}"
         i += 1
-        if sum(1 for x in names if home_partition(x.encode(), partitions)
-               == home_partition(name.encode(), partitions)) <= n // partitions:
+        if (
+            sum(
+                1
+                for x in names
+                if home_partition(x.encode(), partitions)
+                == home_partition(name.encode(), partitions)
+            )
+            <= n // partitions
+        ):
             names.append(name)
     return names
 
 
 def command_stream(
-    n_commands: int, *, partitions: int, n_indexes: int = 8, dim: int = 8, seed: int = 7,
+    n_commands: int,
+    *,
+    partitions: int,
+    n_indexes: int = 8,
+    dim: int = 8,
+    seed: int = 7,
     id_pool: int = 150,
 ) -> list[tuple[str, dict[str, Any]]]:
     """A mixed stream of (index, command) pairs: creates, adds with and without client
@@ -148,8 +165,10 @@ def command_stream(
     names = index_names(n_indexes, partitions)
     spaces = ["cosine", "l2", "ip"]
     out: list[tuple[str, dict[str, Any]]] = []
-    params = {n: {"dim": dim, "space": spaces[i % 3], "M": 8, "ef_construction": 64}
-              for i, n in enumerate(names)}
+    params = {
+        n: {"dim": dim, "space": spaces[i % 3], "M": 8, "ef_construction": 64}
+        for i, n in enumerate(names)
+    }
     for n in names:
         out.append((n, {"op": "create", **params[n]}))
     while len(out) < n_commands:
@@ -178,9 +197,10 @@ def command_stream(
                 items.append({**items[0], "metadata": {"dup": True}})
             out.append((n, {"op": "add", "items": items}))
         elif r < 0.9:
-            cmd: dict[str, Any] = {"op": "delete",
-                                   "ids": [f"id-{rng.randrange(id_pool)}"
-                                           for _ in range(rng.randint(1, 5))]}
+            cmd: dict[str, Any] = {
+                "op": "delete",
+                "ids": [f"id-{rng.randrange(id_pool)}" for _ in range(rng.randint(1, 5))],
+            }
             if rng.random() < 0.3:
                 cmd["version"] = rng.randrange(5)
             out.append((n, cmd))
@@ -193,19 +213,26 @@ def command_stream(
 
 
 async def produce(
-    bootstrap: str, topic: str, commands: list[tuple[str, dict[str, Any]]],
-    *, headers: list[tuple[str, bytes]] | None = None,
+    bootstrap: str,
+    topic: str,
+    commands: list[tuple[str, dict[str, Any]]],
+    *,
+    headers: list[tuple[str, bytes]] | None = None,
 ) -> list[tuple[int, int]]:
     """Produce keyed commands in order; returns (partition, offset) of each."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                enable_idempotence=True, linger_ms=5)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5
+    )
     await producer.start()
     try:
         futs = []
         for name, cmd in commands:
             body = {"index": name, **cmd}
-            futs.append(await producer.send(topic, key=name.encode(), value=orjson.dumps(body),
-                                            headers=headers or []))
+            futs.append(
+                await producer.send(
+                    topic, key=name.encode(), value=orjson.dumps(body), headers=headers or []
+                )
+            )
         metas = await asyncio.gather(*futs)
         return [(m.partition, m.offset) for m in metas]
     finally:
@@ -213,16 +240,20 @@ async def produce(
 
 
 async def produce_raw(
-    bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes | None, int | None]],
-    *, headers: list[tuple[str, bytes]] | None = None,
+    bootstrap: str,
+    topic: str,
+    records: list[tuple[bytes | None, bytes | None, int | None]],
+    *,
+    headers: list[tuple[str, bytes]] | None = None,
 ) -> list[tuple[int, int]]:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     try:
         out = []
         for key, value, partition in records:
-            meta = await producer.send_and_wait(topic, key=key, value=value, partition=partition,
-                                                headers=headers or [])
+            meta = await producer.send_and_wait(
+                topic, key=key, value=value, partition=partition, headers=headers or []
+            )
             out.append((meta.partition, meta.offset))
         return out
     finally:
@@ -231,8 +262,9 @@ async def produce_raw(
 
 async def read_all(bootstrap: str, topic: str, *, timeout_s: float = 20.0) -> list[Any]:
     """Every record of `topic` from the beginning up to its end now."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
     await consumer.start()
     try:
         ends_by_p = await end_offsets(bootstrap, topic)
@@ -391,8 +423,9 @@ async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
         await stop_quietly(consumer)
 
 
-async def wait_caught_up(workers: list[Worker], bootstrap: str, topic: str, *,
-                         timeout_s: float = 120.0) -> None:
+async def wait_caught_up(
+    workers: list[Worker], bootstrap: str, topic: str, *, timeout_s: float = 120.0
+) -> None:
     """Wait until the workers together serve every partition up to the log end."""
     ends = await end_offsets(bootstrap, topic)
     deadline = time.monotonic() + timeout_s
@@ -400,8 +433,7 @@ async def wait_caught_up(workers: list[Worker], bootstrap: str, topic: str, *,
         missing = []
         for p, end in ends.items():
             owners = [w.partitions[p] for w in workers if p in w.partitions]
-            if not any(o.status.value == "serving" and o.applied_offset >= end - 1
-                       for o in owners):
+            if not any(o.status.value == "serving" and o.applied_offset >= end - 1 for o in owners):
                 missing.append(p)
         if not missing:
             return
@@ -425,7 +457,10 @@ class WorkerProcess:
         self._log = open(log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "--log-level", "INFO", "worker"],
-            env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     def kill9(self) -> None:

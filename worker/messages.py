@@ -181,8 +181,14 @@ class MergeDoneCommand(_Base):
 
 
 Command: TypeAlias = (
-    CreateCommand | DropCommand | AddCommand | DeleteCommand | MergeCommand | ImportCommand
-    | MergeInCommand | MergeDoneCommand
+    CreateCommand
+    | DropCommand
+    | AddCommand
+    | DeleteCommand
+    | MergeCommand
+    | ImportCommand
+    | MergeInCommand
+    | MergeDoneCommand
 )
 
 # -- queries ------------------------------------------------------------------------------
@@ -415,12 +421,14 @@ def decode_command(
         for pos, raw in enumerate(raw_items):
             where = f"item {pos} (id {raw['id']!r})"
             try:
-                items.append(AddItem(
-                    _check_id(raw["id"], limits, where),
-                    _vector(raw, limits, where),
-                    _metadata(raw.get("metadata"), limits, where),
-                    int(raw.get("version", 0)),
-                ))
+                items.append(
+                    AddItem(
+                        _check_id(raw["id"], limits, where),
+                        _vector(raw, limits, where),
+                        _metadata(raw.get("metadata"), limits, where),
+                        int(raw.get("version", 0)),
+                    )
+                )
             except LhvError as exc:
                 exc.item = pos
                 raise
@@ -442,13 +450,17 @@ def decode_command(
     if op == "merge":
         if body["dest"] == body["index"]:
             raise InvalidRequest("an index cannot be merged into itself")
-        return MergeCommand(dest=body["dest"], clear_source=bool(body.get("clear_source")),
-                            **common)
+        return MergeCommand(
+            dest=body["dest"], clear_source=bool(body.get("clear_source")), **common
+        )
     if op == "import":
         return ImportCommand(
-            source=body["source"], ids_source=body.get("ids_source"),
-            metadata_source=body.get("metadata_source"), version=int(body.get("version", 0)),
-            chunk_items=int(body.get("chunk_items", 10_000)), **common,
+            source=body["source"],
+            ids_source=body.get("ids_source"),
+            metadata_source=body.get("metadata_source"),
+            version=int(body.get("version", 0)),
+            chunk_items=int(body.get("chunk_items", 10_000)),
+            **common,
         )
     fields = {k: v for k, v in body.items() if k not in ("op", "index", "request_id")}
     if op == "merge_in":
@@ -535,15 +547,17 @@ def encode_search_reply(
         if query.include_metadata:
             h["metadata"] = hit.metadata
         out_hits.append(h)
-    return _dumps({
-        "correlation_id": correlation_text(query.reply_to.correlation_id),
-        "status": "ok",
-        "op": "search",
-        "index": query.index,
-        "hits": out_hits,
-        "applied_offset": applied_offset,
-        "took_ms": round(took_ms, 3),
-    })
+    return _dumps(
+        {
+            "correlation_id": correlation_text(query.reply_to.correlation_id),
+            "status": "ok",
+            "op": "search",
+            "index": query.index,
+            "hits": out_hits,
+            "applied_offset": applied_offset,
+            "took_ms": round(took_ms, 3),
+        }
+    )
 
 
 def encode_get_reply(
@@ -565,15 +579,17 @@ def encode_get_reply(
         if clock is not None:
             entry["version"] = int(clock[0])
         out.append(entry)
-    return _dumps({
-        "correlation_id": correlation_text(query.reply_to.correlation_id),
-        "status": "ok",
-        "op": "get",
-        "index": query.index,
-        "items": out,
-        "applied_offset": applied_offset,
-        "took_ms": round(took_ms, 3),
-    })
+    return _dumps(
+        {
+            "correlation_id": correlation_text(query.reply_to.correlation_id),
+            "status": "ok",
+            "op": "get",
+            "index": query.index,
+            "items": out,
+            "applied_offset": applied_offset,
+            "took_ms": round(took_ms, 3),
+        }
+    )
 
 
 def encode_stats_reply(query: StatsQuery, stats: Mapping[str, Any], *, took_ms: float) -> bytes:
@@ -589,7 +605,11 @@ def encode_stats_reply(query: StatsQuery, stats: Mapping[str, Any], *, took_ms: 
 
 
 def encode_error_reply(
-    reply_to: ReplyTo, index: str, error: LhvError, *, took_ms: float,
+    reply_to: ReplyTo,
+    index: str,
+    error: LhvError,
+    *,
+    took_ms: float,
     applied_offset: int | None = None,
 ) -> bytes:
     body: dict[str, Any] = {

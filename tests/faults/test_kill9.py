@@ -75,15 +75,15 @@ async def test_kill9_at_every_step_loses_nothing(
     reply_topic = f"lhv.replies.{env.group}"
     await create_topics(env.bootstrap, [reply_topic], 1)
     stream = command_stream(6_000, partitions=env.partitions, seed=13)
-    ack_headers = [("kafka_replyTopic", reply_topic.encode()),
-                   ("kafka_correlationId", b"kill9")]
+    ack_headers = [("kafka_replyTopic", reply_topic.encode()), ("kafka_correlationId", b"kill9")]
     crashes = ["mid_batch@1", "mid_snapshot@1", "after_manifest@1", "after_manifest@2"]
     chunk = len(stream) // (len(crashes) + 2)
     sent = 0
     for i, point in enumerate(crashes):
         proc = WorkerProcess(env.child_env(LHV_FAILPOINTS=point), tmp_path / f"w{i}.log")
-        await produce(env.bootstrap, env.topics.commands, stream[sent : sent + chunk],
-                      headers=ack_headers)
+        await produce(
+            env.bootstrap, env.topics.commands, stream[sent : sent + chunk], headers=ack_headers
+        )
         sent += chunk
         with contextlib.suppress(subprocess.TimeoutExpired):
             await asyncio.to_thread(proc.proc.wait, 90)
@@ -94,8 +94,9 @@ async def test_kill9_at_every_step_loses_nothing(
         assert f"failpoint {point.split('@')[0]} reached" in log
     # One kill from outside, at whatever moment it lands.
     proc = WorkerProcess(env.child_env(), tmp_path / "outside.log")
-    await produce(env.bootstrap, env.topics.commands, stream[sent : sent + chunk],
-                  headers=ack_headers)
+    await produce(
+        env.bootstrap, env.topics.commands, stream[sent : sent + chunk], headers=ack_headers
+    )
     sent += chunk
     await asyncio.sleep(4)
     proc.kill9()

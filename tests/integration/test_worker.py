@@ -106,8 +106,10 @@ async def test_two_workers_split_partitions_and_survivor_takes_over(env: Env) ->
         async with running(env.config()) as b:
             await produce(env.bootstrap, env.topics.commands, stream[2000:3000])
             for _ in range(600):  # the group rebalances once b joins
-                if a.partitions and b.partitions and (
-                    len(a.partitions) + len(b.partitions) == env.partitions
+                if (
+                    a.partitions
+                    and b.partitions
+                    and (len(a.partitions) + len(b.partitions) == env.partitions)
                 ):
                     break
                 await asyncio.sleep(0.1)
@@ -169,38 +171,79 @@ def _bad_inputs(name: str, dim: int) -> list[tuple[str, bytes | None, bytes | No
         ("undecodable json", k, b"{not json", "invalid_request"),
         ("not an object", k, j([1, 2, 3]), "invalid_request"),
         ("unknown op", k, j({"op": "explode", "index": name}), "invalid_request"),
-        ("missing index", k, j({"op": "add", "items": [{"id": "a", "vector": good}]}),
-         "invalid_request"),
-        ("key differs from index", k,
-         j({**add, "index": "other", "items": [{"id": "a", "vector": good}]}),
-         "invalid_request"),
-        ("unknown index", b"nope-" + k,
-         j({"op": "add", "index": "nope-" + name, "items": [{"id": "a", "vector": good}]}),
-         "index_not_found"),
-        ("dim mismatch", k, j({**add, "items": [{"id": "a", "vector": [0.1] * (dim + 1)}]}),
-         "dim_mismatch"),
-        ("nan in a b64 vector", k,
-         j({**add, "items": [{"id": "a", "vector_b64": _b64([float("nan")] * dim)}]}),
-         "invalid_request"),
-        ("zero vector under cosine", k, j({**add, "items": [{"id": "a", "vector": [0.0] * dim}]}),
-         "invalid_request"),
+        (
+            "missing index",
+            k,
+            j({"op": "add", "items": [{"id": "a", "vector": good}]}),
+            "invalid_request",
+        ),
+        (
+            "key differs from index",
+            k,
+            j({**add, "index": "other", "items": [{"id": "a", "vector": good}]}),
+            "invalid_request",
+        ),
+        (
+            "unknown index",
+            b"nope-" + k,
+            j({"op": "add", "index": "nope-" + name, "items": [{"id": "a", "vector": good}]}),
+            "index_not_found",
+        ),
+        (
+            "dim mismatch",
+            k,
+            j({**add, "items": [{"id": "a", "vector": [0.1] * (dim + 1)}]}),
+            "dim_mismatch",
+        ),
+        (
+            "nan in a b64 vector",
+            k,
+            j({**add, "items": [{"id": "a", "vector_b64": _b64([float("nan")] * dim)}]}),
+            "invalid_request",
+        ),
+        (
+            "zero vector under cosine",
+            k,
+            j({**add, "items": [{"id": "a", "vector": [0.0] * dim}]}),
+            "invalid_request",
+        ),
         ("empty id", k, j({**add, "items": [{"id": "", "vector": good}]}), "invalid_request"),
-        ("metadata not an object", k,
-         j({**add, "items": [{"id": "a", "vector": good, "metadata": [1]}]}),
-         "invalid_request"),
-        ("oversize metadata", k,
-         j({**add, "items": [{"id": "a", "vector": good, "metadata": {"x": "y" * 70_000}}]}),
-         "invalid_request"),
-        ("too many items", k,
-         j({**add, "items": [{"id": f"i{i}", "vector": good} for i in range(10_001)]}),
-         "invalid_request"),
-        ("negative version", k, j({"op": "delete", "index": name, "ids": ["a"], "version": -1}),
-         "invalid_request"),
-        ("both vector and vector_b64", k,
-         j({**add, "items": [{"id": "a", "vector": good, "vector_b64": _b64(good)}]}),
-         "invalid_request"),
-        ("create with other params", k, j({"op": "create", "index": name, "dim": dim + 3}),
-         "index_exists"),
+        (
+            "metadata not an object",
+            k,
+            j({**add, "items": [{"id": "a", "vector": good, "metadata": [1]}]}),
+            "invalid_request",
+        ),
+        (
+            "oversize metadata",
+            k,
+            j({**add, "items": [{"id": "a", "vector": good, "metadata": {"x": "y" * 70_000}}]}),
+            "invalid_request",
+        ),
+        (
+            "too many items",
+            k,
+            j({**add, "items": [{"id": f"i{i}", "vector": good} for i in range(10_001)]}),
+            "invalid_request",
+        ),
+        (
+            "negative version",
+            k,
+            j({"op": "delete", "index": name, "ids": ["a"], "version": -1}),
+            "invalid_request",
+        ),
+        (
+            "both vector and vector_b64",
+            k,
+            j({**add, "items": [{"id": "a", "vector": good, "vector_b64": _b64(good)}]}),
+            "invalid_request",
+        ),
+        (
+            "create with other params",
+            k,
+            j({"op": "create", "index": name, "dim": dim + 3}),
+            "index_exists",
+        ),
         ("no key", None, j({**add, "items": [{"id": "a", "vector": good}]}), "invalid_request"),
         ("empty value", k, None, "invalid_request"),
     ]
@@ -217,14 +260,34 @@ async def test_bad_input_goes_to_the_dlq_and_good_records_around_it_apply(env: E
     ]
     for i, (_what, key, value, _code) in enumerate(bad):
         records.append((key, value, home))
-        records.append((name.encode(), orjson.dumps({
-            "op": "add", "index": name, "items": [{"id": f"good-{i}", "vector": [1.0, 0, 0, i]}]
-        }), home))
+        records.append(
+            (
+                name.encode(),
+                orjson.dumps(
+                    {
+                        "op": "add",
+                        "index": name,
+                        "items": [{"id": f"good-{i}", "vector": [1.0, 0, 0, i]}],
+                    }
+                ),
+                home,
+            )
+        )
     # A record for this index produced to a partition that is not its home.
     wrong = (home + 1) % env.partitions
-    records.append((name.encode(), orjson.dumps({
-        "op": "add", "index": name, "items": [{"id": "misrouted", "vector": [1.0, 0, 0, 0]}]
-    }), wrong))
+    records.append(
+        (
+            name.encode(),
+            orjson.dumps(
+                {
+                    "op": "add",
+                    "index": name,
+                    "items": [{"id": "misrouted", "vector": [1.0, 0, 0, 0]}],
+                }
+            ),
+            wrong,
+        )
+    )
     async with running(env.config()) as w:
         await produce_raw(env.bootstrap, env.topics.commands, records)
         await wait_caught_up([w], env.bootstrap, env.topics.commands)
