@@ -157,7 +157,10 @@ class Worker:
         self._producer: AIOKafkaProducer | None = None
         self._blobs = S3BlobStore(config.s3)
         self.store = SnapshotStore(
-            self._blobs, topic=config.topics.commands, worker_id=config.worker_id
+            self._blobs,
+            topic=config.topics.commands,
+            worker_id=config.worker_id,
+            index_limits=config.index_limits,
         )
         self.ownership = Ownership(self)
         self.search = SearchServer(self)

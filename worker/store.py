@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from lhv_index import Index, IndexParams, read_snapshot, write_snapshot
+from lhv_index import Index, IndexParams, Limits, read_snapshot, write_snapshot
 from lhv_index.errors import Internal, LhvError
 from worker.blobstore import BlobNotFound, BlobStore, PreconditionFailed
 
@@ -125,10 +125,14 @@ class SnapshotStore:
         blobs: where objects live (S3, or memory in unit tests); started by the caller.
         topic: the commands topic whose partitions are checkpointed.
         worker_id: written into manifests, for operators.
+        index_limits: limits of the indexes it loads (default `Limits()`).
     """
 
-    def __init__(self, blobs: BlobStore, *, topic: str, worker_id: str) -> None:
+    def __init__(
+        self, blobs: BlobStore, *, topic: str, worker_id: str, index_limits: Limits | None = None
+    ) -> None:
         self._blobs = blobs
+        self._index_limits = index_limits
         self._topic = topic
         self._worker_id = worker_id
 
@@ -186,7 +190,9 @@ class SnapshotStore:
         data, _ = await self._blobs.get(entry.key)
         expect = IndexParams.from_dict(entry.params)
         try:
-            index, _source = await asyncio.to_thread(read_snapshot, data, expect=expect)
+            index, _source = await asyncio.to_thread(
+                read_snapshot, data, expect=expect, limits=self._index_limits
+            )
         except LhvError:
             raise
         except Exception as exc:

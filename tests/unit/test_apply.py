@@ -1,0 +1,141 @@
+"""apply_records: grouping between barriers, LWW dedup, rejection without side effects."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import numpy as np
+import orjson
+
+from lhv_index import Limits
+from worker.apply import apply_records, home_partition
+from worker.messages import MessageLimits
+from worker.partition import Partition
+
+Rec = namedtuple("Rec", "offset key value headers")
+
+NAME = "docs"
+P = 4
+HOME = home_partition(NAME.encode(), P)
+
+
+def _records(bodies: list[dict | bytes], *, key: str = NAME, headers=()) -> list[Rec]:
+    out = []
+    for i, body in enumerate(bodies):
+        value = body if isinstance(body, bytes) else orjson.dumps({"index": key, **body})
+        out.append(Rec(i, key.encode(), value, list(headers)))
+    return out
+
+
+def _apply(part: Partition, recs: list[Rec]):
+    return apply_records(
+        part, recs, num_partitions=P, limits=MessageLimits(), index_limits=Limits()
+    )
+
+
+def _add(*items: tuple[str, list[float]], **extra) -> dict:
+    return {"op": "add", "items": [{"id": i, "vector": v, **extra} for i, v in items]}
+
+
+def test_writes_between_barriers_apply_and_later_duplicates_win() -> None:
+    part = Partition(number=HOME)
+    outs = _apply(
+        part,
+        _records(
+            [
+                {"op": "create", "dim": 2, "space": "l2"},
+                _add(("a", [1, 0]), ("b", [0, 1])),
+                _add(("a", [5, 5])),
+                {"op": "delete", "ids": ["b"]},
+            ]
+        ),
+    )
+    assert [o.error for o in outs] == [None] * 4
+    state = part.indexes[NAME].logical_state()
+    assert sorted(state["live"]) == ["a"]
+    assert np.frombuffer(state["live"]["a"][0], dtype=np.float32).tolist() == [5, 5]
+    assert part.applied_offset == 3
+    assert NAME in part.dirty
+
+
+def test_drop_then_create_in_one_poll_starts_empty() -> None:
+    part = Partition(number=HOME)
+    _apply(
+        part,
+        _records(
+            [
+                {"op": "create", "dim": 2},
+                _add(("a", [1, 0])),
+                {"op": "drop"},
+                {"op": "create", "dim": 2},
+                _add(("b", [0, 1])),
+            ]
+        ),
+    )
+    assert sorted(part.indexes[NAME].logical_state()["live"]) == ["b"]
+
+
+def test_a_bad_record_is_rejected_whole_and_its_neighbours_apply() -> None:
+    part = Partition(number=HOME)
+    outs = _apply(
+        part,
+        _records(
+            [
+                {"op": "create", "dim": 2, "space": "cosine"},
+                _add(("a", [1, 0])),
+                _add(
+                    ("b", [1, 0]), ("c", [0, 0])
+                ),  # zero vector under cosine: whole record rejected
+                b"{broken",
+                _add(("d", [0, 1])),
+            ]
+        ),
+    )
+    codes = [o.error.code if o.error else None for o in outs]
+    assert codes == [None, None, "invalid_request", "invalid_request", None]
+    assert outs[2].error.item == 1
+    assert sorted(part.indexes[NAME].logical_state()["live"]) == ["a", "d"]
+    assert part.applied_offset == 4
+
+
+def test_acked_records_report_which_items_won() -> None:
+    part = Partition(number=HOME)
+    headers = [("kafka_replyTopic", b"lhv.replies.t"), ("kafka_correlationId", b"c1")]
+    outs = _apply(
+        part,
+        _records(
+            [
+                {"op": "create", "dim": 2, "space": "l2"},
+                _add(("a", [1, 0]), ("b", [0, 1]), version=3),
+                _add(("a", [2, 0]), version=1),  # older client version: skipped
+            ],
+            headers=headers,
+        ),
+    )
+    assert (outs[1].applied, outs[1].skipped) == (2, 0)
+    assert (outs[2].applied, outs[2].skipped) == (0, 1)
+
+
+def test_records_for_an_index_homed_elsewhere_are_wrong_partition() -> None:
+    part = Partition(number=(HOME + 1) % P)
+    outs = _apply(part, _records([{"op": "create", "dim": 2}]))
+    assert outs[0].error is not None and outs[0].error.code == "wrong_partition"
+    assert not part.indexes
+
+
+def test_unknown_index_and_bad_create_are_rejected() -> None:
+    part = Partition(number=HOME)
+    outs = _apply(
+        part,
+        _records(
+            [
+                _add(("a", [1, 0])),
+                {"op": "create", "dim": 2},
+                {"op": "create", "dim": 3},
+                {"op": "drop"},
+                {"op": "drop"},
+            ]
+        ),
+    )
+    codes = [o.error.code if o.error else None for o in outs]
+    assert codes == ["index_not_found", None, "index_exists", None, "index_not_found"]
