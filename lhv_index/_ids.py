@@ -74,6 +74,10 @@ class IdTable:
         if i >= 0:
             self._slots[i] = label + 1
             return
+        self.insert_new(id_, label)
+
+    def insert_new(self, id_: str, label: int) -> None:
+        """Map an id known to be absent to `label`; `ids[label]` must already be `id_`."""
         if (self._used + self._gone + 1) > _MAX_FILL * (self._mask + 1):
             self._rehash(self._used + 1)
         slots, mask = self._slots, self._mask
@@ -190,15 +194,15 @@ class LabelMap:
         return reused + list(range(start, start + fresh)), fresh
 
     def bind(self, ids: list[str], labels: list[int], fresh: int) -> None:
-        """Make `ids` live under the labels `allocate` gave (in the same order)."""
+        """Make `ids` (distinct, not live) live under the labels `allocate` gave, in order."""
         reused = len(labels) - fresh
         if reused:
             del self.free[len(self.free) - reused :]
         self.ids.extend([None] * fresh)
-        table = self.labels
+        insert = self.labels.insert_new
         for id_, label in zip(ids, labels, strict=True):
             self.ids[label] = id_
-            table[id_] = label
+            insert(id_, label)
 
     def release(self, ids: list[str]) -> list[int]:
         """Make live `ids` free; returns their labels (to delete in the engine)."""

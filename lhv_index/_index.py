@@ -126,14 +126,15 @@ class Index:
         # One pass in arrival order gives what applying the writes one by one would give:
         # per id, the last effective write (newer than everything before it) wins, and its
         # metadata is resolved along the chain (None keeps, a delete clears).
-        state: dict[str, list[Any]] = {}  # id -> [winning pos or -1, clock, metadata]
+        # id -> [winning pos or -1, clock, metadata, label before the batch]
+        state: dict[str, list[Any]] = {}
         for pos, id_ in enumerate(ids):
             clock = clocks[pos]
             st = state.get(id_)
             if st is None:
                 label = labels_of.get(id_)
                 stored = self._clocks.get(label) if label is not None else self._tombs.get(id_)
-                st = state[id_] = [-1, stored, META_KEEP]
+                st = state[id_] = [-1, stored, META_KEEP, label]
             if st[1] is not None and clock <= st[1]:
                 continue
             st[0], st[1] = pos, clock
@@ -148,10 +149,9 @@ class Index:
         new_meta: list[bytes] = []
         delete_pos: list[int] = []  # deletes of live ids
         tomb_pos: list[int] = []  # deletes of ids that are not live
-        for id_, (pos, _, meta) in state.items():
+        for pos, _, meta, label in state.values():
             if pos < 0:
                 continue
-            label = labels_of.get(id_)
             if rows[pos] < 0:
                 (delete_pos if label is not None else tomb_pos).append(pos)
             elif label is not None:

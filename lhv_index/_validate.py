@@ -70,6 +70,17 @@ def check_id(id_: object, limits: Limits) -> str | None:
 
 
 def _check_clock(clock: object) -> Clock | None:
+    if type(clock) is Clock:  # the common case, checked cheaply
+        v, o, p = clock
+        if (
+            type(v) is int
+            and type(o) is int
+            and type(p) is int
+            and CLOCK_MIN <= v <= CLOCK_MAX
+            and CLOCK_MIN <= o <= CLOCK_MAX
+            and CLOCK_MIN <= p <= CLOCK_MAX
+        ):
+            return clock
     if not isinstance(clock, tuple) or len(clock) != 3:
         return None
     out = []
