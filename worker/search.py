@@ -177,6 +177,9 @@ class SearchServer:
                 return
             try:
                 part = await self._wait_ready(partition, query)
+                if part is None:  # the partition moved: its next owner answers
+                    log.info("query left to the partition's next owner")
+                    return
                 if isinstance(query, SearchQuery):
                     pending = _Pending(query, partition, offset, received)
                     self._queues[query.index].append(pending)
@@ -203,16 +206,20 @@ class SearchServer:
             finally:
                 self._finish(partition, offset)
 
-    async def _wait_ready(self, partition: int, query: Query) -> Partition:
+    async def _wait_ready(self, partition: int, query: Query) -> Partition | None:
+        """The partition once it serves `query`; None when it was revoked meanwhile (the
+        query's offset is not committed, so the next owner answers it)."""
         part = self._w.partitions.get(partition)
-        if part is None:
-            raise NotReady(f"partition {partition} is not owned by this worker")
+        if part is None or part.status is PartitionStatus.REVOKED:
+            return None
         if part.status is PartitionStatus.REFUSED:
             raise NotReady(f"partition {partition} is refused: {part.refused_reason}")
         wait_s = _remaining_s(query, self._w.config.query_wait_ms)
         if wait_s <= 0:
             raise DeadlineExceeded("the request's deadline passed before it was read")
         if not await part.wait_for(query.min_offset, timeout_s=wait_s):
+            if part.status is PartitionStatus.REVOKED:
+                return None
             if part.status is PartitionStatus.SERVING:
                 raise DeadlineExceeded(
                     f"offset {query.min_offset} not applied before the deadline "

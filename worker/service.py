@@ -280,6 +280,7 @@ class Worker:
                     else:
                         self.search.submit(tp.partition, records)
                 self._update_lag()
+                self._check_stalled()
 
     def _route_commands(self, tp: TopicPartition, records: list[Any]) -> None:
         runner = self._runners.get(tp.partition)
@@ -305,6 +306,19 @@ class Worker:
                     partition.checkpoint_offset,
                     lag,
                 )
+
+    def _check_stalled(self) -> None:
+        """Exit (non-zero, for the supervisor) when partitions lag without progress.
+
+        aiokafka can stall after a broker restart; /healthz reports it after
+        `stall_timeout_s`, and after twice that the worker gives up so it is restarted.
+        """
+        stalled = self.health.stalled()
+        if stalled and max(stalled.values()) > 2 * self.config.stall_timeout_s:
+            raise Internal(
+                f"partitions {sorted(stalled)} made no progress for "
+                f"{max(stalled.values()):.0f}s while lagging: exiting to be restarted"
+            )
 
     def _raise_task_errors(self) -> None:
         for runner in list(self._runners.values()):
