@@ -3,17 +3,40 @@
 bytes -> orjson -> JSON Schema (the files in `schemas/`, compiled once with fastjsonschema)
 -> limits -> frozen dataclass. Past `decode_command` / `decode_query` no code touches a raw
 dict. Every failure is an `InvalidRequest` (wire code `invalid_request`) whose message
-names what is wrong.
+names what is wrong and where; when one item of an `add` (or one id of a `delete`/`get`)
+is to blame, the error's `item` is its position.
 
-Vectors: the schemas say "array of numbers" for `vector`; at run time that one check is
-done by numpy (`np.asarray(..., float32)` on a list of numbers, plus a finiteness check)
-instead of per element in the schema validator, which costs about as much as adding the
-vector to the index. The runtime validator is the published schema with that one
-subschema relaxed to "array"; everything else is checked as published.
+Runtime schema vs published schema. The worker compiles the published schemas with three
+subschemas of per-item vector data relaxed, because checking them per element in the
+validator costs a large share of adding the vectors to the index (about 8 ms per
+1000 x 128 `add`, against 1 ms for the rest). The same rules are enforced in code, at least
+as strictly:
 
-Conventions: `deadline_ms` is absolute Unix time in milliseconds. A correlation id is
-opaque bytes on the wire (header `kafka_correlationId`); in reply bodies it is the UTF-8
-text when the bytes are UTF-8, else their hex.
+- `vector` ("array of numbers, at least one"): the rows are converted by numpy in one call
+  and rejected unless numpy infers a numeric dtype (strings, nulls, nested arrays fail);
+  booleans, which numpy would read as 0/1, are looked for in the rows holding an exact 0.0
+  or 1.0 (JSON Schema does not count `true` as a number).
+- `vector_b64` (pattern of the base64 alphabet): decoded with `binascii.a2b_base64` in
+  strict mode, which refuses any character outside the alphabet and misplaced padding.
+- the item `oneOf` (exactly one of `vector` and `vector_b64`): checked per item in code,
+  with a message saying which.
+
+Limits (`MessageLimits`) are configurable, so the schemas carry no upper bounds that are
+limits (items per command, ids, dim, id length, k); their descriptions give the defaults.
+Vectors must also be finite: NaN and infinities are rejected here (a JSON number too large
+for float32 becomes infinite and is rejected too); the index checks them again with the
+dimension, which messages do not know.
+
+Conventions:
+
+- `deadline_ms` is absolute Unix time in milliseconds (UTC epoch), as the requester's
+  clock sees it; a request not answered by then gets `deadline_exceeded`.
+- A correlation id is opaque bytes on the wire (header `kafka_correlationId`, and the key
+  of the reply record); in reply and ack bodies it is the UTF-8 text when the bytes are
+  valid UTF-8, else their lowercase hex. Requesters match replies on the header, never on
+  the body field.
+- Integers the schema calls `integer` may arrive as integral floats (`10.0`, as JSON
+  Schema allows); they are decoded to `int`.
 """
 
 from __future__ import annotations
@@ -26,24 +49,29 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, ClassVar, Literal, Protocol, TypeAlias
 
 import fastjsonschema
 import numpy as np
 import orjson
 
-from lhv_index.errors import InvalidRequest, LhvError
+from lhv_index.errors import InvalidRequest, LhvError, error_for_code
 
 __all__ = [
     "COMMAND_OPS",
     "QUERY_OPS",
+    "SCHEMA_NAMES",
+    "Ack",
     "AddCommand",
     "AddItem",
     "Command",
     "CreateCommand",
     "DeleteCommand",
     "DropCommand",
+    "ErrorInfo",
+    "ErrorReply",
     "GetQuery",
+    "GetReply",
     "ImportCommand",
     "MergeCommand",
     "MergeDoneCommand",
@@ -52,7 +80,9 @@ __all__ = [
     "Query",
     "ReplyTo",
     "SearchQuery",
+    "SearchReply",
     "StatsQuery",
+    "StatsReply",
     "correlation_text",
     "decode_command",
     "decode_query",
@@ -68,6 +98,10 @@ __all__ = [
 
 COMMAND_OPS = ("create", "drop", "add", "delete", "merge", "import", "merge_in", "merge_done")
 QUERY_OPS = ("search", "get", "stats")
+#: every published schema file, `<name>.schema.json`
+SCHEMA_NAMES = (*COMMAND_OPS, *QUERY_OPS, "command", "query", "reply", "ack", "dlq_headers")
+
+_INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,21 +109,78 @@ class MessageLimits:
     """Limits on one wire message, checked before anything is applied."""
 
     max_message_bytes: int = 8 * 1024 * 1024
+    """size of the record value"""
     max_items: int = 10_000
+    """items of one `add`"""
     max_dim: int = 4096
+    """length of one vector, and `dim` of `create`"""
     max_metadata_bytes: int = 65_536
+    """one item's metadata, as compact JSON"""
     max_id_bytes: int = 512
+    """one id, UTF-8"""
     max_k: int = 10_000
+    """`k` of a search"""
     max_ids: int = 10_000
+    """ids of one `delete` or `get`"""
+
+    def __post_init__(self) -> None:
+        for name in self.__slots__:  # type: ignore[attr-defined]
+            if getattr(self, name) < 1:
+                raise ValueError(f"MessageLimits.{name} must be at least 1")
 
 
 @dataclass(frozen=True, slots=True)
 class ReplyTo:
-    """Where a reply or ack goes (Spring ReplyingKafkaTemplate headers)."""
+    """Where a reply or ack goes (Spring `ReplyingKafkaTemplate` headers)."""
 
     topic: str
     partition: int | None
+    """None: the producer's partitioner picks (the reply key is the correlation id)"""
     correlation_id: bytes
+    """opaque; sent back unchanged as header and key"""
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON form carried by the internal merge commands."""
+        return {
+            "topic": self.topic,
+            "partition": self.partition,
+            "correlation_id_b64": base64.b64encode(self.correlation_id).decode("ascii"),
+        }
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> ReplyTo:
+        """Inverse of `to_wire` (the schema has checked the shape)."""
+        part = obj.get("partition")
+        return cls(
+            obj["topic"],
+            None if part is None else int(part),
+            base64.b64decode(obj["correlation_id_b64"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """An error carried inside a message (merge_done), as code and message."""
+
+    code: str
+    message: str
+    item: int | None = None
+
+    @classmethod
+    def of(cls, error: LhvError) -> ErrorInfo:
+        return cls(error.code, error.message, error.item)
+
+    def to_error(self) -> LhvError:
+        """The `LhvError` subclass named by `code` (unknown codes: `Internal`)."""
+        exc = error_for_code(self.code, self.message)
+        exc.item = self.item
+        return exc
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.item is not None:
+            out["item"] = self.item
+        return out
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -98,86 +189,155 @@ class ReplyTo:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Base:
     index: str
+    """the index the command is about; equals the record key"""
     request_id: str | None = None
+    """echoed in the ack"""
     reply_to: ReplyTo | None = None
+    """where the ack goes; None: no ack"""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CreateCommand(_Base):
-    op = "create"
+    op: ClassVar[str] = "create"
     params: dict[str, Any]
     """dim, space, engine and engine parameters, as `IndexParams.from_dict` takes them"""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DropCommand(_Base):
-    op = "drop"
+    op: ClassVar[str] = "drop"
 
 
 @dataclass(frozen=True, slots=True)
 class AddItem:
     id: str
     vector: np.ndarray
+    """float32, 1-D (its length is checked against the index's dim by the index)"""
     metadata: dict[str, Any] | None
-    version: int
+    """None keeps the stored metadata, {} clears it, an object replaces it"""
+    version: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AddCommand(_Base):
-    op = "add"
+    op: ClassVar[str] = "add"
     items: list[AddItem]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeleteCommand(_Base):
-    op = "delete"
+    op: ClassVar[str] = "delete"
     ids: list[str]
     version: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MergeCommand(_Base):
-    op = "merge"
+    """Copy the live items of `index` into `dest` (DESIGN section 6)."""
+
+    op: ClassVar[str] = "merge"
     dest: str
     clear_source: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ImportCommand(_Base):
-    op = "import"
+    """Bulk load of `index` from S3 objects (see `schemas/import.schema.json`).
+
+    `source` is `s3://bucket/key` of a `.npy` (vectors only), a `.npz` (arrays `vectors`
+    and optionally `ids`) or an LHV1 snapshot (`.lhv`: ids, vectors, metadata, versions);
+    `format` overrides the guess from the extension. `ids_source` (text, one UTF-8 id per
+    line, or a `.npy` of strings) and `metadata_source` (JSON Lines, one object or null per
+    row) supply what the source lacks; without ids, an item's id is its row number in
+    decimal. Every item gets `version` (None: 0, or an LHV1 source's own versions), and
+    items are applied `chunk_items` at a time, last-write-wins like `add`.
+    """
+
+    op: ClassVar[str] = "import"
     source: str
+    format: Literal["npy", "npz", "lhv"] | None = None
     ids_source: str | None = None
     metadata_source: str | None = None
-    version: int = 0
+    version: int | None = None
+    """None: 0, or for an LHV1 source the versions it holds"""
     chunk_items: int = 10_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MergeInCommand(_Base):
-    """Merge step on the destination's partition (`index` is the destination)."""
+    """Merge step on the destination's partition (`index` is the destination).
 
-    op = "merge_in"
+    Produced by the source's owner after it wrote the export object `export` (a key under
+    the worker's own bucket and prefix): apply the exported items not live in `index`, then
+    produce `merge_done` back to `source_index`. `origin_partition`/`origin_offset` locate
+    the `merge` record, `reply` is where the merge's requester wants its ack.
+    """
+
+    op: ClassVar[str] = "merge_in"
     source_index: str
     export: str
     merge_id: str
-    origin_partition: int = 0
-    origin_offset: int = 0
+    origin_partition: int
+    origin_offset: int
     clear_source: bool = False
-    reply: dict[str, Any] | None = None
+    reply: ReplyTo | None = None
+
+    def encode(self) -> tuple[bytes, bytes]:
+        """(key, value) of the record to produce to the commands topic."""
+        body: dict[str, Any] = {
+            "op": self.op,
+            "index": self.index,
+            "source_index": self.source_index,
+            "export": self.export,
+            "merge_id": self.merge_id,
+            "origin_partition": self.origin_partition,
+            "origin_offset": self.origin_offset,
+            "clear_source": self.clear_source,
+        }
+        if self.request_id is not None:
+            body["request_id"] = self.request_id
+        if self.reply is not None:
+            body["reply"] = self.reply.to_wire()
+        return self.index.encode("utf-8"), orjson.dumps(body)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MergeDoneCommand(_Base):
-    """Merge step back on the source's partition (`index` is the source)."""
+    """Merge step back on the source's partition (`index` is the source).
 
-    op = "merge_done"
+    `applied` items of `export` went into `dest` (or `error` says why none did); with
+    `clear_source` the source deletes exactly the exported items, then acks to `reply`.
+    """
+
+    op: ClassVar[str] = "merge_done"
     dest: str
     export: str
     merge_id: str
     applied: int = 0
+    skipped: int = 0
     clear_source: bool = False
-    error: dict[str, Any] | None = None
-    reply: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+    reply: ReplyTo | None = None
+
+    def encode(self) -> tuple[bytes, bytes]:
+        """(key, value) of the record to produce to the commands topic."""
+        body: dict[str, Any] = {
+            "op": self.op,
+            "index": self.index,
+            "dest": self.dest,
+            "export": self.export,
+            "merge_id": self.merge_id,
+            "applied": self.applied,
+            "skipped": self.skipped,
+            "clear_source": self.clear_source,
+        }
+        if self.request_id is not None:
+            body["request_id"] = self.request_id
+        if self.error is not None:
+            body["error"] = self.error.to_wire()
+        if self.reply is not None:
+            body["reply"] = self.reply.to_wire()
+        return self.index.encode("utf-8"), orjson.dumps(body)
 
 
 Command: TypeAlias = (
@@ -200,31 +360,36 @@ class _QueryBase:
     reply_to: ReplyTo
     request_id: str | None = None
     min_offset: int | None = None
+    """answer only once this command offset of the index's partition is applied"""
     deadline_ms: int | None = None
+    """absolute Unix time in milliseconds"""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SearchQuery(_QueryBase):
+    op: ClassVar[str] = "search"
     vectors: np.ndarray
     """shape (1, dim), float32"""
     k: int = 10
     ef: int | None = None
     filter: dict[str, Any] | None = None
+    """equality on metadata fields; None or {}: no filter"""
     include_metadata: bool = False
     include_vectors: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GetQuery(_QueryBase):
+    op: ClassVar[str] = "get"
     ids: list[str]
     include_vectors: bool = True
     include_metadata: bool = True
-    vector_encoding: str = "json"
+    vector_encoding: Literal["json", "b64"] = "json"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StatsQuery(_QueryBase):
-    pass
+    op: ClassVar[str] = "stats"
 
 
 Query: TypeAlias = SearchQuery | GetQuery | StatsQuery
@@ -233,11 +398,14 @@ Query: TypeAlias = SearchQuery | GetQuery | StatsQuery
 
 
 def _schema_dir() -> Any:
-    """`schemas/` of a source checkout, else the copy installed as package `lhv_schemas`."""
-    here = Path(__file__).resolve().parent.parent / "schemas"
-    if (here / "add.schema.json").is_file():
-        return here
-    return resources.files("lhv_schemas")
+    """The installed package `lhv_schemas`, else `schemas/` of a source checkout."""
+    try:
+        installed = resources.files("lhv_schemas")
+        if installed.joinpath("add.schema.json").is_file():
+            return installed
+    except (ImportError, OSError, TypeError, ValueError):
+        pass  # not installed, or an editable install whose namespace path cannot be read
+    return Path(__file__).resolve().parent.parent / "schemas"
 
 
 def load_schema(name: str) -> dict[str, Any]:
@@ -247,14 +415,17 @@ def load_schema(name: str) -> dict[str, Any]:
 
 
 def _runtime(schema: dict[str, Any]) -> dict[str, Any]:
-    """The schema with per-element checks of `vector` arrays left to numpy."""
+    """The schema with the per-element vector checks left to `decode_*` (module doc)."""
     out = copy.deepcopy(schema)
 
     def relax(node: Any) -> None:
         if isinstance(node, dict):
             props = node.get("properties")
-            if isinstance(props, dict) and isinstance(props.get("vector"), dict):
+            if isinstance(props, dict) and "vector_b64" in props:
                 props["vector"] = {"type": "array", "minItems": 1}
+                props["vector_b64"] = {"type": "string"}
+                if node.get("oneOf") == _EXACTLY_ONE_VECTOR:
+                    del node["oneOf"]
             for value in node.values():
                 relax(value)
         elif isinstance(node, list):
@@ -265,66 +436,96 @@ def _runtime(schema: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_EXACTLY_ONE_VECTOR = [{"required": ["vector"]}, {"required": ["vector_b64"]}]
+
 _VALIDATORS: dict[str, Callable[[Any], Any]] = {
-    op: fastjsonschema.compile(_runtime(load_schema(op))) for op in (*COMMAND_OPS, *QUERY_OPS)
+    op: fastjsonschema.compile(_runtime(load_schema(op)), use_default=False)
+    for op in (*COMMAND_OPS, *QUERY_OPS)
 }
+"""runtime validators by op; `use_default=False`: decoding never injects schema defaults"""
 
 
 def _check(op: str, body: dict[str, Any]) -> None:
     try:
         _VALIDATORS[op](body)
     except fastjsonschema.JsonSchemaValueException as exc:
-        where = exc.path if isinstance(exc.path, str) else str(exc.name)
-        raise InvalidRequest(f"{op}: {exc.message} (at {where})") from None
+        raise _schema_error(op, exc) from None
+
+
+def _schema_error(op: str, exc: fastjsonschema.JsonSchemaValueException) -> InvalidRequest:
+    """`data.items[3].id must be ...` -> `add: items[3].id must be ...` with item=3."""
+    name = str(exc.name or "data")
+    label = name[5:] if name.startswith("data.") else "message"
+    path = exc.path if isinstance(exc.path, list) else []
+    item = None
+    if len(path) >= 3 and path[1] in ("items", "ids") and str(path[2]).isdigit():
+        item = int(path[2])
+    if exc.rule == "additionalProperties" and isinstance(exc.value, dict):
+        allowed = (exc.definition or {}).get("properties", {})
+        unknown = ", ".join(repr(k) for k in sorted(exc.value) if k not in allowed)
+        return InvalidRequest(f"{op}: unknown field(s) {unknown} in {label}", item=item)
+    message = str(exc.message)
+    if message.startswith(name):
+        message = label + message[len(name) :]
+    return InvalidRequest(f"{op}: {message}", item=item)
 
 
 # -- decoding -----------------------------------------------------------------------------
 
 
 def _header(headers: Sequence[tuple[str, bytes]], name: str) -> bytes | None:
+    """The last header named `name` (Kafka's `lastHeader`, as Spring reads it)."""
+    found = None
     for key, value in headers:
         if key == name:
-            return value
-    return None
+            found = value
+    return found
 
 
 def reply_to_from_headers(headers: Sequence[tuple[str, bytes]]) -> ReplyTo | None:
     """Spring's `kafka_replyTopic`, `kafka_replyPartition` and `kafka_correlationId`.
 
-    Works whatever the body is, so that a malformed request can still get its error reply.
-    `kafka_replyPartition` is a 4-byte big-endian int (Spring) or ASCII decimal.
+    Reads headers only, so it works whatever the body is and a malformed request can still
+    get its error reply. `kafka_replyPartition` is a 4-byte big-endian int (what Spring
+    sends) or ASCII decimal digits.
+
+    Returns:
+        None when there is no `kafka_replyTopic` (nobody wants an answer).
 
     Raises:
-        InvalidRequest: a reply topic without a correlation id, or an unreadable partition.
+        InvalidRequest: an empty or non-UTF-8 reply topic, a reply topic without a
+            correlation id, or an unreadable or negative partition.
     """
     topic = _header(headers, "kafka_replyTopic")
     if topic is None:
         return None
+    try:
+        topic_s = bytes(topic).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("kafka_replyTopic is not UTF-8") from None
+    if not topic_s:
+        raise InvalidRequest("kafka_replyTopic is empty")
     cid = _header(headers, "kafka_correlationId")
     if not cid:
         raise InvalidRequest("kafka_replyTopic without kafka_correlationId")
-    try:
-        topic_s = topic.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidRequest("kafka_replyTopic is not UTF-8") from None
     raw_part = _header(headers, "kafka_replyPartition")
     partition: int | None = None
     if raw_part is not None:
-        if len(raw_part) == 4 and not raw_part.isdigit():
+        raw_part = bytes(raw_part)
+        if raw_part.isdigit():  # bytes.isdigit: ASCII digits only
+            partition = int(raw_part)
+        elif len(raw_part) == 4:
             partition = int.from_bytes(raw_part, "big", signed=True)
         else:
-            try:
-                partition = int(raw_part.decode("ascii"))
-            except (UnicodeDecodeError, ValueError):
-                raise InvalidRequest("kafka_replyPartition is not a partition number") from None
-        if partition < 0:
-            raise InvalidRequest("kafka_replyPartition is negative")
+            raise InvalidRequest("kafka_replyPartition is not a partition number")
+        if not 0 <= partition <= 2**31 - 1:
+            raise InvalidRequest(f"kafka_replyPartition {partition} is not a partition number")
     return ReplyTo(topic_s, partition, bytes(cid))
 
 
-def _parse(key: bytes | None, value: bytes | None, limits: MessageLimits) -> dict[str, Any]:
-    if value is None or not value:
-        raise InvalidRequest("empty message")
+def _parse(value: bytes | None, limits: MessageLimits) -> dict[str, Any]:
+    if not value:
+        raise InvalidRequest("empty message: a command or query is a JSON object")
     if len(value) > limits.max_message_bytes:
         raise InvalidRequest(
             f"message of {len(value)} bytes is over the limit of {limits.max_message_bytes}"
@@ -332,63 +533,198 @@ def _parse(key: bytes | None, value: bytes | None, limits: MessageLimits) -> dic
     try:
         body = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"not valid JSON: {exc}") from None
+        raise InvalidRequest(f"message is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise InvalidRequest(f"a message must be a JSON object, not {type(body).__name__}")
-    if key is None:
-        raise InvalidRequest("the record has no key: the key must be the index name")
-    try:
-        key_s = key.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidRequest("the record key is not UTF-8") from None
-    if "index" in body and body["index"] != key_s:
-        raise InvalidRequest(f"index {body['index']!r} differs from the record key {key_s!r}")
+        raise InvalidRequest(f"a message must be a JSON object, not {_json_type(body)}")
     return body
 
 
-def decode_vector_b64(text: str, *, max_dim: int) -> np.ndarray:
-    """base64 of little-endian float32 -> a float32 vector."""
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _check_key(key: bytes | None, index: str) -> None:
+    if key is None:
+        raise InvalidRequest("the record has no key: the key must be the index name")
     try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest("vector_b64 is not valid base64") from None
-    if not raw or len(raw) % 4:
-        raise InvalidRequest(f"vector_b64 holds {len(raw)} bytes: not a whole float32 vector")
-    if len(raw) // 4 > max_dim:
-        raise InvalidRequest(f"vector of {len(raw) // 4} dimensions is over the limit {max_dim}")
+        key_s = bytes(key).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest(
+            "the record key is not UTF-8: the key must be the index name"
+        ) from None
+    if index != key_s:
+        raise InvalidRequest(f"index {index!r} differs from the record key {key_s!r}")
+
+
+def decode_vector_b64(text: str, *, max_dim: int) -> np.ndarray:
+    """base64 of little-endian float32 -> a float32 vector (writable, native order).
+
+    Raises:
+        InvalidRequest: not strict base64, not a whole number of float32 values, empty, or
+            longer than `max_dim`. (Finiteness is the caller's check.)
+    """
+    raw = _b64_bytes(text, max_dim, "vector_b64", None)
     return np.frombuffer(raw, dtype="<f4").astype(np.float32)
 
 
-def _vector(obj: Mapping[str, Any], limits: MessageLimits, where: str) -> np.ndarray:
-    if "vector_b64" in obj:
-        vec = decode_vector_b64(obj["vector_b64"], max_dim=limits.max_dim)
-    else:
-        values = obj["vector"]
-        if len(values) > limits.max_dim:
-            raise InvalidRequest(f"{where}: {len(values)} dimensions is over the limit")
-        try:
-            vec = np.asarray(values, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise InvalidRequest(f"{where}: vector must be an array of numbers") from None
-        if vec.ndim != 1 or any(isinstance(v, bool) for v in values[:1]):
-            raise InvalidRequest(f"{where}: vector must be a flat array of numbers")
+def _b64_bytes(text: str, max_dim: int, where: str, item: int | None) -> bytes:
+    try:
+        raw = binascii.a2b_base64(text, strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"{where}: vector_b64 is not valid base64", item=item) from None
+    if not raw or len(raw) % 4:
+        raise InvalidRequest(
+            f"{where}: vector_b64 holds {len(raw)} bytes, not a whole number of float32 "
+            "values (a multiple of 4, at least 4)",
+            item=item,
+        )
+    if len(raw) > 4 * max_dim:
+        raise InvalidRequest(
+            f"{where}: vector of {len(raw) // 4} dimensions is over the limit {max_dim}",
+            item=item,
+        )
+    return raw
+
+
+_NOT_NUMBERS = "vector must be a flat array of numbers"
+_NOT_FINITE = "vector has NaN or infinite values (or values beyond float32)"
+
+
+def _json_vector(values: list[Any], max_dim: int, where: str, item: int | None) -> np.ndarray:
+    """One JSON vector (the schema has checked it is a non-empty array)."""
+    if len(values) > max_dim:
+        raise InvalidRequest(
+            f"{where}: vector of {len(values)} dimensions is over the limit {max_dim}",
+            item=item,
+        )
+    if not all(type(v) is float or type(v) is int for v in values):
+        raise InvalidRequest(f"{where}: {_NOT_NUMBERS}", item=item)
+    with np.errstate(over="ignore"):
+        vec = np.asarray(values, dtype=np.float32)
     if not np.isfinite(vec).all():
-        raise InvalidRequest(f"{where}: vector has NaN or infinite values")
+        raise InvalidRequest(f"{where}: {_NOT_FINITE}", item=item)
     return vec
 
 
-def _metadata(meta: Any, limits: MessageLimits, where: str) -> dict[str, Any] | None:
-    if meta is None:
-        return None
-    if len(orjson.dumps(meta)) > limits.max_metadata_bytes:
-        raise InvalidRequest(f"{where}: metadata over {limits.max_metadata_bytes} bytes")
-    return dict(meta)
+def _json_rows(
+    rows: list[list[Any]], positions: list[int], where: Callable[[int], str], max_dim: int
+) -> np.ndarray:
+    """Rows of one length (<= max_dim) -> (n, dim) float32 in one numpy call (module doc)."""
+    try:
+        arr = np.array(rows)
+    except (ValueError, TypeError, OverflowError):
+        arr = None
+    if arr is None or arr.ndim != 2 or arr.dtype.kind not in "fiu":
+        for row, pos in zip(rows, positions, strict=True):  # find the culprit
+            _json_vector(row, max_dim, where(pos), pos)
+        raise InvalidRequest(f"{where(positions[0])}: {_NOT_NUMBERS}", item=positions[0])
+    # JSON true/false become exactly 1/0: look for booleans only in rows holding one
+    for i in np.flatnonzero(((arr == 0) | (arr == 1)).any(axis=1)).tolist():
+        if any(type(v) is bool for v in rows[i]):
+            raise InvalidRequest(f"{where(positions[i])}: {_NOT_NUMBERS}", item=positions[i])
+    with np.errstate(over="ignore"):  # beyond float32 becomes inf, rejected just below
+        out = arr.astype(np.float32)
+    _check_finite(out, positions, where)
+    return out
 
 
-def _check_id(id_: str, limits: MessageLimits, where: str) -> str:
-    if len(id_.encode("utf-8")) > limits.max_id_bytes:
-        raise InvalidRequest(f"{where}: id over {limits.max_id_bytes} bytes")
-    return id_
+def _check_finite(arr: np.ndarray, positions: list[int], where: Callable[[int], str]) -> None:
+    """Raise for the first row of a (n, dim) array holding NaN or an infinity."""
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():
+        pos = positions[int(np.flatnonzero(~finite)[0])]
+        raise InvalidRequest(f"{where(pos)}: {_NOT_FINITE}", item=pos)
+
+
+def _int(value: Any, default: int) -> int:
+    return default if value is None else int(value)
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _decode_items(raw_items: list[dict[str, Any]], limits: MessageLimits) -> list[AddItem]:
+    """The items of an `add`; vectors decoded in as few numpy calls as possible."""
+    n = len(raw_items)
+    if n > limits.max_items:
+        raise InvalidRequest(f"add: {n} items is over the limit {limits.max_items}")
+
+    def where(pos: int) -> str:
+        return f"add: items[{pos}] (id {raw_items[pos]['id']!r})"
+
+    max_id = limits.max_id_bytes
+    max_meta = limits.max_metadata_bytes
+    json_pos: list[int] = []
+    b64_pos: list[int] = []
+    for pos, raw in enumerate(raw_items):
+        has_json = "vector" in raw
+        if has_json == ("vector_b64" in raw):
+            got = "both" if has_json else "neither"
+            raise InvalidRequest(
+                f"{where(pos)}: exactly one of vector and vector_b64 is required, got {got}",
+                item=pos,
+            )
+        (json_pos if has_json else b64_pos).append(pos)
+        id_ = raw["id"]
+        if len(id_) * 4 > max_id and len(id_.encode("utf-8")) > max_id:
+            raise InvalidRequest(f"{where(pos)}: id over {max_id} bytes", item=pos)
+        meta = raw.get("metadata")
+        if meta is not None and len(orjson.dumps(meta)) > max_meta:
+            raise InvalidRequest(f"{where(pos)}: metadata over {max_meta} bytes", item=pos)
+
+    vectors: list[np.ndarray] = [_NO_VECTOR] * n
+    max_dim = limits.max_dim
+    if json_pos:
+        rows = [raw_items[p]["vector"] for p in json_pos]
+        lengths = set(map(len, rows))
+        if len(lengths) == 1 and max(lengths) <= max_dim:
+            arr = _json_rows(rows, json_pos, where, max_dim)
+            for i, pos in enumerate(json_pos):
+                vectors[pos] = arr[i]
+        else:  # ragged (the index rejects the odd ones out) or over the limit
+            for pos, row in zip(json_pos, rows, strict=True):
+                vectors[pos] = _json_vector(row, max_dim, where(pos), pos)
+    if b64_pos:
+        chunks = [_b64_bytes(raw_items[p]["vector_b64"], max_dim, where(p), p) for p in b64_pos]
+        if len(set(map(len, chunks))) == 1:
+            arr = np.frombuffer(b"".join(chunks), dtype="<f4").astype(np.float32)
+            arr = arr.reshape(len(chunks), -1)
+            _check_finite(arr, b64_pos, where)
+            for i, pos in enumerate(b64_pos):
+                vectors[pos] = arr[i]
+        else:
+            for pos, chunk in zip(b64_pos, chunks, strict=True):
+                vec = np.frombuffer(chunk, dtype="<f4").astype(np.float32)
+                _check_finite(vec.reshape(1, -1), [pos], where)
+                vectors[pos] = vec
+    return [
+        AddItem(raw["id"], vec, raw.get("metadata"), _int(raw.get("version"), 0))
+        for raw, vec in zip(raw_items, vectors, strict=True)
+    ]
+
+
+_NO_VECTOR = np.empty(0, dtype=np.float32)
+
+
+def _check_ids(ids: list[str], limits: MessageLimits, op: str) -> list[str]:
+    if len(ids) > limits.max_ids:
+        raise InvalidRequest(f"{op}: {len(ids)} ids is over the limit {limits.max_ids}")
+    max_id = limits.max_id_bytes
+    for pos, id_ in enumerate(ids):
+        if len(id_) * 4 > max_id and len(id_.encode("utf-8")) > max_id:
+            raise InvalidRequest(f"{op}: ids[{pos}]: id over {max_id} bytes", item=pos)
+    return ids
 
 
 def decode_command(
@@ -398,74 +734,110 @@ def decode_command(
     *,
     limits: MessageLimits,
 ) -> Command:
-    """Decode and validate one command record.
+    """Decode and validate one record of the commands topic.
+
+    Arguments:
+        key: the record key; must be the index name (UTF-8).
+        value: the record value, a JSON object with `op` and `index`.
+        headers: the record headers; Spring reply headers ask for an ack.
 
     Raises:
-        InvalidRequest: anything malformed, with a message naming it (and `.item`).
+        InvalidRequest: anything malformed or over a limit, with a message naming it and
+            `item` set when one item (or id) is to blame. Nothing was applied.
     """
-    body = _parse(key, value, limits)
+    body = _parse(value, limits)
     op = body.get("op")
     if op not in COMMAND_OPS:
-        raise InvalidRequest(f"unknown op {op!r}; commands are {', '.join(COMMAND_OPS)}")
+        raise InvalidRequest(
+            f"unknown op {op!r}; commands are {', '.join(COMMAND_OPS)}"
+            if "op" in body
+            else f"a command needs an op, one of {', '.join(COMMAND_OPS)}"
+        )
     _check(op, body)
-    common = {
-        "index": body["index"],
-        "request_id": body.get("request_id"),
-        "reply_to": reply_to_from_headers(headers),
-    }
+    index = body["index"]
+    _check_key(key, index)
+    reply_to = reply_to_from_headers(headers)
+    request_id = body.get("request_id")
     if op == "add":
-        raw_items = body["items"]
-        if len(raw_items) > limits.max_items:
-            raise InvalidRequest(f"{len(raw_items)} items is over the limit {limits.max_items}")
-        items = []
-        for pos, raw in enumerate(raw_items):
-            where = f"item {pos} (id {raw['id']!r})"
-            try:
-                items.append(
-                    AddItem(
-                        _check_id(raw["id"], limits, where),
-                        _vector(raw, limits, where),
-                        _metadata(raw.get("metadata"), limits, where),
-                        int(raw.get("version", 0)),
-                    )
-                )
-            except LhvError as exc:
-                exc.item = pos
-                raise
-        return AddCommand(items=items, **common)
+        return AddCommand(
+            index=index,
+            request_id=request_id,
+            reply_to=reply_to,
+            items=_decode_items(body["items"], limits),
+        )
     if op == "delete":
-        ids = body["ids"]
-        if len(ids) > limits.max_ids:
-            raise InvalidRequest(f"{len(ids)} ids is over the limit {limits.max_ids}")
-        for pos, id_ in enumerate(ids):
-            _check_id(id_, limits, f"id {pos}")
-        return DeleteCommand(ids=list(ids), version=int(body.get("version", 0)), **common)
+        return DeleteCommand(
+            index=index,
+            request_id=request_id,
+            reply_to=reply_to,
+            ids=_check_ids(body["ids"], limits, op),
+            version=_int(body.get("version"), 0),
+        )
     if op == "create":
-        params = {k: v for k, v in body.items() if k not in ("op", "index", "request_id")}
+        params = {
+            k: (int(v) if isinstance(v, float) else v)  # integral floats: the schema said integer
+            for k, v in body.items()
+            if k not in ("op", "index", "request_id")
+        }
         if params["dim"] > limits.max_dim:
-            raise InvalidRequest(f"dim {params['dim']} is over the limit {limits.max_dim}")
-        return CreateCommand(params=params, **common)
+            raise InvalidRequest(f"create: dim {params['dim']} is over the limit {limits.max_dim}")
+        return CreateCommand(index=index, request_id=request_id, reply_to=reply_to, params=params)
     if op == "drop":
-        return DropCommand(**common)
+        return DropCommand(index=index, request_id=request_id, reply_to=reply_to)
     if op == "merge":
-        if body["dest"] == body["index"]:
-            raise InvalidRequest("an index cannot be merged into itself")
+        if body["dest"] == index:
+            raise InvalidRequest(f"merge: index {index!r} cannot be merged into itself")
         return MergeCommand(
-            dest=body["dest"], clear_source=bool(body.get("clear_source")), **common
+            index=index,
+            request_id=request_id,
+            reply_to=reply_to,
+            dest=body["dest"],
+            clear_source=bool(body.get("clear_source", False)),
         )
     if op == "import":
         return ImportCommand(
+            index=index,
+            request_id=request_id,
+            reply_to=reply_to,
             source=body["source"],
+            format=body.get("format"),
             ids_source=body.get("ids_source"),
             metadata_source=body.get("metadata_source"),
-            version=int(body.get("version", 0)),
-            chunk_items=int(body.get("chunk_items", 10_000)),
-            **common,
+            version=_opt_int(body.get("version")),
+            chunk_items=_int(body.get("chunk_items"), 10_000),
         )
-    fields = {k: v for k, v in body.items() if k not in ("op", "index", "request_id")}
+    reply = body.get("reply")
     if op == "merge_in":
-        return MergeInCommand(**fields, **common)
-    return MergeDoneCommand(**fields, **common)
+        if body["source_index"] == index:
+            raise InvalidRequest(f"merge_in: index {index!r} cannot be merged into itself")
+        return MergeInCommand(
+            index=index,
+            request_id=request_id,
+            reply_to=reply_to,
+            source_index=body["source_index"],
+            export=body["export"],
+            merge_id=body["merge_id"],
+            origin_partition=int(body["origin_partition"]),
+            origin_offset=int(body["origin_offset"]),
+            clear_source=bool(body.get("clear_source", False)),
+            reply=None if reply is None else ReplyTo.from_wire(reply),
+        )
+    error = body.get("error")
+    return MergeDoneCommand(
+        index=index,
+        request_id=request_id,
+        reply_to=reply_to,
+        dest=body["dest"],
+        export=body["export"],
+        merge_id=body["merge_id"],
+        applied=_int(body.get("applied"), 0),
+        skipped=_int(body.get("skipped"), 0),
+        clear_source=bool(body.get("clear_source", False)),
+        error=None
+        if error is None
+        else ErrorInfo(error["code"], error["message"], _opt_int(error.get("item"))),
+        reply=None if reply is None else ReplyTo.from_wire(reply),
+    )
 
 
 def decode_query(
@@ -475,58 +847,82 @@ def decode_query(
     *,
     limits: MessageLimits,
 ) -> Query:
-    """Decode and validate one query record (reply headers required).
+    """Decode and validate one record of the search topic (`op` defaults to `search`).
 
     Raises:
-        InvalidRequest: anything malformed, or no reply headers (nowhere to answer).
+        InvalidRequest: no reply headers (nowhere to answer: the worker logs and skips
+            the record), or anything malformed; with reply headers present, the caller
+            answers with an error reply (`reply_to_from_headers` reads them alone).
     """
     reply_to = reply_to_from_headers(headers)
     if reply_to is None:
         raise InvalidRequest("a query needs kafka_replyTopic and kafka_correlationId headers")
-    body = _parse(key, value, limits)
+    body = _parse(value, limits)
     op = body.setdefault("op", "search")
     if op not in QUERY_OPS:
         raise InvalidRequest(f"unknown op {op!r}; queries are {', '.join(QUERY_OPS)}")
     _check(op, body)
-    common: dict[str, Any] = {
-        "index": body["index"],
-        "reply_to": reply_to,
-        "request_id": body.get("request_id"),
-        "min_offset": body.get("min_offset"),
-        "deadline_ms": body.get("deadline_ms"),
-    }
+    index = body["index"]
+    _check_key(key, index)
+    request_id = body.get("request_id")
+    min_offset = _opt_int(body.get("min_offset"))
+    deadline_ms = _opt_int(body.get("deadline_ms"))
     if op == "search":
-        k = int(body.get("k", 10))
+        k = _int(body.get("k"), 10)
         if k > limits.max_k:
-            raise InvalidRequest(f"k {k} is over the limit {limits.max_k}")
+            raise InvalidRequest(f"search: k {k} is over the limit {limits.max_k}")
+        has_json = "vector" in body
+        if has_json == ("vector_b64" in body):
+            both = "both" if has_json else "neither"
+            raise InvalidRequest(
+                f"search: exactly one of vector and vector_b64 is required, got {both}"
+            )
+        if has_json:
+            vec = _json_vector(body["vector"], limits.max_dim, "search", None)
+        else:
+            raw = _b64_bytes(body["vector_b64"], limits.max_dim, "search", None)
+            vec = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+            if not np.isfinite(vec).all():
+                raise InvalidRequest(f"search: {_NOT_FINITE}")
         return SearchQuery(
-            vectors=_vector(body, limits, "query").reshape(1, -1),
+            index=index,
+            reply_to=reply_to,
+            request_id=request_id,
+            min_offset=min_offset,
+            deadline_ms=deadline_ms,
+            vectors=vec.reshape(1, -1),
             k=k,
-            ef=body.get("ef"),
+            ef=_opt_int(body.get("ef")),
             filter=body.get("filter") or None,
             include_metadata=bool(body.get("include_metadata", False)),
             include_vectors=bool(body.get("include_vectors", False)),
-            **common,
         )
     if op == "get":
-        ids = body["ids"]
-        if len(ids) > limits.max_ids:
-            raise InvalidRequest(f"{len(ids)} ids is over the limit {limits.max_ids}")
         return GetQuery(
-            ids=list(ids),
+            index=index,
+            reply_to=reply_to,
+            request_id=request_id,
+            min_offset=min_offset,
+            deadline_ms=deadline_ms,
+            ids=_check_ids(body["ids"], limits, op),
             include_vectors=bool(body.get("include_vectors", True)),
             include_metadata=bool(body.get("include_metadata", True)),
-            vector_encoding=str(body.get("vector_encoding", "json")),
-            **common,
+            vector_encoding=body.get("vector_encoding", "json"),
         )
-    return StatsQuery(**common)
+    return StatsQuery(
+        index=index,
+        reply_to=reply_to,
+        request_id=request_id,
+        min_offset=min_offset,
+        deadline_ms=deadline_ms,
+    )
 
 
 # -- encoding -----------------------------------------------------------------------------
 
 
 def correlation_text(correlation_id: bytes) -> str:
-    """A correlation id as it appears in reply bodies: UTF-8 text, else hex."""
+    """A correlation id as it appears in reply bodies: UTF-8 text, else lowercase hex."""
     try:
         return correlation_id.decode("utf-8")
     except UnicodeDecodeError:
@@ -537,71 +933,239 @@ def _dumps(body: dict[str, Any]) -> bytes:
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+def _ms(took_ms: float) -> float:
+    return round(float(took_ms), 3)
+
+
+class _HitLike(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def distance(self) -> float: ...
+    @property
+    def metadata(self) -> dict[str, Any] | None: ...
+
+
+class _ItemLike(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def vector(self) -> np.ndarray | None: ...
+    @property
+    def metadata(self) -> dict[str, Any] | None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SearchReply:
+    """`status: ok` reply to a search: hits nearest first."""
+
+    reply_to: ReplyTo
+    index: str
+    hits: Sequence[_HitLike]
+    """`lhv_index.Hit`s"""
+    include_metadata: bool
+    applied_offset: int
+    took_ms: float
+    request_id: str | None = None
+
+    def encode(self) -> bytes:
+        if self.include_metadata:
+            hits = [
+                {"id": h.id, "distance": float(h.distance), "metadata": h.metadata}
+                for h in self.hits
+            ]
+        else:
+            hits = [{"id": h.id, "distance": float(h.distance)} for h in self.hits]
+        body: dict[str, Any] = {
+            "correlation_id": correlation_text(self.reply_to.correlation_id),
+            "status": "ok",
+            "op": "search",
+            "index": self.index,
+            "hits": hits,
+            "applied_offset": self.applied_offset,
+            "took_ms": _ms(self.took_ms),
+        }
+        if self.request_id is not None:
+            body["request_id"] = self.request_id
+        return _dumps(body)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetReply:
+    """`status: ok` reply to a get: the live ids asked for, in the order asked."""
+
+    reply_to: ReplyTo
+    index: str
+    items: Sequence[_ItemLike]
+    """`lhv_index.Item`s; `version` is sent when an item has a `clock`"""
+    include_vectors: bool
+    include_metadata: bool
+    vector_encoding: Literal["json", "b64"]
+    applied_offset: int
+    took_ms: float
+    request_id: str | None = None
+
+    def encode(self) -> bytes:
+        out = []
+        for item in self.items:
+            entry: dict[str, Any] = {"id": item.id}
+            if self.include_vectors and item.vector is not None:
+                vec = np.asarray(item.vector, dtype="<f4").reshape(-1)
+                if self.vector_encoding == "b64":
+                    entry["vector_b64"] = base64.b64encode(vec.tobytes()).decode("ascii")
+                else:
+                    entry["vector"] = vec.tolist()
+            if self.include_metadata:
+                entry["metadata"] = item.metadata
+            clock = getattr(item, "clock", None)
+            if clock is not None:
+                entry["version"] = int(clock[0])
+            out.append(entry)
+        body: dict[str, Any] = {
+            "correlation_id": correlation_text(self.reply_to.correlation_id),
+            "status": "ok",
+            "op": "get",
+            "index": self.index,
+            "items": out,
+            "applied_offset": self.applied_offset,
+            "took_ms": _ms(self.took_ms),
+        }
+        if self.request_id is not None:
+            body["request_id"] = self.request_id
+        return _dumps(body)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatsReply:
+    """`status: ok` reply to stats: `Index.stats()` plus the partition's offsets."""
+
+    reply_to: ReplyTo
+    index: str
+    stats: Mapping[str, Any]
+    """count, deleted, dim, space, engine, params, applied_offset, checkpoint_offset, ..."""
+    took_ms: float
+    request_id: str | None = None
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "correlation_id": correlation_text(self.reply_to.correlation_id),
+            "status": "ok",
+            "op": "stats",
+            "index": self.index,
+        }
+        body.update(self.stats)
+        body["took_ms"] = _ms(self.took_ms)
+        if self.request_id is not None:
+            body["request_id"] = self.request_id
+        return _dumps(body)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorReply:
+    """`status: error` reply to any query; `error.code` comes from the error's class."""
+
+    reply_to: ReplyTo
+    index: str
+    """"" when the request was too malformed to name one"""
+    error: LhvError
+    took_ms: float
+    op: str | None = None
+    applied_offset: int | None = None
+    request_id: str | None = None
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "correlation_id": correlation_text(self.reply_to.correlation_id),
+            "status": "error",
+            "index": self.index,
+            "error": self.error.to_wire(),
+            "took_ms": _ms(self.took_ms),
+        }
+        if self.op in QUERY_OPS:
+            body["op"] = self.op
+        if self.applied_offset is not None:
+            body["applied_offset"] = self.applied_offset
+        if self.request_id is not None:
+            body["request_id"] = self.request_id
+        return _dumps(body)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ack:
+    """Acknowledgement of one command record, after it was applied (or rejected)."""
+
+    reply_to: ReplyTo
+    offset: int
+    """the command record's offset"""
+    index: str = ""
+    op: str = ""
+    request_id: str | None = None
+    applied: int = 0
+    """ids whose state changed"""
+    skipped: int = 0
+    """writes that lost last-write-wins (already newer, or a duplicate)"""
+    error: LhvError | None = None
+    partition: int | None = None
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "correlation_id": correlation_text(self.reply_to.correlation_id),
+            "status": "error" if self.error is not None else "ok",
+            "op": self.op,
+            "index": self.index,
+            "request_id": self.request_id,
+            "offset": self.offset,
+            "applied": self.applied,
+            "skipped": self.skipped,
+        }
+        if self.partition is not None:
+            body["partition"] = self.partition
+        if self.error is not None:
+            body["error"] = self.error.to_wire()
+        return _dumps(body)
+
+
 def encode_search_reply(
     query: SearchQuery, hits: Sequence[Any], *, applied_offset: int, took_ms: float
 ) -> bytes:
-    """`hits` are `lhv_index.Hit`s (id, distance, metadata)."""
-    out_hits = []
-    for hit in hits:
-        h: dict[str, Any] = {"id": hit.id, "distance": float(hit.distance)}
-        if query.include_metadata:
-            h["metadata"] = hit.metadata
-        out_hits.append(h)
-    return _dumps(
-        {
-            "correlation_id": correlation_text(query.reply_to.correlation_id),
-            "status": "ok",
-            "op": "search",
-            "index": query.index,
-            "hits": out_hits,
-            "applied_offset": applied_offset,
-            "took_ms": round(took_ms, 3),
-        }
-    )
+    """`SearchReply` of `query`; `hits` are `lhv_index.Hit`s (id, distance, metadata)."""
+    return SearchReply(
+        reply_to=query.reply_to,
+        index=query.index,
+        hits=hits,
+        include_metadata=query.include_metadata,
+        applied_offset=applied_offset,
+        took_ms=took_ms,
+        request_id=query.request_id,
+    ).encode()
 
 
 def encode_get_reply(
     query: GetQuery, items: Sequence[Any], *, applied_offset: int, took_ms: float
 ) -> bytes:
-    """`items` are `lhv_index.Item`s of the live ids asked for."""
-    out = []
-    for item in items:
-        entry: dict[str, Any] = {"id": item.id}
-        if query.include_vectors and item.vector is not None:
-            vec = np.asarray(item.vector, dtype="<f4")
-            if query.vector_encoding == "b64":
-                entry["vector_b64"] = base64.b64encode(vec.tobytes()).decode("ascii")
-            else:
-                entry["vector"] = vec.tolist()
-        if query.include_metadata:
-            entry["metadata"] = item.metadata
-        clock = getattr(item, "clock", None)
-        if clock is not None:
-            entry["version"] = int(clock[0])
-        out.append(entry)
-    return _dumps(
-        {
-            "correlation_id": correlation_text(query.reply_to.correlation_id),
-            "status": "ok",
-            "op": "get",
-            "index": query.index,
-            "items": out,
-            "applied_offset": applied_offset,
-            "took_ms": round(took_ms, 3),
-        }
-    )
+    """`GetReply` of `query`; `items` are `lhv_index.Item`s of the live ids asked for."""
+    return GetReply(
+        reply_to=query.reply_to,
+        index=query.index,
+        items=items,
+        include_vectors=query.include_vectors,
+        include_metadata=query.include_metadata,
+        vector_encoding=query.vector_encoding,
+        applied_offset=applied_offset,
+        took_ms=took_ms,
+        request_id=query.request_id,
+    ).encode()
 
 
 def encode_stats_reply(query: StatsQuery, stats: Mapping[str, Any], *, took_ms: float) -> bytes:
-    body: dict[str, Any] = {
-        "correlation_id": correlation_text(query.reply_to.correlation_id),
-        "status": "ok",
-        "op": "stats",
-        "index": query.index,
-    }
-    body.update(stats)
-    body["took_ms"] = round(took_ms, 3)
-    return _dumps(body)
+    """`StatsReply` of `query`."""
+    return StatsReply(
+        reply_to=query.reply_to,
+        index=query.index,
+        stats=stats,
+        took_ms=took_ms,
+        request_id=query.request_id,
+    ).encode()
 
 
 def encode_error_reply(
@@ -611,32 +1175,34 @@ def encode_error_reply(
     *,
     took_ms: float,
     applied_offset: int | None = None,
+    op: str | None = None,
+    request_id: str | None = None,
 ) -> bytes:
-    body: dict[str, Any] = {
-        "correlation_id": correlation_text(reply_to.correlation_id),
-        "status": "error",
-        "index": index,
-        "error": error.to_wire(),
-        "took_ms": round(took_ms, 3),
-    }
-    if applied_offset is not None:
-        body["applied_offset"] = applied_offset
-    return _dumps(body)
+    """`ErrorReply` to a query (decoded or not)."""
+    return ErrorReply(
+        reply_to=reply_to,
+        index=index,
+        error=error,
+        took_ms=took_ms,
+        op=op,
+        applied_offset=applied_offset,
+        request_id=request_id,
+    ).encode()
 
 
 def encode_ack(outcome: Any) -> bytes:
-    """The acknowledgement of one command record (`worker.apply.Outcome`)."""
-    reply_to: ReplyTo = outcome.reply_to
-    body: dict[str, Any] = {
-        "correlation_id": correlation_text(reply_to.correlation_id),
-        "status": "error" if outcome.error is not None else "ok",
-        "op": outcome.op,
-        "index": outcome.index,
-        "request_id": outcome.request_id,
-        "offset": outcome.offset,
-        "applied": outcome.applied,
-        "skipped": outcome.skipped,
-    }
-    if outcome.error is not None:
-        body["error"] = outcome.error.to_wire()
-    return _dumps(body)
+    """The `Ack` of one command record; `outcome` is a `worker.apply.Outcome`.
+
+    Reads `reply_to`, `offset`, `index`, `op`, `request_id`, `applied`, `skipped` and
+    `error` from it.
+    """
+    return Ack(
+        reply_to=outcome.reply_to,
+        offset=outcome.offset,
+        index=outcome.index,
+        op=outcome.op,
+        request_id=outcome.request_id,
+        applied=outcome.applied,
+        skipped=outcome.skipped,
+        error=outcome.error,
+    ).encode()
