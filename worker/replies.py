@@ -1,48 +1,92 @@
 """Request/reply plumbing: Spring `ReplyingKafkaTemplate` headers, the reply-topic policy,
 and the DLQ header set.
 
-A reply carries `kafka_correlationId` (the request's bytes, unchanged) and the correlation
-id as its key, so Java requesters using Spring Kafka interoperate. A reply is only ever
-written to a topic matching the configured pattern (default `lhv.replies.*`, fnmatch
-style), so a request can never make a worker write to `lhv.commands` or any other topic.
+A reply (or ack) carries the header `kafka_correlationId` with the request's bytes,
+unchanged, and has those bytes as its record key, so Java requesters using Spring Kafka
+interoperate. It goes to the request's `kafka_replyTopic` (and `kafka_replyPartition` when
+given), but only when that topic matches the configured pattern (default `lhv.replies.*`),
+so a request can never make a worker write to `lhv.commands` or any other topic.
+
+Pattern syntax: `fnmatch` (shell style, case-sensitive): `*` matches any run of
+characters, dots included, `?` one character, `[...]` a set. The topic must also be a
+legal Kafka topic name (`[A-Za-z0-9._-]`, 1 to 249 characters) and not one of the
+`forbidden` topics, whatever the pattern says.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable
+from fnmatch import translate
 
 from lhv_index.errors import InvalidRequest, LhvError
 from worker.messages import ReplyTo
 
-__all__ = ["ReplyTopicPolicy", "build_reply_headers", "dlq_headers"]
+__all__ = [
+    "DLQ_MESSAGE_MAX_BYTES",
+    "FORBIDDEN_REPLY_TOPICS",
+    "ReplyTopicPolicy",
+    "build_reply_headers",
+    "dlq_headers",
+    "reply_key",
+]
 
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+#: the default command, search and dead-letter topics: never a reply topic
+FORBIDDEN_REPLY_TOPICS = frozenset({"lhv.commands", "lhv.search", "lhv.commands.dlq"})
+#: `lhv_error_message` is cut to this many UTF-8 bytes (on a character boundary)
+DLQ_MESSAGE_MAX_BYTES = 4096
+
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
 def build_reply_headers(reply_to: ReplyTo) -> list[tuple[str, bytes]]:
-    """Headers of a reply or ack record."""
+    """Headers of a reply or ack record: `kafka_correlationId`, the request's bytes."""
     return [("kafka_correlationId", reply_to.correlation_id)]
 
 
+def reply_key(reply_to: ReplyTo) -> bytes:
+    """Record key of a reply or ack: the correlation id."""
+    return reply_to.correlation_id
+
+
 class ReplyTopicPolicy:
-    """Which topics replies may go to (fnmatch pattern, e.g. `lhv.replies.*`)."""
+    """Which topics replies and acks may be written to.
 
-    __slots__ = ("_regex", "pattern")
+    Arguments:
+        pattern: fnmatch-style pattern of allowed topics (see the module doc).
+        forbidden: topics refused even when they match; pass the configured command,
+            search and DLQ topics when they differ from the defaults.
+    """
 
-    def __init__(self, pattern: str = "lhv.replies.*") -> None:
+    __slots__ = ("_forbidden", "_regex", "pattern")
+
+    def __init__(
+        self, pattern: str = "lhv.replies.*", *, forbidden: Iterable[str] = FORBIDDEN_REPLY_TOPICS
+    ) -> None:
+        if not pattern:
+            raise ValueError("the reply-topic pattern is empty")
         self.pattern = pattern
-        self._regex = re.compile(fnmatch.translate(pattern))
+        self._regex = re.compile(translate(pattern))
+        self._forbidden = frozenset(forbidden)
 
     def allows(self, topic: str) -> bool:
-        return bool(_TOPIC.match(topic)) and bool(self._regex.match(topic))
+        return (
+            _TOPIC.fullmatch(topic) is not None
+            and topic not in self._forbidden
+            and self._regex.match(topic) is not None
+        )
 
     def check(self, topic: str) -> None:
-        """Raises InvalidRequest unless replies may be written to `topic`."""
+        """Return quietly when replies may go to `topic`.
+
+        Raises:
+            InvalidRequest: `topic` does not match the pattern, is forbidden, or is not a
+                legal topic name.
+        """
         if not self.allows(topic):
             raise InvalidRequest(
-                f"reply topic {topic!r} does not match the reply-topic pattern {self.pattern!r}"
+                f"reply topic {topic!r} is not allowed: replies go only to topics matching "
+                f"{self.pattern!r}"
             )
 
     def __repr__(self) -> str:
@@ -51,15 +95,22 @@ class ReplyTopicPolicy:
 
 def dlq_headers(
     error: LhvError, topic: str, partition: int, offset: int
-) -> Sequence[tuple[str, bytes]]:
-    """The headers that say why a command went to the DLQ (values are UTF-8 text)."""
+) -> list[tuple[str, bytes]]:
+    """The headers that say why a command went to the DLQ (`schemas/dlq_headers.schema.json`).
+
+    Values are UTF-8 text; numbers are decimal. `lhv_error_item` is present only when one
+    item of the command is to blame. The caller adds them to the original headers.
+    """
+    message = error.message.encode("utf-8", "replace")
+    if len(message) > DLQ_MESSAGE_MAX_BYTES:  # cut, then drop a split character
+        message = message[:DLQ_MESSAGE_MAX_BYTES].decode("utf-8", "ignore").encode("utf-8")
     out = [
-        ("lhv_error_code", error.code.encode()),
-        ("lhv_error_message", error.message.encode("utf-8", "replace")[:4096]),
-        ("lhv_source_topic", topic.encode()),
-        ("lhv_source_partition", str(partition).encode()),
-        ("lhv_source_offset", str(offset).encode()),
+        ("lhv_error_code", error.code.encode("ascii")),
+        ("lhv_error_message", message),
+        ("lhv_source_topic", topic.encode("utf-8")),
+        ("lhv_source_partition", str(partition).encode("ascii")),
+        ("lhv_source_offset", str(offset).encode("ascii")),
     ]
     if error.item is not None:
-        out.append(("lhv_error_item", str(error.item).encode()))
+        out.append(("lhv_error_item", str(error.item).encode("ascii")))
     return out
