@@ -46,7 +46,7 @@ import binascii
 import copy
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, TypeAlias
@@ -124,9 +124,9 @@ class MessageLimits:
     """ids of one `delete` or `get`"""
 
     def __post_init__(self) -> None:
-        for name in self.__slots__:  # type: ignore[attr-defined]
-            if getattr(self, name) < 1:
-                raise ValueError(f"MessageLimits.{name} must be at least 1")
+        for f in fields(self):
+            if getattr(self, f.name) < 1:
+                raise ValueError(f"MessageLimits.{f.name} must be at least 1")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,678 @@
+"""Wire messages: the published schemas, decoding into typed commands and queries, the
+rules and limits on bad input, and replies and acks that validate against their schemas."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import fastjsonschema
+import numpy as np
+import orjson
+import pytest
+
+from lhv_index.errors import (
+    DeadlineExceeded,
+    IndexNotFound,
+    InvalidRequest,
+    LhvError,
+    error_for_code,
+)
+from worker.messages import (
+    COMMAND_OPS,
+    QUERY_OPS,
+    SCHEMA_NAMES,
+    Ack,
+    AddCommand,
+    AddItem,
+    CreateCommand,
+    DeleteCommand,
+    DropCommand,
+    ErrorInfo,
+    ErrorReply,
+    GetQuery,
+    GetReply,
+    ImportCommand,
+    MergeCommand,
+    MergeDoneCommand,
+    MergeInCommand,
+    MessageLimits,
+    ReplyTo,
+    SearchQuery,
+    SearchReply,
+    StatsQuery,
+    StatsReply,
+    correlation_text,
+    decode_command,
+    decode_query,
+    decode_vector_b64,
+    encode_ack,
+    encode_error_reply,
+    encode_get_reply,
+    encode_search_reply,
+    encode_stats_reply,
+    load_schema,
+    reply_to_from_headers,
+)
+
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
+LIMITS = MessageLimits()
+HEADERS = [("kafka_replyTopic", b"lhv.replies.t1"), ("kafka_correlationId", b"corr-1")]
+REPLY_TO = ReplyTo("lhv.replies.t1", None, b"corr-1")
+
+
+def b64(values: Any) -> str:
+    return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode("ascii")
+
+
+def command(body: Any, *, key: bytes | None = b"docs", headers: Any = ()) -> Any:
+    value = body if isinstance(body, bytes) else orjson.dumps(body)
+    return decode_command(key, value, list(headers), limits=LIMITS)
+
+
+def query(body: Any, *, key: bytes | None = b"docs", headers: Any = HEADERS) -> Any:
+    value = body if isinstance(body, bytes) else orjson.dumps(body)
+    return decode_query(key, value, list(headers), limits=LIMITS)
+
+
+def _from_files(uri: str) -> Any:
+    """`$ref`s between the published schemas resolve to the files, never the network."""
+    return json.loads((SCHEMA_DIR / uri.rsplit("/", 1)[-1]).read_text(encoding="utf-8"))
+
+
+def published(name: str) -> Any:
+    return fastjsonschema.compile(
+        load_schema(name), handlers={"https": _from_files}, use_default=False
+    )
+
+
+REPLY_SCHEMA = published("reply")
+ACK_SCHEMA = published("ack")
+
+
+# -- the schema files --------------------------------------------------------------------
+
+
+def test_every_message_has_a_schema_file_and_nothing_else_is_there() -> None:
+    on_disk = {p.name.removesuffix(".schema.json") for p in SCHEMA_DIR.glob("*.schema.json")}
+    assert on_disk == set(SCHEMA_NAMES)
+    assert set(COMMAND_OPS) | set(QUERY_OPS) | {"reply", "ack", "dlq_headers"} <= on_disk
+
+
+@pytest.mark.parametrize("name", SCHEMA_NAMES)
+def test_schema_is_valid_draft_07_with_title_and_description(name: str) -> None:
+    schema = load_schema(name)
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    assert schema["$id"].endswith(f"/{name}.schema.json")
+    assert schema["title"] and schema["description"]
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.Draft7Validator.check_schema(schema)
+
+
+@pytest.mark.parametrize("name", SCHEMA_NAMES)
+def test_schema_compiles_with_fastjsonschema(name: str) -> None:
+    assert callable(published(name))
+
+
+@pytest.mark.parametrize("op", [*COMMAND_OPS, *QUERY_OPS])
+def test_request_schemas_reject_unknown_fields_and_check_index_names(op: str) -> None:
+    schema = load_schema(op)
+    assert schema["additionalProperties"] is False
+    assert schema["properties"]["index"]["pattern"] == "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+def test_schemas_load_from_the_installed_package_or_the_checkout() -> None:
+    for name in SCHEMA_NAMES:
+        on_disk = json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text(encoding="utf-8"))
+        assert load_schema(name) == on_disk
+
+
+def test_dispatch_schemas_route_on_op() -> None:
+    commands, queries = published("command"), published("query")
+    commands({"op": "add", "index": "docs", "items": [{"id": "a", "vector": [1.0]}]})
+    commands({"op": "drop", "index": "docs"})
+    queries({"index": "docs", "vector": [1.0]})  # op defaults to search
+    queries({"op": "stats", "index": "docs"})
+    bad = [
+        (commands, {"op": "add", "index": "docs", "items": [{"id": "a", "vectr": [1.0]}]}),
+        (commands, {"op": "explode", "index": "docs"}),
+        (commands, {"index": "docs"}),
+        (queries, {"op": "get", "index": "docs"}),
+        (queries, {"index": "docs", "vector": [1.0], "op": "add"}),
+    ]
+    for check, body in bad:
+        with pytest.raises(fastjsonschema.JsonSchemaValueException):
+            check(body)
+
+
+# The runtime checks vectors with numpy instead of per element in the schema validator:
+# every vector the published schema refuses, the decoder refuses too (module doc).
+BAD_VECTOR_ITEMS: list[dict[str, Any]] = [
+    {"id": "a", "vector": ["1.5", 2.0]},
+    {"id": "a", "vector": [1.0, True]},
+    {"id": "a", "vector": [False, 0.5]},
+    {"id": "a", "vector": [1.0, None]},
+    {"id": "a", "vector": [[1.0, 2.0]]},
+    {"id": "a", "vector": [1.0, {"x": 1}]},
+    {"id": "a", "vector": []},
+    {"id": "a", "vector_b64": "AAAA!AAA"},
+    {"id": "a", "vector_b64": "AAAAA"},
+    {"id": "a", "vector_b64": "AAAA"},
+    {"id": "a", "vector_b64": "AAAAAA=A"},
+    {"id": "a"},
+    {"id": "a", "vector": [1.0], "vector_b64": b64([1.0])},
+]
+
+
+@pytest.mark.parametrize("item", BAD_VECTOR_ITEMS, ids=lambda i: repr(i)[:40])
+def test_decoder_refuses_every_vector_the_published_schema_refuses(item: dict[str, Any]) -> None:
+    body = {"op": "add", "index": "docs", "items": [{"id": "ok", "vector": [0.5, 0.5]}, item]}
+    with pytest.raises(fastjsonschema.JsonSchemaValueException):
+        published("add")(body)
+    with pytest.raises(InvalidRequest) as err:
+        command(body)
+    assert err.value.item == 1
+
+
+@pytest.mark.parametrize("item", BAD_VECTOR_ITEMS[:7], ids=lambda i: repr(i)[:40])
+def test_decoder_refuses_the_same_vectors_in_a_search(item: dict[str, Any]) -> None:
+    body = {"index": "docs", "vector": item["vector"]}
+    with pytest.raises(fastjsonschema.JsonSchemaValueException):
+        published("search")(body)
+    with pytest.raises(InvalidRequest):
+        query(body)
+
+
+# -- good messages -----------------------------------------------------------------------
+
+
+def test_create_keeps_only_the_params_given() -> None:
+    c = command({"op": "create", "index": "docs", "dim": 3, "space": "l2", "M": 8.0})
+    assert isinstance(c, CreateCommand) and c.op == "create"
+    assert c.params == {"dim": 3, "space": "l2", "M": 8}
+    assert isinstance(c.params["M"], int)
+    assert (c.index, c.request_id, c.reply_to) == ("docs", None, None)
+
+
+def test_add_decodes_json_and_b64_vectors_to_float32_rows() -> None:
+    c = command(
+        {
+            "op": "add",
+            "index": "docs",
+            "request_id": "r-7",
+            "items": [
+                {"id": "a", "vector": [1, 2.5, -3], "metadata": {"k": "v"}, "version": 4},
+                {"id": "b", "vector_b64": b64([0.5, 0.25, -1])},
+                {"id": "c", "vector": [0, 0, 1], "metadata": None, "version": 2.0},
+                {"id": "d", "vector_b64": b64([1, 2, 3]), "metadata": {}},
+            ],
+        },
+        headers=HEADERS,
+    )
+    assert isinstance(c, AddCommand) and c.op == "add"
+    assert c.request_id == "r-7" and c.reply_to == REPLY_TO
+    assert [i.id for i in c.items] == ["a", "b", "c", "d"]
+    for item in c.items:
+        assert isinstance(item, AddItem)
+        assert item.vector.dtype == np.float32 and item.vector.shape == (3,)
+    np.testing.assert_array_equal(c.items[0].vector, [1, 2.5, -3])
+    np.testing.assert_array_equal(c.items[1].vector, [0.5, 0.25, -1])
+    np.testing.assert_array_equal(c.items[3].vector, [1, 2, 3])
+    assert [i.metadata for i in c.items] == [{"k": "v"}, None, None, {}]
+    assert [i.version for i in c.items] == [4, 0, 2, 0]
+    assert isinstance(c.items[2].version, int)
+
+
+def test_add_with_vectors_of_different_lengths_decodes_each_for_the_index_to_judge() -> None:
+    c = command(
+        {
+            "op": "add",
+            "index": "docs",
+            "items": [{"id": "a", "vector": [1, 2]}, {"id": "b", "vector": [1, 2, 3]}],
+        }
+    )
+    assert [i.vector.shape for i in c.items] == [(2,), (3,)]
+
+
+def test_b64_vectors_are_little_endian_float32() -> None:
+    raw = np.array([1.5, -2.0, 3.25], dtype=">f4").astype("<f4").tobytes()
+    vec = decode_vector_b64(base64.b64encode(raw).decode(), max_dim=8)
+    assert vec.dtype == np.float32 and vec.flags.writeable
+    np.testing.assert_array_equal(vec, [1.5, -2.0, 3.25])
+
+
+def test_delete_drop_merge_import_decode() -> None:
+    d = command({"op": "delete", "index": "docs", "ids": ["a", "b"], "version": 3})
+    assert isinstance(d, DeleteCommand) and d.ids == ["a", "b"] and d.version == 3
+    assert command({"op": "delete", "index": "docs", "ids": ["a"]}).version == 0
+    assert isinstance(command({"op": "drop", "index": "docs"}), DropCommand)
+    m = command({"op": "merge", "index": "docs", "dest": "docs2", "clear_source": True})
+    assert isinstance(m, MergeCommand) and (m.dest, m.clear_source) == ("docs2", True)
+    assert command({"op": "merge", "index": "docs", "dest": "x"}).clear_source is False
+    i = command(
+        {
+            "op": "import",
+            "index": "docs",
+            "source": "s3://bucket/vectors.npy",
+            "ids_source": "s3://bucket/ids.txt",
+            "metadata_source": "s3://bucket/meta.jsonl",
+            "version": 5,
+        }
+    )
+    assert isinstance(i, ImportCommand)
+    assert (i.source, i.ids_source, i.metadata_source) == (
+        "s3://bucket/vectors.npy",
+        "s3://bucket/ids.txt",
+        "s3://bucket/meta.jsonl",
+    )
+    assert (i.format, i.version, i.chunk_items) == (None, 5, 10_000)
+    j = command({"op": "import", "index": "docs", "source": "s3://bucket/x", "format": "lhv"})
+    assert (j.format, j.version) == ("lhv", None)
+
+
+def test_merge_steps_round_trip_through_their_own_encoding() -> None:
+    origin = ReplyTo("lhv.replies.r", 2, b"\x00\xffbinary")
+    step = MergeInCommand(
+        index="dest",
+        request_id="m-1",
+        source_index="src",
+        export="exports/lhv.commands/00003/m-1.lhv",
+        merge_id="m-1",
+        origin_partition=3,
+        origin_offset=1234,
+        clear_source=True,
+        reply=origin,
+    )
+    key, value = step.encode()
+    assert key == b"dest"
+    published("merge_in")(orjson.loads(value))
+    assert command(value, key=key) == step
+
+    done = MergeDoneCommand(
+        index="src",
+        dest="dest",
+        export=step.export,
+        merge_id="m-1",
+        applied=10,
+        skipped=2,
+        clear_source=True,
+        error=ErrorInfo.of(IndexNotFound("index 'dest' does not exist")),
+        reply=origin,
+    )
+    key, value = done.encode()
+    published("merge_done")(orjson.loads(value))
+    back = command(value, key=key)
+    assert back == done
+    assert isinstance(back.error.to_error(), IndexNotFound)
+
+
+def test_search_defaults_and_options() -> None:
+    q = query({"index": "docs", "vector": [1, 0, 0]})
+    assert isinstance(q, SearchQuery) and q.op == "search"
+    assert q.vectors.shape == (1, 3) and q.vectors.dtype == np.float32
+    assert (q.k, q.ef, q.filter, q.min_offset, q.deadline_ms) == (10, None, None, None, None)
+    assert (q.include_metadata, q.include_vectors) == (False, False)
+    q2 = query(
+        {
+            "op": "search",
+            "index": "docs",
+            "vector_b64": b64([1, 2]),
+            "k": 3.0,
+            "ef": 50,
+            "filter": {"lang": "en"},
+            "include_metadata": True,
+            "min_offset": 41,
+            "deadline_ms": 1_700_000_000_000,
+            "request_id": "q-1",
+        }
+    )
+    assert (q2.k, q2.ef, q2.filter, q2.include_metadata) == (3, 50, {"lang": "en"}, True)
+    assert isinstance(q2.k, int)
+    assert (q2.min_offset, q2.deadline_ms, q2.request_id) == (41, 1_700_000_000_000, "q-1")
+    assert q2.reply_to == REPLY_TO
+    assert query({"index": "docs", "vector": [1], "filter": {}}).filter is None
+
+
+def test_get_and_stats_decode() -> None:
+    g = query({"op": "get", "index": "docs", "ids": ["a", "b"], "vector_encoding": "b64"})
+    assert isinstance(g, GetQuery) and g.ids == ["a", "b"] and g.vector_encoding == "b64"
+    assert (g.include_vectors, g.include_metadata) == (True, True)
+    s = query({"op": "stats", "index": "docs", "min_offset": 7})
+    assert isinstance(s, StatsQuery) and (s.index, s.min_offset) == ("docs", 7)
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+_ITEM = {"id": "a", "vector": [1.0, 2.0]}
+
+
+def _add(*items: Any, **extra: Any) -> dict[str, Any]:
+    return {"op": "add", "index": "docs", "items": list(items), **extra}
+
+
+# (name, key, value, expected message fragment, expected item)
+BAD_COMMANDS: list[tuple[str, bytes | None, Any, str, int | None]] = [
+    ("empty value", b"docs", b"", "empty", None),
+    ("undecodable JSON", b"docs", b'{"op": "add", ', "not valid JSON", None),
+    ("not UTF-8", b"docs", b'{"op": "\xff"}', "not valid JSON", None),
+    ("not an object", b"docs", b"[1, 2]", "an array", None),
+    ("unknown op", b"docs", {"op": "explode", "index": "docs"}, "unknown op", None),
+    ("no op", b"docs", {"index": "docs"}, "needs an op", None),
+    ("missing index", b"docs", {"op": "drop"}, "index", None),
+    ("key differs from index", b"other", {"op": "drop", "index": "docs"}, "record key", None),
+    ("no key", None, {"op": "drop", "index": "docs"}, "no key", None),
+    ("bad index name", b"-docs", {"op": "drop", "index": "-docs"}, "index", None),
+    ("index name too long", b"d" * 129, {"op": "drop", "index": "d" * 129}, "index", None),
+    ("unknown field", b"docs", {"op": "drop", "index": "docs", "tpyo": 1}, "'tpyo'", None),
+    ("unknown item field", b"docs", _add(_ITEM, {**_ITEM, "vectr": [1]}), "'vectr'", 1),
+    ("no items", b"docs", _add(), "items", None),
+    ("empty id", b"docs", _add(_ITEM, {**_ITEM, "id": ""}), "items[1].id", 1),
+    ("id not a string", b"docs", _add({**_ITEM, "id": 7}), "items[0].id", 0),
+    ("id too long", b"docs", _add(_ITEM, {**_ITEM, "id": "é" * 300}), "id over 512", 1),
+    ("both vectors", b"docs", _add({**_ITEM, "vector_b64": b64([1, 2])}), "got both", 0),
+    ("neither vector", b"docs", _add(_ITEM, {"id": "b"}), "got neither", 1),
+    ("b64 not float32", b"docs", _add({"id": "a", "vector_b64": "AAAAAAAA"}), "multiple of 4", 0),
+    ("b64 not base64", b"docs", _add({"id": "a", "vector_b64": "AA*A"}), "base64", 0),
+    ("NaN via b64", b"docs", _add(_ITEM, {"id": "b", "vector_b64": b64([1, np.nan])}), "NaN", 1),
+    ("Inf via b64", b"docs", _add({"id": "a", "vector_b64": b64([np.inf, 1])}), "NaN", 0),
+    ("beyond float32", b"docs", _add(_ITEM, {"id": "b", "vector": [1e39, 1.0]}), "NaN", 1),
+    ("string element", b"docs", _add(_ITEM, {"id": "b", "vector": [1.0, "2"]}), "numbers", 1),
+    ("bool element", b"docs", _add({"id": "a", "vector": [0.5, True]}), "numbers", 0),
+    ("too many items", b"docs", _add(*[_ITEM] * 10_001), "10001 items", None),
+    ("too many dims", b"docs", _add({"id": "a", "vector": [1.0] * 4097}), "4097 dimensions", 0),
+    ("too many b64 dims", b"docs", _add({"id": "a", "vector_b64": b64([1] * 4097)}), "4097", 0),
+    ("metadata too big", b"docs", _add({**_ITEM, "metadata": {"t": "x" * 70_000}}), "metadata", 0),
+    ("metadata not an object", b"docs", _add(_ITEM, {**_ITEM, "metadata": [1]}), "metadata", 1),
+    ("negative version", b"docs", _add({**_ITEM, "version": -1}), "version", 0),
+    ("version beyond int64", b"docs", _add({**_ITEM, "version": 2**63}), "version", 0),
+    ("fractional version", b"docs", _add({**_ITEM, "version": 1.5}), "version", 0),
+    ("delete without ids", b"docs", {"op": "delete", "index": "docs", "ids": []}, "ids", None),
+    ("delete empty id", b"docs", {"op": "delete", "index": "docs", "ids": ["a", ""]}, "ids[1]", 1),
+    ("too many ids", b"docs", {"op": "delete", "index": "docs", "ids": ["a"] * 10_001}, "ids", None),
+    ("create without dim", b"docs", {"op": "create", "index": "docs"}, "dim", None),
+    ("create dim 0", b"docs", {"op": "create", "index": "docs", "dim": 0}, "dim", None),
+    ("create dim over limit", b"docs", {"op": "create", "index": "docs", "dim": 5000}, "dim", None),
+    ("create unknown space", b"docs", {"op": "create", "index": "docs", "dim": 2, "space": "l3"}, "space", None),
+    ("self merge", b"docs", {"op": "merge", "index": "docs", "dest": "docs"}, "itself", None),
+    ("merge bad dest", b"docs", {"op": "merge", "index": "docs", "dest": "../x"}, "dest", None),
+    ("import not s3", b"docs", {"op": "import", "index": "docs", "source": "/etc/passwd"}, "source", None),
+    ("merge_in export escapes", b"docs", {"op": "merge_in", "index": "docs", "source_index": "s", "export": "a/../../b", "merge_id": "m", "origin_partition": 0, "origin_offset": 0}, "export", None),
+    ("bool for an integer", b"docs", {"op": "delete", "index": "docs", "ids": ["a"], "version": True}, "version", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment", "item"),
+    [case[1:] for case in BAD_COMMANDS],
+    ids=[case[0] for case in BAD_COMMANDS],
+)
+def test_bad_command_is_invalid_request(
+    key: bytes | None, value: Any, fragment: str, item: int | None
+) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        command(value, key=key)
+    assert type(err.value) is InvalidRequest
+    assert err.value.code == "invalid_request"
+    assert fragment in err.value.message
+    assert err.value.item == item
+    assert err.value.to_wire()["code"] == "invalid_request"
+
+
+def test_message_over_the_byte_limit_is_refused_before_parsing() -> None:
+    small = MessageLimits(max_message_bytes=100)
+    value = orjson.dumps(_add(*[_ITEM] * 10))
+    with pytest.raises(InvalidRequest, match="over the limit of 100"):
+        decode_command(b"docs", value, [], limits=small)
+
+
+def test_configured_limits_override_the_defaults_both_ways() -> None:
+    big = MessageLimits(max_items=20_000, max_dim=8192, max_id_bytes=2048)
+    body = _add(*[{"id": "x" * 1000, "vector": [1.0] * 5000}] * 2)
+    c = decode_command(b"docs", orjson.dumps(body), [], limits=big)
+    assert len(c.items) == 2 and c.items[0].vector.shape == (5000,)
+    small = MessageLimits(max_items=1)
+    with pytest.raises(InvalidRequest, match="2 items is over the limit 1"):
+        decode_command(b"docs", orjson.dumps(_add(_ITEM, _ITEM)), [], limits=small)
+    with pytest.raises(ValueError):
+        MessageLimits(max_k=0)
+
+
+BAD_QUERIES: list[tuple[str, Any, str]] = [
+    ("undecodable JSON", b"{nope", "not valid JSON"),
+    ("unknown op", {"op": "add", "index": "docs", "vector": [1.0]}, "unknown op"),
+    ("no vector", {"index": "docs"}, "vector"),
+    ("both vectors", {"index": "docs", "vector": [1.0], "vector_b64": b64([1.0])}, "vector"),
+    ("k too large", {"index": "docs", "vector": [1.0], "k": 10_001}, "k 10001"),
+    ("k zero", {"index": "docs", "vector": [1.0], "k": 0}, "k"),
+    ("NaN via b64", {"index": "docs", "vector_b64": b64([np.nan])}, "NaN"),
+    ("string element", {"index": "docs", "vector": ["1"]}, "numbers"),
+    ("filter not an object", {"index": "docs", "vector": [1.0], "filter": [1]}, "filter"),
+    ("negative deadline", {"index": "docs", "vector": [1.0], "deadline_ms": -5}, "deadline_ms"),
+    ("get without ids", {"op": "get", "index": "docs"}, "ids"),
+    ("get bad encoding", {"op": "get", "index": "docs", "ids": ["a"], "vector_encoding": "hex"}, "vector_encoding"),
+    ("get too many ids", {"op": "get", "index": "docs", "ids": ["a"] * 10_001}, "ids"),
+    ("stats unknown field", {"op": "stats", "index": "docs", "k": 3}, "'k'"),
+    ("index differs from key", {"index": "other", "vector": [1.0]}, "record key"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"), [c[1:] for c in BAD_QUERIES], ids=[c[0] for c in BAD_QUERIES]
+)
+def test_bad_query_is_invalid_request(value: Any, fragment: str) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        query(value)
+    assert type(err.value) is InvalidRequest and fragment in err.value.message
+    # the reply headers alone still say where the error reply goes
+    assert reply_to_from_headers(HEADERS) == REPLY_TO
+
+
+def test_query_without_reply_headers_is_refused() -> None:
+    with pytest.raises(InvalidRequest, match="kafka_replyTopic"):
+        query({"index": "docs", "vector": [1.0]}, headers=[])
+
+
+# -- reply headers -----------------------------------------------------------------------
+
+
+def test_reply_partition_is_read_as_spring_sends_it_and_as_decimal() -> None:
+    spring = [*HEADERS, ("kafka_replyPartition", (7).to_bytes(4, "big"))]
+    assert reply_to_from_headers(spring) == ReplyTo("lhv.replies.t1", 7, b"corr-1")
+    text = [*HEADERS, ("kafka_replyPartition", b"12")]
+    assert reply_to_from_headers(text) == ReplyTo("lhv.replies.t1", 12, b"corr-1")
+    four_digits = [*HEADERS, ("kafka_replyPartition", b"1234")]
+    assert reply_to_from_headers(four_digits).partition == 1234  # type: ignore[union-attr]
+
+
+def test_reply_headers_take_the_last_value_and_keep_binary_correlation_ids() -> None:
+    headers = [
+        ("kafka_replyTopic", b"lhv.replies.old"),
+        ("kafka_correlationId", b"\x00\x01\xfe"),
+        ("kafka_replyTopic", b"lhv.replies.new"),
+    ]
+    assert reply_to_from_headers(headers) == ReplyTo("lhv.replies.new", None, b"\x00\x01\xfe")
+
+
+def test_no_reply_topic_means_no_reply() -> None:
+    assert reply_to_from_headers([]) is None
+    assert reply_to_from_headers([("kafka_correlationId", b"x")]) is None
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("kafka_replyTopic", b"lhv.replies.t")],
+        [("kafka_replyTopic", b""), ("kafka_correlationId", b"c")],
+        [("kafka_replyTopic", b"\xff"), ("kafka_correlationId", b"c")],
+        [*HEADERS, ("kafka_replyPartition", (-1).to_bytes(4, "big", signed=True))],
+        [*HEADERS, ("kafka_replyPartition", b"x1")],
+        [*HEADERS, ("kafka_replyPartition", b"")],
+    ],
+    ids=["no correlation id", "empty topic", "topic not UTF-8", "negative", "junk", "empty"],
+)
+def test_bad_reply_headers_are_invalid_request(headers: list[tuple[str, bytes]]) -> None:
+    with pytest.raises(InvalidRequest):
+        reply_to_from_headers(headers)
+
+
+def test_reply_headers_are_read_even_when_the_body_is_garbage() -> None:
+    headers = [*HEADERS, ("kafka_replyPartition", b"\x00\x00\x00\x02")]
+    with pytest.raises(InvalidRequest):
+        command(b"\x00garbage", headers=headers)
+    assert reply_to_from_headers(headers) == ReplyTo("lhv.replies.t1", 2, b"corr-1")
+
+
+# -- replies and acks --------------------------------------------------------------------
+
+
+def test_correlation_ids_are_text_when_utf8_else_hex() -> None:
+    assert correlation_text(b"corr-1") == "corr-1"
+    assert correlation_text("é".encode()) == "é"
+    assert correlation_text(b"\xff\x00\x10") == "ff0010"
+
+
+def _hit(id_: str, distance: float, metadata: Any = None) -> Any:
+    return SimpleNamespace(id=id_, distance=np.float32(distance), metadata=metadata)
+
+
+def test_search_reply_is_schema_valid_and_has_metadata_only_when_asked() -> None:
+    q = query({"index": "docs", "vector": [1.0, 0.0], "include_metadata": True, "request_id": "q"})
+    hits = [_hit("a", 0.0, {"t": 1}), _hit("b", 0.5)]
+    body = orjson.loads(encode_search_reply(q, hits, applied_offset=41, took_ms=1.23456))
+    REPLY_SCHEMA(body)
+    assert body == {
+        "correlation_id": "corr-1",
+        "status": "ok",
+        "op": "search",
+        "index": "docs",
+        "hits": [
+            {"id": "a", "distance": 0.0, "metadata": {"t": 1}},
+            {"id": "b", "distance": 0.5, "metadata": None},
+        ],
+        "applied_offset": 41,
+        "took_ms": 1.235,
+        "request_id": "q",
+    }
+    plain = SearchReply(
+        reply_to=REPLY_TO,
+        index="docs",
+        hits=hits,
+        include_metadata=False,
+        applied_offset=0,
+        took_ms=0.1,
+    )
+    assert all("metadata" not in h for h in orjson.loads(plain.encode())["hits"])
+
+
+def test_get_reply_vectors_as_json_or_b64_are_schema_valid() -> None:
+    items = [
+        SimpleNamespace(
+            id="a", vector=np.array([1.5, -2], np.float32), metadata={"k": 1}, clock=(3, 10, 0)
+        ),
+        SimpleNamespace(id="b", vector=None, metadata=None, clock=None),
+    ]
+    g = query({"op": "get", "index": "docs", "ids": ["a", "b"]})
+    body = orjson.loads(encode_get_reply(g, items, applied_offset=5, took_ms=0.5))
+    REPLY_SCHEMA(body)
+    assert body["items"] == [
+        {"id": "a", "vector": [1.5, -2.0], "metadata": {"k": 1}, "version": 3},
+        {"id": "b", "metadata": None},
+    ]
+    reply = GetReply(
+        reply_to=REPLY_TO,
+        index="docs",
+        items=items[:1],
+        include_vectors=True,
+        include_metadata=False,
+        vector_encoding="b64",
+        applied_offset=5,
+        took_ms=0.5,
+    )
+    body = orjson.loads(reply.encode())
+    REPLY_SCHEMA(body)
+    assert body["items"] == [{"id": "a", "vector_b64": b64([1.5, -2]), "version": 3}]
+    np.testing.assert_array_equal(
+        decode_vector_b64(body["items"][0]["vector_b64"], max_dim=2), [1.5, -2]
+    )
+
+
+def test_stats_reply_is_schema_valid() -> None:
+    s = query({"op": "stats", "index": "docs"})
+    stats = {
+        "count": 3,
+        "deleted": 1,
+        "dim": 2,
+        "space": "cosine",
+        "engine": "hnsw",
+        "params": {"dim": 2, "M": 16},
+        "applied_offset": 12,
+        "checkpoint_offset": 10,
+        "slots": 4,
+    }
+    body = orjson.loads(encode_stats_reply(s, stats, took_ms=2))
+    REPLY_SCHEMA(body)
+    assert body["count"] == 3 and body["op"] == "stats" and body["status"] == "ok"
+    assert orjson.loads(StatsReply(reply_to=REPLY_TO, index="docs", stats={}, took_ms=0).encode())
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        InvalidRequest("bad", item=3),
+        IndexNotFound("no such index"),
+        DeadlineExceeded("late"),
+        error_for_code("not_ready", "restoring"),
+    ],
+    ids=lambda e: e.code,
+)
+def test_error_reply_carries_the_code_of_the_error_class(error: LhvError) -> None:
+    raw = encode_error_reply(REPLY_TO, "docs", error, took_ms=0.2, op="search")
+    body = orjson.loads(raw)
+    REPLY_SCHEMA(body)
+    assert body["status"] == "error" and body["error"]["code"] == error.code
+    assert body["error"]["message"] == error.message
+    assert body["error"].get("item") == error.item
+    blind = ErrorReply(reply_to=ReplyTo("t", None, b"\xff"), index="", error=error, took_ms=0)
+    body = orjson.loads(blind.encode())
+    REPLY_SCHEMA(body)
+    assert body["correlation_id"] == "ff" and "op" not in body
+
+
+def test_reply_schema_requires_an_error_on_error_status() -> None:
+    with pytest.raises(fastjsonschema.JsonSchemaValueException):
+        REPLY_SCHEMA({"correlation_id": "c", "status": "error", "index": "d", "took_ms": 1})
+
+
+def test_acks_are_schema_valid() -> None:
+    ok = SimpleNamespace(
+        reply_to=REPLY_TO,
+        offset=17,
+        index="docs",
+        op="add",
+        request_id="r1",
+        applied=2,
+        skipped=1,
+        error=None,
+    )
+    body = orjson.loads(encode_ack(ok))
+    ACK_SCHEMA(body)
+    assert body == {
+        "correlation_id": "corr-1",
+        "status": "ok",
+        "op": "add",
+        "index": "docs",
+        "request_id": "r1",
+        "offset": 17,
+        "applied": 2,
+        "skipped": 1,
+    }
+    rejected = Ack(
+        reply_to=REPLY_TO, offset=18, error=InvalidRequest("bad item", item=0), partition=3
+    )
+    body = orjson.loads(rejected.encode())
+    ACK_SCHEMA(body)
+    assert body["status"] == "error" and body["error"]["item"] == 0 and body["partition"] == 3
+    assert body["applied"] == 0 and body["index"] == "" and body["request_id"] is None
