@@ -44,6 +44,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import importlib.util
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -398,13 +399,26 @@ Query: TypeAlias = SearchQuery | GetQuery | StatsQuery
 
 
 def _schema_dir() -> Any:
-    """The installed package `lhv_schemas`, else `schemas/` of a source checkout."""
+    """Where the schema files are: the installed package `lhv_schemas`, else `schemas/`
+    of the source checkout this module sits in.
+
+    `lhv_schemas` is a namespace package (data only). Under an editable install its path
+    also holds the installer's path hook, which `importlib.resources.files` cannot read on
+    Python 3.11, so the real directories on its path are tried next.
+    """
     try:
         installed = resources.files("lhv_schemas")
         if installed.joinpath("add.schema.json").is_file():
             return installed
     except (ImportError, OSError, TypeError, ValueError):
-        pass  # not installed, or an editable install whose namespace path cannot be read
+        pass
+    try:
+        spec = importlib.util.find_spec("lhv_schemas")
+    except (ImportError, ValueError):
+        spec = None
+    for entry in (spec.submodule_search_locations or []) if spec is not None else []:
+        if (Path(entry) / "add.schema.json").is_file():
+            return Path(entry)
     return Path(__file__).resolve().parent.parent / "schemas"
 
 
