@@ -756,8 +756,9 @@ def decode_command(
         headers: the record headers; Spring reply headers ask for an ack.
 
     Raises:
-        InvalidRequest: anything malformed or over a limit, with a message naming it and
-            `item` set when one item (or id) is to blame. Nothing was applied.
+        InvalidRequest: anything malformed or over a limit (malformed reply headers
+            included), with a message naming it and `item` set when one item (or id) is
+            to blame. Nothing was applied.
     """
     body = _parse(value, limits)
     op = body.get("op")
