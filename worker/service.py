@@ -144,7 +144,10 @@ class Worker:
         self.health = HealthTracker(
             stall_timeout_s=config.stall_timeout_s, states=self.partition_states
         )
-        self.reply_policy = ReplyTopicPolicy(config.topics.reply_pattern)
+        self.reply_policy = ReplyTopicPolicy(
+            config.topics.reply_pattern,
+            forbidden={config.topics.commands, config.topics.search, config.topics.dlq},
+        )
         self.barrier: Any = None  # merge/import steps, installed by worker.merge when present
         self._runners: dict[int, _Runner] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
