@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from worker.client import Hit, LhvClient
     from worker.config import WorkerConfig
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
@@ -247,6 +248,207 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# lhv load / search / stats (clients of running workers; logic in worker.loader, .client)
+
+
+def _args_connection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bootstrap-servers",
+        default=os.environ.get("LHV_BOOTSTRAP_SERVERS") or "127.0.0.1:9092",
+        help="Kafka bootstrap servers (LHV_BOOTSTRAP_SERVERS)",
+    )
+    parser.add_argument("--commands-topic", default=None, help="(LHV_COMMANDS_TOPIC)")
+    parser.add_argument("--search-topic", default=None, help="(LHV_SEARCH_TOPIC)")
+    parser.add_argument("--reply-pattern", default=None, help="(LHV_REPLY_PATTERN)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait per reply")
+
+
+def _client(args: argparse.Namespace) -> LhvClient:
+    from worker.client import LhvClient
+    from worker.config import KafkaConfig, TopicsConfig
+
+    env = dict(os.environ)
+    for name, value in (
+        ("LHV_BOOTSTRAP_SERVERS", args.bootstrap_servers),
+        ("LHV_COMMANDS_TOPIC", args.commands_topic),
+        ("LHV_SEARCH_TOPIC", args.search_topic),
+        ("LHV_REPLY_PATTERN", args.reply_pattern),
+    ):
+        if value:
+            env[name] = value
+    return LhvClient(
+        kafka=KafkaConfig.from_env(env), topics=TopicsConfig.from_env(env), timeout_s=args.timeout
+    )
+
+
+def _args_load(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index")
+    parser.add_argument("file", help=".npy, .npz, .fvecs or .jsonl ({id, vector, metadata?})")
+    parser.add_argument("--ids-file", default=None, help="one id per line, or an .npy of ids")
+    parser.add_argument("--create", action="store_true", help="create the index first")
+    parser.add_argument("--dim", type=int, default=None, help="with --create (default: the file's)")
+    parser.add_argument("--space", default="cosine", help="with --create: cosine, l2 or ip")
+    parser.add_argument("--engine", default="hnsw", help="with --create: hnsw or exact")
+    parser.add_argument("--batch-size", type=int, default=1000, help="rows per batch")
+    parser.add_argument("--in-flight", type=int, default=8, help="batches awaiting acks at once")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _args_connection(parser)
+
+
+def _cmd_load(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from tqdm import tqdm
+
+    from lhv_index.errors import LhvError
+    from worker.loader import LoadError, load_file, open_vectors
+
+    try:
+        vectors = open_vectors(args.file, ids_file=args.ids_file)
+    except LoadError as exc:
+        print(f"lhv load: {exc}", file=sys.stderr)
+        return 2
+    if args.dim is not None and args.dim != vectors.dim:
+        print(f"lhv load: --dim {args.dim} but {args.file} has {vectors.dim}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        async with _client(args) as client:
+            if args.create:
+                await client.create(
+                    args.index, dim=vectors.dim, space=args.space, engine=args.engine
+                )
+            with tqdm(
+                total=vectors.rows, unit="rows", desc=args.index, disable=args.no_progress
+            ) as bar:
+                report = await load_file(
+                    client,
+                    args.index,
+                    vectors,
+                    batch_size=args.batch_size,
+                    in_flight=args.in_flight,
+                    progress=bar.update,
+                )
+        last = report.last
+        where = f" (last at partition {last.partition} offset {last.offset})" if last else ""
+        print(f"loaded {report.rows} of {vectors.rows} rows into {args.index}{where}")
+        for failed in report.failed:
+            print(f"FAILED {failed}", file=sys.stderr)
+        if report.failed:
+            print(f"{len(report.failed)} of {report.batches} batches failed", file=sys.stderr)
+            return 1
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except (LhvError, LoadError, TimeoutError) as exc:
+        print(f"lhv load: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _args_search(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--vector", help="one query as a JSON array")
+    what.add_argument("--file", help="queries: .npy/.npz/.fvecs/.jsonl, one per row")
+    parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--ef", type=int, default=None)
+    parser.add_argument("--filter", default=None, help='metadata equality, JSON: {"lang": "en"}')
+    parser.add_argument("--metadata", action="store_true", help="include metadata")
+    parser.add_argument("--json", action="store_true", help="one JSON line per query")
+    _args_connection(parser)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    import numpy as np
+
+    from lhv_index.errors import LhvError
+    from worker.loader import LoadError, open_vectors
+
+    try:
+        if args.vector is not None:
+            queries = np.asarray([json.loads(args.vector)], dtype=np.float32)
+            if queries.ndim != 2:
+                raise ValueError("--vector must be a flat JSON array of numbers")
+        else:
+            vf = open_vectors(args.file)
+            queries = np.concatenate([b.vectors for b in vf.batches(10_000)])
+        flt = json.loads(args.filter) if args.filter else None
+    except (ValueError, LoadError) as exc:
+        print(f"lhv search: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> list[list[Hit]]:
+        async with _client(args) as client:
+            return list(
+                await client.search_many(
+                    args.index,
+                    queries,
+                    args.k,
+                    ef=args.ef,
+                    filter=flt,
+                    include_metadata=args.metadata,
+                )
+            )
+
+    try:
+        results = asyncio.run(run())
+    except (LhvError, TimeoutError) as exc:
+        print(f"lhv search: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    for q, hits in enumerate(results):
+        rows: list[dict[str, object]] = [{"id": h.id, "distance": h.distance} for h in hits]
+        if args.metadata:
+            for row, h in zip(rows, hits, strict=True):
+                row["metadata"] = h.metadata
+        if args.json:
+            print(json.dumps({"query": q, "hits": rows}))
+            continue
+        if len(results) > 1:
+            print(f"query {q}")
+        print(f"{'rank':>4}  {'distance':>12}  id")
+        for rank, row in enumerate(rows, 1):
+            meta = f"  {json.dumps(row['metadata'])}" if args.metadata else ""
+            print(f"{rank:>4}  {row['distance']:>12.6f}  {row['id']}{meta}")
+    return 0
+
+
+def _args_stats(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index")
+    parser.add_argument("--json", action="store_true", help="the reply as JSON")
+    _args_connection(parser)
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from lhv_index.errors import LhvError
+
+    async def run() -> dict[str, object]:
+        async with _client(args) as client:
+            return dict(await client.stats(args.index))
+
+    try:
+        stats = asyncio.run(run())
+    except (LhvError, TimeoutError) as exc:
+        print(f"lhv stats: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    for key in ("correlation_id", "status", "op", "took_ms"):
+        stats.pop(key, None)
+    if args.json:
+        print(json.dumps(stats, sort_keys=True))
+        return 0
+    for key, value in stats.items():
+        text = json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else value
+        print(f"{key:18} {text}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
 # registry: one row per subcommand
 
 COMMANDS: tuple[Command, ...] = (
@@ -257,6 +459,9 @@ COMMANDS: tuple[Command, ...] = (
         _args_worker,
         _cmd_worker,
     ),
+    Command("load", "load vectors from a file into an index (acknowledged)", _args_load, _cmd_load),
+    Command("search", "k nearest neighbours of one or more vectors", _args_search, _cmd_search),
+    Command("stats", "an index's size, parameters and offsets", _args_stats, _cmd_stats),
 )
 
 

@@ -1,16 +1,47 @@
 """`LhvClient`: produce commands and ask queries over Kafka, in one line each.
 
     async with LhvClient("127.0.0.1:9092") as c:
-        await c.create("docs", dim=128, space="cosine")
-        w = await c.add("docs", ids, vectors)            # returns where the writes landed
-        hits = await c.search("docs", q, k=10, after=w)  # read-your-writes, no sleeps
+        await c.create("docs", dim=128, space="cosine")      # acknowledged by the worker
+        w = await c.add("docs", ids, vectors)                # returns where the writes landed
+        hits = await c.search("docs", q, k=10, after=w)      # read-your-writes, no sleeps
+        rows = await c.search_many("docs", queries, k=10)    # concurrent: batched by the worker
+        items = await c.get("docs", ["a", "b"])
+        stats = await c.stats("docs")
 
-Writes return a `WriteResult` with their partition and last offset; passing it as `after=`
-makes the query wait until the worker applied it. Queries and acknowledged commands use
-Spring-style request/reply headers; the client reads its own reply topic (created on
-start, removed on stop when it made it) and routes replies to waiting calls by
-correlation id. A reply with `status: "error"` raises the `LhvError` subclass its code
-names, the same class the worker raised.
+Writes
+    `create`, `drop`, `add`, `delete`, `merge` produce to the commands topic, keyed by the
+    index name (so Kafka's default partitioner puts every record of one index on its home
+    partition), and return a `WriteResult`: the partition and the offset of the last record
+    written. `add` splits its items into records of `batch_size`. With `ack=True` (the
+    default for index-level commands, off for `add`/`delete`) the call also waits for the
+    worker's acknowledgement and raises if the worker rejected the command.
+
+Read-your-writes
+    Passing a `WriteResult` as `after=` (or an offset as `min_offset=`) makes the worker
+    answer only once it has applied that offset, so a search right after a write sees it
+    without sleeps or polling. Offsets are per partition; `after=` is meant for a write to
+    the same index as the query.
+
+Request/reply
+    Queries and acknowledged commands carry Spring `ReplyingKafkaTemplate` headers
+    (`kafka_replyTopic`, `kafka_correlationId`). The client reads its own reply topic (by
+    default `lhv.replies.<random>`, created on `start()` and deleted on `stop()` when the
+    client made it) and hands each reply to the call waiting for its correlation id.
+
+Timeouts and errors
+    Every call waits at most `timeout_s` (the client default, or the call's own). Queries
+    also carry `deadline_ms = now + timeout_s`, so the worker drops a request nobody waits
+    for and answers `not_ready` / `deadline_exceeded` in time for the caller to see it; the
+    client itself gives up `reply_grace_s` later with the builtin `TimeoutError`. A call
+    that times out or is cancelled leaves nothing behind (`pending` counts the calls
+    waiting for a reply). A reply with `status: "error"` raises the `LhvError` subclass
+    its code names (`lhv_index.errors`), the same class the worker raised, with `.item`
+    set when one item of a command was to blame.
+
+Lifecycle
+    `start()` once, `stop()` is idempotent; `async with` does both. Calls after `stop()`
+    raise `ClientClosed`, and so do calls still waiting when `stop()` runs. If the reply
+    reader fails, waiting calls get its error and later calls raise it.
 """
 
 from __future__ import annotations
@@ -18,8 +49,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +60,18 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from lhv_index.errors import LhvError, error_for_code
+from lhv_index.errors import Internal, error_for_code
 from worker.config import KafkaConfig, TopicsConfig
 
-__all__ = ["Hit", "LhvClient", "WriteResult"]
+__all__ = ["ClientClosed", "Hit", "LhvClient", "WriteResult", "encode_vector"]
 
 log = logging.getLogger(__name__)
+
+_TOPIC_ALREADY_EXISTS = 36
+
+
+class ClientClosed(RuntimeError):
+    """The client was stopped (or never started) while a call needed it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +82,15 @@ class WriteResult:
     offset: int
     """the offset of the last record written"""
     records: int = 1
+    """how many records the write produced"""
     ack: Mapping[str, Any] | None = None
-    """the worker's acknowledgement, when it was asked for"""
+    """the worker's acknowledgement of the last record, when it was asked for"""
 
 
 @dataclass(frozen=True, slots=True)
 class Hit:
+    """One search result; `distance` follows the index's space (cosine `1 - cos`, ...)."""
+
     id: str
     distance: float
     metadata: dict[str, Any] | None = None
@@ -61,13 +102,66 @@ def encode_vector(vector: Any) -> str:
     return base64.b64encode(arr.tobytes()).decode("ascii")
 
 
+def _raise_for_error(reply: Mapping[str, Any]) -> None:
+    if reply.get("status") != "error":
+        return
+    err = reply.get("error") or {}
+    exc = error_for_code(str(err.get("code", "internal")), str(err.get("message", "")))
+    item = err.get("item")
+    if isinstance(item, int):
+        exc.item = item
+    raise exc
+
+
+def _chunks(
+    ids: Sequence[str],
+    vecs: np.ndarray,
+    metadata: Sequence[Mapping[str, Any] | None] | None,
+    version: int | None,
+    max_items: int,
+    max_bytes: int,
+) -> Iterator[list[dict[str, Any]]]:
+    """The `items` of successive add records, bounded by count and by encoded size."""
+    items: list[dict[str, Any]] = []
+    size = 0
+    for i, id_ in enumerate(ids):
+        item: dict[str, Any] = {"id": id_, "vector_b64": encode_vector(vecs[i])}
+        if metadata is not None and metadata[i] is not None:
+            item["metadata"] = metadata[i]
+        if version is not None:
+            item["version"] = version
+        item_bytes = len(orjson.dumps(item)) + 1
+        if items and (len(items) >= max_items or size + item_bytes > max_bytes):
+            yield items
+            items, size = [], 0
+        items.append(item)
+        size += item_bytes
+    if items:
+        yield items
+
+
+@dataclass(slots=True, eq=False)
+class _Sent:
+    """One produced record: its delivery future and, when a reply is expected, where it
+    will be handed over."""
+
+    delivery: asyncio.Future[Any]
+    cid: bytes | None = None
+    reply: asyncio.Future[dict[str, Any]] | None = None
+
+
 class LhvClient:
-    """An async client for LHV's command and search topics.
+    """An async client for LHV's command and search topics. See the module docstring.
 
     Arguments:
         bootstrap_servers: Kafka to talk to (ignored when `kafka` is given).
-        reply_topic: where replies come; default `lhv.replies.<random>`, created on start.
-        timeout_s: default wait for a reply.
+        kafka: full connection settings (SASL/SSL).
+        topics: topic names and the reply-topic pattern (must match the workers').
+        reply_topic: where replies come; default `<pattern prefix><random>`, created on
+            start and deleted on stop.
+        timeout_s: default wait for a reply, in seconds.
+        reply_grace_s: how much longer than a query's deadline the client waits, so the
+            worker's `not_ready` / `deadline_exceeded` reply arrives before the local timeout.
     """
 
     def __init__(
@@ -78,18 +172,36 @@ class LhvClient:
         topics: TopicsConfig | None = None,
         reply_topic: str | None = None,
         timeout_s: float = 30.0,
+        reply_grace_s: float = 2.0,
     ) -> None:
+        if timeout_s <= 0 or reply_grace_s < 0:
+            raise ValueError("timeout_s must be > 0 and reply_grace_s >= 0")
         self._kafka = kafka or KafkaConfig(bootstrap_servers=bootstrap_servers or "127.0.0.1:9092")
         self._topics = topics or TopicsConfig()
-        prefix = self._topics.reply_pattern.rstrip("*")
+        prefix = self._topics.reply_pattern.split("*", 1)[0]
         self.reply_topic = reply_topic or f"{prefix}{uuid.uuid4().hex[:12]}"
-        self._created_reply_topic = False
         self.timeout_s = timeout_s
+        self.reply_grace_s = reply_grace_s
+        self._created_reply_topic = False
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._reader_error: BaseException | None = None
         self._waiting: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
         self._state = "unopened"
+
+    def __repr__(self) -> str:
+        return (
+            f"LhvClient({self._kafka.bootstrap_servers!r}, reply_topic={self.reply_topic!r}, "
+            f"{self._state})"
+        )
+
+    @property
+    def pending(self) -> int:
+        """Calls waiting for a reply right now."""
+        return len(self._waiting)
+
+    # -- lifecycle -----------------------------------------------------------------------
 
     async def __aenter__(self) -> LhvClient:
         await self.start()
@@ -99,9 +211,20 @@ class LhvClient:
         await self.stop()
 
     async def start(self) -> None:
+        """Create the reply topic if needed, connect, and start reading replies.
+
+        Not reentrant; a client that failed to start is stopped and cannot be reused.
+        """
         if self._state != "unopened":
             raise RuntimeError(f"client cannot start: it is {self._state}")
         self._state = "opened"
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         kw = self._kafka.client_kwargs()
         await self._ensure_reply_topic(kw)
         self._producer = AIOKafkaProducer(
@@ -116,16 +239,14 @@ class LhvClient:
             **kw, enable_auto_commit=False, auto_offset_reset="latest"
         )
         await self._consumer.start()
-        for _ in range(100):  # a topic just created needs a moment to have a leader
-            if self.reply_topic in await self._consumer.topics() and (
-                self._consumer.partitions_for_topic(self.reply_topic)
-            ):
-                break
-            await asyncio.sleep(0.1)
-        tp = TopicPartition(self.reply_topic, 0)
-        self._consumer.assign([tp])
-        await self._consumer.seek_to_end(tp)
-        await self._consumer.position(tp)  # fixes the position before any request is sent
+        # waits until the metadata of a topic just created is known
+        async with asyncio.timeout(self._kafka.request_timeout_ms / 1000):
+            parts = await self._producer.partitions_for(self.reply_topic)
+        tps = [TopicPartition(self.reply_topic, p) for p in sorted(parts)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_end(*tps)
+        for tp in tps:  # fixes the position before any request is sent
+            await self._consumer.position(tp)
         self._reader = asyncio.create_task(self._read_replies(), name="lhv-client-replies")
 
     async def _ensure_reply_topic(self, kw: dict[str, Any]) -> None:
@@ -138,14 +259,14 @@ class LhvClient:
                     [NewTopic(self.reply_topic, num_partitions=1, replication_factor=1)]
                 )
                 for topic, code, *rest in resp.topic_errors:
-                    if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS
-                        raise LhvError(f"cannot create reply topic {topic}: error {code} {rest}")
-                self._created_reply_topic = True
+                    if code not in (0, _TOPIC_ALREADY_EXISTS):
+                        raise Internal(f"cannot create reply topic {topic}: error {code} {rest}")
+                    self._created_reply_topic = code == 0
         finally:
             await admin.close()
 
     async def stop(self) -> None:
-        """Close; waiting calls fail with `CancelledError`. Idempotent."""
+        """Close. Calls still waiting raise `ClientClosed`. Idempotent."""
         if self._state != "opened":
             self._state = "closed"
             return
@@ -153,11 +274,9 @@ class LhvClient:
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
-        for fut in self._waiting.values():
-            fut.cancel()
-        self._waiting.clear()
+        self._fail_waiting(ClientClosed("the client was stopped while waiting for a reply"))
         if self._consumer is not None:
-            await self._consumer.stop()
+            await self._stop_consumer(self._consumer)
         if self._producer is not None:
             await self._producer.stop()
         if self._created_reply_topic:
@@ -170,34 +289,70 @@ class LhvClient:
             finally:
                 await admin.close()
 
+    @staticmethod
+    async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
+        # aiokafka's group-less coordinator can raise CancelledError from close() when
+        # its task was cancelled before it ran; only a cancellation of ours propagates.
+        try:
+            await consumer.stop()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+
+    def _fail_waiting(self, exc: BaseException) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for fut in waiting.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
     async def _read_replies(self) -> None:
         assert self._consumer is not None
-        while True:
-            batches = await self._consumer.getmany(timeout_ms=500)
-            for records in batches.values():
-                for rec in records:
-                    cid = dict(rec.headers or ()).get("kafka_correlationId", rec.key)
-                    fut = self._waiting.pop(cid, None) if cid is not None else None
-                    if fut is None or fut.done():
-                        continue
-                    try:
-                        fut.set_result(orjson.loads(rec.value))
-                    except orjson.JSONDecodeError as exc:
-                        fut.set_exception(LhvError(f"undecodable reply: {exc}"))
+        try:
+            while True:
+                batches = await self._consumer.getmany(timeout_ms=500)
+                for records in batches.values():
+                    for rec in records:
+                        self._deliver(rec)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("the reply reader of %s failed", self.reply_topic)
+            self._reader_error = exc
+            self._fail_waiting(Internal(f"the reply reader failed: {exc!r}"))
+
+    def _deliver(self, rec: Any) -> None:
+        cid = dict(rec.headers or ()).get("kafka_correlationId", rec.key)
+        fut = self._waiting.pop(cid, None) if cid is not None else None
+        if fut is None or fut.done():
+            return  # a reply nobody waits for any more (timed out), or not ours
+        try:
+            body = orjson.loads(rec.value)
+        except orjson.JSONDecodeError as exc:
+            fut.set_exception(Internal(f"undecodable reply: {exc}"))
+            return
+        if not isinstance(body, dict):
+            fut.set_exception(Internal("a reply must be a JSON object"))
+            return
+        fut.set_result(body)
 
     # -- plumbing ------------------------------------------------------------------------
 
-    @property
-    def _p(self) -> AIOKafkaProducer:
-        if self._producer is None or self._state != "opened":
-            raise RuntimeError("client is not started")
+    def _check_open(self) -> AIOKafkaProducer:
+        if self._state != "opened" or self._producer is None:
+            raise ClientClosed(f"client is {self._state}")
+        if self._reader_error is not None:
+            raise Internal(f"the reply reader failed: {self._reader_error!r}")
         return self._producer
 
-    async def _send(
-        self, topic: str, index: str, body: dict[str, Any], *, reply: bool
-    ) -> tuple[asyncio.Future[Any], asyncio.Future[dict[str, Any]] | None]:
-        """Queue one record; returns its delivery future and, with `reply`, the reply's."""
+    async def _send(self, topic: str, index: str, body: dict[str, Any], *, reply: bool) -> _Sent:
+        """Queue one record; with `reply`, register for its reply first.
+
+        On failure nothing stays registered.
+        """
+        producer = self._check_open()
         headers: list[tuple[str, bytes]] = []
+        cid: bytes | None = None
         fut: asyncio.Future[dict[str, Any]] | None = None
         if reply:
             cid = uuid.uuid4().hex.encode()
@@ -207,36 +362,53 @@ class LhvClient:
                 ("kafka_replyTopic", self.reply_topic.encode()),
                 ("kafka_correlationId", cid),
             ]
-        delivery = await self._p.send(
-            topic,
-            key=index.encode(),
-            value=orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
-            headers=headers,
-        )
-        return delivery, fut
-
-    async def _await_reply(
-        self, fut: asyncio.Future[dict[str, Any]], timeout_s: float | None
-    ) -> dict[str, Any]:
         try:
-            async with asyncio.timeout(timeout_s or self.timeout_s):
-                reply = await fut
-        except TimeoutError:
-            fut.cancel()
+            delivery = await producer.send(
+                topic,
+                key=index.encode(),
+                value=orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+                headers=headers,
+            )
+        except BaseException:
+            self._forget(cid)
             raise
-        if reply.get("status") == "error":
-            err = reply.get("error") or {}
-            raise error_for_code(str(err.get("code", "internal")), str(err.get("message", "")))
-        return reply
+        return _Sent(delivery, cid, fut)
+
+    def _forget(self, cid: bytes | None) -> None:
+        if cid is None:
+            return
+        fut = self._waiting.pop(cid, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+
+    async def _finish(self, sent: _Sent, timeout_s: float) -> tuple[Any, dict[str, Any] | None]:
+        """Await delivery and the reply (if any) within `timeout_s`; raise the reply's
+        error. Whatever happens (timeout, cancellation), the registration is removed."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                meta = await sent.delivery
+                reply = await sent.reply if sent.reply is not None else None
+        finally:
+            self._forget(sent.cid)
+        if reply is not None:
+            _raise_for_error(reply)
+        return meta, reply
+
+    def _timeout(self, timeout_s: float | None) -> float:
+        return timeout_s if timeout_s is not None else self.timeout_s
 
     async def command(
         self, index: str, body: dict[str, Any], *, ack: bool, timeout_s: float | None = None
     ) -> WriteResult:
-        """Produce one command; with `ack`, wait for the worker to apply it (or raise)."""
+        """Produce one command; with `ack`, wait for the worker to apply it (or raise).
+
+        Raises:
+            LhvError: the worker rejected the command (only with `ack`).
+            TimeoutError: no delivery (or no ack) within the timeout.
+        """
         body = {"index": index, **body}
-        delivery, fut = await self._send(self._topics.commands, index, body, reply=ack)
-        meta = await delivery
-        reply = await self._await_reply(fut, timeout_s) if fut is not None else None
+        sent = await self._send(self._topics.commands, index, body, reply=ack)
+        meta, reply = await self._finish(sent, self._timeout(timeout_s))
         return WriteResult(partition=meta.partition, offset=meta.offset, ack=reply)
 
     # -- commands ------------------------------------------------------------------------
@@ -249,16 +421,21 @@ class LhvClient:
         space: str = "cosine",
         engine: str = "hnsw",
         ack: bool = True,
+        timeout_s: float | None = None,
         **params: Any,
     ) -> WriteResult:
+        """Create an index; identical parameters again are a no-op, others `IndexExists`."""
         return await self.command(
             index,
             {"op": "create", "dim": dim, "space": space, "engine": engine, **params},
             ack=ack,
+            timeout_s=timeout_s,
         )
 
-    async def drop(self, index: str, *, ack: bool = True) -> WriteResult:
-        return await self.command(index, {"op": "drop"}, ack=ack)
+    async def drop(
+        self, index: str, *, ack: bool = True, timeout_s: float | None = None
+    ) -> WriteResult:
+        return await self.command(index, {"op": "drop"}, ack=ack, timeout_s=timeout_s)
 
     async def add(
         self,
@@ -269,58 +446,114 @@ class LhvClient:
         *,
         version: int | None = None,
         batch_size: int = 1000,
+        max_record_bytes: int = 900_000,
         ack: bool = False,
+        timeout_s: float | None = None,
     ) -> WriteResult:
-        """Upsert items, `batch_size` per record; returns where the last record landed.
+        """Upsert items; returns where the last record landed.
 
-        With `ack`, waits for every record to be applied and raises the first error.
+        Items go in records of at most `batch_size` items and about `max_record_bytes`
+        (Kafka brokers refuse records over `message.max.bytes`, 1 MiB by default; a single
+        item larger than that still goes alone). Every record is produced before any is
+        awaited, so a large add is pipelined. With `ack`, waits for every record to be
+        applied and raises the first error (by record order); `.item` of the error is the
+        position inside that record.
         """
+        pending = await self.start_add(
+            index,
+            ids,
+            vectors,
+            metadata,
+            version=version,
+            batch_size=batch_size,
+            max_record_bytes=max_record_bytes,
+            ack=ack,
+            timeout_s=timeout_s,
+        )
+        return await pending
+
+    async def start_add(
+        self,
+        index: str,
+        ids: Sequence[str],
+        vectors: Any,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        *,
+        version: int | None = None,
+        batch_size: int = 1000,
+        max_record_bytes: int = 900_000,
+        ack: bool = False,
+        timeout_s: float | None = None,
+    ) -> Awaitable[WriteResult]:
+        """`add` in two steps: returns once every record is queued in the producer (so
+        records of successive calls keep their order), with an awaitable that waits for
+        delivery (and acks) and gives the `WriteResult`. Await it: its waits are only
+        cleaned up then."""
         vecs = np.asarray(vectors, dtype="<f4")
         if vecs.ndim != 2 or len(vecs) != len(ids):
             raise ValueError("vectors must be a 2-D array with one row per id")
-        results: list[Any] = []
-        for start in range(0, len(ids), batch_size):
-            items = []
-            for i in range(start, min(start + batch_size, len(ids))):
-                item: dict[str, Any] = {"id": ids[i], "vector_b64": encode_vector(vecs[i])}
-                if metadata is not None and metadata[i] is not None:
-                    item["metadata"] = metadata[i]
-                if version is not None:
-                    item["version"] = version
-                items.append(item)
-            results.append(
-                await self._send(
-                    self._topics.commands,
-                    index,
-                    {"op": "add", "index": index, "items": items},
-                    reply=ack,
-                )
-            )
-        if not results:
+        if metadata is not None and len(metadata) != len(ids):
+            raise ValueError("metadata must have one entry per id")
+        if not len(ids):
             raise ValueError("nothing to add")
-        metas = await asyncio.gather(*(delivery for delivery, _ in results))
-        last_ack = None
-        for _delivery, fut in results:
-            if fut is not None:
-                last_ack = await self._await_reply(fut, None)
-        meta = metas[-1]
+        sent: list[_Sent] = []
+        try:
+            for items in _chunks(ids, vecs, metadata, version, batch_size, max_record_bytes):
+                body = {"op": "add", "index": index, "items": items}
+                sent.append(await self._send(self._topics.commands, index, body, reply=ack))
+        except BaseException:
+            for s in sent:
+                self._forget(s.cid)
+            raise
+        return self._finish_add(sent, self._timeout(timeout_s))
+
+    async def _finish_add(self, sent: list[_Sent], timeout_s: float) -> WriteResult:
+        try:
+            done = await asyncio.gather(
+                *(self._finish(s, timeout_s) for s in sent), return_exceptions=True
+            )
+        finally:
+            for s in sent:
+                self._forget(s.cid)
+        results: list[tuple[Any, dict[str, Any] | None]] = []
+        for outcome in done:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            results.append(outcome)
+        meta, last_ack = results[-1]
         return WriteResult(
-            partition=meta.partition, offset=meta.offset, records=len(results), ack=last_ack
+            partition=meta.partition, offset=meta.offset, records=len(sent), ack=last_ack
         )
 
     async def delete(
-        self, index: str, ids: Iterable[str], *, version: int | None = None, ack: bool = False
+        self,
+        index: str,
+        ids: Iterable[str],
+        *,
+        version: int | None = None,
+        ack: bool = False,
+        timeout_s: float | None = None,
     ) -> WriteResult:
+        """Tombstone `ids` (absent ids too: an older add arriving later stays deleted)."""
         body: dict[str, Any] = {"op": "delete", "ids": list(ids)}
         if version is not None:
             body["version"] = version
-        return await self.command(index, body, ack=ack)
+        return await self.command(index, body, ack=ack, timeout_s=timeout_s)
 
     async def merge(
-        self, index: str, dest: str, *, clear_source: bool = False, ack: bool = True
+        self,
+        index: str,
+        dest: str,
+        *,
+        clear_source: bool = False,
+        ack: bool = True,
+        timeout_s: float | None = None,
     ) -> WriteResult:
         return await self.command(
-            index, {"op": "merge", "dest": dest, "clear_source": clear_source}, ack=ack
+            index,
+            {"op": "merge", "dest": dest, "clear_source": clear_source},
+            ack=ack,
+            timeout_s=timeout_s,
         )
 
     # -- queries -------------------------------------------------------------------------
@@ -334,16 +567,23 @@ class LhvClient:
         min_offset: int | None = None,
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
-        """Send one query and return its reply (raises the reply's error)."""
+        """Send one query and return its reply body.
+
+        Raises:
+            LhvError: the subclass named by an error reply (`NotReady`, `IndexNotFound`, ...).
+            TimeoutError: no reply within the timeout plus `reply_grace_s`.
+        """
+        wait_s = self._timeout(timeout_s)
         body = {"index": index, **body}
         if after is not None:
-            min_offset = max(min_offset or -1, after.offset)
+            min_offset = max(min_offset if min_offset is not None else -1, after.offset)
         if min_offset is not None:
             body["min_offset"] = min_offset
-        delivery, fut = await self._send(self._topics.search, index, body, reply=True)
-        assert fut is not None
-        await delivery
-        return await self._await_reply(fut, timeout_s)
+        body.setdefault("deadline_ms", int((time.time() + wait_s) * 1000))
+        sent = await self._send(self._topics.search, index, body, reply=True)
+        _meta, reply = await self._finish(sent, wait_s + self.reply_grace_s)
+        assert reply is not None
+        return reply
 
     async def search(
         self,
@@ -358,6 +598,7 @@ class LhvClient:
         min_offset: int | None = None,
         timeout_s: float | None = None,
     ) -> list[Hit]:
+        """The `k` nearest live items to `vector`, nearest first (fewer if fewer exist)."""
         body: dict[str, Any] = {"op": "search", "vector_b64": encode_vector(vector), "k": k}
         if ef is not None:
             body["ef"] = ef
@@ -370,6 +611,41 @@ class LhvClient:
         )
         return [Hit(h["id"], float(h["distance"]), h.get("metadata")) for h in reply["hits"]]
 
+    async def search_many(
+        self,
+        index: str,
+        vectors: Any,
+        k: int = 10,
+        *,
+        ef: int | None = None,
+        filter: Mapping[str, Any] | None = None,
+        include_metadata: bool = False,
+        after: WriteResult | None = None,
+        timeout_s: float | None = None,
+    ) -> list[list[Hit]]:
+        """One search per row of `vectors`, all in flight at once (the worker answers
+        concurrent queries with batched engine calls); results in row order."""
+        rows = np.asarray(vectors, dtype="<f4")
+        if rows.ndim != 2:
+            raise ValueError("vectors must be a 2-D array")
+        return list(
+            await asyncio.gather(
+                *(
+                    self.search(
+                        index,
+                        row,
+                        k,
+                        ef=ef,
+                        filter=filter,
+                        include_metadata=include_metadata,
+                        after=after,
+                        timeout_s=timeout_s,
+                    )
+                    for row in rows
+                )
+            )
+        )
+
     async def get(
         self,
         index: str,
@@ -380,6 +656,7 @@ class LhvClient:
         after: WriteResult | None = None,
         timeout_s: float | None = None,
     ) -> list[dict[str, Any]]:
+        """The live items among `ids` (`id`, `vector`, `metadata`, `version`), in order."""
         reply = await self.query(
             index,
             {
@@ -396,4 +673,5 @@ class LhvClient:
     async def stats(
         self, index: str, *, after: WriteResult | None = None, timeout_s: float | None = None
     ) -> dict[str, Any]:
+        """`count`, `deleted`, `dim`, `space`, `engine`, `params`, `applied_offset`, ..."""
         return await self.query(index, {"op": "stats"}, after=after, timeout_s=timeout_s)

@@ -8,7 +8,13 @@ the batch grows by itself and one `knn_query` serves many requesters.
 
 Replies go to the requester's reply topic (which must match the configured pattern) with
 the Spring `kafka_correlationId` header. A query without reply headers cannot be
-answered: it is logged and skipped.
+answered: it is logged and skipped. A query naming a reply topic outside the pattern is
+logged and never answered (a request can never make the worker write to another topic).
+A query on a partition that is not its index's home partition gets `wrong_partition`.
+
+`engine_calls` and `searched` count engine calls and the queries they answered, so
+`searched / engine_calls` is the mean batch size (the `lhv_search_batch_size` histogram
+has the distribution).
 
 The search topic's committed offset is the lowest offset still in flight, so queries a
 worker had not answered when it lost the partition are answered by the next owner.
@@ -34,7 +40,9 @@ from lhv_index.errors import (
     InvalidRequest,
     LhvError,
     NotReady,
+    WrongPartition,
 )
+from worker.apply import home_partition
 from worker.logs import log_context
 from worker.messages import (
     GetQuery,
@@ -83,6 +91,10 @@ class SearchServer:
         self._busy: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self.engine_calls = 0
+        """search engine calls made (one per batch of compatible queries)"""
+        self.searched = 0
+        """search queries answered by those calls"""
 
     async def start(self) -> None:
         self._closed = False
@@ -125,7 +137,7 @@ class SearchServer:
                         extra={"partition": partition, "offset": rec.offset},
                     )
                     continue
-                self._spawn(self._send_error(reply_to, "", error, received))
+                self._spawn(self._send_error(reply_to, _key_text(rec.key), error, received))
                 continue
             self._spawn(self._serve(partition, rec.offset, item, received))
 
@@ -209,6 +221,12 @@ class SearchServer:
     async def _wait_ready(self, partition: int, query: Query) -> Partition | None:
         """The partition once it serves `query`; None when it was revoked meanwhile (the
         query's offset is not committed, so the next owner answers it)."""
+        num_partitions = self._w.num_partitions
+        home = home_partition(query.index.encode(), num_partitions) if num_partitions else None
+        if home is not None and home != partition:
+            raise WrongPartition(
+                f"index {query.index!r} lives on partition {home}, not {partition}"
+            )
         part = self._w.partitions.get(partition)
         if part is None or part.status is PartitionStatus.REVOKED:
             return None
@@ -277,6 +295,8 @@ class SearchServer:
                     raise IndexNotFound(f"index {index_name!r} does not exist")
                 vectors = np.concatenate([p.query.vectors for p in group])
                 k = max(p.query.k for p in group)
+                self.engine_calls += 1
+                self.searched += len(group)
                 hits = await asyncio.to_thread(
                     index.search,
                     vectors,
@@ -390,6 +410,13 @@ def _op(query: Query) -> str:
     if isinstance(query, StatsQuery):
         return "stats"
     raise InvalidRequest("unknown query")
+
+
+def _key_text(key: bytes | None) -> str:
+    try:
+        return key.decode() if key else ""
+    except UnicodeDecodeError:
+        return ""
 
 
 def _cid(correlation_id: bytes) -> str:

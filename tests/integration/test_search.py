@@ -1,0 +1,613 @@
+"""Search over request/reply on the real stack: read-your-writes, recall against raw
+hnswlib, the reply-topic policy, bad requests, Spring/Java-style requests, deadlines and
+readiness, exactly one reply per request under load, batching, the client and the CLI.
+
+One worker (and one client) serve the whole module; each test uses its own indexes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import struct
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import hnswlib
+import numpy as np
+import orjson
+import pytest
+import pytest_asyncio
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from workerkit import Env, create_topics, end_offsets, make_env, running, stop_quietly
+
+from lhv_index.errors import DeadlineExceeded, DimMismatch, IndexNotFound, NotReady
+from worker import cli
+from worker.apply import home_partition
+from worker.blobstore import S3Config
+from worker.client import ClientClosed, LhvClient
+from worker.partition import PartitionStatus
+from worker.service import Worker
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.data import clustered, queries
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+# -- fixtures ------------------------------------------------------------------------------
+
+
+class Served:
+    """The module's stack settings, running worker and client."""
+
+    def __init__(self, env: Env, worker: Worker, client: LhvClient) -> None:
+        self.env = env
+        self.worker = worker
+        self.client = client
+
+    def index_on(self, partition: int, prefix: str) -> str:
+        """A fresh index name whose home is `partition`."""
+        for _ in range(10_000):
+            name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+            if home_partition(name.encode(), self.env.partitions) == partition:
+                return name
+        raise AssertionError("no name found")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def served(bootstrap_servers: str, s3_config: S3Config) -> AsyncIterator[Served]:
+    env = await make_env(bootstrap_servers, s3_config, partitions=3)
+    async with (
+        running(env.config(query_wait_ms=5_000)) as worker,
+        LhvClient(env.bootstrap, topics=env.topics, timeout_s=20.0) as client,
+    ):
+        for _ in range(300):  # the group has formed and every partition serves
+            if len(worker.partitions) == env.partitions and all(
+                p.status is PartitionStatus.SERVING for p in worker.partitions.values()
+            ):
+                break
+            await asyncio.sleep(0.1)
+        yield Served(env, worker, client)
+
+
+class RawRequester:
+    """Requests produced by hand (any headers, any partition) and replies read with a
+    plain consumer, as a Java or other-language requester would."""
+
+    def __init__(self, bootstrap: str, reply_topic: str) -> None:
+        self.bootstrap = bootstrap
+        self.reply_topic = reply_topic
+        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        self.replies: list[Any] = []
+
+    async def __aenter__(self) -> RawRequester:
+        await self.producer.start()
+        await self.consumer.start()
+        parts = await self.producer.partitions_for(self.reply_topic)
+        tps = [TopicPartition(self.reply_topic, p) for p in sorted(parts)]
+        self.consumer.assign(tps)
+        await self.consumer.seek_to_end(*tps)
+        for tp in tps:
+            await self.consumer.position(tp)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.producer.stop()
+        await stop_quietly(self.consumer)
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | dict[str, Any] | None,
+        headers: list[tuple[str, bytes]],
+        *,
+        partition: int | None = None,
+    ) -> None:
+        if isinstance(value, dict):
+            value = orjson.dumps(value)
+        await self.producer.send_and_wait(
+            topic, key=key, value=value, headers=headers, partition=partition
+        )
+
+    def headers(self, cid: bytes, partition: int | None = None) -> list[tuple[str, bytes]]:
+        out = [("kafka_replyTopic", self.reply_topic.encode()), ("kafka_correlationId", cid)]
+        if partition is not None:
+            out.append(("kafka_replyPartition", struct.pack(">i", partition)))
+        return out
+
+    async def reply(self, cid: bytes, *, timeout_s: float = 20.0) -> Any:
+        """The reply record whose kafka_correlationId header is `cid`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for rec in self.replies:
+                if dict(rec.headers).get("kafka_correlationId") == cid:
+                    return rec
+            assert time.monotonic() < deadline, f"no reply for {cid!r}"
+            batch = await self.consumer.getmany(timeout_ms=200)
+            for recs in batch.values():
+                self.replies.extend(recs)
+
+
+async def reply_topic(bootstrap: str, partitions: int = 1) -> str:
+    name = f"lhv.replies.test-{uuid.uuid4().hex[:10]}"
+    await create_topics(bootstrap, [name], partitions)
+    return name
+
+
+def vecs(n: int, dim: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+
+
+# -- read-your-writes ------------------------------------------------------------------------
+
+
+async def test_search_after_a_write_always_sees_it(served: Served) -> None:
+    c = served.client
+    name = "ryw"
+    await c.create(name, dim=16, space="l2", M=8, ef_construction=64)
+    base = vecs(200, 16, 1)
+    await c.add(name, [f"base-{i}" for i in range(200)], base, ack=True)
+    fresh = vecs(60, 16, 2) * 10  # far from the base items: each is its own nearest
+    for i, v in enumerate(fresh):
+        w = await c.add(name, [f"new-{i}"], v[None, :])
+        hits = await c.search(name, v, k=1, after=w)
+        assert hits and hits[0].id == f"new-{i}", f"round {i}: {hits}"
+        if i % 3 == 0:
+            d = await c.delete(name, [f"new-{i}"])
+            hits = await c.search(name, v, k=1, after=d)
+            assert hits[0].id != f"new-{i}", f"round {i}: deleted item still found"
+            items = await c.get(name, [f"new-{i}"], after=d)
+            assert items == []
+        else:
+            items = await c.get(name, [f"new-{i}"], after=w)
+            assert [it["id"] for it in items] == [f"new-{i}"]
+    stats = await c.stats(name)
+    assert stats["count"] == 200 + 40 and stats["deleted"] == 20
+
+
+async def test_metadata_and_filters_round_trip_through_the_worker(served: Served) -> None:
+    c = served.client
+    name = "meta"
+    await c.create(name, dim=8, space="cosine")
+    v = vecs(100, 8, 3)
+    meta = [{"lang": "en" if i % 10 == 0 else "fr", "n": i} for i in range(100)]
+    w = await c.add(name, [str(i) for i in range(100)], v, meta)
+    hits = await c.search(name, v[5], k=5, filter={"lang": "en"}, include_metadata=True, after=w)
+    assert len(hits) == 5 and all(h.metadata and h.metadata["lang"] == "en" for h in hits)
+    assert {h.id for h in hits} <= {str(i) for i in range(0, 100, 10)}
+
+
+# -- recall ------------------------------------------------------------------------------------
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(
+        np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)])
+    )
+
+
+async def test_recall_through_the_worker_equals_raw_hnswlib(served: Served) -> None:
+    n, dim, k, ef, m, efc = 20_000, 128, 10, 24, 16, 100
+    data = clustered(n, dim, seed=4)
+    qs = queries(1_000, dim, seed=4)
+    c = served.client
+    name = "recall"
+    await c.create(name, dim=dim, space="l2", M=m, ef_construction=efc, ef_search=ef)
+    w = await c.add(name, [str(i) for i in range(n)], data, batch_size=1_000)
+
+    def exact_and_raw() -> tuple[np.ndarray, np.ndarray]:
+        d = (qs**2).sum(1)[:, None] - 2 * qs @ data.T + (data**2).sum(1)[None, :]
+        truth = np.argsort(d, axis=1)[:, :k]
+        raw = hnswlib.Index(space="l2", dim=dim)
+        raw.init_index(max_elements=n, M=m, ef_construction=efc)
+        raw.add_items(data, np.arange(n))
+        raw.set_ef(ef)
+        labels, _ = raw.knn_query(qs, k=k)
+        return truth, labels
+
+    truth, raw_labels = await asyncio.to_thread(exact_and_raw)
+    rows = await c.search_many(name, qs, k, ef=ef, after=w)
+    got = np.array([[int(h.id) for h in row] for row in rows])
+    worker_recall, raw_recall = _recall(got, truth), _recall(raw_labels, truth)
+    print(f"recall@{k} at ef={ef}: worker {worker_recall:.4f}, raw hnswlib {raw_recall:.4f}")
+    assert raw_recall < 0.999, "the comparison needs an ef where recall is not saturated"
+    assert abs(worker_recall - raw_recall) <= 0.01
+
+
+# -- reply-topic policy and bad requests ---------------------------------------------------------
+
+
+async def test_a_request_naming_a_non_reply_topic_is_logged_and_nothing_is_written_there(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="worker.search")
+    env = served.env
+    name = "policy"
+    await served.client.create(name, dim=2, space="l2")
+    w = await served.client.add(name, ["a"], [[1.0, 0.0]], ack=True)
+    targets = [env.topics.commands, env.topics.search, "lhv.commands"]
+    before = {t: await end_offsets(env.bootstrap, t) for t in targets}
+    ok_topic = await reply_topic(env.bootstrap)
+    async with RawRequester(env.bootstrap, ok_topic) as raw:
+        for i, target in enumerate(targets):
+            headers = [("kafka_replyTopic", target.encode()), ("kafka_correlationId", b"x%d" % i)]
+            await raw.send(
+                env.topics.search, name.encode(), {"index": name, "vector": [1, 0]}, headers
+            )
+            # malformed, with headers naming the forbidden topic: no error reply there either
+            await raw.send(env.topics.search, name.encode(), b"{broken", headers)
+        # a good request sent after them is answered, so they were all read
+        await raw.send(
+            env.topics.search,
+            name.encode(),
+            {"index": name, "vector": [1, 0], "min_offset": w.offset},
+            raw.headers(b"good"),
+        )
+        assert orjson.loads((await raw.reply(b"good")).value)["status"] == "ok"
+
+    def refused(target: str) -> int:
+        return sum(
+            1
+            for r in caplog.records
+            if r.name == "worker.search" and r.levelno == logging.WARNING
+            and repr(target) in r.getMessage()
+        )  # fmt: skip
+
+    for _ in range(100):
+        if all(refused(t) >= 2 for t in targets):
+            break
+        await asyncio.sleep(0.05)
+    assert all(refused(t) >= 2 for t in targets), [r.getMessage() for r in caplog.records]
+    for target in targets:
+        after = await end_offsets(env.bootstrap, target)
+        if target == env.topics.search:  # holds the requests themselves, nothing more
+            home = home_partition(name.encode(), env.partitions)
+            before[target][home] += 2 * len(targets) + 1
+        assert after == before[target], target
+
+
+async def test_malformed_requests_get_an_error_reply_or_are_skipped_without_headers(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="worker.search")
+    env = served.env
+    name = "malformed"
+    await served.client.create(name, dim=2, space="l2")
+    topic = await reply_topic(env.bootstrap)
+    async with RawRequester(env.bootstrap, topic) as raw:
+        key = name.encode()
+        bad = [
+            (b"not-json", b"{oops"),
+            (b"no-vector", orjson.dumps({"index": name, "k": 3})),
+            (b"bad-k", orjson.dumps({"index": name, "vector": [1, 0], "k": 0})),
+            (b"key-differs", orjson.dumps({"index": "other", "vector": [1, 0]})),
+        ]
+        for cid, value in bad:
+            await raw.send(env.topics.search, key, value, raw.headers(cid))
+        await raw.send(env.topics.search, key, b"{no headers at all", [])
+        await raw.send(env.topics.search, key, {"index": name, "vector": [1, 0]}, [])
+        await raw.send(
+            env.topics.search, key, {"index": name, "vector": [1, 0]}, raw.headers(b"ok")
+        )
+        for cid, _ in bad:
+            body = orjson.loads((await raw.reply(cid)).value)
+            assert body["status"] == "error" and body["error"]["code"] == "invalid_request", cid
+            assert body["error"]["message"] and body["correlation_id"] == cid.decode()
+        good = orjson.loads((await raw.reply(b"ok")).value)
+        assert good["status"] == "ok" and good["hits"] == []
+    skipped = [r for r in caplog.records if "without reply headers" in r.getMessage()]
+    assert len(skipped) == 2
+
+
+async def test_java_style_request_is_answered_on_its_reply_partition(served: Served) -> None:
+    env = served.env
+    name = "java"
+    await served.client.create(name, dim=3, space="l2")
+    w = await served.client.add(name, ["a", "b"], [[1, 0, 0], [0, 1, 0]])
+    topic = await reply_topic(env.bootstrap, partitions=3)
+    async with RawRequester(env.bootstrap, topic) as raw:
+        for partition in (2, 0, 1):
+            cid = bytes([0xFF, 0x00, partition]) + os.urandom(13)  # not UTF-8
+            body = {"index": name, "vector": [1, 0, 0], "k": 1, "min_offset": w.offset}
+            await raw.send(env.topics.search, name.encode(), body, raw.headers(cid, partition))
+            rec = await raw.reply(cid)
+            assert rec.partition == partition
+            assert rec.key == cid
+            assert dict(rec.headers)["kafka_correlationId"] == cid
+            reply = orjson.loads(rec.value)
+            assert reply["correlation_id"] == cid.hex()
+            assert reply["status"] == "ok" and reply["hits"][0]["id"] == "a"
+
+
+async def test_a_query_on_another_partition_than_its_index_home_gets_wrong_partition(
+    served: Served,
+) -> None:
+    env = served.env
+    name = served.index_on(0, "wp")
+    await served.client.create(name, dim=2, space="l2")
+    topic = await reply_topic(env.bootstrap)
+    async with RawRequester(env.bootstrap, topic) as raw:
+        body = {"index": name, "vector": [1, 0]}
+        await raw.send(env.topics.search, name.encode(), body, raw.headers(b"wp"), partition=1)
+        reply = orjson.loads((await raw.reply(b"wp")).value)
+    assert reply["status"] == "error" and reply["error"]["code"] == "wrong_partition"
+
+
+# -- deadlines and readiness ------------------------------------------------------------------
+
+
+async def test_a_request_past_its_deadline_gets_deadline_exceeded(served: Served) -> None:
+    c = served.client
+    await c.create("late", dim=2, space="l2")
+    past = int(time.time() * 1000) - 1_000
+    with pytest.raises(DeadlineExceeded):
+        await c.query("late", {"vector": [1, 0], "deadline_ms": past})
+
+
+async def test_min_offset_never_applied_gets_deadline_exceeded(served: Served) -> None:
+    c = served.client
+    await c.create("future", dim=2, space="l2")
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="not applied"):
+        await c.search("future", [1, 0], min_offset=10**12, timeout_s=0.5)
+    assert time.monotonic() - started < 10
+
+
+async def test_a_query_waits_while_its_partition_restores_and_gets_not_ready_at_its_deadline(
+    served: Served,
+) -> None:
+    c = served.client
+    p = 2
+    name = served.index_on(p, "restoring")
+    await c.create(name, dim=2, space="l2")
+    w = await c.add(name, ["a"], [[1.0, 0.0]], ack=True)
+    part = served.worker.partitions[p]
+    part.status = PartitionStatus.RESTORING  # as right after an assignment
+    try:
+        with pytest.raises(NotReady, match="restoring"):
+            await c.search(name, [1, 0], timeout_s=0.5)
+        waiting = asyncio.create_task(c.search(name, [1, 0], k=1, after=w, timeout_s=10))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+    finally:
+        part.status = PartitionStatus.SERVING
+        await part.notify()
+    hits = await waiting
+    assert [h.id for h in hits] == ["a"]
+
+
+# -- load, exactly-once replies, batching ------------------------------------------------------
+
+
+async def test_200_concurrent_searchers_get_exactly_one_reply_per_request(
+    served: Served,
+) -> None:
+    env = served.env
+    name = "load"
+    await served.client.create(name, dim=32, space="l2", M=8, ef_construction=64)
+    w = await served.client.add(name, [str(i) for i in range(2_000)], vecs(2_000, 32, 5))
+    qs = vecs(64, 32, 6)
+    async with LhvClient(env.bootstrap, topics=env.topics, timeout_s=30) as c:
+        await c.search(name, qs[0], after=w)  # warm: applied, connections up
+        search_before = await end_offsets(env.bootstrap, env.topics.search)
+        stop_at = time.monotonic() + 10.0
+        answered = Counter[int]()
+
+        async def searcher(n: int) -> None:
+            i = n
+            while time.monotonic() < stop_at:
+                hits = await c.search(name, qs[i % len(qs)], k=5)
+                assert len(hits) == 5
+                answered[n] += 1
+                i += 1
+
+        await asyncio.gather(*(searcher(n) for n in range(200)))
+        assert c.pending == 0
+        search_after = await end_offsets(env.bootstrap, env.topics.search)
+        requests = sum(search_after.values()) - sum(search_before.values())
+        total = sum(answered.values())
+        assert requests == total
+        # every reply on the client's reply topic, counted by correlation id
+        consumer = AIOKafkaConsumer(bootstrap_servers=env.bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            tp = TopicPartition(c.reply_topic, 0)
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            end = (await consumer.end_offsets([tp]))[tp]
+            by_cid = Counter[bytes]()
+            deadline = time.monotonic() + 60
+            pos = 0
+            while pos < end:
+                assert time.monotonic() < deadline, "could not read the reply topic"
+                for recs in (await consumer.getmany(timeout_ms=500, max_records=50_000)).values():
+                    for rec in recs:
+                        by_cid[dict(rec.headers)["kafka_correlationId"]] += 1
+                        pos = rec.offset + 1
+        finally:
+            await stop_quietly(consumer)
+    print(f"{total} requests from 200 searchers in 10 s: {total / 10:.0f}/s")
+    assert sum(by_cid.values()) == total + 1  # and the warm-up
+    assert max(by_cid.values()) == 1, "a request got two replies"
+    assert min(answered.values()) > 0
+
+
+async def test_concurrent_requests_for_one_index_are_answered_by_batched_engine_calls(
+    served: Served,
+) -> None:
+    c = served.client
+    name = "batched"
+    await c.create(name, dim=64, space="l2")
+    w = await c.add(name, [str(i) for i in range(5_000)], vecs(5_000, 64, 7))
+    await c.search(name, vecs(1, 64, 8)[0], after=w)
+    server = served.worker.search
+    metrics = served.worker.metrics.registry
+    labels = {"op": "search", "status": "ok"}
+    calls0, searched0 = server.engine_calls, server.searched
+    single0 = metrics.get_sample_value("lhv_search_batch_size_bucket", {**labels, "le": "1.0"})
+    count0 = metrics.get_sample_value("lhv_search_batch_size_count", labels)
+    rows = await c.search_many(name, vecs(500, 64, 9), k=10)
+    assert len(rows) == 500 and all(len(r) == 10 for r in rows)
+    calls = server.engine_calls - calls0
+    searched = server.searched - searched0
+    single = metrics.get_sample_value("lhv_search_batch_size_bucket", {**labels, "le": "1.0"})
+    count = metrics.get_sample_value("lhv_search_batch_size_count", labels)
+    print(f"500 concurrent queries answered by {calls} engine calls")
+    assert searched == 500
+    assert calls < 250, f"{calls} engine calls for 500 concurrent queries"
+    assert (count - count0) - (single - single0) > 250, "most queries should share a call"
+
+
+# -- the client ---------------------------------------------------------------------------------
+
+
+async def test_client_add_returns_the_offsets_of_its_records(served: Served) -> None:
+    c = served.client
+    name = served.index_on(1, "offsets")
+    await c.create(name, dim=4, space="l2")
+    first = await c.add(name, ["a"], vecs(1, 4, 1))
+    second = await c.add(name, [str(i) for i in range(250)], vecs(250, 4, 2), batch_size=100)
+    assert first.partition == second.partition == 1
+    assert second.records == 3 and second.offset >= first.offset + 3
+    acked = await c.add(name, ["b"], vecs(1, 4, 3), ack=True)
+    assert acked.ack is not None and acked.ack["offset"] == acked.offset
+    assert acked.ack["applied"] == 1
+
+
+async def test_client_errors_raise_the_class_named_by_the_reply_code(served: Served) -> None:
+    c = served.client
+    with pytest.raises(IndexNotFound):
+        await c.search("no-such-index", [1.0, 0.0])
+    await c.create("dims", dim=3, space="l2")
+    with pytest.raises(DimMismatch):
+        await c.search("dims", [1.0, 0.0], after=await c.add("dims", ["a"], [[1, 0, 0]]))
+    with pytest.raises(DimMismatch) as info:
+        await c.add("dims", ["x", "y"], [[1, 0], [0, 1]], ack=True)
+    assert info.value.item == 0
+
+
+async def test_client_timeouts_and_cancellations_leave_nothing_pending(served: Served) -> None:
+    env = served.env
+    # nobody serves these topics: requests are never answered
+    orphan = await make_env(env.bootstrap, env.s3, partitions=1)
+    async with LhvClient(
+        env.bootstrap, topics=orphan.topics, timeout_s=0.3, reply_grace_s=0.1
+    ) as c:
+        for _ in range(3):
+            with pytest.raises(TimeoutError):
+                await c.search("x", [1.0])
+        with pytest.raises(TimeoutError):
+            await c.create("x", dim=2)  # an acknowledged command, never acknowledged
+        assert c.pending == 0
+        tasks = [asyncio.create_task(c.search("x", [1.0], timeout_s=30)) for _ in range(20)]
+        for _ in range(100):
+            if c.pending == 20:
+                break
+            await asyncio.sleep(0.02)
+        assert c.pending == 20
+        for t in tasks[:10]:
+            t.cancel()
+        await asyncio.gather(*tasks[:10], return_exceptions=True)
+        assert c.pending == 10
+        stopping = asyncio.create_task(c.stop())
+        results = await asyncio.gather(*tasks[10:], return_exceptions=True)
+        await stopping
+        assert all(isinstance(r, ClientClosed) for r in results), results
+        assert c.pending == 0
+    with pytest.raises(ClientClosed):
+        await c.search("x", [1.0])
+    await c.stop()  # idempotent
+
+
+# -- the CLI ------------------------------------------------------------------------------------
+
+
+def _conn(env: Env) -> list[str]:
+    return ["--commands-topic", env.topics.commands, "--search-topic", env.topics.search]
+
+
+async def test_cli_loads_every_format_then_searches_and_reports_stats(
+    served: Served,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    env = served.env
+    monkeypatch.setenv("LHV_BOOTSTRAP_SERVERS", env.bootstrap)
+    data = vecs(250, 8, 11)
+    np.save(tmp_path / "v.npy", data)
+    (tmp_path / "ids.txt").write_text("".join(f"doc-{i}\n" for i in range(250)))
+    np.savez(tmp_path / "v.npz", vectors=data[:40], ids=np.array([f"z{i}" for i in range(40)]))
+    with (tmp_path / "v.fvecs").open("wb") as f:
+        for row in data[:30]:
+            f.write(struct.pack("<i", 8) + row.astype("<f4").tobytes())
+    with (tmp_path / "v.jsonl").open("w") as f:
+        for i in range(25):
+            f.write(json.dumps({"id": f"j{i}", "vector": data[i].tolist(), "metadata": {"i": i}}))
+            f.write("\n")
+
+    async def lhv(*argv: str) -> int:
+        return await asyncio.to_thread(cli.main, list(argv))
+
+    opts = [*_conn(env), "--no-progress", "--batch-size", "64"]
+    assert await lhv("load", "cli", str(tmp_path / "v.npy"), "--create", "--dim", "8",
+                     "--space", "l2", "--ids-file", str(tmp_path / "ids.txt"), *opts) == 0  # fmt: skip
+    assert "loaded 250 of 250 rows" in capsys.readouterr().out
+    for f in ("v.npz", "v.fvecs", "v.jsonl"):
+        assert await lhv("load", "cli", str(tmp_path / f), *opts) == 0, f
+    out = capsys.readouterr().out
+    assert "loaded 40 of 40" in out and "loaded 30 of 30" in out and "loaded 25 of 25" in out
+
+    # fvecs rows 0..29 were loaded under ids "0".."29", same vectors as doc-0.., z0.., j0..
+    vector = json.dumps(data[3].tolist())
+    assert await lhv("search", "cli", "--vector", vector, "-k", "4", "--json", *_conn(env)) == 0
+    line = json.loads(capsys.readouterr().out.strip())
+    assert {h["id"] for h in line["hits"]} == {"doc-3", "z3", "3", "j3"}
+    assert all(h["distance"] < 1e-4 for h in line["hits"])
+    np.save(tmp_path / "q.npy", data[:2])
+    assert (
+        await lhv("search", "cli", "--file", str(tmp_path / "q.npy"), "-k", "2", *_conn(env)) == 0
+    )
+    table = capsys.readouterr().out
+    assert "query 0" in table and "query 1" in table and "distance" in table
+
+    assert await lhv("stats", "cli", "--json", *_conn(env)) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["count"] == 250 + 40 + 30 + 25 and stats["dim"] == 8 and stats["space"] == "l2"
+    assert await lhv("stats", "cli", *_conn(env)) == 0
+    assert "count" in capsys.readouterr().out
+    assert await lhv("stats", "no-such", *_conn(env)) == 1
+    assert "IndexNotFound" in capsys.readouterr().err
+
+
+async def test_cli_load_exits_non_zero_naming_the_batches_that_failed(
+    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = served.env
+    data = vecs(50, 4, 12)
+    data[23] = 0.0  # a zero vector under cosine: its batch is rejected whole
+    data[41] = 0.0
+    with (tmp_path / "bad.jsonl").open("w") as f:
+        for i, row in enumerate(data):
+            f.write(json.dumps({"id": f"r{i}", "vector": row.tolist()}) + "\n")
+    argv = ["load", "bad", str(tmp_path / "bad.jsonl"), "--create", "--space", "cosine",
+            "--batch-size", "10", "--no-progress", "--bootstrap-servers", env.bootstrap,
+            *_conn(env)]  # fmt: skip
+    assert await asyncio.to_thread(cli.main, argv) == 1
+    captured = capsys.readouterr()
+    assert "loaded 30 of 50 rows" in captured.out
+    assert "FAILED batch 2 (rows 20..29)" in captured.err
+    assert "FAILED batch 4 (rows 40..49)" in captured.err
+    assert "2 of 5 batches failed" in captured.err
+    stats = await served.client.stats("bad")
+    assert stats["count"] == 30
