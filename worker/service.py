@@ -32,6 +32,7 @@ from worker.apply import Outcome, apply_records
 from worker.blobstore import S3BlobStore
 from worker.config import TopicsConfig, WorkerConfig
 from worker.logs import log_context
+from worker.merge import MergeProtocol
 from worker.messages import encode_ack
 from worker.metrics import HealthTracker, Metrics, MetricsServer
 from worker.ownership import Ownership
@@ -148,7 +149,7 @@ class Worker:
             config.topics.reply_pattern,
             forbidden={config.topics.commands, config.topics.search, config.topics.dlq},
         )
-        self.barrier: Any = None  # merge/import steps, installed by worker.merge when present
+        self.barrier: Any = MergeProtocol(self)  # merge/import steps (worker/merge.py)
         self._runners: dict[int, _Runner] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drift: dict[str, DriftMonitor] = {}
@@ -229,6 +230,7 @@ class Worker:
                 )
                 await self._metrics_server.start()
             await self.search.start()
+            await self.barrier.start()
             self._state = "started"
             log.info(
                 "worker started: group %s, topics %s/%s, %d partitions",

@@ -1,0 +1,296 @@
+"""Merge across owners and bulk import from S3, on the real stack (DESIGN section 6)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import numpy as np
+import orjson
+import pytest
+from mergekit import (
+    MergeOracle,
+    ack_headers,
+    add_records,
+    merge_objects,
+    names_on,
+    wait_ack,
+    wait_no_merge_objects,
+)
+from workerkit import (
+    Env,
+    all_indexes,
+    assert_index_matches,
+    create_topics,
+    make_env,
+    produce,
+    read_all,
+    running,
+    wait_caught_up,
+)
+
+from lhv_index import Clock, Index, IndexParams, Upsert, write_snapshot
+from lhv_index.errors import DimMismatch, IndexNotFound, InvalidRequest
+from worker.apply import home_partition
+from worker.blobstore import S3BlobStore, S3Config
+from worker.client import LhvClient
+from worker.service import Worker
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+DIM = 8
+
+
+class Stack:
+    def __init__(self, env: Env, worker: Worker, client: LhvClient, reply_topic: str) -> None:
+        self.env = env
+        self.worker = worker
+        self.client = client
+        self.reply_topic = reply_topic
+
+
+@pytest.fixture(scope="module")
+async def lhv(bootstrap_servers: str, s3_config: S3Config) -> AsyncIterator[Stack]:
+    env = await make_env(bootstrap_servers, s3_config, partitions=3)
+    reply_topic = f"lhv.replies.{env.group}"
+    await create_topics(env.bootstrap, [reply_topic], 1)
+    async with (
+        running(env.config()) as worker,
+        LhvClient(env.bootstrap, topics=env.topics, timeout_s=120) as client,
+    ):
+        yield Stack(env, worker, client, reply_topic)
+
+
+async def _create(c: LhvClient, name: str, *, dim: int = DIM, space: str = "l2") -> None:
+    await c.create(name, dim=dim, space=space, M=8, ef_construction=32)
+
+
+async def _check_against_oracle(s: Stack, *names: str) -> None:
+    await wait_caught_up([s.worker], s.env.bootstrap, s.env.topics.commands)
+    records = await read_all(s.env.bootstrap, s.env.topics.commands)
+    oracle = MergeOracle(s.env.partitions).run(records)
+    indexes = all_indexes([s.worker])
+    for name in names:
+        assert_index_matches(name, indexes[name], oracle[name])
+
+
+def _vectors(n: int, seed: int, dim: int = DIM) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+
+
+async def test_cross_partition_merge_moves_exactly_the_exported_items(lhv: Stack) -> None:
+    c, env = lhv.client, lhv.env
+    src, dest = names_on(env.partitions, same=False, prefix="big")
+    await _create(c, src)
+    await _create(c, dest)
+    n = 50_000
+    ids = [f"s-{i}" for i in range(n)]
+    vecs = _vectors(n, 1)
+    meta = [{"n": i} if i % 3 == 0 else None for i in range(n)]
+    dest_vecs = _vectors(2_000, 2)
+    dest_ids = [f"s-{i}" for i in range(1_000)] + [f"d-{i}" for i in range(1_000)]
+    await produce(env.bootstrap, env.topics.commands, add_records(src, ids, vecs, meta))
+    await produce(env.bootstrap, env.topics.commands, add_records(dest, dest_ids, dest_vecs))
+    # tombstones in dest older than the merge: the merged items win over them
+    await produce(
+        env.bootstrap,
+        env.topics.commands,
+        [(dest, {"op": "delete", "ids": [f"s-{i}" for i in range(1_000, 1_100)]})],
+    )
+    # The merge, then writes to src after it in the same partition's log.
+    await produce(
+        env.bootstrap,
+        env.topics.commands,
+        [(src, {"op": "merge", "dest": dest, "clear_source": True})],
+        headers=ack_headers(lhv.reply_topic, b"big-merge"),
+    )
+    after_ids = [f"n-{i}" for i in range(100)] + [f"s-{i}" for i in range(2_000, 2_010)]
+    await produce(env.bootstrap, env.topics.commands, add_records(src, after_ids, _vectors(110, 3)))
+
+    ack = await wait_ack(env.bootstrap, lhv.reply_topic, b"big-merge")
+    assert ack["status"] == "ok", ack
+    assert (ack["applied"], ack["skipped"]) == (n - 1_000, 1_000)
+    await _check_against_oracle(lhv, src, dest)
+    indexes = all_indexes([lhv.worker])
+    assert len(indexes[dest]) == n + 1_000
+    assert set(indexes[src].logical_state()["live"]) == set(after_ids)
+    # ids already live in dest kept dest's values
+    (kept,) = indexes[dest].get(["s-5"])
+    assert np.array_equal(kept.vector, dest_vecs[5])
+    hits = await c.search(dest, vecs[30_000], k=1)
+    assert hits[0].id == "s-30000"
+    await wait_no_merge_objects(env)
+
+
+async def test_merge_within_one_partition_is_applied_in_one_step(lhv: Stack) -> None:
+    c, env = lhv.client, lhv.env
+    src, dest = names_on(env.partitions, same=True, prefix="local")
+    await _create(c, src)
+    await _create(c, dest)
+    ids = [f"x-{i}" for i in range(500)]
+    await c.add(src, ids, _vectors(500, 4), ack=True)
+    await c.add(dest, ids[:50], _vectors(50, 5), ack=True)
+    result = await c.merge(src, dest, clear_source=True)
+    assert result.ack is not None
+    assert (result.ack["applied"], result.ack["skipped"]) == (450, 50)
+    await _check_against_oracle(lhv, src, dest)
+    indexes = all_indexes([lhv.worker])
+    assert len(indexes[src]) == 0 and len(indexes[dest]) == 500
+    assert await merge_objects(env) == []
+
+
+async def test_merge_errors_change_nothing(lhv: Stack) -> None:
+    c, env = lhv.client, lhv.env
+    src, far = names_on(env.partitions, same=False, prefix="err")
+    _, near = names_on(env.partitions, same=True, prefix="err")
+    await _create(c, src)
+    ids = [f"e-{i}" for i in range(100)]
+    await c.add(src, ids, _vectors(100, 6), ack=True)
+    before = all_indexes([lhv.worker])[src].logical_state()
+
+    with pytest.raises(InvalidRequest):
+        await c.merge(src, src)
+    with pytest.raises(IndexNotFound):
+        await c.merge("err-nothing", far)
+    for dest in (far, near):  # unknown destination, across partitions and within one
+        with pytest.raises(IndexNotFound):
+            await c.merge(src, dest, clear_source=True)
+    for dest in (far, near):
+        await _create(c, dest, dim=DIM + 1)
+        with pytest.raises(DimMismatch):
+            await c.merge(src, dest, clear_source=True)
+        await c.drop(dest)
+        await _create(c, dest, space="cosine")
+        with pytest.raises(InvalidRequest, match="space"):
+            await c.merge(src, dest, clear_source=True)
+
+    await wait_caught_up([lhv.worker], env.bootstrap, env.topics.commands)
+    indexes = all_indexes([lhv.worker])
+    assert indexes[src].logical_state() == before
+    assert len(indexes[far]) == 0 and len(indexes[near]) == 0
+    await wait_no_merge_objects(env)
+
+
+async def test_resending_a_merge_changes_nothing(lhv: Stack) -> None:
+    c, env = lhv.client, lhv.env
+    for clear in (False, True):
+        src, dest = names_on(env.partitions, same=False, prefix=f"again{int(clear)}")
+        await _create(c, src)
+        await _create(c, dest)
+        await c.add(src, [f"r-{i}" for i in range(300)], _vectors(300, 7), ack=True)
+        await c.add(dest, [f"r-{i}" for i in range(0, 300, 3)], _vectors(100, 8), ack=True)
+        first = await c.merge(src, dest, clear_source=clear)
+        assert first.ack is not None and first.ack["applied"] == 200
+        await wait_caught_up([lhv.worker], env.bootstrap, env.topics.commands)
+        indexes = all_indexes([lhv.worker])
+        states = {n: indexes[n].logical_state() for n in (src, dest)}
+        again = await c.merge(src, dest, clear_source=clear)
+        assert again.ack is not None
+        assert (again.ack["applied"], again.ack["skipped"]) == (0, 0 if clear else 300)
+        await wait_caught_up([lhv.worker], env.bootstrap, env.topics.commands)
+        indexes = all_indexes([lhv.worker])
+        assert {n: indexes[n].logical_state() for n in (src, dest)} == states
+        await _check_against_oracle(lhv, src, dest)
+    await wait_no_merge_objects(env)
+
+
+# -- import ------------------------------------------------------------------------------------
+
+
+async def _upload(env: Env, name: str, data: bytes) -> str:
+    """Put `data` in the stack's bucket; returns its s3:// URI."""
+    key = f"{env.s3.key_prefix}import/{name}"
+    async with S3BlobStore(replace(env.s3, prefix="")) as blobs:
+        await blobs.put(key, data)
+    return f"s3://{env.s3.bucket}/{key}"
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+async def _import(c: LhvClient, index: str, **body: object) -> dict[str, object]:
+    result = await c.command(index, {"op": "import", **body}, ack=True, timeout_s=120)
+    assert result.ack is not None
+    return result.ack
+
+
+async def test_import_of_npy_with_ids_is_applied_and_searchable(lhv: Stack) -> None:
+    c, env = lhv.client, lhv.env
+    name = "imported"
+    await c.create(name, dim=32, space="cosine", M=8, ef_construction=64)
+    n = 20_000
+    vecs = _vectors(n, 9, dim=32)
+    ids = np.array([f"doc-{i}" for i in range(n)])
+    source = await _upload(env, "vecs.npy", _npy(vecs))
+    ids_source = await _upload(env, "ids.npy", _npy(ids))
+    ack = await _import(c, name, source=source, ids_source=ids_source, chunk_items=5_000)
+    assert (ack["status"], ack["applied"], ack["skipped"]) == ("ok", n, 0)
+    stats = await c.stats(name)
+    assert stats["count"] == n
+    hits = await c.search(name, vecs[1234], k=3)
+    assert hits[0].id == "doc-1234"
+    (item,) = await c.get(name, ["doc-77"], include_vectors=True)
+    assert np.allclose(item["vector"], vecs[77], atol=1e-6)
+    state = all_indexes([lhv.worker])[name]
+    assert state.clock_of("doc-5") == Clock(0, ack["offset"], 5)
+
+
+async def test_import_of_npz_and_snapshot_with_metadata(lhv: Stack) -> None:
+    c, env = lhv.client, lhv.env
+    name = "imported-npz"
+    await c.create(name, dim=4, space="l2", engine="exact")
+    vecs = _vectors(10, 10, dim=4)
+    buf = io.BytesIO()
+    np.savez(buf, vectors=vecs, ids=np.array([f"z{i}" for i in range(10)]))
+    meta = b"\n".join(orjson.dumps({"i": i} if i % 2 else None) for i in range(10)) + b"\n"
+    ack = await _import(
+        c,
+        name,
+        source=await _upload(env, "v.npz", buf.getvalue()),
+        metadata_source=await _upload(env, "m.jsonl", meta),
+        version=3,
+    )
+    assert ack["applied"] == 10
+    items = {it["id"]: it for it in await c.get(name, [f"z{i}" for i in range(10)])}
+    assert items["z3"]["metadata"] == {"i": 3} and not items["z2"].get("metadata")
+    # An LHV1 snapshot brings its ids, metadata and client versions.
+    snap = Index("other", IndexParams(dim=4, space="l2", engine="exact"))
+    snap.apply([Upsert(f"z{i}", vecs[i] * 2, {"snap": i}, Clock(7, 1, i)) for i in range(5)])
+    out = io.BytesIO()
+    write_snapshot(snap, out, source={})
+    ack = await _import(c, name, source=await _upload(env, "s.lhv", out.getvalue()))
+    assert ack["applied"] == 5
+    state = all_indexes([lhv.worker])[name]
+    assert state.clock_of("z1") == Clock(7, ack["offset"], 1)
+    (z1,) = state.get(["z1"])
+    assert z1.metadata == {"snap": 1} and np.allclose(z1.vector, vecs[1] * 2)
+
+
+async def test_invalid_imports_change_nothing(lhv: Stack) -> None:
+    c, env = lhv.client, lhv.env
+    name = "imported-bad"
+    await c.create(name, dim=4, space="l2", engine="exact")
+    good = await _upload(env, "good.npy", _npy(_vectors(10, 11, dim=4)))
+    poisoned = _vectors(10, 12, dim=4)
+    poisoned[7, 2] = np.nan
+    with pytest.raises(InvalidRequest) as nan:
+        await _import(c, name, source=await _upload(env, "nan.npy", _npy(poisoned)), chunk_items=3)
+    assert nan.value.item == 7
+    with pytest.raises(DimMismatch):
+        await _import(c, name, source=await _upload(env, "d5.npy", _npy(_vectors(3, 1, dim=5))))
+    with pytest.raises(InvalidRequest, match="does not exist"):
+        await _import(c, name, source=f"s3://{env.s3.bucket}/{env.s3.key_prefix}import/none.npy")
+    with pytest.raises(InvalidRequest, match="ids"):
+        await _import(
+            c, name, source=good, ids_source=await _upload(env, "i.npy", _npy(np.arange(4)))
+        )
+    with pytest.raises(IndexNotFound):
+        await _import(c, "imported-none", source=good)
+    assert (await c.stats(name))["count"] == 0
+    ack = await _import(c, name, source=good)
+    assert ack["applied"] == 10
+    assert home_partition(name.encode(), env.partitions) in lhv.worker.partitions

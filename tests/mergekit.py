@@ -1,0 +1,233 @@
+"""Test kit for merge and import tests: an oracle that knows the merge protocol, and
+helpers to build add records, read acks and list merge objects.
+
+The oracle extends `workerkit`'s plain-dict semantics with `merge`, `merge_in` and
+`merge_done` as DESIGN section 6 and `worker/merge.py` define them: a merge exports the
+source's live items (sorted by id) as of its record; the first `merge_in` of a merge id
+upserts those not live in dest with clock `(version, merge_in offset, position)`; the
+first successful `merge_done` deletes the exported items whose clock is unchanged, with
+clock `(version, merge_done offset, position)`. Later duplicates change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from workerkit import Clock, Env, OracleIndex, _decode_vector, stop_quietly, vec_b64
+
+from worker.apply import home_partition
+from worker.blobstore import S3BlobStore
+
+Exported = list[tuple[str, np.ndarray, dict[str, Any] | None, Clock]]
+
+
+def add_records(
+    name: str,
+    ids: Sequence[str],
+    vectors: np.ndarray,
+    metadata: Sequence[dict[str, Any] | None] | None = None,
+    *,
+    per_record: int = 1000,
+) -> list[tuple[str, dict[str, Any]]]:
+    """`add` commands for `workerkit.produce`, `per_record` items each."""
+    out = []
+    for start in range(0, len(ids), per_record):
+        items = []
+        for i in range(start, min(start + per_record, len(ids))):
+            item: dict[str, Any] = {"id": ids[i], "vector_b64": vec_b64(vectors[i])}
+            if metadata is not None and metadata[i] is not None:
+                item["metadata"] = metadata[i]
+            items.append(item)
+        out.append((name, {"op": "add", "items": items}))
+    return out
+
+
+def names_on(partitions: int, *, same: bool, prefix: str) -> tuple[str, str]:
+    """Two index names on the same partition, or on different ones."""
+    first = f"{prefix}-src"
+    home = home_partition(first.encode(), partitions)
+    for i in range(10_000):
+        other = f"{prefix}-dest{i}"
+        if (home_partition(other.encode(), partitions) == home) == same:
+            return first, other
+    raise AssertionError("no name found")
+
+
+async def wait_ack(
+    bootstrap: str, topic: str, correlation_id: bytes, *, timeout_s: float = 120.0
+) -> dict[str, Any]:
+    """The first reply on `topic` with `correlation_id` (read from the beginning)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, 0)])
+        await consumer.seek_to_beginning(TopicPartition(topic, 0))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for recs in batch.values():
+                for rec in recs:
+                    if rec.key == correlation_id:
+                        return dict(orjson.loads(rec.value))
+        raise AssertionError(f"no reply {correlation_id!r} on {topic} in {timeout_s}s")
+    finally:
+        await stop_quietly(consumer)
+
+
+def ack_headers(topic: str, correlation_id: bytes) -> list[tuple[str, bytes]]:
+    return [("kafka_replyTopic", topic.encode()), ("kafka_correlationId", correlation_id)]
+
+
+async def merge_objects(env: Env) -> list[str]:
+    """Keys of the merge protocol's objects (exports, markers) under the test's prefix."""
+    async with S3BlobStore(env.s3) as blobs:
+        return await blobs.list("merges/")
+
+
+async def wait_no_merge_objects(env: Env, *, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = await merge_objects(env)
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"merge objects not collected: {left}"
+        await asyncio.sleep(0.5)
+
+
+# -- the oracle --------------------------------------------------------------------------------
+
+
+def _compatible(a: OracleIndex, b: OracleIndex) -> bool:
+    return a.params["dim"] == b.params["dim"] and a.params.get("space", "cosine") == b.params.get(
+        "space", "cosine"
+    )
+
+
+def _exported(src: OracleIndex) -> Exported:
+    return [(id_, v, m, c) for id_, (v, m, c) in sorted(src.live.items())]
+
+
+def _merge_in(dest: OracleIndex, items: Exported, offset: int) -> int:
+    applied = 0
+    for pos, (id_, vec, meta, clock) in enumerate(items):
+        if id_ in dest.live:
+            continue
+        new = (clock[0], offset, pos)
+        cur = dest.tomb.get(id_)
+        if cur is not None and new <= cur:
+            continue
+        dest.live[id_] = (vec, meta or None, new)
+        dest.tomb.pop(id_, None)
+        applied += 1
+    return applied
+
+
+def _clear(src: OracleIndex, items: Exported, offset: int) -> None:
+    for pos, (id_, _, _, clock) in enumerate(items):
+        if id_ in src.live and src.live[id_][2] == clock:
+            del src.live[id_]
+            src.tomb[id_] = (clock[0], offset, pos)
+
+
+class MergeOracle:
+    """Plain-dict state of every index after the given command records."""
+
+    def __init__(self, partitions: int) -> None:
+        self.partitions = partitions
+        self.state: dict[str, OracleIndex] = {}
+        self.exports: dict[str, tuple[dict[str, Any], Exported]] = {}
+        self.merged: set[str] = set()
+        self.failed: set[str] = set()
+        self.finished: set[str] = set()
+
+    def run(self, records: Iterable[Any]) -> dict[str, OracleIndex]:
+        """Apply records of all partitions: each partition in offset order, and a protocol
+        step only after the step it answers (as the workers do)."""
+        queues: dict[int, deque[Any]] = {}
+        for rec in sorted(records, key=lambda r: (r.partition, r.offset)):
+            queues.setdefault(rec.partition, deque()).append(rec)
+        while any(queues.values()):
+            progressed = False
+            for q in queues.values():
+                while q and self._ready(q[0]):
+                    self._apply(q.popleft())
+                    progressed = True
+            assert progressed, "merge steps wait on each other: the log is inconsistent"
+        return self.state
+
+    def _ready(self, rec: Any) -> bool:
+        body = orjson.loads(rec.value)
+        if body.get("op") == "merge_in":
+            return body["merge_id"] in self.exports
+        if body.get("op") == "merge_done":
+            return body["merge_id"] in self.merged | self.failed
+        return True
+
+    def _apply(self, rec: Any) -> None:
+        body = orjson.loads(rec.value)
+        name = body.get("index")
+        op = body.get("op")
+        idx = self.state.get(name)
+        if op == "create":
+            if idx is None:
+                params = {k: v for k, v in body.items() if k not in ("op", "index", "request_id")}
+                self.state[name] = OracleIndex(params)
+        elif op == "drop":
+            self.state.pop(name, None)
+        elif op == "add" and idx is not None:
+            for pos, item in enumerate(body["items"]):
+                clock = (int(item.get("version", 0)), rec.offset, pos)
+                cur = idx.clock(item["id"])
+                if cur is not None and clock <= cur:
+                    continue
+                old_meta = idx.live[item["id"]][1] if item["id"] in idx.live else None
+                meta = item.get("metadata")
+                new_meta = old_meta if meta is None else (meta or None)
+                idx.live[item["id"]] = (_decode_vector(item), new_meta, clock)
+                idx.tomb.pop(item["id"], None)
+        elif op == "delete" and idx is not None:
+            for pos, id_ in enumerate(body["ids"]):
+                clock = (int(body.get("version", 0)), rec.offset, pos)
+                cur = idx.clock(id_)
+                if cur is not None and clock <= cur:
+                    continue
+                idx.live.pop(id_, None)
+                idx.tomb[id_] = clock
+        elif op == "merge" and idx is not None and body["dest"] != name:
+            items = _exported(idx)
+            dest_name = body["dest"]
+            if home_partition(dest_name.encode(), self.partitions) == rec.partition:
+                dest = self.state.get(dest_name)
+                if dest is not None and _compatible(idx, dest):
+                    _merge_in(dest, items, rec.offset)
+                    if body.get("clear_source"):
+                        _clear(idx, items, rec.offset)
+            else:
+                self.exports[f"m{rec.partition}-{rec.offset}"] = (dict(idx.params), items)
+        elif op == "merge_in":
+            mid = body["merge_id"]
+            if mid in self.merged or mid in self.failed:
+                return
+            params, items = self.exports[mid]
+            dest = self.state.get(name)
+            if dest is None or not _compatible(OracleIndex(params), dest):
+                self.failed.add(mid)
+                return
+            self.merged.add(mid)
+            _merge_in(dest, items, rec.offset)
+        elif op == "merge_done":
+            mid = body["merge_id"]
+            if mid in self.finished or body.get("error") is not None:
+                return
+            self.finished.add(mid)
+            if body.get("clear_source") and idx is not None:
+                _clear(idx, self.exports[mid][1], rec.offset)
