@@ -38,6 +38,11 @@ process has not produced (and again every `RESEND_AFTER_S`, until src removes th
 One caveat: dedup of a duplicate `merge_in` relies on the marker written at the first
 one, so a user write to dest between the two cannot be undone by the duplicate.
 
+The protocol records name their objects only as `merge_id_of`/`export_key` derive them
+from the merge record's place; a `merge_in` or `merge_done` naming anything else is
+rejected (`invalid_request`), so a forged record cannot make a worker read or delete
+other objects.
+
 Errors (the record is rejected, nothing changes): merging an index into itself
 (`invalid_request`), unknown source or destination (`index_not_found`), another dim
 (`dim_mismatch`) or space (`invalid_request`). Across partitions, the destination's
@@ -75,6 +80,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import re
 import time
 import zipfile
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -120,6 +126,7 @@ log = logging.getLogger(__name__)
 SWEEP_INTERVAL_S = 3.0
 #: a marker still present this long after its `merge_done` was produced is produced again
 RESEND_AFTER_S = 300.0
+_MERGE_ID = re.compile(r"m(\d+)-(\d+)")
 #: bound of one S3 transfer or Kafka send made from the apply thread
 STEP_TIMEOUT_S = 600.0
 
@@ -256,6 +263,15 @@ class MergeProtocol:
 
     def _merge_done(self, partition: Partition, cmd: MergeDoneCommand, out: Outcome) -> None:
         w = self._w
+        origin = _MERGE_ID.fullmatch(cmd.merge_id)
+        if (
+            origin is None
+            or int(origin[1]) != partition.number
+            or cmd.export != export_key(w.topics.commands, partition.number, int(origin[2]))
+        ):
+            raise InvalidRequest(
+                f"merge_done: {cmd.merge_id!r} and {cmd.export!r} name no merge of this partition"
+            )
         out.op = "merge"
         out.reply_to = cmd.reply
         dest_partition = home_partition(cmd.dest.encode(), w.num_partitions)
@@ -312,6 +328,13 @@ class MergeProtocol:
 
     def _merge_in(self, partition: Partition, cmd: MergeInCommand, out: Outcome) -> None:
         w = self._w
+        if cmd.merge_id != merge_id_of(
+            cmd.origin_partition, cmd.origin_offset
+        ) or cmd.export != export_key(w.topics.commands, cmd.origin_partition, cmd.origin_offset):
+            raise InvalidRequest(
+                f"merge_in: {cmd.merge_id!r} and {cmd.export!r} do not match the merge record "
+                f"at partition {cmd.origin_partition}, offset {cmd.origin_offset}"
+            )
         marker = marker_key(w.topics.commands, partition.number, cmd.merge_id)
         seen = w.run_async(self._get(marker), timeout_s=STEP_TIMEOUT_S)
         if seen is not None and int(orjson.loads(seen)["offset"]) < out.offset:

@@ -172,6 +172,36 @@ async def test_merge_errors_change_nothing(lhv: Stack) -> None:
     await wait_no_merge_objects(env)
 
 
+async def test_protocol_records_naming_other_objects_are_rejected(lhv: Stack) -> None:
+    c, env = lhv.client, lhv.env
+    src, dest = names_on(env.partitions, same=False, prefix="forged")
+    await _create(c, src)
+    await c.add(src, ["f-1"], _vectors(1, 13), ack=True)
+    manifest = f"partitions/{env.topics.commands}/00000/manifest.json"
+    forged = [
+        (src, {"op": "merge_done", "dest": dest, "merge_id": "m0-1", "export": manifest}),
+        (
+            dest,
+            {
+                "op": "merge_in",
+                "source_index": src,
+                "merge_id": "m0-1",
+                "export": manifest,
+                "origin_partition": 0,
+                "origin_offset": 1,
+            },
+        ),
+    ]
+    for i, record in enumerate(forged):
+        cid = f"forged-{i}".encode()
+        await produce(
+            env.bootstrap, env.topics.commands, [record], headers=ack_headers(lhv.reply_topic, cid)
+        )
+        ack = await wait_ack(env.bootstrap, lhv.reply_topic, cid)
+        assert ack["status"] == "error" and ack["error"]["code"] == "invalid_request", ack
+    assert len(all_indexes([lhv.worker])[src]) == 1
+
+
 async def test_resending_a_merge_changes_nothing(lhv: Stack) -> None:
     c, env = lhv.client, lhv.env
     for clear in (False, True):
