@@ -138,6 +138,24 @@ def _clear(src: OracleIndex, items: Exported, offset: int) -> None:
             src.tomb[id_] = (clock[0], offset, pos)
 
 
+def _genuine(rec: Any, body: dict[str, Any]) -> bool:
+    """False for a merge_in/merge_done whose ids do not derive from a merge record."""
+    op = body.get("op")
+    if op == "merge_in":
+        p, o = body["origin_partition"], body["origin_offset"]
+    elif op == "merge_done":
+        p, _, o = body["merge_id"].removeprefix("m").partition("-")
+        if not (p.isdigit() and o.isdigit()) or int(p) != rec.partition:
+            return False
+        p, o = int(p), int(o)
+    else:
+        return True
+    return bool(
+        body["merge_id"] == f"m{p}-{o}"
+        and body["export"].endswith(f"/exports/{p:05d}/{o:020d}.lhv")
+    )
+
+
 class MergeOracle:
     """Plain-dict state of every index after the given command records."""
 
@@ -166,6 +184,8 @@ class MergeOracle:
 
     def _ready(self, rec: Any) -> bool:
         body = orjson.loads(rec.value)
+        if not _genuine(rec, body):
+            return True
         if body.get("op") == "merge_in":
             return body["merge_id"] in self.exports
         if body.get("op") == "merge_done":
@@ -174,6 +194,8 @@ class MergeOracle:
 
     def _apply(self, rec: Any) -> None:
         body = orjson.loads(rec.value)
+        if not _genuine(rec, body):
+            return  # the worker rejects protocol records naming other objects
         name = body.get("index")
         op = body.get("op")
         idx = self.state.get(name)
