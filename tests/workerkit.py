@@ -93,6 +93,7 @@ class Env:
                 "LHV_GROUP_ID": self.group,
                 "LHV_CHECKPOINT_RECORDS": "2000",
                 "LHV_CHECKPOINT_SECONDS": "2",
+                "LHV_SESSION_TIMEOUT_MS": "6000",  # a killed worker's partitions move sooner
                 "PYTHONUNBUFFERED": "1",
             }
         )

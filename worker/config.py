@@ -118,6 +118,16 @@ class CheckpointPolicy:
             raise ValueError("checkpoint policy needs every_records >= 1 and every_s > 0")
 
 
+#: integer settings of `WorkerConfig` read from the environment
+_INT_SETTINGS = {
+    "metrics_port": "LHV_METRICS_PORT",
+    "session_timeout_ms": "LHV_SESSION_TIMEOUT_MS",
+    "rebalance_timeout_ms": "LHV_REBALANCE_TIMEOUT_MS",
+    "max_poll_records": "LHV_MAX_POLL_RECORDS",
+    "query_wait_ms": "LHV_QUERY_WAIT_MS",
+}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerConfig:
     """Everything a `Worker` needs."""
@@ -160,8 +170,9 @@ class WorkerConfig:
             "accept_data_loss": (_env(env, "LHV_ACCEPT_DATA_LOSS", "") or "").lower()
             in ("1", "true", "yes"),
         }
-        port = _env(env, "LHV_METRICS_PORT")
-        if port is not None:
-            kw["metrics_port"] = int(port)
+        for name, var in _INT_SETTINGS.items():
+            value = _env(env, var)
+            if value is not None:
+                kw[name] = int(value)
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
