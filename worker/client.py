@@ -556,6 +556,29 @@ class LhvClient:
             timeout_s=timeout_s,
         )
 
+    async def import_(
+        self,
+        index: str,
+        source: str,
+        *,
+        ids_source: str | None = None,
+        metadata_source: str | None = None,
+        version: int | None = None,
+        chunk_items: int | None = None,
+        ack: bool = True,
+        timeout_s: float | None = None,
+    ) -> WriteResult:
+        """Bulk load from an S3 object (`s3://bucket/key` of .npy/.npz/.lhv); see README."""
+        body: dict[str, Any] = {"op": "import", "source": source}
+        optional = {
+            "ids_source": ids_source,
+            "metadata_source": metadata_source,
+            "version": version,
+            "chunk_items": chunk_items,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return await self.command(index, body, ack=ack, timeout_s=timeout_s)
+
     # -- queries -------------------------------------------------------------------------
 
     async def query(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import orjson
@@ -242,8 +243,8 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-async def _import(c: LhvClient, index: str, **body: object) -> dict[str, object]:
-    result = await c.command(index, {"op": "import", **body}, ack=True, timeout_s=120)
+async def _import(c: LhvClient, index: str, **body: Any) -> dict[str, object]:
+    result = await c.import_(index, ack=True, timeout_s=120, **body)
     assert result.ack is not None
     return result.ack
 
