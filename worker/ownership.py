@@ -201,11 +201,18 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             except LhvError as exc:
                 log.warning("checkpoint failed (%s), state kept, will retry: %s", reason, exc)
                 w.observe_checkpoint_failure(p)
+                policy = w.config.checkpoint
+                partition.retry_delay_s = min(
+                    max(partition.retry_delay_s * 2, policy.retry_backoff_s),
+                    policy.retry_backoff_max_s,
+                )
+                partition.retry_at = time.monotonic() + partition.retry_delay_s
                 return False
             partition.dirty.difference_update(dirty)
             partition.dropped = False
             partition.records_since_checkpoint = 0
             partition.last_checkpoint = time.monotonic()
+            partition.retry_delay_s = 0.0
             elapsed = time.monotonic() - started
             w.observe_checkpoint(p, elapsed, offset)
             log.info(

@@ -47,6 +47,9 @@ class Partition:
     """an index was dropped since the last checkpoint"""
     records_since_checkpoint: int = 0
     last_checkpoint: float = field(default_factory=time.monotonic)
+    retry_at: float = 0.0
+    """after a failed checkpoint: no new attempt before this (monotonic seconds)"""
+    retry_delay_s: float = 0.0
     refused_reason: str = ""
     after_checkpoint: list[tuple[int, Callable[[], Awaitable[None]]]] = field(default_factory=list)
     """steps to run once a checkpoint covers their offset: (offset, step)"""

@@ -94,9 +94,14 @@ class _Runner:
                         await self._apply(batch)
                     if stop:
                         return
-                    if p.needs_checkpoint and (
-                        p.records_since_checkpoint >= policy.every_records
-                        or time.monotonic() - p.last_checkpoint >= policy.every_s
+                    now = time.monotonic()
+                    if (
+                        p.needs_checkpoint
+                        and now >= p.retry_at
+                        and (
+                            p.records_since_checkpoint >= policy.every_records
+                            or now - p.last_checkpoint >= policy.every_s
+                        )
                     ):
                         await w.ownership.checkpoint(p, reason="policy")
                     if p.status is PartitionStatus.REVOKED:
