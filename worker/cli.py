@@ -449,6 +449,22 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# lhv demo
+
+
+def _args_demo(parser: argparse.ArgumentParser) -> None:
+    from worker import demo
+
+    demo.add_arguments(parser)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from worker import demo
+
+    return demo.run(args)
+
+
+# --------------------------------------------------------------------------------------
 # registry: one row per subcommand
 
 COMMANDS: tuple[Command, ...] = (
@@ -462,6 +478,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("load", "load vectors from a file into an index (acknowledged)", _args_load, _cmd_load),
     Command("search", "k nearest neighbours of one or more vectors", _args_search, _cmd_search),
     Command("stats", "an index's size, parameters and offsets", _args_stats, _cmd_stats),
+    Command("demo", "LHV end to end on the local stack, with a report", _args_demo, _cmd_demo),
 )
 
 

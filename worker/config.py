@@ -167,6 +167,7 @@ class WorkerConfig:
                 every_s=float(_env(env, "LHV_CHECKPOINT_SECONDS", "30") or 30),
             ),
             "group_id": _env(env, "LHV_GROUP_ID", "lhv") or "lhv",
+            "worker_id": _env(env, "LHV_WORKER_ID"),
             "accept_data_loss": (_env(env, "LHV_ACCEPT_DATA_LOSS", "") or "").lower()
             in ("1", "true", "yes"),
         }
@@ -174,5 +175,5 @@ class WorkerConfig:
             value = _env(env, var)
             if value is not None:
                 kw[name] = int(value)
-        kw.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**kw)
+        kw.update(overrides)
+        return cls(**{k: v for k, v in kw.items() if v is not None})

@@ -372,6 +372,8 @@ class SearchServer:
         stats = dict(index.stats())
         stats["applied_offset"] = part.applied_offset
         stats["checkpoint_offset"] = part.checkpoint_offset
+        stats["worker"] = self._w.config.worker_id
+        stats["partition"] = part.number
         drift = self._w.drift_report(query.index)
         if drift is not None:
             stats["drift"] = drift
