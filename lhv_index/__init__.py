@@ -1,5 +1,5 @@
 """LHV's index library: string ids, metadata, last-write-wins clocks and tombstones over
-hnswlib (or exact numpy search), with the framed LHV1 snapshot format.
+hnswlib, annoy or exact numpy search, with the framed LHV1 snapshot format.
 
 No Kafka, no S3, no asyncio: a library a user can import on its own.
 """

@@ -20,7 +20,9 @@ TopK: TypeAlias = tuple[Labels, npt.NDArray[np.float32]]
 """(labels uint64 (n, k), distances float32 (n, k)), rows sorted by distance"""
 
 
-def distances(metric: Metric, queries: Vectors, vectors: Vectors) -> npt.NDArray[np.float32]:
+def distances(
+    metric: Metric, queries: Vectors, vectors: Vectors | npt.NDArray[np.float64]
+) -> npt.NDArray[np.float32]:
     """Distances (n_queries, n_vectors), computed in float64 and returned as float32."""
     q = queries.astype(np.float64, copy=False)
     v = vectors.astype(np.float64, copy=False)
@@ -34,8 +36,15 @@ def distances(metric: Metric, queries: Vectors, vectors: Vectors) -> npt.NDArray
     return out.astype(np.float32)
 
 
-def topk(metric: Metric, queries: Vectors, vectors: Vectors, labels: Labels, k: int) -> TopK:
-    """The k nearest of `vectors` (named by `labels`) to each query; k <= len(labels)."""
+def topk(
+    metric: Metric,
+    queries: Vectors,
+    vectors: Vectors | npt.NDArray[np.float64],
+    labels: Labels,
+    k: int,
+) -> TopK:
+    """The k nearest of `vectors` (named by `labels`) to each query; k <= len(labels).
+    `vectors` may be float64 already (the annoy delta keeps them so, to convert once)."""
     n = queries.shape[0]
     if k <= 0 or labels.size == 0:
         return np.empty((n, 0), dtype=np.uint64), np.empty((n, 0), dtype=np.float32)

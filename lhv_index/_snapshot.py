@@ -11,9 +11,11 @@ mismatched object raises `SnapshotError` and is never loaded.
 
 Envelope v3 (written by this version)::
 
-    {"format": 3, "name": str, "engine": "hnsw" | "exact", "params": IndexParams.to_dict(),
+    {"format": 3, "name": str, "engine": "hnsw" | "exact" | "annoy",
+     "params": IndexParams.to_dict(),
      "engine_state": {...},          # what the engine's bytes do not record (hnsw: metric,
-                                     # allow_replace_deleted; exact: slots)
+                                     # allow_replace_deleted; exact: slots; annoy: slots,
+                                     # annoy_metric, n_trees, parts)
      "count": live items, "tombstones": tombstones, "slots": labels handed out,
      "source": {...},                # e.g. {"topic", "partition", "offset"}
      "checksum": "crc32",
@@ -29,7 +31,13 @@ v3 sections, in this order (n = count, t = tombstones):
   normalized vector)
 - `tombs.len`, `tombs.utf8`, `tombs.clocks`: the tombstones, encoded like ids and clocks
 - `engine`: the engine's bytes (hnsw: hnswlib `save_index` output over metric `ip` for
-  cosine and ip, `l2` for l2; exact: the f32[slots, dim] matrix)
+  cosine and ip, `l2` for l2; exact and annoy: the f32[slots, dim] matrix)
+- `engine.<part>`, one per name in `engine_state.parts`, in that order (annoy only):
+  `engine.forest`, annoy's saved forest (empty when there is none); `engine.forest_labels`,
+  u64[m], the label of each forest item; `engine.delta`, u64[d], the live labels written
+  after the forest was cut (searched exactly). A forest item whose label is not live or is
+  in the delta is a tombstone. The delta and tombstones are stored as they are, not folded
+  into a new forest, so a snapshot never waits for a forest build.
 
 Older envelopes, read but no longer written. Both are followed by exactly one section,
 hnswlib `save_index` bytes (engine `hnsw` only), whose length and crc32 sit in the
@@ -63,6 +71,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import struct
 import tempfile
 import zlib
@@ -76,7 +85,8 @@ import numpy.typing as npt
 import orjson
 
 from lhv_index._clock import CLOCK_MAX, Clock
-from lhv_index._engines import Engine, ExactEngine, HnswEngine, metric_of
+from lhv_index._engines import AnnoyEngine, Engine, ExactEngine, HnswEngine, metric_of
+from lhv_index._engines.annoy import PARTS as ANNOY_PARTS
 from lhv_index._index import Index
 from lhv_index._params import EngineKind, IndexParams, Limits, Space
 from lhv_index._validate import check_id
@@ -100,6 +110,8 @@ ENVELOPE_VERSION = 3
 MAX_ENVELOPE_BYTES = 1 << 31
 #: bytes copied at a time between files
 _COPY_CHUNK = 1 << 20
+#: names of the engine's extra parts (sections `engine.<part>`, files `<engine>.<part>`)
+_PART_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
 # -- encoding ---------------------------------------------------------------------------
@@ -185,12 +197,14 @@ def write_snapshot(index: Index, out: BinaryIO | IO[bytes], *, source: dict[str,
         raise InvalidRequest("source must be a JSON object")
     with tempfile.TemporaryDirectory(prefix="lhv-snap-") as tmpdir:
         cap = _capture(index, tmpdir)
-        engine_crc, engine_len = _file_crc(cap.engine_path)
+        files = _engine_files(cap.engine_path, cap.envelope["engine_state"])
         sections = [
             {"name": name, "length": len(data), "crc32": zlib.crc32(data)}
             for name, data in cap.sections
         ]
-        sections.append({"name": "engine", "length": engine_len, "crc32": engine_crc})
+        for name, path in files:
+            crc, length = _file_crc(path)
+            sections.append({"name": name, "length": length, "crc32": crc})
         envelope = {**cap.envelope, "source": source, "checksum": "crc32", "sections": sections}
         try:
             env = orjson.dumps(envelope)
@@ -203,11 +217,18 @@ def write_snapshot(index: Index, out: BinaryIO | IO[bytes], *, source: dict[str,
         for _, data in cap.sections:
             out.write(data)
             written += len(data)
-        with open(cap.engine_path, "rb") as f:
-            while chunk := f.read(_COPY_CHUNK):
-                out.write(chunk)
-                written += len(chunk)
+        for _, path in files:
+            with open(path, "rb") as f:
+                while chunk := f.read(_COPY_CHUNK):
+                    out.write(chunk)
+                    written += len(chunk)
     return written
+
+
+def _engine_files(path: str, state: dict[str, Any]) -> list[tuple[str, str]]:
+    """(section name, file) of the engine's bytes: `engine`, then one `engine.<part>`
+    per part the engine listed in its state."""
+    return [("engine", path)] + [(f"engine.{p}", f"{path}.{p}") for p in state.get("parts", ())]
 
 
 def _file_crc(path: str) -> tuple[int, int]:
@@ -369,11 +390,17 @@ def _read_v3(
     data: dict[str, bytes] = {}
     for spec in specs:
         sec_name = _section_spec(spec)[0]
-        if sec_name in data or (sec_name == "engine" and "engine" in data):
+        if sec_name in data:
             raise SnapshotError(f"section {sec_name!r} appears twice")
         if sec_name == "engine":
             reader.section_to_file(spec, engine_path)
             data["engine"] = b""
+        elif sec_name.startswith("engine."):
+            part = sec_name.removeprefix("engine.")
+            if not _PART_NAME.fullmatch(part):
+                raise SnapshotError(f"bad engine part name {part!r}")
+            reader.section_to_file(spec, f"{engine_path}.{part}")
+            data[sec_name] = b""
         else:
             data[sec_name] = reader.section(spec)
     reader.expect_end()
@@ -415,6 +442,9 @@ def _read_v3(
     state = envelope.get("engine_state") or {}
     if not isinstance(state, dict):
         raise SnapshotError("engine_state is not an object")
+    parts = state.get("parts", [])
+    if not isinstance(parts, list) or any(f"engine.{p}" not in data for p in parts):
+        raise SnapshotError(f"engine parts {parts!r} are not all in the snapshot")
     engine = _load_engine(params, engine_path, slots=slots, live=labels, state=state)
     return _build(
         name,
@@ -460,6 +490,21 @@ def _load_engine(
             raise SnapshotError("a label is beyond the engine's slots")
         deleted = np.setdiff1d(np.arange(slots, dtype=np.uint64), live)
         return ExactEngine.load(path, metric=metric, dim=params.dim, slots=slots, deleted=deleted)
+    if params.engine is EngineKind.ANNOY:
+        if state.get("parts") != list(ANNOY_PARTS):
+            raise SnapshotError(f"annoy engine state {state!r} lacks its parts")
+        return AnnoyEngine.load(
+            path,
+            metric=metric,
+            dim=params.dim,
+            slots=slots,
+            live=live,
+            n_trees=params.n_trees,
+            search_k=params.search_k,
+            ef_search=params.ef_search,
+            normalized=params.space is Space.COSINE,
+            state=state,
+        )
     raise SnapshotError(f"engine {params.engine.value!r} is not available in this version")
 
 

@@ -5,7 +5,8 @@ which label is live belong to `Index`, whose bookkeeping is the truth. Engines s
 metrics, `l2` and `ip`; cosine is `ip` over vectors the index normalized itself.
 
 Calls never overlap with a write: `Index` holds its exclusive lock for `reserve`, `add`,
-`mark_deleted` and `dump`, and its shared lock for `get` and `query`.
+`mark_deleted` and `dump`, and its shared lock for `get` and `query`. An engine that works
+in the background (annoy's forest rebuilds) guards its own state against that work.
 """
 
 from __future__ import annotations
@@ -60,7 +61,11 @@ class Engine(Protocol):
         ...
 
     def dump(self, path: str) -> dict[str, Any]:
-        """Write the engine's bytes to `path`; returns what `load` needs besides them."""
+        """Write the engine's bytes to `path`; returns what `load` needs besides them.
+
+        An engine whose bytes are several files (annoy) writes the others beside it as
+        `f"{path}.{part}"` and lists the part names under `"parts"` in what it returns.
+        """
         ...
 
     def slots(self) -> int:

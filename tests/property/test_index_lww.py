@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import io
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import lhv_index._engines.annoy as annoy_mod
 from lhv_index import (
     Clock,
     Delete,
@@ -29,6 +32,7 @@ from lhv_index import (
     read_snapshot,
     write_snapshot,
 )
+from lhv_index._engines import AnnoyEngine
 
 DIM = 4
 IDS = [f"id-{i}" for i in range(12)]
@@ -37,6 +41,18 @@ SETTINGS = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+
+
+ENGINES = ["hnsw", "exact", "annoy"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def frequent_annoy_rebuilds() -> Iterator[None]:
+    """A few writes are enough to rebuild an annoy forest, so streams this short run
+    through forests, deltas and tombstones (and rebuilds racing the writes)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(annoy_mod, "REBUILD_MIN_CHANGES", 6)
+        yield
 
 
 def vector(seed: int) -> np.ndarray:
@@ -125,10 +141,22 @@ def assert_matches(index: Index, oracle: Oracle) -> None:
         assert index.clock_of(id_) == oracle.clock(id_)
 
 
+def assert_searches_agree(index: Index, exact: Index, queries: np.ndarray, live: int) -> None:
+    for k in (1, 5, 20):
+        got = index.search(queries, k, ef=200)
+        want = exact.search(queries, k)
+        for g, w in zip(got, want, strict=True):
+            assert len(g) == len(w) == min(k, live)
+            np.testing.assert_allclose(
+                [h.distance for h in g], [h.distance for h in w], rtol=1e-4, atol=1e-4
+            )
+
+
 def make(space: str, engine: str = "hnsw") -> Index:
     return Index("p", IndexParams(dim=DIM, space=Space(space), engine=EngineKind(engine)))
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @SETTINGS
 @given(
     records=records_st,
@@ -136,30 +164,29 @@ def make(space: str, engine: str = "hnsw") -> Index:
     space=st.sampled_from(["cosine", "l2", "ip"]),
 )
 def test_index_matches_dict_oracle_in_any_batching(
-    records: list[Any], cuts: list[int], space: str
+    engine: str, records: list[Any], cuts: list[int], space: str
 ) -> None:
     per_record = writes_of(records)
     oracle = Oracle()
     for rec in per_record:
         for w in rec:
             oracle.apply(w)
-    index, exact = make(space), make(space, "exact")
-    for batch in batched(per_record, cuts):
+    index, exact = make(space, engine), make(space, "exact")
+    for n, batch in enumerate(batched(per_record, cuts)):
         index.apply(batch)
         exact.apply(batch)
+        if n == 0 and isinstance(index._engine, AnnoyEngine):
+            index._engine.rebuild()  # a forest under every later write
     assert_matches(index, oracle)
     assert_matches(exact, oracle)
     # search agrees with the exact engine (distances: ties between equal vectors may
-    # order ids differently)
+    # order ids differently); annoy answers while its rebuilds race the writes, then again
+    # once its forest has settled
     queries = np.stack([vector(1000 + i) for i in range(3)])
-    for k in (1, 5, 20):
-        got = index.search(queries, k, ef=200)
-        want = exact.search(queries, k)
-        for g, w in zip(got, want, strict=True):
-            assert len(g) == len(w) == min(k, len(oracle.live))
-            np.testing.assert_allclose(
-                [h.distance for h in g], [h.distance for h in w], rtol=1e-4, atol=1e-4
-            )
+    assert_searches_agree(index, exact, queries, len(oracle.live))
+    if isinstance(index._engine, AnnoyEngine):
+        assert index._engine.join(30)
+        assert_searches_agree(index, exact, queries, len(oracle.live))
     flt = {"g": 1}
     matching = sum(1 for _, m, _ in oracle.live.values() if m and m.get("g") == 1)
     for row in index.search(queries, 5, filter=flt, include_metadata=True):
@@ -224,14 +251,15 @@ def test_older_version_arriving_late_never_resurrects_or_overwrites(
     assert res.applied == len(unseen)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @settings(max_examples=25, deadline=None)
 @given(records=records_st, cut=st.integers(0, 30), space=st.sampled_from(["cosine", "l2"]))
 def test_snapshot_mid_stream_then_continue_gives_same_state(
-    records: list[Any], cut: int, space: str
+    engine: str, records: list[Any], cut: int, space: str
 ) -> None:
     per_record = writes_of(records)
     cut %= len(per_record) + 1
-    whole, part = make(space), make(space)
+    whole, part = make(space, engine), make(space, engine)
     for rec in per_record:
         whole.apply(rec)
     for rec in per_record[:cut]:

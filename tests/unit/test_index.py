@@ -39,7 +39,7 @@ def rm(id_: str, v: int = 0, o: int = 0, p: int = 0) -> Delete:
     return Delete(id=id_, clock=Clock(v, o, p))
 
 
-@pytest.fixture(params=["hnsw", "exact"])
+@pytest.fixture(params=["hnsw", "exact", "annoy"])
 def engine(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -428,9 +428,9 @@ def test_engine_failure_makes_index_refuse_use() -> None:
         idx.search(vec(0), 1)
 
 
-def test_annoy_engine_is_not_available_yet() -> None:
-    with pytest.raises(InvalidRequest):
-        Index("t", IndexParams(dim=DIM, engine=EngineKind.ANNOY))
+def test_every_engine_kind_makes_an_index() -> None:
+    for kind in EngineKind:
+        assert Index("t", IndexParams(dim=DIM, engine=kind)).stats()["engine"] == kind.value
 
 
 # -- concurrency -----------------------------------------------------------------------------

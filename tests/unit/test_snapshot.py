@@ -50,7 +50,7 @@ def encode(idx: Index, source: dict | None = None) -> bytes:
     return data
 
 
-@pytest.mark.parametrize("engine", ["hnsw", "exact"])
+@pytest.mark.parametrize("engine", ["hnsw", "exact", "annoy"])
 @pytest.mark.parametrize("space", ["cosine", "l2", "ip"])
 def test_snapshot_round_trip_preserves_logical_state(engine: str, space: str) -> None:
     idx = build(engine, space)
@@ -123,6 +123,25 @@ def test_bit_flipped_snapshot_is_never_loaded() -> None:
         bad[pos] ^= 1 << int(rng.integers(0, 8))
         with pytest.raises(SnapshotError):
             read_snapshot(bytes(bad))
+
+
+def test_damaged_annoy_snapshot_is_never_loaded() -> None:
+    idx = build("annoy")
+    idx._engine.rebuild()  # type: ignore[attr-defined]
+    idx.apply([Upsert("late", np.ones(DIM, np.float32), None, Clock(0, 9, 0))])
+    data = encode(idx)
+    back, _ = read_snapshot(data)
+    assert back.logical_state() == idx.logical_state()
+    rng = np.random.default_rng(1)
+    body = HEADER.size + HEADER.unpack_from(data)[1]
+    for pos in rng.integers(body, len(data), size=20).tolist():
+        bad = bytearray(data)
+        bad[pos] ^= 1 << int(rng.integers(0, 8))
+        with pytest.raises(SnapshotError):
+            read_snapshot(bytes(bad))
+    for cut in rng.integers(1, len(data), size=10).tolist():
+        with pytest.raises(SnapshotError):
+            read_snapshot(data[:cut])
 
 
 def test_envelope_corruption_is_rejected() -> None:
