@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -351,9 +352,10 @@ class AnnoyEngine:
         best: TopK | None = None
         if delta.labels.size:
             best = topk(self.metric, queries, delta.vectors, delta.labels, k)
-        want = min(k, self._count - int(delta.labels.size))
+        valid = self._count - int(delta.labels.size)  # live labels the forest serves
+        want = min(k, valid)
         if forest is not None and want > 0:
-            got = self._query_forest(forest, queries, want, ef)
+            got = self._query_forest(forest, queries, want, ef, valid)
             best = got if best is None else merge_topk(best, got, k)
         if best is None or best[0].shape[1] < k:
             raise ShortResult(f"annoy returned fewer than {k} results")
@@ -364,13 +366,18 @@ class AnnoyEngine:
             return self.search_k if self.search_k <= 0 else max(self.search_k, fetch)
         return self.n_trees * max(ef, fetch)
 
-    def _query_forest(self, forest: _Forest, queries: Vectors, want: int, ef: int) -> TopK:
-        """The `want` nearest valid forest labels per query (exact distances)."""
+    def _query_forest(
+        self, forest: _Forest, queries: Vectors, want: int, ef: int, valid: int
+    ) -> TopK:
+        """The `want` nearest of the `valid` forest labels per query (exact distances)."""
         m = int(forest.labels.size)
         live, written, cut = self._live, self._written, forest.cut
+        # over-fetch in proportion to the forest entries that are tombstones
+        stale = m - valid
+        first = min(m, want + (math.ceil(2 * want * stale / m) + 4 if stale else 0))
         rows: list[Labels] = []
         for q in queries.tolist():
-            fetch = min(m, 2 * want + 16)
+            fetch = first
             search_k = self._search_k(ef, fetch)
             while True:
                 try:
@@ -379,14 +386,14 @@ class AnnoyEngine:
                     raise EngineError(f"annoy: {exc}") from exc
                 found = forest.labels[np.asarray(pos, dtype=np.intp)]
                 idx = found.astype(np.intp)
-                valid = found[live[idx] & (written[idx] <= cut)]
-                if valid.size >= want or fetch >= m:
+                ok = found[live[idx] & (written[idx] <= cut)]
+                if ok.size >= want or fetch >= m:
                     break
                 fetch = min(m, 4 * fetch)
                 search_k = search_k if search_k <= 0 else 4 * search_k
-            if valid.size < want:
-                raise ShortResult(f"annoy found {valid.size} of {want} results")
-            rows.append(valid)
+            if ok.size < want:
+                raise ShortResult(f"annoy found {ok.size} of {want} results")
+            rows.append(ok)
         return self._rerank(queries, rows, want)
 
     def _rerank(self, queries: Vectors, rows: list[Labels], want: int) -> TopK:
