@@ -29,6 +29,7 @@ from lhv_index.errors import (
     LhvError,
     WrongPartition,
 )
+from worker.logs import log_context
 from worker.messages import (
     AddCommand,
     Command,
@@ -149,11 +150,15 @@ def apply_records(
                     flush(name)
                 if barrier is None:
                     raise Internal(f"op {out.op!r} is not supported by this worker")
-                barrier(partition, cmd, out)
+                with log_context(index=cmd.index, offset=rec.offset):
+                    barrier(partition, cmd, out)
         except LhvError as exc:
             out.error = exc
         except Exception as exc:  # a bug, not bad input: reject the record, keep going
-            log.exception("record failed unexpectedly", extra={"offset": rec.offset})
+            log.exception(
+                "record failed unexpectedly",
+                extra={"offset": rec.offset, "index": out.index or None},
+            )
             out.error = Internal(f"{type(exc).__name__}: {exc}")
         partition.applied_offset = rec.offset
     for name in list(groups):
@@ -205,7 +210,9 @@ def _apply_group(partition: Partition, name: str, group: _Group) -> None:
             return
         # Isolate the record at fault: apply the group's records one by one.
         log.warning(
-            "group apply failed (%s); applying its records one by one", exc, extra={"index": name}
+            "group apply failed (%s); applying its records one by one",
+            exc,
+            extra={"index": name, "offset": group.members[0][0].offset},
         )
         for out, start, count in group.members:
             _apply_group(

@@ -181,6 +181,11 @@ def _args_worker(parser: argparse.ArgumentParser) -> None:
         help="serve /metrics, /healthz, /readyz here (LHV_METRICS_PORT)",
     )
     parser.add_argument(
+        "--metrics-host",
+        default=None,
+        help="address the metrics server binds (LHV_METRICS_HOST, 127.0.0.1)",
+    )
+    parser.add_argument(
         "--accept-data-loss",
         action="store_true",
         default=None,
@@ -212,6 +217,7 @@ def _worker_config(args: argparse.Namespace) -> WorkerConfig:
         "LHV_CHECKPOINT_RECORDS": args.checkpoint_records,
         "LHV_CHECKPOINT_SECONDS": args.checkpoint_seconds,
         "LHV_METRICS_PORT": args.metrics_port,
+        "LHV_METRICS_HOST": args.metrics_host,
         "LHV_ACCEPT_DATA_LOSS": "1" if args.accept_data_loss else None,
     }
     env.update({k: str(v) for k, v in flags.items() if v is not None})
@@ -465,6 +471,56 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# lhv bench (a source checkout's bench/bench_e2e.py; bench/ is not installed)
+
+
+def _args_bench(parser: argparse.ArgumentParser) -> None:
+    # every word after `bench`, `--help` included, goes to the script: no option prefix here
+    parser.prefix_chars = "+"
+    parser.add_argument(
+        "bench_args", nargs=argparse.REMAINDER, help="options of bench/bench_e2e.py (--help)"
+    )
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "bench_e2e.py"
+    if not script.is_file():
+        print(f"lhv bench needs a source checkout: {script} not found", file=sys.stderr)
+        return 2
+    return subprocess.run([sys.executable, str(script), *args.bench_args]).returncode
+
+
+# --------------------------------------------------------------------------------------
+# lhv snapshot / replay (operator tools; logic in worker.tools)
+
+
+def _args_snapshot(parser: argparse.ArgumentParser) -> None:
+    from worker import tools
+
+    tools.add_snapshot_arguments(parser)
+
+
+def _cmd_snapshot(args: argparse.Namespace) -> int:
+    from worker import tools
+
+    return tools.run_snapshot(args)
+
+
+def _args_replay(parser: argparse.ArgumentParser) -> None:
+    from worker import tools
+
+    tools.add_replay_arguments(parser)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from worker import tools
+
+    return tools.run_replay(args)
+
+
+# --------------------------------------------------------------------------------------
 # registry: one row per subcommand
 
 COMMANDS: tuple[Command, ...] = (
@@ -479,6 +535,19 @@ COMMANDS: tuple[Command, ...] = (
     Command("search", "k nearest neighbours of one or more vectors", _args_search, _cmd_search),
     Command("stats", "an index's size, parameters and offsets", _args_stats, _cmd_stats),
     Command("demo", "LHV end to end on the local stack, with a report", _args_demo, _cmd_demo),
+    Command("bench", "end-to-end benchmarks against raw hnswlib (bench/)", _args_bench, _cmd_bench),
+    Command(
+        "snapshot",
+        "list, inspect and verify the checkpoints in S3",
+        _args_snapshot,
+        _cmd_snapshot,
+    ),
+    Command(
+        "replay",
+        "rebuild partitions from the log and compare with their snapshots",
+        _args_replay,
+        _cmd_replay,
+    ),
 )
 
 

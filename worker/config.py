@@ -168,6 +168,7 @@ class WorkerConfig:
             ),
             "group_id": _env(env, "LHV_GROUP_ID", "lhv") or "lhv",
             "worker_id": _env(env, "LHV_WORKER_ID"),
+            "metrics_host": _env(env, "LHV_METRICS_HOST"),
             "accept_data_loss": (_env(env, "LHV_ACCEPT_DATA_LOSS", "") or "").lower()
             in ("1", "true", "yes"),
         }

@@ -43,11 +43,15 @@ def bound() -> dict[str, Any]:
 
 
 class ContextFilter(logging.Filter):
-    """Copies the bound keys onto each record (as attributes and as `record.lhv`)."""
+    """Copies the bound keys onto each record (as attributes and as `record.lhv`).
+
+    Context keys passed as `extra=` win over the bound ones and are printed too.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         ctx = _context.get({})
-        record.lhv = ctx
+        extra = {k: record.__dict__[k] for k in CONTEXT_KEYS if record.__dict__.get(k) is not None}
+        record.lhv = {**ctx, **extra} if extra else ctx
         for key, value in ctx.items():
             if not hasattr(record, key):
                 setattr(record, key, value)

@@ -16,6 +16,14 @@ methods the worker calls. `MetricsServer` serves it over HTTP:
   503 listing those that are not ready and those refused. No assigned partition is
   ready (a worker may have nothing to own in a large group).
 
+Lag (`lhv_consumer_lag`, and what `/healthz` calls lagging) is counted against the
+applied offset, not the consumer's fetch position: `log end - 1 - applied offset`, where
+the log end is the highwater of the partition's last fetch. Records already fetched but
+still queued for the partition's runner are lag too; `highwater - position` would call a
+backlog sitting in memory "caught up". While a restoring partition has fetched nothing
+yet, the log end seen at assignment stands in for the highwater (metrics only; the stall
+check waits for a real fetch).
+
 Bodies of the health endpoints are JSON. The server is a small asyncio HTTP/1.1 server
 (one request per connection, GET and HEAD only) rather than aiohttp, so the worker
 needs no web framework; answering at all also shows the event loop is not blocked.

@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 __all__ = ["Ownership"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -85,7 +87,11 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         started = time.monotonic()
         with log_context(partition=p):
             try:
-                await self._retrying("restore", lambda: self._load(partition))
+                nbytes = await self._retrying(
+                    "restore",
+                    lambda: self._load(partition),
+                    on_error=lambda: self._w.observe_restore_failure(p),
+                )
                 if partition.status is PartitionStatus.REFUSED:
                     await partition.notify()
                     return
@@ -100,7 +106,8 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                     partition.checkpoint_offset,
                     partition.ready_offset,
                 )
-                self._w.observe_restore(p, time.monotonic() - started)
+                self._w.observe_restore(p, time.monotonic() - started, nbytes)
+                self._w.observe_indexes(partition)
                 if partition.mark_ready_if_caught_up():
                     log.info("partition serving at offset %d", partition.applied_offset)
                 await partition.notify()
@@ -112,20 +119,24 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             finally:
                 self._restores.pop(p, None)
 
-    async def _load(self, partition: Partition) -> None:
+    async def _load(self, partition: Partition) -> int | None:
+        """Load p's checkpoint and claim p; returns the snapshot bytes read from S3 (None
+        when nothing was read)."""
         p = partition.number
         w = self._w
         manifest, etag = await w.store.read_manifest(p)
         parked = self._parked.pop(p, None)
+        nbytes = None
         if parked is not None and etag is not None and parked.etag == etag:
             partition.indexes = parked.indexes
             log.info("reusing in-memory state of partition (manifest unchanged)")
         elif manifest is not None:
             indexes = {}
             for name, entry in manifest.indexes.items():
-                with log_context(index=name):
+                with log_context(index=name, offset=entry.offset):
                     indexes[name] = await w.store.load_index(name, entry)
             partition.indexes = indexes
+            nbytes = sum(e.bytes for e in manifest.indexes.values())
         start = manifest.offset + 1 if manifest else 0
         tp = w.commands_tp(p)
         log_start = (await w.consumer.beginning_offsets([tp]))[tp]
@@ -145,7 +156,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                     reason,
                 )
                 w.observe_refused(p)
-                return
+                return nbytes
             log.warning("accepting data loss on partition %d: %s", p, reason)
             start = log_start
         # Claim: a conditional write with a higher generation fences the previous owner.
@@ -157,6 +168,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         partition.applied_offset = start - 1
         partition.ready_offset = log_end - 1
         partition.last_checkpoint = time.monotonic()
+        return nbytes
 
     # -- checkpoint ----------------------------------------------------------------------
 
@@ -188,7 +200,13 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 for name in dirty:
                     index = partition.indexes[name]
                     with log_context(index=name):
-                        entries[name] = await w.store.save_index(p, index, offset=offset)
+                        snap_started = time.monotonic()
+                        try:
+                            entries[name] = await w.store.save_index(p, index, offset=offset)
+                        except LhvError:
+                            w.observe_snapshot_failure()
+                            raise
+                        w.observe_snapshot(time.monotonic() - snap_started, entries[name].bytes)
                     failpoints.hit("mid_snapshot")
                 manifest = replace(partition.manifest, offset=offset, indexes=entries)
                 partition.manifest, partition.etag = await w.store.write_manifest(
@@ -260,20 +278,28 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
     def _drop(self, partition: Partition) -> None:
         partition.status = PartitionStatus.REVOKED
         self._w.partitions.pop(partition.number, None)
-        self._w.forget_partition(partition.number)
+        self._w.forget_partition(partition.number, list(partition.indexes))
         self._w.spawn(partition.notify(), name=f"notify-{partition.number}")
 
-    async def _retrying(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
-        """Run `step` until it succeeds; S3/Kafka trouble is retried with backoff."""
+    async def _retrying(
+        self,
+        what: str,
+        step: Callable[[], Awaitable[T]],
+        *,
+        on_error: Callable[[], None] | None = None,
+    ) -> T:
+        """Run `step` until it succeeds; S3/Kafka trouble is retried with backoff
+        (`on_error` is told of each failed attempt)."""
         policy = self._w.config.checkpoint
         delay = policy.retry_backoff_s
         while True:
             try:
-                await step()
-                return
+                return await step()
             except (Fenced, asyncio.CancelledError):
                 raise
             except (LhvError, KafkaError, OSError) as exc:
+                if on_error is not None:
+                    on_error()
                 log.warning("%s failed, retrying in %.1fs: %s", what, delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, policy.retry_backoff_max_s)

@@ -137,7 +137,9 @@ class SearchServer:
                         extra={"partition": partition, "offset": rec.offset},
                     )
                     continue
-                self._spawn(self._send_error(reply_to, _key_text(rec.key), error, received))
+                name = _key_text(rec.key)
+                with log_context(partition=partition, offset=rec.offset, index=name or None):
+                    self._spawn(self._send_error(reply_to, name, error, received))
                 continue
             self._spawn(self._serve(partition, rec.offset, item, received))
 
@@ -257,15 +259,21 @@ class SearchServer:
                 for pending in batch:
                     deadline = pending.query.deadline_ms
                     if deadline is not None and deadline < now_ms:
-                        self._spawn(
-                            self._send_error(
-                                pending.query.reply_to,
-                                index_name,
-                                DeadlineExceeded("deadline passed while queued"),
-                                pending.received,
-                                op="search",
+                        with log_context(
+                            partition=pending.partition,
+                            offset=pending.offset,
+                            index=index_name,
+                            correlation_id=_cid(pending.query.reply_to.correlation_id),
+                        ):
+                            self._spawn(
+                                self._send_error(
+                                    pending.query.reply_to,
+                                    index_name,
+                                    DeadlineExceeded("deadline passed while queued"),
+                                    pending.received,
+                                    op="search",
+                                )
                             )
-                        )
                         pending.done.set_result(None)
                     else:
                         live.append(pending)
@@ -331,7 +339,14 @@ class SearchServer:
                     )
                 )
             except Exception as exc:
-                log.exception("search batch failed", extra={"index": index_name})
+                log.exception(
+                    "search batch failed",
+                    extra={
+                        "index": index_name,
+                        "partition": part.number,
+                        "offset": group[0].offset,
+                    },
+                )
                 await asyncio.gather(
                     *(
                         self._send_error(

@@ -46,6 +46,8 @@ __all__ = ["Worker"]
 log = logging.getLogger(__name__)
 
 _STOP = object()
+#: ops whose items count in the apply-batch histogram
+_WRITES = frozenset({"add", "delete"})
 
 
 class _Runner:
@@ -116,19 +118,11 @@ class _Runner:
         w = self.worker
         p = self.partition
         started = time.monotonic()
-        outcomes = await asyncio.to_thread(
-            apply_records,
-            p,
-            batch,
-            num_partitions=w.num_partitions,
-            limits=w.config.limits,
-            index_limits=w.config.index_limits,
-            barrier=w.barrier,
-            on_vectors=w.observe_vectors,
-        )
+        outcomes = await asyncio.to_thread(self._apply_in_thread, batch)
         self.pending -= len(batch)
         failpoints.hit("mid_batch")
-        w.metrics.observe_apply(p.number, len(batch), time.monotonic() - started)
+        items = sum(o.applied + o.skipped for o in outcomes if o.error is None and o.op in _WRITES)
+        w.metrics.observe_apply(p.number, len(batch), time.monotonic() - started, items)
         await w.report(p, outcomes)
         if p.mark_ready_if_caught_up():
             log.info("partition serving at offset %d", p.applied_offset)
@@ -137,6 +131,21 @@ class _Runner:
         if self.paused and self.pending <= w.config.max_pending_records // 2:
             self.paused = False
             w.consumer.resume(w.commands_tp(p.number))
+
+    def _apply_in_thread(self, batch: list[Any]) -> list[Outcome]:
+        """Apply one batch, then publish the sizes and drift of the indexes it touched."""
+        w = self.worker
+        outcomes = apply_records(
+            self.partition,
+            batch,
+            num_partitions=w.num_partitions,
+            limits=w.config.limits,
+            index_limits=w.config.index_limits,
+            barrier=w.barrier,
+            on_vectors=w.observe_vectors,
+        )
+        w.observe_indexes(self.partition, {o.index for o in outcomes if o.index})
+        return outcomes
 
 
 class Worker:
@@ -284,6 +293,8 @@ class Worker:
                 data = await consumer.getmany(
                     timeout_ms=200, max_records=self.config.max_poll_records
                 )
+                if data:
+                    self.metrics.observe_poll(sum(len(records) for records in data.values()))
                 for tp, records in data.items():
                     if tp.topic == self.topics.commands:
                         self._route_commands(tp, records)
@@ -302,20 +313,29 @@ class Worker:
             self.consumer.pause(tp)
 
     def _update_lag(self) -> None:
+        """Lag = records up to the log end not yet applied (see worker/metrics.py).
+
+        The log end is the highwater of the last fetch, or, while a restoring partition is
+        paused and has fetched nothing, the log end seen at assignment (published, but not
+        fed to the stall check: a restore waiting on S3 is not a stalled consumer). A
+        refused partition applies nothing, so it has no lag to make up.
+        """
         consumer = self.consumer
         for p, partition in self.partitions.items():
-            tp = self.commands_tp(p)
-            hw = consumer.highwater(tp)
-            if hw is not None:
-                lag = max(0, hw - 1 - partition.applied_offset)
+            hw = consumer.highwater(self.commands_tp(p))
+            end = hw if hw is not None else partition.ready_offset + 1
+            lag = max(0, end - 1 - partition.applied_offset)
+            if partition.status is PartitionStatus.REFUSED:
+                lag = 0
+            if hw is not None or lag == 0:
                 self.health.set_lag(p, lag)
-                self.metrics.set_partition(
-                    p,
-                    partition.status.value,
-                    partition.applied_offset,
-                    partition.checkpoint_offset,
-                    lag,
-                )
+            self.metrics.set_partition(
+                p,
+                partition.status.value,
+                partition.applied_offset,
+                partition.checkpoint_offset,
+                lag,
+            )
 
     def _check_stalled(self) -> None:
         """Exit (non-zero, for the supervisor) when partitions lag without progress.
@@ -388,7 +408,9 @@ class Worker:
         if runner is not None:
             await runner.stop()
 
-    def forget_partition(self, p: int) -> None:
+    def forget_partition(self, p: int, indexes: Sequence[str] = ()) -> None:
+        for name in indexes:
+            self.forget_index(name)
         runner = self._runners.pop(p, None)
         if runner is not None and not runner.task.done():
             runner.task.cancel()
@@ -463,7 +485,11 @@ class Worker:
                         "not acking to %r: %s",
                         out.reply_to.topic,
                         exc,
-                        extra={"offset": out.offset},
+                        extra={
+                            "offset": out.offset,
+                            "index": out.index or None,
+                            "partition": partition.number,
+                        },
                     )
                     continue
                 sends.append(
@@ -483,11 +509,37 @@ class Worker:
     def metrics_rebalance(self) -> None:
         self.metrics.rebalance()
 
-    def observe_restore(self, p: int, seconds: float) -> None:
-        self.metrics.observe_restore(p, seconds)
+    def observe_restore(self, p: int, seconds: float, nbytes: int | None = None) -> None:
+        self.metrics.observe_restore(p, seconds, nbytes)
+
+    def observe_restore_failure(self, p: int) -> None:
+        self.metrics.restore_failed(p)
 
     def observe_refused(self, p: int) -> None:
         self.metrics.set_partition(p, PartitionStatus.REFUSED.value, -1, -1, 0)
+
+    def observe_snapshot(self, seconds: float, nbytes: int) -> None:
+        self.metrics.observe_snapshot(seconds, nbytes)
+
+    def observe_snapshot_failure(self) -> None:
+        self.metrics.snapshot_failed()
+
+    def observe_indexes(self, partition: Partition, names: set[str] | None = None) -> None:
+        """Publish size and drift of `names` (default: all) of `partition`; a name no
+        longer there was dropped, and its series go. Cheap; called from apply threads."""
+        for name in sorted(names if names is not None else partition.indexes):
+            index = partition.indexes.get(name)
+            if index is None:
+                self.forget_index(name)
+                continue
+            stats = index.stats()
+            self.metrics.set_index_size(name, stats["count"], stats["deleted"])
+            self.drift_report(name)
+
+    def forget_index(self, name: str) -> None:
+        """The index is gone from this worker (dropped, or its partition revoked)."""
+        self._drift.pop(name, None)
+        self.metrics.forget_index(name)
 
     def observe_checkpoint(self, p: int, seconds: float, offset: int) -> None:
         self.metrics.observe_checkpoint(p, seconds, offset)

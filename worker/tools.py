@@ -1,0 +1,800 @@
+"""Operator tools over checkpoints and the commands topic: `lhv snapshot` and `lhv replay`.
+
+    lhv snapshot ls [--json]              manifests per partition, snapshots per index
+    lhv snapshot inspect KEY|INDEX        one snapshot's envelope (by key, or the snapshot
+                                          the manifests name for INDEX)
+    lhv snapshot verify                   every snapshot a manifest names: size, checksums,
+                                          the graph loads, its ids match the envelope
+    lhv replay --verify                   rebuild every partition from the commands topic up
+                                          to its manifest's offset, compare with the snapshots
+
+Settings come from the `LHV_*` variables (`WorkerConfig.from_env`): the S3 bucket and
+prefix, the commands topic, Kafka. The tools only read: nothing is written to S3 or Kafka,
+and no consumer group is joined.
+
+`replay --verify` applies records with the worker's own `apply_records` on fresh
+`Partition`s, so it checks the checkpoints against the log, not the code against itself:
+a snapshot that was rewritten, or a worker that applied a record wrongly, shows up as the
+index and the ids whose state differs. Merges and imports read objects of the merge
+protocol that are gone once it completes, so indexes they touched are reported as not
+replayable instead of compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import sys
+import time
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from lhv_index import Index, IndexParams, read_snapshot
+from lhv_index._snapshot import HEADER, MAGIC, MAX_ENVELOPE_BYTES
+from lhv_index.errors import LhvError, SnapshotError
+from worker.apply import apply_records
+from worker.blobstore import BlobNotFound, BlobStore, S3BlobStore
+from worker.config import WorkerConfig
+from worker.partition import Partition
+from worker.store import IndexEntry, Manifest, SnapshotStore
+
+__all__ = [
+    "Frame",
+    "IndexDiff",
+    "PartitionListing",
+    "Problem",
+    "ReplayReport",
+    "Section",
+    "VerifyReport",
+    "add_replay_arguments",
+    "add_snapshot_arguments",
+    "check_frame",
+    "envelope_ids",
+    "inspect_snapshot",
+    "list_checkpoints",
+    "read_frame",
+    "replay_verify",
+    "run_replay",
+    "run_snapshot",
+    "verify_snapshots",
+]
+
+log = logging.getLogger(__name__)
+
+#: ids printed per differing index before "... and N more"
+MAX_IDS_SHOWN = 20
+#: records applied per `apply_records` call while replaying
+REPLAY_BATCH = 5_000
+#: envelope fields of the older formats that hold one entry per item (summarized)
+_BULKY = ("IDs", "metadata", "clocks", "tombstones")
+_SNAPSHOT_KEY = re.compile(r"(\d{5})/snapshots/([^/]+)/([^/]+\.lhv)")
+_MANIFEST_KEY = re.compile(r"(\d{5})/manifest\.json")
+
+
+# -- the frame ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    name: str
+    start: int
+    """byte offset of the section in the object"""
+    length: int
+    crc32: int
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """The envelope of one LHV1 object and where its sections lie."""
+
+    envelope: dict[str, Any]
+    envelope_bytes: int
+    sections: tuple[Section, ...]
+    size: int
+    """the object's size in bytes"""
+
+    @property
+    def format(self) -> Any:
+        return self.envelope.get("format")
+
+    @property
+    def end(self) -> int:
+        """Where the last section ends (equals `size` in a sound object)."""
+        last = self.sections[-1] if self.sections else None
+        return last.start + last.length if last else HEADER.size + self.envelope_bytes
+
+
+def read_frame(data: bytes) -> Frame:
+    """Parse the header and envelope of an LHV1 object (v1, v2 or v3); no checksums yet.
+
+    Raises:
+        SnapshotError: not an LHV1 object, or its envelope is unreadable.
+    """
+    if len(data) < HEADER.size:
+        raise SnapshotError("snapshot is truncated in the header")
+    magic, env_len = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise SnapshotError(f"not an LHV1 snapshot (magic {magic!r})")
+    if env_len > MAX_ENVELOPE_BYTES or HEADER.size + env_len > len(data):
+        raise SnapshotError("snapshot is truncated in the envelope")
+    try:
+        envelope = orjson.loads(data[HEADER.size : HEADER.size + env_len])
+    except orjson.JSONDecodeError as exc:
+        raise SnapshotError(f"envelope is not JSON: {exc}") from exc
+    if not isinstance(envelope, dict):
+        raise SnapshotError("envelope is not a JSON object")
+    start = HEADER.size + env_len
+    specs: list[Any]
+    if envelope.get("format") == 3:
+        specs = envelope.get("sections") or []
+    else:  # v1 and v2: one engine section described by the envelope itself
+        specs = [
+            {"name": "engine", "length": envelope.get("length"), "crc32": envelope.get("crc32")}
+        ]
+    sections = []
+    for spec in specs:
+        name = spec.get("name") if isinstance(spec, dict) else None
+        length = spec.get("length") if isinstance(spec, dict) else None
+        crc = spec.get("crc32") if isinstance(spec, dict) else None
+        if not isinstance(name, str) or type(length) is not int or type(crc) is not int:
+            raise SnapshotError(f"malformed section entry in envelope: {spec!r}")
+        if length < 0:
+            raise SnapshotError(f"negative length for section {name!r}")
+        sections.append(Section(name, start, length, crc))
+        start += length
+    return Frame(envelope, env_len, tuple(sections), len(data))
+
+
+def check_frame(data: bytes, frame: Frame) -> list[str]:
+    """Problems with the object's sections: truncation, checksums, trailing bytes."""
+    problems = []
+    for s in frame.sections:
+        if s.start + s.length > len(data):
+            problems.append(f"section {s.name!r} is truncated")
+            break
+        if zlib.crc32(memoryview(data)[s.start : s.start + s.length]) != s.crc32:
+            problems.append(f"checksum mismatch in section {s.name!r}")
+    if frame.end < len(data):
+        problems.append(f"{len(data) - frame.end} bytes after the last section")
+    return problems
+
+
+def envelope_ids(data: bytes, frame: Frame) -> list[str]:
+    """The live ids the object declares, in its own order.
+
+    v3: the `ids` sections; v2: the non-null `IDs`; v1: the keys of `metadata` (v1 writers
+    left out ids without metadata, a documented limitation of that format).
+    """
+    env = frame.envelope
+    if frame.format == 3:
+        by_name = {s.name: s for s in frame.sections}
+        lens_s, blob_s = by_name.get("ids.len"), by_name.get("ids.utf8")
+        if lens_s is None or blob_s is None:
+            raise SnapshotError("snapshot lacks its ids sections")
+        lens = np.frombuffer(data, dtype="<u4", count=lens_s.length // 4, offset=lens_s.start)
+        blob = data[blob_s.start : blob_s.start + blob_s.length]
+        ends = np.cumsum(lens, dtype=np.int64).tolist()
+        if (ends[-1] if ends else 0) != len(blob):
+            raise SnapshotError("ids sections do not match their lengths")
+        starts = [0, *ends[:-1]]
+        return [blob[a:b].decode("utf-8") for a, b in zip(starts, ends, strict=True)]
+    if frame.format == 2:
+        return [i for i in env.get("IDs") or [] if i is not None]
+    return list((env.get("metadata") or {}).keys())
+
+
+def _summary(envelope: Mapping[str, Any]) -> dict[str, Any]:
+    """The envelope with per-item fields of older formats replaced by their sizes."""
+    out = dict(envelope)
+    for key in _BULKY:
+        value = out.get(key)
+        if isinstance(value, list | dict):
+            out[key] = f"<{len(value)} entries>"
+    return out
+
+
+# -- listing --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class PartitionListing:
+    """What S3 holds for one partition: its manifest and every snapshot object."""
+
+    partition: int
+    manifest: Manifest | None = None
+    objects: dict[str, list[str]] = field(default_factory=dict)
+    """index -> snapshot keys under the partition, named by the manifest or not"""
+
+
+class _Checkpoints:
+    """Read-only access to one topic's checkpoints."""
+
+    def __init__(self, blobs: BlobStore, topic: str) -> None:
+        self.blobs = blobs
+        self.topic = topic
+        self.store = SnapshotStore(blobs, topic=topic, worker_id="lhv-tools")
+        # the store's layout: partitions/<topic>/<p:05d>/manifest.json
+        self.base = self.store.manifest_key(0).rsplit("/", 2)[0] + "/"
+
+    async def listing(self) -> list[PartitionListing]:
+        parts: dict[int, PartitionListing] = {}
+        for key in sorted(await self.blobs.list(self.base)):
+            rel = key[len(self.base) :]
+            if m := _MANIFEST_KEY.fullmatch(rel):
+                p = int(m.group(1))
+                parts.setdefault(p, PartitionListing(p))
+            elif m := _SNAPSHOT_KEY.fullmatch(rel):
+                p = int(m.group(1))
+                listing = parts.setdefault(p, PartitionListing(p))
+                listing.objects.setdefault(m.group(2), []).append(key)
+        for p, listing in parts.items():
+            listing.manifest, _ = await self.store.read_manifest(p)
+        return [parts[p] for p in sorted(parts)]
+
+    async def named(
+        self, partitions: Iterable[int] | None = None
+    ) -> list[tuple[int, str, IndexEntry, Manifest]]:
+        """(partition, index, entry, manifest) of every snapshot a manifest names."""
+        out = []
+        wanted = set(partitions) if partitions is not None else None
+        for listing in await self.listing():
+            if listing.manifest is None or (wanted is not None and listing.partition not in wanted):
+                continue
+            for name, entry in sorted(listing.manifest.indexes.items()):
+                out.append((listing.partition, name, entry, listing.manifest))
+        return out
+
+
+async def list_checkpoints(blobs: BlobStore, topic: str) -> list[PartitionListing]:
+    """Manifests and snapshot objects of every partition of `topic` that has any."""
+    return await _Checkpoints(blobs, topic).listing()
+
+
+async def inspect_snapshot(blobs: BlobStore, topic: str, target: str) -> dict[str, Any]:
+    """One snapshot's envelope, sections and size. `target`: a key, or an index name whose
+    snapshot the manifests name.
+
+    Raises:
+        BlobNotFound: no such object, or no manifest names the index.
+        SnapshotError: the object is not an LHV1 snapshot.
+    """
+    cps = _Checkpoints(blobs, topic)
+    key = target
+    named_by = None
+    if not target.endswith(".lhv"):
+        for p, name, entry, manifest in await cps.named():
+            if name == target:
+                key, named_by = entry.key, {"partition": p, "generation": manifest.generation}
+                break
+        else:
+            raise BlobNotFound(f"no manifest of {topic} names an index {target!r}", key=target)
+    data, etag = await blobs.get(key)
+    frame = read_frame(data)
+    out = {
+        "key": key,
+        "etag": etag,
+        "bytes": len(data),
+        "envelope_bytes": frame.envelope_bytes,
+        "envelope": _summary(frame.envelope),
+        "sections": [
+            {"name": s.name, "start": s.start, "length": s.length} for s in frame.sections
+        ],
+    }
+    if named_by is not None:
+        out["manifest"] = named_by
+    return out
+
+
+# -- verify ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    partition: int
+    index: str
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"partition {self.partition} index {self.index!r} ({self.key}): {self.message}"
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    checked: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+async def verify_snapshots(
+    blobs: BlobStore, topic: str, *, partitions: Iterable[int] | None = None
+) -> VerifyReport:
+    """Check every snapshot the manifests name: it exists with the size the manifest
+    says, its sections' checksums hold, it loads (graph included) as the index the manifest
+    names, with the parameters and source offset the manifest says, and the loaded index
+    holds exactly the ids its envelope declares and answers a search with them."""
+    report = VerifyReport()
+    for p, name, entry, manifest in await _Checkpoints(blobs, topic).named(partitions):
+        report.checked += 1
+        try:
+            data, _ = await blobs.get(entry.key)
+        except BlobNotFound:
+            report.problems.append(Problem(p, name, entry.key, "the object is missing"))
+            continue
+        messages = await asyncio.to_thread(_verify_one, data, name, entry, manifest)
+        report.problems.extend(Problem(p, name, entry.key, m) for m in messages)
+    return report
+
+
+def _verify_one(data: bytes, name: str, entry: IndexEntry, manifest: Manifest) -> list[str]:
+    problems = []
+    if len(data) != entry.bytes:
+        problems.append(f"{len(data)} bytes, the manifest says {entry.bytes}")
+    try:
+        frame = read_frame(data)
+    except SnapshotError as exc:
+        return [*problems, str(exc)]
+    problems += check_frame(data, frame)
+    if problems:
+        return problems
+    try:
+        index, source = read_snapshot(data, expect=IndexParams.from_dict(entry.params))
+    except LhvError as exc:
+        return [f"does not load: {exc}"]
+    if index.name != name:
+        problems.append(f"holds index {index.name!r}")
+    if index.params.to_dict() != entry.params:
+        problems.append(f"params {index.params.to_dict()} differ from the manifest's")
+    want_source = {"topic": manifest.topic, "partition": manifest.partition, "offset": entry.offset}
+    got_source = {k: source.get(k) for k in want_source}
+    if got_source != want_source:
+        problems.append(f"source {got_source} differs from the manifest's {want_source}")
+    try:
+        ids = envelope_ids(data, frame)
+    except (SnapshotError, UnicodeDecodeError, ValueError) as exc:
+        return [*problems, f"envelope ids unreadable: {exc}"]
+    problems += _check_ids(index, ids, frame.envelope)
+    return problems
+
+
+def _check_ids(index: Index, ids: list[str], envelope: Mapping[str, Any]) -> list[str]:
+    problems = []
+    count = envelope.get("count")
+    if envelope.get("format") == 3 and count != len(ids):
+        problems.append(f"envelope count {count} but {len(ids)} ids")
+    if len(set(ids)) != len(ids):
+        problems.append("envelope ids repeat")
+    live = index.get(ids, include_vectors=False, include_metadata=False)
+    if len(live) != len(ids) or len(index) != len(ids):
+        missing = sorted(set(ids) - {it.id for it in live})
+        problems.append(
+            f"the loaded index holds {len(index)} live ids, the envelope {len(ids)}"
+            + (f"; not loaded: {_ids_text(missing)}" if missing else "")
+        )
+        return problems
+    if ids:  # the graph answers, with ids the envelope declares
+        sample = index.get(ids[:: max(1, len(ids) // 8)][:8], include_metadata=False)
+        vectors = np.stack([np.asarray(it.vector, dtype=np.float32) for it in sample])
+        hits = index.search(vectors, min(3, len(ids)))
+        known = set(ids)
+        strays = sorted({h.id for row in hits for h in row} - known)
+        if strays or any(not row for row in hits):
+            problems.append(f"search returned ids not in the envelope: {_ids_text(strays)}")
+    return problems
+
+
+# -- replay ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IndexDiff:
+    partition: int
+    index: str
+    problem: str
+    ids: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        ids = f": {_ids_text(self.ids)}" if self.ids else ""
+        return f"partition {self.partition} index {self.index!r}: {self.problem}{ids}"
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    covered: dict[int, int] = field(default_factory=dict)
+    """partition -> the manifest offset replayed up to (-1: nothing to replay)"""
+    records: int = 0
+    compared: list[str] = field(default_factory=list)
+    diffs: list[IndexDiff] = field(default_factory=list)
+    not_replayable: list[str] = field(default_factory=list)
+    """indexes touched by merges or imports, not compared"""
+    errors: list[str] = field(default_factory=list)
+    """partitions that could not be checked (log truncated, unreadable manifest, ...)"""
+
+    @property
+    def consistent(self) -> bool:
+        return not self.diffs and not self.errors
+
+
+async def replay_verify(
+    config: WorkerConfig,
+    blobs: BlobStore,
+    *,
+    partitions: Iterable[int] | None = None,
+    timeout_s: float = 600.0,
+) -> ReplayReport:
+    """Rebuild each partition from the commands topic up to its manifest's offset and
+    compare every index with the snapshot the manifest names (`Index.logical_state()`).
+
+    Reads the topic with a plain consumer (no group), one partition at a time, so memory
+    holds one partition's indexes twice at most. `timeout_s` bounds reading one partition.
+    """
+    topic = config.topics.commands
+    cps = _Checkpoints(blobs, topic)
+    report = ReplayReport()
+    consumer = AIOKafkaConsumer(
+        **config.kafka.client_kwargs(),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=max(config.limits.max_message_bytes, 1 << 20),
+    )
+    await consumer.start()
+    try:
+        numbers = await _partitions_of(config, topic)
+        if not numbers:
+            report.errors.append(f"topic {topic!r} does not exist")
+            return report
+        wanted = set(partitions) if partitions is not None else set(numbers)
+        for p in numbers:
+            if p in wanted:
+                await _replay_partition(config, cps, consumer, p, len(numbers), report, timeout_s)
+    finally:
+        await consumer.stop()
+    return report
+
+
+async def _partitions_of(config: WorkerConfig, topic: str) -> list[int]:
+    """The partitions of `topic` (empty when it does not exist), from a metadata request
+    of a producer that sends nothing: the consumer has no public way to ask."""
+    producer = AIOKafkaProducer(**config.kafka.client_kwargs())
+    await producer.start()
+    try:
+        async with asyncio.timeout(30):
+            return sorted(await producer.partitions_for(topic))
+    except (TimeoutError, KafkaError):
+        return []
+    finally:
+        await producer.stop()
+
+
+async def _replay_partition(
+    config: WorkerConfig,
+    cps: _Checkpoints,
+    consumer: AIOKafkaConsumer,
+    p: int,
+    num_partitions: int,
+    report: ReplayReport,
+    timeout_s: float,
+) -> None:
+    try:
+        manifest, _ = await cps.store.read_manifest(p)
+    except LhvError as exc:
+        report.errors.append(f"partition {p}: manifest unreadable: {exc}")
+        return
+    if manifest is None:
+        report.covered[p] = -1
+        return
+    upto = manifest.offset
+    report.covered[p] = upto
+    tp = TopicPartition(cps.topic, p)
+    consumer.assign([tp])
+    begin = (await consumer.beginning_offsets([tp]))[tp]
+    end = (await consumer.end_offsets([tp]))[tp]
+    if upto >= 0 and begin > 0:
+        report.errors.append(
+            f"partition {p}: the log starts at offset {begin}: records before it are gone, "
+            "so the checkpoint cannot be rebuilt"
+        )
+        return
+    if upto >= end:
+        report.errors.append(
+            f"partition {p}: the manifest covers offset {upto} but the log ends at {end - 1}"
+        )
+        return
+    partition = Partition(number=p)
+    skipped: set[str] = set()
+    seen = -1
+    if upto >= 0:
+        await consumer.seek_to_beginning(tp)
+        deadline = time.monotonic() + timeout_s
+        while seen < upto:
+            if time.monotonic() > deadline:
+                report.errors.append(
+                    f"partition {p}: read up to {seen} of {upto} in {timeout_s:.0f} s"
+                )
+                return
+            data = await consumer.getmany(tp, timeout_ms=1000, max_records=REPLAY_BATCH)
+            fetched = data.get(tp, [])
+            if fetched:
+                seen = fetched[-1].offset
+            records = [r for r in fetched if r.offset <= upto]
+            if not records:
+                continue
+            outcomes = await asyncio.to_thread(
+                apply_records,
+                partition,
+                records,
+                num_partitions=num_partitions,
+                limits=config.limits,
+                index_limits=config.index_limits,
+            )
+            report.records += len(records)
+            for out in outcomes:
+                if out.op in ("merge", "merge_in", "merge_done", "import"):
+                    skipped.update(_touched(out.command, out.index))
+    await _compare(cps, p, manifest, partition.indexes, skipped, report)
+
+
+def _touched(command: Any, index: str) -> set[str]:
+    names = {index} if index else set()
+    for attr in ("index", "dest", "source_index"):
+        value = getattr(command, attr, None)
+        if isinstance(value, str):
+            names.add(value)
+    return names
+
+
+async def _compare(
+    cps: _Checkpoints,
+    p: int,
+    manifest: Manifest,
+    rebuilt: Mapping[str, Index],
+    skipped: set[str],
+    report: ReplayReport,
+) -> None:
+    for name in sorted(set(rebuilt) | set(manifest.indexes)):
+        if name in skipped:
+            report.not_replayable.append(name)
+            continue
+        entry = manifest.indexes.get(name)
+        if entry is None:
+            report.diffs.append(IndexDiff(p, name, "rebuilt from the log but not in the manifest"))
+            continue
+        if name not in rebuilt:
+            report.diffs.append(IndexDiff(p, name, "in the manifest but not in the log"))
+            continue
+        try:
+            stored = await cps.store.load_index(name, entry)
+        except LhvError as exc:
+            report.diffs.append(IndexDiff(p, name, f"snapshot {entry.key} does not load: {exc}"))
+            continue
+        report.compared.append(name)
+        diff = await asyncio.to_thread(_state_diff, rebuilt[name], stored)
+        if diff is not None:
+            report.diffs.append(IndexDiff(p, name, diff[0], tuple(diff[1])))
+
+
+def _state_diff(rebuilt: Index, stored: Index) -> tuple[str, list[str]] | None:
+    """None when both hold the same logical state, else (what differs, the ids)."""
+    a, b = rebuilt.logical_state(), stored.logical_state()
+    if a["live"] != b["live"]:
+        ids = sorted(
+            i for i in set(a["live"]) | set(b["live"]) if a["live"].get(i) != b["live"].get(i)
+        )
+        return "live items differ between the log and the snapshot", ids
+    if a["tombstones"] != b["tombstones"]:
+        ta, tb = a["tombstones"], b["tombstones"]
+        ids = sorted(i for i in set(ta) | set(tb) if ta.get(i) != tb.get(i))
+        return "tombstones differ between the log and the snapshot", ids
+    if rebuilt.params.to_dict() != stored.params.to_dict():
+        return "parameters differ between the log and the snapshot", []
+    return None
+
+
+def _ids_text(ids: Sequence[str]) -> str:
+    shown = ", ".join(ids[:MAX_IDS_SHOWN])
+    more = len(ids) - MAX_IDS_SHOWN
+    return shown + (f" ... and {more} more" if more > 0 else "")
+
+
+# -- the CLI --------------------------------------------------------------------------------
+
+
+def _args_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--commands-topic", default=None, help="(LHV_COMMANDS_TOPIC)")
+    parser.add_argument("--s3-prefix", default=None, help="(LHV_S3_PREFIX)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def add_snapshot_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(
+        dest="snapshot_action", metavar="{ls,inspect,verify}", required=True
+    )
+    ls = sub.add_parser("ls", help="manifests per partition, snapshots per index")
+    _args_common(ls)
+    inspect = sub.add_parser("inspect", help="one snapshot's envelope")
+    inspect.add_argument("target", help="a snapshot key, or an index named by a manifest")
+    _args_common(inspect)
+    verify = sub.add_parser("verify", help="checksums, load, ids of every named snapshot")
+    verify.add_argument("--partition", type=int, action="append", default=None)
+    _args_common(verify)
+
+
+def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        required=True,
+        help="rebuild every partition from the log and compare with its snapshots",
+    )
+    parser.add_argument("--partition", type=int, action="append", default=None)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per partition")
+    _args_common(parser)
+
+
+def _config(args: argparse.Namespace) -> WorkerConfig:
+    env = dict(os.environ)
+    if args.commands_topic:
+        env["LHV_COMMANDS_TOPIC"] = args.commands_topic
+    if args.s3_prefix is not None:
+        env["LHV_S3_PREFIX"] = args.s3_prefix
+    return WorkerConfig.from_env(env)
+
+
+def run_snapshot(args: argparse.Namespace) -> int:
+    """`lhv snapshot ls|inspect|verify`; 0 when all is well, 1 on problems."""
+    config = _config(args)
+    topic = config.topics.commands
+
+    async def run() -> int:
+        async with S3BlobStore(config.s3) as blobs:
+            if args.snapshot_action == "ls":
+                return _print_listing(await list_checkpoints(blobs, topic), args.json)
+            if args.snapshot_action == "inspect":
+                print(json.dumps(await inspect_snapshot(blobs, topic, args.target), indent=2))
+                return 0
+            report = await verify_snapshots(blobs, topic, partitions=args.partition)
+            if args.json:
+                body = {"checked": report.checked, "problems": [str(p) for p in report.problems]}
+                print(json.dumps(body, indent=2))
+            else:
+                for problem in report.problems:
+                    print(f"BAD {problem}")
+                verdict = "ok" if report.ok else f"{len(report.problems)} problems"
+                print(f"{report.checked} snapshots checked: {verdict}")
+            return 0 if report.ok else 1
+
+    try:
+        return asyncio.run(run())
+    except (LhvError, SnapshotError) as exc:
+        print(f"lhv snapshot: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _print_listing(listings: list[PartitionListing], as_json: bool) -> int:
+    rows: list[dict[str, Any]] = []
+    for listing in listings:
+        m = listing.manifest
+        named = {e.key: (name, e) for name, e in (m.indexes.items() if m else ())}
+        snaps: list[dict[str, Any]] = []
+        for index, keys in sorted(listing.objects.items()):
+            for key in keys:
+                hit = named.get(key)
+                snaps.append(
+                    {
+                        "index": index,
+                        "key": key,
+                        "named": hit is not None,
+                        "offset": hit[1].offset if hit else None,
+                        "bytes": hit[1].bytes if hit else None,
+                    }
+                )
+        listed = {s["key"] for s in snaps}
+        missing = [
+            {"index": n, "key": k, "named": True, "missing": True}
+            for k, (n, _) in named.items()
+            if k not in listed
+        ]
+        rows.append(
+            {
+                "partition": listing.partition,
+                "manifest": None
+                if m is None
+                else {
+                    "offset": m.offset,
+                    "generation": m.generation,
+                    "writer": m.writer,
+                    "written_at": m.written_at,
+                    "indexes": len(m.indexes),
+                },
+                "snapshots": snaps + missing,
+            }
+        )
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        m = row["manifest"]
+        if m is None:
+            print(f"partition {row['partition']}: no manifest")
+        else:
+            written = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m["written_at"]))
+            print(
+                f"partition {row['partition']}: offset {m['offset']} generation "
+                f"{m['generation']} writer {m['writer']} at {written}, {m['indexes']} indexes"
+            )
+        for s in row["snapshots"]:
+            if s.get("missing"):
+                state = "MISSING"
+            elif s["named"]:
+                state = f"offset {s['offset']:>10} {s['bytes']:>12} B"
+            else:
+                state = "unreferenced (collected after the next checkpoint)"
+            gen = f" gen {m['generation']} {m['writer']}" if s["named"] and m else ""
+            print(f"  {s['index']:<24} {state}{gen}  {s['key']}")
+    return 0
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    """`lhv replay --verify`: 0 when consistent, 1 otherwise."""
+    config = _config(args)
+
+    async def run() -> ReplayReport:
+        async with S3BlobStore(config.s3) as blobs:
+            return await replay_verify(
+                config, blobs, partitions=args.partition, timeout_s=args.timeout
+            )
+
+    try:
+        report = asyncio.run(run())
+    except LhvError as exc:
+        print(f"lhv replay: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        body = {
+            "consistent": report.consistent,
+            "covered": {str(p): o for p, o in sorted(report.covered.items())},
+            "records": report.records,
+            "compared": report.compared,
+            "not_replayable": report.not_replayable,
+            "diffs": [
+                {
+                    "partition": d.partition,
+                    "index": d.index,
+                    "problem": d.problem,
+                    "ids": list(d.ids),
+                }
+                for d in report.diffs
+            ],
+            "errors": report.errors,
+        }
+        print(json.dumps(body, indent=2))
+    else:
+        for p, offset in sorted(report.covered.items()):
+            what = f"replayed up to offset {offset}" if offset >= 0 else "no checkpoint yet"
+            print(f"partition {p}: {what}")
+        for name in report.not_replayable:
+            print(f"index {name!r}: not compared (touched by a merge or an import)")
+        for error in report.errors:
+            print(f"ERROR {error}")
+        for diff in report.diffs:
+            print(f"DIFFERS {diff}")
+        verdict = "consistent" if report.consistent else "INCONSISTENT"
+        print(
+            f"{verdict}: {len(report.compared)} indexes compared, {report.records} records replayed"
+        )
+    return 0 if report.consistent else 1
