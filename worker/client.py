@@ -231,7 +231,7 @@ class LhvClient:
             **kw,
             acks="all",
             enable_idempotence=True,
-            linger_ms=1,
+            linger_ms=0,  # a linger adds ~2.5 ms to every query's round trip
             max_request_size=16 * 1024 * 1024,
         )
         await self._producer.start()
