@@ -1,0 +1,763 @@
+"""LHV end to end (Kafka + worker + S3) against raw hnswlib, in the same run.
+
+For each data set (clustered, see bench/data.py; same vectors and parameters on both sides),
+an `lhv worker` subprocess on its own 1-partition topics, and in this process:
+
+- ingest: `LhvClient.add` of N vectors (records of `--record-items`), from the first
+  record produced until a read-your-writes search naming the last record's offset is
+  answered (so: client encoding, Kafka, decoding, validation, apply), vs raw
+  `add_items` on `--chunk`-row batches with `max_elements` up front (goal: <= 1.25x);
+- search: one closed-loop requester (RTT p50/p99; goal: a few ms on loopback) and
+  `--concurrency` closed-loop requesters in one client (QPS; goal: >= 0.70 of raw
+  `knn_query` QPS, compared both with batches of `--concurrency` queries, the most the
+  worker can batch with that many requesters, and with all queries in one call);
+  recall@k against brute force for both at the same ef (goal: equal);
+- checkpoint: `SnapshotStore.save_index` (encode + upload) and `load_index` (download +
+  decode) against the real S3 vs raw `save_index` / `load_index` on local disk (goal:
+  <= 1.5x); the codec alone (through a local temp file) is timed too, to split codec
+  from transfer;
+- recovery: the worker stops gracefully (final checkpoint), restarts (time until a query
+  is answered), takes `--tail` more acknowledged writes, is killed with SIGKILL and
+  restarted at once: time from the kill until a query is answered, with the worker's own
+  restore time from its log (session timeout `--session-timeout-ms`);
+- memory: the worker's peak RSS (VmHWM) after ingest + search and after a restore, vs
+  the peak RSS of a subprocess that builds the raw hnswlib index of the same vectors.
+
+Kafka and S3 come from `LHV_BOOTSTRAP_SERVERS` / `LHV_S3_*` when set (e.g. after
+`lhv stack up`), else a private local stack is started and stopped. Medians over
+`--repeats` where a measure repeats. Prints a table of absolutes and ratios, then one JSON
+object (also written to `--json`).
+
+    python bench/bench_e2e.py                           # defaults: ~10 min on 2 cores
+    python bench/bench_e2e.py --sets 20000x128 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import hnswlib
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.data import chunks, queries  # noqa: E402
+from lhv_index import read_snapshot, write_snapshot  # noqa: E402
+from worker.blobstore import S3BlobStore, S3Config  # noqa: E402
+from worker.client import LhvClient  # noqa: E402
+from worker.config import TopicsConfig  # noqa: E402
+from worker.stack import LocalStack, create_topics  # noqa: E402
+from worker.store import SnapshotStore  # noqa: E402
+
+__all__ = ["main"]
+
+SPACE = "cosine"
+CHUNK_ROWS = 10_000  # rows per generated piece (bench/data.py chunks), shared by both sides
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def _ids(n: int) -> list[str]:
+    return [f"doc-{i:08d}" for i in range(n)]
+
+
+def _data(n: int, dim: int) -> np.ndarray:
+    return np.concatenate([part for _, part in chunks(n, dim, size=CHUNK_ROWS)])
+
+
+def _truth(data: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    """Exact cosine top-k (row numbers), in slices of queries to bound memory."""
+    d = data / np.linalg.norm(data, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    out = []
+    for start in range(0, len(qn), 256):
+        sims = qn[start : start + 256] @ d.T
+        out.append(np.argpartition(-sims, k, axis=1)[:, :k])
+    return np.concatenate(out)
+
+
+def _recall(found: list[set[int]], truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    hits = sum(len(f & set(t.tolist())) for f, t in zip(found, truth, strict=True))
+    return hits / (k * len(truth))
+
+
+def _proc_status(pid: int | str, field: str) -> int:
+    """A `/proc/<pid>/status` memory field (VmRSS, VmHWM) in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} for {pid}")
+
+
+def _cpu_s(pid: int | str) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _CpuMeter:
+    """CPU seconds used by the worker, this process (the client), Kafka and S3 between
+    `start()` and `stop()`."""
+
+    def __init__(self, pids: dict[str, int | str]) -> None:
+        self.pids = {name: pid for name, pid in pids.items() if pid}
+        self._t0: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._t0 = {name: _cpu_s(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        return {name: _cpu_s(pid) - self._t0[name] for name, pid in self.pids.items()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- raw hnswlib -------------------------------------------------------------------------
+
+
+def _raw_build(data: np.ndarray, args: argparse.Namespace) -> tuple[hnswlib.Index, float]:
+    index = hnswlib.Index(space=SPACE, dim=data.shape[1])
+    index.init_index(max_elements=len(data), M=args.M, ef_construction=args.ef_construction)
+    t0 = time.perf_counter()
+    for start in range(0, len(data), args.chunk):
+        part = data[start : start + args.chunk]
+        index.add_items(part, np.arange(start, start + len(part)))
+    return index, time.perf_counter() - t0
+
+
+def _raw_side(
+    data: np.ndarray, q: np.ndarray, truth: np.ndarray, args: argparse.Namespace
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    builds = []
+    index = None
+    for _ in range(args.repeats):
+        index = None
+        gc.collect()
+        index, secs = _raw_build(data, args)
+        builds.append(secs)
+    assert index is not None
+    out["ingest_s"] = _median(builds)
+    out["ingest_runs_s"] = builds
+    index.set_ef(args.ef)
+    found, _ = index.knn_query(q, k=args.k)
+    out["recall"] = _recall([set(row.tolist()) for row in found], truth)
+    lat = []
+    for row in q[: args.single]:
+        t0 = time.perf_counter()
+        index.knn_query(row, k=args.k)
+        lat.append((time.perf_counter() - t0) * 1000)
+    out["single_p50_ms"] = float(np.percentile(lat, 50))
+    qps_all, qps_c = [], []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        index.knn_query(q, k=args.k)
+        qps_all.append(len(q) / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        for start in range(0, len(q), args.concurrency):
+            index.knn_query(q[start : start + args.concurrency], k=args.k)
+        qps_c.append(len(q) / (time.perf_counter() - t0))
+    out["qps_one_call"] = _median(qps_all)
+    out["qps_batches"] = _median(qps_c)
+    with tempfile.TemporaryDirectory(prefix="lhv-bench-raw-") as tmp:
+        path = os.path.join(tmp, "raw.bin")
+        saves, loads = [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            index.save_index(path)
+            saves.append(time.perf_counter() - t0)
+            loaded = hnswlib.Index(space=SPACE, dim=data.shape[1])
+            t0 = time.perf_counter()
+            loaded.load_index(path, max_elements=len(data))
+            loads.append(time.perf_counter() - t0)
+            del loaded
+        out["save_s"] = _median(saves)
+        out["load_s"] = _median(loads)
+        out["file_bytes"] = os.path.getsize(path)
+    return out
+
+
+def mem_child(n: int, dim: int, M: int, efc: int) -> None:
+    """Build the raw index of the benchmark's vectors, streamed in pieces as the worker
+    receives them; print its peak RSS (run in a fresh process)."""
+    base = _proc_status("self", "VmRSS")
+    index = hnswlib.Index(space=SPACE, dim=dim)
+    index.init_index(max_elements=n, M=M, ef_construction=efc)
+    for start, part in chunks(n, dim, size=CHUNK_ROWS):
+        index.add_items(part, np.arange(start, start + len(part)))
+        del part
+    gc.collect()
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    out = {
+        "base_rss": base,
+        "rss": _proc_status("self", "VmRSS"),
+        "peak_rss": _proc_status("self", "VmHWM"),
+    }
+    print(json.dumps(out))
+
+
+def _raw_memory(n: int, dim: int, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--mem-child", f"{n}x{dim}"]
+    cmd += ["--M", str(args.M), "--ef-construction", str(args.ef_construction)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+# -- the worker --------------------------------------------------------------------------
+
+
+class _Worker:
+    """One `lhv worker` subprocess, logging to a file."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self.metrics_port = _free_port()
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "worker.cli", "--log-level", "INFO", "worker"],
+                env={**env, "LHV_METRICS_PORT": str(self.metrics_port)},
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def peak_rss(self) -> int:
+        return _proc_status(self.proc.pid, "VmHWM")
+
+    def rss(self) -> int:
+        return _proc_status(self.proc.pid, "VmRSS")
+
+    def metrics(self) -> dict[str, float]:
+        """The worker's Prometheus series, summed over labels: `name` -> value."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("#") or not line.strip():
+                continue
+            name, _, value = line.rpartition(" ")
+            name = name.split("{", 1)[0]
+            with contextlib.suppress(ValueError):
+                out[name] = out.get(name, 0.0) + float(value)
+        return out
+
+    def stop(self, timeout_s: float = 300) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+
+async def _answered_at(client: LhvClient, index: str, vector: np.ndarray, limit_s: float) -> float:
+    """Monotonic time of the first answered search for `index`; a probe with a 2 s
+    deadline starts every 0.1 s (a dead owner answers nothing, a restoring one
+    `not_ready`)."""
+
+    async def probe() -> float:
+        await client.search(index, vector, k=1, timeout_s=2)
+        return time.monotonic()
+
+    deadline = time.monotonic() + limit_s
+    probes: set[asyncio.Task[float]] = set()
+    try:
+        while time.monotonic() < deadline:
+            probes.add(asyncio.create_task(probe()))
+            done, _ = await asyncio.wait(probes, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                probes.discard(task)
+                if task.exception() is None:
+                    return task.result()
+        raise TimeoutError(f"{index} not answered within {limit_s:.0f} s")
+    finally:
+        for task in probes:
+            task.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
+
+
+async def _concurrent(
+    client: LhvClient, index: str, q: np.ndarray, total: int, args: argparse.Namespace
+) -> tuple[float, dict[int, set[int]]]:
+    """`args.concurrency` closed-loop requesters answer `total` queries (cycling over
+    `q`); returns QPS and the hits of every query row answered."""
+    next_row = iter(range(total))
+    found: dict[int, set[int]] = {}
+
+    async def requester() -> None:
+        for i in next_row:
+            row = i % len(q)
+            hits = await client.search(index, q[row], k=args.k, ef=args.ef, timeout_s=120)
+            found[row] = {int(h.id[4:]) for h in hits}
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(requester() for _ in range(args.concurrency)))
+    return total / (time.perf_counter() - t0), found
+
+
+def _restore_seconds(log: Path) -> float | None:
+    m = re.findall(r"partition restored in ([\d.]+)s", log.read_text(errors="replace"))
+    return float(m[-1]) if m else None
+
+
+async def _lhv_side(
+    env: dict[str, str],
+    data: np.ndarray,
+    q: np.ndarray,
+    truth: np.ndarray,
+    args: argparse.Namespace,
+    logdir: Path,
+) -> dict[str, Any]:
+    n, dim = data.shape
+    tag = uuid.uuid4().hex[:8]
+    topics = TopicsConfig(
+        commands=f"e2e{tag}.commands", search=f"e2e{tag}.search", dlq=f"e2e{tag}.dlq"
+    )
+    bootstrap = env["LHV_BOOTSTRAP_SERVERS"]
+    await asyncio.to_thread(
+        create_topics, bootstrap, {topics.commands: 1, topics.search: 1, topics.dlq: 1}
+    )
+    s3 = S3Config.from_env(env, prefix=f"bench-e2e-{tag}/")
+    child = {
+        **env,
+        "LHV_COMMANDS_TOPIC": topics.commands,
+        "LHV_SEARCH_TOPIC": topics.search,
+        "LHV_DLQ_TOPIC": topics.dlq,
+        "LHV_GROUP_ID": f"e2e{tag}",
+        "LHV_S3_PREFIX": s3.prefix,
+        "LHV_CHECKPOINT_SECONDS": "36000",
+        "LHV_CHECKPOINT_RECORDS": "1000000000",
+        "LHV_SESSION_TIMEOUT_MS": str(args.session_timeout_ms),
+    }
+    params = {"M": args.M, "ef_construction": args.ef_construction, "ef_search": args.ef}
+    ids = _ids(n)
+    out: dict[str, Any] = {}
+    worker = _Worker(child, logdir / f"{dim}-1-ingest.log")
+    cpu = _CpuMeter(
+        {
+            "worker": worker.proc.pid,
+            "client": "self",
+            "kafka": int(env.get("LHV_STACK_KAFKA_PID") or 0),
+            "s3": int(env.get("LHV_STACK_S3_PID") or 0),
+        }
+    )
+    try:
+        async with LhvClient(bootstrap, topics=topics, timeout_s=600) as client:
+            # -- ingest --
+            await client.create("warmup", dim=dim, space=SPACE, timeout_s=120, **params)
+            out["worker_idle_rss"] = worker.rss()
+            runs = []
+            name = ""
+            for r in range(args.repeats):
+                if name:
+                    await client.drop(name)
+                name = f"e2e-{r}"
+                await client.create(name, dim=dim, space=SPACE, **params)
+                cpu.start()
+                t0 = time.perf_counter()
+                last = await client.add(name, ids, data, batch_size=args.record_items)
+                await client.search(name, data[0], k=1, after=last, timeout_s=1800)
+                runs.append(time.perf_counter() - t0)
+                out["ingest_cpu_s"] = cpu.stop()
+                print(f"  ingest run {r + 1}: {runs[-1]:.2f} s", flush=True)
+            out["ingest_s"] = _median(runs)
+            out["ingest_runs_s"] = runs
+            stats = await client.stats(name)
+            assert stats["count"] == n, stats
+            m = worker.metrics()
+            out["apply_s_total"] = m.get("lhv_apply_seconds_sum", 0.0)
+            out["apply_calls"] = m.get("lhv_apply_seconds_count", 0.0)
+
+            # -- search --
+            for row in q[:50]:  # warm up
+                await client.search(name, row, k=args.k, ef=args.ef)
+            lat = []
+            for row in q[: args.single]:
+                t0 = time.perf_counter()
+                await client.search(name, row, k=args.k, ef=args.ef)
+                lat.append((time.perf_counter() - t0) * 1000)
+            out["single_p50_ms"] = float(np.percentile(lat, 50))
+            out["single_p99_ms"] = float(np.percentile(lat, 99))
+            before = worker.metrics()
+            total = max(args.concurrent_queries, len(q))
+            qps_runs = []
+            found: dict[int, set[int]] = {}
+            cpu.start()
+            for _ in range(args.repeats):
+                qps, got = await _concurrent(client, name, q, total, args)
+                qps_runs.append(qps)
+                found = found or got
+            used = cpu.stop()
+            out["search_cpu_ms_per_query"] = {
+                k: 1000 * v / (total * args.repeats) for k, v in used.items()
+            }
+            after = worker.metrics()
+            out["qps"] = _median(qps_runs)
+            out["qps_runs"] = qps_runs
+            out["recall"] = _recall([found[i] for i in range(len(q))], truth)
+            answered = after.get("lhv_search_batch_size_count", 0) - before.get(
+                "lhv_search_batch_size_count", 0
+            )
+            batched = after.get("lhv_search_batch_size_sum", 0) - before.get(
+                "lhv_search_batch_size_sum", 0
+            )
+            out["mean_batch_per_query"] = batched / answered if answered else None
+            in_worker = after.get("lhv_search_seconds_sum", 0) - before.get(
+                "lhv_search_seconds_sum", 0
+            )
+            out["in_worker_ms_per_query"] = 1000 * in_worker / answered if answered else None
+            out["worker_peak_rss"] = worker.peak_rss()
+        # -- checkpoint: the final one on a graceful stop --
+        code = worker.stop()
+        assert code == 0, f"worker exited {code}; see {worker.log}"
+        out.update(await _snapshot_side(s3, topics.commands, name, args))
+
+        # -- recovery --
+        async with LhvClient(bootstrap, topics=topics, timeout_s=600) as client:
+            t0 = time.monotonic()
+            worker = _Worker(child, logdir / f"{dim}-2-restart.log")
+            out["restart_s"] = await _answered_at(client, name, q[0], 600) - t0
+            out["restart_restore_s"] = _restore_seconds(worker.log)
+            tail = data[: args.tail] + np.float32(0.01)
+            await client.add(name, [f"tail-{i}" for i in range(len(tail))], tail, ack=True)
+            killed = time.monotonic()
+            worker.kill9()
+            worker = _Worker(child, logdir / f"{dim}-3-after-kill.log")
+            out["recovery_s"] = await _answered_at(client, name, q[0], 600) - killed
+            out["recovery_restore_s"] = _restore_seconds(worker.log)
+            stats = await client.stats(name)
+            assert stats["count"] == n + args.tail, stats
+            out["worker_restored_peak_rss"] = worker.peak_rss()
+    finally:
+        worker.stop()
+    return out
+
+
+async def _snapshot_side(
+    s3: S3Config, commands_topic: str, name: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Time the worker's own snapshot code against the real S3, on the checkpoint the
+    worker just wrote."""
+    out: dict[str, Any] = {}
+    blobs = S3BlobStore(s3)
+    await blobs.start()
+    try:
+        store = SnapshotStore(blobs, topic=commands_topic, worker_id="bench")
+        manifest, _ = await store.read_manifest(0)
+        assert manifest is not None and name in manifest.indexes, manifest
+        entry = manifest.indexes[name]
+        out["snapshot_bytes"] = entry.bytes
+        loads, saves = [], []
+        index = None
+        for _ in range(args.repeats):
+            index = None
+            gc.collect()
+            t0 = time.perf_counter()
+            index = await store.load_index(name, entry)
+            loads.append(time.perf_counter() - t0)
+        assert index is not None
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            await store.save_index(0, index, offset=entry.offset)
+            saves.append(time.perf_counter() - t0)
+        out["s3_load_s"] = _median(loads)
+        out["s3_save_s"] = _median(saves)
+        encodes, decodes = await asyncio.to_thread(_codec_times, index, args.repeats)
+        out["codec_save_s"] = _median(encodes)
+        out["codec_load_s"] = _median(decodes)
+    finally:
+        await blobs.stop()
+    return out
+
+
+def _codec_times(index: Any, repeats: int) -> tuple[list[float], list[float]]:
+    """`write_snapshot` to a local file and `read_snapshot` of its bytes: the LHV1 codec
+    without the network."""
+    encodes, decodes = [], []
+    with tempfile.TemporaryDirectory(prefix="lhv-bench-snap-") as tmp:
+        path = os.path.join(tmp, "snap.lhv")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            with open(path, "wb") as f:
+                write_snapshot(index, f, source={"offset": 0})
+            encodes.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with open(path, "rb") as f:
+                read_snapshot(f.read())
+            decodes.append(time.perf_counter() - t0)
+    return encodes, decodes
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+def _rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """(measure, raw, lhv, ratio, goal) rows of one set."""
+    raw, lhv, mem = res["raw"], res["lhv"], res["memory"]
+    mib = 2**20
+
+    def f(x: float, p: int = 2) -> str:
+        return f"{x:,.{p}f}"
+
+    rows = [
+        (
+            "ingest (s)",
+            f(raw["ingest_s"]),
+            f(lhv["ingest_s"]),
+            f(lhv["ingest_s"] / raw["ingest_s"], 3),
+            "<= 1.25",
+        ),
+        (
+            "search, 1 requester: p50 / p99 (ms)",
+            f(raw["single_p50_ms"], 3),
+            f"{lhv['single_p50_ms']:.2f} / {lhv['single_p99_ms']:.2f}",
+            "",
+            "a few ms",
+        ),
+        (
+            f"search QPS, {res['concurrency']} requesters vs raw batches of {res['concurrency']}",
+            f(raw["qps_batches"], 0),
+            f(lhv["qps"], 0),
+            f(lhv["qps"] / raw["qps_batches"], 3),
+            ">= 0.70",
+        ),
+        (
+            f"search QPS, {res['concurrency']} requesters vs raw one call",
+            f(raw["qps_one_call"], 0),
+            f(lhv["qps"], 0),
+            f(lhv["qps"] / raw["qps_one_call"], 3),
+            ">= 0.70",
+        ),
+        (
+            f"recall@{res['k']} vs exact (ef={res['ef']})",
+            f(raw["recall"], 4),
+            f(lhv["recall"], 4),
+            "",
+            "equal",
+        ),
+        (
+            "snapshot save: S3 vs local file (s)",
+            f(raw["save_s"], 3),
+            f(lhv["s3_save_s"], 3),
+            f(lhv["s3_save_s"] / raw["save_s"], 3),
+            "",
+        ),
+        (
+            "snapshot restore: S3 vs local file (s)",
+            f(raw["load_s"], 3),
+            f(lhv["s3_load_s"], 3),
+            f(lhv["s3_load_s"] / raw["load_s"], 3),
+            "",
+        ),
+        (
+            "snapshot save + restore (s)",
+            f(raw["save_s"] + raw["load_s"], 3),
+            f(lhv["s3_save_s"] + lhv["s3_load_s"], 3),
+            f((lhv["s3_save_s"] + lhv["s3_load_s"]) / (raw["save_s"] + raw["load_s"]), 3),
+            "<= 1.5",
+        ),
+        (
+            "  of which LHV1 codec only, local file (s)",
+            "",
+            f(lhv["codec_save_s"] + lhv["codec_load_s"], 3),
+            "",
+            "",
+        ),
+        (
+            "recovery: kill -9 to answered (s; raw: load_index)",
+            f(raw["load_s"], 3),
+            f(lhv["recovery_s"], 2),
+            "",
+            "",
+        ),
+        (
+            "  of which restore in the worker (s)",
+            "",
+            f(lhv["recovery_restore_s"] or float("nan"), 2),
+            "",
+            "",
+        ),
+        (
+            "graceful restart to answered (s)",
+            "",
+            f(lhv["restart_s"], 2),
+            "",
+            "",
+        ),
+        (
+            "peak RSS after ingest + search (MiB)",
+            f(mem["peak_rss"] / mib, 0),
+            f(lhv["worker_peak_rss"] / mib, 0),
+            f(lhv["worker_peak_rss"] / mem["peak_rss"], 3),
+            "",
+        ),
+        (
+            "peak RSS after a restore (MiB)",
+            f(mem["peak_rss"] / mib, 0),
+            f(lhv["worker_restored_peak_rss"] / mib, 0),
+            f(lhv["worker_restored_peak_rss"] / mem["peak_rss"], 3),
+            "",
+        ),
+    ]
+    return rows
+
+
+def _report(results: list[dict[str, Any]]) -> None:
+    head = ("set", "measure", "raw hnswlib", "lhv end to end", "ratio", "goal")
+    table = [head]
+    for res in results:
+        label = f"{res['n']}x{res['dim']}"
+        table += [(label, *row) for row in _rows(res)]
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    for r in table:
+        print(
+            "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    print("ratios: lhv / raw for times and memory, lhv QPS / raw QPS for throughput")
+
+
+@contextlib.contextmanager
+def _stack_env() -> Iterator[dict[str, str]]:
+    if os.environ.get("LHV_BOOTSTRAP_SERVERS") and os.environ.get("LHV_S3_ENDPOINT_URL"):
+        yield dict(os.environ)
+        return
+    with LocalStack(partitions=1) as stack:
+        yield {**os.environ, **stack.env()}
+
+
+def _set(text: str) -> tuple[int, int]:
+    n, _, dim = text.lower().partition("x")
+    return int(n), int(dim)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--sets", default="100000x128,40000x384", help="NxDIM,... (100000x128,40000x384)"
+    )
+    ap.add_argument("--M", type=int, default=16)
+    ap.add_argument("--ef-construction", type=int, default=200)
+    ap.add_argument("--ef", type=int, default=64, help="search ef on both sides")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--queries", type=int, default=2000, help="query set (recall, QPS)")
+    ap.add_argument("--single", type=int, default=1000, help="queries of the 1-requester loop")
+    ap.add_argument("--concurrency", type=int, default=64, help="concurrent requesters")
+    ap.add_argument("--concurrent-queries", type=int, default=6000, help="queries per QPS run")
+    ap.add_argument("--chunk", type=int, default=10_000, help="raw add_items batch rows")
+    ap.add_argument("--record-items", type=int, default=1000, help="items per add record")
+    ap.add_argument("--tail", type=int, default=1000, help="writes after the checkpoint")
+    ap.add_argument("--session-timeout-ms", type=int, default=6000)
+    ap.add_argument("--repeats", type=int, default=3, help="medians over this many runs")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.mem_child:
+        n, dim = _set(args.mem_child)
+        mem_child(n, dim, args.M, args.ef_construction)
+        return 0
+
+    results = []
+    started = time.monotonic()
+    with _stack_env() as env, tempfile.TemporaryDirectory(prefix="lhv-bench-e2e-") as tmp:
+        for text in args.sets.split(","):
+            n, dim = _set(text)
+            print(f"== {n} x {dim}", flush=True)
+            data = _data(n, dim)
+            q = queries(args.queries, dim)
+            truth = _truth(data, q, args.k)
+            raw = _raw_side(data, q, truth, args)
+            print(f"  raw done ({time.monotonic() - started:.0f} s)", flush=True)
+            try:
+                lhv = asyncio.run(_lhv_side(env, data, q, truth, args, Path(tmp)))
+            except BaseException:
+                for log in sorted(Path(tmp).glob("*.log")):
+                    print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
+                raise
+            print(f"  lhv done ({time.monotonic() - started:.0f} s)", flush=True)
+            mem = _raw_memory(n, dim, args)
+            results.append(
+                {
+                    "n": n,
+                    "dim": dim,
+                    "space": SPACE,
+                    "M": args.M,
+                    "ef_construction": args.ef_construction,
+                    "ef": args.ef,
+                    "k": args.k,
+                    "concurrency": args.concurrency,
+                    "repeats": args.repeats,
+                    "raw": raw,
+                    "lhv": lhv,
+                    "memory": mem,
+                }
+            )
+    wall_s = time.monotonic() - started
+    print(f"\nwall clock {wall_s:.0f} s, {os.cpu_count()} CPUs, load {os.getloadavg()}\n")
+    _report(results)
+    for res in results:
+        lhv = res["lhv"]
+        per_q = ", ".join(f"{k} {v:.3f}" for k, v in lhv["search_cpu_ms_per_query"].items())
+        ingest = ", ".join(f"{k} {v:.1f}" for k, v in lhv["ingest_cpu_s"].items())
+        print(
+            f"{res['n']}x{res['dim']}: CPU ms per query under load: {per_q}; worker batch "
+            f"{lhv['mean_batch_per_query'] or 0:.1f} queries/call, "
+            f"{lhv['in_worker_ms_per_query'] or 0:.2f} ms in the worker per query; "
+            f"ingest CPU s: {ingest}; worker apply {lhv['apply_s_total'] / res['repeats']:.1f} s in "
+            f"{lhv['apply_calls'] / res['repeats']:.0f} calls per run"
+        )
+    doc = {
+        "command": " ".join(sys.argv),
+        "cpus": os.cpu_count(),
+        "loadavg_end": os.getloadavg(),
+        "wall_s": wall_s,
+        "sets": results,
+    }
+    print(json.dumps(doc, sort_keys=True))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
