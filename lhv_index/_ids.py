@@ -128,15 +128,17 @@ class IdTable:
             hashes = np.fromiter(map(hash, ids), dtype=np.int64, count=n)
         pos = hashes & mask
         pending = np.arange(n)
+        claim = np.empty(size, dtype=np.int64)
         while pending.size:
             p = pos[pending]
             free = slots[p] == _EMPTY
             cand, cpos = pending[free], p[free]
-            taken, first = np.unique(cpos, return_index=True)
-            winners = cand[first]
-            slots[taken] = values[winners]
+            # each free slot goes to one of the ids that reach it (the last one written)
+            claim[cpos] = cand
+            won = claim[cpos] == cand
+            slots[cpos[won]] = values[cand[won]]
             placed = np.zeros(n, dtype=np.bool_)
-            placed[winners] = True
+            placed[cand[won]] = True
             pending = pending[~placed[pending]]
             pos[pending] = (pos[pending] + 1) & mask
         self._slots = array("i", slots.tobytes())

@@ -16,6 +16,8 @@ __all__ = ["MetaStore"]
 
 #: compact when garbage exceeds this many bytes and half of the arena
 _COMPACT_MIN_BYTES = 1 << 20
+#: `take` copies contiguous runs one by one when there are fewer than this many
+_RUNS_MAX = 256
 
 
 class MetaStore:
@@ -98,6 +100,19 @@ class MetaStore:
         if not total:
             return lens.astype(np.uint32), b""
         offs = self._off[labels]
+        # pieces that follow each other in the arena are copied as one run (an arena
+        # filled in label order is a single run)
+        present = np.flatnonzero(lens)
+        p_offs = offs[present]
+        p_ends = p_offs + lens[present]
+        starts = np.flatnonzero(p_offs[1:] != p_ends[:-1]) + 1
+        if starts.size < _RUNS_MAX:
+            firsts = [0, *starts.tolist()]
+            lasts = [*(starts - 1).tolist(), present.size - 1]
+            spans = zip(p_offs[firsts].tolist(), p_ends[lasts].tolist(), strict=True)
+            with memoryview(self._buf) as view:
+                blob = b"".join([view[a:b] for a, b in spans])
+            return lens.astype(np.uint32), blob
         # byte positions: each piece's offset repeated over its length, plus 0, 1, 2, ...
         within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
         where = np.repeat(offs, lens) + within

@@ -60,20 +60,35 @@ replay of records up to the snapshot's offset changes nothing, and any later rec
 
 In both, the engine's labels must be exactly `0 .. element_count-1`.
 
-Encoding and decoding stream: the engine is saved to a temporary file and copied to `out`
-in chunks (and read back the same way), so a large index is never held twice in memory
-(`pickle.dumps` of an hnswlib index holds two extra copies). The index's exclusive lock is
-held only while its state is captured, not while `out` is written.
+How the bytes move (the engine libraries save and load by path only, so the engine's bytes
+always pass through a temporary file; a large index is never held twice in memory, unlike
+`pickle.dumps` of an hnswlib index, which holds two extra copies):
+
+- Encoding: the engine is saved first, under the index's exclusive lock; its files are
+  mapped (mmap) and checksummed in a background thread (zlib releases the GIL; large
+  buffers in two halves joined by `crc32_combine`) while the id, clock and metadata
+  sections are built. The lock is released before `out` is written: the engine's bytes
+  go to `out` with `os.sendfile` when `out` is a plain file, else in one write from the
+  mapping. No pass reads the engine's bytes through Python buffers.
+- Decoding: a frame given as bytes, a `BytesIO` or a regular file (mapped) is read as one
+  buffer: small sections are checked and copied out, and each engine section is written
+  to its temporary file and checksummed in two background threads while the ids are
+  decoded and the id table is built. The engine is loaded only after every checksum has
+  matched. Other streams (pipes, sockets) are read in chunks, with the same checks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import mmap
 import os
 import re
+import stat
 import struct
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,8 +100,10 @@ import numpy.typing as npt
 import orjson
 
 from lhv_index._clock import CLOCK_MAX, Clock
+from lhv_index._crc import crc32
 from lhv_index._engines import AnnoyEngine, Engine, ExactEngine, HnswEngine, metric_of
 from lhv_index._engines.annoy import PARTS as ANNOY_PARTS
+from lhv_index._ids import LabelMap
 from lhv_index._index import Index
 from lhv_index._params import EngineKind, IndexParams, Limits, Space
 from lhv_index._validate import check_id
@@ -108,8 +125,12 @@ HEADER = struct.Struct(">4sI")
 ENVELOPE_VERSION = 3
 #: envelopes above this size are refused before being read (v2 ones hold every id)
 MAX_ENVELOPE_BYTES = 1 << 31
-#: bytes copied at a time between files
+#: bytes copied at a time between streams
 _COPY_CHUNK = 1 << 20
+#: bytes handed to `out.write` at a time from the engine's mapped files
+_WRITE_CHUNK = 1 << 30
+#: files are mapped shared and read-only, prefaulted in one go where the OS can
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 #: names of the engine's extra parts (sections `engine.<part>`, files `<engine>.<part>`)
 _PART_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
@@ -134,13 +155,54 @@ def _clock_bytes(clocks: npt.NDArray[np.int64]) -> bytes:
 class _Captured:
     envelope: dict[str, Any]
     sections: list[tuple[str, bytes]]
-    engine_path: str
+    engine: list[tuple[str, memoryview]]
+    """(section name, the mapped file) of each of the engine's files"""
+    files: list[tuple[str, str]]
+    """(section name, path) of the same files"""
+    engine_crcs: _Checksums
 
 
-def _capture(index: Index, tmpdir: str) -> _Captured:
-    """Everything the frame needs, taken under the index's exclusive lock."""
+class _Checksums:
+    """crc32 of some buffers, computed in a background thread (zlib releases the GIL)."""
+
+    def __init__(self, views: list[memoryview]) -> None:
+        self._crcs: list[int] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(views,), name="lhv-snapshot-crc", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, views: list[memoryview]) -> None:
+        try:
+            self._crcs = [crc32(v) for v in views]
+        except BaseException as exc:
+            self._error = exc
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> list[int]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._crcs
+
+
+def _capture(index: Index, tmpdir: str, stack: contextlib.ExitStack) -> _Captured:
+    """Everything the frame needs, taken under the index's exclusive lock.
+
+    The engine is saved first; its files are mapped (into `stack`) and checksummed in the
+    background while the id, clock and metadata sections are built.
+    """
     with index._lock.exclusive():
         index._check_usable()
+        engine_path = os.path.join(tmpdir, "engine")
+        engine_state = index._engine.dump(engine_path)
+        files = _engine_files(engine_path, engine_state)
+        engine = [(name, stack.enter_context(_mapped(path))) for name, path in files]
+        crcs = _Checksums([view for _, view in engine])
+        stack.callback(crcs.join)  # before the files are unmapped, whatever happens
         by_label = index._map.ids
         if index._map.free:
             live_ids = [i for i in by_label if i is not None]
@@ -168,8 +230,6 @@ def _capture(index: Index, tmpdir: str) -> _Captured:
             ("tombs.utf8", tomb_utf8),
             ("tombs.clocks", _clock_bytes(tomb_clocks)),
         ]
-        engine_path = os.path.join(tmpdir, "engine")
-        engine_state = index._engine.dump(engine_path)
         envelope: dict[str, Any] = {
             "format": ENVELOPE_VERSION,
             "name": index.name,
@@ -180,7 +240,7 @@ def _capture(index: Index, tmpdir: str) -> _Captured:
             "tombstones": len(tombs),
             "slots": index._map.next_label,
         }
-    return _Captured(envelope, sections, engine_path)
+    return _Captured(envelope, sections, engine, files, crcs)
 
 
 def write_snapshot(index: Index, out: BinaryIO | IO[bytes], *, source: dict[str, Any]) -> int:
@@ -195,34 +255,58 @@ def write_snapshot(index: Index, out: BinaryIO | IO[bytes], *, source: dict[str,
     """
     if not isinstance(source, dict):
         raise InvalidRequest("source must be a JSON object")
-    with tempfile.TemporaryDirectory(prefix="lhv-snap-") as tmpdir:
-        cap = _capture(index, tmpdir)
-        files = _engine_files(cap.engine_path, cap.envelope["engine_state"])
+    with (
+        tempfile.TemporaryDirectory(prefix="lhv-snap-") as tmpdir,
+        contextlib.ExitStack() as stack,
+    ):
+        cap = _capture(index, tmpdir, stack)
         sections = [
             {"name": name, "length": len(data), "crc32": zlib.crc32(data)}
             for name, data in cap.sections
         ]
-        for name, path in files:
-            crc, length = _file_crc(path)
-            sections.append({"name": name, "length": length, "crc32": crc})
+        sections += [
+            {"name": name, "length": len(view), "crc32": crc}
+            for (name, view), crc in zip(cap.engine, cap.engine_crcs.result(), strict=True)
+        ]
         envelope = {**cap.envelope, "source": source, "checksum": "crc32", "sections": sections}
         try:
             env = orjson.dumps(envelope)
         except (TypeError, orjson.JSONEncodeError) as exc:
             raise InvalidRequest(f"source is not valid JSON: {exc}") from None
-        out.write(HEADER.pack(MAGIC, len(env)))
-        written = HEADER.size
-        out.write(env)
-        written += len(env)
+        out.write(HEADER.pack(MAGIC, len(env)) + env)
+        written = HEADER.size + len(env)
         for _, data in cap.sections:
             out.write(data)
             written += len(data)
-        for _, path in files:
-            with open(path, "rb") as f:
-                while chunk := f.read(_COPY_CHUNK):
-                    out.write(chunk)
-                    written += len(chunk)
+        for (_, view), (_, path) in zip(cap.engine, cap.files, strict=True):
+            if not _send_file(out, path, len(view)):
+                _write_all(out, view)
+            written += len(view)
     return written
+
+
+def _send_file(out: BinaryIO | IO[bytes], path: str, size: int) -> bool:
+    """Copy the file at `path` to `out` inside the kernel (`os.sendfile`) when `out` is a
+    plain file object on a regular file; False (nothing written) when it is not."""
+    if not size or not isinstance(out, io.BufferedWriter | io.BufferedRandom | io.FileIO):
+        return False
+    try:
+        fd = out.fileno()
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        out.flush()
+        pos = out.tell()
+    except (OSError, ValueError):
+        return False
+    with open(path, "rb") as src:
+        sent = 0
+        while sent < size:
+            n = os.sendfile(fd, src.fileno(), sent, size - sent)
+            if n == 0:
+                raise OSError(f"sendfile stopped at {sent} of {size} bytes")
+            sent += n
+    out.seek(pos + size)  # the kernel moved the file offset; let `out` know
+    return True
 
 
 def _engine_files(path: str, state: dict[str, Any]) -> list[tuple[str, str]]:
@@ -231,13 +315,32 @@ def _engine_files(path: str, state: dict[str, Any]) -> list[tuple[str, str]]:
     return [("engine", path)] + [(f"engine.{p}", f"{path}.{p}") for p in state.get("parts", ())]
 
 
-def _file_crc(path: str) -> tuple[int, int]:
-    crc, size = 0, 0
+@contextmanager
+def _mapped(path: str) -> Iterator[memoryview]:
+    """A read-only view of a whole file (mmap; an empty view for an empty file)."""
     with open(path, "rb") as f:
-        while chunk := f.read(_COPY_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-            size += len(chunk)
-    return crc, size
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            yield memoryview(b"")
+            return
+        with mmap.mmap(f.fileno(), 0, flags=_MAP_FLAGS, prot=mmap.PROT_READ) as mm:
+            view = memoryview(mm)
+            try:
+                yield view
+            finally:
+                view.release()
+
+
+def _write_all(out: BinaryIO | IO[bytes], view: memoryview) -> None:
+    """Write `view` to `out` in large pieces (a raw stream may take less than asked)."""
+    pos, n = 0, len(view)
+    while pos < n:
+        end = min(n, pos + _WRITE_CHUNK)
+        with view[pos:end] as piece:
+            wrote = out.write(piece)
+        if wrote == 0:
+            raise OSError("snapshot output accepted no bytes")
+        pos = end if wrote is None else pos + wrote
 
 
 # -- decoding ---------------------------------------------------------------------------
@@ -252,7 +355,15 @@ class _Reader:
     def read(self, n: int, what: str) -> bytes:
         data = self._src.read(n)
         if data is None or len(data) != n:
-            raise SnapshotError(f"snapshot is truncated in {what}")
+            # a raw stream may return less than asked before its end
+            parts = [bytes(data or b"")]
+            got = len(parts[0])
+            while got < n and (more := self._src.read(n - got)):
+                parts.append(bytes(more))
+                got += len(more)
+            if got != n:
+                raise SnapshotError(f"snapshot is truncated in {what}")
+            return b"".join(parts)
         return bytes(data)
 
     def section(self, spec: dict[str, Any]) -> bytes:
@@ -262,7 +373,7 @@ class _Reader:
             raise SnapshotError(f"checksum mismatch in section {name!r}")
         return data
 
-    def section_to_file(self, spec: dict[str, Any], path: str) -> None:
+    def section_to_file(self, spec: dict[str, Any], path: str) -> _Written:
         """Copy a section to `path` in chunks, checking its length and checksum."""
         name, length, crc = _section_spec(spec)
         got, running = 0, 0
@@ -276,10 +387,165 @@ class _Reader:
                 f.write(chunk)
         if running != crc:
             raise SnapshotError(f"checksum mismatch in section {name!r}")
+        return _Written.done()
+
+    def finish(self) -> None:
+        pass
 
     def expect_end(self) -> None:
         if self._src.read(1):
             raise SnapshotError("snapshot has bytes after its last section")
+
+
+class _ViewReader:
+    """The same reads over a buffer that holds the whole frame: no copies for the engine's
+    bytes, which are checksummed while they are written to their file."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._pos = 0
+        self._pending: list[_Written] = []
+
+    def _take(self, n: int, what: str) -> memoryview:
+        if n > len(self._view) - self._pos:
+            raise SnapshotError(f"snapshot is truncated in {what}")
+        part = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return part
+
+    def read(self, n: int, what: str) -> bytes:
+        with self._take(n, what) as part:
+            return part.tobytes()
+
+    def section(self, spec: dict[str, Any]) -> bytes:
+        name, length, crc = _section_spec(spec)
+        with self._take(length, f"section {name!r}") as part:
+            if crc32(part) != crc:
+                raise SnapshotError(f"checksum mismatch in section {name!r}")
+            return part.tobytes()
+
+    def section_to_file(self, spec: dict[str, Any], path: str) -> _Written:
+        """Start writing a section to `path` and checksumming it, in background threads
+        (both release the GIL); `wait()` on the result before using the file."""
+        name, length, crc = _section_spec(spec)
+        written = _Written.start(self._take(length, f"section {name!r}"), path, name, crc)
+        self._pending.append(written)
+        return written
+
+    def expect_end(self) -> None:
+        if self._pos != len(self._view):
+            raise SnapshotError("snapshot has bytes after its last section")
+
+    def finish(self) -> None:
+        """Wait for the background writes, so the buffer can be released."""
+        for written in self._pending:
+            written.join()
+
+
+class _Written:
+    """A section being written to a file and checksummed in background threads."""
+
+    def __init__(self, part: memoryview | None = None, name: str = "", expect: int = 0) -> None:
+        self._part = part
+        self._name = name
+        self._expect = expect
+        self._crc = expect
+        self._errors: list[BaseException] = []
+        self._threads: list[threading.Thread] = []
+
+    @classmethod
+    def done(cls) -> _Written:
+        """A section that was already written and checked."""
+        return cls()
+
+    @classmethod
+    def start(cls, part: memoryview, path: str, name: str, expect: int) -> _Written:
+        """Write `part` to `path` and checksum it; `part` is released once both are done."""
+        self = cls(part, name, expect)
+
+        def write() -> None:
+            try:
+                with open(path, "wb") as f:
+                    _write_all(f, part)
+            except BaseException as exc:
+                self._errors.append(exc)
+
+        def check() -> None:
+            try:
+                self._crc = crc32(part)
+            except BaseException as exc:
+                self._errors.append(exc)
+
+        self._threads = [
+            threading.Thread(target=fn, name="lhv-snapshot-io", daemon=True)
+            for fn in (write, check)
+        ]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def join(self) -> None:
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
+        if self._part is not None:
+            self._part.release()
+            self._part = None
+
+    def wait(self) -> None:
+        """Join; raise what the write raised, or SnapshotError on a checksum mismatch."""
+        self.join()
+        if self._errors:
+            raise self._errors[0]
+        if self._crc != self._expect:
+            raise SnapshotError(f"checksum mismatch in section {self._name!r}")
+
+
+@contextmanager
+def _frame_reader(
+    src: BinaryIO | IO[bytes] | bytes | bytearray | memoryview,
+) -> Iterator[_Reader | _ViewReader]:
+    """A reader over `src`: a view of the bytes when they are in memory or in a regular
+    file (mmap), else a stream reader. A file is left positioned at its end."""
+    if isinstance(src, bytes | bytearray | memoryview):
+        with memoryview(src) as view, view.cast("B") as flat:
+            yield from _viewing(flat)
+        return
+    if isinstance(src, io.BytesIO):
+        with src.getbuffer() as view, view[src.tell() :] as rest:
+            yield from _viewing(rest)
+        src.seek(0, os.SEEK_END)
+        return
+    mapped = _map_file(src)
+    if mapped is None:
+        yield _Reader(src)
+        return
+    mm, start = mapped
+    with mm, memoryview(mm) as view, view[start:] as rest:
+        yield from _viewing(rest)
+    src.seek(0, os.SEEK_END)
+
+
+def _viewing(view: memoryview) -> Iterator[_ViewReader]:
+    reader = _ViewReader(view)
+    try:
+        yield reader
+    finally:
+        reader.finish()
+
+
+def _map_file(src: BinaryIO | IO[bytes]) -> tuple[mmap.mmap, int] | None:
+    """An mmap of `src` and the frame's start in it, when `src` is a regular file."""
+    try:
+        fd = src.fileno()
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or not src.seekable():
+            return None
+        start = src.tell()
+        if os.fstat(fd).st_size <= start:
+            return None
+        return mmap.mmap(fd, 0, flags=_MAP_FLAGS, prot=mmap.PROT_READ), start
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
 
 
 def _section_spec(spec: Any) -> tuple[str, int, int]:
@@ -318,9 +584,13 @@ def read_snapshot(
     Raises:
         SnapshotError: truncated, corrupted or mismatched input; nothing is loaded.
     """
-    if isinstance(src, bytes | bytearray | memoryview):
-        src = io.BytesIO(src)
-    reader = _Reader(src)
+    with _frame_reader(src) as reader:
+        return _read_frame(reader, expect, limits)
+
+
+def _read_frame(
+    reader: _Reader | _ViewReader, expect: IndexParams | None, limits: Limits | None
+) -> tuple[Index, dict[str, Any]]:
     magic, env_len = HEADER.unpack(reader.read(HEADER.size, "the header"))
     if magic != MAGIC:
         raise SnapshotError(f"not an LHV1 snapshot (magic {magic!r})")
@@ -368,16 +638,22 @@ def _decode_strings(lengths: bytes, blob: bytes, n: int, what: str) -> list[str]
     lens = np.frombuffer(lengths, dtype="<u4")
     if lens.size != n or int(lens.sum(dtype=np.int64)) != len(blob):
         raise SnapshotError(f"section {what} does not match its lengths")
-    ends = np.cumsum(lens, dtype=np.int64).tolist()
-    starts = [0, *ends[:-1]] if ends else []
+    if n == 0:
+        return []
     if blob.isascii():  # one decode; character offsets equal byte offsets
         text = blob.decode("ascii")
-        return [text[a:b] for a, b in zip(starts, ends, strict=True)]
+        if int(lens.min()) == int(lens.max()) > 0:  # ids of one length: no offsets
+            width = int(lens[0])
+            return [text[a : a + width] for a in range(0, len(text), width)]
+        ends = np.cumsum(lens, dtype=np.int64).tolist()
+        return [text[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    ends = np.cumsum(lens, dtype=np.int64).tolist()
+    starts = [0, *ends[:-1]]
     return [blob[a:b].decode("utf-8") for a, b in zip(starts, ends, strict=True)]
 
 
 def _read_v3(
-    reader: _Reader,
+    reader: _Reader | _ViewReader,
     envelope: dict[str, Any],
     params: IndexParams,
     name: str,
@@ -388,18 +664,21 @@ def _read_v3(
     if not isinstance(specs, list):
         raise SnapshotError("envelope sections is not a list")
     data: dict[str, bytes] = {}
+    # the engine's bytes go to their files (and are checksummed) in the background while
+    # the ids are decoded; nothing is loaded before every checksum has matched
+    writes: list[_Written] = []
     for spec in specs:
         sec_name = _section_spec(spec)[0]
         if sec_name in data:
             raise SnapshotError(f"section {sec_name!r} appears twice")
         if sec_name == "engine":
-            reader.section_to_file(spec, engine_path)
+            writes.append(reader.section_to_file(spec, engine_path))
             data["engine"] = b""
         elif sec_name.startswith("engine."):
             part = sec_name.removeprefix("engine.")
             if not _PART_NAME.fullmatch(part):
                 raise SnapshotError(f"bad engine part name {part!r}")
-            reader.section_to_file(spec, f"{engine_path}.{part}")
+            writes.append(reader.section_to_file(spec, f"{engine_path}.{part}"))
             data[sec_name] = b""
         else:
             data[sec_name] = reader.section(spec)
@@ -445,13 +724,16 @@ def _read_v3(
     parts = state.get("parts", [])
     if not isinstance(parts, list) or any(f"engine.{p}" not in data for p in parts):
         raise SnapshotError(f"engine parts {parts!r} are not all in the snapshot")
+    label_map = _label_map((ids, id_bytes), labels, slots, tombs, limits)
+    for written in writes:
+        written.wait()
     engine = _load_engine(params, engine_path, slots=slots, live=labels, state=state)
     return _build(
         name,
         params,
         limits,
         engine,
-        (ids, id_bytes),
+        label_map,
         labels,
         clocks.reshape(n, 3),
         (meta_lens, data["meta.json"]),
@@ -508,35 +790,26 @@ def _load_engine(
     raise SnapshotError(f"engine {params.engine.value!r} is not available in this version")
 
 
-def _build(
-    name: str,
-    params: IndexParams,
-    limits: Limits | None,
-    engine: Engine,
+def _label_map(
     ids: tuple[list[str], npt.NDArray[np.uint32]],
     labels: npt.NDArray[np.uint64],
-    clocks: npt.NDArray[np.int64],
-    metas: tuple[npt.NDArray[np.uint32], bytes],
-    norms: npt.NDArray[np.float32] | None,
-    tombs: dict[str, Clock],
     slots: int,
-) -> Index:
-    """A new Index holding this state; every cross-check fails as SnapshotError.
+    tombs: dict[str, Clock],
+    limits: Limits | None,
+) -> LabelMap:
+    """The id <-> label map of the live items (built before the engine is loaded, while
+    its bytes are still being written); every cross-check fails as SnapshotError.
 
-    `ids`: the ids and their UTF-8 byte lengths; `metas`: byte lengths (0: none) and the
-    concatenated compact JSON objects, both in the order of `labels`.
+    `ids`: the ids and their UTF-8 byte lengths, in the order of `labels`.
     """
-    index = Index._with_engine(name, params, limits, engine)
     id_list, id_bytes = ids
-    meta_lens, meta_blob = metas
     n = len(id_list)
-    if not (labels.size == n == clocks.shape[0] == meta_lens.size == id_bytes.size):
+    max_id_bytes = (limits if limits is not None else Limits()).max_id_bytes
+    if not labels.size == n == id_bytes.size:
         raise SnapshotError("live item sections disagree in length")
     if n and (int(labels.max()) >= slots or np.bincount(labels.astype(np.intp)).max() > 1):
         raise SnapshotError("labels repeat or lie beyond the engine's slots")
-    if slots > engine.capacity:
-        raise SnapshotError("engine capacity is below its slots")
-    if n and (int(id_bytes.min()) < 1 or int(id_bytes.max()) > index.limits.max_id_bytes):
+    if n and (int(id_bytes.min()) < 1 or int(id_bytes.max()) > max_id_bytes):
         raise SnapshotError("an id is empty or over the id size limit")
     hashes = np.fromiter(map(hash, id_list), dtype=np.int64, count=n)
     ordered = np.sort(hashes)
@@ -545,16 +818,7 @@ def _build(
     if tombs and not tombs.keys().isdisjoint(id_list):
         raise SnapshotError("an id is both live and tombstoned")
     label_arr = labels.astype(np.intp)
-    try:
-        index._meta.load(label_arr, meta_lens, meta_blob)
-    except ValueError as exc:
-        raise SnapshotError(str(exc)) from exc
-    index._clocks.version[label_arr] = clocks[:, 0]
-    index._clocks.offset[label_arr] = clocks[:, 1]
-    index._clocks.position[label_arr] = clocks[:, 2]
-    if norms is not None:
-        index._norms[label_arr] = norms
-    m = index._map
+    m = LabelMap()
     if n == slots and np.array_equal(label_arr, np.arange(n)):
         m.ids = list(id_list)
         m.free = []
@@ -565,12 +829,51 @@ def _build(
         m.ids = by_label
         m.free = [lb for lb in range(slots - 1, -1, -1) if by_label[lb] is None]
     m.labels.bulk_load(id_list, label_arr, hashes=hashes)
+    return m
+
+
+def _build(
+    name: str,
+    params: IndexParams,
+    limits: Limits | None,
+    engine: Engine,
+    label_map: LabelMap,
+    labels: npt.NDArray[np.uint64],
+    clocks: npt.NDArray[np.int64],
+    metas: tuple[npt.NDArray[np.uint32], bytes],
+    norms: npt.NDArray[np.float32] | None,
+    tombs: dict[str, Clock],
+    slots: int,
+) -> Index:
+    """A new Index holding this state (`label_map` from `_label_map`); every cross-check
+    fails as SnapshotError.
+
+    `metas`: byte lengths (0: none) and the concatenated compact JSON objects, in the order
+    of `labels`.
+    """
+    index = Index._with_engine(name, params, limits, engine)
+    meta_lens, meta_blob = metas
+    if not labels.size == clocks.shape[0] == meta_lens.size:
+        raise SnapshotError("live item sections disagree in length")
+    if slots > engine.capacity:
+        raise SnapshotError("engine capacity is below its slots")
+    label_arr = labels.astype(np.intp)
+    try:
+        index._meta.load(label_arr, meta_lens, meta_blob)
+    except ValueError as exc:
+        raise SnapshotError(str(exc)) from exc
+    index._clocks.version[label_arr] = clocks[:, 0]
+    index._clocks.offset[label_arr] = clocks[:, 1]
+    index._clocks.position[label_arr] = clocks[:, 2]
+    if norms is not None:
+        index._norms[label_arr] = norms
+    index._map = label_map
     index._tombs = tombs
     return index
 
 
 def _read_legacy(
-    reader: _Reader,
+    reader: _Reader | _ViewReader,
     envelope: dict[str, Any],
     params: IndexParams,
     name: str,
@@ -581,8 +884,9 @@ def _read_legacy(
     if params.engine is not EngineKind.HNSW:
         raise SnapshotError(f"format {fmt} snapshots hold hnsw indexes only")
     spec = {"name": "engine", "length": envelope["length"], "crc32": envelope["crc32"]}
-    reader.section_to_file(spec, engine_path)
+    written = reader.section_to_file(spec, engine_path)
     reader.expect_end()
+    written.wait()
     source = envelope.get("source") or {}
     offset = source.get("offset") if isinstance(source, dict) else None
     default = Clock(0, offset if type(offset) is int else -1, CLOCK_MAX)
@@ -645,12 +949,13 @@ def _read_legacy(
         if not isinstance(id_, str) or check_id(id_, Limits(max_id_bytes=2**31)) is not None:
             raise SnapshotError(f"bad id {id_!r} in snapshot")
     blobs = [metas[i] or b"" for i in ids]
+    id_bytes = np.array([len(i.encode("utf-8")) for i in ids], dtype=np.uint32)
     return _build(
         name,
         params,
         limits,
         engine,
-        (ids, np.array([len(i.encode("utf-8")) for i in ids], dtype=np.uint32)),
+        _label_map((ids, id_bytes), labels, slots, tombs, limits),
         labels,
         clock_rows,
         (np.array([len(b) for b in blobs], dtype=np.uint32), b"".join(blobs)),

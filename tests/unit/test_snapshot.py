@@ -22,6 +22,7 @@ from lhv_index import (
     read_snapshot,
     write_snapshot,
 )
+from lhv_index._crc import PARALLEL_BYTES, crc32, crc32_combine
 from lhv_index._snapshot import ENVELOPE_VERSION, HEADER, MAGIC
 from lhv_index.errors import SnapshotError
 
@@ -97,6 +98,61 @@ def test_snapshot_streams_to_a_real_file(tmp_path: Path) -> None:
     with path.open("rb") as f:
         back, _ = read_snapshot(f)
     assert back.logical_state() == idx.logical_state()
+
+
+class PlainStream(io.RawIOBase):
+    """A readable stream with no buffer and no file behind it (like a socket)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._src = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:  # type: ignore[no-untyped-def]
+        chunk = self._src.read(min(len(buf), 4096))
+        buf[: len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_snapshot_reads_the_same_from_bytes_streams_and_files(tmp_path: Path) -> None:
+    idx = build("hnsw", "l2")
+    data = encode(idx)
+    want = idx.logical_state()
+    assert read_snapshot(PlainStream(data))[0].logical_state() == want
+    assert read_snapshot(bytearray(data))[0].logical_state() == want
+    prefixed = io.BytesIO(b"xyz" + data)
+    prefixed.seek(3)
+    assert read_snapshot(prefixed)[0].logical_state() == want
+    # a frame written at a file's current position, read back from there
+    path = tmp_path / "frames.bin"
+    with path.open("wb") as f:
+        f.write(b"head")
+        size = write_snapshot(idx, f, source={})
+        assert f.tell() == 4 + size
+    with path.open("rb") as f:
+        assert f.read(4) == b"head"
+        assert read_snapshot(f)[0].logical_state() == want
+        assert f.tell() == 4 + size
+
+
+def test_damaged_snapshot_from_a_plain_stream_is_never_loaded() -> None:
+    data = encode(build())
+    bad = bytearray(data)
+    bad[-10] ^= 0x10
+    with pytest.raises(SnapshotError):
+        read_snapshot(PlainStream(bytes(bad)))
+    with pytest.raises(SnapshotError):
+        read_snapshot(PlainStream(data[:-3]))
+
+
+def test_checksums_of_large_buffers_match_zlib() -> None:
+    blob = np.random.default_rng(0).integers(0, 256, size=PARALLEL_BYTES + 12345, dtype=np.uint8)
+    data = blob.tobytes()
+    assert crc32(data) == zlib.crc32(data)
+    assert crc32(memoryview(data)[7:]) == zlib.crc32(data[7:])
+    for a, b in [(b"", b"x"), (b"abc", b""), (data[:1000], data[1000:5000])]:
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
 
 
 @pytest.mark.parametrize("cut", [0, 3, 7, 8, 40, -1, -100, -5000])
