@@ -116,7 +116,7 @@ async def test_kill9_at_every_merge_step_completes_the_merge_once(
     for i, point in enumerate(STEPS):
         proc = _worker(env, tmp_path / f"w{i}.log", LHV_FAILPOINTS=point)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            await asyncio.to_thread(proc.proc.wait, 90)
+            await asyncio.to_thread(proc.proc.wait, 180)
         code = proc.proc.poll()
         log = proc.log_text()
         proc.kill9()
