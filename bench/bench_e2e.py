@@ -154,56 +154,75 @@ def _raw_build(data: np.ndarray, args: argparse.Namespace) -> tuple[hnswlib.Inde
     return index, time.perf_counter() - t0
 
 
-def _raw_side(
-    data: np.ndarray, q: np.ndarray, truth: np.ndarray, args: argparse.Namespace
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    builds = []
-    index = None
-    for _ in range(args.repeats):
-        index = None
+class _Raw:
+    """The raw hnswlib side. Each call is one run of one measure, so that the caller can
+    interleave raw and end-to-end runs: a shared machine's load then weighs on both."""
+
+    def __init__(
+        self, data: np.ndarray, q: np.ndarray, truth: np.ndarray, args: argparse.Namespace
+    ) -> None:
+        self.data, self.q, self.truth, self.args = data, q, truth, args
+        self.index: hnswlib.Index | None = None
+        self.runs: dict[str, list[float]] = {}
+        self.out: dict[str, Any] = {}
+
+    def _add(self, key: str, value: float) -> None:
+        self.runs.setdefault(key, []).append(value)
+
+    def build(self) -> None:
+        self.index = None
         gc.collect()
-        index, secs = _raw_build(data, args)
-        builds.append(secs)
-    assert index is not None
-    out["ingest_s"] = _median(builds)
-    out["ingest_runs_s"] = builds
-    index.set_ef(args.ef)
-    found, _ = index.knn_query(q, k=args.k)
-    out["recall"] = _recall([set(row.tolist()) for row in found], truth)
-    lat = []
-    for row in q[: args.single]:
+        self.index, secs = _raw_build(self.data, self.args)
+        self._add("ingest_s", secs)
+
+    def _built(self) -> hnswlib.Index:
+        assert self.index is not None, "build() first"
+        return self.index
+
+    def search_once(self) -> None:
+        """Recall at the benchmark's ef, and one-query-per-call latency."""
+        index, args = self._built(), self.args
+        index.set_ef(args.ef)
+        found, _ = index.knn_query(self.q, k=args.k)
+        self.out["recall"] = _recall([set(row.tolist()) for row in found], self.truth)
+        lat = []
+        for row in self.q[: args.single]:
+            t0 = time.perf_counter()
+            index.knn_query(row, k=args.k)
+            lat.append((time.perf_counter() - t0) * 1000)
+        self.out["single_p50_ms"] = float(np.percentile(lat, 50))
+
+    def qps(self) -> None:
+        index, q, c = self._built(), self.q, self.args.concurrency
         t0 = time.perf_counter()
-        index.knn_query(row, k=args.k)
-        lat.append((time.perf_counter() - t0) * 1000)
-    out["single_p50_ms"] = float(np.percentile(lat, 50))
-    qps_all, qps_c = [], []
-    for _ in range(args.repeats):
+        index.knn_query(q, k=self.args.k)
+        self._add("qps_one_call", len(q) / (time.perf_counter() - t0))
         t0 = time.perf_counter()
-        index.knn_query(q, k=args.k)
-        qps_all.append(len(q) / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        for start in range(0, len(q), args.concurrency):
-            index.knn_query(q[start : start + args.concurrency], k=args.k)
-        qps_c.append(len(q) / (time.perf_counter() - t0))
-    out["qps_one_call"] = _median(qps_all)
-    out["qps_batches"] = _median(qps_c)
-    with tempfile.TemporaryDirectory(prefix="lhv-bench-raw-") as tmp:
-        path = os.path.join(tmp, "raw.bin")
-        saves, loads = [], []
-        for _ in range(args.repeats):
+        for start in range(0, len(q), c):
+            index.knn_query(q[start : start + c], k=self.args.k)
+        self._add("qps_batches", len(q) / (time.perf_counter() - t0))
+
+    def snapshot(self) -> None:
+        """`save_index` and `load_index` through a local file."""
+        index, n, dim = self._built(), *self.data.shape
+        with tempfile.TemporaryDirectory(prefix="lhv-bench-raw-") as tmp:
+            path = os.path.join(tmp, "raw.bin")
             t0 = time.perf_counter()
             index.save_index(path)
-            saves.append(time.perf_counter() - t0)
-            loaded = hnswlib.Index(space=SPACE, dim=data.shape[1])
+            self._add("save_s", time.perf_counter() - t0)
+            self.out["file_bytes"] = os.path.getsize(path)
+            loaded = hnswlib.Index(space=SPACE, dim=dim)
             t0 = time.perf_counter()
-            loaded.load_index(path, max_elements=len(data))
-            loads.append(time.perf_counter() - t0)
+            loaded.load_index(path, max_elements=n)
+            self._add("load_s", time.perf_counter() - t0)
             del loaded
-        out["save_s"] = _median(saves)
-        out["load_s"] = _median(loads)
-        out["file_bytes"] = os.path.getsize(path)
-    return out
+
+    def result(self) -> dict[str, Any]:
+        out = dict(self.out)
+        for key, values in self.runs.items():
+            out[key] = _median(values)
+            out[key.removesuffix("_s") + "_runs"] = values
+        return out
 
 
 def mem_child(n: int, dim: int, M: int, efc: int) -> None:
@@ -343,7 +362,9 @@ async def _lhv_side(
     truth: np.ndarray,
     args: argparse.Namespace,
     logdir: Path,
+    raw: _Raw,
 ) -> dict[str, Any]:
+    """The end-to-end measures, each repeat right after the same raw measure."""
     n, dim = data.shape
     tag = uuid.uuid4().hex[:8]
     topics = TopicsConfig(
@@ -385,6 +406,8 @@ async def _lhv_side(
             runs = []
             name = ""
             for r in range(args.repeats):
+                await asyncio.to_thread(raw.build)
+                print(f"  raw build {r + 1}: {raw.runs['ingest_s'][-1]:.2f} s", flush=True)
                 if name:
                     await client.drop(name)
                 name = f"e2e-{r}"
@@ -396,6 +419,8 @@ async def _lhv_side(
                 runs.append(time.perf_counter() - t0)
                 out["ingest_cpu_s"] = cpu.stop()
                 print(f"  ingest run {r + 1}: {runs[-1]:.2f} s", flush=True)
+                if r == 0:
+                    out["worker_peak_rss_first_ingest"] = worker.peak_rss()
             out["ingest_s"] = _median(runs)
             out["ingest_runs_s"] = runs
             stats = await client.stats(name)
@@ -405,6 +430,7 @@ async def _lhv_side(
             out["apply_calls"] = m.get("lhv_apply_seconds_count", 0.0)
 
             # -- search --
+            await asyncio.to_thread(raw.search_once)
             for row in q[:50]:  # warm up
                 await client.search(name, row, k=args.k, ef=args.ef)
             lat = []
@@ -418,12 +444,15 @@ async def _lhv_side(
             total = max(args.concurrent_queries, len(q))
             qps_runs = []
             found: dict[int, set[int]] = {}
-            cpu.start()
+            used: dict[str, float] = {}
             for _ in range(args.repeats):
+                await asyncio.to_thread(raw.qps)
+                cpu.start()
                 qps, got = await _concurrent(client, name, q, total, args)
+                for key, value in cpu.stop().items():
+                    used[key] = used.get(key, 0.0) + value
                 qps_runs.append(qps)
                 found = found or got
-            used = cpu.stop()
             out["search_cpu_ms_per_query"] = {
                 k: 1000 * v / (total * args.repeats) for k, v in used.items()
             }
@@ -446,7 +475,7 @@ async def _lhv_side(
         # -- checkpoint: the final one on a graceful stop --
         code = worker.stop()
         assert code == 0, f"worker exited {code}; see {worker.log}"
-        out.update(await _snapshot_side(s3, topics.commands, name, args))
+        out.update(await _snapshot_side(s3, topics.commands, name, raw, args))
 
         # -- recovery --
         async with LhvClient(bootstrap, topics=topics, timeout_s=600) as client:
@@ -470,10 +499,10 @@ async def _lhv_side(
 
 
 async def _snapshot_side(
-    s3: S3Config, commands_topic: str, name: str, args: argparse.Namespace
+    s3: S3Config, commands_topic: str, name: str, raw: _Raw, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Time the worker's own snapshot code against the real S3, on the checkpoint the
-    worker just wrote."""
+    worker just wrote; each repeat right after a raw save and load."""
     out: dict[str, Any] = {}
     blobs = S3BlobStore(s3)
     await blobs.start()
@@ -486,16 +515,16 @@ async def _snapshot_side(
         loads, saves = [], []
         index = None
         for _ in range(args.repeats):
+            await asyncio.to_thread(raw.snapshot)
             index = None
             gc.collect()
             t0 = time.perf_counter()
             index = await store.load_index(name, entry)
             loads.append(time.perf_counter() - t0)
-        assert index is not None
-        for _ in range(args.repeats):
             t0 = time.perf_counter()
             await store.save_index(0, index, offset=entry.offset)
             saves.append(time.perf_counter() - t0)
+        assert index is not None
         out["s3_load_s"] = _median(loads)
         out["s3_save_s"] = _median(saves)
         encodes, decodes = await asyncio.to_thread(_codec_times, index, args.repeats)
@@ -621,14 +650,21 @@ def _rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             "",
         ),
         (
-            "peak RSS after ingest + search (MiB)",
-            f(mem["peak_rss"] / mib, 0),
-            f(lhv["worker_peak_rss"] / mib, 0),
-            f(lhv["worker_peak_rss"] / mem["peak_rss"], 3),
+            "RSS of the process before any index (MiB)",
+            f(mem["base_rss"] / mib, 0),
+            f(lhv["worker_idle_rss"] / mib, 0),
+            "",
             "",
         ),
         (
-            "peak RSS after a restore (MiB)",
+            "peak RSS, build / first ingest (MiB)",
+            f(mem["peak_rss"] / mib, 0),
+            f(lhv["worker_peak_rss_first_ingest"] / mib, 0),
+            f(lhv["worker_peak_rss_first_ingest"] / mem["peak_rss"], 3),
+            "",
+        ),
+        (
+            "peak RSS, restored worker (MiB)",
             f(mem["peak_rss"] / mib, 0),
             f(lhv["worker_restored_peak_rss"] / mib, 0),
             f(lhv["worker_restored_peak_rss"] / mem["peak_rss"], 3),
@@ -705,15 +741,16 @@ def main(argv: list[str] | None = None) -> int:
             data = _data(n, dim)
             q = queries(args.queries, dim)
             truth = _truth(data, q, args.k)
-            raw = _raw_side(data, q, truth, args)
-            print(f"  raw done ({time.monotonic() - started:.0f} s)", flush=True)
+            raw_side = _Raw(data, q, truth, args)
             try:
-                lhv = asyncio.run(_lhv_side(env, data, q, truth, args, Path(tmp)))
+                lhv = asyncio.run(_lhv_side(env, data, q, truth, args, Path(tmp), raw_side))
             except BaseException:
                 for log in sorted(Path(tmp).glob("*.log")):
                     print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
                 raise
             print(f"  lhv done ({time.monotonic() - started:.0f} s)", flush=True)
+            raw = raw_side.result()
+            raw_side.index = None
             mem = _raw_memory(n, dim, args)
             results.append(
                 {
