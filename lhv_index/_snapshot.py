@@ -80,6 +80,7 @@ always pass through a temporary file; a large index is never held twice in memor
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import logging
 import mmap
@@ -292,7 +293,7 @@ def _send_file(out: BinaryIO | IO[bytes], path: str, size: int) -> bool:
         return False
     try:
         fd = out.fileno()
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
             return False
         out.flush()
         pos = out.tell()
@@ -301,7 +302,12 @@ def _send_file(out: BinaryIO | IO[bytes], path: str, size: int) -> bool:
     with open(path, "rb") as src:
         sent = 0
         while sent < size:
-            n = os.sendfile(fd, src.fileno(), sent, size - sent)
+            try:
+                n = os.sendfile(fd, src.fileno(), sent, size - sent)
+            except OSError:
+                if sent:
+                    raise
+                return False  # not for files here: nothing was written
             if n == 0:
                 raise OSError(f"sendfile stopped at {sent} of {size} bytes")
             sent += n
