@@ -172,8 +172,10 @@ class _Raw:
     def build(self) -> None:
         self.index = None
         gc.collect()
+        cpu0 = _cpu_s("self")
         self.index, secs = _raw_build(self.data, self.args)
         self._add("ingest_s", secs)
+        self._add("ingest_cpu_s", _cpu_s("self") - cpu0)
 
     def _built(self) -> hnswlib.Index:
         assert self.index is not None, "build() first"
@@ -194,6 +196,7 @@ class _Raw:
 
     def qps(self) -> None:
         index, q, c = self._built(), self.q, self.args.concurrency
+        cpu0 = _cpu_s("self")
         t0 = time.perf_counter()
         index.knn_query(q, k=self.args.k)
         self._add("qps_one_call", len(q) / (time.perf_counter() - t0))
@@ -201,6 +204,7 @@ class _Raw:
         for start in range(0, len(q), c):
             index.knn_query(q[start : start + c], k=self.args.k)
         self._add("qps_batches", len(q) / (time.perf_counter() - t0))
+        self._add("cpu_ms_per_query", 1000 * (_cpu_s("self") - cpu0) / (2 * len(q)))
 
     def snapshot(self) -> None:
         """`save_index` and `load_index` through a local file."""
@@ -403,7 +407,8 @@ async def _lhv_side(
             # -- ingest --
             await client.create("warmup", dim=dim, space=SPACE, timeout_s=120, **params)
             out["worker_idle_rss"] = worker.rss()
-            runs = []
+            runs: list[float] = []
+            cpu_runs: list[float] = []
             name = ""
             for r in range(args.repeats):
                 await asyncio.to_thread(raw.build)
@@ -417,12 +422,15 @@ async def _lhv_side(
                 last = await client.add(name, ids, data, batch_size=args.record_items)
                 await client.search(name, data[0], k=1, after=last, timeout_s=1800)
                 runs.append(time.perf_counter() - t0)
-                out["ingest_cpu_s"] = cpu.stop()
+                used_ingest = cpu.stop()
+                out["ingest_cpu_s"] = used_ingest
+                cpu_runs.append(sum(used_ingest.values()))
                 print(f"  ingest run {r + 1}: {runs[-1]:.2f} s", flush=True)
                 if r == 0:
                     out["worker_peak_rss_first_ingest"] = worker.peak_rss()
             out["ingest_s"] = _median(runs)
             out["ingest_runs_s"] = runs
+            out["ingest_cpu_total_s"] = _median(cpu_runs)
             stats = await client.stats(name)
             assert stats["count"] == n, stats
             m = worker.metrics()
@@ -573,6 +581,13 @@ def _rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             "<= 1.25",
         ),
         (
+            "ingest, CPU seconds (lhv: worker + client + Kafka + S3)",
+            f(raw["ingest_cpu_s"], 1),
+            f(lhv["ingest_cpu_total_s"], 1),
+            f(lhv["ingest_cpu_total_s"] / raw["ingest_cpu_s"], 3),
+            "",
+        ),
+        (
             "search, 1 requester: p50 / p99 (ms)",
             f(raw["single_p50_ms"], 3),
             f"{lhv['single_p50_ms']:.2f} / {lhv['single_p99_ms']:.2f}",
@@ -592,6 +607,13 @@ def _rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             f(lhv["qps"], 0),
             f(lhv["qps"] / raw["qps_one_call"], 3),
             ">= 0.70",
+        ),
+        (
+            "search, CPU ms per query under load (lhv: all processes)",
+            f(raw["cpu_ms_per_query"], 3),
+            f(sum(lhv["search_cpu_ms_per_query"].values()), 3),
+            f(sum(lhv["search_cpu_ms_per_query"].values()) / raw["cpu_ms_per_query"], 3),
+            "",
         ),
         (
             f"recall@{res['k']} vs exact (ef={res['ef']})",
@@ -688,7 +710,7 @@ def _report(results: list[dict[str, Any]]) -> None:
                 for i, (c, w) in enumerate(zip(r, widths, strict=True))
             )
         )
-    print("ratios: lhv / raw for times and memory, lhv QPS / raw QPS for throughput")
+    print("ratios: lhv / raw for times, CPU and memory; lhv QPS / raw QPS for throughput")
 
 
 @contextlib.contextmanager
