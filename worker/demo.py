@@ -227,6 +227,10 @@ async def _demo(args: argparse.Namespace, env: dict[str, str], workers: _Workers
     from worker.config import TopicsConfig
     from worker.stack import create_topics
 
+    main = asyncio.current_task()
+    assert main is not None
+    # inside the loop, SIGTERM cancels the demo like Ctrl-C does: clients close cleanly
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     tag = uuid.uuid4().hex[:6]
     topics = TopicsConfig(
         commands=f"demo.{tag}.commands", search=f"demo.{tag}.search", dlq=f"demo.{tag}.dlq"
@@ -363,12 +367,13 @@ def run(args: argparse.Namespace) -> int:
             try:
                 report = asyncio.run(_demo(args, env, workers))
             finally:
+                signal.signal(signal.SIGTERM, _raise_interrupt)  # the loop's handler is gone
                 say("stopping the workers (SIGTERM: each checkpoints and leaves the group)")
                 problems = workers.stop_all()
             if problems:
                 print("   " + "; ".join(problems), file=sys.stderr)
                 return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print(f"\ninterrupted; everything started was stopped (logs in {logdir})", file=sys.stderr)
         return 130
     except Exception as exc:
