@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from workerkit import Clock, Env, OracleIndex, _decode_vector, stop_quietly, vec_b64
+from workerkit import Clock, Env, OracleIndex, stop_quietly, vec_b64
 
 from worker.apply import home_partition
 from worker.blobstore import S3BlobStore
@@ -206,24 +206,9 @@ class MergeOracle:
         elif op == "drop":
             self.state.pop(name, None)
         elif op == "add" and idx is not None:
-            for pos, item in enumerate(body["items"]):
-                clock = (int(item.get("version", 0)), rec.offset, pos)
-                cur = idx.clock(item["id"])
-                if cur is not None and clock <= cur:
-                    continue
-                old_meta = idx.live[item["id"]][1] if item["id"] in idx.live else None
-                meta = item.get("metadata")
-                new_meta = old_meta if meta is None else (meta or None)
-                idx.live[item["id"]] = (_decode_vector(item), new_meta, clock)
-                idx.tomb.pop(item["id"], None)
+            idx.add(body, rec.offset)
         elif op == "delete" and idx is not None:
-            for pos, id_ in enumerate(body["ids"]):
-                clock = (int(body.get("version", 0)), rec.offset, pos)
-                cur = idx.clock(id_)
-                if cur is not None and clock <= cur:
-                    continue
-                idx.live.pop(id_, None)
-                idx.tomb[id_] = clock
+            idx.delete(body, rec.offset)
         elif op == "merge" and idx is not None and body["dest"] != name:
             items = _exported(idx)
             dest_name = body["dest"]

@@ -302,6 +302,29 @@ class OracleIndex:
             return self.live[id_][2]
         return self.tomb.get(id_)
 
+    def add(self, body: dict[str, Any], offset: int) -> None:
+        """An `add` record at `offset`: last-write-wins per item, the metadata rules."""
+        for pos, item in enumerate(body["items"]):
+            clock = (int(item.get("version", 0)), offset, pos)
+            cur = self.clock(item["id"])
+            if cur is not None and clock <= cur:
+                continue
+            old_meta = self.live[item["id"]][1] if item["id"] in self.live else None
+            meta = item.get("metadata")
+            new_meta = old_meta if meta is None else (meta or None)
+            self.live[item["id"]] = (_decode_vector(item), new_meta, clock)
+            self.tomb.pop(item["id"], None)
+
+    def delete(self, body: dict[str, Any], offset: int) -> None:
+        """A `delete` record at `offset`: tombstones newer than what is stored."""
+        for pos, id_ in enumerate(body["ids"]):
+            clock = (int(body.get("version", 0)), offset, pos)
+            cur = self.clock(id_)
+            if cur is not None and clock <= cur:
+                continue
+            self.live.pop(id_, None)
+            self.tomb[id_] = clock
+
 
 def _decode_vector(item: dict[str, Any]) -> np.ndarray:
     import base64
@@ -329,24 +352,9 @@ def oracle_from_records(records: Iterable[Any]) -> dict[str, OracleIndex]:
         elif op == "drop":
             state.pop(name, None)
         elif op == "add" and idx is not None:
-            for pos, item in enumerate(body["items"]):
-                clock = (int(item.get("version", 0)), rec.offset, pos)
-                cur = idx.clock(item["id"])
-                if cur is not None and clock <= cur:
-                    continue
-                old_meta = idx.live[item["id"]][1] if item["id"] in idx.live else None
-                meta = item.get("metadata")
-                new_meta = old_meta if meta is None else (meta or None)
-                idx.live[item["id"]] = (_decode_vector(item), new_meta, clock)
-                idx.tomb.pop(item["id"], None)
+            idx.add(body, rec.offset)
         elif op == "delete" and idx is not None:
-            for pos, id_ in enumerate(body["ids"]):
-                clock = (int(body.get("version", 0)), rec.offset, pos)
-                cur = idx.clock(id_)
-                if cur is not None and clock <= cur:
-                    continue
-                idx.live.pop(id_, None)
-                idx.tomb[id_] = clock
+            idx.delete(body, rec.offset)
     return state
 
 
