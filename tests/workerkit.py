@@ -29,6 +29,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from lhv_index import Index
 from worker.apply import home_partition
 from worker.blobstore import S3Config
+from worker.client import stop_consumer as stop_quietly
 from worker.config import CheckpointPolicy, KafkaConfig, TopicsConfig, WorkerConfig
 from worker.service import Worker
 
@@ -397,17 +398,6 @@ async def running(config: WorkerConfig) -> AsyncIterator[Worker]:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 30)
         await worker.stop()
-
-
-async def stop_quietly(consumer: AIOKafkaConsumer) -> None:
-    """Stop a short-lived consumer. aiokafka's no-group coordinator raises CancelledError
-    from close() when its background task was cancelled before it first ran."""
-    try:
-        await consumer.stop()
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise
 
 
 async def partitions_of(bootstrap: str, topic: str) -> list[int]:

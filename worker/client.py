@@ -150,6 +150,18 @@ class _Sent:
     reply: asyncio.Future[dict[str, Any]] | None = None
 
 
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """Stop a group-less consumer. aiokafka's no-group coordinator can raise
+    CancelledError from close() when its task was cancelled before it first ran; only a
+    cancellation of the calling task propagates."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+
+
 class LhvClient:
     """An async client for LHV's command and search topics. See the module docstring.
 
@@ -276,7 +288,7 @@ class LhvClient:
             await asyncio.gather(self._reader, return_exceptions=True)
         self._fail_waiting(ClientClosed("the client was stopped while waiting for a reply"))
         if self._consumer is not None:
-            await self._stop_consumer(self._consumer)
+            await stop_consumer(self._consumer)
         if self._producer is not None:
             await self._producer.stop()
         if self._created_reply_topic:
@@ -288,17 +300,6 @@ class LhvClient:
                 log.debug("could not delete reply topic %s: %s", self.reply_topic, exc)
             finally:
                 await admin.close()
-
-    @staticmethod
-    async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
-        # aiokafka's group-less coordinator can raise CancelledError from close() when
-        # its task was cancelled before it ran; only a cancellation of ours propagates.
-        try:
-            await consumer.stop()
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
 
     def _fail_waiting(self, exc: BaseException) -> None:
         waiting, self._waiting = self._waiting, {}

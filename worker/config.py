@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lhv_index import Limits as IndexLimits
-from worker.blobstore import S3Config
+from worker.blobstore import S3Config, _env
 from worker.messages import MessageLimits
 
 __all__ = [
@@ -24,11 +24,6 @@ __all__ = [
     "TopicsConfig",
     "WorkerConfig",
 ]
-
-
-def _env(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
-    value = env.get(name)
-    return value if value not in (None, "") else default
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
