@@ -11,12 +11,13 @@ from lhv_index._clock import Clock
 from lhv_index._index import Index
 from lhv_index._params import EngineKind, IndexParams, Limits, Space
 from lhv_index._snapshot import read_snapshot, write_snapshot
-from lhv_index._types import Hit, Item
+from lhv_index._types import Columns, Hit, Item
 from lhv_index._writes import ApplyResult, Delete, Upsert, Write
 
 __all__ = [
     "ApplyResult",
     "Clock",
+    "Columns",
     "Delete",
     "EngineKind",
     "Hit",
@@ -35,6 +36,7 @@ __all__ = [
 for _obj in (
     ApplyResult,
     Clock,
+    Columns,
     Delete,
     EngineKind,
     Hit,

@@ -16,6 +16,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from lhv_index._ids import LabelMap
 from lhv_index._locks import RWLock
 from lhv_index._metadata import MetaStore
 from lhv_index._params import IndexParams, Limits, Space
-from lhv_index._types import Hit, Item, Labels, Metadata, Vectors
+from lhv_index._types import Columns, Hit, Item, Labels, Metadata, Vectors
 from lhv_index._validate import META_CLEAR, META_KEEP, Prepared, prepare, prepare_queries
 from lhv_index._writes import ApplyResult, Write
 from lhv_index.errors import EngineError, InvalidRequest
@@ -278,6 +279,24 @@ class Index:
         Raises:
             InvalidRequest: bad k, ef, filter or query vector. DimMismatch: wrong dim.
         """
+        make = Hit._make
+        return [
+            list(map(make, zip(c.ids, c.distances, c.metadata or repeat(None), strict=False)))
+            for c in self.search_columns(
+                vectors, k, ef=ef, filter=filter, include_metadata=include_metadata
+            )
+        ]
+
+    def search_columns(
+        self,
+        vectors: npt.ArrayLike,
+        k: int,
+        *,
+        ef: int | None = None,
+        filter: dict[str, Any] | None = None,
+        include_metadata: bool = False,
+    ) -> list[Columns]:
+        """`search`, with each query's hits as `Columns` (ids, distances, metadata)."""
         queries, qnorms = prepare_queries(vectors, self.params)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.limits.max_k:
             raise InvalidRequest(f"k must be an integer in [1, {self.limits.max_k}], got {k!r}")
@@ -296,7 +315,7 @@ class Index:
                 labels, dists = self._search_filtered(queries, k, ef, allowed)
             else:
                 labels, dists = self._search_all(queries, min(k, len(self._map)), ef)
-            return self._hits(labels, dists, include_metadata)
+            return self._columns(labels, dists, include_metadata)
 
     def _search_all(self, queries: Vectors, k: int, ef: int) -> TopK:
         try:
@@ -373,16 +392,15 @@ class Index:
                 self._filter_cache.popitem(last=False)
         return labels
 
-    def _hits(
+    def _columns(
         self, labels: Labels, dists: npt.NDArray[np.float32], with_meta: bool
-    ) -> list[list[Hit]]:
+    ) -> list[Columns]:
         ids = self._map.ids
         meta = self._meta
-        make = Hit._make
-        out: list[list[Hit]] = []
+        out: list[Columns] = []
         for row_l, row_d in zip(labels.tolist(), dists.tolist(), strict=True):
-            metas = [_load(meta.get(lb)) for lb in row_l] if with_meta else [None] * len(row_l)
-            out.append(list(map(make, zip([ids[lb] for lb in row_l], row_d, metas, strict=True))))
+            metas = [_load(meta.get(lb)) for lb in row_l] if with_meta else None
+            out.append(Columns([ids[lb] for lb in row_l], row_d, metas))
         return out
 
     def _vectors(self, labels: Labels) -> Vectors:

@@ -4,7 +4,7 @@
         await c.create("docs", dim=128, space="cosine")      # acknowledged by the worker
         w = await c.add("docs", ids, vectors)                # returns where the writes landed
         hits = await c.search("docs", q, k=10, after=w)      # read-your-writes, no sleeps
-        rows = await c.search_many("docs", queries, k=10)    # concurrent: batched by the worker
+        rows = await c.search_many("docs", queries, k=10)    # one multi-vector request
         items = await c.get("docs", ["a", "b"])
         stats = await c.stats("docs")
 
@@ -21,6 +21,15 @@ Read-your-writes
     answer only once it has applied that offset, so a search right after a write sees it
     without sleeps or polling. Offsets are per partition; `after=` is meant for a write to
     the same index as the query.
+
+Coalesced searches
+    `search` calls made in one event-loop turn (concurrent tasks, or `search_many`) that
+    agree on the index, k, ef, filter, flags, read-your-writes offset and vector length are
+    sent as one multi-vector request (at most `max_search_batch` vectors) and the reply's
+    `results` are handed back call by call; each call keeps its own timeout, and a call
+    that gives up does not disturb the others. Under load this shares the per-message
+    cost (Kafka produce and fetch, the worker's loop) among many queries; a lone search
+    goes out as a plain one-vector request. `coalesce_searches=False` turns it off.
 
 Request/reply
     Queries and acknowledged commands carry Spring `ReplyingKafkaTemplate` headers
@@ -52,7 +61,8 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -100,6 +110,12 @@ def encode_vector(vector: Any) -> str:
     """base64 of little-endian float32, the compact wire form of a vector."""
     arr = np.ascontiguousarray(np.asarray(vector, dtype="<f4").reshape(-1))
     return base64.b64encode(arr.tobytes()).decode("ascii")
+
+
+def _fail_all(futures: Iterable[asyncio.Future[Any]], exc: BaseException) -> None:
+    for fut in futures:
+        if not fut.done():
+            fut.set_exception(exc)
 
 
 def _raise_for_error(reply: Mapping[str, Any]) -> None:
@@ -150,6 +166,40 @@ class _Sent:
     reply: asyncio.Future[dict[str, Any]] | None = None
 
 
+@dataclass(slots=True, eq=False)
+class _SearchBatch:
+    """Searches with the same index, k, ef, filter, flags and `min_offset`, called in one
+    event-loop turn: sent as one multi-vector request, the reply split among the callers."""
+
+    index: str
+    body: dict[str, Any]
+    vectors: list[str] = field(default_factory=list)
+    waiters: list[asyncio.Future[list[Hit]]] = field(default_factory=list)
+    deadline_ms: int = 0
+    wait_s: float = 0.0
+    open_waiters: int = 0
+    task: asyncio.Task[None] | None = None
+
+    def waiter_done(self, _fut: asyncio.Future[list[Hit]]) -> None:
+        """Every caller has its answer or gave up: nothing more to wait for."""
+        self.open_waiters -= 1
+        if self.open_waiters == 0 and self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+def _hits(rows: Sequence[Mapping[str, Any]]) -> list[Hit]:
+    return [Hit(h["id"], float(h["distance"]), h.get("metadata")) for h in rows]
+
+
+def _column_hits(result: Mapping[str, Any]) -> list[Hit]:
+    """The hits of one entry of a multi-vector reply's `results` (columns)."""
+    metadata = result.get("metadata") or repeat(None)
+    return [
+        Hit(id_, float(distance), meta)
+        for id_, distance, meta in zip(result["ids"], result["distances"], metadata, strict=False)
+    ]
+
+
 async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
     """Stop a group-less consumer. aiokafka's no-group coordinator can raise
     CancelledError from close() when its task was cancelled before it first ran; only a
@@ -174,6 +224,11 @@ class LhvClient:
         timeout_s: default wait for a reply, in seconds.
         reply_grace_s: how much longer than a query's deadline the client waits, so the
             worker's `not_ready` / `deadline_exceeded` reply arrives before the local timeout.
+        coalesce_searches: send the `search` calls made in one event-loop turn with the
+            same index, k, ef, filter, flags and read-your-writes offset as one
+            multi-vector request (at most `max_search_batch` vectors); each call still
+            gets its own hits and its own timeout. Off: one request per call.
+        max_search_batch: the most vectors in one coalesced request.
     """
 
     def __init__(
@@ -185,9 +240,13 @@ class LhvClient:
         reply_topic: str | None = None,
         timeout_s: float = 30.0,
         reply_grace_s: float = 2.0,
+        coalesce_searches: bool = True,
+        max_search_batch: int = 256,
     ) -> None:
         if timeout_s <= 0 or reply_grace_s < 0:
             raise ValueError("timeout_s must be > 0 and reply_grace_s >= 0")
+        if max_search_batch < 1:
+            raise ValueError("max_search_batch must be at least 1")
         self._kafka = kafka or KafkaConfig(bootstrap_servers=bootstrap_servers or "127.0.0.1:9092")
         self._topics = topics or TopicsConfig()
         prefix = self._topics.reply_pattern.split("*", 1)[0]
@@ -200,6 +259,12 @@ class LhvClient:
         self._reader: asyncio.Task[None] | None = None
         self._reader_error: BaseException | None = None
         self._waiting: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
+        self.coalesce_searches = coalesce_searches
+        self.max_search_batch = max_search_batch
+        self._batches: dict[tuple[Any, ...], _SearchBatch] = {}
+        self._batch_tasks: set[asyncio.Task[None]] = set()
+        self._batch_cids: set[bytes] = set()
+        self._open_searches = 0
         self._state = "unopened"
 
     def __repr__(self) -> str:
@@ -210,8 +275,9 @@ class LhvClient:
 
     @property
     def pending(self) -> int:
-        """Calls waiting for a reply right now."""
-        return len(self._waiting)
+        """Calls waiting for a reply right now (each coalesced search counts)."""
+        own = sum(1 for cid in self._waiting if cid not in self._batch_cids)
+        return own + self._open_searches
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -286,7 +352,13 @@ class LhvClient:
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
-        self._fail_waiting(ClientClosed("the client was stopped while waiting for a reply"))
+        closed = ClientClosed("the client was stopped while waiting for a reply")
+        self._fail_waiting(closed)
+        batches, self._batches = list(self._batches.values()), {}
+        for batch in batches:
+            _fail_all(batch.waiters, closed)
+        if self._batch_tasks:
+            await asyncio.gather(*self._batch_tasks, return_exceptions=True)
         if self._consumer is not None:
             await stop_consumer(self._consumer)
         if self._producer is not None:
@@ -346,7 +418,9 @@ class LhvClient:
             raise Internal(f"the reply reader failed: {self._reader_error!r}")
         return self._producer
 
-    async def _send(self, topic: str, index: str, body: dict[str, Any], *, reply: bool) -> _Sent:
+    async def _send(
+        self, topic: str, index: str, body: dict[str, Any], *, reply: bool, batch: bool = False
+    ) -> _Sent:
         """Queue one record; with `reply`, register for its reply first.
 
         On failure nothing stays registered.
@@ -359,6 +433,8 @@ class LhvClient:
             cid = uuid.uuid4().hex.encode()
             fut = asyncio.get_running_loop().create_future()
             self._waiting[cid] = fut
+            if batch:
+                self._batch_cids.add(cid)
             headers = [
                 ("kafka_replyTopic", self.reply_topic.encode()),
                 ("kafka_correlationId", cid),
@@ -378,6 +454,7 @@ class LhvClient:
     def _forget(self, cid: bytes | None) -> None:
         if cid is None:
             return
+        self._batch_cids.discard(cid)
         fut = self._waiting.pop(cid, None)
         if fut is not None and not fut.done():
             fut.cancel()
@@ -590,8 +667,10 @@ class LhvClient:
         after: WriteResult | None = None,
         min_offset: int | None = None,
         timeout_s: float | None = None,
+        batch: bool = False,
     ) -> dict[str, Any]:
-        """Send one query and return its reply body.
+        """Send one query and return its reply body (`batch`: the request of coalesced
+        searches, whose callers `pending` counts instead).
 
         Raises:
             LhvError: the subclass named by an error reply (`NotReady`, `IndexNotFound`, ...).
@@ -604,7 +683,7 @@ class LhvClient:
         if min_offset is not None:
             body["min_offset"] = min_offset
         body.setdefault("deadline_ms", int((time.time() + wait_s) * 1000))
-        sent = await self._send(self._topics.search, index, body, reply=True)
+        sent = await self._send(self._topics.search, index, body, reply=True, batch=batch)
         _meta, reply = await self._finish(sent, wait_s + self.reply_grace_s)
         assert reply is not None
         return reply
@@ -622,18 +701,98 @@ class LhvClient:
         min_offset: int | None = None,
         timeout_s: float | None = None,
     ) -> list[Hit]:
-        """The `k` nearest live items to `vector`, nearest first (fewer if fewer exist)."""
-        body: dict[str, Any] = {"op": "search", "vector_b64": encode_vector(vector), "k": k}
+        """The `k` nearest live items to `vector`, nearest first (fewer if fewer exist).
+
+        Concurrent calls alike in all but the vector share one request (see
+        `coalesce_searches`)."""
+        body: dict[str, Any] = {"op": "search", "k": k}
         if ef is not None:
             body["ef"] = ef
         if filter:
             body["filter"] = dict(filter)
         if include_metadata:
             body["include_metadata"] = True
-        reply = await self.query(
-            index, body, after=after, min_offset=min_offset, timeout_s=timeout_s
-        )
-        return [Hit(h["id"], float(h["distance"]), h.get("metadata")) for h in reply["hits"]]
+        if not self.coalesce_searches:
+            body["vector_b64"] = encode_vector(vector)
+            reply = await self.query(
+                index, body, after=after, min_offset=min_offset, timeout_s=timeout_s
+            )
+            return _hits(reply["hits"])
+        self._check_open()
+        if after is not None:
+            min_offset = max(min_offset if min_offset is not None else -1, after.offset)
+        if min_offset is not None:
+            body["min_offset"] = min_offset
+        wait_s = self._timeout(timeout_s)
+        fut = self._enqueue_search(index, body, encode_vector(vector), wait_s)
+        self._open_searches += 1
+        try:
+            async with asyncio.timeout(wait_s + self.reply_grace_s):
+                return await fut
+        finally:
+            self._open_searches -= 1
+
+    def _enqueue_search(
+        self, index: str, body: dict[str, Any], vector: str, wait_s: float
+    ) -> asyncio.Future[list[Hit]]:
+        """Add one search to the batch of its kind; the batch is sent at the end of this
+        event-loop turn, or now when it is full."""
+        loop = asyncio.get_running_loop()
+        # the vector's length is part of the kind: a wrong-length vector fails alone
+        key = (index, len(vector), orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = _SearchBatch(index, body)
+            loop.call_soon(self._flush_search, key, batch)
+        fut: asyncio.Future[list[Hit]] = loop.create_future()
+        fut.add_done_callback(batch.waiter_done)
+        batch.vectors.append(vector)
+        batch.waiters.append(fut)
+        batch.open_waiters += 1
+        batch.deadline_ms = max(batch.deadline_ms, int((time.time() + wait_s) * 1000))
+        batch.wait_s = max(batch.wait_s, wait_s)
+        if len(batch.waiters) >= self.max_search_batch:
+            self._flush_search(key, batch)
+        return fut
+
+    def _flush_search(self, key: tuple[Any, ...], batch: _SearchBatch) -> None:
+        if self._batches.get(key) is not batch:
+            return  # sent already (it filled up), or failed by stop()
+        del self._batches[key]
+        if batch.open_waiters == 0:
+            return  # every caller gave up before the send
+        task = asyncio.create_task(self._send_search_batch(batch), name="lhv-client-search")
+        batch.task = task
+        self._batch_tasks.add(task)
+        task.add_done_callback(self._batch_tasks.discard)
+
+    async def _send_search_batch(self, batch: _SearchBatch) -> None:
+        live = [(v, f) for v, f in zip(batch.vectors, batch.waiters, strict=True) if not f.done()]
+        body = dict(batch.body, deadline_ms=batch.deadline_ms)
+        if len(live) == 1:
+            body["vector_b64"] = live[0][0]
+        else:
+            body["vectors_b64"] = [v for v, _ in live]
+        waiters = [f for _, f in live]
+        try:
+            reply = await self.query(batch.index, body, timeout_s=batch.wait_s, batch=True)
+            results = reply.get("results")
+            rows = (
+                [_column_hits(r) for r in results]
+                if results is not None
+                else [_hits(reply["hits"])]
+            )
+            if len(rows) != len(waiters):
+                raise Internal(f"a reply to {len(waiters)} searches has {len(rows)} results")
+        except asyncio.CancelledError:
+            _fail_all(waiters, ClientClosed("the client was stopped while searching"))
+            raise
+        except Exception as exc:
+            _fail_all(waiters, exc)
+            return
+        for fut, hits in zip(waiters, rows, strict=True):
+            if not fut.done():
+                fut.set_result(hits)
 
     async def search_many(
         self,

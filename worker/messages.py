@@ -18,8 +18,8 @@ as strictly:
   or 1.0 (JSON Schema does not count `true` as a number).
 - `vector_b64` (pattern of the base64 alphabet): decoded with `binascii.a2b_base64` in
   strict mode, which refuses any character outside the alphabet and misplaced padding.
-- the item `oneOf` (exactly one of `vector` and `vector_b64`): checked per item in code,
-  with a message saying which.
+- the item `oneOf` (exactly one of `vector` and `vector_b64`; for a search, of `vector`,
+  `vector_b64`, `vectors` and `vectors_b64`): checked in code, with a message saying which.
 
 Limits (`MessageLimits`) are configurable, so the schemas carry no upper bounds that are
 limits (items per command, ids, dim, id length, k); their descriptions give the defaults.
@@ -49,6 +49,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from importlib import resources
+from itertools import repeat
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, TypeAlias
 
@@ -56,6 +57,7 @@ import fastjsonschema
 import numpy as np
 import orjson
 
+from lhv_index import Columns, Hit
 from lhv_index.errors import InvalidRequest, LhvError, error_for_code
 
 __all__ = [
@@ -92,6 +94,7 @@ __all__ = [
     "encode_error_reply",
     "encode_get_reply",
     "encode_search_reply",
+    "encode_search_results",
     "encode_stats_reply",
     "load_schema",
     "reply_to_from_headers",
@@ -121,6 +124,8 @@ class MessageLimits:
     """one id, UTF-8"""
     max_k: int = 10_000
     """`k` of a search"""
+    max_queries: int = 1_024
+    """vectors of one multi-vector search (`vectors` / `vectors_b64`)"""
     max_ids: int = 10_000
     """ids of one `delete` or `get`"""
 
@@ -370,7 +375,9 @@ class _QueryBase:
 class SearchQuery(_QueryBase):
     op: ClassVar[str] = "search"
     vectors: np.ndarray
-    """shape (1, dim), float32"""
+    """shape (n, dim), float32: one row, or the rows of a multi-vector search"""
+    multi: bool = False
+    """asked with `vectors` / `vectors_b64`: answered with `results`, one per row"""
     k: int = 10
     ef: int | None = None
     filter: dict[str, Any] | None = None
@@ -438,7 +445,18 @@ def _runtime(schema: dict[str, Any]) -> dict[str, Any]:
             if isinstance(props, dict) and "vector_b64" in props:
                 props["vector"] = {"type": "array", "minItems": 1}
                 props["vector_b64"] = {"type": "string"}
-                if node.get("oneOf") == _EXACTLY_ONE_VECTOR:
+                if "vectors" in props:
+                    props["vectors"] = {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {"type": "array", "minItems": 1},
+                    }
+                    props["vectors_b64"] = {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {"type": "string"},
+                    }
+                if node.get("oneOf") in _EXACTLY_ONE_VECTOR:
                     del node["oneOf"]
             for value in node.values():
                 relax(value)
@@ -450,7 +468,10 @@ def _runtime(schema: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_EXACTLY_ONE_VECTOR = [{"required": ["vector"]}, {"required": ["vector_b64"]}]
+_EXACTLY_ONE_VECTOR = (
+    [{"required": ["vector"]}, {"required": ["vector_b64"]}],
+    [{"required": [name]} for name in ("vector", "vector_b64", "vectors", "vectors_b64")],
+)
 
 _VALIDATORS: dict[str, Callable[[Any], Any]] = {
     op: fastjsonschema.compile(_runtime(load_schema(op)), use_default=False)
@@ -628,6 +649,58 @@ def _json_vector(values: list[Any], max_dim: int, where: str, item: int | None) 
     if not np.isfinite(vec).all():
         raise InvalidRequest(f"{where}: {_NOT_FINITE}", item=item)
     return vec
+
+
+_SEARCH_VECTOR_FIELDS = ("vector", "vector_b64", "vectors", "vectors_b64")
+
+
+def _search_vectors(body: dict[str, Any], limits: MessageLimits) -> tuple[np.ndarray, bool]:
+    """The (n, dim) float32 query rows of a search body, and whether it was multi-vector."""
+    given = [name for name in _SEARCH_VECTOR_FIELDS if name in body]
+    if len(given) != 1:
+        got = ", ".join(given) if given else "none"
+        raise InvalidRequest(
+            f"search: exactly one of vector, vector_b64, vectors and vectors_b64 is "
+            f"required, got {got}"
+        )
+    field_name = given[0]
+    value = body[field_name]
+    if field_name == "vector":
+        return _json_vector(value, limits.max_dim, "search", None).reshape(1, -1), False
+    if field_name == "vector_b64":
+        raw = _b64_bytes(value, limits.max_dim, "search", None)
+        vec = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+        if not np.isfinite(vec).all():
+            raise InvalidRequest(f"search: {_NOT_FINITE}")
+        return vec.reshape(1, -1), False
+    if len(value) > limits.max_queries:
+        raise InvalidRequest(f"search: {len(value)} vectors is over the limit {limits.max_queries}")
+    where = lambda pos: f"search: vector {pos}"  # noqa: E731
+    positions = list(range(len(value)))
+    if field_name == "vectors":
+        _same_length([len(row) for row in value])
+        out = _json_rows(value, positions, where, limits.max_dim)
+        if out.shape[1] > limits.max_dim:
+            raise InvalidRequest(
+                f"search: vectors of {out.shape[1]} dimensions are over the limit {limits.max_dim}"
+            )
+        return out, True
+    raws = [_b64_bytes(text, limits.max_dim, where(pos), pos) for pos, text in enumerate(value)]
+    _same_length([len(raw) // 4 for raw in raws])
+    out = np.frombuffer(b"".join(raws), dtype="<f4").astype(np.float32)
+    out = out.reshape(len(raws), -1)
+    _check_finite(out, positions, where)
+    return out, True
+
+
+def _same_length(dims: list[int]) -> None:
+    for pos, dim in enumerate(dims):
+        if dim != dims[0]:
+            raise InvalidRequest(
+                f"search: vector {pos} has {dim} dimensions, vector 0 has {dims[0]}: "
+                "the vectors of one search share one length",
+                item=pos,
+            )
 
 
 def _json_rows(
@@ -886,26 +959,15 @@ def decode_query(
         k = _int(body.get("k"), 10)
         if k > limits.max_k:
             raise InvalidRequest(f"search: k {k} is over the limit {limits.max_k}")
-        has_json = "vector" in body
-        if has_json == ("vector_b64" in body):
-            both = "both" if has_json else "neither"
-            raise InvalidRequest(
-                f"search: exactly one of vector and vector_b64 is required, got {both}"
-            )
-        if has_json:
-            vec = _json_vector(body["vector"], limits.max_dim, "search", None)
-        else:
-            raw = _b64_bytes(body["vector_b64"], limits.max_dim, "search", None)
-            vec = np.frombuffer(raw, dtype="<f4").astype(np.float32)
-            if not np.isfinite(vec).all():
-                raise InvalidRequest(f"search: {_NOT_FINITE}")
+        vectors, multi = _search_vectors(body, limits)
         return SearchQuery(
             index=index,
             reply_to=reply_to,
             request_id=request_id,
             min_offset=min_offset,
             deadline_ms=deadline_ms,
-            vectors=vec.reshape(1, -1),
+            vectors=vectors,
+            multi=multi,
             k=k,
             ef=_opt_int(body.get("ef")),
             filter=body.get("filter") or None,
@@ -972,7 +1034,9 @@ class _ItemLike(Protocol):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SearchReply:
-    """`status: ok` reply to a search: hits nearest first."""
+    """`status: ok` reply to a search: hits nearest first; for a multi-vector search,
+    `results` holds one `{ids, distances, metadata?}` per query vector, in request order,
+    instead of `hits`."""
 
     reply_to: ReplyTo
     index: str
@@ -982,24 +1046,35 @@ class SearchReply:
     applied_offset: int
     took_ms: float
     request_id: str | None = None
+    results: Sequence[Columns] | None = None
+    """the hits of each vector of a multi-vector search, as columns (then `hits` is not
+    sent)"""
+
+    def _hits(self, hits: Sequence[_HitLike]) -> list[dict[str, Any]]:
+        if self.include_metadata:
+            return [
+                {"id": h.id, "distance": float(h.distance), "metadata": h.metadata} for h in hits
+            ]
+        return [{"id": h.id, "distance": float(h.distance)} for h in hits]
 
     def encode(self) -> bytes:
-        if self.include_metadata:
-            hits = [
-                {"id": h.id, "distance": float(h.distance), "metadata": h.metadata}
-                for h in self.hits
-            ]
-        else:
-            hits = [{"id": h.id, "distance": float(h.distance)} for h in self.hits]
         body: dict[str, Any] = {
             "correlation_id": correlation_text(self.reply_to.correlation_id),
             "status": "ok",
             "op": "search",
             "index": self.index,
-            "hits": hits,
-            "applied_offset": self.applied_offset,
-            "took_ms": _ms(self.took_ms),
         }
+        if self.results is None:
+            body["hits"] = self._hits(self.hits)
+        elif self.include_metadata:
+            body["results"] = [
+                {"ids": c.ids, "distances": c.distances, "metadata": c.metadata}
+                for c in self.results
+            ]
+        else:
+            body["results"] = [{"ids": c.ids, "distances": c.distances} for c in self.results]
+        body["applied_offset"] = self.applied_offset
+        body["took_ms"] = _ms(self.took_ms)
         if self.request_id is not None:
             body["request_id"] = self.request_id
         return _dumps(body)
@@ -1141,18 +1216,39 @@ class Ack:
 
 
 def encode_search_reply(
-    query: SearchQuery, hits: Sequence[Any], *, applied_offset: int, took_ms: float
+    query: SearchQuery,
+    hits: Sequence[Any],
+    *,
+    applied_offset: int,
+    took_ms: float,
+    results: Sequence[Columns] | None = None,
 ) -> bytes:
-    """`SearchReply` of `query`; `hits` are `lhv_index.Hit`s (id, distance, metadata)."""
+    """`SearchReply` of a one-vector `query`; `hits` are `lhv_index.Hit`s (id, distance,
+    metadata). With `results` (a multi-vector query), those are sent instead of `hits`."""
     return SearchReply(
         reply_to=query.reply_to,
         index=query.index,
         hits=hits,
+        results=results,
         include_metadata=query.include_metadata,
         applied_offset=applied_offset,
         took_ms=took_ms,
         request_id=query.request_id,
     ).encode()
+
+
+def encode_search_results(
+    query: SearchQuery, rows: Sequence[Columns], *, applied_offset: int, took_ms: float
+) -> bytes:
+    """`SearchReply` of `query` from the `lhv_index.Columns` of each of its vectors:
+    `results` for a multi-vector search, `hits` (of the one row) otherwise."""
+    if query.multi:
+        return encode_search_reply(
+            query, (), applied_offset=applied_offset, took_ms=took_ms, results=rows
+        )
+    c = rows[0]
+    hits = list(map(Hit._make, zip(c.ids, c.distances, c.metadata or repeat(None), strict=False)))
+    return encode_search_reply(query, hits, applied_offset=applied_offset, took_ms=took_ms)
 
 
 def encode_get_reply(

@@ -198,9 +198,15 @@ class Metrics:
         )
         self.search_batch = Histogram(
             "lhv_search_batch_size",
-            "Queries answered by one engine call",
+            "Query vectors answered by the engine call that answered a request",
             ["op", "status"],
             buckets=_COUNT_BUCKETS,
+            registry=r,
+        )
+        self.search_queries = Counter(
+            "lhv_search_queries",
+            "Query vectors answered (a multi-vector search request counts each vector)",
+            ["op", "status"],
             registry=r,
         )
         # indexes
@@ -323,10 +329,14 @@ class Metrics:
 
     # -- queries -------------------------------------------------------------------------
 
-    def observe_search(self, op: str, status: str, seconds: float, batch_size: int = 1) -> None:
-        """A query of `op` answered with `status` (`ok` or an error code) in `seconds`."""
+    def observe_search(
+        self, op: str, status: str, seconds: float, batch_size: int = 1, *, queries: int = 1
+    ) -> None:
+        """A request of `op` (`queries` vectors) answered with `status` (`ok` or an error
+        code) in `seconds`, by an engine call of `batch_size` vectors."""
         self.search_seconds.labels(op, status).observe(seconds)
         self.search_batch.labels(op, status).observe(batch_size)
+        self.search_queries.labels(op, status).inc(queries)
 
     # -- indexes -------------------------------------------------------------------------
 

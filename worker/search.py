@@ -33,8 +33,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
+from lhv_index import Columns
 from lhv_index.errors import (
     DeadlineExceeded,
+    DimMismatch,
     IndexNotFound,
     Internal,
     InvalidRequest,
@@ -53,7 +55,7 @@ from worker.messages import (
     decode_query,
     encode_error_reply,
     encode_get_reply,
-    encode_search_reply,
+    encode_search_results,
     encode_stats_reply,
     reply_to_from_headers,
 )
@@ -209,13 +211,20 @@ class SearchServer:
                 await self._send(reply_to, value)
                 self._w.metrics.observe_search(_op(query), "ok", time.monotonic() - received, 1)
             except LhvError as exc:
-                await self._send_error(reply_to, query.index, exc, received, op=_op(query))
+                await self._send_error(
+                    reply_to, query.index, exc, received, op=_op(query), queries=_count(query)
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.exception("query failed")
                 await self._send_error(
-                    reply_to, query.index, Internal(str(exc)), received, op=_op(query)
+                    reply_to,
+                    query.index,
+                    Internal(str(exc)),
+                    received,
+                    op=_op(query),
+                    queries=_count(query),
                 )
             finally:
                 self._finish(partition, offset)
@@ -259,22 +268,13 @@ class SearchServer:
                 for pending in batch:
                     deadline = pending.query.deadline_ms
                     if deadline is not None and deadline < now_ms:
-                        with log_context(
-                            partition=pending.partition,
-                            offset=pending.offset,
-                            index=index_name,
-                            correlation_id=_cid(pending.query.reply_to.correlation_id),
-                        ):
-                            self._spawn(
-                                self._send_error(
-                                    pending.query.reply_to,
-                                    index_name,
-                                    DeadlineExceeded("deadline passed while queued"),
-                                    pending.received,
-                                    op="search",
-                                )
+                        self._spawn(
+                            self._answer_error(
+                                pending,
+                                index_name,
+                                DeadlineExceeded("deadline passed while queued"),
                             )
-                        pending.done.set_result(None)
+                        )
                     else:
                         live.append(pending)
                 if live:
@@ -286,83 +286,107 @@ class SearchServer:
                 self._spawn(self._drain(index_name, part))
 
     async def _search_batch(self, index_name: str, part: Partition, batch: list[_Pending]) -> None:
+        index = part.indexes.get(index_name)
         groups: dict[tuple[Any, ...], list[_Pending]] = defaultdict(list)
         for pending in batch:
             q = pending.query
+            error: LhvError | None = None
+            if index is None:
+                error = IndexNotFound(f"index {index_name!r} does not exist")
+            elif q.vectors.shape[1] != index.params.dim:
+                error = DimMismatch(
+                    f"query vectors have {q.vectors.shape[1]} dimensions, index "
+                    f"{index_name!r} has {index.params.dim}"
+                )
+            if error is not None:  # answered alone: one bad query never fails its batch
+                self._spawn(self._answer_error(pending, index_name, error))
+                continue
             key = (
                 q.ef,
                 orjson.dumps(q.filter, option=orjson.OPT_SORT_KEYS) if q.filter else b"",
                 q.include_metadata,
             )
             groups[key].append(pending)
+        if index is None:
+            return
         for group in groups.values():
-            q0 = group[0].query
             try:
-                index = part.indexes.get(index_name)
-                if index is None:
-                    raise IndexNotFound(f"index {index_name!r} does not exist")
-                vectors = np.concatenate([p.query.vectors for p in group])
-                k = max(p.query.k for p in group)
-                self.engine_calls += 1
-                self.searched += len(group)
-                hits = await asyncio.to_thread(
-                    index.search,
-                    vectors,
-                    k,
-                    ef=q0.ef,
-                    filter=q0.filter,
-                    include_metadata=q0.include_metadata,
-                )
-                applied = part.applied_offset
-                self._w.observe_distances(
-                    index_name, np.array([row[0].distance for row in hits if row], dtype=np.float64)
-                )
-                sends = []
-                for pending, row in zip(group, hits, strict=True):
-                    q = pending.query
-                    took_ms = (time.monotonic() - pending.received) * 1000
-                    sends.append(
-                        self._send(
-                            q.reply_to,
-                            encode_search_reply(
-                                q, row[: q.k], applied_offset=applied, took_ms=took_ms
-                            ),
-                        )
-                    )
-                    self._w.metrics.observe_search("search", "ok", took_ms / 1000, len(group))
-                await asyncio.gather(*sends)
-            except LhvError as exc:
-                await asyncio.gather(
-                    *(
-                        self._send_error(p.query.reply_to, index_name, exc, p.received, op="search")
-                        for p in group
-                    )
-                )
-            except Exception as exc:
-                log.exception(
-                    "search batch failed",
-                    extra={
-                        "index": index_name,
-                        "partition": part.number,
-                        "offset": group[0].offset,
-                    },
-                )
-                await asyncio.gather(
-                    *(
-                        self._send_error(
-                            p.query.reply_to,
-                            index_name,
-                            Internal(str(exc)),
-                            p.received,
-                            op="search",
-                        )
-                        for p in group
-                    )
-                )
+                await self._search_group(index_name, part, index, group)
             finally:
                 for pending in group:
                     if not pending.done.done():
                         pending.done.set_result(None)
+
+    async def _search_group(
+        self, index_name: str, part: Partition, index: Any, group: list[_Pending]
+    ) -> None:
+        """One engine call for `group` (same ef, filter and metadata flag), then a reply per
+        request: the rows of its vectors."""
+        q0 = group[0].query
+        try:
+            vectors = np.concatenate([p.query.vectors for p in group])
+            k = max(p.query.k for p in group)
+            self.engine_calls += 1
+            self.searched += len(vectors)
+            found = await asyncio.to_thread(
+                index.search_columns,
+                vectors,
+                k,
+                ef=q0.ef,
+                filter=q0.filter,
+                include_metadata=q0.include_metadata,
+            )
+            applied = part.applied_offset
+            self._w.observe_distances(
+                index_name, np.array([c.distances[0] for c in found if c.ids], dtype=np.float64)
+            )
+            sends = []
+            start = 0
+            for pending in group:
+                q = pending.query
+                rows = [_first(c, q.k) for c in found[start : start + len(q.vectors)]]
+                start += len(q.vectors)
+                took_ms = (time.monotonic() - pending.received) * 1000
+                sends.append(
+                    self._send(
+                        q.reply_to,
+                        encode_search_results(q, rows, applied_offset=applied, took_ms=took_ms),
+                    )
+                )
+                self._w.metrics.observe_search(
+                    "search", "ok", took_ms / 1000, len(vectors), queries=len(rows)
+                )
+            await asyncio.gather(*sends)
+        except LhvError as exc:
+            await asyncio.gather(*(self._answer_error(p, index_name, exc) for p in group))
+        except Exception as exc:
+            log.exception(
+                "search batch failed",
+                extra={"index": index_name, "partition": part.number, "offset": group[0].offset},
+            )
+            error = Internal(str(exc))
+            await asyncio.gather(*(self._answer_error(p, index_name, error) for p in group))
+
+    async def _answer_error(self, pending: _Pending, index_name: str, error: LhvError) -> None:
+        """The error reply to one queued search; its request is done after the send."""
+        try:
+            with log_context(
+                partition=pending.partition,
+                offset=pending.offset,
+                index=index_name,
+                correlation_id=_cid(pending.query.reply_to.correlation_id),
+            ):
+                await self._send_error(
+                    pending.query.reply_to,
+                    index_name,
+                    error,
+                    pending.received,
+                    op="search",
+                    queries=len(pending.query.vectors),
+                )
+        finally:
+            if not pending.done.done():
+                pending.done.set_result(None)
 
     def _get(self, part: Partition, query: GetQuery, received: float) -> bytes:
         index = part.indexes.get(query.index)
@@ -406,7 +430,14 @@ class SearchServer:
         )
 
     async def _send_error(
-        self, reply_to: ReplyTo, index: str, error: LhvError, received: float, *, op: str = "search"
+        self,
+        reply_to: ReplyTo,
+        index: str,
+        error: LhvError,
+        received: float,
+        *,
+        op: str = "search",
+        queries: int = 1,
     ) -> None:
         try:
             self._w.reply_policy.check(reply_to.topic)
@@ -414,7 +445,7 @@ class SearchServer:
             log.warning("no error reply to %r: %s", reply_to.topic, exc.message)
             return
         took_ms = (time.monotonic() - received) * 1000
-        self._w.metrics.observe_search(op, error.code, took_ms / 1000, 1)
+        self._w.metrics.observe_search(op, error.code, took_ms / 1000, queries, queries=queries)
         log.info("query answered with %s: %s", error.code, error.message)
         await self._send(reply_to, encode_error_reply(reply_to, index, error, took_ms=took_ms))
 
@@ -427,6 +458,19 @@ def _op(query: Query) -> str:
     if isinstance(query, StatsQuery):
         return "stats"
     raise InvalidRequest("unknown query")
+
+
+def _first(columns: Columns, k: int) -> Columns:
+    """The `k` nearest of `columns` (a batch asks the engine for its largest k)."""
+    if len(columns.ids) <= k:
+        return columns
+    meta = columns.metadata
+    return Columns(columns.ids[:k], columns.distances[:k], meta[:k] if meta is not None else None)
+
+
+def _count(query: Query) -> int:
+    """Query vectors in a request (1 for get and stats)."""
+    return len(query.vectors) if isinstance(query, SearchQuery) else 1
 
 
 def _key_text(key: bytes | None) -> str:

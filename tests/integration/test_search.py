@@ -397,7 +397,10 @@ async def test_200_concurrent_searchers_get_exactly_one_reply_per_request(
     await served.client.create(name, dim=32, space="l2", M=8, ef_construction=64)
     w = await served.client.add(name, [str(i) for i in range(2_000)], vecs(2_000, 32, 5))
     qs = vecs(64, 32, 6)
-    async with LhvClient(env.bootstrap, topics=env.topics, timeout_s=30) as c:
+    # one request per call: 200 requests in flight at once
+    async with LhvClient(
+        env.bootstrap, topics=env.topics, timeout_s=30, coalesce_searches=False
+    ) as c:
         await c.search(name, qs[0], after=w)  # warm: applied, connections up
         search_before = await end_offsets(env.bootstrap, env.topics.search)
         stop_at = time.monotonic() + 10.0
@@ -445,10 +448,12 @@ async def test_200_concurrent_searchers_get_exactly_one_reply_per_request(
 async def test_concurrent_requests_for_one_index_are_answered_by_batched_engine_calls(
     served: Served,
 ) -> None:
-    c = served.client
     name = "batched"
-    await c.create(name, dim=64, space="l2")
-    w = await c.add(name, [str(i) for i in range(5_000)], vecs(5_000, 64, 7))
+    await served.client.create(name, dim=64, space="l2")
+    w = await served.client.add(name, [str(i) for i in range(5_000)], vecs(5_000, 64, 7))
+    # one request per call, so the batching seen is the worker's
+    c = LhvClient(served.env.bootstrap, topics=served.env.topics, coalesce_searches=False)
+    await c.start()
     await c.search(name, vecs(1, 64, 8)[0], after=w)
     server = served.worker.search
     metrics = served.worker.metrics.registry
@@ -456,7 +461,10 @@ async def test_concurrent_requests_for_one_index_are_answered_by_batched_engine_
     calls0, searched0 = server.engine_calls, server.searched
     single0 = metrics.get_sample_value("lhv_search_batch_size_bucket", {**labels, "le": "1.0"})
     count0 = metrics.get_sample_value("lhv_search_batch_size_count", labels)
-    rows = await c.search_many(name, vecs(500, 64, 9), k=10)
+    try:
+        rows = await c.search_many(name, vecs(500, 64, 9), k=10)
+    finally:
+        await c.stop()
     assert len(rows) == 500 and all(len(r) == 10 for r in rows)
     calls = server.engine_calls - calls0
     searched = server.searched - searched0
@@ -466,6 +474,69 @@ async def test_concurrent_requests_for_one_index_are_answered_by_batched_engine_
     assert searched == 500
     assert calls < 250, f"{calls} engine calls for 500 concurrent queries"
     assert (count - count0) - (single - single0) > 250, "most queries should share a call"
+
+
+async def test_a_multi_vector_request_gets_one_result_per_vector_in_order(
+    served: Served,
+) -> None:
+    env = served.env
+    name = "multi"
+    await served.client.create(name, dim=8, space="l2")
+    data = vecs(300, 8, 21)
+    w = await served.client.add(name, [str(i) for i in range(300)], data)
+    qs = vecs(5, 8, 22)
+    singles = [await served.client.search(name, q, k=4, after=w) for q in qs]
+    topic = await reply_topic(env.bootstrap)
+    async with RawRequester(env.bootstrap, topic) as raw:
+        body = {"index": name, "vectors": qs.tolist(), "k": 4, "min_offset": w.offset}
+        await raw.send(env.topics.search, name.encode(), body, raw.headers(b"multi-1"))
+        reply = orjson.loads((await raw.reply(b"multi-1")).value)
+        assert reply["status"] == "ok" and "hits" not in reply
+        assert [r["ids"] for r in reply["results"]] == [[h.id for h in hits] for hits in singles]
+        for r, hits in zip(reply["results"], singles, strict=True):
+            assert r["distances"] == pytest.approx([h.distance for h in hits], abs=1e-6)
+        # one malformed vector: the whole request is refused, naming it
+        bad = {"index": name, "vectors": [qs[0].tolist(), [1.0, 2.0]], "k": 4}
+        await raw.send(env.topics.search, name.encode(), bad, raw.headers(b"multi-2"))
+        reply = orjson.loads((await raw.reply(b"multi-2")).value)
+        assert reply["status"] == "error" and reply["error"]["code"] == "invalid_request"
+        assert reply["error"]["item"] == 1
+        # vectors of the wrong dim for the index
+        wrong = {"index": name, "vectors": [[1.0, 2.0], [3.0, 4.0]]}
+        await raw.send(env.topics.search, name.encode(), wrong, raw.headers(b"multi-3"))
+        reply = orjson.loads((await raw.reply(b"multi-3")).value)
+        assert reply["error"]["code"] == "dim_mismatch"
+
+
+async def test_concurrent_client_searches_share_requests_and_each_gets_its_own_hits(
+    served: Served,
+) -> None:
+    env = served.env
+    name = "coalesced"
+    await served.client.create(name, dim=16, space="cosine")
+    w = await served.client.add(name, [str(i) for i in range(3_000)], vecs(3_000, 16, 31))
+    qs = vecs(600, 16, 32)
+    async with LhvClient(
+        env.bootstrap, topics=env.topics, timeout_s=30, coalesce_searches=False
+    ) as plain:
+        expected = await plain.search_many(name, qs, k=7, after=w)
+        before = await end_offsets(env.bootstrap, env.topics.search)
+        got = await served.client.search_many(name, qs, k=7, after=w)
+        after = await end_offsets(env.bootstrap, env.topics.search)
+        requests = sum(after.values()) - sum(before.values())
+        print(f"600 concurrent searches sent as {requests} requests")
+        assert [[h.id for h in r] for r in got] == [[h.id for h in r] for r in expected]
+        assert requests <= 600 // served.client.max_search_batch + 3
+        # a wrong-length vector among them fails alone, on both clients
+        for c in (served.client, plain):
+            results = await asyncio.gather(
+                *(c.search(name, q, k=3) for q in qs[:40]),
+                c.search(name, [1.0, 2.0], k=3),
+                return_exceptions=True,
+            )
+            assert isinstance(results[-1], DimMismatch)
+            assert all(isinstance(r, list) and len(r) == 3 for r in results[:-1]), results
+        assert served.client.pending == 0 and plain.pending == 0
 
 
 # -- the client ---------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 import pytest
 
+from lhv_index import Columns
 from lhv_index.errors import (
     DeadlineExceeded,
     IndexNotFound,
@@ -53,6 +54,7 @@ from worker.messages import (
     encode_error_reply,
     encode_get_reply,
     encode_search_reply,
+    encode_search_results,
     encode_stats_reply,
     load_schema,
     reply_to_from_headers,
@@ -456,6 +458,14 @@ BAD_QUERIES: list[tuple[str, Any, str]] = [
     ("get too many ids", {"op": "get", "index": "docs", "ids": ["a"] * 10_001}, "ids"),
     ("stats unknown field", {"op": "stats", "index": "docs", "k": 3}, "'k'"),
     ("index differs from key", {"index": "other", "vector": [1.0]}, "record key"),
+    ("vector and vectors", {"index": "docs", "vector": [1.0], "vectors": [[1.0]]}, "vector, vectors"),
+    ("empty vectors", {"index": "docs", "vectors": []}, "vectors"),
+    ("ragged vectors", {"index": "docs", "vectors": [[1.0, 2.0], [1.0]]}, "vector 1 has 1 dimensions"),
+    ("ragged vectors_b64", {"index": "docs", "vectors_b64": [b64([1.0]), b64([1.0, 2.0])]}, "vector 1 has 2"),
+    ("NaN in vectors", {"index": "docs", "vectors": [[1.0], [float("nan")]]}, "vector 1"),
+    ("bad base64 in vectors_b64", {"index": "docs", "vectors_b64": [b64([1.0]), "!!!!"]}, "vector 1"),
+    ("too many vectors", {"index": "docs", "vectors_b64": [b64([1.0])] * 1025}, "1025 vectors"),
+    ("vectors not arrays", {"index": "docs", "vectors": [1.0, 2.0]}, "vectors"),
 ]  # fmt: skip
 
 
@@ -526,6 +536,52 @@ def test_reply_headers_are_read_even_when_the_body_is_garbage() -> None:
 
 
 # -- replies and acks --------------------------------------------------------------------
+
+
+def test_multi_vector_search_decodes_every_row_in_order() -> None:
+    rows = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]], dtype=np.float32)
+    json_body = {"index": "docs", "vectors": rows.tolist(), "k": 3}
+    b64_body = {"index": "docs", "vectors_b64": [b64(r) for r in rows], "k": 3}
+    for body in (json_body, b64_body):  # valid for producers using the published schemas
+        published("search")(body)
+        published("query")(body)
+    with pytest.raises(fastjsonschema.JsonSchemaValueException):
+        published("search")(dict(json_body, vector=[1.0, 0.0]))
+    from_json = query(json_body)
+    from_b64 = query(b64_body)
+    single = query({"index": "docs", "vector": [1.0, 0.0]})
+    for q in (from_json, from_b64):
+        assert isinstance(q, SearchQuery) and q.multi and q.k == 3
+        assert q.vectors.dtype == np.float32 and np.array_equal(q.vectors, rows)
+    assert not single.multi and single.vectors.shape == (1, 2)
+    # the limit on vectors per request is configurable
+    few = MessageLimits(max_queries=2)
+    body = orjson.dumps({"index": "docs", "vectors": rows.tolist()})
+    with pytest.raises(InvalidRequest, match="3 vectors is over the limit 2"):
+        decode_query(b"docs", body, HEADERS, limits=few)
+
+
+def test_multi_vector_search_reply_has_one_result_per_vector() -> None:
+    q = query({"index": "docs", "vectors_b64": [b64([1.0, 0.0]), b64([0.0, 1.0])]})
+    rows = [Columns(["a", "b"], [0.0, 0.5]), Columns([], [])]
+    body = orjson.loads(encode_search_results(q, rows, applied_offset=7, took_ms=0.5))
+    REPLY_SCHEMA(body)
+    assert "hits" not in body
+    assert body["results"] == [
+        {"ids": ["a", "b"], "distances": [0.0, 0.5]},
+        {"ids": [], "distances": []},
+    ]
+    with_meta = query(
+        {"index": "docs", "vectors": [[1.0, 0.0]], "include_metadata": True}, key=b"docs"
+    )
+    rows = [Columns(["a"], [0.0], [{"t": 1}])]
+    body = orjson.loads(encode_search_results(with_meta, rows, applied_offset=7, took_ms=0.5))
+    REPLY_SCHEMA(body)
+    assert body["results"] == [{"ids": ["a"], "distances": [0.0], "metadata": [{"t": 1}]}]
+    one = query({"index": "docs", "vector": [1.0, 0.0]})
+    two = [Columns(["a", "b"], [0.0, 0.5])]
+    body = orjson.loads(encode_search_results(one, two, applied_offset=7, took_ms=0.5))
+    assert "results" not in body and [h["id"] for h in body["hits"]] == ["a", "b"]
 
 
 def test_correlation_ids_are_text_when_utf8_else_hex() -> None:
