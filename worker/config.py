@@ -119,6 +119,8 @@ _INT_SETTINGS = {
     "session_timeout_ms": "LHV_SESSION_TIMEOUT_MS",
     "rebalance_timeout_ms": "LHV_REBALANCE_TIMEOUT_MS",
     "max_poll_records": "LHV_MAX_POLL_RECORDS",
+    "max_pending_bytes": "LHV_MAX_PENDING_BYTES",
+    "max_batch_bytes": "LHV_MAX_BATCH_BYTES",
     "query_wait_ms": "LHV_QUERY_WAIT_MS",
 }
 
@@ -141,6 +143,12 @@ class WorkerConfig:
     max_poll_records: int = 5_000
     #: records buffered per partition before it is paused (backpressure)
     max_pending_records: int = 20_000
+    #: record bytes (values) buffered per partition before it is paused: bounds the
+    #: worker's read-ahead when records are large (a 1 000-vector `add` is ~0.7 MB)
+    max_pending_bytes: int = 64 * 1024 * 1024
+    #: record bytes applied in one batch (at least one poll's records): bounds what is
+    #: decoded at once
+    max_batch_bytes: int = 16 * 1024 * 1024
     session_timeout_ms: int = 30_000
     rebalance_timeout_ms: int = 120_000
     #: default wait for a query whose partition is not ready and that names no deadline

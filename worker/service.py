@@ -50,6 +50,10 @@ _STOP = object()
 _WRITES = frozenset({"add", "delete"})
 
 
+def _value_bytes(records: Sequence[Any]) -> int:
+    return sum(len(rec.value) for rec in records if rec.value is not None)
+
+
 class _Runner:
     """Applies one partition's command records in order, and checkpoints between batches."""
 
@@ -58,12 +62,48 @@ class _Runner:
         self.partition = partition
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.pending = 0
+        self.pending_bytes = 0
+        self._carry: list[Any] | None = None
         self.paused = False
         self.task = asyncio.create_task(self._run(), name=f"partition-{partition.number}")
 
     def enqueue(self, records: Sequence[Any]) -> None:
-        self.pending += len(records)
-        self.queue.put_nowait(records)
+        """Queue one poll's records, in pieces of at most `max_batch_bytes` (one poll can
+        return everything aiokafka prefetched)."""
+        limit = self.worker.config.max_batch_bytes
+        piece: list[Any] = []
+        size = 0
+        for rec in records:
+            n = len(rec.value) if rec.value is not None else 0
+            if piece and size + n > limit:
+                self._put(piece, size)
+                piece, size = [], 0
+            piece.append(rec)
+            size += n
+        if piece:
+            self._put(piece, size)
+
+    def _put(self, piece: list[Any], size: int) -> None:
+        self.pending += len(piece)
+        self.pending_bytes += size
+        self.queue.put_nowait(piece)
+
+    @property
+    def over_limit(self) -> bool:
+        """Enough is buffered: the partition's fetching is paused until half is applied."""
+        config = self.worker.config
+        return (
+            self.pending >= config.max_pending_records
+            or self.pending_bytes >= config.max_pending_bytes
+        )
+
+    @property
+    def under_half(self) -> bool:
+        config = self.worker.config
+        return (
+            self.pending <= config.max_pending_records // 2
+            and self.pending_bytes <= config.max_pending_bytes // 2
+        )
 
     async def stop(self) -> None:
         self.queue.put_nowait(_STOP)
@@ -77,19 +117,29 @@ class _Runner:
             try:
                 while True:
                     batch: list[Any] = []
+                    batch_bytes = 0
                     stop = False
                     try:
                         timeout = max(0.05, policy.every_s - (time.monotonic() - p.last_checkpoint))
-                        async with asyncio.timeout(timeout):
-                            item = await self.queue.get()
+                        item, self._carry = self._carry, None
+                        if item is None:
+                            async with asyncio.timeout(timeout):
+                                item = await self.queue.get()
                         while True:
                             if item is _STOP:
                                 stop = True
                                 break
                             batch.extend(item)
+                            batch_bytes += _value_bytes(item)
                             if self.queue.empty() or len(batch) >= w.config.max_poll_records:
                                 break
                             item = self.queue.get_nowait()
+                            if (
+                                item is not _STOP
+                                and batch_bytes + _value_bytes(item) > w.config.max_batch_bytes
+                            ):
+                                self._carry = item  # the next batch starts with it
+                                break
                     except TimeoutError:
                         pass
                     if batch:
@@ -120,6 +170,7 @@ class _Runner:
         started = time.monotonic()
         outcomes = await asyncio.to_thread(self._apply_in_thread, batch)
         self.pending -= len(batch)
+        self.pending_bytes -= _value_bytes(batch)
         failpoints.hit("mid_batch")
         items = sum(o.applied + o.skipped for o in outcomes if o.error is None and o.op in _WRITES)
         w.metrics.observe_apply(p.number, len(batch), time.monotonic() - started, items)
@@ -128,7 +179,7 @@ class _Runner:
             log.info("partition serving at offset %d", p.applied_offset)
         w.health.progress(p.number, p.applied_offset)
         await p.notify()
-        if self.paused and self.pending <= w.config.max_pending_records // 2:
+        if self.paused and self.under_half:
             self.paused = False
             w.consumer.resume(w.commands_tp(p.number))
 
@@ -315,7 +366,7 @@ class Worker:
         if runner is None:
             return  # not ours any more (or not restored): the owner reads them again
         runner.enqueue(records)
-        if not runner.paused and runner.pending >= self.config.max_pending_records:
+        if not runner.paused and runner.over_limit:
             runner.paused = True
             self.consumer.pause(tp)
 

@@ -8,7 +8,9 @@ import base64
 import random
 import struct
 from dataclasses import replace
+from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 from aiokafka import TopicPartition
@@ -19,6 +21,7 @@ from workerkit import (
     assert_state_matches,
     command_stream,
     end_offsets,
+    index_names,
     make_env,
     oracle_from_records,
     produce,
@@ -389,3 +392,30 @@ async def test_retention_guard_refuses_a_partition_whose_log_lost_records(env: E
         assert all("gone" in part.refused_reason for part in w2.partitions.values())
     async with running(env.config(accept_data_loss=True)) as w3:
         await wait_caught_up([w3], env.bootstrap, env.topics.commands)
+
+
+async def test_large_records_are_buffered_and_applied_within_the_byte_bounds(env: Env) -> None:
+    """A backlog of large `add` records, far over the worker's read-ahead bound: fetching
+    pauses and resumes, each apply batch stays near `max_batch_bytes`, and every write
+    lands (state equals the oracle of the topic)."""
+    rng = np.random.default_rng(5)
+    name = index_names(1, env.partitions)[0]
+    stream: list[tuple[str, dict[str, Any]]] = [(name, {"op": "create", "dim": 64, "space": "l2"})]
+    for r in range(60):  # 60 records of ~45 KB: 2.7 MB in all
+        vecs = rng.normal(size=(128, 64)).astype("<f4")
+        items = [
+            {"id": f"r{r}-{i % 100}", "vector_b64": base64.b64encode(v.tobytes()).decode()}
+            for i, v in enumerate(vecs)
+        ]
+        stream.append((name, {"op": "add", "items": items}))
+    await produce(env.bootstrap, env.topics.commands, stream)
+    config = env.config(max_pending_bytes=200_000, max_batch_bytes=100_000)
+    async with running(config) as worker:
+        await wait_caught_up([worker], env.bootstrap, env.topics.commands)
+        batches = worker.metrics.registry.get_sample_value("lhv_apply_seconds_count")
+        assert_state_matches(
+            all_indexes([worker]),
+            oracle_from_records(await read_all(env.bootstrap, env.topics.commands)),
+        )
+    # 2.7 MB in batches of at most ~100 KB (+ one poll): many batches, not one
+    assert batches is not None and batches >= 20, batches
