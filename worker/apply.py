@@ -43,7 +43,7 @@ from worker.messages import (
 )
 from worker.partition import Partition
 
-__all__ = ["Barrier", "Outcome", "apply_records", "home_partition"]
+__all__ = ["Barrier", "Decoded", "Outcome", "apply_records", "decode_records", "home_partition"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,43 @@ class Outcome:
     command: Command | None = None
 
 
+@dataclass(slots=True)
+class Decoded:
+    """One record decoded ahead of its apply: its command, or why it is rejected."""
+
+    reply_to: ReplyTo | None
+    command: Command | None = None
+    error: LhvError | None = None
+
+
+def decode_records(
+    records: Sequence[Any], *, partition: int, num_partitions: int, limits: MessageLimits
+) -> list[Decoded]:
+    """Decode and validate `records` of `partition` on their own (no index state is
+    read), so the next batch can be decoded while the current one is applied."""
+    out: list[Decoded] = []
+    for rec in records:
+        try:
+            reply_to = reply_to_from_headers(rec.headers or ())
+        except LhvError:
+            reply_to = None
+        item = Decoded(reply_to)
+        out.append(item)
+        try:
+            if rec.key is not None and home_partition(rec.key, num_partitions) != partition:
+                raise WrongPartition(
+                    f"index {rec.key.decode(errors='replace')!r} lives on partition "
+                    f"{home_partition(rec.key, num_partitions)}, record came on {partition}"
+                )
+            item.command = decode_command(rec.key, rec.value, rec.headers or (), limits=limits)
+        except LhvError as exc:
+            item.error = exc
+        except Exception as exc:  # a bug, not bad input: reject the record, keep going
+            log.exception("record failed to decode", extra={"offset": rec.offset})
+            item.error = Internal(f"{type(exc).__name__}: {exc}")
+    return out
+
+
 #: handles barriers other than create/drop (merge, import): (partition, command, outcome)
 Barrier = Callable[[Partition, Any, Outcome], None]
 
@@ -91,13 +128,19 @@ def apply_records(
     index_limits: Limits,
     barrier: Barrier | None = None,
     on_vectors: Callable[[str, list[Any]], None] | None = None,
+    decoded: Sequence[Decoded] | None = None,
 ) -> list[Outcome]:
     """Apply `records` (consumer records of one partition, in offset order).
 
     Mutates `partition` (its indexes, dirty set and applied offset). Never raises for bad
     input: each record's fate is in its `Outcome`. `on_vectors(index, vectors)` sees the
-    upserted vectors of each applied group (drift monitoring).
+    upserted vectors of each applied group (drift monitoring). `decoded` is
+    `decode_records` of `records`, when it was done ahead.
     """
+    if decoded is None:
+        decoded = decode_records(
+            records, partition=partition.number, num_partitions=num_partitions, limits=limits
+        )
     outcomes: list[Outcome] = []
     groups: dict[str, _Group] = {}
 
@@ -108,21 +151,15 @@ def apply_records(
             if on_vectors is not None:
                 on_vectors(name, [w.vector for w in group.writes if isinstance(w, Upsert)])
 
-    for rec in records:
+    for rec, pre in zip(records, decoded, strict=True):
         out = Outcome(offset=rec.offset, key=rec.key, value=rec.value, headers=rec.headers or ())
+        out.reply_to = pre.reply_to
         outcomes.append(out)
         try:
-            out.reply_to = reply_to_from_headers(out.headers)
-        except LhvError:
-            out.reply_to = None
-        try:
-            if rec.key is not None and home_partition(rec.key, num_partitions) != partition.number:
-                raise WrongPartition(
-                    f"index {rec.key.decode(errors='replace')!r} lives on partition "
-                    f"{home_partition(rec.key, num_partitions)}, record came on "
-                    f"{partition.number}"
-                )
-            cmd = decode_command(rec.key, rec.value, out.headers, limits=limits)
+            if pre.error is not None:
+                raise pre.error
+            cmd = pre.command
+            assert cmd is not None
             out.command = cmd
             out.index = cmd.index
             out.request_id = cmd.request_id

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from aiokafka.errors import KafkaError
 from lhv_index._drift import DriftMonitor
 from lhv_index.errors import Internal, LhvError
 from worker import failpoints
-from worker.apply import Outcome, apply_records
+from worker.apply import Decoded, Outcome, apply_records, decode_records
 from worker.blobstore import S3BlobStore
 from worker.config import TopicsConfig, WorkerConfig
 from worker.logs import log_context
@@ -64,6 +64,8 @@ class _Runner:
         self.pending = 0
         self.pending_bytes = 0
         self._carry: list[Any] | None = None
+        #: the next batch, taken and being decoded while the current one applies
+        self._ahead: tuple[list[Any], bool, asyncio.Future[list[Decoded]] | None] | None = None
         self.paused = False
         self.task = asyncio.create_task(self._run(), name=f"partition-{partition.number}")
 
@@ -117,33 +119,26 @@ class _Runner:
             try:
                 while True:
                     batch: list[Any] = []
-                    batch_bytes = 0
                     stop = False
-                    try:
-                        timeout = max(0.05, policy.every_s - (time.monotonic() - p.last_checkpoint))
-                        item, self._carry = self._carry, None
-                        if item is None:
-                            async with asyncio.timeout(timeout):
-                                item = await self.queue.get()
-                        while True:
-                            if item is _STOP:
-                                stop = True
-                                break
-                            batch.extend(item)
-                            batch_bytes += _value_bytes(item)
-                            if self.queue.empty() or len(batch) >= w.config.max_poll_records:
-                                break
-                            item = self.queue.get_nowait()
-                            if (
-                                item is not _STOP
-                                and batch_bytes + _value_bytes(item) > w.config.max_batch_bytes
-                            ):
-                                self._carry = item  # the next batch starts with it
-                                break
-                    except TimeoutError:
-                        pass
+                    decoding: asyncio.Future[list[Decoded]] | None = None
+                    if self._ahead is not None:
+                        batch, stop, decoding = self._ahead
+                        self._ahead = None
+                    else:
+                        try:
+                            item, self._carry = self._carry, None
+                            if item is None:
+                                wait_s = policy.every_s - (time.monotonic() - p.last_checkpoint)
+                                async with asyncio.timeout(max(0.05, wait_s)):
+                                    item = await self.queue.get()
+                            batch, stop = self._collect(item)
+                        except TimeoutError:
+                            pass
                     if batch:
-                        await self._apply(batch)
+                        decoded = await (decoding or self._decode(batch))
+                        if not stop:
+                            self._read_ahead()
+                        await self._apply(batch, decoded)
                     if stop:
                         return
                     now = time.monotonic()
@@ -163,12 +158,56 @@ class _Runner:
             except Exception as exc:
                 log.exception("partition runner crashed")
                 raise Internal(f"partition {p.number} runner crashed") from exc
+            finally:
+                if self._ahead is not None and self._ahead[2] is not None:
+                    self._ahead[2].cancel()  # decoded for nothing: the next owner reads it
 
-    async def _apply(self, batch: list[Any]) -> None:
+    def _collect(self, item: Any) -> tuple[list[Any], bool]:
+        """A batch starting with queue entry `item`, plus the entries queued behind it
+        within the bounds (records, bytes); True when it reached the stop marker."""
+        config = self.worker.config
+        batch: list[Any] = []
+        size = 0
+        while True:
+            if item is _STOP:
+                return batch, True
+            batch.extend(item)
+            size += _value_bytes(item)
+            if self.queue.empty() or len(batch) >= config.max_poll_records:
+                return batch, False
+            item = self.queue.get_nowait()
+            if item is not _STOP and size + _value_bytes(item) > config.max_batch_bytes:
+                self._carry = item  # the next batch starts with it
+                return batch, False
+
+    def _read_ahead(self) -> None:
+        """Take the next batch now, if one is queued, and decode it in a thread while the
+        current one is applied (decoding reads no index state; the engine releases the
+        GIL, so both cores work)."""
+        if self._carry is None and self.queue.empty():
+            return
+        item, self._carry = self._carry, None
+        if item is None:
+            item = self.queue.get_nowait()
+        batch, stop = self._collect(item)
+        decoding = asyncio.ensure_future(self._decode(batch)) if batch else None
+        self._ahead = (batch, stop, decoding)
+
+    def _decode(self, batch: list[Any]) -> Awaitable[list[Decoded]]:
+        w = self.worker
+        return asyncio.to_thread(
+            decode_records,
+            batch,
+            partition=self.partition.number,
+            num_partitions=w.num_partitions,
+            limits=w.config.limits,
+        )
+
+    async def _apply(self, batch: list[Any], decoded: list[Decoded]) -> None:
         w = self.worker
         p = self.partition
         started = time.monotonic()
-        outcomes = await asyncio.to_thread(self._apply_in_thread, batch)
+        outcomes = await asyncio.to_thread(self._apply_in_thread, batch, decoded)
         self.pending -= len(batch)
         self.pending_bytes -= _value_bytes(batch)
         failpoints.hit("mid_batch")
@@ -183,12 +222,13 @@ class _Runner:
             self.paused = False
             w.consumer.resume(w.commands_tp(p.number))
 
-    def _apply_in_thread(self, batch: list[Any]) -> list[Outcome]:
+    def _apply_in_thread(self, batch: list[Any], decoded: list[Decoded]) -> list[Outcome]:
         """Apply one batch, then publish the sizes and drift of the indexes it touched."""
         w = self.worker
         outcomes = apply_records(
             self.partition,
             batch,
+            decoded=decoded,
             num_partitions=w.num_partitions,
             limits=w.config.limits,
             index_limits=w.config.index_limits,
