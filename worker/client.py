@@ -70,6 +70,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from lhv_index import Hit
 from lhv_index.errors import Internal, error_for_code
 from worker.config import KafkaConfig, TopicsConfig
 
@@ -95,15 +96,6 @@ class WriteResult:
     """how many records the write produced"""
     ack: Mapping[str, Any] | None = None
     """the worker's acknowledgement of the last record, when it was asked for"""
-
-
-@dataclass(frozen=True, slots=True)
-class Hit:
-    """One search result; `distance` follows the index's space (cosine `1 - cos`, ...)."""
-
-    id: str
-    distance: float
-    metadata: dict[str, Any] | None = None
 
 
 def encode_vector(vector: Any) -> str:
@@ -177,27 +169,50 @@ class _SearchBatch:
     waiters: list[asyncio.Future[list[Hit]]] = field(default_factory=list)
     deadline_ms: int = 0
     wait_s: float = 0.0
+    deadlines: list[float] = field(default_factory=list)
+    """per waiter, in the loop's clock: when its call gives up"""
     open_waiters: int = 0
     task: asyncio.Task[None] | None = None
+    timer: asyncio.TimerHandle | None = None
 
     def waiter_done(self, _fut: asyncio.Future[list[Hit]]) -> None:
         """Every caller has its answer or gave up: nothing more to wait for."""
         self.open_waiters -= 1
-        if self.open_waiters == 0 and self.task is not None and not self.task.done():
-            self.task.cancel()
+        if self.open_waiters == 0:
+            if self.task is not None and not self.task.done():
+                self.task.cancel()
+            if self.timer is not None:
+                self.timer.cancel()
+
+    def expire(self) -> None:
+        """Time out the callers whose deadline passed (one timer per batch, not per call);
+        wake again for the next deadline."""
+        self.timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        later: float | None = None
+        for fut, deadline in zip(self.waiters, self.deadlines, strict=True):
+            if fut.done():
+                continue
+            if deadline <= now:
+                fut.set_exception(TimeoutError("no search reply within the call's timeout"))
+            elif later is None or deadline < later:
+                later = deadline
+        if later is not None:
+            self.timer = loop.call_at(later, self.expire)
 
 
 def _hits(rows: Sequence[Mapping[str, Any]]) -> list[Hit]:
     return [Hit(h["id"], float(h["distance"]), h.get("metadata")) for h in rows]
 
 
+_make_hit = Hit._make
+
+
 def _column_hits(result: Mapping[str, Any]) -> list[Hit]:
     """The hits of one entry of a multi-vector reply's `results` (columns)."""
     metadata = result.get("metadata") or repeat(None)
-    return [
-        Hit(id_, float(distance), meta)
-        for id_, distance, meta in zip(result["ids"], result["distances"], metadata, strict=False)
-    ]
+    return list(map(_make_hit, zip(result["ids"], result["distances"], metadata, strict=False)))
 
 
 async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
@@ -727,8 +742,7 @@ class LhvClient:
         fut = self._enqueue_search(index, body, encode_vector(vector), wait_s)
         self._open_searches += 1
         try:
-            async with asyncio.timeout(wait_s + self.reply_grace_s):
-                return await fut
+            return await fut  # TimeoutError from the batch's timer at this call's deadline
         finally:
             self._open_searches -= 1
 
@@ -748,6 +762,10 @@ class LhvClient:
         fut.add_done_callback(batch.waiter_done)
         batch.vectors.append(vector)
         batch.waiters.append(fut)
+        deadline = loop.time() + wait_s + self.reply_grace_s
+        batch.deadlines.append(deadline)
+        if batch.timer is None:
+            batch.timer = loop.call_at(deadline, batch.expire)
         batch.open_waiters += 1
         batch.deadline_ms = max(batch.deadline_ms, int((time.time() + wait_s) * 1000))
         batch.wait_s = max(batch.wait_s, wait_s)
