@@ -123,6 +123,8 @@ class S3Config:
     multipart_threshold_bytes: int = 16 * MIB
     """Bodies larger than this are uploaded in parts of `part_size_bytes`."""
     part_size_bytes: int = 8 * MIB
+    upload_concurrency: int = 4
+    """Parts of one multipart upload in flight at once (each holds `part_size_bytes`)."""
     path_style: bool = True
     """Path-style addressing (`endpoint/bucket/key`): what SeaweedFS and MinIO expect."""
 
@@ -139,6 +141,8 @@ class S3Config:
             raise ValueError("S3Config.part_size_bytes must be >= 5 MiB (the S3 minimum)")
         if self.multipart_threshold_bytes < self.part_size_bytes:
             raise ValueError("S3Config.multipart_threshold_bytes must be >= part_size_bytes")
+        if self.upload_concurrency < 1:
+            raise ValueError("S3Config.upload_concurrency must be >= 1")
 
     @property
     def key_prefix(self) -> str:
@@ -428,8 +432,9 @@ class S3BlobStore:
     Every network step runs under `asyncio.timeout(config.timeout_s)`; transient failures
     are retried `config.max_attempts` times with exponential backoff and jitter (botocore's
     own retries are off, so the bounds are ours). Bodies larger than
-    `multipart_threshold_bytes` are uploaded in parts; conditional writes are single
-    requests (bodies up to 5 GiB).
+    `multipart_threshold_bytes` are uploaded in parts, `upload_concurrency` at a time (the
+    first failed part aborts the upload); conditional writes are single requests (bodies
+    up to 5 GiB).
 
     Note: a conditional write whose first attempt timed out may have landed; if the retry
     then sees 412, the store compares the stored ETag with the MD5 of its own body and
@@ -629,20 +634,32 @@ class S3BlobStore:
             lambda c: c.create_multipart_upload(Bucket=bucket, Key=full),
         )
         upload_id = created["UploadId"]
-        done: list[dict[str, Any]] = []
+        slots = asyncio.Semaphore(self._config.upload_concurrency)
+        uploads: list[asyncio.Task[dict[str, Any]]] = []
+
+        async def upload(number: int, chunk: bytes) -> dict[str, Any]:
+            async def op(c: Any) -> Any:
+                return await c.upload_part(
+                    Bucket=bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=chunk
+                )
+
+            try:
+                resp = await self._call("upload_part", key, op)
+            finally:
+                slots.release()
+            return {"PartNumber": number, "ETag": resp["ETag"]}
+
         try:
             number = 0
-            async for chunk in parts:
+            async for chunk in parts:  # the next part is read while earlier ones upload
+                await slots.acquire()
+                for task in uploads:  # stop at the first failed part
+                    failed = task.exception() if task.done() else None
+                    if failed is not None:
+                        raise failed
                 number += 1
-                n = number
-
-                async def upload(c: Any, n: int = n, chunk: bytes = chunk) -> Any:
-                    return await c.upload_part(
-                        Bucket=bucket, Key=full, UploadId=upload_id, PartNumber=n, Body=chunk
-                    )
-
-                resp = await self._call("upload_part", key, upload)
-                done.append({"PartNumber": n, "ETag": resp["ETag"]})
+                uploads.append(asyncio.create_task(upload(number, chunk)))
+            done = list(await asyncio.gather(*uploads))
             completed = await self._call(
                 "complete_multipart_upload",
                 key,
@@ -651,6 +668,9 @@ class S3BlobStore:
                 ),
             )
         except BaseException:
+            for task in uploads:
+                task.cancel()
+            await asyncio.gather(*uploads, return_exceptions=True)
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self._config.timeout_s):
                     await self._live_client().abort_multipart_upload(
