@@ -50,8 +50,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +60,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.data import chunks, queries  # noqa: E402
+from bench.stackenv import stack_env, worker_env, write_results  # noqa: E402
 from lhv_index import read_snapshot, write_snapshot  # noqa: E402
 from worker.blobstore import S3BlobStore, S3Config  # noqa: E402
 from worker.client import LhvClient  # noqa: E402
-from worker.config import TopicsConfig  # noqa: E402
-from worker.stack import LocalStack, create_topics  # noqa: E402
+from worker.demo import until_answered  # noqa: E402
 from worker.store import SnapshotStore  # noqa: E402
 
 __all__ = ["main"]
@@ -309,32 +307,6 @@ class _Worker:
         self.proc.wait(10)
 
 
-async def _answered_at(client: LhvClient, index: str, vector: np.ndarray, limit_s: float) -> float:
-    """Monotonic time of the first answered search for `index`; a probe with a 2 s
-    deadline starts every 0.1 s (a dead owner answers nothing, a restoring one
-    `not_ready`)."""
-
-    async def probe() -> float:
-        await client.search(index, vector, k=1, timeout_s=2)
-        return time.monotonic()
-
-    deadline = time.monotonic() + limit_s
-    probes: set[asyncio.Task[float]] = set()
-    try:
-        while time.monotonic() < deadline:
-            probes.add(asyncio.create_task(probe()))
-            done, _ = await asyncio.wait(probes, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                probes.discard(task)
-                if task.exception() is None:
-                    return task.result()
-        raise TimeoutError(f"{index} not answered within {limit_s:.0f} s")
-    finally:
-        for task in probes:
-            task.cancel()
-        await asyncio.gather(*probes, return_exceptions=True)
-
-
 async def _concurrent(
     client: LhvClient, index: str, q: np.ndarray, total: int, args: argparse.Namespace
 ) -> tuple[float, dict[int, set[int]]]:
@@ -370,26 +342,10 @@ async def _lhv_side(
 ) -> dict[str, Any]:
     """The end-to-end measures, each repeat right after the same raw measure."""
     n, dim = data.shape
-    tag = uuid.uuid4().hex[:8]
-    topics = TopicsConfig(
-        commands=f"e2e{tag}.commands", search=f"e2e{tag}.search", dlq=f"e2e{tag}.dlq"
+    topics, s3, child = await worker_env(
+        env, "e2e", {"LHV_SESSION_TIMEOUT_MS": str(args.session_timeout_ms)}
     )
     bootstrap = env["LHV_BOOTSTRAP_SERVERS"]
-    await asyncio.to_thread(
-        create_topics, bootstrap, {topics.commands: 1, topics.search: 1, topics.dlq: 1}
-    )
-    s3 = S3Config.from_env(env, prefix=f"bench-e2e-{tag}/")
-    child = {
-        **env,
-        "LHV_COMMANDS_TOPIC": topics.commands,
-        "LHV_SEARCH_TOPIC": topics.search,
-        "LHV_DLQ_TOPIC": topics.dlq,
-        "LHV_GROUP_ID": f"e2e{tag}",
-        "LHV_S3_PREFIX": s3.prefix,
-        "LHV_CHECKPOINT_SECONDS": "36000",
-        "LHV_CHECKPOINT_RECORDS": "1000000000",
-        "LHV_SESSION_TIMEOUT_MS": str(args.session_timeout_ms),
-    }
     params = {"M": args.M, "ef_construction": args.ef_construction, "ef_search": args.ef}
     ids = _ids(n)
     out: dict[str, Any] = {}
@@ -499,14 +455,14 @@ async def _lhv_side(
         async with LhvClient(bootstrap, topics=topics, timeout_s=600) as client:
             t0 = time.monotonic()
             worker = _Worker(child, logdir / f"{dim}-2-restart.log")
-            out["restart_s"] = await _answered_at(client, name, q[0], 600) - t0
+            out["restart_s"] = await until_answered(client, name, q[0], 600, every_s=0.1) - t0
             out["restart_restore_s"] = _restore_seconds(worker.log)
             tail = data[: args.tail] + np.float32(0.01)
             await client.add(name, [f"tail-{i}" for i in range(len(tail))], tail, ack=True)
             killed = time.monotonic()
             worker.kill9()
             worker = _Worker(child, logdir / f"{dim}-3-after-kill.log")
-            out["recovery_s"] = await _answered_at(client, name, q[0], 600) - killed
+            out["recovery_s"] = await until_answered(client, name, q[0], 600, every_s=0.1) - killed
             out["recovery_restore_s"] = _restore_seconds(worker.log)
             stats = await client.stats(name)
             assert stats["count"] == n + args.tail, stats
@@ -730,15 +686,6 @@ def _report(results: list[dict[str, Any]]) -> None:
     print("ratios: lhv / raw for times, CPU and memory; lhv QPS / raw QPS for throughput")
 
 
-@contextlib.contextmanager
-def _stack_env() -> Iterator[dict[str, str]]:
-    if os.environ.get("LHV_BOOTSTRAP_SERVERS") and os.environ.get("LHV_S3_ENDPOINT_URL"):
-        yield dict(os.environ)
-        return
-    with LocalStack(partitions=1) as stack:
-        yield {**os.environ, **stack.env()}
-
-
 def _set(text: str) -> tuple[int, int]:
     n, _, dim = text.lower().partition("x")
     return int(n), int(dim)
@@ -773,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     started = time.monotonic()
-    with _stack_env() as env, tempfile.TemporaryDirectory(prefix="lhv-bench-e2e-") as tmp:
+    with stack_env() as env, tempfile.TemporaryDirectory(prefix="lhv-bench-e2e-") as tmp:
         for text in args.sets.split(","):
             n, dim = _set(text)
             print(f"== {n} x {dim}", flush=True)
@@ -829,10 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": wall_s,
         "sets": results,
     }
-    print(json.dumps(doc, sort_keys=True))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    write_results(doc, args.json)
     return 0
 
 

@@ -24,18 +24,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
-import json
-import os
 import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,24 +42,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.data import clustered  # noqa: E402
-from worker.blobstore import S3BlobStore, S3Config  # noqa: E402
+from bench.stackenv import stack_env, worker_env, write_results  # noqa: E402
+from worker.blobstore import S3BlobStore  # noqa: E402
 from worker.client import LhvClient  # noqa: E402
-from worker.config import TopicsConfig  # noqa: E402
-from worker.stack import LocalStack, create_topics  # noqa: E402
 
 __all__ = ["main"]
 
 PARAMS: dict[str, Any] = {"space": "cosine", "M": 16, "ef_construction": 200}
-
-
-@contextlib.contextmanager
-def _stack_env() -> Iterator[dict[str, str]]:
-    """The environment of a running stack: the caller's, or a private one."""
-    if os.environ.get("LHV_BOOTSTRAP_SERVERS") and os.environ.get("LHV_S3_ENDPOINT_URL"):
-        yield dict(os.environ)
-        return
-    with LocalStack(partitions=1) as stack:
-        yield {**os.environ, **stack.env()}
 
 
 def _raw(data: np.ndarray, chunk: int) -> float:
@@ -84,25 +68,8 @@ def _npy(arr: np.ndarray) -> bytes:
 
 
 async def _measure(env: dict[str, str], data: np.ndarray, chunk: int, log: Path) -> dict[str, Any]:
-    tag = uuid.uuid4().hex[:8]
-    topics = TopicsConfig(
-        commands=f"bench{tag}.commands", search=f"bench{tag}.search", dlq=f"bench{tag}.dlq"
-    )
+    topics, s3, child = await worker_env(env, "import")
     bootstrap = env["LHV_BOOTSTRAP_SERVERS"]
-    await asyncio.to_thread(
-        create_topics, bootstrap, {topics.commands: 1, topics.search: 1, topics.dlq: 1}
-    )
-    s3 = S3Config.from_env(env, prefix=f"bench-import-{tag}/")
-    child = {
-        **env,
-        "LHV_COMMANDS_TOPIC": topics.commands,
-        "LHV_SEARCH_TOPIC": topics.search,
-        "LHV_DLQ_TOPIC": topics.dlq,
-        "LHV_GROUP_ID": f"bench{tag}",
-        "LHV_S3_PREFIX": s3.prefix,
-        "LHV_CHECKPOINT_SECONDS": "36000",
-        "LHV_CHECKPOINT_RECORDS": "1000000000",
-    }
     n, dim = data.shape
     ids = [f"doc-{i:08d}" for i in range(n)]
     out: dict[str, Any] = {"n": n, "dim": dim, "chunk": chunk, **PARAMS}
@@ -180,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     data = clustered(args.n, args.dim)
-    with _stack_env() as env, tempfile.TemporaryDirectory(prefix="lhv-bench-") as tmp:
+    with stack_env() as env, tempfile.TemporaryDirectory(prefix="lhv-bench-") as tmp:
         raw_s = _raw(data, args.chunk)
         log = Path(tmp) / "worker.log"
         res = asyncio.run(_measure(env, data, args.chunk, log))
@@ -206,10 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             f"and validation, {res['import_apply_s']:.2f} s apply"
         )
     print(f"add through Kafka / import: {res['kafka_vs_import']:.3f}")
-    print(json.dumps(res, sort_keys=True))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+    write_results(res, args.json)
     return 0
 
 

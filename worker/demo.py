@@ -45,7 +45,7 @@ from lhv_index.errors import LhvError
 if TYPE_CHECKING:
     from worker.client import LhvClient, WriteResult
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "run", "until_answered"]
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def _stack() -> Iterator[dict[str, str]]:
         local.stop()
 
 
-async def _until_answered(
+async def until_answered(
     client: LhvClient, index: str, query: np.ndarray, limit_s: float, every_s: float = 0.25
 ) -> float:
     """The monotonic time at which a search for `index` is first answered.
@@ -334,7 +334,7 @@ async def _demo(args: argparse.Namespace, env: dict[str, str], workers: _Workers
             f"the group notices after the session timeout ({SESSION_TIMEOUT_MS / 1000:.0f} s); "
             "the survivor then loads the snapshot from S3 and replays the tail"
         )
-        answered = await _until_answered(client, INDEX, queries[0], limit_s=120)
+        answered = await until_answered(client, INDEX, queries[0], limit_s=120)
         recovery_s = answered - killed
         after = await client.stats(INDEX)
         survivor = str(after["worker"])
