@@ -83,7 +83,7 @@ import logging
 import re
 import time
 import zipfile
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -118,7 +118,14 @@ from worker.partition import Partition, PartitionStatus
 if TYPE_CHECKING:
     from worker.service import Worker
 
-__all__ = ["MergeProtocol", "export_key", "marker_key", "merge_id_of", "parse_s3_uri"]
+__all__ = [
+    "MergeProtocol",
+    "apply_import",
+    "export_key",
+    "marker_key",
+    "merge_id_of",
+    "parse_s3_uri",
+]
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +165,81 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if not bucket or not key:
         raise InvalidRequest(f"an S3 URI needs a bucket and a key: {uri!r}")
     return bucket, key
+
+
+def apply_import(
+    partition: Partition, cmd: ImportCommand, out: Outcome, fetch: Callable[[str], bytes]
+) -> None:
+    """Apply one `import` record: read its objects with `fetch(uri)` (which raises
+    `InvalidRequest` for a missing one), validate every chunk, then apply them; shared by
+    the worker and `lhv replay --verify`.
+
+    Raises:
+        LhvError: nothing applied (bad source, dim mismatch, an invalid row).
+    """
+    index = partition.indexes.get(cmd.index)
+    if index is None:
+        raise IndexNotFound(f"import: index {cmd.index!r} does not exist")
+    started = time.monotonic()
+    rows = _load_rows(cmd, fetch)
+    if rows.n and rows.vectors.shape[1] != index.params.dim:
+        raise DimMismatch(
+            f"import: {cmd.source} holds vectors of dim {rows.vectors.shape[1]}, index "
+            f"{cmd.index!r} has dim {index.params.dim}"
+        )
+    chunk = max(1, min(cmd.chunk_items, index.limits.max_batch_items))
+    for start in range(0, rows.n, chunk):
+        try:
+            index.validate(rows.writes(start, start + chunk, out.offset, cmd.version))
+        except LhvError as exc:
+            if exc.item is not None:
+                exc.item += start  # the row in the import, not in the chunk
+            raise
+    loaded = time.monotonic()
+    applied = 0
+    for start in range(0, rows.n, chunk):
+        writes = rows.writes(start, start + chunk, out.offset, cmd.version)
+        applied += index.apply(writes).applied
+        partition.dirty.add(cmd.index)
+    out.applied, out.skipped = applied, rows.n - applied
+    log.info(
+        "import of %d rows from %s: %d applied, %.2fs to load and validate, %.2fs to apply",
+        rows.n,
+        cmd.source,
+        applied,
+        loaded - started,
+        time.monotonic() - loaded,
+    )
+
+
+def _load_rows(cmd: ImportCommand, fetch: Callable[[str], bytes]) -> _Rows:
+    fmt = cmd.format or _format_of(cmd.source)
+    data = fetch(cmd.source)
+    if fmt == "lhv":
+        try:
+            snap, _ = read_snapshot(data)
+        except LhvError as exc:
+            raise InvalidRequest(
+                f"import: {cmd.source} is not a readable LHV1 snapshot: {exc.message}"
+            ) from exc
+        items = _sorted_live(snap)
+        rows = _Rows(
+            vectors=np.stack([_vector(it) for it in items]).astype(np.float32, copy=False)
+            if items
+            else np.zeros((0, snap.params.dim), np.float32),
+            ids=[it.id for it in items],
+            metadata=[it.metadata for it in items],
+            versions=[it.clock.version for it in items],
+        )
+    else:
+        vectors, ids = _decode_arrays(data, fmt, cmd.source)
+        rows = _Rows(vectors=vectors, ids=ids)
+    if cmd.ids_source is not None:
+        rows.ids = _decode_ids(fetch(cmd.ids_source), cmd.ids_source)
+    if cmd.metadata_source is not None:
+        rows.metadata = _decode_metadata(fetch(cmd.metadata_source), cmd.metadata_source)
+    rows.check(cmd.source)
+    return rows
 
 
 class MergeProtocol:
@@ -442,68 +524,7 @@ class MergeProtocol:
     # -- import ---------------------------------------------------------------------------
 
     def _import(self, partition: Partition, cmd: ImportCommand, out: Outcome) -> None:
-        index = partition.indexes.get(cmd.index)
-        if index is None:
-            raise IndexNotFound(f"import: index {cmd.index!r} does not exist")
-        started = time.monotonic()
-        rows = self._load_rows(cmd)
-        if rows.n and rows.vectors.shape[1] != index.params.dim:
-            raise DimMismatch(
-                f"import: {cmd.source} holds vectors of dim {rows.vectors.shape[1]}, index "
-                f"{cmd.index!r} has dim {index.params.dim}"
-            )
-        chunk = max(1, min(cmd.chunk_items, index.limits.max_batch_items))
-        for start in range(0, rows.n, chunk):
-            try:
-                index.validate(rows.writes(start, start + chunk, out.offset, cmd.version))
-            except LhvError as exc:
-                if exc.item is not None:
-                    exc.item += start  # the row in the import, not in the chunk
-                raise
-        loaded = time.monotonic()
-        applied = 0
-        for start in range(0, rows.n, chunk):
-            writes = rows.writes(start, start + chunk, out.offset, cmd.version)
-            applied += index.apply(writes).applied
-            partition.dirty.add(cmd.index)
-        out.applied, out.skipped = applied, rows.n - applied
-        log.info(
-            "import of %d rows from %s: %d applied, %.2fs to load and validate, %.2fs to apply",
-            rows.n,
-            cmd.source,
-            applied,
-            loaded - started,
-            time.monotonic() - loaded,
-        )
-
-    def _load_rows(self, cmd: ImportCommand) -> _Rows:
-        fmt = cmd.format or _format_of(cmd.source)
-        data = self._fetch(cmd.source)
-        if fmt == "lhv":
-            try:
-                snap, _ = read_snapshot(data)
-            except LhvError as exc:
-                raise InvalidRequest(
-                    f"import: {cmd.source} is not a readable LHV1 snapshot: {exc.message}"
-                ) from exc
-            items = _sorted_live(snap)
-            rows = _Rows(
-                vectors=np.stack([_vector(it) for it in items]).astype(np.float32, copy=False)
-                if items
-                else np.zeros((0, snap.params.dim), np.float32),
-                ids=[it.id for it in items],
-                metadata=[it.metadata for it in items],
-                versions=[it.clock.version for it in items],
-            )
-        else:
-            vectors, ids = _decode_arrays(data, fmt, cmd.source)
-            rows = _Rows(vectors=vectors, ids=ids)
-        if cmd.ids_source is not None:
-            rows.ids = _decode_ids(self._fetch(cmd.ids_source), cmd.ids_source)
-        if cmd.metadata_source is not None:
-            rows.metadata = _decode_metadata(self._fetch(cmd.metadata_source), cmd.metadata_source)
-        rows.check(cmd.source)
-        return rows
+        apply_import(partition, cmd, out, self._fetch)
 
     def _fetch(self, uri: str) -> bytes:
         bucket, key = parse_s3_uri(uri)

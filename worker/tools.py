@@ -15,9 +15,10 @@ and no consumer group is joined.
 `replay --verify` applies records with the worker's own `apply_records` on fresh
 `Partition`s, so it checks the checkpoints against the log, not the code against itself:
 a snapshot that was rewritten, or a worker that applied a record wrongly, shows up as the
-index and the ids whose state differs. Merges and imports read objects of the merge
-protocol that are gone once it completes, so indexes they touched are reported as not
-replayable instead of compared.
+index and the ids whose state differs. Imports are replayed from their source objects as
+they are now in S3 (an index whose import source is gone is reported as not replayable).
+Merges read objects of the merge protocol that are gone once it completes, so indexes
+they touched are reported as not replayable instead of compared.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import sys
 import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -42,10 +43,12 @@ from aiokafka.errors import KafkaError
 
 from lhv_index import Index, IndexParams, read_snapshot
 from lhv_index._snapshot import HEADER, MAGIC, MAX_ENVELOPE_BYTES
-from lhv_index.errors import LhvError, SnapshotError
-from worker.apply import apply_records
+from lhv_index.errors import Internal, InvalidRequest, LhvError, SnapshotError
+from worker.apply import Outcome, apply_records
 from worker.blobstore import BlobNotFound, BlobStore, S3BlobStore
 from worker.config import WorkerConfig
+from worker.merge import apply_import, parse_s3_uri
+from worker.messages import ImportCommand
 from worker.partition import Partition
 from worker.store import IndexEntry, Manifest, SnapshotStore
 
@@ -420,7 +423,7 @@ class ReplayReport:
     compared: list[str] = field(default_factory=list)
     diffs: list[IndexDiff] = field(default_factory=list)
     not_replayable: list[str] = field(default_factory=list)
-    """indexes touched by merges or imports, not compared"""
+    """indexes touched by merges, or by imports whose source is gone: not compared"""
     errors: list[str] = field(default_factory=list)
     """partitions that could not be checked (log truncated, unreadable manifest, ...)"""
 
@@ -517,6 +520,7 @@ async def _replay_partition(
         return
     partition = Partition(number=p)
     skipped: set[str] = set()
+    imports = _ImportReplayer(config, asyncio.get_running_loop())
     seen = -1
     if upto >= 0:
         await consumer.seek_to_beginning(tp)
@@ -541,12 +545,46 @@ async def _replay_partition(
                 num_partitions=num_partitions,
                 limits=config.limits,
                 index_limits=config.index_limits,
+                barrier=imports,
             )
             report.records += len(records)
             for out in outcomes:
-                if out.op in ("merge", "merge_in", "merge_done", "import"):
+                if out.op in ("merge", "merge_in", "merge_done") or isinstance(
+                    out.error, _SourceGone
+                ):
                     skipped.update(_touched(out.command, out.index))
     await _compare(cps, p, manifest, partition.indexes, skipped, report)
+
+
+class _SourceGone(InvalidRequest):
+    """An import's source object is no longer in S3: its index cannot be rebuilt."""
+
+
+class _ImportReplayer:
+    """The replay's barrier: applies `import` records from their S3 objects (read on the
+    tool's loop from the apply thread); every other barrier is not replayable."""
+
+    def __init__(self, config: WorkerConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self._config = config
+        self._loop = loop
+
+    def __call__(self, partition: Partition, command: Any, outcome: Outcome) -> None:
+        if not isinstance(command, ImportCommand):
+            raise Internal(f"{outcome.op} is not replayable")
+        apply_import(partition, command, outcome, self._fetch)
+
+    def _fetch(self, uri: str) -> bytes:
+        future = asyncio.run_coroutine_threadsafe(self._get(uri), self._loop)
+        return future.result(self._config.s3.timeout_s * self._config.s3.max_attempts + 60)
+
+    async def _get(self, uri: str) -> bytes:
+        bucket, key = parse_s3_uri(uri)
+        async with S3BlobStore(replace(self._config.s3, bucket=bucket, prefix="")) as blobs:
+            try:
+                data, _ = await blobs.get(key)
+            except BlobNotFound:
+                raise _SourceGone(f"import: {uri} does not exist any more") from None
+        return data
 
 
 def _touched(command: Any, index: str) -> set[str]:
@@ -788,7 +826,9 @@ def run_replay(args: argparse.Namespace) -> int:
             what = f"replayed up to offset {offset}" if offset >= 0 else "no checkpoint yet"
             print(f"partition {p}: {what}")
         for name in report.not_replayable:
-            print(f"index {name!r}: not compared (touched by a merge or an import)")
+            print(
+                f"index {name!r}: not compared (touched by a merge, or by an import whose source is gone)"
+            )
         for error in report.errors:
             print(f"ERROR {error}")
         for diff in report.diffs:
