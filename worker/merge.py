@@ -124,6 +124,7 @@ __all__ = [
     "export_key",
     "marker_key",
     "merge_id_of",
+    "merge_locally",
     "parse_s3_uri",
 ]
 
@@ -165,6 +166,47 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if not bucket or not key:
         raise InvalidRequest(f"an S3 URI needs a bucket and a key: {uri!r}")
     return bucket, key
+
+
+def _merge_source(partition: Partition, cmd: MergeCommand) -> tuple[Index, list[Item]]:
+    """The source index of a merge and its live items (sorted by id), or the error."""
+    src = partition.indexes.get(cmd.index)
+    if src is None:
+        raise IndexNotFound(f"merge: source index {cmd.index!r} does not exist")
+    if cmd.dest == cmd.index:
+        raise InvalidRequest(f"merge: index {cmd.index!r} cannot be merged into itself")
+    return src, _sorted_live(src)
+
+
+def merge_locally(partition: Partition, cmd: MergeCommand, out: Outcome) -> None:
+    """Apply a merge whose source and destination live on `partition`, in one step (no
+    S3, no Kafka); shared by the worker and `lhv replay --verify`.
+
+    Raises:
+        LhvError: nothing changed (unknown source or destination, self-merge, dim or
+            space mismatch).
+    """
+    src, items = _merge_source(partition, cmd)
+    dest = partition.indexes.get(cmd.dest)
+    if dest is None:
+        raise IndexNotFound(f"merge: destination index {cmd.dest!r} does not exist")
+    _check_compatible(src, dest)
+    applied = _merge_into(dest, items, out.offset)
+    partition.dirty.add(cmd.dest)
+    if cmd.clear_source:
+        cleared = _clear(src, items, out.offset)
+        partition.dirty.add(cmd.index)
+    else:
+        cleared = 0
+    out.applied, out.skipped = applied, len(items) - applied
+    log.info(
+        "merged %d of %d items of %s into %s (same partition), cleared %d",
+        applied,
+        len(items),
+        cmd.index,
+        cmd.dest,
+        cleared,
+    )
 
 
 def apply_import(
@@ -279,36 +321,12 @@ class MergeProtocol:
     # -- merge: the source's side ---------------------------------------------------------
 
     def _merge(self, partition: Partition, cmd: MergeCommand, out: Outcome) -> None:
-        src = partition.indexes.get(cmd.index)
-        if src is None:
-            raise IndexNotFound(f"merge: source index {cmd.index!r} does not exist")
-        if cmd.dest == cmd.index:
-            raise InvalidRequest(f"merge: index {cmd.index!r} cannot be merged into itself")
         w = self._w
         dest_partition = home_partition(cmd.dest.encode(), w.num_partitions)
-        items = _sorted_live(src)
         if dest_partition == partition.number:
-            dest = partition.indexes.get(cmd.dest)
-            if dest is None:
-                raise IndexNotFound(f"merge: destination index {cmd.dest!r} does not exist")
-            _check_compatible(src, dest)
-            applied = _merge_into(dest, items, out.offset)
-            partition.dirty.add(cmd.dest)
-            if cmd.clear_source:
-                cleared = _clear(src, items, out.offset)
-                partition.dirty.add(cmd.index)
-            else:
-                cleared = 0
-            out.applied, out.skipped = applied, len(items) - applied
-            log.info(
-                "merged %d of %d items of %s into %s (same partition), cleared %d",
-                applied,
-                len(items),
-                cmd.index,
-                cmd.dest,
-                cleared,
-            )
+            merge_locally(partition, cmd, out)
             return
+        src, items = _merge_source(partition, cmd)
         topic = w.topics.commands
         merge_id = merge_id_of(partition.number, out.offset)
         key = export_key(topic, partition.number, out.offset)

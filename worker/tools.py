@@ -16,9 +16,10 @@ and no consumer group is joined.
 `Partition`s, so it checks the checkpoints against the log, not the code against itself:
 a snapshot that was rewritten, or a worker that applied a record wrongly, shows up as the
 index and the ids whose state differs. Imports are replayed from their source objects as
-they are now in S3 (an index whose import source is gone is reported as not replayable).
-Merges read objects of the merge protocol that are gone once it completes, so indexes
-they touched are reported as not replayable instead of compared.
+they are now in S3 (an index whose import source is gone is reported as not replayable),
+and merges within one partition like the worker applies them. A merge across partitions
+reads objects of the merge protocol that are gone once it completes, so the indexes it
+touched are reported as not replayable instead of compared.
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ from aiokafka.errors import KafkaError
 from lhv_index import Index, IndexParams, read_snapshot
 from lhv_index._snapshot import HEADER, MAGIC, MAX_ENVELOPE_BYTES
 from lhv_index.errors import Internal, InvalidRequest, LhvError, SnapshotError
-from worker.apply import Outcome, apply_records
+from worker.apply import Outcome, apply_records, home_partition
 from worker.blobstore import BlobNotFound, BlobStore, S3BlobStore
 from worker.config import WorkerConfig
-from worker.merge import apply_import, parse_s3_uri
-from worker.messages import ImportCommand
+from worker.merge import apply_import, merge_locally, parse_s3_uri
+from worker.messages import ImportCommand, MergeCommand
 from worker.partition import Partition
 from worker.store import IndexEntry, Manifest, SnapshotStore
 
@@ -423,7 +424,8 @@ class ReplayReport:
     compared: list[str] = field(default_factory=list)
     diffs: list[IndexDiff] = field(default_factory=list)
     not_replayable: list[str] = field(default_factory=list)
-    """indexes touched by merges, or by imports whose source is gone: not compared"""
+    """indexes touched by merges across partitions, or by imports whose source is gone:
+    not compared"""
     errors: list[str] = field(default_factory=list)
     """partitions that could not be checked (log truncated, unreadable manifest, ...)"""
 
@@ -520,7 +522,7 @@ async def _replay_partition(
         return
     partition = Partition(number=p)
     skipped: set[str] = set()
-    imports = _ImportReplayer(config, asyncio.get_running_loop())
+    barriers = _Barriers(config, asyncio.get_running_loop(), num_partitions)
     seen = -1
     if upto >= 0:
         await consumer.seek_to_beginning(tp)
@@ -545,13 +547,11 @@ async def _replay_partition(
                 num_partitions=num_partitions,
                 limits=config.limits,
                 index_limits=config.index_limits,
-                barrier=imports,
+                barrier=barriers,
             )
             report.records += len(records)
             for out in outcomes:
-                if out.op in ("merge", "merge_in", "merge_done") or isinstance(
-                    out.error, _SourceGone
-                ):
+                if isinstance(out.error, _SourceGone | _NotReplayable):
                     skipped.update(_touched(out.command, out.index))
     await _compare(cps, p, manifest, partition.indexes, skipped, report)
 
@@ -560,18 +560,32 @@ class _SourceGone(InvalidRequest):
     """An import's source object is no longer in S3: its index cannot be rebuilt."""
 
 
-class _ImportReplayer:
-    """The replay's barrier: applies `import` records from their S3 objects (read on the
-    tool's loop from the apply thread); every other barrier is not replayable."""
+class _NotReplayable(Internal):
+    """A step of a merge across partitions: its export object is gone."""
 
-    def __init__(self, config: WorkerConfig, loop: asyncio.AbstractEventLoop) -> None:
+
+class _Barriers:
+    """The replay's barrier: `import` records from their S3 objects (read on the tool's
+    loop from the apply thread) and merges within one partition, as the worker applies
+    them; the steps of a merge across partitions are not replayable."""
+
+    def __init__(
+        self, config: WorkerConfig, loop: asyncio.AbstractEventLoop, num_partitions: int
+    ) -> None:
         self._config = config
         self._loop = loop
+        self._num_partitions = num_partitions
 
     def __call__(self, partition: Partition, command: Any, outcome: Outcome) -> None:
-        if not isinstance(command, ImportCommand):
-            raise Internal(f"{outcome.op} is not replayable")
-        apply_import(partition, command, outcome, self._fetch)
+        if isinstance(command, ImportCommand):
+            apply_import(partition, command, outcome, self._fetch)
+        elif (
+            isinstance(command, MergeCommand)
+            and home_partition(command.dest.encode(), self._num_partitions) == partition.number
+        ):
+            merge_locally(partition, command, outcome)
+        else:
+            raise _NotReplayable(f"{outcome.op} across partitions is not replayable")
 
     def _fetch(self, uri: str) -> bytes:
         future = asyncio.run_coroutine_threadsafe(self._get(uri), self._loop)
@@ -827,7 +841,8 @@ def run_replay(args: argparse.Namespace) -> int:
             print(f"partition {p}: {what}")
         for name in report.not_replayable:
             print(
-                f"index {name!r}: not compared (touched by a merge, or by an import whose source is gone)"
+                f"index {name!r}: not compared (touched by a merge across partitions, or by "
+                "an import whose source is gone)"
             )
         for error in report.errors:
             print(f"ERROR {error}")

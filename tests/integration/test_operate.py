@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from mergekit import names_on, wait_no_merge_objects
 from prometheus_client.parser import text_string_to_metric_families
 from workerkit import (
     ROOT,
@@ -364,3 +365,31 @@ async def test_replay_rebuilds_imports_from_their_sources_and_names_a_rewritten_
             await root.delete(key)
             replay = await replay_verify(env.config(), blobs)
             assert replay.consistent and replay.not_replayable == ["imp"]
+
+
+async def test_replay_compares_merges_within_a_partition_and_skips_those_across(
+    env: Env,
+) -> None:
+    local_src, local_dest = names_on(env.partitions, same=True, prefix="loc")
+    far_src, far_dest = names_on(env.partitions, same=False, prefix="far")
+    rng = np.random.default_rng(4)
+    async with (
+        running(env.config()) as w,
+        LhvClient(env.bootstrap, topics=env.topics, timeout_s=60) as c,
+    ):
+        for name in (local_src, local_dest, far_src, far_dest):
+            await c.create(name, dim=4, space="l2", engine="exact")
+            await c.add(name, [f"{name}-{i}" for i in range(20)], rng.normal(size=(20, 4)))
+        await c.add(local_dest, [f"{local_src}-3"], rng.normal(size=(1, 4)))  # kept
+        await c.merge(local_src, local_dest, clear_source=True)
+        await c.add(local_src, ["late"], rng.normal(size=(1, 4)))  # stays in the source
+        await c.merge(far_src, far_dest)
+        await wait_no_merge_objects(env)
+        await wait_caught_up([w], env.bootstrap, env.topics.commands)
+        state = all_indexes([w])
+        assert len(state[local_dest]) == 40 and len(state[local_src]) == 1
+    async with S3BlobStore(env.s3) as blobs:
+        replay = await replay_verify(env.config(), blobs)
+    assert replay.consistent, (replay.diffs, replay.errors)
+    assert sorted(replay.compared) == sorted([local_src, local_dest])
+    assert sorted(replay.not_replayable) == sorted([far_src, far_dest])
