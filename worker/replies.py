@@ -7,6 +7,11 @@ interoperate. It goes to the request's `kafka_replyTopic` (and `kafka_replyParti
 given), but only when that topic matches the configured pattern (default `lhv.replies.*`),
 so a request can never make a worker write to `lhv.commands` or any other topic.
 
+A reply topic that does not exist (its client stopped and deleted it: replays re-send
+acks, and a late query may outlive its requester) must never stall or stop a partition:
+`ReplySender` waits for its metadata at most a few seconds, then drops what goes there
+with a warning and remembers the topic as missing for a minute.
+
 Pattern syntax: `fnmatch` (shell style, case-sensitive): `*` matches any run of
 characters, dots included, `?` one character, `[...]` a set. The topic must also be a
 legal Kafka topic name (`[A-Za-z0-9._-]`, 1 to 249 characters) and not one of the
@@ -15,9 +20,15 @@ legal Kafka topic name (`[A-Za-z0-9._-]`, 1 to 249 characters) and not one of th
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+import time
 from collections.abc import Iterable
 from fnmatch import translate
+from typing import Any
+
+from aiokafka.errors import KafkaError
 
 from lhv_index.errors import InvalidRequest, LhvError
 from worker.messages import ReplyTo
@@ -25,6 +36,7 @@ from worker.messages import ReplyTo
 __all__ = [
     "DLQ_MESSAGE_MAX_BYTES",
     "FORBIDDEN_REPLY_TOPICS",
+    "ReplySender",
     "ReplyTopicPolicy",
     "build_reply_headers",
     "dlq_headers",
@@ -37,6 +49,50 @@ FORBIDDEN_REPLY_TOPICS = frozenset({"lhv.commands", "lhv.search", "lhv.commands.
 DLQ_MESSAGE_MAX_BYTES = 4096
 
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+log = logging.getLogger(__name__)
+
+
+class ReplySender:
+    """Produces replies and acks to requesters' reply topics (module docstring)."""
+
+    def __init__(self, *, wait_s: float = 5.0, forget_after_s: float = 60.0) -> None:
+        self.wait_s = wait_s
+        self.forget_after_s = forget_after_s
+        self._missing: dict[str, float] = {}
+        """topic -> monotonic time until which it is taken as missing"""
+        self.dropped = 0
+        """replies dropped because their topic was missing or did not answer"""
+
+    async def send(self, producer: Any, reply_to: ReplyTo, value: bytes) -> bool:
+        """Queue one reply; False (logged) when its topic is missing or unreachable."""
+        topic = reply_to.topic
+        until = self._missing.get(topic)
+        if until is not None:
+            if time.monotonic() < until:
+                self.dropped += 1
+                return False
+            del self._missing[topic]
+        try:
+            async with asyncio.timeout(self.wait_s):
+                await producer.send(
+                    topic,
+                    key=reply_to.correlation_id,
+                    value=value,
+                    partition=reply_to.partition,
+                    headers=build_reply_headers(reply_to),
+                )
+        except (TimeoutError, KafkaError) as exc:
+            self._missing[topic] = time.monotonic() + self.forget_after_s
+            self.dropped += 1
+            log.warning(
+                "reply topic %r is missing or unreachable (%s): its replies are dropped for %.0f s",
+                topic,
+                type(exc).__name__,
+                self.forget_after_s,
+            )
+            return False
+        return True
 
 
 def build_reply_headers(reply_to: ReplyTo) -> list[tuple[str, bytes]]:

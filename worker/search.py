@@ -60,7 +60,6 @@ from worker.messages import (
     reply_to_from_headers,
 )
 from worker.partition import PartitionStatus
-from worker.replies import build_reply_headers
 
 if TYPE_CHECKING:
     from worker.partition import Partition
@@ -421,13 +420,7 @@ class SearchServer:
     # -- replies -------------------------------------------------------------------------
 
     async def _send(self, reply_to: ReplyTo, value: bytes) -> None:
-        await self._w.producer.send(
-            reply_to.topic,
-            key=reply_to.correlation_id,
-            value=value,
-            partition=reply_to.partition,
-            headers=build_reply_headers(reply_to),
-        )
+        await self._w.replies.send(self._w.producer, reply_to, value)
 
     async def _send_error(
         self,

@@ -37,7 +37,7 @@ from worker.messages import encode_ack
 from worker.metrics import HealthTracker, Metrics, MetricsServer
 from worker.ownership import Ownership
 from worker.partition import Partition, PartitionStatus
-from worker.replies import ReplyTopicPolicy, build_reply_headers, dlq_headers
+from worker.replies import ReplySender, ReplyTopicPolicy, dlq_headers
 from worker.search import SearchServer
 from worker.store import SnapshotStore
 
@@ -254,6 +254,7 @@ class Worker:
             config.topics.reply_pattern,
             forbidden={config.topics.commands, config.topics.search, config.topics.dlq},
         )
+        self.replies = ReplySender()
         self.barrier: Any = MergeProtocol(self)  # merge/import steps (worker/merge.py)
         self._runners: dict[int, _Runner] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -312,6 +313,7 @@ class Worker:
             self._consumer = AIOKafkaConsumer(
                 **kw,
                 group_id=self.config.group_id,
+                group_instance_id=self.config.group_instance_id,
                 enable_auto_commit=False,
                 auto_offset_reset="latest",
                 partition_assignment_strategy=(RangePartitionAssignor,),
@@ -590,15 +592,7 @@ class Worker:
                         },
                     )
                     continue
-                sends.append(
-                    self.producer.send(
-                        out.reply_to.topic,
-                        key=out.reply_to.correlation_id,
-                        value=encode_ack(out),
-                        partition=out.reply_to.partition,
-                        headers=build_reply_headers(out.reply_to),
-                    )
-                )
+                sends.append(self.replies.send(self.producer, out.reply_to, encode_ack(out)))
         if sends:
             await asyncio.gather(*sends)
 

@@ -330,6 +330,24 @@ async def test_acks_report_applied_and_rejected_commands(env: Env) -> None:
             await c.add(name, ["c"], [[1, 0, 0, 0]], ack=True)
 
 
+async def test_acks_to_a_reply_topic_that_is_gone_are_dropped_and_the_partition_goes_on(
+    env: Env,
+) -> None:
+    """Every command asks for an ack on a reply topic nobody created (a client that
+    stopped deletes its own): the worker drops those acks after one bounded wait and
+    applies everything, in order, without stopping the partition."""
+    gone = [("kafka_replyTopic", b"lhv.replies.gone-forever"), ("kafka_correlationId", b"x")]
+    stream = command_stream(400, partitions=env.partitions, n_indexes=3, seed=71)
+    await produce(env.bootstrap, env.topics.commands, stream, headers=gone)
+    async with running(env.config()) as w:
+        await wait_caught_up([w], env.bootstrap, env.topics.commands, timeout_s=60)
+        assert_state_matches(
+            all_indexes([w]),
+            oracle_from_records(await read_all(env.bootstrap, env.topics.commands)),
+        )
+        assert w.replies.dropped >= len(stream)
+
+
 async def test_worker_keeps_applying_while_s3_is_down_and_checkpoints_after(
     make_local_stack,
 ) -> None:
