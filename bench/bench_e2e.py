@@ -467,6 +467,20 @@ async def _lhv_side(
             stats = await client.stats(name)
             assert stats["count"] == n + args.tail, stats
             out["worker_restored_peak_rss"] = worker.peak_rss()
+            # -- the same with static membership: the restarted worker rejoins as itself --
+            worker.stop()
+            static = {**child, "LHV_GROUP_INSTANCE_ID": f"bench-{dim}"}
+            worker = _Worker(static, logdir / f"{dim}-4-static.log")
+            await until_answered(client, name, q[0], 600, every_s=0.1)
+            more = data[: args.tail] + np.float32(0.02)
+            await client.add(name, [f"tail2-{i}" for i in range(len(more))], more, ack=True)
+            killed = time.monotonic()
+            worker.kill9()
+            worker = _Worker(static, logdir / f"{dim}-5-static-after-kill.log")
+            answered = await until_answered(client, name, q[0], 600, every_s=0.1)
+            out["recovery_static_s"] = answered - killed
+            stats = await client.stats(name)
+            assert stats["count"] == n + 2 * args.tail, stats
     finally:
         worker.stop()
     return out
@@ -634,6 +648,13 @@ def _rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             "  of which restore in the worker (s)",
             "",
             f(lhv["recovery_restore_s"] or float("nan"), 2),
+            "",
+            "",
+        ),
+        (
+            "recovery, static membership (LHV_GROUP_INSTANCE_ID): kill -9 to answered (s)",
+            "",
+            f(lhv["recovery_static_s"], 2),
             "",
             "",
         ),

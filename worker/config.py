@@ -136,6 +136,9 @@ class WorkerConfig:
     limits: MessageLimits = field(default_factory=MessageLimits)
     index_limits: IndexLimits = field(default_factory=IndexLimits)
     group_id: str = "lhv"
+    #: Kafka static membership (KIP-345): a worker restarted with the same id takes its
+    #: partitions back at once instead of after the session timeout; unique per worker
+    group_instance_id: str | None = None
     #: identifies this process in manifests and logs
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
     #: serve partitions whose log no longer holds the records after their checkpoint
@@ -171,6 +174,7 @@ class WorkerConfig:
             ),
             "group_id": _env(env, "LHV_GROUP_ID", "lhv") or "lhv",
             "worker_id": _env(env, "LHV_WORKER_ID"),
+            "group_instance_id": _env(env, "LHV_GROUP_INSTANCE_ID"),
             "metrics_host": _env(env, "LHV_METRICS_HOST"),
             "accept_data_loss": (_env(env, "LHV_ACCEPT_DATA_LOSS", "") or "").lower()
             in ("1", "true", "yes"),

@@ -29,7 +29,9 @@ from workerkit import (
     read_all,
 )
 
+from lhv_index.errors import LhvError
 from worker.blobstore import S3BlobStore
+from worker.client import LhvClient
 from worker.store import SnapshotStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -116,3 +118,43 @@ async def test_kill9_at_every_step_loses_nothing(
     acked = {a["offset"] for a in acks if a.get("status") == "ok"}
     assert acked, "the workers acknowledged nothing"
     assert len(acked) >= len(stream) * 0.5
+
+
+async def test_a_static_member_killed_and_restarted_takes_its_partitions_back_at_once(
+    bootstrap_servers: str, s3_config, tmp_path: Path
+) -> None:
+    """With LHV_GROUP_INSTANCE_ID the coordinator hands a restarted worker its partitions
+    as soon as it rejoins, instead of waiting out the dead process's session (60 s here);
+    the writes acknowledged before the kill are all there."""
+    env = await make_env(bootstrap_servers, s3_config, partitions=2)
+    child = env.child_env(LHV_GROUP_INSTANCE_ID="static-1", LHV_SESSION_TIMEOUT_MS="60000")
+    first = WorkerProcess(child, tmp_path / "first.log")
+    try:
+        async with LhvClient(env.bootstrap, topics=env.topics, timeout_s=60) as c:
+            await c.create("s", dim=4, space="l2", engine="exact")
+            written = await c.add(
+                "s", [f"v{i}" for i in range(500)], [[i, 1, 2, 3] for i in range(500)]
+            )
+            await c.search("s", [1, 1, 2, 3], after=written)
+        first.kill9()
+        killed = time.monotonic()
+        second = WorkerProcess(child, tmp_path / "second.log")
+        try:
+            async with LhvClient(env.bootstrap, topics=env.topics, timeout_s=60) as c:
+                while True:
+                    try:
+                        stats = await c.stats("s", timeout_s=2)
+                        break
+                    except (TimeoutError, LhvError):
+                        assert time.monotonic() - killed < 60, (
+                            "no answer before the session ran out"
+                        )
+                answered = time.monotonic() - killed
+            assert stats["count"] == 500
+            # well inside the 60 s session: the partitions were not waiting for it
+            assert answered < 30, f"answered {answered:.1f} s after the kill"
+        finally:
+            assert second.terminate() == 0, second.log_text()[-3000:]
+    finally:
+        if first.proc.poll() is None:
+            first.kill9()
