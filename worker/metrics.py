@@ -167,6 +167,11 @@ class Metrics:
         self.dlq_records = Counter(
             "lhv_dlq_records", "Records sent to the dead-letter topic", registry=r
         )
+        self.replies_dropped = Counter(
+            "lhv_replies_dropped",
+            "Acks and query replies dropped because their reply topic is missing",
+            registry=r,
+        )
         self.poll_records = Histogram(
             "lhv_poll_records", "Records returned by one poll", buckets=_COUNT_BUCKETS, registry=r
         )
@@ -313,6 +318,9 @@ class Metrics:
 
     def dlq_record(self) -> None:
         self.dlq_records.inc()
+
+    def reply_dropped(self) -> None:
+        self.replies_dropped.inc()
 
     def observe_poll(self, records: int) -> None:
         self.poll_records.observe(records)

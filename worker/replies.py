@@ -24,7 +24,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from fnmatch import translate
 from typing import Any
 
@@ -56,9 +56,16 @@ log = logging.getLogger(__name__)
 class ReplySender:
     """Produces replies and acks to requesters' reply topics (module docstring)."""
 
-    def __init__(self, *, wait_s: float = 5.0, forget_after_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        *,
+        wait_s: float = 5.0,
+        forget_after_s: float = 60.0,
+        on_drop: Callable[[], None] | None = None,
+    ) -> None:
         self.wait_s = wait_s
         self.forget_after_s = forget_after_s
+        self._on_drop = on_drop
         self._missing: dict[str, float] = {}
         """topic -> monotonic time until which it is taken as missing"""
         self.dropped = 0
@@ -70,7 +77,7 @@ class ReplySender:
         until = self._missing.get(topic)
         if until is not None:
             if time.monotonic() < until:
-                self.dropped += 1
+                self._drop()
                 return False
             del self._missing[topic]
         try:
@@ -84,7 +91,7 @@ class ReplySender:
                 )
         except (TimeoutError, KafkaError) as exc:
             self._missing[topic] = time.monotonic() + self.forget_after_s
-            self.dropped += 1
+            self._drop()
             log.warning(
                 "reply topic %r is missing or unreachable (%s): its replies are dropped for %.0f s",
                 topic,
@@ -93,6 +100,11 @@ class ReplySender:
             )
             return False
         return True
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        if self._on_drop is not None:
+            self._on_drop()
 
 
 def build_reply_headers(reply_to: ReplyTo) -> list[tuple[str, bytes]]:

@@ -254,7 +254,7 @@ class Worker:
             config.topics.reply_pattern,
             forbidden={config.topics.commands, config.topics.search, config.topics.dlq},
         )
-        self.replies = ReplySender()
+        self.replies = ReplySender(on_drop=self.metrics.reply_dropped)
         self.barrier: Any = MergeProtocol(self)  # merge/import steps (worker/merge.py)
         self._runners: dict[int, _Runner] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
