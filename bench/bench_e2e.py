@@ -548,24 +548,31 @@ def _rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     """(measure, raw, lhv, ratio, goal) rows of one set."""
     raw, lhv, mem = res["raw"], res["lhv"], res["memory"]
     mib = 2**20
+    c = res["concurrency"]
 
     def f(x: float, p: int = 2) -> str:
         return f"{x:,.{p}f}"
 
-    rows = [
-        (
-            "ingest (s)",
-            f(raw["ingest_s"]),
-            f(lhv["ingest_s"]),
-            f(lhv["ingest_s"] / raw["ingest_s"], 3),
-            "<= 1.25",
-        ),
-        (
+    Row = tuple[str, str, str, str, str]
+
+    def vs(measure: str, r: float, x: float, p: int = 2, goal: str = "") -> Row:
+        """raw `r` against lhv `x`, and their ratio"""
+        return (measure, f(r, p), f(x, p), f(x / r, 3), goal)
+
+    def only(measure: str, x: float, p: int = 2) -> Row:
+        """a figure of lhv alone"""
+        return (measure, "", f(x, p), "", "")
+
+    cpu_per_query = sum(lhv["search_cpu_ms_per_query"].values())
+    raw_snapshot = raw["save_s"] + raw["load_s"]
+    s3_snapshot = lhv["s3_save_s"] + lhv["s3_load_s"]
+    rows: list[Row] = [
+        vs("ingest (s)", raw["ingest_s"], lhv["ingest_s"], goal="<= 1.25"),
+        vs(
             "ingest, CPU seconds (lhv: worker + client + Kafka + S3)",
-            f(raw["ingest_cpu_s"], 1),
-            f(lhv["ingest_cpu_total_s"], 1),
-            f(lhv["ingest_cpu_total_s"] / raw["ingest_cpu_s"], 3),
-            "",
+            raw["ingest_cpu_s"],
+            lhv["ingest_cpu_total_s"],
+            1,
         ),
         (
             "search, 1 requester: p50 / p99 (ms)",
@@ -574,33 +581,31 @@ def _rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             "",
             "a few ms",
         ),
-        (
-            f"search QPS, {res['concurrency']} requesters vs raw batches of {res['concurrency']}",
-            f(raw["qps_batches"], 0),
-            f(lhv["qps"], 0),
-            f(lhv["qps"] / raw["qps_batches"], 3),
+        vs(
+            f"search QPS, {c} requesters vs raw batches of {c}",
+            raw["qps_batches"],
+            lhv["qps"],
+            0,
             ">= 0.70",
         ),
-        (
-            f"search QPS, {res['concurrency']} requesters vs raw one call",
-            f(raw["qps_one_call"], 0),
-            f(lhv["qps"], 0),
-            f(lhv["qps"] / raw["qps_one_call"], 3),
+        vs(
+            f"search QPS, {c} requesters vs raw one call",
+            raw["qps_one_call"],
+            lhv["qps"],
+            0,
             ">= 0.70",
         ),
-        (
-            f"search QPS, {res['concurrency']} requesters, one request per query (coalescing off)",
-            f(raw["qps_batches"], 0),
-            f(lhv["qps_one_request_per_query"], 0),
-            f(lhv["qps_one_request_per_query"] / raw["qps_batches"], 3),
-            "",
+        vs(
+            f"search QPS, {c} requesters, one request per query (coalescing off)",
+            raw["qps_batches"],
+            lhv["qps_one_request_per_query"],
+            0,
         ),
-        (
+        vs(
             "search, CPU ms per query under load (lhv: all processes)",
-            f(raw["cpu_ms_per_query"], 3),
-            f(sum(lhv["search_cpu_ms_per_query"].values()), 3),
-            f(sum(lhv["search_cpu_ms_per_query"].values()) / raw["cpu_ms_per_query"], 3),
-            "",
+            raw["cpu_ms_per_query"],
+            cpu_per_query,
+            3,
         ),
         (
             f"recall@{res['k']} vs exact (ef={res['ef']})",
@@ -609,33 +614,13 @@ def _rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             "",
             "equal",
         ),
-        (
-            "snapshot save: S3 vs local file (s)",
-            f(raw["save_s"], 3),
-            f(lhv["s3_save_s"], 3),
-            f(lhv["s3_save_s"] / raw["save_s"], 3),
-            "",
-        ),
-        (
-            "snapshot restore: S3 vs local file (s)",
-            f(raw["load_s"], 3),
-            f(lhv["s3_load_s"], 3),
-            f(lhv["s3_load_s"] / raw["load_s"], 3),
-            "",
-        ),
-        (
-            "snapshot save + restore (s)",
-            f(raw["save_s"] + raw["load_s"], 3),
-            f(lhv["s3_save_s"] + lhv["s3_load_s"], 3),
-            f((lhv["s3_save_s"] + lhv["s3_load_s"]) / (raw["save_s"] + raw["load_s"]), 3),
-            "<= 1.5",
-        ),
-        (
+        vs("snapshot save: S3 vs local file (s)", raw["save_s"], lhv["s3_save_s"], 3),
+        vs("snapshot restore: S3 vs local file (s)", raw["load_s"], lhv["s3_load_s"], 3),
+        vs("snapshot save + restore (s)", raw_snapshot, s3_snapshot, 3, "<= 1.5"),
+        only(
             "  of which LHV1 codec only, local file (s)",
-            "",
-            f(lhv["codec_save_s"] + lhv["codec_load_s"], 3),
-            "",
-            "",
+            lhv["codec_save_s"] + lhv["codec_load_s"],
+            3,
         ),
         (
             "recovery: kill -9 to answered (s; raw: load_index)",
@@ -644,27 +629,12 @@ def _rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             "",
             "",
         ),
-        (
-            "  of which restore in the worker (s)",
-            "",
-            f(lhv["recovery_restore_s"] or float("nan"), 2),
-            "",
-            "",
-        ),
-        (
+        only("  of which restore in the worker (s)", lhv["recovery_restore_s"] or float("nan")),
+        only(
             "recovery, static membership (LHV_GROUP_INSTANCE_ID): kill -9 to answered (s)",
-            "",
-            f(lhv["recovery_static_s"], 2),
-            "",
-            "",
+            lhv["recovery_static_s"],
         ),
-        (
-            "graceful restart to answered (s)",
-            "",
-            f(lhv["restart_s"], 2),
-            "",
-            "",
-        ),
+        only("graceful restart to answered (s)", lhv["restart_s"]),
         (
             "RSS of the process before any index (MiB)",
             f(mem["base_rss"] / mib, 0),
@@ -672,19 +642,17 @@ def _rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             "",
             "",
         ),
-        (
+        vs(
             "peak RSS, build / first ingest (MiB)",
-            f(mem["peak_rss"] / mib, 0),
-            f(lhv["worker_peak_rss_first_ingest"] / mib, 0),
-            f(lhv["worker_peak_rss_first_ingest"] / mem["peak_rss"], 3),
-            "",
+            mem["peak_rss"] / mib,
+            lhv["worker_peak_rss_first_ingest"] / mib,
+            0,
         ),
-        (
+        vs(
             "peak RSS, restored worker (MiB)",
-            f(mem["peak_rss"] / mib, 0),
-            f(lhv["worker_restored_peak_rss"] / mib, 0),
-            f(lhv["worker_restored_peak_rss"] / mem["peak_rss"], 3),
-            "",
+            mem["peak_rss"] / mib,
+            lhv["worker_restored_peak_rss"] / mib,
+            0,
         ),
     ]
     return rows
