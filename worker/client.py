@@ -110,6 +110,14 @@ def _fail_all(futures: Iterable[asyncio.Future[Any]], exc: BaseException) -> Non
             fut.set_exception(exc)
 
 
+def _read_after(body: dict[str, Any], after: WriteResult | None, min_offset: int | None) -> None:
+    """Set the query's `min_offset`: the later of `min_offset` and the write `after`."""
+    if after is not None:
+        min_offset = max(min_offset if min_offset is not None else -1, after.offset)
+    if min_offset is not None:
+        body["min_offset"] = min_offset
+
+
 def _raise_for_error(reply: Mapping[str, Any]) -> None:
     if reply.get("status") != "error":
         return
@@ -160,15 +168,16 @@ class _Sent:
 
 @dataclass(slots=True, eq=False)
 class _SearchBatch:
-    """Searches with the same index, k, ef, filter, flags and `min_offset`, called in one
-    event-loop turn: sent as one multi-vector request, the reply split among the callers."""
+    """Searches with the same index, k, ef, filter, flags, `min_offset` and vector length,
+    called in one event-loop turn: sent as one multi-vector request, the reply split among
+    the callers."""
 
     index: str
     body: dict[str, Any]
     vectors: list[str] = field(default_factory=list)
     waiters: list[asyncio.Future[list[Hit]]] = field(default_factory=list)
-    deadline_ms: int = 0
     wait_s: float = 0.0
+    """the longest wait of its callers: the request's deadline"""
     deadlines: list[float] = field(default_factory=list)
     """per waiter, in the loop's clock: when its call gives up"""
     open_waiters: int = 0
@@ -390,9 +399,7 @@ class LhvClient:
 
     def _fail_waiting(self, exc: BaseException) -> None:
         waiting, self._waiting = self._waiting, {}
-        for fut in waiting.values():
-            if not fut.done():
-                fut.set_exception(exc)
+        _fail_all(waiting.values(), exc)
 
     async def _read_replies(self) -> None:
         assert self._consumer is not None
@@ -693,10 +700,7 @@ class LhvClient:
         """
         wait_s = self._timeout(timeout_s)
         body = {"index": index, **body}
-        if after is not None:
-            min_offset = max(min_offset if min_offset is not None else -1, after.offset)
-        if min_offset is not None:
-            body["min_offset"] = min_offset
+        _read_after(body, after, min_offset)
         body.setdefault("deadline_ms", int((time.time() + wait_s) * 1000))
         sent = await self._send(self._topics.search, index, body, reply=True, batch=batch)
         _meta, reply = await self._finish(sent, wait_s + self.reply_grace_s)
@@ -734,10 +738,7 @@ class LhvClient:
             )
             return _hits(reply["hits"])
         self._check_open()
-        if after is not None:
-            min_offset = max(min_offset if min_offset is not None else -1, after.offset)
-        if min_offset is not None:
-            body["min_offset"] = min_offset
+        _read_after(body, after, min_offset)
         wait_s = self._timeout(timeout_s)
         fut = self._enqueue_search(index, body, encode_vector(vector), wait_s)
         self._open_searches += 1
@@ -767,7 +768,6 @@ class LhvClient:
         if batch.timer is None:
             batch.timer = loop.call_at(deadline, batch.expire)
         batch.open_waiters += 1
-        batch.deadline_ms = max(batch.deadline_ms, int((time.time() + wait_s) * 1000))
         batch.wait_s = max(batch.wait_s, wait_s)
         if len(batch.waiters) >= self.max_search_batch:
             self._flush_search(key, batch)
@@ -786,7 +786,7 @@ class LhvClient:
 
     async def _send_search_batch(self, batch: _SearchBatch) -> None:
         live = [(v, f) for v, f in zip(batch.vectors, batch.waiters, strict=True) if not f.done()]
-        body = dict(batch.body, deadline_ms=batch.deadline_ms)
+        body = dict(batch.body)
         if len(live) == 1:
             body["vector_b64"] = live[0][0]
         else:
