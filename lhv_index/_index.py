@@ -16,7 +16,6 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -279,13 +278,10 @@ class Index:
         Raises:
             InvalidRequest: bad k, ef, filter or query vector. DimMismatch: wrong dim.
         """
-        make = Hit._make
-        return [
-            list(map(make, zip(c.ids, c.distances, c.metadata or repeat(None), strict=False)))
-            for c in self.search_columns(
-                vectors, k, ef=ef, filter=filter, include_metadata=include_metadata
-            )
-        ]
+        found = self.search_columns(
+            vectors, k, ef=ef, filter=filter, include_metadata=include_metadata
+        )
+        return [c.hits() for c in found]
 
     def search_columns(
         self,

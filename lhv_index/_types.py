@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
@@ -44,6 +45,11 @@ class Columns(NamedTuple):
     distances: list[float]
     metadata: list[Metadata | None] | None = None
     """per hit, when asked for; None otherwise"""
+
+    def hits(self) -> list[Hit]:
+        """The same hits as `Hit`s."""
+        metadata = self.metadata or repeat(None)
+        return list(map(Hit._make, zip(self.ids, self.distances, metadata, strict=False)))
 
 
 @dataclass(slots=True, eq=False)

@@ -49,7 +49,6 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from importlib import resources
-from itertools import repeat
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, TypeAlias
 
@@ -57,7 +56,7 @@ import fastjsonschema
 import numpy as np
 import orjson
 
-from lhv_index import Columns, Hit
+from lhv_index import Columns
 from lhv_index.errors import InvalidRequest, LhvError, error_for_code
 
 __all__ = [
@@ -1246,9 +1245,9 @@ def encode_search_results(
         return encode_search_reply(
             query, (), applied_offset=applied_offset, took_ms=took_ms, results=rows
         )
-    c = rows[0]
-    hits = list(map(Hit._make, zip(c.ids, c.distances, c.metadata or repeat(None), strict=False)))
-    return encode_search_reply(query, hits, applied_offset=applied_offset, took_ms=took_ms)
+    return encode_search_reply(
+        query, rows[0].hits(), applied_offset=applied_offset, took_ms=took_ms
+    )
 
 
 def encode_get_reply(

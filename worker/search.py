@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
-from lhv_index import Columns
+from lhv_index import Columns, Index
 from lhv_index.errors import (
     DeadlineExceeded,
     DimMismatch,
@@ -317,7 +317,7 @@ class SearchServer:
                         pending.done.set_result(None)
 
     async def _search_group(
-        self, index_name: str, part: Partition, index: Any, group: list[_Pending]
+        self, index_name: str, part: Partition, index: Index, group: list[_Pending]
     ) -> None:
         """One engine call for `group` (same ef, filter and metadata flag), then a reply per
         request: the rows of its vectors."""
