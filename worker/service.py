@@ -18,7 +18,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Coroutine, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -50,8 +51,23 @@ _STOP = object()
 _WRITES = frozenset({"add", "delete"})
 
 
-def _value_bytes(records: Sequence[Any]) -> int:
-    return sum(len(rec.value) for rec in records if rec.value is not None)
+class _Piece(NamedTuple):
+    """One queue entry: records of one poll, at most `max_batch_bytes` of values."""
+
+    records: list[Any]
+    nbytes: int
+
+
+@dataclass(slots=True, eq=False)
+class _Batch:
+    """Queue entries applied together, and the decoding of their records when it was
+    started ahead."""
+
+    records: list[Any] = field(default_factory=list)
+    nbytes: int = 0
+    stop: bool = False
+    """the stop marker came after these records"""
+    decoding: asyncio.Future[list[Decoded]] | None = None
 
 
 class _Runner:
@@ -63,9 +79,9 @@ class _Runner:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.pending = 0
         self.pending_bytes = 0
-        self._carry: list[Any] | None = None
+        self._carry: _Piece | None = None
         #: the next batch, taken and being decoded while the current one applies
-        self._ahead: tuple[list[Any], bool, asyncio.Future[list[Decoded]] | None] | None = None
+        self._ahead: _Batch | None = None
         self.paused = False
         self.task = asyncio.create_task(self._run(), name=f"partition-{partition.number}")
 
@@ -78,16 +94,16 @@ class _Runner:
         for rec in records:
             n = len(rec.value) if rec.value is not None else 0
             if piece and size + n > limit:
-                self._put(piece, size)
+                self._put(_Piece(piece, size))
                 piece, size = [], 0
             piece.append(rec)
             size += n
         if piece:
-            self._put(piece, size)
+            self._put(_Piece(piece, size))
 
-    def _put(self, piece: list[Any], size: int) -> None:
-        self.pending += len(piece)
-        self.pending_bytes += size
+    def _put(self, piece: _Piece) -> None:
+        self.pending += len(piece.records)
+        self.pending_bytes += piece.nbytes
         self.queue.put_nowait(piece)
 
     @property
@@ -118,28 +134,23 @@ class _Runner:
         with log_context(partition=p.number):
             try:
                 while True:
-                    batch: list[Any] = []
-                    stop = False
-                    decoding: asyncio.Future[list[Decoded]] | None = None
-                    if self._ahead is not None:
-                        batch, stop, decoding = self._ahead
-                        self._ahead = None
-                    else:
+                    batch, self._ahead = self._ahead, None
+                    if batch is None:
                         try:
                             item, self._carry = self._carry, None
                             if item is None:
                                 wait_s = policy.every_s - (time.monotonic() - p.last_checkpoint)
                                 async with asyncio.timeout(max(0.05, wait_s)):
                                     item = await self.queue.get()
-                            batch, stop = self._collect(item)
+                            batch = self._collect(item)
                         except TimeoutError:
-                            pass
-                    if batch:
-                        decoded = await (decoding or self._decode(batch))
-                        if not stop:
+                            batch = _Batch()
+                    if batch.records:
+                        decoded = await (batch.decoding or self._decode(batch.records))
+                        if not batch.stop:
                             self._read_ahead()
                         await self._apply(batch, decoded)
-                    if stop:
+                    if batch.stop:
                         return
                     now = time.monotonic()
                     if (
@@ -159,26 +170,26 @@ class _Runner:
                 log.exception("partition runner crashed")
                 raise Internal(f"partition {p.number} runner crashed") from exc
             finally:
-                if self._ahead is not None and self._ahead[2] is not None:
-                    self._ahead[2].cancel()  # decoded for nothing: the next owner reads it
+                if self._ahead is not None and self._ahead.decoding is not None:
+                    self._ahead.decoding.cancel()  # decoded for nothing: the next owner reads it
 
-    def _collect(self, item: Any) -> tuple[list[Any], bool]:
+    def _collect(self, item: Any) -> _Batch:
         """A batch starting with queue entry `item`, plus the entries queued behind it
-        within the bounds (records, bytes); True when it reached the stop marker."""
+        within the bounds (records, bytes), up to the stop marker."""
         config = self.worker.config
-        batch: list[Any] = []
-        size = 0
+        batch = _Batch()
         while True:
             if item is _STOP:
-                return batch, True
-            batch.extend(item)
-            size += _value_bytes(item)
-            if self.queue.empty() or len(batch) >= config.max_poll_records:
-                return batch, False
+                batch.stop = True
+                return batch
+            batch.records.extend(item.records)
+            batch.nbytes += item.nbytes
+            if self.queue.empty() or len(batch.records) >= config.max_poll_records:
+                return batch
             item = self.queue.get_nowait()
-            if item is not _STOP and size + _value_bytes(item) > config.max_batch_bytes:
+            if item is not _STOP and batch.nbytes + item.nbytes > config.max_batch_bytes:
                 self._carry = item  # the next batch starts with it
-                return batch, False
+                return batch
 
     def _read_ahead(self) -> None:
         """Take the next batch now, if one is queued, and decode it in a thread while the
@@ -189,9 +200,10 @@ class _Runner:
         item, self._carry = self._carry, None
         if item is None:
             item = self.queue.get_nowait()
-        batch, stop = self._collect(item)
-        decoding = asyncio.ensure_future(self._decode(batch)) if batch else None
-        self._ahead = (batch, stop, decoding)
+        batch = self._collect(item)
+        if batch.records:
+            batch.decoding = asyncio.ensure_future(self._decode(batch.records))
+        self._ahead = batch
 
     def _decode(self, batch: list[Any]) -> Awaitable[list[Decoded]]:
         w = self.worker
@@ -203,16 +215,16 @@ class _Runner:
             limits=w.config.limits,
         )
 
-    async def _apply(self, batch: list[Any], decoded: list[Decoded]) -> None:
+    async def _apply(self, batch: _Batch, decoded: list[Decoded]) -> None:
         w = self.worker
         p = self.partition
         started = time.monotonic()
-        outcomes = await asyncio.to_thread(self._apply_in_thread, batch, decoded)
-        self.pending -= len(batch)
-        self.pending_bytes -= _value_bytes(batch)
+        outcomes = await asyncio.to_thread(self._apply_in_thread, batch.records, decoded)
+        self.pending -= len(batch.records)
+        self.pending_bytes -= batch.nbytes
         failpoints.hit("mid_batch")
         items = sum(o.applied + o.skipped for o in outcomes if o.error is None and o.op in _WRITES)
-        w.metrics.observe_apply(p.number, len(batch), time.monotonic() - started, items)
+        w.metrics.observe_apply(p.number, len(batch.records), time.monotonic() - started, items)
         await w.report(p, outcomes)
         if p.mark_ready_if_caught_up():
             log.info("partition serving at offset %d", p.applied_offset)
