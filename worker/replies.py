@@ -61,15 +61,14 @@ class ReplySender:
         *,
         wait_s: float = 5.0,
         forget_after_s: float = 60.0,
-        on_drop: Callable[[], None] | None = None,
+        on_drop: Callable[[], None] = lambda: None,
     ) -> None:
         self.wait_s = wait_s
         self.forget_after_s = forget_after_s
         self._on_drop = on_drop
+        """called for each reply dropped (its topic missing or not answering)"""
         self._missing: dict[str, float] = {}
         """topic -> monotonic time until which it is taken as missing"""
-        self.dropped = 0
-        """replies dropped because their topic was missing or did not answer"""
 
     async def send(self, producer: Any, reply_to: ReplyTo, value: bytes) -> bool:
         """Queue one reply; False (logged) when its topic is missing or unreachable."""
@@ -77,7 +76,7 @@ class ReplySender:
         until = self._missing.get(topic)
         if until is not None:
             if time.monotonic() < until:
-                self._drop()
+                self._on_drop()
                 return False
             del self._missing[topic]
         try:
@@ -91,7 +90,7 @@ class ReplySender:
                 )
         except (TimeoutError, KafkaError) as exc:
             self._missing[topic] = time.monotonic() + self.forget_after_s
-            self._drop()
+            self._on_drop()
             log.warning(
                 "reply topic %r is missing or unreachable (%s): its replies are dropped for %.0f s",
                 topic,
@@ -100,11 +99,6 @@ class ReplySender:
             )
             return False
         return True
-
-    def _drop(self) -> None:
-        self.dropped += 1
-        if self._on_drop is not None:
-            self._on_drop()
 
 
 def build_reply_headers(reply_to: ReplyTo) -> list[tuple[str, bytes]]:

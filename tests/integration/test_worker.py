@@ -345,9 +345,8 @@ async def test_acks_to_a_reply_topic_that_is_gone_are_dropped_and_the_partition_
             all_indexes([w]),
             oracle_from_records(await read_all(env.bootstrap, env.topics.commands)),
         )
-        assert w.replies.dropped >= len(stream)
         dropped = w.metrics.registry.get_sample_value("lhv_replies_dropped_total")
-        assert dropped == w.replies.dropped
+        assert dropped is not None and dropped >= len(stream)
 
 
 async def test_worker_keeps_applying_while_s3_is_down_and_checkpoints_after(
