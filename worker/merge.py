@@ -83,7 +83,7 @@ import logging
 import re
 import time
 import zipfile
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -104,7 +104,13 @@ from lhv_index import (
 from lhv_index.errors import DimMismatch, IndexNotFound, Internal, InvalidRequest, LhvError
 from worker import failpoints
 from worker.apply import Outcome, home_partition
-from worker.blobstore import BlobNotFound, BlobStoreError, S3BlobStore, StoreUnavailable
+from worker.blobstore import (
+    BlobNotFound,
+    BlobStoreError,
+    S3BlobStore,
+    S3Config,
+    StoreUnavailable,
+)
 from worker.logs import log_context
 from worker.messages import (
     ErrorInfo,
@@ -126,6 +132,7 @@ __all__ = [
     "merge_id_of",
     "merge_locally",
     "parse_s3_uri",
+    "read_s3_uri",
 ]
 
 log = logging.getLogger(__name__)
@@ -207,6 +214,30 @@ def merge_locally(partition: Partition, cmd: MergeCommand, out: Outcome) -> None
         cmd.dest,
         cleared,
     )
+
+
+async def read_s3_uri(s3: S3Config, uri: str) -> bytes | None:
+    """The object at `s3://bucket/key`, read with the endpoint and credentials of `s3`;
+    None when it does not exist. Shared by the worker's imports and `lhv replay`.
+
+    Raises:
+        InvalidRequest: not an S3 URI, an unclean key, or the store refused the read
+            (credentials, policy): the import's fault.
+        StoreUnavailable: the store did not answer.
+    """
+    bucket, key = parse_s3_uri(uri)
+    try:
+        async with S3BlobStore(replace(s3, bucket=bucket, prefix="")) as blobs:
+            data, _ = await blobs.get(key)
+    except BlobNotFound:
+        return None
+    except ValueError as exc:  # an unclean key
+        raise InvalidRequest(f"bad object key {key!r}: {exc}") from exc
+    except StoreUnavailable:
+        raise
+    except BlobStoreError as exc:
+        raise InvalidRequest(f"import: {uri}: {exc.message}") from exc
+    return data
 
 
 def apply_import(
@@ -418,10 +449,9 @@ class MergeProtocol:
 
     async def _cleanup(self, merge_id: str, export: str, marker: str) -> None:
         failpoints.hit("merge_cleanup_pending")
-        async with self._blobs() as blobs:
-            for key in (export, marker):
-                with contextlib.suppress(BlobNotFound):
-                    await blobs.delete(key)
+        for key in (export, marker):
+            with contextlib.suppress(BlobNotFound):
+                await self._w.blobs.delete(key)
         log.info("merge %s complete: export and marker removed", merge_id)
 
     # -- merge: the destination's side ----------------------------------------------------
@@ -512,31 +542,31 @@ class MergeProtocol:
         w = self._w
         sent = 0
         now = time.monotonic()
-        async with self._blobs() as blobs:
-            for p, partition in list(w.partitions.items()):
-                if partition.status is not PartitionStatus.SERVING:
+        blobs = w.blobs
+        for p, partition in list(w.partitions.items()):
+            if partition.status is not PartitionStatus.SERVING:
+                continue
+            prefix = f"merges/{w.topics.commands}/applied/{p:05d}/"
+            for key in await blobs.list(prefix):
+                merge_id = key[len(prefix) :].removesuffix(".json")
+                if now - self._produced.get(merge_id, -RESEND_AFTER_S) < RESEND_AFTER_S:
                     continue
-                prefix = f"merges/{w.topics.commands}/applied/{p:05d}/"
-                for key in await blobs.list(prefix):
-                    merge_id = key[len(prefix) :].removesuffix(".json")
-                    if now - self._produced.get(merge_id, -RESEND_AFTER_S) < RESEND_AFTER_S:
-                        continue
-                    try:
-                        data, _ = await blobs.get(key)
-                    except BlobNotFound:
-                        continue
-                    body = orjson.loads(data)
-                    if int(body["offset"]) > partition.checkpoint_offset:
-                        continue  # the partition's own after-checkpoint step sends it
-                    with log_context(partition=p):
-                        log.info("merge %s: producing merge_done again (sweeper)", merge_id)
-                        await self._send_done(
-                            merge_id,
-                            str(body["key"]).encode(),
-                            orjson.dumps(body["value"]),
-                            first=False,
-                        )
-                    sent += 1
+                try:
+                    data, _ = await blobs.get(key)
+                except BlobNotFound:
+                    continue
+                body = orjson.loads(data)
+                if int(body["offset"]) > partition.checkpoint_offset:
+                    continue  # the partition's own after-checkpoint step sends it
+                with log_context(partition=p):
+                    log.info("merge %s: producing merge_done again (sweeper)", merge_id)
+                    await self._send_done(
+                        merge_id,
+                        str(body["key"]).encode(),
+                        orjson.dumps(body["value"]),
+                        first=False,
+                    )
+                sent += 1
         return sent
 
     # -- import ---------------------------------------------------------------------------
@@ -545,50 +575,31 @@ class MergeProtocol:
         apply_import(partition, cmd, out, self._fetch)
 
     def _fetch(self, uri: str) -> bytes:
-        bucket, key = parse_s3_uri(uri)
-        data = self._w.run_async(self._get(key, bucket=bucket), timeout_s=STEP_TIMEOUT_S)
+        data = self._w.run_async(read_s3_uri(self._w.config.s3, uri), timeout_s=STEP_TIMEOUT_S)
         if data is None:
             raise InvalidRequest(f"import: {uri} does not exist")
         return bytes(data)
 
     # -- S3 and Kafka steps (on the worker's loop) ----------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _blobs(self, bucket: str | None = None) -> AsyncIterator[S3BlobStore]:
-        """The worker's store (its bucket and prefix), or `bucket` from its root."""
-        if bucket is None:
-            # the worker's long-lived store: a new S3 client per step (the sweeper takes
-            # one every 3 s) cost about 6% of the event loop's time under search load
-            yield self._w.blobs
-            return
-        cfg = replace(self._w.config.s3, bucket=bucket, prefix="")
-        async with S3BlobStore(cfg) as blobs:
-            yield blobs
+    # The worker's long-lived store: a new S3 client per step (the sweeper takes one every
+    # 3 s) cost about 6% of the event loop's time under search load.
 
-    async def _get(self, key: str, *, bucket: str | None = None) -> bytes | None:
+    async def _get(self, key: str) -> bytes | None:
         try:
-            async with self._blobs(bucket) as blobs:
-                data, _ = await blobs.get(key)
-                return data
+            data, _ = await self._w.blobs.get(key)
         except BlobNotFound:
             return None
         except ValueError as exc:  # an unclean key
             raise InvalidRequest(f"bad object key {key!r}: {exc}") from exc
-        except StoreUnavailable:
-            raise
-        except BlobStoreError as exc:  # refused (credentials, policy): the import's fault
-            if bucket is not None:
-                raise InvalidRequest(f"import: s3://{bucket}/{key}: {exc.message}") from exc
-            raise
+        return data
 
     async def _put(self, key: str, data: bytes) -> None:
-        async with self._blobs() as blobs:
-            await blobs.put(key, data)
+        await self._w.blobs.put(key, data)
 
     async def _delete_quietly(self, key: str) -> None:
         with contextlib.suppress(LhvError):
-            async with self._blobs() as blobs:
-                await blobs.delete(key)
+            await self._w.blobs.delete(key)
 
     async def _produce(self, key: bytes, value: bytes) -> None:
         w = self._w

@@ -34,7 +34,7 @@ import sys
 import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,7 +48,7 @@ from lhv_index.errors import Internal, InvalidRequest, LhvError, SnapshotError
 from worker.apply import Outcome, apply_records, home_partition
 from worker.blobstore import BlobNotFound, BlobStore, S3BlobStore
 from worker.config import WorkerConfig
-from worker.merge import apply_import, merge_locally, parse_s3_uri
+from worker.merge import apply_import, merge_locally, read_s3_uri
 from worker.messages import ImportCommand, MergeCommand
 from worker.partition import Partition
 from worker.store import IndexEntry, Manifest, SnapshotStore
@@ -592,12 +592,9 @@ class _Barriers:
         return future.result(self._config.s3.timeout_s * self._config.s3.max_attempts + 60)
 
     async def _get(self, uri: str) -> bytes:
-        bucket, key = parse_s3_uri(uri)
-        async with S3BlobStore(replace(self._config.s3, bucket=bucket, prefix="")) as blobs:
-            try:
-                data, _ = await blobs.get(key)
-            except BlobNotFound:
-                raise _SourceGone(f"import: {uri} does not exist any more") from None
+        data = await read_s3_uri(self._config.s3, uri)
+        if data is None:
+            raise _SourceGone(f"import: {uri} does not exist any more")
         return data
 
 
