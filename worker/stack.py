@@ -81,6 +81,8 @@ DEFAULT_PARTITIONS = 4
 DEFAULT_BUCKET = "lhv"
 DEFAULT_REGION = "us-east-1"
 MARKER = ".lhv-stack"
+#: object written once S3 is up; after a restart, S3 is ready when it serves it again
+_S3_READY_KEY = f"{MARKER}/ready"
 """File in every stack directory; `stop_from_env_file` removes only directories holding it."""
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -547,9 +549,19 @@ def _s3_client(endpoint: str, access_key: str, secret: str, timeout_s: float) ->
     )
 
 
-def _s3_ok(endpoint: str, access_key: str, secret: str, timeout_s: float = 5.0) -> str | None:
+def _s3_ok(
+    endpoint: str,
+    access_key: str,
+    secret: str,
+    timeout_s: float = 5.0,
+    read: tuple[str, str] | None = None,
+) -> str | None:
+    """None when S3 answers (and, with `read=(bucket, key)`, serves that object), else why not."""
     try:
-        _s3_client(endpoint, access_key, secret, timeout_s).list_buckets()
+        client = _s3_client(endpoint, access_key, secret, timeout_s)
+        client.list_buckets()
+        if read is not None:
+            client.get_object(Bucket=read[0], Key=read[1])["Body"].read()
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -1038,7 +1050,7 @@ class LocalStack:
         ]  # fmt: skip
         return _Service("s3", argv, log_path=d / "weed.log", cwd=d)
 
-    def _wait_s3(self) -> None:
+    def _wait_s3(self, read: tuple[str, str] | None = None) -> None:
         svc, ports = self._s3, self._need_ports()
         assert svc is not None
         deadline = time.monotonic() + self.settings.start_timeout_s
@@ -1050,7 +1062,9 @@ class LocalStack:
                     f"last lines of {svc.log_path}:\n{svc.tail()}"
                 )
             if _port_open(ports.s3):
-                err = _s3_ok(self.s3_endpoint_url, self.access_key_id, self._secret_access_key)
+                err = _s3_ok(
+                    self.s3_endpoint_url, self.access_key_id, self._secret_access_key, read=read
+                )
                 if err is None:
                     return
                 last = err
@@ -1101,6 +1115,7 @@ class LocalStack:
                 refused.append(False)
         c.put_object(Bucket=self.bucket, Key=key, Body=b"3", IfMatch=first["ETag"])
         c.delete_object(Bucket=self.bucket, Key=key)
+        c.put_object(Bucket=self.bucket, Key=_S3_READY_KEY, Body=b"ready")
         if not all(refused):
             raise StackError(
                 "this SeaweedFS ignores conditional PutObject (If-None-Match / If-Match); "
@@ -1158,12 +1173,14 @@ class LocalStack:
         self._s3.stop(timeout_s=self.settings.stop_timeout_s)
 
     def start_s3(self) -> None:
-        """Start SeaweedFS again on the same port and data; returns once S3 answers."""
+        """Start SeaweedFS again on the same port and data; returns once S3 serves an
+        object written before the restart (answering `ListBuckets` comes earlier: until
+        the volume server has re-registered, reads of old objects fail with InternalError)."""
         self._running()
         assert self._s3 is not None
         if not self._s3.alive():
             self._s3.start()
-        self._wait_s3()
+        self._wait_s3(read=(self.bucket, _S3_READY_KEY))
 
     def logs(self) -> Iterator[tuple[str, Path]]:
         if self._kafka is not None:
