@@ -996,26 +996,38 @@ class LocalStack:
             raise StackError(f"formatting Kafka's storage failed:\n{done.stdout}{done.stderr}")
 
     def _wait_kafka(self) -> None:
-        svc, ports = self._kafka, self._need_ports()
-        assert svc is not None
+        assert self._kafka is not None
+        self._wait_ready(
+            self._kafka,
+            self._need_ports().kafka,
+            "Kafka",
+            "answer a metadata request",
+            lambda: _kafka_metadata_ok(self.bootstrap_servers, 5.0),
+        )
+
+    def _wait_ready(
+        self, svc: _Service, port: int, name: str, what: str, probe: Callable[[], str | None]
+    ) -> None:
+        """Wait until `svc` listens on `port` and `probe()` returns None (else the reason it
+        is not ready); raise `StackError` with the log's tail if it exits or takes longer
+        than the start timeout."""
         deadline = time.monotonic() + self.settings.start_timeout_s
         last = "port not open"
         while time.monotonic() < deadline:
             if not svc.alive():
                 raise StackError(
-                    f"Kafka exited with {svc.exit_code()} while starting; "
+                    f"{name} exited with {svc.exit_code()} while starting; "
                     f"last lines of {svc.log_path}:\n{svc.tail()}"
                 )
-            if _port_open(ports.kafka):
-                err = _kafka_metadata_ok(self.bootstrap_servers, 5.0)
+            if _port_open(port):
+                err = probe()
                 if err is None:
                     return
                 last = err
             time.sleep(0.1)
         raise StackError(
-            f"Kafka did not answer a metadata request within "
-            f"{self.settings.start_timeout_s:.0f} s ({last}); last lines of {svc.log_path}:\n"
-            f"{svc.tail()}"
+            f"{name} did not {what} within {self.settings.start_timeout_s:.0f} s ({last}); "
+            f"last lines of {svc.log_path}:\n{svc.tail()}"
         )
 
     # ------------------------------------------------------------------ S3
@@ -1051,27 +1063,15 @@ class LocalStack:
         return _Service("s3", argv, log_path=d / "weed.log", cwd=d)
 
     def _wait_s3(self, read: tuple[str, str] | None = None) -> None:
-        svc, ports = self._s3, self._need_ports()
-        assert svc is not None
-        deadline = time.monotonic() + self.settings.start_timeout_s
-        last = "port not open"
-        while time.monotonic() < deadline:
-            if not svc.alive():
-                raise StackError(
-                    f"SeaweedFS exited with {svc.exit_code()} while starting; "
-                    f"last lines of {svc.log_path}:\n{svc.tail()}"
-                )
-            if _port_open(ports.s3):
-                err = _s3_ok(
-                    self.s3_endpoint_url, self.access_key_id, self._secret_access_key, read=read
-                )
-                if err is None:
-                    return
-                last = err
-            time.sleep(0.1)
-        raise StackError(
-            f"SeaweedFS S3 did not answer within {self.settings.start_timeout_s:.0f} s "
-            f"({last}); last lines of {svc.log_path}:\n{svc.tail()}"
+        assert self._s3 is not None
+        self._wait_ready(
+            self._s3,
+            self._need_ports().s3,
+            "SeaweedFS",
+            "serve S3" if read is None else f"serve s3://{read[0]}/{read[1]}",
+            lambda: _s3_ok(
+                self.s3_endpoint_url, self.access_key_id, self._secret_access_key, read=read
+            ),
         )
 
     def _client(self) -> Any:
