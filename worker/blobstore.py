@@ -48,6 +48,8 @@ __all__ = [
     "S3BlobStore",
     "S3Config",
     "StoreUnavailable",
+    "get_verified",
+    "put_unless_same",
 ]
 
 log = logging.getLogger(__name__)
@@ -248,6 +250,49 @@ def _quote_etag(etag: str) -> str:
 
 def _md5_etag(data: bytes | bytearray | memoryview) -> str:
     return '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
+
+
+async def get_verified(
+    store: BlobStore, key: str, *, attempts: int = 3, backoff_s: float = 0.2
+) -> tuple[bytes, str]:
+    """`store.get(key)`, checked against the object's ETag where that is the MD5 of its
+    bytes (a single PutObject; a multipart ETag cannot be checked) and read again when
+    they differ: a body cut short by the server is then a retry, not bad data.
+
+    Raises:
+        BlobNotFound: no such key.
+        StoreUnavailable: every read's bytes differed from its ETag.
+    """
+    for attempt in range(1, attempts + 1):
+        data, etag = await store.get(key)
+        if "-" in etag or _md5_etag(data) == _quote_etag(etag):
+            return data, etag
+        log.warning(
+            "%s: %d bytes read do not match ETag %s (read %d/%d)", key, len(data), etag,
+            attempt, attempts,
+        )  # fmt: skip
+        if attempt < attempts:
+            await asyncio.sleep(backoff_s * attempt)
+    raise StoreUnavailable(f"{key!r}: the bytes read never matched the ETag", key=key)
+
+
+async def put_unless_same(store: BlobStore, key: str, data: bytes) -> bool:
+    """Write `data` under `key` unless the object there already holds exactly these bytes
+    (same MD5 ETag of a single PutObject); returns whether it wrote.
+
+    For a step that may run again and writes the same bytes each time: rewriting an
+    object is not harmless while others read it, since a GET concurrent with the
+    overwrite can get a short body on some S3 servers (seen with SeaweedFS)."""
+    try:
+        await store.put_if_match(key, data, None)
+        return True
+    except PreconditionFailed:
+        pass
+    with contextlib.suppress(BlobNotFound):
+        if (await store.head(key)).etag == _md5_etag(data):
+            return False
+    await store.put(key, data)
+    return True
 
 
 def _read_all(data: BlobData) -> bytes:

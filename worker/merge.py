@@ -38,6 +38,11 @@ process has not produced (and again every `RESEND_AFTER_S`, until src removes th
 One caveat: dedup of a duplicate `merge_in` relies on the marker written at the first
 one, so a user write to dest between the two cannot be undone by the duplicate.
 
+A replayed step writes the same bytes again; the objects are not rewritten when they
+already hold them (`put_unless_same`), so the other side never reads an object while it
+is overwritten, and reads are checked against the object's ETag (`get_verified`): a
+body cut short by the server is read again instead of failing the merge as unreadable.
+
 The protocol records name their objects only as `merge_id_of`/`export_key` derive them
 from the merge record's place; a `merge_in` or `merge_done` naming anything else is
 rejected (`invalid_request`), so a forged record cannot make a worker read or delete
@@ -110,6 +115,8 @@ from worker.blobstore import (
     S3BlobStore,
     S3Config,
     StoreUnavailable,
+    get_verified,
+    put_unless_same,
 )
 from worker.logs import log_context
 from worker.messages import (
@@ -127,12 +134,17 @@ if TYPE_CHECKING:
 __all__ = [
     "MergeProtocol",
     "apply_import",
+    "check_merge_done",
+    "check_merge_in",
+    "clear_exported",
     "export_key",
+    "export_source",
     "marker_key",
     "merge_id_of",
     "merge_locally",
     "parse_s3_uri",
     "read_s3_uri",
+    "receive_export",
 ]
 
 log = logging.getLogger(__name__)
@@ -213,6 +225,108 @@ def merge_locally(partition: Partition, cmd: MergeCommand, out: Outcome) -> None
         cmd.index,
         cmd.dest,
         cleared,
+    )
+
+
+# -- the steps of a merge across partitions, without S3 or Kafka ------------------------
+# The worker's `MergeProtocol` moves their bytes through S3 and Kafka; `lhv replay
+# --verify` hands them over in memory.
+
+
+def export_source(partition: Partition, cmd: MergeCommand, topic: str) -> tuple[bytes, int]:
+    """Source side of `merge`: the export object of `cmd.index`'s live items (an LHV1
+    snapshot, see `_export_bytes`) and how many items it holds.
+
+    Raises:
+        LhvError: unknown source, or a merge into itself (nothing exported).
+    """
+    src, items = _merge_source(partition, cmd)
+    return _export_bytes(src, items, {"topic": topic, "partition": partition.number}), len(items)
+
+
+def check_merge_in(topic: str, cmd: MergeInCommand) -> None:
+    """Raise `InvalidRequest` unless `cmd` names the merge id and export object that its
+    origin (`origin_partition`, `origin_offset`) derives (a forged record reads nothing)."""
+    if cmd.merge_id != merge_id_of(cmd.origin_partition, cmd.origin_offset) or (
+        cmd.export != export_key(topic, cmd.origin_partition, cmd.origin_offset)
+    ):
+        raise InvalidRequest(
+            f"merge_in: {cmd.merge_id!r} and {cmd.export!r} do not match the merge record "
+            f"at partition {cmd.origin_partition}, offset {cmd.origin_offset}"
+        )
+
+
+def check_merge_done(topic: str, partition: int, cmd: MergeDoneCommand) -> int:
+    """The offset of the `merge` record on `partition` that `cmd` completes.
+
+    Raises:
+        InvalidRequest: `cmd` names no merge of this partition (or another export object).
+    """
+    origin = _MERGE_ID.fullmatch(cmd.merge_id)
+    if (
+        origin is None
+        or int(origin[1]) != partition
+        or cmd.export != export_key(topic, partition, int(origin[2]))
+    ):
+        raise InvalidRequest(
+            f"merge_done: {cmd.merge_id!r} and {cmd.export!r} name no merge of this partition"
+        )
+    return int(origin[2])
+
+
+def receive_export(
+    partition: Partition, cmd: MergeInCommand, out: Outcome, data: bytes
+) -> MergeDoneCommand:
+    """Destination side of `merge_in`: apply the exported items (`data`) not live in the
+    destination, in one step; returns the `merge_done` to send back, which carries the
+    destination's error instead when nothing was applied (missing or incompatible index)."""
+    done = MergeDoneCommand(
+        index=cmd.source_index,
+        request_id=cmd.request_id,
+        dest=cmd.index,
+        export=cmd.export,
+        merge_id=cmd.merge_id,
+        clear_source=cmd.clear_source,
+        reply=cmd.reply,
+    )
+    try:
+        items = _read_export(data, dest=partition.indexes.get(cmd.index), name=cmd.index)
+        applied = _merge_into(partition.indexes[cmd.index], items, out.offset)
+    except LhvError as exc:
+        out.skipped = 1
+        log.warning("merge %s rejected by the destination: %s", cmd.merge_id, exc.message)
+        return replace(done, error=ErrorInfo.of(exc))
+    partition.dirty.add(cmd.index)
+    out.applied, out.skipped = applied, len(items) - applied
+    log.info(
+        "merge %s: applied %d of %d items from %s",
+        cmd.merge_id,
+        applied,
+        len(items),
+        cmd.source_index,
+    )
+    return replace(done, applied=applied, skipped=len(items) - applied)
+
+
+def clear_exported(partition: Partition, cmd: MergeDoneCommand, out: Outcome, data: bytes) -> None:
+    """Source side of `merge_done` with `clear_source`: delete exactly the exported items
+    (`data`) whose clock is still the exported one."""
+    src = partition.indexes.get(cmd.index)
+    if src is None:
+        log.warning("merge %s: source %s is gone, nothing to clear", cmd.merge_id, cmd.index)
+        return
+    exported = _read_export(data)
+    cleared = _clear(src, exported, out.offset)
+    if cleared:
+        partition.dirty.add(cmd.index)
+    log.info(
+        "merge %s: %d items now in %s; cleared %d of %d exported from %s",
+        cmd.merge_id,
+        cmd.applied,
+        cmd.dest,
+        cleared,
+        len(exported),
+        cmd.index,
     )
 
 
@@ -357,11 +471,10 @@ class MergeProtocol:
         if dest_partition == partition.number:
             merge_locally(partition, cmd, out)
             return
-        src, items = _merge_source(partition, cmd)
         topic = w.topics.commands
         merge_id = merge_id_of(partition.number, out.offset)
         key = export_key(topic, partition.number, out.offset)
-        data = _export_bytes(src, items, {"topic": topic, "partition": partition.number})
+        data, exported = export_source(partition, cmd, topic)
         w.run_async(self._put(key, data), timeout_s=STEP_TIMEOUT_S)
         failpoints.hit("merge_exported")
         merge_in = MergeInCommand(
@@ -385,7 +498,7 @@ class MergeProtocol:
         log.info(
             "merge %s: exported %d items of %s (%d bytes) for %s on partition %d",
             merge_id,
-            len(items),
+            exported,
             cmd.index,
             len(data),
             cmd.dest,
@@ -394,15 +507,7 @@ class MergeProtocol:
 
     def _merge_done(self, partition: Partition, cmd: MergeDoneCommand, out: Outcome) -> None:
         w = self._w
-        origin = _MERGE_ID.fullmatch(cmd.merge_id)
-        if (
-            origin is None
-            or int(origin[1]) != partition.number
-            or cmd.export != export_key(w.topics.commands, partition.number, int(origin[2]))
-        ):
-            raise InvalidRequest(
-                f"merge_done: {cmd.merge_id!r} and {cmd.export!r} name no merge of this partition"
-            )
+        check_merge_done(w.topics.commands, partition.number, cmd)
         out.op = "merge"
         out.reply_to = cmd.reply
         dest_partition = home_partition(cmd.dest.encode(), w.num_partitions)
@@ -428,24 +533,8 @@ class MergeProtocol:
             out.reply_to = None
             log.info("merge %s: already completed (export removed)", cmd.merge_id)
             return
-        src = partition.indexes.get(cmd.index)
-        if src is None:
-            log.warning("merge %s: source %s is gone, nothing to clear", cmd.merge_id, cmd.index)
-            return
-        exported = _read_export(data)
-        cleared = _clear(src, exported, out.offset)
-        if cleared:
-            partition.dirty.add(cmd.index)
+        clear_exported(partition, cmd, out, data)
         failpoints.hit("merge_done_applied")
-        log.info(
-            "merge %s: %d items now in %s; cleared %d of %d exported from %s",
-            cmd.merge_id,
-            cmd.applied,
-            cmd.dest,
-            cleared,
-            len(exported),
-            cmd.index,
-        )
 
     async def _cleanup(self, merge_id: str, export: str, marker: str) -> None:
         failpoints.hit("merge_cleanup_pending")
@@ -458,13 +547,7 @@ class MergeProtocol:
 
     def _merge_in(self, partition: Partition, cmd: MergeInCommand, out: Outcome) -> None:
         w = self._w
-        if cmd.merge_id != merge_id_of(
-            cmd.origin_partition, cmd.origin_offset
-        ) or cmd.export != export_key(w.topics.commands, cmd.origin_partition, cmd.origin_offset):
-            raise InvalidRequest(
-                f"merge_in: {cmd.merge_id!r} and {cmd.export!r} do not match the merge record "
-                f"at partition {cmd.origin_partition}, offset {cmd.origin_offset}"
-            )
+        check_merge_in(w.topics.commands, cmd)
         marker = marker_key(w.topics.commands, partition.number, cmd.merge_id)
         seen = w.run_async(self._get(marker), timeout_s=STEP_TIMEOUT_S)
         if seen is not None and int(orjson.loads(seen)["offset"]) < out.offset:
@@ -480,34 +563,7 @@ class MergeProtocol:
                 cmd.export,
             )
             return
-        done = MergeDoneCommand(
-            index=cmd.source_index,
-            request_id=cmd.request_id,
-            dest=cmd.index,
-            export=cmd.export,
-            merge_id=cmd.merge_id,
-            clear_source=cmd.clear_source,
-            reply=cmd.reply,
-        )
-        try:
-            items = _read_export(data, dest=partition.indexes.get(cmd.index), name=cmd.index)
-            dest = partition.indexes[cmd.index]
-            applied = _merge_into(dest, items, out.offset)
-        except LhvError as exc:
-            done = replace(done, error=ErrorInfo.of(exc))
-            out.skipped = 1
-            log.warning("merge %s rejected by the destination: %s", cmd.merge_id, exc.message)
-        else:
-            partition.dirty.add(cmd.index)
-            done = replace(done, applied=applied, skipped=len(items) - applied)
-            out.applied, out.skipped = applied, len(items) - applied
-            log.info(
-                "merge %s: applied %d of %d items from %s",
-                cmd.merge_id,
-                applied,
-                len(items),
-                cmd.source_index,
-            )
+        done = receive_export(partition, cmd, out, data)
         key, value = done.encode()
         body = {"offset": out.offset, "key": key.decode(), "value": orjson.loads(value)}
         w.run_async(self._put(marker, orjson.dumps(body)), timeout_s=STEP_TIMEOUT_S)
@@ -587,7 +643,7 @@ class MergeProtocol:
 
     async def _get(self, key: str) -> bytes | None:
         try:
-            data, _ = await self._w.blobs.get(key)
+            data, _ = await get_verified(self._w.blobs, key)
         except BlobNotFound:
             return None
         except ValueError as exc:  # an unclean key
@@ -595,7 +651,10 @@ class MergeProtocol:
         return data
 
     async def _put(self, key: str, data: bytes) -> None:
-        await self._w.blobs.put(key, data)
+        # A replayed step writes the same bytes again: never overwrite them while the
+        # other side may be reading (`put_unless_same`).
+        if not await put_unless_same(self._w.blobs, key, data):
+            log.info("%s already holds these bytes (written by an earlier run)", key)
 
     async def _delete_quietly(self, key: str) -> None:
         with contextlib.suppress(LhvError):

@@ -28,6 +28,8 @@ from worker.blobstore import (
     S3BlobStore,
     S3Config,
     StoreUnavailable,
+    get_verified,
+    put_unless_same,
 )
 from worker.stack import (
     COMMANDS_TOPIC,
@@ -120,6 +122,51 @@ async def test_put_get_head_list_delete(store: BlobStore) -> None:
     await store.delete("a/one")
     await store.delete("a/one")  # deleting an absent key is fine
     assert await store.list("a/") == ["a/two"]
+
+
+async def test_put_unless_same_leaves_equal_bytes_alone_and_replaces_others(
+    store: BlobStore,
+) -> None:
+    assert await put_unless_same(store, "once", b"export") is True
+    assert await put_unless_same(store, "once", b"export") is False
+    assert (await store.get("once"))[0] == b"export"
+    assert await put_unless_same(store, "once", b"other") is True  # e.g. a stale object
+    assert (await store.get("once"))[0] == b"other"
+
+
+async def test_get_verified_checks_the_bytes_against_the_etag(store: BlobStore) -> None:
+    etag = await store.put("checked", b"x" * 1000)
+    assert await get_verified(store, "checked") == (b"x" * 1000, etag)
+    with pytest.raises(BlobNotFound):
+        await get_verified(store, "absent")
+
+
+async def test_get_verified_reads_a_short_body_again() -> None:
+    class ShortOnce(MemoryBlobStore):
+        """Serves the first read of each key cut short, as a server mid-overwrite did."""
+
+        cut: set[str] = set()
+
+        async def get(self, key: str) -> tuple[bytes, str]:
+            data, etag = await super().get(key)
+            if key not in self.cut:
+                self.cut.add(key)
+                return data[:3], etag
+            return data, etag
+
+    store = ShortOnce()
+    etag = await store.put("k", b"0123456789")
+    assert await get_verified(store, "k", backoff_s=0) == (b"0123456789", etag)
+
+    class AlwaysShort(MemoryBlobStore):
+        async def get(self, key: str) -> tuple[bytes, str]:
+            data, etag = await super().get(key)
+            return data[:3], etag
+
+    broken = AlwaysShort()
+    await broken.put("k", b"0123456789")
+    with pytest.raises(StoreUnavailable):
+        await get_verified(broken, "k", attempts=2, backoff_s=0)
 
 
 async def test_missing_key_raises_blob_not_found(store: BlobStore) -> None:
