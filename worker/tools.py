@@ -17,9 +17,10 @@ and no consumer group is joined.
 a snapshot that was rewritten, or a worker that applied a record wrongly, shows up as the
 index and the ids whose state differs. Imports are replayed from their source objects as
 they are now in S3 (an index whose import source is gone is reported as not replayable),
-and merges within one partition like the worker applies them. A merge across partitions
-reads objects of the merge protocol that are gone once it completes, so the indexes it
-touched are reported as not replayable instead of compared.
+and merges like the worker applies them. The export object of a merge across partitions
+is gone once the merge completes, so the source partition's rebuild makes it again and
+hands it to the destination's in memory (`_Replay`); only when the source's log can no
+longer be rebuilt is the destination index reported as not replayable.
 """
 
 from __future__ import annotations
@@ -45,11 +46,20 @@ from aiokafka.errors import KafkaError
 from lhv_index import Index, IndexParams, read_snapshot
 from lhv_index._snapshot import HEADER, MAGIC, MAX_ENVELOPE_BYTES
 from lhv_index.errors import Internal, InvalidRequest, LhvError, SnapshotError
-from worker.apply import Outcome, apply_records, home_partition
+from worker.apply import Outcome, apply_records, decode_records, home_partition
 from worker.blobstore import BlobNotFound, BlobStore, S3BlobStore
 from worker.config import WorkerConfig
-from worker.merge import apply_import, merge_locally, read_s3_uri
-from worker.messages import ImportCommand, MergeCommand
+from worker.merge import (
+    apply_import,
+    check_merge_done,
+    check_merge_in,
+    clear_exported,
+    export_source,
+    merge_locally,
+    read_s3_uri,
+    receive_export,
+)
+from worker.messages import ImportCommand, MergeCommand, MergeDoneCommand, MergeInCommand
 from worker.partition import Partition
 from worker.store import IndexEntry, Manifest, SnapshotStore
 
@@ -424,8 +434,8 @@ class ReplayReport:
     compared: list[str] = field(default_factory=list)
     diffs: list[IndexDiff] = field(default_factory=list)
     not_replayable: list[str] = field(default_factory=list)
-    """indexes touched by merges across partitions, or by imports whose source is gone:
-    not compared"""
+    """indexes touched by imports whose source is gone, or by merges from a partition
+    that cannot be rebuilt: not compared"""
     errors: list[str] = field(default_factory=list)
     """partitions that could not be checked (log truncated, unreadable manifest, ...)"""
 
@@ -444,32 +454,20 @@ async def replay_verify(
     """Rebuild each partition from the commands topic up to its manifest's offset and
     compare every index with the snapshot the manifest names (`Index.logical_state()`).
 
-    Reads the topic with a plain consumer (no group), one partition at a time, so memory
-    holds one partition's indexes twice at most. `timeout_s` bounds reading one partition.
+    Partitions are rebuilt one after another, so memory holds one partition's indexes
+    twice at most, except where a merge across partitions links them: the destination's
+    `merge_in` waits until the source's rebuild has passed the `merge` record and handed
+    over its export (in memory; the worker's S3 object is gone once the merge completed),
+    starting that rebuild early, or a second one past the source's checkpoint, when
+    needed. `timeout_s` bounds reading one partition (not counting those waits).
     """
-    topic = config.topics.commands
-    cps = _Checkpoints(blobs, topic)
-    report = ReplayReport()
-    consumer = AIOKafkaConsumer(
-        **config.kafka.client_kwargs(),
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        max_partition_fetch_bytes=max(config.limits.max_message_bytes, 1 << 20),
-    )
-    await consumer.start()
-    try:
-        numbers = await _partitions_of(config, topic)
-        if not numbers:
-            report.errors.append(f"topic {topic!r} does not exist")
-            return report
-        wanted = set(partitions) if partitions is not None else set(numbers)
-        for p in numbers:
-            if p in wanted:
-                await _replay_partition(config, cps, consumer, p, len(numbers), report, timeout_s)
-    finally:
-        await consumer.stop()
-    return report
+    replay = _Replay(config, _Checkpoints(blobs, config.topics.commands), timeout_s)
+    numbers = await _partitions_of(config, config.topics.commands)
+    if not numbers:
+        replay.report.errors.append(f"topic {config.topics.commands!r} does not exist")
+        return replay.report
+    await replay.run(numbers, set(partitions) if partitions is not None else set(numbers))
+    return replay.report
 
 
 async def _partitions_of(config: WorkerConfig, topic: str) -> list[int]:
@@ -486,106 +484,302 @@ async def _partitions_of(config: WorkerConfig, topic: str) -> list[int]:
         await producer.stop()
 
 
-async def _replay_partition(
-    config: WorkerConfig,
-    cps: _Checkpoints,
-    consumer: AIOKafkaConsumer,
-    p: int,
-    num_partitions: int,
-    report: ReplayReport,
-    timeout_s: float,
-) -> None:
-    try:
-        manifest, _ = await cps.store.read_manifest(p)
-    except LhvError as exc:
-        report.errors.append(f"partition {p}: manifest unreadable: {exc}")
-        return
-    if manifest is None:
-        report.covered[p] = -1
-        return
-    upto = manifest.offset
-    report.covered[p] = upto
-    tp = TopicPartition(cps.topic, p)
-    consumer.assign([tp])
-    begin = (await consumer.beginning_offsets([tp]))[tp]
-    end = (await consumer.end_offsets([tp]))[tp]
-    if upto >= 0 and begin > 0:
-        report.errors.append(
-            f"partition {p}: the log starts at offset {begin}: records before it are gone, "
-            "so the checkpoint cannot be rebuilt"
-        )
-        return
-    if upto >= end:
-        report.errors.append(
-            f"partition {p}: the manifest covers offset {upto} but the log ends at {end - 1}"
-        )
-        return
-    partition = Partition(number=p)
-    skipped: set[str] = set()
-    barriers = _Barriers(config, asyncio.get_running_loop(), num_partitions)
-    seen = -1
-    if upto >= 0:
-        await consumer.seek_to_beginning(tp)
-        deadline = time.monotonic() + timeout_s
-        while seen < upto:
-            if time.monotonic() > deadline:
-                report.errors.append(
-                    f"partition {p}: read up to {seen} of {upto} in {timeout_s:.0f} s"
-                )
-                return
-            data = await consumer.getmany(tp, timeout_ms=1000, max_records=REPLAY_BATCH)
-            fetched = data.get(tp, [])
-            if fetched:
-                seen = fetched[-1].offset
-            records = [r for r in fetched if r.offset <= upto]
-            if not records:
-                continue
-            outcomes = await asyncio.to_thread(
-                apply_records,
-                partition,
-                records,
-                num_partitions=num_partitions,
-                limits=config.limits,
-                index_limits=config.index_limits,
-                barrier=barriers,
-            )
-            report.records += len(records)
-            for out in outcomes:
-                if isinstance(out.error, _SourceGone | _NotReplayable):
-                    skipped.update(_touched(out.command, out.index))
-    await _compare(cps, p, manifest, partition.indexes, skipped, report)
-
-
 class _SourceGone(InvalidRequest):
     """An import's source object is no longer in S3: its index cannot be rebuilt."""
 
 
 class _NotReplayable(Internal):
-    """A step of a merge across partitions: its export object is gone."""
+    """A `merge_in` whose export could not be rebuilt (its source partition's log is
+    truncated, or it was not read in time)."""
+
+
+#: `_Run.received` value of an export whose source partition could not be rebuilt
+_UNAVAILABLE = object()
+
+
+@dataclass(slots=True, eq=False)
+class _Run:
+    """One rebuild of a partition, from the start of its log up to `target`."""
+
+    partition: int
+    target: int
+    verify: bool
+    """the rebuild compared with the checkpoint (else one made for a merge's export)"""
+    reached: int = -1
+    """the last offset applied"""
+    done: bool = False
+    received: dict[tuple[int, int], Any] = field(default_factory=dict)
+    """(source partition, merge offset) -> export bytes, None (no export there) or
+    `_UNAVAILABLE`, fetched before the `merge_in` that names it is applied"""
+    merged_in: set[str] = field(default_factory=set)
+    """merge ids whose first `merge_in` this run applied (later ones are duplicates)"""
+
+
+class _Replay:
+    """The rebuilds of one `replay_verify`, and the exports they hand each other."""
+
+    def __init__(self, config: WorkerConfig, cps: _Checkpoints, timeout_s: float) -> None:
+        self.config = config
+        self.cps = cps
+        self.timeout_s = timeout_s
+        self.report = ReplayReport()
+        self._partitions: list[int] = []
+        self._manifests: dict[int, Manifest | None] = {}
+        self._main: dict[int, asyncio.Task[None]] = {}
+        self._helpers: list[asyncio.Task[Any]] = []
+        self._runs: dict[int, list[_Run]] = {}
+        self._exports: dict[tuple[int, int], bytes] = {}
+        """(source partition, merge offset) -> the export of a merge across partitions,
+        set from the apply thread when a rebuild passes the merge record"""
+        self._progress = asyncio.Condition()
+
+    async def run(self, numbers: list[int], wanted: set[int]) -> None:
+        self._partitions = numbers
+        for p in numbers:
+            if p not in wanted:
+                continue
+            try:
+                self._manifests[p], _ = await self.cps.store.read_manifest(p)
+            except LhvError as exc:
+                self.report.errors.append(f"partition {p}: manifest unreadable: {exc}")
+        try:
+            for p in sorted(self._manifests):
+                await self._verify_task(p)
+        finally:
+            for task in (*self._main.values(), *self._helpers):
+                task.cancel()
+            await asyncio.gather(*self._main.values(), *self._helpers, return_exceptions=True)
+        self.report.compared.sort()
+        self.report.not_replayable.sort()
+
+    def _verify_task(self, p: int) -> asyncio.Task[None]:
+        if p not in self._main:
+            manifest = self._manifests[p]
+            run = _Run(p, manifest.offset if manifest is not None else -1, verify=True)
+            self._runs.setdefault(p, []).append(run)
+            self._main[p] = asyncio.create_task(self._verify(run, manifest))
+        return self._main[p]
+
+    async def _verify(self, run: _Run, manifest: Manifest | None) -> None:
+        p, report = run.partition, self.report
+        if manifest is None:
+            report.covered[p] = -1
+            await self._finish(run)
+            return
+        report.covered[p] = manifest.offset
+        partition = Partition(number=p)
+        skipped: set[str] = set()
+        error = await self._rebuild(run, partition, skipped)
+        if error is not None:
+            report.errors.append(f"partition {p}: {error}")
+            return
+        await _compare(self.cps, p, manifest, partition.indexes, skipped, report)
+
+    async def _rebuild(self, run: _Run, partition: Partition, skipped: set[str]) -> str | None:
+        """Apply the log of `run.partition` up to `run.target` to `partition`; returns
+        why it could not (None: done)."""
+        try:
+            return await self._read(run, partition, skipped)
+        finally:
+            await self._finish(run)
+
+    async def _finish(self, run: _Run) -> None:
+        async with self._progress:
+            run.done = True
+            self._progress.notify_all()
+
+    async def _read(self, run: _Run, partition: Partition, skipped: set[str]) -> str | None:
+        p, upto = run.partition, run.target
+        if upto < 0:
+            return None
+        tp = TopicPartition(self.cps.topic, p)
+        consumer = AIOKafkaConsumer(
+            **self.config.kafka.client_kwargs(),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=max(self.config.limits.max_message_bytes, 1 << 20),
+        )
+        await consumer.start()
+        try:
+            consumer.assign([tp])
+            begin = (await consumer.beginning_offsets([tp]))[tp]
+            end = (await consumer.end_offsets([tp]))[tp]
+            if begin > 0:
+                return (
+                    f"the log starts at offset {begin}: records before it are gone, "
+                    "so the checkpoint cannot be rebuilt"
+                )
+            if upto >= end:
+                return f"the manifest covers offset {upto} but the log ends at {end - 1}"
+            await consumer.seek_to_beginning(tp)
+            deadline = time.monotonic() + self.timeout_s
+            seen = -1
+            while seen < upto:
+                if time.monotonic() > deadline:
+                    return f"read up to {seen} of {upto} in {self.timeout_s:.0f} s"
+                data = await consumer.getmany(tp, timeout_ms=1000, max_records=REPLAY_BATCH)
+                fetched = data.get(tp, [])
+                if fetched:
+                    seen = fetched[-1].offset
+                records = [r for r in fetched if r.offset <= upto]
+                if records:
+                    deadline += await self._apply(run, partition, records, skipped)
+        finally:
+            await consumer.stop()
+        return None
+
+    async def _apply(
+        self, run: _Run, partition: Partition, records: list[Any], skipped: set[str]
+    ) -> float:
+        """Apply `records` in runs that end before each `merge_in`, whose export is
+        fetched first; returns the seconds spent waiting for exports."""
+        decoded = await asyncio.to_thread(
+            decode_records,
+            records,
+            partition=partition.number,
+            num_partitions=self.num_partitions,
+            limits=self.config.limits,
+        )
+        barriers = _Barriers(self, run, asyncio.get_running_loop())
+        waited = 0.0
+        start = 0
+        while start < len(records):
+            stop = start + 1
+            while stop < len(records) and not isinstance(decoded[stop].command, MergeInCommand):
+                stop += 1
+            first = decoded[start].command
+            if isinstance(first, MergeInCommand):
+                t0 = time.monotonic()
+                source = (first.origin_partition, first.origin_offset)
+                run.received[source] = await self._export(*source)
+                waited += time.monotonic() - t0
+            outcomes = await asyncio.to_thread(
+                apply_records,
+                partition,
+                records[start:stop],
+                num_partitions=self.num_partitions,
+                limits=self.config.limits,
+                index_limits=self.config.index_limits,
+                barrier=barriers,
+                decoded=decoded[start:stop],
+            )
+            if run.verify:
+                self.report.records += stop - start
+            for out in outcomes:
+                if isinstance(out.error, _SourceGone | _NotReplayable):
+                    skipped.update(_touched(out.command, out.index))
+            async with self._progress:
+                run.reached = records[stop - 1].offset
+                self._progress.notify_all()
+            start = stop
+        return waited
+
+    async def _export(self, q: int, offset: int) -> Any:
+        """The export of the merge record at (`q`, `offset`) as a rebuild of `q` makes it:
+        bytes, None when that record made no export, or `_UNAVAILABLE`. Starts `q`'s
+        rebuild, or one that goes further, when none will reach `offset`."""
+        key = (q, offset)
+        async with self._progress:
+            while True:
+                if key in self._exports:
+                    return self._exports[key]
+                if q not in self._partitions:
+                    return None  # no such partition: nothing was exported there
+                runs = self._runs.get(q, [])
+                if any(r.reached >= offset for r in runs):
+                    return None
+                if not any(not r.done and r.target >= offset for r in runs):
+                    if any(r.target >= offset for r in runs):
+                        return _UNAVAILABLE  # a rebuild meant to reach it failed
+                    self._start_for(q, offset)
+                await self._progress.wait()
+
+    def _start_for(self, q: int, offset: int) -> None:
+        manifest = self._manifests.get(q)
+        if q not in self._main and manifest is not None and manifest.offset >= offset:
+            self._verify_task(q)  # its turn would come anyway: start it now
+            return
+        run = _Run(q, offset, verify=False)
+        self._runs.setdefault(q, []).append(run)
+        log.info("replay: rebuilding partition %d up to %d for a merge's export", q, offset)
+        self._helpers.append(asyncio.create_task(self._help(run)))
+
+    async def _help(self, run: _Run) -> None:
+        try:
+            error = await self._rebuild(run, Partition(number=run.partition), set())
+        except Exception:
+            log.exception("replay: rebuilding partition %d for an export failed", run.partition)
+            return
+        if error is not None:
+            log.warning("replay: partition %d cannot be rebuilt: %s", run.partition, error)
+
+    @property
+    def num_partitions(self) -> int:
+        return len(self._partitions)
+
+    def register_export(self, p: int, offset: int, data: bytes) -> None:
+        self._exports[(p, offset)] = data
+
+    def export_of(self, p: int, offset: int) -> bytes | None:
+        return self._exports.get((p, offset))
 
 
 class _Barriers:
     """The replay's barrier: `import` records from their S3 objects (read on the tool's
-    loop from the apply thread) and merges within one partition, as the worker applies
-    them; the steps of a merge across partitions are not replayable."""
+    loop from the apply thread), merges within one partition as the worker applies them,
+    and the three steps of a merge across partitions with the export handed over in
+    memory (`_Replay`)."""
 
-    def __init__(
-        self, config: WorkerConfig, loop: asyncio.AbstractEventLoop, num_partitions: int
-    ) -> None:
-        self._config = config
+    def __init__(self, replay: _Replay, run: _Run, loop: asyncio.AbstractEventLoop) -> None:
+        self._replay = replay
+        self._run = run
+        self._config = replay.config
         self._loop = loop
-        self._num_partitions = num_partitions
 
     def __call__(self, partition: Partition, command: Any, outcome: Outcome) -> None:
+        topic = self._config.topics.commands
         if isinstance(command, ImportCommand):
             apply_import(partition, command, outcome, self._fetch)
-        elif (
-            isinstance(command, MergeCommand)
-            and home_partition(command.dest.encode(), self._num_partitions) == partition.number
-        ):
-            merge_locally(partition, command, outcome)
+        elif isinstance(command, MergeCommand):
+            dest = home_partition(command.dest.encode(), self._replay.num_partitions)
+            if dest == partition.number:
+                merge_locally(partition, command, outcome)
+            else:
+                data, _ = export_source(partition, command, topic)
+                self._replay.register_export(partition.number, outcome.offset, data)
+                outcome.reply_to = None
+        elif isinstance(command, MergeInCommand):
+            self._merge_in(partition, command, outcome)
+        elif isinstance(command, MergeDoneCommand):
+            origin = check_merge_done(topic, partition.number, command)
+            outcome.op = "merge"
+            if command.error is not None:
+                raise command.error.to_error()
+            outcome.applied, outcome.skipped = command.applied, command.skipped
+            data = self._replay.export_of(partition.number, origin)
+            if command.clear_source and data is not None:
+                clear_exported(partition, command, outcome, data)
         else:
-            raise _NotReplayable(f"{outcome.op} across partitions is not replayable")
+            raise Internal(f"op {outcome.op!r} is not replayable")
+
+    def _merge_in(self, partition: Partition, command: MergeInCommand, outcome: Outcome) -> None:
+        check_merge_in(self._config.topics.commands, command)
+        if command.merge_id in self._run.merged_in:
+            outcome.skipped = 1  # the worker's marker names an earlier merge_in
+            return
+        source = (command.origin_partition, command.origin_offset)
+        data = self._run.received.get(source, _UNAVAILABLE)
+        if data is _UNAVAILABLE:
+            raise _NotReplayable(
+                f"merge_in: the export of partition {command.origin_partition} offset "
+                f"{command.origin_offset} could not be rebuilt"
+            )
+        if data is None:
+            outcome.skipped = 1  # no export: the worker skips it too
+            return
+        self._run.merged_in.add(command.merge_id)
+        receive_export(partition, command, outcome, data)
 
     def _fetch(self, uri: str) -> bytes:
         future = asyncio.run_coroutine_threadsafe(self._get(uri), self._loop)
@@ -838,8 +1032,8 @@ def run_replay(args: argparse.Namespace) -> int:
             print(f"partition {p}: {what}")
         for name in report.not_replayable:
             print(
-                f"index {name!r}: not compared (touched by a merge across partitions, or by "
-                "an import whose source is gone)"
+                f"index {name!r}: not compared (touched by an import whose source is gone, "
+                "or by a merge from a partition that cannot be rebuilt)"
             )
         for error in report.errors:
             print(f"ERROR {error}")

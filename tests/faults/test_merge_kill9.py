@@ -44,6 +44,7 @@ from workerkit import (
 from lhv_index import Index
 from worker.blobstore import S3BlobStore, S3Config
 from worker.store import SnapshotStore
+from worker.tools import replay_verify
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -140,3 +141,9 @@ async def test_kill9_at_every_merge_step_completes_the_merge_once(
         assert_index_matches(name, indexes[name], oracle[name])
     assert set(oracle[src].live) == set(later)
     assert len(oracle[dest].live) == n
+
+    # The operator's check agrees: the replay, duplicates and all, rebuilds both indexes.
+    async with S3BlobStore(env.s3) as blobs:
+        replay = await replay_verify(env.config(), blobs)
+    assert replay.consistent, (replay.diffs, replay.errors)
+    assert sorted(replay.compared) == sorted([src, dest]) and replay.not_replayable == []

@@ -38,6 +38,7 @@ from workerkit import (
 )
 
 from lhv_index import Clock, Delete, Upsert, read_snapshot, write_snapshot
+from worker.apply import home_partition
 from worker.blobstore import S3BlobStore, S3Config
 from worker.client import LhvClient
 from worker.logs import ContextFilter, JsonFormatter
@@ -367,9 +368,12 @@ async def test_replay_rebuilds_imports_from_their_sources_and_names_a_rewritten_
             assert replay.consistent and replay.not_replayable == ["imp"]
 
 
-async def test_replay_compares_merges_within_a_partition_and_skips_those_across(
-    env: Env,
-) -> None:
+async def test_replay_rebuilds_merges_within_and_across_partitions(env: Env) -> None:
+    """Merges are replayed like the worker applies them: within a partition in one step,
+    across partitions with the export handed from the source's rebuild to the
+    destination's (the worker's export object is gone once the merge completed). Every
+    index is compared, also when only the destination's partition is asked for, and a
+    destination snapshot rewritten after the merge is named with its ids."""
     local_src, local_dest = names_on(env.partitions, same=True, prefix="loc")
     far_src, far_dest = names_on(env.partitions, same=False, prefix="far")
     rng = np.random.default_rng(4)
@@ -383,13 +387,43 @@ async def test_replay_compares_merges_within_a_partition_and_skips_those_across(
         await c.add(local_dest, [f"{local_src}-3"], rng.normal(size=(1, 4)))  # kept
         await c.merge(local_src, local_dest, clear_source=True)
         await c.add(local_src, ["late"], rng.normal(size=(1, 4)))  # stays in the source
-        await c.merge(far_src, far_dest)
+        await c.add(far_dest, [f"{far_src}-5"], rng.normal(size=(1, 4)))  # kept
+        await c.merge(far_src, far_dest, clear_source=True)
+        await c.add(far_src, ["late"], rng.normal(size=(1, 4)))
+        await c.merge(far_src, far_dest)  # a second merge: only "late" is new in dest
+        await c.delete(far_dest, [f"{far_src}-7"])
         await wait_no_merge_objects(env)
         await wait_caught_up([w], env.bootstrap, env.topics.commands)
         state = all_indexes([w])
         assert len(state[local_dest]) == 40 and len(state[local_src]) == 1
+        assert len(state[far_dest]) == 40 and list(state[far_src].logical_state()["live"]) == [
+            "late"
+        ]
+    everything = sorted([local_src, local_dest, far_src, far_dest])
+    dest_partition = home_partition(far_dest.encode(), env.partitions)
     async with S3BlobStore(env.s3) as blobs:
         replay = await replay_verify(env.config(), blobs)
-    assert replay.consistent, (replay.diffs, replay.errors)
-    assert sorted(replay.compared) == sorted([local_src, local_dest])
-    assert sorted(replay.not_replayable) == sorted([far_src, far_dest])
+        assert replay.consistent, (replay.diffs, replay.errors)
+        assert replay.compared == everything and replay.not_replayable == []
+
+        # Only the destination's partition: the source's is rebuilt for its exports.
+        replay = await replay_verify(env.config(), blobs, partitions=[dest_partition])
+        assert replay.consistent, (replay.diffs, replay.errors)
+        assert far_dest in replay.compared and far_src not in replay.compared
+        assert replay.not_replayable == []
+
+        # The destination's snapshot loses a merged item: the replay names it.
+        entry = next(
+            part.manifest.indexes[far_dest]
+            for part in await list_checkpoints(blobs, env.topics.commands)
+            if part.manifest is not None and far_dest in part.manifest.indexes
+        )
+        data, _ = await blobs.get(entry.key)
+        index, source = read_snapshot(data)
+        lost = f"{far_src}-11"
+        index.apply([Delete(id=lost, clock=Clock(1 << 40, source["offset"], 0))])
+        out = io.BytesIO()
+        write_snapshot(index, out, source=source)
+        await blobs.put(entry.key, out.getvalue())
+        replay = await replay_verify(env.config(), blobs)
+    assert [(d.index, d.ids) for d in replay.diffs] == [(far_dest, (lost,))]
