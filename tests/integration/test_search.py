@@ -119,6 +119,19 @@ class RawRequester:
             topic, key=key, value=value, headers=headers, partition=partition
         )
 
+    async def ask(
+        self,
+        topic: str,
+        key: bytes | None,
+        body: dict[str, Any],
+        cid: bytes,
+        *,
+        partition: int | None = None,
+    ) -> Any:
+        """Send `body` with reply headers for `cid` and return the decoded reply."""
+        await self.send(topic, key, body, self.headers(cid), partition=partition)
+        return orjson.loads((await self.reply(cid)).value)
+
     def headers(self, cid: bytes, partition: int | None = None) -> list[tuple[str, bytes]]:
         out = [("kafka_replyTopic", self.reply_topic.encode()), ("kafka_correlationId", cid)]
         if partition is not None:
@@ -338,8 +351,7 @@ async def test_a_query_on_another_partition_than_its_index_home_gets_wrong_parti
     topic = await reply_topic(env.bootstrap)
     async with RawRequester(env.bootstrap, topic) as raw:
         body = {"index": name, "vector": [1, 0]}
-        await raw.send(env.topics.search, name.encode(), body, raw.headers(b"wp"), partition=1)
-        reply = orjson.loads((await raw.reply(b"wp")).value)
+        reply = await raw.ask(env.topics.search, name.encode(), body, b"wp", partition=1)
     assert reply["status"] == "error" and reply["error"]["code"] == "wrong_partition"
 
 
@@ -489,22 +501,19 @@ async def test_a_multi_vector_request_gets_one_result_per_vector_in_order(
     topic = await reply_topic(env.bootstrap)
     async with RawRequester(env.bootstrap, topic) as raw:
         body = {"index": name, "vectors": qs.tolist(), "k": 4, "min_offset": w.offset}
-        await raw.send(env.topics.search, name.encode(), body, raw.headers(b"multi-1"))
-        reply = orjson.loads((await raw.reply(b"multi-1")).value)
+        reply = await raw.ask(env.topics.search, name.encode(), body, b"multi-1")
         assert reply["status"] == "ok" and "hits" not in reply
         assert [r["ids"] for r in reply["results"]] == [[h.id for h in hits] for hits in singles]
         for r, hits in zip(reply["results"], singles, strict=True):
             assert r["distances"] == pytest.approx([h.distance for h in hits], abs=1e-6)
         # one malformed vector: the whole request is refused, naming it
         bad = {"index": name, "vectors": [qs[0].tolist(), [1.0, 2.0]], "k": 4}
-        await raw.send(env.topics.search, name.encode(), bad, raw.headers(b"multi-2"))
-        reply = orjson.loads((await raw.reply(b"multi-2")).value)
+        reply = await raw.ask(env.topics.search, name.encode(), bad, b"multi-2")
         assert reply["status"] == "error" and reply["error"]["code"] == "invalid_request"
         assert reply["error"]["item"] == 1
         # vectors of the wrong dim for the index
         wrong = {"index": name, "vectors": [[1.0, 2.0], [3.0, 4.0]]}
-        await raw.send(env.topics.search, name.encode(), wrong, raw.headers(b"multi-3"))
-        reply = orjson.loads((await raw.reply(b"multi-3")).value)
+        reply = await raw.ask(env.topics.search, name.encode(), wrong, b"multi-3")
         assert reply["error"]["code"] == "dim_mismatch"
 
 
