@@ -29,7 +29,7 @@ from lhv_index._filter import compile_filter, filter_key
 from lhv_index._ids import LabelMap
 from lhv_index._locks import RWLock
 from lhv_index._metadata import MetaStore
-from lhv_index._params import IndexParams, Limits, Space
+from lhv_index._params import EF_MAX, IndexParams, Limits, Space
 from lhv_index._types import Columns, Hit, Item, Labels, Metadata, Vectors
 from lhv_index._validate import META_CLEAR, META_KEEP, Prepared, prepare, prepare_queries
 from lhv_index._writes import ApplyResult, Write
@@ -57,11 +57,24 @@ class Index:
     """One vector index: see the module docstring and docs/ARCHITECTURE.md."""
 
     def __init__(self, name: str, params: IndexParams, *, limits: Limits | None = None) -> None:
+        """A new, empty index.
+
+        Raises:
+            InvalidRequest: `params` over `limits` (`dim`, `max_elements_hint`), or a
+                `max_elements_hint` this process cannot allocate.
+        """
         limits = limits if limits is not None else Limits()
-        if params.dim > limits.max_dim:
-            raise InvalidRequest(f"dim {params.dim} is over the limit of {limits.max_dim}")
+        limits.check_new(params)
         capacity = max(params.max_elements_hint, MIN_CAPACITY)
-        self._setup(name, params, limits, make_engine(params, capacity))
+        try:
+            self._setup(name, params, limits, make_engine(params, capacity))
+        except MemoryError:
+            if capacity == MIN_CAPACITY:
+                raise
+            raise InvalidRequest(
+                f"max_elements_hint {params.max_elements_hint}: cannot allocate that much "
+                "capacity up front; leave the hint lower, the index grows by itself"
+            ) from None
 
     @classmethod
     def _with_engine(
@@ -231,7 +244,9 @@ class Index:
         old = np.fromiter(self._map.labels.values(), dtype=np.uint64)
         n = old.size
         log.info("index %s: rebuilding, %d live of %d slots", self.name, n, self._map.next_label)
-        capacity = max(n, MIN_CAPACITY, self.params.max_elements_hint)
+        # an index restored from before the limit keeps its hint, within today's limit
+        hint = min(self.params.max_elements_hint, self.limits.max_elements_hint)
+        capacity = max(n, MIN_CAPACITY, hint)
         engine = make_engine(self.params, capacity)
         try:
             for start in range(0, n, CHUNK):
@@ -298,8 +313,8 @@ class Index:
             raise InvalidRequest(f"k must be an integer in [1, {self.limits.max_k}], got {k!r}")
         if ef is None:
             ef = self.params.ef_search
-        elif isinstance(ef, bool) or not isinstance(ef, int) or not 1 <= ef <= 1_000_000:
-            raise InvalidRequest(f"ef must be an integer in [1, 1000000], got {ef!r}")
+        elif isinstance(ef, bool) or not isinstance(ef, int) or not 1 <= ef <= EF_MAX:
+            raise InvalidRequest(f"ef must be an integer in [1, {EF_MAX}], got {ef!r}")
         key = filter_key(filter) if filter else None
         if self._cosine:
             queries = np.ascontiguousarray(queries / qnorms[:, None], dtype=np.float32)

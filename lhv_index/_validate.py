@@ -17,7 +17,7 @@ import numpy.typing as npt
 import orjson
 
 from lhv_index._clock import CLOCK_MAX, CLOCK_MIN, Clock
-from lhv_index._params import IndexParams, Limits, Space
+from lhv_index._params import IndexParams, Limits, Space, _brief
 from lhv_index._types import Vectors
 from lhv_index._writes import Delete, Upsert, Write
 from lhv_index.errors import DimMismatch, InvalidRequest
@@ -117,7 +117,7 @@ def encode_metadata(metadata: object, limits: Limits) -> bytes:
 
 
 def _fail(exc_type: type[InvalidRequest], pos: int, id_: object, why: str) -> InvalidRequest:
-    return exc_type(f"item {pos} (id {id_!r}): {why}", item=pos)
+    return exc_type(f"item {pos} (id {_brief(id_)}): {why}", item=pos)
 
 
 def prepare(writes: Sequence[Write], params: IndexParams, limits: Limits) -> Prepared:
@@ -157,7 +157,7 @@ def prepare(writes: Sequence[Write], params: IndexParams, limits: Limits) -> Pre
             continue
         try:
             vec = np.asarray(w.vector, dtype=np.float32)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise _fail(InvalidRequest, pos, id_, f"vector is not numeric: {exc}") from None
         if vec.shape != (dim,):
             got = vec.shape[0] if vec.ndim == 1 else f"shape {vec.shape}"
@@ -204,7 +204,7 @@ def prepare_queries(
     """
     try:
         q = np.asarray(vectors, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidRequest(f"query vectors are not numeric: {exc}") from None
     if q.ndim == 1:
         q = q[None, :]

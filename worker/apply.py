@@ -96,7 +96,7 @@ def decode_records(
         try:
             if rec.key is not None and home_partition(rec.key, num_partitions) != partition:
                 raise WrongPartition(
-                    f"index {rec.key.decode(errors='replace')!r} lives on partition "
+                    f"index {rec.key[:128].decode(errors='replace')!r} lives on partition "
                     f"{home_partition(rec.key, num_partitions)}, record came on {partition}"
                 )
             item.command = decode_command(rec.key, rec.value, rec.headers or (), limits=limits)
@@ -285,7 +285,7 @@ def _create(partition: Partition, cmd: CreateCommand, out: Outcome, index_limits
     existing = partition.indexes.get(cmd.index)
     if existing is not None:
         if existing.params.to_dict() == params.to_dict():
-            out.skipped = 1
+            out.skipped = 1  # even over today's limits: it exists already
             return
         raise IndexExists(
             f"index {cmd.index!r} exists with other parameters: {existing.params.to_dict()}"

@@ -139,3 +139,55 @@ def test_unknown_index_and_bad_create_are_rejected() -> None:
     )
     codes = [o.error.code if o.error else None for o in outs]
     assert codes == ["index_not_found", None, "index_exists", None, "index_not_found"]
+
+
+def test_requests_over_the_bounds_are_invalid_request_and_the_partition_goes_on() -> None:
+    part = Partition(number=HOME)
+    deep: object = 1
+    for _ in range(300):
+        deep = {"a": deep}
+    outs = _apply(
+        part,
+        _records(
+            [
+                {"op": "create", "dim": 2, "max_elements_hint": 2**32},
+                {"op": "create", "dim": 2, "max_elements_hint": 5_000_000},
+                {"op": "create", "dim": 2, "M": 4096},
+                {"op": "create", "dim": 2, "space": "l2"},
+                # orjson cannot write this metadata back: refused at decode, not `internal`
+                b'{"op":"add","index":"docs","items":[{"id":"a","vector":[1,0],"metadata":'
+                + b'{"a":' * 300
+                + b"1"
+                + b"}" * 300
+                + b"}]}",
+                _add(("b", [0, 1])),
+            ]
+        ),
+    )
+    codes = [o.error.code if o.error else None for o in outs]
+    assert codes == ["invalid_request"] * 3 + [None, "invalid_request", None]
+    assert "max_elements_hint 5000000 is over the limit of 1000000" in outs[1].error.message
+    assert "items[0].metadata" in outs[4].error.message
+    assert "32" in outs[4].error.message
+    assert sorted(part.indexes[NAME].logical_state()["live"]) == ["b"]
+
+
+def test_an_existing_index_created_over_todays_hint_limit_is_recreated_as_a_no_op() -> None:
+    part = Partition(number=HOME)
+    create = {"op": "create", "dim": 2, "max_elements_hint": 2_000}
+    generous = apply_records(
+        part,
+        _records([create]),
+        num_partitions=P,
+        limits=MessageLimits(),
+        index_limits=Limits(max_elements_hint=10_000),
+    )
+    assert generous[0].applied == 1
+    again = apply_records(
+        part,
+        _records([create]),
+        num_partitions=P,
+        limits=MessageLimits(),
+        index_limits=Limits(max_elements_hint=1_000),
+    )
+    assert again[0].error is None and again[0].skipped == 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from lhv_index import (
     Space,
     Upsert,
 )
+from lhv_index._params import EF_MAX, ELEMENTS_HINT_MAX, M_MAX, N_TREES_MAX, SEARCH_K_MAX
 from lhv_index.errors import DimMismatch, EngineError, InvalidRequest
 
 DIM = 8
@@ -210,6 +213,70 @@ def test_params_round_trip_and_reject_unknown_keys() -> None:
         IndexParams.from_dict({"dim": 4, "space": "hamming"})
 
 
+CREATE_SCHEMA = json.loads(
+    (Path(__file__).resolve().parents[2] / "schemas" / "create.schema.json").read_text()
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "low", "high"),
+    [
+        ("dim", 1, 65_536),
+        ("M", 2, M_MAX),
+        ("ef_construction", 1, EF_MAX),
+        ("ef_search", 1, EF_MAX),
+        ("n_trees", 1, N_TREES_MAX),
+        ("search_k", -1, SEARCH_K_MAX),
+        ("max_elements_hint", 0, ELEMENTS_HINT_MAX),
+    ],
+)
+def test_every_create_parameter_is_bounded_as_the_published_schema_says(
+    name: str, low: int, high: int
+) -> None:
+    prop = CREATE_SCHEMA["properties"][name]
+    assert prop["minimum"] == low and prop["maximum"] == high
+    base = {"dim": 4}
+    assert getattr(IndexParams.from_dict({**base, name: high}), name) == high
+    for bad in (low - 1, high + 1, str(high), 2.5, True):
+        with pytest.raises(InvalidRequest, match=f"{name} must be an integer in") as err:
+            IndexParams.from_dict({**base, name: bad})
+        assert err.value.code == "invalid_request"
+
+
+def test_a_new_index_is_refused_a_capacity_hint_over_the_limit() -> None:
+    limits = Limits(max_elements_hint=5_000)
+    params = {"dim": 4, "max_elements_hint": 5_001}
+    with pytest.raises(InvalidRequest, match="max_elements_hint 5001 is over the limit of 5000"):
+        IndexParams.from_dict(params, limits=limits)
+    with pytest.raises(InvalidRequest, match="max_elements_hint 5001 is over the limit of 5000"):
+        Index("t", IndexParams.from_dict(params), limits=limits)
+    with pytest.raises(InvalidRequest, match="over the limit of 1000000"):
+        Index("t", IndexParams(dim=4, max_elements_hint=2**32))
+    # parameters read back (a snapshot's) are not held to today's limits for new indexes
+    assert IndexParams.from_dict(params).max_elements_hint == 5_001
+    assert (
+        Index("t", IndexParams(dim=4, max_elements_hint=5_000), limits=limits).stats()["capacity"]
+        >= 5_000
+    )
+
+
+def test_a_capacity_hint_that_cannot_be_allocated_is_invalid_request() -> None:
+    limits = Limits(max_elements_hint=ELEMENTS_HINT_MAX, max_dim=65_536)
+    params = IndexParams(
+        dim=65_536, space=Space.L2, engine=EngineKind.EXACT, max_elements_hint=ELEMENTS_HINT_MAX
+    )
+    with pytest.raises(InvalidRequest, match="cannot allocate"):  # 1 PiB: past any address space
+        Index("t", params, limits=limits)
+
+
+def test_a_rebuild_allocates_no_more_than_todays_hint_limit() -> None:
+    old = Index("t", IndexParams(dim=DIM, max_elements_hint=50_000), limits=Limits())
+    restored = Index._with_engine("t", old.params, Limits(max_elements_hint=2_000), old._engine)
+    restored.apply([up(f"id{i}", i) for i in range(1_100)])
+    restored.apply([rm(f"id{i}", o=1) for i in range(600)])  # past the rebuild threshold
+    assert restored.stats()["capacity"] <= 2_000
+
+
 # -- search ----------------------------------------------------------------------------------
 
 
@@ -315,7 +382,14 @@ def test_filtered_results_follow_writes() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"k": 0}, {"k": 10_001}, {"k": 5, "ef": 0}, {"k": 5, "filter": ["x"]}]
+    "kwargs",
+    [
+        {"k": 0},
+        {"k": 10_001},
+        {"k": 5, "ef": 0},
+        {"k": 5, "ef": EF_MAX + 1},
+        {"k": 5, "filter": ["x"]},
+    ],
 )
 def test_bad_search_arguments_are_invalid_requests(kwargs: dict) -> None:
     idx = make()
