@@ -46,7 +46,8 @@ import binascii
 import copy
 import importlib.util
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -105,6 +106,8 @@ QUERY_OPS = ("search", "get", "stats")
 SCHEMA_NAMES = (*COMMAND_OPS, *QUERY_OPS, "command", "query", "reply", "ack", "dlq_headers")
 
 _INT64_MAX = 2**63 - 1
+#: orjson refuses to write values nested deeper than this (and to read past 1024)
+_ORJSON_MAX_DEPTH = 254
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,11 +130,28 @@ class MessageLimits:
     """vectors of one multi-vector search (`vectors` / `vectors_b64`)"""
     max_ids: int = 10_000
     """ids of one `delete` or `get`"""
+    max_get_vectors: int = 1_000
+    """ids of one `get` that asks for vectors (`include_vectors`, the default): bounds
+    the vectors one reply materializes (at most this many times `max_dim` floats)"""
+    max_json_depth: int = 32
+    """nesting of a message body: objects and arrays inside each other, the body itself
+    counting as 1 (an `add` item's `metadata` may then be 29 levels deep counting itself,
+    a search `filter` 31)"""
+    max_filter_keys: int = 64
+    """fields of one search `filter`"""
+    max_filter_bytes: int = 16_384
+    """one search `filter`, as compact JSON"""
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if getattr(self, f.name) < 1:
-                raise ValueError(f"MessageLimits.{f.name} must be at least 1")
+            value = getattr(self, f.name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"MessageLimits.{f.name} must be an integer of at least 1")
+        if self.max_json_depth > _ORJSON_MAX_DEPTH:
+            raise ValueError(
+                f"MessageLimits.max_json_depth must be at most {_ORJSON_MAX_DEPTH} "
+                "(orjson's own limit when it writes JSON)"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,7 +516,9 @@ def _schema_error(op: str, exc: fastjsonschema.JsonSchemaValueException) -> Inva
         item = int(path[2])
     if exc.rule == "additionalProperties" and isinstance(exc.value, dict):
         allowed = (exc.definition or {}).get("properties", {})
-        unknown = ", ".join(repr(k) for k in sorted(exc.value) if k not in allowed)
+        unknown = _brief(
+            ", ".join(repr(k) for k in sorted(exc.value) if k not in allowed), 200, quote=False
+        )
         return InvalidRequest(f"{op}: unknown field(s) {unknown} in {label}", item=item)
     message = str(exc.message)
     if message.startswith(name):
@@ -505,6 +527,18 @@ def _schema_error(op: str, exc: fastjsonschema.JsonSchemaValueException) -> Inva
 
 
 # -- decoding -----------------------------------------------------------------------------
+
+
+@contextmanager
+def _request_faults() -> Iterator[None]:
+    """Errors that only the request can cause, wherever decoding meets them, as
+    `InvalidRequest` (the checks before them should have caught each; this is the net)."""
+    try:
+        yield
+    except RecursionError:
+        raise InvalidRequest("message is nested too deeply to decode (max_json_depth)") from None
+    except UnicodeError:
+        raise InvalidRequest("message holds text that is not valid UTF-8") from None
 
 
 def _header(headers: Sequence[tuple[str, bytes]], name: str) -> bytes | None:
@@ -558,6 +592,7 @@ def reply_to_from_headers(headers: Sequence[tuple[str, bytes]]) -> ReplyTo | Non
 
 
 def _parse(value: bytes | None, limits: MessageLimits) -> dict[str, Any]:
+    """The body as a dict, its nesting checked before anything else walks it."""
     if not value:
         raise InvalidRequest("empty message: a command or query is a JSON object")
     if len(value) > limits.max_message_bytes:
@@ -567,10 +602,73 @@ def _parse(value: bytes | None, limits: MessageLimits) -> dict[str, Any]:
     try:
         body = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"message is not valid JSON: {exc}") from None
+        if str(exc).startswith("depth limit exceeded"):
+            raise InvalidRequest(
+                f"message is nested deeper than the limit of {limits.max_json_depth} levels "
+                "(max_json_depth)"
+            ) from None
+        raise InvalidRequest(f"message is not valid JSON: {_brief(str(exc), 200)}") from None
     if not isinstance(body, dict):
         raise InvalidRequest(f"a message must be a JSON object, not {_json_type(body)}")
+    _check_depth(body, limits.max_json_depth)
     return body
+
+
+def _check_depth(body: dict[str, Any], max_depth: int) -> None:
+    """Refuse a body with objects and arrays nested deeper than `max_depth` (the body is
+    level 1), naming the field where it happens.
+
+    Iterative, level by level: no recursion, whatever the input. Long flat arrays (vectors,
+    ids) are passed over with one C-level scan of their element types.
+    """
+    level: list[Any] = [body]
+    depth = 1
+    while level:
+        if depth > max_depth:
+            where = _deep_path(body, max_depth)
+            raise InvalidRequest(
+                f"{where} is nested deeper than the limit of {max_depth} levels (max_json_depth)"
+            )
+        below: list[Any] = []
+        for node in level:
+            values = node.values() if type(node) is dict else node
+            if len(values) > 8:
+                kinds = set(map(type, values))
+                if dict not in kinds and list not in kinds:
+                    continue
+            below.extend([v for v in values if type(v) is dict or type(v) is list])
+        level = below
+        depth += 1
+
+
+def _deep_path(body: dict[str, Any], max_depth: int) -> str:
+    """The path (`items[3].metadata`, at most 4 steps) to a container below `max_depth`;
+    only called once `_check_depth` knows there is one."""
+    stack: list[tuple[Any, int, str]] = [(body, 1, "")]
+    while stack:
+        node, depth, path = stack.pop()
+        if depth > max_depth:
+            return path.lstrip(".") or "message"
+        children = node.items() if type(node) is dict else enumerate(node)
+        for key, value in children:
+            if type(value) is dict or type(value) is list:
+                if depth > 4:
+                    step = ""
+                elif type(key) is int:
+                    step = f"[{key}]"
+                else:
+                    step = f".{_brief(key, 40, quote=False)}"
+                stack.append((value, depth + 1, path + step))
+    return "message"
+
+
+def _brief(value: Any, limit: int = 64, *, quote: bool = True) -> str:
+    """`repr(value)` (or `str` with quote=False), cut to about `limit` characters: error
+    messages name what is wrong without echoing a large request back."""
+    text = repr(value) if quote else str(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _json_type(value: Any) -> str:
@@ -597,7 +695,7 @@ def _check_key(key: bytes | None, index: str) -> None:
             "the record key is not UTF-8: the key must be the index name"
         ) from None
     if index != key_s:
-        raise InvalidRequest(f"index {index!r} differs from the record key {key_s!r}")
+        raise InvalidRequest(f"index {index!r} differs from the record key {_brief(key_s, 140)}")
 
 
 def decode_vector_b64(text: str, *, max_dim: int) -> np.ndarray:
@@ -747,7 +845,7 @@ def _decode_items(raw_items: list[dict[str, Any]], limits: MessageLimits) -> lis
         raise InvalidRequest(f"add: {n} items is over the limit {limits.max_items}")
 
     def where(pos: int) -> str:
-        return f"add: items[{pos}] (id {raw_items[pos]['id']!r})"
+        return f"add: items[{pos}] (id {_brief(raw_items[pos]['id'])})"
 
     max_id = limits.max_id_bytes
     max_meta = limits.max_metadata_bytes
@@ -803,6 +901,25 @@ def _decode_items(raw_items: list[dict[str, Any]], limits: MessageLimits) -> lis
 _NO_VECTOR = np.empty(0, dtype=np.float32)
 
 
+def _check_filter(flt: dict[str, Any] | None, limits: MessageLimits) -> dict[str, Any] | None:
+    """A search's equality filter (the schema has checked it is an object), within the
+    limits on its fields and size; None when absent or empty."""
+    if not flt:
+        return None
+    if len(flt) > limits.max_filter_keys:
+        raise InvalidRequest(
+            f"search: filter of {len(flt)} fields is over the limit {limits.max_filter_keys} "
+            "(max_filter_keys)"
+        )
+    size = len(orjson.dumps(flt))  # nesting is within max_json_depth, below orjson's own
+    if size > limits.max_filter_bytes:
+        raise InvalidRequest(
+            f"search: filter of {size} bytes is over the limit {limits.max_filter_bytes} "
+            "(max_filter_bytes)"
+        )
+    return flt
+
+
 def _check_ids(ids: list[str], limits: MessageLimits, op: str) -> list[str]:
     if len(ids) > limits.max_ids:
         raise InvalidRequest(f"{op}: {len(ids)} ids is over the limit {limits.max_ids}")
@@ -832,11 +949,21 @@ def decode_command(
             included), with a message naming it and `item` set when one item (or id) is
             to blame. Nothing was applied.
     """
+    with _request_faults():
+        return _command(key, value, headers, limits)
+
+
+def _command(
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes]],
+    limits: MessageLimits,
+) -> Command:
     body = _parse(value, limits)
     op = body.get("op")
     if op not in COMMAND_OPS:
         raise InvalidRequest(
-            f"unknown op {op!r}; commands are {', '.join(COMMAND_OPS)}"
+            f"unknown op {_brief(op)}; commands are {', '.join(COMMAND_OPS)}"
             if "op" in body
             else f"a command needs an op, one of {', '.join(COMMAND_OPS)}"
         )
@@ -941,13 +1068,23 @@ def decode_query(
             the record), or anything malformed; with reply headers present, the caller
             answers with an error reply (`reply_to_from_headers` reads them alone).
     """
+    with _request_faults():
+        return _query(key, value, headers, limits)
+
+
+def _query(
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes]],
+    limits: MessageLimits,
+) -> Query:
     reply_to = reply_to_from_headers(headers)
     if reply_to is None:
         raise InvalidRequest("a query needs kafka_replyTopic and kafka_correlationId headers")
     body = _parse(value, limits)
     op = body.setdefault("op", "search")
     if op not in QUERY_OPS:
-        raise InvalidRequest(f"unknown op {op!r}; queries are {', '.join(QUERY_OPS)}")
+        raise InvalidRequest(f"unknown op {_brief(op)}; queries are {', '.join(QUERY_OPS)}")
     _check(op, body)
     index = body["index"]
     _check_key(key, index)
@@ -969,19 +1106,27 @@ def decode_query(
             multi=multi,
             k=k,
             ef=_opt_int(body.get("ef")),
-            filter=body.get("filter") or None,
+            filter=_check_filter(body.get("filter"), limits),
             include_metadata=bool(body.get("include_metadata", False)),
             include_vectors=bool(body.get("include_vectors", False)),
         )
     if op == "get":
+        ids = _check_ids(body["ids"], limits, op)
+        include_vectors = bool(body.get("include_vectors", True))
+        if include_vectors and len(ids) > limits.max_get_vectors:
+            raise InvalidRequest(
+                f"get: {len(ids)} ids with include_vectors is over the limit "
+                f"{limits.max_get_vectors} (max_get_vectors): ask in several gets, or "
+                "without vectors"
+            )
         return GetQuery(
             index=index,
             reply_to=reply_to,
             request_id=request_id,
             min_offset=min_offset,
             deadline_ms=deadline_ms,
-            ids=_check_ids(body["ids"], limits, op),
-            include_vectors=bool(body.get("include_vectors", True)),
+            ids=ids,
+            include_vectors=include_vectors,
             include_metadata=bool(body.get("include_metadata", True)),
             vector_encoding=body.get("vector_encoding", "json"),
         )

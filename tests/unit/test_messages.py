@@ -351,6 +351,19 @@ def test_get_and_stats_decode() -> None:
 _ITEM = {"id": "a", "vector": [1.0, 2.0]}
 
 
+def nest(levels: int, kind: str = "object") -> Any:
+    """A value `levels` objects (or arrays) deep, counting itself."""
+    value: Any = 1
+    for _ in range(levels):
+        value = {"a": value} if kind == "object" else [value]
+    return value
+
+
+def deep_bytes(levels: int) -> bytes:
+    """JSON text of `nest(levels)`, for depths orjson refuses to write."""
+    return b'{"a":' * levels + b"1" + b"}" * levels
+
+
 def _add(*items: Any, **extra: Any) -> dict[str, Any]:
     return {"op": "add", "index": "docs", "items": list(items), **extra}
 
@@ -403,6 +416,16 @@ BAD_COMMANDS: list[tuple[str, bytes | None, Any, str, int | None]] = [
     ("import not s3", b"docs", {"op": "import", "index": "docs", "source": "/etc/passwd"}, "source", None),
     ("merge_in export escapes", b"docs", {"op": "merge_in", "index": "docs", "source_index": "s", "export": "a/../../b", "merge_id": "m", "origin_partition": 0, "origin_offset": 0}, "export", None),
     ("bool for an integer", b"docs", {"op": "delete", "index": "docs", "ids": ["a"], "version": True}, "version", None),
+    ("metadata nested past the limit", b"docs", _add(_ITEM, {**_ITEM, "metadata": nest(30)}), "items[1].metadata.a is nested deeper than the limit of 32 levels", None),
+    ("metadata nested past orjson's writer", b"docs", b'{"op":"add","index":"docs","items":[{"id":"a","vector":[1],"metadata":' + deep_bytes(300) + b"}]}", "items[0].metadata.a is nested deeper than the limit of 32", None),
+    ("array nested past the limit", b"docs", _add({"id": "a", "vector": nest(40, "array")}), "items[0].vector[0] is nested deeper", None),
+    ("body nested past the parser", b"docs", b"[" * 2000 + b"]" * 2000, "message is nested deeper than the limit of 32", None),
+    ("unknown field nested deep", b"docs", {"op": "drop", "index": "docs", "x": nest(40)}, "x.a.a.a is nested deeper", None),
+    ("create M over its bound", b"docs", {"op": "create", "index": "docs", "dim": 2, "M": 4096}, "M must be smaller than or equal to 512", None),
+    ("create ef_construction over its bound", b"docs", {"op": "create", "index": "docs", "dim": 2, "ef_construction": 10**6}, "ef_construction", None),
+    ("create search_k over its bound", b"docs", {"op": "create", "index": "docs", "dim": 2, "search_k": 10**8}, "search_k", None),
+    ("create hint over its bound", b"docs", {"op": "create", "index": "docs", "dim": 2, "max_elements_hint": 2**33}, "max_elements_hint", None),
+    ("create dim over its bound", b"docs", {"op": "create", "index": "docs", "dim": 2**17}, "dim", None),
 ]  # fmt: skip
 
 
@@ -466,6 +489,13 @@ BAD_QUERIES: list[tuple[str, Any, str]] = [
     ("bad base64 in vectors_b64", {"index": "docs", "vectors_b64": [b64([1.0]), "!!!!"]}, "vector 1"),
     ("too many vectors", {"index": "docs", "vectors_b64": [b64([1.0])] * 1025}, "1025 vectors"),
     ("vectors not arrays", {"index": "docs", "vectors": [1.0, 2.0]}, "vectors"),
+    ("filter nested past the limit", {"index": "docs", "vector": [1.0], "filter": nest(32)}, "filter.a.a.a is nested deeper than the limit of 32 levels"),
+    ("filter nested past orjson's writer", b'{"index":"docs","vector":[1.0],"filter":' + deep_bytes(300) + b"}", "filter.a.a.a is nested deeper than the limit of 32"),
+    ("query nested past the parser", b'{"index":"docs","vector":[1.0],"filter":' + deep_bytes(1100) + b"}", "message is nested deeper than the limit of 32"),
+    ("filter with too many fields", {"index": "docs", "vector": [1.0], "filter": {f"f{i}": i for i in range(65)}}, "filter of 65 fields is over the limit 64 (max_filter_keys)"),
+    ("filter too large", {"index": "docs", "vector": [1.0], "filter": {"t": "x" * 20_000}}, "filter of 20008 bytes is over the limit 16384 (max_filter_bytes)"),
+    ("ef over its bound", {"index": "docs", "vector": [1.0], "ef": 100_001}, "ef must be smaller than or equal to 100000"),
+    ("get too many vectors", {"op": "get", "index": "docs", "ids": ["a"] * 1_001}, "1001 ids with include_vectors is over the limit 1000 (max_get_vectors)"),
 ]  # fmt: skip
 
 
@@ -478,6 +508,40 @@ def test_bad_query_is_invalid_request(value: Any, fragment: str) -> None:
     assert type(err.value) is InvalidRequest and fragment in err.value.message
     # the reply headers alone still say where the error reply goes
     assert reply_to_from_headers(HEADERS) == REPLY_TO
+
+
+def test_nesting_up_to_the_limit_is_accepted() -> None:
+    meta = nest(29)  # body, items, the item, then metadata's own 29 levels: 32
+    assert command(_add({**_ITEM, "metadata": meta})).items[0].metadata == meta
+    assert query({"index": "docs", "vector": [1.0], "filter": nest(31)}).filter == nest(31)
+    deeper = MessageLimits(max_json_depth=40)
+    c = decode_command(
+        b"docs", orjson.dumps(_add({**_ITEM, "metadata": nest(35)})), [], limits=deeper
+    )
+    assert c.items[0].metadata == nest(35)
+    with pytest.raises(ValueError, match="max_json_depth must be at most 254"):
+        MessageLimits(max_json_depth=255)
+
+
+def test_a_get_without_vectors_may_ask_for_up_to_max_ids() -> None:
+    got = query({"op": "get", "index": "docs", "ids": ["a"] * 10_000, "include_vectors": False})
+    assert isinstance(got, GetQuery) and len(got.ids) == 10_000
+
+
+def test_errors_name_a_large_request_value_without_echoing_it() -> None:
+    huge = "x" * 100_000
+    for value, decode in (
+        ({"op": huge, "index": "docs"}, command),
+        ({"op": "delete", "index": "docs", "ids": ["a"], huge: 1}, command),
+        (_add({"id": huge, "vector": [1.0]}), command),
+        ({"op": huge, "index": "docs"}, query),
+    ):
+        with pytest.raises(InvalidRequest) as err:
+            decode(value)
+        assert len(err.value.message) < 500 and "100002 characters" in err.value.message
+    with pytest.raises(InvalidRequest, match="record key") as err:
+        command({"op": "drop", "index": "docs"}, key=huge.encode())
+    assert len(err.value.message) < 500
 
 
 def test_query_without_reply_headers_is_refused() -> None:
