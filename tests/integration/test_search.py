@@ -691,3 +691,56 @@ async def test_cli_load_exits_non_zero_naming_the_batches_that_failed(
     assert "2 of 5 batches failed" in captured.err
     stats = await served.client.stats("bad")
     assert stats["count"] == 30
+
+
+async def test_deeply_nested_requests_are_invalid_and_the_worker_answers_what_follows(
+    served: Served,
+) -> None:
+    env = served.env
+    name = served.index_on(0, "deep")
+    await served.client.create(name, dim=2, space="l2")
+    topic = await reply_topic(env.bootstrap)
+    deep = b'{"a":' * 300 + b"1" + b"}" * 300  # deeper than orjson can write back
+    async with RawRequester(env.bootstrap, topic) as raw:
+        key = name.encode()
+        commands = [
+            (b"deep-add", b'{"op":"add","index":"%s","items":[{"id":"a","vector":[1,0],'
+             b'"metadata":%s}]}' % (key, deep)),
+            (b"huge-hint", orjson.dumps(
+                {"op": "create", "index": f"{name}-b", "dim": 2, "max_elements_hint": 5_000_000}
+            )),
+            (b"good-add", orjson.dumps(
+                {"op": "add", "index": name, "items": [{"id": "b", "vector": [0, 1]}]}
+            )),
+        ]  # fmt: skip
+        for cid, value in commands:
+            cmd_key = orjson.loads(value)["index"].encode() if cid == b"huge-hint" else key
+            await raw.send(env.topics.commands, cmd_key, value, raw.headers(cid))
+        acks = {cid: orjson.loads((await raw.reply(cid)).value) for cid, _ in commands}
+        for cid in (b"deep-add", b"huge-hint"):
+            assert acks[cid]["status"] == "error", cid
+            assert acks[cid]["error"]["code"] == "invalid_request", acks[cid]
+        assert "items[0].metadata" in acks[b"deep-add"]["error"]["message"]
+        assert "max_json_depth" in acks[b"deep-add"]["error"]["message"]
+        assert "max_elements_hint 5000000" in acks[b"huge-hint"]["error"]["message"]
+        assert acks[b"good-add"]["status"] == "ok" and acks[b"good-add"]["applied"] == 1
+        after = acks[b"good-add"]["offset"]
+
+        # a deep filter and good searches sent with it: the bad one is refused alone
+        search = {"index": name, "vector": [0, 1], "k": 5, "min_offset": after}
+        await raw.send(
+            env.topics.search,
+            key,
+            b'{"index":"%s","vector":[0,1],"filter":%s}' % (key, deep),
+            raw.headers(b"deep-search"),
+        )
+        await raw.send(env.topics.search, key, search, raw.headers(b"good-search"))
+        bad = orjson.loads((await raw.reply(b"deep-search")).value)
+        assert bad["status"] == "error" and bad["error"]["code"] == "invalid_request"
+        assert "filter" in bad["error"]["message"] and "32" in bad["error"]["message"]
+        good = orjson.loads((await raw.reply(b"good-search")).value)
+        assert good["status"] == "ok" and [h["id"] for h in good["hits"]] == ["b"]
+    # the worker is up and still serves the partition, by client and by command
+    hits = await served.client.search(name, np.array([0, 1], "f4"), k=5)
+    assert [h.id for h in hits] == ["b"]
+    assert (await served.client.stats(name))["count"] == 1
