@@ -10,8 +10,8 @@ import os
 import socket
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 from lhv_index import Limits as IndexLimits
 from worker.blobstore import S3Config, _env
@@ -23,7 +23,10 @@ __all__ = [
     "S3Config",
     "TopicsConfig",
     "WorkerConfig",
+    "limits_from_env",
 ]
+
+_L = TypeVar("_L", MessageLimits, IndexLimits)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,6 +116,18 @@ class CheckpointPolicy:
             raise ValueError("checkpoint policy needs every_records >= 1 and every_s > 0")
 
 
+def limits_from_env(cls: type[_L], env: Mapping[str, str] = os.environ) -> _L:
+    """`MessageLimits` or `lhv_index.Limits` with each field read from `LHV_<FIELD>` when
+    set (`max_dim` from `LHV_MAX_DIM`, ...); a field both have (`max_dim`, `max_k`,
+    `max_id_bytes`, `max_metadata_bytes`) is set in both by one variable."""
+    kw: dict[str, int] = {}
+    for f in fields(cls):
+        value = _env(env, f"LHV_{f.name.upper()}")
+        if value is not None:
+            kw[f.name] = int(value)
+    return cls(**kw)
+
+
 #: integer settings of `WorkerConfig` read from the environment
 _INT_SETTINGS = {
     "metrics_port": "LHV_METRICS_PORT",
@@ -172,6 +187,8 @@ class WorkerConfig:
                 every_records=int(_env(env, "LHV_CHECKPOINT_RECORDS", "50000") or 50000),
                 every_s=float(_env(env, "LHV_CHECKPOINT_SECONDS", "30") or 30),
             ),
+            "limits": limits_from_env(MessageLimits, env),
+            "index_limits": limits_from_env(IndexLimits, env),
             "group_id": _env(env, "LHV_GROUP_ID", "lhv") or "lhv",
             "worker_id": _env(env, "LHV_WORKER_ID"),
             "group_instance_id": _env(env, "LHV_GROUP_INSTANCE_ID"),

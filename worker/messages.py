@@ -27,6 +27,13 @@ Vectors must also be finite: NaN and infinities are rejected here (a JSON number
 for float32 becomes infinite and is rejected too); the index checks them again with the
 dimension, which messages do not know.
 
+Before the schema or anything else walks a body, its nesting is checked against
+`max_json_depth` without recursion (`_check_depth`): a deep `filter` or `metadata` would
+otherwise fail later, in orjson (which writes at most 254 levels) or in recursive code,
+as an error that is not the request's. Any `RecursionError` or `UnicodeError` that still
+escapes decoding is the request's fault and becomes `InvalidRequest` too. Error messages
+name a request's values cut short, never in full.
+
 Conventions:
 
 - `deadline_ms` is absolute Unix time in milliseconds (UTC epoch), as the requester's

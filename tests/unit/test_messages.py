@@ -796,3 +796,21 @@ def test_acks_are_schema_valid() -> None:
     ACK_SCHEMA(body)
     assert body["status"] == "error" and body["error"]["item"] == 0 and body["partition"] == 3
     assert body["applied"] == 0 and body["index"] == "" and body["request_id"] is None
+
+
+def test_every_limit_is_read_from_its_lhv_variable_and_shared_names_set_both() -> None:
+    from worker.config import WorkerConfig
+
+    env = {
+        "LHV_MAX_JSON_DEPTH": "20",
+        "LHV_MAX_FILTER_KEYS": "8",
+        "LHV_MAX_GET_VECTORS": "50",
+        "LHV_MAX_DIM": "1024",
+        "LHV_MAX_ELEMENTS_HINT": "10000",
+    }
+    config = WorkerConfig.from_env(env)
+    assert (config.limits.max_json_depth, config.limits.max_filter_keys) == (20, 8)
+    assert config.limits.max_get_vectors == 50
+    assert config.limits.max_dim == config.index_limits.max_dim == 1024
+    assert config.index_limits.max_elements_hint == 10_000
+    assert WorkerConfig.from_env({}).limits == MessageLimits()
