@@ -59,6 +59,9 @@ def _args_stack(parser: argparse.ArgumentParser) -> None:
         "--kafka-version", default=None, help="Kafka release (default 3.9.1, $LHV_KAFKA_VERSION)"
     )
     up.add_argument("--timeout", type=float, default=60.0, help="seconds per server to be ready")
+    up.add_argument(
+        "--sasl", action="store_true", help="require SASL (PLAIN, SCRAM-SHA-256; also over TLS)"
+    )
     for name, text in (("status", "is the stack up and answering"), ("down", "stop the stack")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--env-file", default=DEFAULT_ENV_FILE, help="env file of `stack up`")
@@ -106,6 +109,7 @@ def _stack_up(args: argparse.Namespace, env_file: Path) -> int:
     settings = stack.StackSettings(
         partitions=args.partitions if args.partitions is not None else stack.DEFAULT_PARTITIONS,
         start_timeout_s=args.timeout,
+        sasl=args.sasl,
         **({"kafka_version": args.kafka_version} if args.kafka_version else {}),
     )
     # a detached stack outlives this process: its directory is removed by `stack down`
@@ -118,6 +122,9 @@ def _stack_up(args: argparse.Namespace, env_file: Path) -> int:
     stack.write_env_file(env_file, local.env())
     print(f"stack ready in {local.ready_s:.1f} s")
     print(f"  kafka  {local.bootstrap_servers}  (log {local.kafka_log})")
+    if args.sasl:
+        print(f"  sasl   SCRAM-SHA-256 or PLAIN as {stack.SASL_USER}; SASL_SSL at "
+              f"{local.sasl_ssl_bootstrap_servers} (LHV_STACK_SSL_* in the env)")  # fmt: skip
     print(f"  s3     {local.s3_endpoint_url}  bucket {local.bucket}  (log {local.s3_log})")
     print(f"  env    source {env_file}")
     if not args.foreground:
@@ -227,10 +234,9 @@ def _worker_config(args: argparse.Namespace) -> WorkerConfig:
 def _cmd_worker(args: argparse.Namespace) -> int:
     import asyncio
 
-    from worker.logs import setup_logging
+    from worker.kafka_errors import KafkaSetupError
     from worker.service import Worker
 
-    setup_logging(args.log_level, json=args.log_json)
     try:
         config = _worker_config(args)
     except (ValueError, KeyError) as exc:
@@ -245,6 +251,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         try:
             async with worker:
                 await worker.run()
+        except KafkaSetupError:
+            raise  # one line from main()
         except Exception:
             log.exception("worker failed")
             return 1
@@ -567,16 +575,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `lhv` with `argv` (default: sys.argv[1:]); returns the exit code."""
+    """Run `lhv` with `argv` (default: sys.argv[1:]); returns the exit code.
+
+    A Kafka setting or connection failure ends any command with one line and its
+    `exit_code` (2 a setting, 3 no connection, 4 refused: see `worker.kafka_errors`);
+    its traceback is logged at DEBUG.
+    """
+    from worker.kafka_errors import KafkaSetupError, translate
+    from worker.logs import setup_logging
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    json_logs = getattr(args, "log_json", None)
+    if json_logs is None:
+        json_logs = os.environ.get("LHV_LOG_JSON", "") not in ("", "0")
+    setup_logging(str(args.log_level), json=bool(json_logs))
     try:
         return int(args._run(args))
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        failure = exc if isinstance(exc, KafkaSetupError) else translate(exc, None)
+        if failure is None:
+            raise
+        log.debug("lhv %s failed", args.command, exc_info=exc)
+        print(f"lhv {args.command}: {failure}", file=sys.stderr)
+        return failure.exit_code
 
 
 if __name__ == "__main__":

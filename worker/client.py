@@ -73,6 +73,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from lhv_index import Hit
 from lhv_index.errors import Internal, error_for_code
 from worker.config import KafkaConfig, TopicsConfig
+from worker.kafka_errors import map_kafka_errors
 
 __all__ = ["ClientClosed", "Hit", "LhvClient", "WriteResult", "encode_vector"]
 
@@ -321,7 +322,8 @@ class LhvClient:
             raise RuntimeError(f"client cannot start: it is {self._state}")
         self._state = "opened"
         try:
-            await self._start()
+            with map_kafka_errors(self._kafka):
+                await self._start()
         except BaseException:
             await self.stop()
             raise

@@ -32,6 +32,7 @@ from worker import failpoints
 from worker.apply import Decoded, Outcome, apply_records, decode_records
 from worker.blobstore import S3BlobStore
 from worker.config import TopicsConfig, WorkerConfig
+from worker.kafka_errors import map_kafka_errors
 from worker.logs import log_context
 from worker.merge import MergeProtocol
 from worker.messages import encode_ack
@@ -304,7 +305,8 @@ class Worker:
         self._state = "starting"
         self._loop = asyncio.get_running_loop()
         try:
-            await self._start()
+            with map_kafka_errors(self.config.kafka):
+                await self._start()
         except BaseException:
             await self.stop()
             raise

@@ -49,6 +49,7 @@ from lhv_index.errors import Internal, InvalidRequest, LhvError, SnapshotError
 from worker.apply import Outcome, apply_records, decode_records, home_partition
 from worker.blobstore import BlobNotFound, BlobStore, S3BlobStore
 from worker.config import WorkerConfig
+from worker.kafka_errors import map_kafka_errors
 from worker.merge import (
     apply_import,
     check_merge_done,
@@ -474,7 +475,8 @@ async def _partitions_of(config: WorkerConfig, topic: str) -> list[int]:
     """The partitions of `topic` (empty when it does not exist), from a metadata request
     of a producer that sends nothing: the consumer has no public way to ask."""
     producer = AIOKafkaProducer(**config.kafka.client_kwargs())
-    await producer.start()
+    with map_kafka_errors(config.kafka):
+        await producer.start()
     try:
         async with asyncio.timeout(30):
             return sorted(await producer.partitions_for(topic))
