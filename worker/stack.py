@@ -11,6 +11,14 @@ directory. It creates the bucket and the default topics, checking every per-topi
         stack.kill_kafka()         # fault tests: SIGKILL the broker
         stack.restart_kafka()      # same ports, same data
 
+With `sasl=True` the broker requires authentication: a SASL_PLAINTEXT listener (PLAIN
+and SCRAM-SHA-256) and a SASL_SSL listener that also requires a client certificate, for
+one user whose password is made at start (PLAIN from a JAAS line in the broker config,
+SCRAM stored when the storage is formatted). A CA, the broker's certificate and a client
+certificate with an encrypted key are made at start with `cryptography`. `env()` then
+carries the client settings of the SASL_PLAINTEXT listener (SCRAM-SHA-256), and the
+`LHV_STACK_SASL_*` / `LHV_STACK_SSL_*` variables those of the SASL_SSL one.
+
 The API is synchronous and safe to call from inside a running event loop (the few async
 client calls run on a private thread); it blocks, so async tests call the slow helpers
 (`restart_kafka`, `start_s3`) through `asyncio.to_thread`.
@@ -54,12 +62,16 @@ __all__ = [
     "DEFAULT_PARTITIONS",
     "DLQ_TOPIC",
     "KAFKA_VERSION",
+    "SASL_MECHANISMS",
+    "SASL_USER",
     "SEARCH_TOPIC",
     "LocalStack",
     "StackError",
     "StackSettings",
+    "TlsFiles",
     "create_topics",
     "live_processes",
+    "make_tls_files",
     "read_env_file",
     "reap_orphans",
     "resolve_kafka_jars",
@@ -419,7 +431,23 @@ class _Service:
 # Kafka admin
 
 
-async def _with_admin(bootstrap: str, fn: Callable[[Any], Awaitable[T]], timeout_s: float) -> T:
+def _security_kwargs(env: Mapping[str, str]) -> dict[str, Any]:
+    """aiokafka's SASL/SSL keyword arguments for the `LHV_*` settings in `env` (none for a
+    plaintext stack)."""
+    from worker.config import KafkaConfig
+
+    kw = KafkaConfig.from_env(env).client_kwargs()
+    for name in ("bootstrap_servers", "client_id", "request_timeout_ms"):
+        kw.pop(name)
+    return kw
+
+
+async def _with_admin(
+    bootstrap: str,
+    fn: Callable[[Any], Awaitable[T]],
+    timeout_s: float,
+    security: Mapping[str, Any] | None = None,
+) -> T:
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(
@@ -427,6 +455,7 @@ async def _with_admin(bootstrap: str, fn: Callable[[Any], Awaitable[T]], timeout
         client_id="lhv-stack",
         request_timeout_ms=int(timeout_s * 1000),
         connections_max_idle_ms=60_000,
+        **(security or {}),
     )
     try:
         async with asyncio.timeout(timeout_s):
@@ -445,8 +474,11 @@ def create_topics(
     configs: Mapping[str, Mapping[str, str]] | None = None,
     exist_ok: bool = True,
     timeout_s: float = 30.0,
+    security: Mapping[str, Any] | None = None,
 ) -> None:
     """Create `topics` ({name: partitions}) and wait until every partition has a leader.
+
+    `security`: aiokafka's SASL/SSL keyword arguments, for a broker that requires them.
 
     `create_topics` reports errors per topic in its response instead of raising: each is
     checked here. An existing topic is fine when `exist_ok` (its partition count is not
@@ -483,7 +515,7 @@ def create_topics(
         await _wait_leaders(admin, list(topics), timeout_s)
 
     try:
-        _run_async(lambda: _with_admin(bootstrap_servers, run, timeout_s), timeout_s)
+        _run_async(lambda: _with_admin(bootstrap_servers, run, timeout_s, security), timeout_s)
     except StackError:
         raise
     except Exception as exc:
@@ -508,14 +540,16 @@ async def _wait_leaders(admin: Any, names: list[str], timeout_s: float) -> None:
         await asyncio.sleep(0.1)
 
 
-def _kafka_metadata_ok(bootstrap: str, timeout_s: float) -> str | None:
+def _kafka_metadata_ok(
+    bootstrap: str, timeout_s: float, security: Mapping[str, Any] | None = None
+) -> str | None:
     """None when a real metadata request succeeds, else what went wrong."""
 
     async def run(admin: Any) -> Any:
         return await admin.describe_cluster()
 
     try:
-        info = _run_async(lambda: _with_admin(bootstrap, run, timeout_s), timeout_s)
+        info = _run_async(lambda: _with_admin(bootstrap, run, timeout_s, security), timeout_s)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     if not info.get("brokers") or info.get("controller_id", -1) < 0:
@@ -669,7 +703,13 @@ def stack_status(env: Mapping[str, str], *, timeout_s: float = 5.0) -> list[tupl
             ok = bool(stack_dir) and _is_our_process(int(raw), stack_dir)
             rows.append((f"{name} process", ok, f"pid {raw}" + ("" if ok else " not running")))
     bootstrap = env.get("LHV_BOOTSTRAP_SERVERS", "")
-    err = _kafka_metadata_ok(bootstrap, timeout_s) if bootstrap else "LHV_BOOTSTRAP_SERVERS unset"
+    if bootstrap:
+        try:
+            err = _kafka_metadata_ok(bootstrap, timeout_s, _security_kwargs(env))
+        except ValueError as exc:  # the env's Kafka settings are invalid
+            err = str(exc)
+    else:
+        err = "LHV_BOOTSTRAP_SERVERS unset"
     rows.append(("kafka", err is None, bootstrap if err is None else err))
     endpoint = env.get("LHV_S3_ENDPOINT_URL", "")
     if endpoint:
@@ -684,6 +724,128 @@ def stack_status(env: Mapping[str, str], *, timeout_s: float = 5.0) -> list[tupl
 
 
 # --------------------------------------------------------------------------------------
+# TLS material for the SASL stack
+
+
+SASL_USER = "lhv"
+"""The one user of a SASL stack (its password is made at start)."""
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256")
+"""What a SASL stack's listeners enable."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files made for a SASL stack: a CA, the broker's key and certificate (one file,
+    Kafka's PEM keystore), and a client certificate whose key is encrypted."""
+
+    ca: Path
+    broker: Path
+    client_cert: Path
+    client_key: Path
+    client_key_password: str = field(repr=False)
+
+
+def make_tls_files(
+    directory: Path, *, hosts: Sequence[str] = ("127.0.0.1", "localhost")
+) -> TlsFiles:
+    """Make a private CA and, signed by it, a certificate for the broker (valid for
+    `hosts`) and one for the client user; keys are written with mode 0600.
+
+    Raises:
+        StackError: the `cryptography` package is missing.
+    """
+    try:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    except ImportError as exc:
+        raise StackError(
+            "a SASL stack makes its certificates with `cryptography`: pip install "
+            "cryptography (it is in the test extras)"
+        ) from exc
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def cert(
+        subject: str,
+        key: ec.EllipticCurvePrivateKey,
+        issuer: tuple[str, Any] | None,
+        extensions: Sequence[tuple[Any, bool]],
+    ) -> Any:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(name(issuer[0] if issuer else subject))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=30))
+        )
+        for ext, critical in extensions:
+            builder = builder.add_extension(ext, critical=critical)
+        return builder.sign(issuer[1] if issuer else key, hashes.SHA256())
+
+    def pem_key(key: ec.EllipticCurvePrivateKey, password: str | None = None) -> bytes:
+        encryption: serialization.KeySerializationEncryption = (
+            serialization.BestAvailableEncryption(password.encode())
+            if password
+            else serialization.NoEncryption()
+        )
+        return key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+        )
+
+    def write(path: Path, data: bytes) -> Path:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return path
+
+    pem = serialization.Encoding.PEM
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = cert("LHV local stack CA", ca_key, None, [
+        (x509.BasicConstraints(ca=True, path_length=0), True),
+        (x509.KeyUsage(
+            digital_signature=False, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+            encipher_only=False, decipher_only=False,
+        ), True),
+    ])  # fmt: skip
+    issuer = ("LHV local stack CA", ca_key)
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    broker_key = ec.generate_private_key(ec.SECP256R1())
+    broker = cert("kafka", broker_key, issuer, [
+        (x509.SubjectAlternativeName(sans), False),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+    ])  # fmt: skip
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = cert(SASL_USER, client_key, issuer, [
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+    ])  # fmt: skip
+    password = secrets.token_urlsafe(18)
+    return TlsFiles(
+        ca=write(directory / "ca.pem", ca.public_bytes(pem)),
+        broker=write(directory / "broker.pem", pem_key(broker_key) + broker.public_bytes(pem)),
+        client_cert=write(directory / "client.pem", client.public_bytes(pem)),
+        client_key=write(directory / "client-key.pem", pem_key(client_key, password)),
+        client_key_password=password,
+    )
+
+
+# --------------------------------------------------------------------------------------
 # the stack
 
 
@@ -691,6 +853,7 @@ def stack_status(env: Mapping[str, str], *, timeout_s: float = 5.0) -> list[tupl
 class _Ports:
     kafka: int
     controller: int
+    kafka_sasl_ssl: int
     s3: int
     s3_grpc: int
     master: int
@@ -704,7 +867,7 @@ class _Ports:
 
     @classmethod
     def pick(cls) -> _Ports:
-        ports = _free_ports(10, paired_offset=10_000)
+        ports = _free_ports(11, paired_offset=10_000)
         return cls(*ports)
 
 
@@ -724,6 +887,9 @@ class StackSettings:
     kafka_heap_mb: int = 1024
     broker_config: Mapping[str, str] = field(default_factory=dict)
     """Extra server.properties entries (they win over the defaults)."""
+    sasl: bool = False
+    """Require authentication: SASL_PLAINTEXT (PLAIN, SCRAM-SHA-256) and SASL_SSL (with
+    client certificates) listeners instead of PLAINTEXT; see the module docstring."""
     start_timeout_s: float = 60.0
     """Bound on each server becoming ready (jar resolution has its own, longer bound)."""
     stop_timeout_s: float = 15.0
@@ -763,6 +929,9 @@ class LocalStack:
         self.dir: Path | None = None
         self.access_key_id = "lhv-" + secrets.token_hex(4)
         self._secret_access_key = secrets.token_urlsafe(24)
+        #: the SASL user's password (a SASL stack only)
+        self._sasl_password = secrets.token_urlsafe(18)
+        self.tls: TlsFiles | None = None
         self._ports: _Ports | None = None
         self._kafka: _Service | None = None
         self._s3: _Service | None = None
@@ -777,6 +946,15 @@ class LocalStack:
     @property
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self._need_ports().kafka}"
+
+    @property
+    def sasl_ssl_bootstrap_servers(self) -> str:
+        """The SASL_SSL listener of a SASL stack."""
+        return f"127.0.0.1:{self._need_ports().kafka_sasl_ssl}"
+
+    @property
+    def sasl_password(self) -> str:
+        return self._sasl_password
 
     @property
     def s3_endpoint_url(self) -> str:
@@ -809,11 +987,39 @@ class LocalStack:
             "AWS_REGION": DEFAULT_REGION,
             "LHV_STACK_DIR": str(self._need_dir()),
         }
+        if self.settings.sasl:
+            env.update(self.sasl_env())
         if self._kafka is not None and self._kafka.pid is not None:
             env["LHV_STACK_KAFKA_PID"] = str(self._kafka.pid)
         if self._s3 is not None and self._s3.pid is not None:
             env["LHV_STACK_S3_PID"] = str(self._s3.pid)
         return env
+
+    def sasl_env(self) -> dict[str, str]:
+        """A SASL stack's client settings: `LHV_*` for its SASL_PLAINTEXT listener with
+        SCRAM-SHA-256, `LHV_STACK_SASL_SSL_SERVERS` and `LHV_STACK_SSL_*` for its SASL_SSL
+        listener (copy them to `LHV_BOOTSTRAP_SERVERS` and `LHV_SSL_*` to use it)."""
+        if not self.settings.sasl:
+            return {}
+        env = {
+            "LHV_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "LHV_SASL_MECHANISM": "SCRAM-SHA-256",
+            "LHV_SASL_USERNAME": SASL_USER,
+            "LHV_SASL_PASSWORD": self._sasl_password,
+            "LHV_STACK_SASL_SSL_SERVERS": self.sasl_ssl_bootstrap_servers,
+        }
+        if self.tls is not None:
+            env.update({
+                "LHV_STACK_SSL_CAFILE": str(self.tls.ca),
+                "LHV_STACK_SSL_CERTFILE": str(self.tls.client_cert),
+                "LHV_STACK_SSL_KEYFILE": str(self.tls.client_key),
+                "LHV_STACK_SSL_PASSWORD": self.tls.client_key_password,
+            })  # fmt: skip
+        return env
+
+    def _security(self) -> dict[str, Any]:
+        """aiokafka's SASL keyword arguments for the stack's own admin calls."""
+        return _security_kwargs(self.sasl_env()) if self.settings.sasl else {}
 
     def _need_ports(self) -> _Ports:
         if self._ports is None:
@@ -868,6 +1074,7 @@ class LocalStack:
                 self.bootstrap_servers,
                 self.settings.default_topics(),
                 timeout_s=self.settings.start_timeout_s,
+                security=self._security(),
             )
         except BaseException:
             self._state = "failed"
@@ -944,14 +1151,54 @@ class LocalStack:
             "num.io.threads": "4",
             "log.retention.hours": "168",
         }
+        if self.settings.sasl:
+            props.update(self._sasl_properties())
         props.update(self.settings.broker_config)
+        return props
+
+    def _sasl_properties(self) -> dict[str, str]:
+        p = self._need_ports()
+        tls = self.tls
+        assert tls is not None
+        password = self._sasl_password
+        plain = (
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'username="{SASL_USER}" password="{password}" user_{SASL_USER}="{password}";'
+        )
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        props = {
+            "listeners": (
+                f"SASL_PLAINTEXT://127.0.0.1:{p.kafka},SASL_SSL://127.0.0.1:{p.kafka_sasl_ssl},"
+                f"CONTROLLER://127.0.0.1:{p.controller}"
+            ),
+            "advertised.listeners": (
+                f"SASL_PLAINTEXT://127.0.0.1:{p.kafka},SASL_SSL://127.0.0.1:{p.kafka_sasl_ssl}"
+            ),
+            "inter.broker.listener.name": "SASL_PLAINTEXT",
+            "listener.security.protocol.map": (
+                "SASL_PLAINTEXT:SASL_PLAINTEXT,SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT"
+            ),
+            "sasl.enabled.mechanisms": ",".join(SASL_MECHANISMS),
+            "sasl.mechanism.inter.broker.protocol": "PLAIN",
+            "listener.name.sasl_ssl.ssl.keystore.type": "PEM",
+            "listener.name.sasl_ssl.ssl.keystore.location": str(tls.broker),
+            "listener.name.sasl_ssl.ssl.truststore.type": "PEM",
+            "listener.name.sasl_ssl.ssl.truststore.location": str(tls.ca),
+            "listener.name.sasl_ssl.ssl.client.auth": "required",
+        }
+        for listener in ("sasl_plaintext", "sasl_ssl"):
+            props[f"listener.name.{listener}.plain.sasl.jaas.config"] = plain
+            props[f"listener.name.{listener}.scram-sha-256.sasl.jaas.config"] = scram
         return props
 
     def _make_kafka(self, libs: Path) -> _Service:
         d = self._need_dir() / "kafka"
-        (d / "server.properties").write_text(
-            "".join(f"{k}={v}\n" for k, v in self._kafka_properties().items())
-        )
+        if self.settings.sasl:
+            self.tls = make_tls_files(self._need_dir() / "tls")
+        # 0600: a SASL stack's properties hold the user's password
+        fd = os.open(d / "server.properties", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(f"{k}={v}\n" for k, v in self._kafka_properties().items()))
         (d / "log4j.properties").write_text(
             "log4j.rootLogger=INFO, file\n"
             "log4j.appender.file=org.apache.log4j.FileAppender\n"
@@ -985,6 +1232,11 @@ class LocalStack:
             "-cp", f"{libs}/*", "kafka.tools.StorageTool", "format",
             "-t", cluster_id, "-c", str(d / "server.properties"), "--ignore-formatted",
         ]  # fmt: skip
+        if self.settings.sasl:  # KRaft keeps SCRAM credentials in its metadata log
+            argv += [
+                "--add-scram",
+                f"SCRAM-SHA-256=[name={SASL_USER},password={self._sasl_password}]",
+            ]
         try:
             done = subprocess.run(
                 argv, capture_output=True, text=True, timeout=self.settings.start_timeout_s,
@@ -1002,7 +1254,7 @@ class LocalStack:
             self._need_ports().kafka,
             "Kafka",
             "answer a metadata request",
-            lambda: _kafka_metadata_ok(self.bootstrap_servers, 5.0),
+            lambda: _kafka_metadata_ok(self.bootstrap_servers, 5.0, self._security()),
         )
 
     def _wait_ready(
@@ -1164,7 +1416,12 @@ class LocalStack:
             self._kafka.stop(timeout_s=self.settings.stop_timeout_s)
         self._kafka.start()
         self._wait_kafka()
-        create_topics(self.bootstrap_servers, self.settings.default_topics(), timeout_s=30.0)
+        create_topics(
+            self.bootstrap_servers,
+            self.settings.default_topics(),
+            timeout_s=30.0,
+            security=self._security(),
+        )
 
     def stop_s3(self) -> None:
         """Stop SeaweedFS (SIGTERM); its data stays for `start_s3`."""
