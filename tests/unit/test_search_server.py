@@ -124,9 +124,10 @@ def query(offset: int, cid: bytes, **body: Any) -> Record:
 
 async def served(server: SearchServer, offset_after: int, *, timeout_s: float = 10.0) -> None:
     """Wait until every offset read is finished (the committable offset moved past)."""
-    async with asyncio.timeout(timeout_s):
-        while server.committable(0) != offset_after:
-            await asyncio.sleep(0.01)
+    deadline = time.monotonic() + timeout_s
+    while server.committable(0) != offset_after:
+        assert time.monotonic() < deadline, f"offsets before {offset_after} still in flight"
+        await asyncio.sleep(0.01)
 
 
 async def test_an_engine_failure_answers_its_group_internal_and_its_batch_mates_normally(
@@ -226,9 +227,13 @@ async def test_parked_queries_over_the_bound_get_not_ready_at_once_and_the_rest_
     waiting = [query(i, b"w%d" % i, min_offset=50, deadline_ms=far) for i in range(3)]
     over = [query(3 + i, b"o%d" % i, min_offset=50, deadline_ms=far) for i in range(4)]
     server.submit(0, waiting)
-    async with asyncio.timeout(10):
-        while worker.metrics.search_parked.labels("0")._value.get() < 3:
-            await asyncio.sleep(0.01)
+    deadline = time.monotonic() + 10
+    while (
+        worker.metrics.registry.get_sample_value("lhv_search_parked_queries", {"partition": "0"})
+        != 3
+    ):
+        assert time.monotonic() < deadline, "the queries did not park"
+        await asyncio.sleep(0.01)
     server.submit(0, over)
     await worker.replies.wait_for([b"o%d" % i for i in range(4)])
     for i in range(4):
