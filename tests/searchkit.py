@@ -11,7 +11,9 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from workerkit import Env, produce, stop_quietly
+from workerkit import Env, produce
+
+from worker.client import stop_consumer as stop_quietly
 
 
 class Requester:

@@ -19,7 +19,7 @@ import numpy as np
 import orjson
 import pytest
 
-from lhv_index import Clock, Columns, Index, IndexParams, Upsert
+from lhv_index import Clock, Columns, EngineKind, Index, IndexParams, Space, Upsert
 from worker.blobstore import S3Config
 from worker.config import QueryPolicy, TopicsConfig, WorkerConfig
 from worker.messages import ReplyTo
@@ -106,7 +106,7 @@ class FailingIndex:
 
 
 def real_index() -> Index:
-    idx = Index(INDEX, IndexParams(dim=2, space="l2", engine="exact"))
+    idx = Index(INDEX, IndexParams(dim=2, space=Space.L2, engine=EngineKind.EXACT))
     idx.apply(
         [
             Upsert(id="a", vector=[1.0, 0.0], metadata=None, clock=Clock(0, 1, 0)),
