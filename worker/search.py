@@ -413,16 +413,30 @@ class SearchServer:
     ) -> None:
         """Answer a record that fails before serving (undecodable, too old) with its error."""
         reply_to, error = refused
-        flight.offsets.discard(rec.offset)
         name = _key_text(rec.key)
         with log_context(partition=partition, offset=rec.offset, index=name or None):
             if reply_to is None:
+                flight.offsets.discard(rec.offset)
                 log.warning("query without reply headers skipped: %s", error.message)
                 return
             self._spawn(
-                self._send_error(reply_to, name, error, received),
+                self._refuse_reply(flight, rec.offset, reply_to, name, error, received),
                 name=f"refuse-{partition}-{rec.offset}",
             )
+
+    async def _refuse_reply(
+        self,
+        flight: _Flight,
+        offset: int,
+        reply_to: ReplyTo,
+        name: str,
+        error: LhvError,
+        received: float,
+    ) -> None:
+        try:
+            await self._send_error(reply_to, name, error, received)
+        finally:
+            flight.offsets.discard(offset)
 
     def _decode_all(self, partition: int, records: list[Any]) -> list[Query | _Refused]:
         """Decode `records` (in a thread); a record older than the maximum query age is not
