@@ -26,6 +26,7 @@ __all__ = [
     "SECURITY_PROTOCOLS",
     "CheckpointPolicy",
     "KafkaConfig",
+    "QueryPolicy",
     "S3Config",
     "TopicsConfig",
     "WorkerConfig",
@@ -279,6 +280,59 @@ def limits_from_env(cls: type[_L], env: Mapping[str, str] = os.environ) -> _L:
     return cls(**kw)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueryPolicy:
+    """How long queries may wait, how many may wait, and where the search topic starts.
+
+    See worker/search.py for the policy these settings drive.
+    """
+
+    max_age_ms: int = 60_000
+    """a query record older than this (by its record timestamp) is answered
+    `deadline_exceeded` without being computed; a search partition with no committed
+    offset starts at the first record younger than this"""
+    max_wait_ms: int = 60_000
+    """the longest any query waits for its partition or its `min_offset`, whatever its
+    `deadline_ms` says; at this cap it is answered `deadline_exceeded`"""
+    max_parked: int = 1_000
+    """queries of one partition waiting (for readiness or `min_offset`) at once; more are
+    answered `not_ready` at once"""
+    max_parked_bytes: int = 64 * 1024 * 1024
+    """record bytes of those waiting queries, per partition"""
+    commit_interval_ms: int = 1_000
+    """how often each owned partition's search-topic offset is committed (when it moved);
+    a crash re-answers at most about this much of queries"""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_age_ms",
+            "max_wait_ms",
+            "max_parked",
+            "max_parked_bytes",
+            "commit_interval_ms",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"QueryPolicy.{name} must be at least 1")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> QueryPolicy:
+        kw: dict[str, int] = {}
+        for name, var in _QUERY_SETTINGS.items():
+            value = _env(env, var)
+            if value is not None:
+                kw[name] = int(value)
+        return cls(**kw)
+
+
+#: settings of `QueryPolicy` read from the environment
+_QUERY_SETTINGS = {
+    "max_age_ms": "LHV_MAX_QUERY_AGE_MS",
+    "max_wait_ms": "LHV_MAX_QUERY_WAIT_MS",
+    "max_parked": "LHV_MAX_PARKED_QUERIES",
+    "max_parked_bytes": "LHV_MAX_PARKED_BYTES",
+    "commit_interval_ms": "LHV_SEARCH_COMMIT_INTERVAL_MS",
+}
+
 #: integer settings of `WorkerConfig` read from the environment
 _INT_SETTINGS = {
     "metrics_port": "LHV_METRICS_PORT",
@@ -299,6 +353,7 @@ class WorkerConfig:
     s3: S3Config
     topics: TopicsConfig = field(default_factory=TopicsConfig)
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    queries: QueryPolicy = field(default_factory=QueryPolicy)
     limits: MessageLimits = field(default_factory=MessageLimits)
     index_limits: IndexLimits = field(default_factory=IndexLimits)
     group_id: str = "lhv"
@@ -340,6 +395,7 @@ class WorkerConfig:
             ),
             "limits": limits_from_env(MessageLimits, env),
             "index_limits": limits_from_env(IndexLimits, env),
+            "queries": QueryPolicy.from_env(env),
             "group_id": _env(env, "LHV_GROUP_ID", "lhv") or "lhv",
             "worker_id": _env(env, "LHV_WORKER_ID"),
             "group_instance_id": _env(env, "LHV_GROUP_INSTANCE_ID"),

@@ -214,6 +214,30 @@ class Metrics:
             ["op", "status"],
             registry=r,
         )
+        self.search_parked = Gauge(
+            "lhv_search_parked_queries",
+            "Queries of a partition waiting for readiness or their min_offset",
+            ["partition"],
+            registry=r,
+        )
+        self.search_parked_bytes = Gauge(
+            "lhv_search_parked_bytes",
+            "Record bytes of the queries of a partition waiting",
+            ["partition"],
+            registry=r,
+        )
+        self.search_committed = Gauge(
+            "lhv_search_committed_offset",
+            "Search-topic offset last committed for a partition (queries before it answered)",
+            ["partition"],
+            registry=r,
+        )
+        self.search_failures = Counter(
+            "lhv_search_failures",
+            "Unexpected failures while serving queries, by stage (each is logged)",
+            ["stage"],
+            registry=r,
+        )
         # indexes
         self.index_items = Gauge(
             "lhv_index_items",
@@ -295,7 +319,14 @@ class Metrics:
     def forget_partition(self, partition: int) -> None:
         """Remove every series of `partition` (on revoke)."""
         p = str(partition)
-        for gauge in (self.consumer_lag, self.applied_offset, self.checkpoint_offset):
+        for gauge in (
+            self.consumer_lag,
+            self.applied_offset,
+            self.checkpoint_offset,
+            self.search_parked,
+            self.search_parked_bytes,
+            self.search_committed,
+        ):
             _remove(gauge, p)
         with self._lock:
             odd = self._odd_states.pop(p, set())
@@ -345,6 +376,19 @@ class Metrics:
         self.search_seconds.labels(op, status).observe(seconds)
         self.search_batch.labels(op, status).observe(batch_size)
         self.search_queries.labels(op, status).inc(queries)
+
+    def set_search_parked(self, partition: int, queries: int, nbytes: int) -> None:
+        """`queries` queries of `partition` (`nbytes` record bytes) are waiting."""
+        self.search_parked.labels(str(partition)).set(queries)
+        self.search_parked_bytes.labels(str(partition)).set(nbytes)
+
+    def search_committed_offset(self, partition: int, offset: int) -> None:
+        self.search_committed.labels(str(partition)).set(offset)
+
+    def search_failed(self, stage: str) -> None:
+        """An unexpected failure at `stage` (`decode`, `serve`, `batch`, `group`, `reply`,
+        `commit`, `position`)."""
+        self.search_failures.labels(stage).inc()
 
     # -- indexes -------------------------------------------------------------------------
 

@@ -10,11 +10,16 @@ This module turns those decisions into state:
   assignment. If the log no longer holds `manifest.offset + 1`, refuse p loudly unless
   the worker was told to accept data loss.
 - checkpoint: snapshots of dirty indexes, then the manifest (conditional on the ETag we
-  hold), then the Kafka commit. `Fenced` or `CommitFailedError` means the partition is
+  hold), then the Kafka commit of the commands offset. `Fenced` or `CommitFailedError` means the partition is
   someone else's now: its state is dropped, and the next owner replays.
-- revoked: finish the batch in flight, checkpoint, and park the state; if the same
-  partition comes back and its manifest is still ours, the parked state is reused
-  instead of reloaded from S3.
+- revoked: finish the batch in flight, checkpoint, commit the search offset, and park
+  the state; if the same partition comes back and its manifest is still ours, the parked
+  state is reused instead of reloaded from S3.
+
+Partition p of the search topic is positioned by the search server when it is assigned
+(its committed offset, else the first record younger than the maximum query age; see
+worker/search.py), and its offset is committed by the search server on its own cadence:
+the checkpoint commits only the commands offset.
 """
 
 from __future__ import annotations
@@ -68,6 +73,10 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         await asyncio.gather(*(self.release(p, park=True) for p in numbers))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        # first, before any await: no search record is fetched from a position not chosen
+        self._w.search.assign(
+            sorted({tp.partition for tp in assigned if tp.topic == self._w.topics.search})
+        )
         numbers = sorted({tp.partition for tp in assigned if tp.topic == self._w.topics.commands})
         log.info("partitions assigned: %s", numbers)
         for p in list(self._parked):
@@ -273,6 +282,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                     done = False
                 if done and park and partition.etag is not None:
                     self._parked[p] = partition
+            await w.search.release(p)
             self._drop(partition)
 
     def _drop(self, partition: Partition) -> None:

@@ -75,22 +75,27 @@ class Partition:
         async with self._advanced:
             self._advanced.notify_all()
 
+    @property
+    def revoked(self) -> bool:
+        """Dropped by this worker (read after an await: the status may have changed)."""
+        return self.status is PartitionStatus.REVOKED
+
+    def serves(self, offset: int | None) -> bool:
+        """Serving, and `offset` (None: any) applied: a query on it need not wait."""
+        return self.status is PartitionStatus.SERVING and (
+            offset is None or self.applied_offset >= offset
+        )
+
     async def wait_for(self, offset: int | None, *, timeout_s: float) -> bool:
         """Wait until serving and `applied_offset >= offset`; False at the timeout."""
-
-        def ok() -> bool:
-            return self.status is PartitionStatus.SERVING and (
-                offset is None or self.applied_offset >= offset
-            )
-
-        if ok():
+        if self.serves(offset):
             return True
         try:
             async with asyncio.timeout(max(timeout_s, 0.0)):
                 async with self._advanced:
                     await self._advanced.wait_for(
-                        lambda: ok() or self.status is PartitionStatus.REVOKED
+                        lambda: self.serves(offset) or self.status is PartitionStatus.REVOKED
                     )
         except TimeoutError:
             return False
-        return ok()
+        return self.serves(offset)

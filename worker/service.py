@@ -329,6 +329,8 @@ class Worker:
                 group_id=self.config.group_id,
                 group_instance_id=self.config.group_instance_id,
                 enable_auto_commit=False,
+                # used only when a position is out of range: commands partitions are
+                # sought by `Ownership`, search partitions by `SearchServer.assign`
                 auto_offset_reset="latest",
                 partition_assignment_strategy=(RangePartitionAssignor,),
                 session_timeout_ms=self.config.session_timeout_ms,
@@ -465,6 +467,7 @@ class Worker:
             )
 
     def _raise_task_errors(self) -> None:
+        self.search.raise_errors()
         for runner in list(self._runners.values()):
             if runner.task.done() and not runner.task.cancelled():
                 exc = runner.task.exception()
@@ -553,11 +556,8 @@ class Worker:
         await self.producer.flush()
 
     async def commit_offsets(self, p: int, commands_offset: int) -> None:
-        offsets = {self.commands_tp(p): commands_offset}
-        search_offset = self.search.committable(p)
-        if search_offset is not None:
-            offsets[TopicPartition(self.topics.search, p)] = search_offset
-        await self.consumer.commit(offsets)
+        """Commit p's commands offset (search offsets: `SearchServer.commit`)."""
+        await self.consumer.commit({self.commands_tp(p): commands_offset})
 
     async def report(self, partition: Partition, outcomes: list[Outcome]) -> None:
         """Send acks and DLQ records for one applied batch."""
