@@ -19,6 +19,7 @@ from worker.messages import MessageLimits
 
 __all__ = [
     "CheckpointPolicy",
+    "ImportPolicy",
     "KafkaConfig",
     "S3Config",
     "TopicsConfig",
@@ -128,6 +129,59 @@ def limits_from_env(cls: type[_L], env: Mapping[str, str] = os.environ) -> _L:
     return cls(**kw)
 
 
+GIB = 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImportPolicy:
+    """Where `import` may read from and how much one import may make a worker hold.
+
+    Every bound is checked before the bytes it guards are read or allocated (see
+    `worker/importsource.py`); going over one rejects the import with `invalid_request`
+    naming the bound and its setting.
+    """
+
+    sources: tuple[str, ...] | None = None
+    """`s3://bucket/prefix/` entries an import may read under (`LHV_IMPORT_SOURCES`,
+    comma-separated); None: `s3://<bucket>/<prefix>imports/` of the worker's own store.
+    The worker's own checkpoint, merge and key objects are refused whatever this says."""
+    max_object_bytes: int = GIB
+    """size of one object read (`LHV_MAX_IMPORT_BYTES`), from its Content-Length and
+    while reading"""
+    max_inflated_bytes: int = GIB
+    """arrays of one `.npz`, inflated, in total (`LHV_MAX_IMPORT_INFLATED_BYTES`)"""
+    max_compression_ratio: int = 100
+    """inflated / compressed size of one `.npz` member (`LHV_MAX_IMPORT_COMPRESSION_RATIO`)"""
+    max_members: int = 16
+    """members of one `.npz` (`LHV_MAX_IMPORT_MEMBERS`)"""
+
+    def __post_init__(self) -> None:
+        for name in ("max_object_bytes", "max_inflated_bytes", "max_compression_ratio"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ImportPolicy.{name} must be at least 1")
+        if self.max_members < 1:
+            raise ValueError("ImportPolicy.max_members must be at least 1")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> ImportPolicy:
+        kw: dict[str, Any] = {}
+        sources = _env(env, "LHV_IMPORT_SOURCES")
+        if sources is not None:
+            kw["sources"] = tuple(s.strip() for s in sources.split(",") if s.strip())
+        for name, var in _IMPORT_INT_SETTINGS.items():
+            value = _env(env, var)
+            if value is not None:
+                kw[name] = int(value)
+        return cls(**kw)
+
+
+_IMPORT_INT_SETTINGS = {
+    "max_object_bytes": "LHV_MAX_IMPORT_BYTES",
+    "max_inflated_bytes": "LHV_MAX_IMPORT_INFLATED_BYTES",
+    "max_compression_ratio": "LHV_MAX_IMPORT_COMPRESSION_RATIO",
+    "max_members": "LHV_MAX_IMPORT_MEMBERS",
+}
+
 #: integer settings of `WorkerConfig` read from the environment
 _INT_SETTINGS = {
     "metrics_port": "LHV_METRICS_PORT",
@@ -150,6 +204,11 @@ class WorkerConfig:
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     limits: MessageLimits = field(default_factory=MessageLimits)
     index_limits: IndexLimits = field(default_factory=IndexLimits)
+    imports: ImportPolicy = field(default_factory=ImportPolicy)
+    #: the key(s) that authenticate internal merge records (`LHV_INTERNAL_KEY`,
+    #: comma-separated: the first signs, every one verifies); None: the random key kept
+    #: in the workers' own bucket and prefix (see `worker/protocol_auth.py`)
+    internal_key: str | None = field(default=None, repr=False)
     group_id: str = "lhv"
     #: Kafka static membership (KIP-345): a worker restarted with the same id takes its
     #: partitions back at once instead of after the session timeout; unique per worker
@@ -183,6 +242,8 @@ class WorkerConfig:
             "kafka": KafkaConfig.from_env(env),
             "s3": S3Config.from_env(env),
             "topics": TopicsConfig.from_env(env),
+            "imports": ImportPolicy.from_env(env),
+            "internal_key": _env(env, "LHV_INTERNAL_KEY"),
             "checkpoint": CheckpointPolicy(
                 every_records=int(_env(env, "LHV_CHECKPOINT_RECORDS", "50000") or 50000),
                 every_s=float(_env(env, "LHV_CHECKPOINT_SECONDS", "30") or 30),
