@@ -43,6 +43,7 @@ from worker.apply import home_partition
 from worker.blobstore import S3BlobStore, S3Config
 from worker.client import LhvClient
 from worker.service import Worker
+from worker.tools import replay_verify
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -414,6 +415,10 @@ async def test_forged_protocol_records_change_nothing_and_the_real_merge_complet
         rec = _dlq_of(dlq, value)
         assert header(rec, "lhv_error_code") == b"invalid_request"
     await wait_no_merge_objects(env)
+    # The operator's replay verifies the records as the worker does: the checkpoints agree.
+    async with S3BlobStore(env.s3) as blobs:
+        replay = await replay_verify(env.config(), blobs)
+    assert replay.consistent, (replay.diffs, replay.errors)
 
 
 async def test_failed_cross_partition_merge_dead_letters_the_requesters_merge_record(
