@@ -82,8 +82,8 @@ async def _measure(env: dict[str, str], data: np.ndarray, chunk: int, log: Path)
             await root.start()
             try:
                 t0 = time.perf_counter()
-                await root.put(f"{s3.prefix}vectors.npy", _npy(data))
-                await root.put(f"{s3.prefix}ids.npy", _npy(np.array(ids)))
+                await root.put(f"{s3.key_prefix}imports/vectors.npy", _npy(data))
+                await root.put(f"{s3.key_prefix}imports/ids.npy", _npy(np.array(ids)))
                 out["upload_s"] = time.perf_counter() - t0
             finally:
                 await root.stop()
@@ -93,8 +93,8 @@ async def _measure(env: dict[str, str], data: np.ndarray, chunk: int, log: Path)
                 "imported",
                 {
                     "op": "import",
-                    "source": f"s3://{s3.bucket}/{s3.prefix}vectors.npy",
-                    "ids_source": f"s3://{s3.bucket}/{s3.prefix}ids.npy",
+                    "source": f"s3://{s3.bucket}/{s3.key_prefix}imports/vectors.npy",
+                    "ids_source": f"s3://{s3.bucket}/{s3.key_prefix}imports/ids.npy",
                     "chunk_items": chunk,
                 },
                 ack=True,

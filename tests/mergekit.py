@@ -5,8 +5,10 @@ The oracle extends `workerkit`'s plain-dict semantics with `merge`, `merge_in` a
 `merge_done` as DESIGN section 6 and `worker/merge.py` define them: a merge exports the
 source's live items (sorted by id) as of its record; the first `merge_in` of a merge id
 upserts those not live in dest with clock `(version, merge_in offset, position)`; the
-first successful `merge_done` deletes the exported items whose clock is unchanged, with
-clock `(version, merge_done offset, position)`. Later duplicates change nothing.
+first successful `merge_done` deletes the exported items whose clock is unchanged (when
+the merge record asked for `clear_source`), with clock `(version, merge_done offset,
+position)`. Later duplicates change nothing, and so does a protocol record that does not
+carry the workers' MAC (a forged one).
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from typing import Any
 import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from workerkit import Clock, Env, OracleIndex, stop_quietly, vec_b64
+from workerkit import Clock, Env, OracleIndex, read_all, stop_quietly, vec_b64
 
+from lhv_index.errors import LhvError
 from worker.apply import home_partition
 from worker.blobstore import S3BlobStore
+from worker.protocol_auth import ProtocolAuth, load_protocol_auth
 
 Exported = list[tuple[str, np.ndarray, dict[str, Any] | None, Clock]]
 
@@ -87,6 +91,24 @@ def ack_headers(topic: str, correlation_id: bytes) -> list[tuple[str, bytes]]:
     return [("kafka_replyTopic", topic.encode()), ("kafka_correlationId", correlation_id)]
 
 
+async def protocol_auth(env: Env) -> ProtocolAuth:
+    """The workers' verifier of protocol records (their key, read from the test's prefix)."""
+    async with S3BlobStore(env.s3) as blobs:
+        return await load_protocol_auth(blobs, env.topics.commands, None, create=False)
+
+
+async def dlq_records(env: Env, *, timeout_s: float = 20.0) -> list[Any]:
+    """Every record of the test's dead-letter topic so far."""
+    return await read_all(env.bootstrap, env.topics.dlq, timeout_s=timeout_s)
+
+
+def header(rec: Any, name: str) -> bytes | None:
+    for key, value in rec.headers or ():
+        if key == name:
+            return bytes(value)
+    return None
+
+
 async def merge_objects(env: Env) -> list[str]:
     """Keys of the merge protocol's objects (exports, markers) under the test's prefix."""
     async with S3BlobStore(env.s3) as blobs:
@@ -138,9 +160,15 @@ def _clear(src: OracleIndex, items: Exported, offset: int) -> None:
             src.tomb[id_] = (clock[0], offset, pos)
 
 
-def _genuine(rec: Any, body: dict[str, Any]) -> bool:
-    """False for a merge_in/merge_done whose ids do not derive from a merge record."""
+def _genuine(rec: Any, body: dict[str, Any], auth: ProtocolAuth) -> bool:
+    """False for a merge_in/merge_done without the workers' MAC, or whose ids do not
+    derive from a merge record."""
     op = body.get("op")
+    if op in ("merge_in", "merge_done"):
+        try:
+            auth.verify(rec.key, rec.value, list(rec.headers or ()), op)
+        except LhvError:
+            return False
     if op == "merge_in":
         p, o = body["origin_partition"], body["origin_offset"]
     elif op == "merge_done":
@@ -159,10 +187,13 @@ def _genuine(rec: Any, body: dict[str, Any]) -> bool:
 class MergeOracle:
     """Plain-dict state of every index after the given command records."""
 
-    def __init__(self, partitions: int) -> None:
+    def __init__(self, partitions: int, auth: ProtocolAuth) -> None:
         self.partitions = partitions
+        self.auth = auth
         self.state: dict[str, OracleIndex] = {}
         self.exports: dict[str, tuple[dict[str, Any], Exported]] = {}
+        self.clear: dict[str, bool] = {}
+        """merge id -> clear_source of its merge record"""
         self.merged: set[str] = set()
         self.failed: set[str] = set()
         self.finished: set[str] = set()
@@ -184,7 +215,7 @@ class MergeOracle:
 
     def _ready(self, rec: Any) -> bool:
         body = orjson.loads(rec.value)
-        if not _genuine(rec, body):
+        if not _genuine(rec, body, self.auth):
             return True
         if body.get("op") == "merge_in":
             return body["merge_id"] in self.exports
@@ -194,8 +225,8 @@ class MergeOracle:
 
     def _apply(self, rec: Any) -> None:
         body = orjson.loads(rec.value)
-        if not _genuine(rec, body):
-            return  # the worker rejects protocol records naming other objects
+        if not _genuine(rec, body, self.auth):
+            return  # the worker rejects forged records, and records naming other objects
         name = body.get("index")
         op = body.get("op")
         idx = self.state.get(name)
@@ -220,6 +251,7 @@ class MergeOracle:
                         _clear(idx, items, rec.offset)
             else:
                 self.exports[f"m{rec.partition}-{rec.offset}"] = (dict(idx.params), items)
+                self.clear[f"m{rec.partition}-{rec.offset}"] = bool(body.get("clear_source"))
         elif op == "merge_in":
             mid = body["merge_id"]
             if mid in self.merged or mid in self.failed:
@@ -236,5 +268,5 @@ class MergeOracle:
             if mid in self.finished or body.get("error") is not None:
                 return
             self.finished.add(mid)
-            if body.get("clear_source") and idx is not None:
+            if self.clear[mid] and idx is not None:
                 _clear(idx, self.exports[mid][1], rec.offset)

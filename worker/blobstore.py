@@ -16,6 +16,7 @@ Errors (botocore's are translated here, at this one boundary, and chained `from 
     └── BlobStoreError        retriable no   anything else S3 refused (auth, no bucket)
         ├── BlobNotFound      retriable no   the key does not exist
         ├── PreconditionFailed retriable no  the conditional write lost (412)
+        ├── BlobTooLarge      retriable no   `get_bounded`: the object is over its bound
         └── StoreUnavailable  retriable yes  timeouts, 5xx, throttling, connection errors
                                               that survived the retries
 """
@@ -43,6 +44,7 @@ __all__ = [
     "BlobNotFound",
     "BlobStore",
     "BlobStoreError",
+    "BlobTooLarge",
     "MemoryBlobStore",
     "PreconditionFailed",
     "S3BlobStore",
@@ -84,6 +86,10 @@ class BlobNotFound(BlobStoreError):
 class PreconditionFailed(BlobStoreError):
     """A conditional write lost: the stored ETag is not the expected one (or the key exists
     when `etag=None` asked for create-only). Someone else wrote the key since it was read."""
+
+
+class BlobTooLarge(BlobStoreError):
+    """`get_bounded`: the object's Content-Length, or its body, is over the bound."""
 
 
 class StoreUnavailable(BlobStoreError):
@@ -600,14 +606,18 @@ class S3BlobStore:
                 delay *= 2
         raise AssertionError("unreachable")
 
-    async def _read_body(self, body: Any) -> bytes:
+    async def _read_body(self, body: Any, max_bytes: int | None = None, key: str = "") -> bytes:
         out = io.BytesIO()
+        size = 0
         try:
             while True:
                 async with asyncio.timeout(self._config.timeout_s):
                     chunk = await body.read(MIB)
                 if not chunk:
                     break
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    raise BlobTooLarge(f"get {key!r}: longer than {max_bytes} bytes", key=key)
                 out.write(chunk)
         finally:
             body.close()
@@ -621,6 +631,28 @@ class S3BlobStore:
         async def op(c: Any) -> tuple[bytes, str]:
             resp = await c.get_object(Bucket=bucket, Key=full)
             return await self._read_body(resp["Body"]), str(resp["ETag"])
+
+        return await self._call("get", key, op)
+
+    async def get_bounded(self, key: str, max_bytes: int) -> bytes:
+        """The object's bytes, when at most `max_bytes`: its Content-Length is checked
+        before the body is read, and the read stops past `max_bytes` (a body longer than
+        its header said). Not part of `BlobStore`: for objects others wrote (imports).
+
+        Raises:
+            BlobNotFound: no such key.
+            BlobTooLarge: the object is over `max_bytes`.
+        """
+        full = self._full(key)
+        bucket = self._config.bucket
+
+        async def op(c: Any) -> bytes:
+            resp = await c.get_object(Bucket=bucket, Key=full)
+            declared = int(resp.get("ContentLength") or 0)
+            if declared > max_bytes:
+                resp["Body"].close()
+                raise BlobTooLarge(f"get {key!r}: {declared} bytes, over {max_bytes}", key=key)
+            return await self._read_body(resp["Body"], max_bytes, key)
 
         return await self._call("get", key, op)
 

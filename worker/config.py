@@ -25,6 +25,7 @@ __all__ = [
     "SASL_MECHANISMS",
     "SECURITY_PROTOCOLS",
     "CheckpointPolicy",
+    "ImportPolicy",
     "KafkaConfig",
     "QueryPolicy",
     "S3Config",
@@ -316,11 +317,49 @@ class QueryPolicy:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> QueryPolicy:
-        kw: dict[str, int] = {}
-        for name, var in _QUERY_SETTINGS.items():
-            value = _env(env, var)
-            if value is not None:
-                kw[name] = int(value)
+        return cls(**_ints_from_env(env, _QUERY_SETTINGS))
+
+
+GIB = 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImportPolicy:
+    """Where `import` may read from and how much one import may make a worker hold.
+
+    Every bound is checked before the bytes it guards are read or allocated (see
+    `worker/importsource.py`); going over one rejects the import with `invalid_request`
+    naming the bound and its setting.
+    """
+
+    sources: tuple[str, ...] | None = None
+    """`s3://bucket/prefix/` entries an import may read under (`LHV_IMPORT_SOURCES`,
+    comma-separated); None: `s3://<bucket>/<prefix>imports/` of the worker's own store.
+    The worker's own checkpoint, merge and key objects are refused whatever this says."""
+    max_object_bytes: int = GIB
+    """size of one object read (`LHV_MAX_IMPORT_BYTES`), from its Content-Length and
+    while reading"""
+    max_inflated_bytes: int = GIB
+    """arrays of one `.npz`, inflated, in total (`LHV_MAX_IMPORT_INFLATED_BYTES`)"""
+    max_compression_ratio: int = 100
+    """inflated / compressed size of one `.npz` member (`LHV_MAX_IMPORT_COMPRESSION_RATIO`)"""
+    max_members: int = 16
+    """members of one `.npz` (`LHV_MAX_IMPORT_MEMBERS`)"""
+
+    def __post_init__(self) -> None:
+        for name in ("max_object_bytes", "max_inflated_bytes", "max_compression_ratio"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ImportPolicy.{name} must be at least 1")
+        if self.max_members < 1:
+            raise ValueError("ImportPolicy.max_members must be at least 1")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> ImportPolicy:
+        kw: dict[str, Any] = {}
+        sources = _env(env, "LHV_IMPORT_SOURCES")
+        if sources is not None:
+            kw["sources"] = tuple(s.strip() for s in sources.split(",") if s.strip())
+        kw.update(_ints_from_env(env, _IMPORT_INT_SETTINGS))
         return cls(**kw)
 
 
@@ -332,6 +371,24 @@ _QUERY_SETTINGS = {
     "max_parked_bytes": "LHV_MAX_PARKED_BYTES",
     "commit_interval_ms": "LHV_SEARCH_COMMIT_INTERVAL_MS",
 }
+
+#: integer settings of `ImportPolicy` read from the environment
+_IMPORT_INT_SETTINGS = {
+    "max_object_bytes": "LHV_MAX_IMPORT_BYTES",
+    "max_inflated_bytes": "LHV_MAX_IMPORT_INFLATED_BYTES",
+    "max_compression_ratio": "LHV_MAX_IMPORT_COMPRESSION_RATIO",
+    "max_members": "LHV_MAX_IMPORT_MEMBERS",
+}
+
+def _ints_from_env(env: Mapping[str, str], table: Mapping[str, str]) -> dict[str, int]:
+    """The integer settings of `table` (field name -> variable) that `env` sets."""
+    out: dict[str, int] = {}
+    for name, var in table.items():
+        value = _env(env, var)
+        if value is not None:
+            out[name] = int(value)
+    return out
+
 
 #: integer settings of `WorkerConfig` read from the environment
 _INT_SETTINGS = {
@@ -356,6 +413,11 @@ class WorkerConfig:
     queries: QueryPolicy = field(default_factory=QueryPolicy)
     limits: MessageLimits = field(default_factory=MessageLimits)
     index_limits: IndexLimits = field(default_factory=IndexLimits)
+    imports: ImportPolicy = field(default_factory=ImportPolicy)
+    #: the key(s) that authenticate internal merge records (`LHV_INTERNAL_KEY`,
+    #: comma-separated: the first signs, every one verifies); None: the random key kept
+    #: in the workers' own bucket and prefix (see `worker/protocol_auth.py`)
+    internal_key: str | None = field(default=None, repr=False)
     group_id: str = "lhv"
     #: Kafka static membership (KIP-345): a worker restarted with the same id takes its
     #: partitions back at once instead of after the session timeout; unique per worker
@@ -389,6 +451,8 @@ class WorkerConfig:
             "kafka": KafkaConfig.from_env(env),
             "s3": S3Config.from_env(env),
             "topics": TopicsConfig.from_env(env),
+            "imports": ImportPolicy.from_env(env),
+            "internal_key": _env(env, "LHV_INTERNAL_KEY"),
             "checkpoint": CheckpointPolicy(
                 every_records=int(_env(env, "LHV_CHECKPOINT_RECORDS", "50000") or 50000),
                 every_s=float(_env(env, "LHV_CHECKPOINT_SECONDS", "30") or 30),
@@ -403,9 +467,6 @@ class WorkerConfig:
             "accept_data_loss": (_env(env, "LHV_ACCEPT_DATA_LOSS", "") or "").lower()
             in ("1", "true", "yes"),
         }
-        for name, var in _INT_SETTINGS.items():
-            value = _env(env, var)
-            if value is not None:
-                kw[name] = int(value)
+        kw.update(_ints_from_env(env, _INT_SETTINGS))
         kw.update(overrides)
         return cls(**{k: v for k, v in kw.items() if v is not None})

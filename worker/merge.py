@@ -43,19 +43,41 @@ already hold them (`put_unless_same`), so the other side never reads an object w
 is overwritten, and reads are checked against the object's ETag (`get_verified`): a
 body cut short by the server is read again instead of failing the merge as unreadable.
 
-The protocol records name their objects only as `merge_id_of`/`export_key` derive them
-from the merge record's place; a `merge_in` or `merge_done` naming anything else is
-rejected (`invalid_request`), so a forged record cannot make a worker read or delete
-other objects.
+Trust (DESIGN section 6: a forged protocol record changes nothing). The protocol records
+stay on the commands topic: their offsets are the clocks of the merged items and order
+them against user writes on the destination's partition, so moving them to another topic
+would break replay equivalence. Instead:
+
+- Every `merge_in` and `merge_done` a worker produces carries an HMAC-SHA256 of its key
+  and value bytes (`worker/protocol_auth.py`: the key is `LHV_INTERNAL_KEY`, or a random
+  one the workers keep in their own bucket, created once with a create-only put). A
+  record without a valid MAC is rejected (`invalid_request`, dead-letter queue) before
+  anything is read, so a forged one changes nothing, however well it names a real merge.
+- The records name their objects only as `merge_id_of`/`export_key` derive them from the
+  merge record's place; a record naming anything else is rejected, so even a worker's
+  record cannot make another worker read or delete other objects.
+- Beyond the MAC, the counts and flags of a record are not the truth. What the source
+  does at `merge_done` comes from what its own owner wrote: the export object's envelope
+  holds `clear_source`, the destination, the requester's reply headers and its `merge`
+  record (key, value, headers, bounded by `MAX_ORIGIN_BYTES`). What the destination did
+  (applied, skipped, or its error) is read from the destination's marker object, not
+  from the record's `applied`. `lhv replay --verify` checks the MAC the same way and
+  takes `clear_source` from the export it rebuilt; the marker is gone by then, so it
+  takes the error from the (verified) record, which the destination produced from the
+  marker's body.
 
 Errors (the record is rejected, nothing changes): merging an index into itself
 (`invalid_request`), unknown source or destination (`index_not_found`), another dim
 (`dim_mismatch`) or space (`invalid_request`). Across partitions, the destination's
-errors come back in `merge_done`, which is then rejected with that error (dead-letter
-queue, and the error ack to the merge's requester).
+error comes back to the source's owner, which dead-letters the requester's own `merge`
+record (its key, value and headers, with DLQ headers naming the merge record's partition
+and offset) and sends the error ack to the requester.
 
 Import (`import` record keyed by the index) loads `s3://bucket/key` with the worker's S3
-endpoint and credentials and the bucket named by the URI:
+endpoint and credentials, only from the allowed sources and within the bounds of
+`ImportPolicy` (`worker/importsource.py`: `LHV_IMPORT_SOURCES`, default the `imports/`
+prefix of the workers' own bucket and prefix; never the workers' own checkpoint, merge or
+key objects):
 
 - `.npy`: a 2-D float array (no pickles), one row per item; ids from `ids_source` (a
   `.npy` of strings or integers, or a text file with one id per line) or else the row
@@ -67,7 +89,8 @@ endpoint and credentials and the bucket named by the URI:
 Every row becomes an upsert with clock `(version, import offset, row)` through the same
 `Index.validate`/`Index.apply` path as `add`. The whole import is validated before
 anything is applied, so an invalid row (its number is the error's `item`) rejects the
-import with nothing applied; it is then applied `chunk_items` rows per engine call, each
+import with nothing applied (error messages name rows of the import, never what was
+read); it is then applied `chunk_items` rows per engine call, each
 chunk whole-or-nothing. A replay reads the objects again: keep them unchanged until a
 checkpoint covers the import record.
 
@@ -82,14 +105,14 @@ produced), `merge_done_applied` (src: source cleared in memory, not checkpointed
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import io
 import logging
 import re
 import time
-import zipfile
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -106,18 +129,13 @@ from lhv_index import (
     read_snapshot,
     write_snapshot,
 )
+from lhv_index._snapshot import HEADER, MAGIC
 from lhv_index.errors import DimMismatch, IndexNotFound, Internal, InvalidRequest, LhvError
 from worker import failpoints
 from worker.apply import Outcome, home_partition
-from worker.blobstore import (
-    BlobNotFound,
-    BlobStoreError,
-    S3BlobStore,
-    S3Config,
-    StoreUnavailable,
-    get_verified,
-    put_unless_same,
-)
+from worker.blobstore import BlobNotFound, get_verified, put_unless_same
+from worker.config import ImportPolicy
+from worker.importsource import SourcePolicy, decode_npy, decode_npz, read_object, row_of
 from worker.logs import log_context
 from worker.messages import (
     ErrorInfo,
@@ -125,25 +143,29 @@ from worker.messages import (
     MergeCommand,
     MergeDoneCommand,
     MergeInCommand,
+    ReplyTo,
 )
 from worker.partition import Partition, PartitionStatus
+from worker.protocol_auth import ProtocolAuth, load_protocol_auth
 
 if TYPE_CHECKING:
     from worker.service import Worker
 
 __all__ = [
+    "MAX_ORIGIN_BYTES",
+    "ExportInfo",
     "MergeProtocol",
+    "MergeResult",
     "apply_import",
     "check_merge_done",
     "check_merge_in",
-    "clear_exported",
     "export_key",
     "export_source",
+    "finish_merge",
+    "import_fetcher",
     "marker_key",
     "merge_id_of",
     "merge_locally",
-    "parse_s3_uri",
-    "read_s3_uri",
     "receive_export",
 ]
 
@@ -156,6 +178,8 @@ RESEND_AFTER_S = 300.0
 _MERGE_ID = re.compile(r"m(\d+)-(\d+)")
 #: bound of one S3 transfer or Kafka send made from the apply thread
 STEP_TIMEOUT_S = 600.0
+#: bound of the requester's merge record value, and of its headers, kept in an export
+MAX_ORIGIN_BYTES = 64 * 1024
 
 
 def merge_id_of(partition: int, offset: int) -> str:
@@ -171,20 +195,6 @@ def export_key(topic: str, partition: int, offset: int) -> str:
 def marker_key(topic: str, dest_partition: int, merge_id: str) -> str:
     """Key of the marker saying that dest's partition applied `merge_in` of `merge_id`."""
     return f"merges/{topic}/applied/{dest_partition:05d}/{merge_id}.json"
-
-
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """`s3://bucket/key` -> (bucket, key).
-
-    Raises:
-        InvalidRequest: not an S3 URI with a bucket and a key.
-    """
-    if not uri.startswith("s3://"):
-        raise InvalidRequest(f"not an s3:// URI: {uri!r}")
-    bucket, _, key = uri[5:].partition("/")
-    if not bucket or not key:
-        raise InvalidRequest(f"an S3 URI needs a bucket and a key: {uri!r}")
-    return bucket, key
 
 
 def _merge_source(partition: Partition, cmd: MergeCommand) -> tuple[Index, list[Item]]:
@@ -233,15 +243,121 @@ def merge_locally(partition: Partition, cmd: MergeCommand, out: Outcome) -> None
 # --verify` hands them over in memory.
 
 
-def export_source(partition: Partition, cmd: MergeCommand, topic: str) -> tuple[bytes, int]:
-    """Source side of `merge`: the export object of `cmd.index`'s live items (an LHV1
-    snapshot, see `_export_bytes`) and how many items it holds.
+def export_source(
+    partition: Partition, cmd: MergeCommand, topic: str, out: Outcome
+) -> tuple[bytes, int]:
+    """Source side of `merge` (the record of `out`): the export object of `cmd.index`'s
+    live items (an LHV1 snapshot, see `_export_bytes`) and how many items it holds. Its
+    envelope's `source` holds what the source's owner needs at `merge_done` (`ExportInfo`).
 
     Raises:
         LhvError: unknown source, or a merge into itself (nothing exported).
     """
     src, items = _merge_source(partition, cmd)
-    return _export_bytes(src, items, {"topic": topic, "partition": partition.number}), len(items)
+    source = {
+        "topic": topic,
+        "partition": partition.number,
+        "offset": out.offset,
+        "dest": cmd.dest,
+        "clear_source": cmd.clear_source,
+        "reply": None if cmd.reply_to is None else cmd.reply_to.to_wire(),
+        "origin": _origin_record(cmd, out),
+    }
+    return _export_bytes(src, items, source), len(items)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _origin_record(cmd: MergeCommand, out: Outcome) -> dict[str, Any]:
+    """The requester's `merge` record, bounded: a value over `MAX_ORIGIN_BYTES` (padding:
+    the schema keeps a merge small) is replaced by its compact JSON, and headers past
+    `MAX_ORIGIN_BYTES` in total are dropped (counted in `lhv_headers_dropped`)."""
+    value = out.value or b""
+    if len(value) > MAX_ORIGIN_BYTES:
+        body: dict[str, Any] = {"op": "merge", "index": cmd.index, "dest": cmd.dest}
+        body["clear_source"] = cmd.clear_source
+        if cmd.request_id is not None:
+            body["request_id"] = cmd.request_id
+        value = orjson.dumps(body)
+    headers: list[list[str]] = []
+    used = dropped = 0
+    for name, hval in out.headers or ():
+        size = len(name.encode("utf-8", "replace")) + len(hval or b"")
+        if used + size > MAX_ORIGIN_BYTES:
+            dropped += 1
+            continue
+        used += size
+        headers.append([name, _b64(hval or b"")])
+    if dropped:
+        headers.append(["lhv_headers_dropped", _b64(str(dropped).encode("ascii"))])
+    return {"key": _b64(out.key or b""), "value": _b64(value), "headers": headers}
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfo:
+    """What the source's owner wrote in an export's envelope about its merge."""
+
+    index: str
+    partition: int
+    offset: int
+    dest: str
+    clear_source: bool
+    reply: ReplyTo | None
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+    @classmethod
+    def of(cls, data: bytes) -> ExportInfo:
+        """Parse the header and envelope of an export object (no sections are read).
+
+        Raises:
+            Internal: not an export object written by this version.
+        """
+        try:
+            magic, length = HEADER.unpack_from(data)
+            if magic != MAGIC or HEADER.size + length > len(data):
+                raise ValueError("not an LHV1 object")
+            envelope = orjson.loads(data[HEADER.size : HEADER.size + length])
+            src = envelope["source"]
+            origin = src["origin"]
+            reply = src.get("reply")
+            return cls(
+                index=str(envelope["name"]),
+                partition=int(src["partition"]),
+                offset=int(src["offset"]),
+                dest=str(src["dest"]),
+                clear_source=src["clear_source"] is True,
+                reply=None if reply is None else ReplyTo.from_wire(reply),
+                key=base64.b64decode(origin["key"]),
+                value=base64.b64decode(origin["value"]),
+                headers=[(str(n), base64.b64decode(v)) for n, v in origin["headers"]],
+            )
+        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+            raise Internal(f"merge: unreadable export envelope: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class MergeResult:
+    """What the destination did with a merge: applied and skipped, or its error."""
+
+    applied: int = 0
+    skipped: int = 0
+    error: ErrorInfo | None = None
+
+    @classmethod
+    def of_body(cls, body: Mapping[str, Any]) -> MergeResult:
+        """From a `merge_done` body (as the destination's marker holds it)."""
+        error = body.get("error")
+        return cls(
+            applied=int(body.get("applied") or 0),
+            skipped=int(body.get("skipped") or 0),
+            error=None
+            if error is None
+            else ErrorInfo(str(error["code"]), str(error["message"]), error.get("item")),
+        )
 
 
 def check_merge_in(topic: str, cmd: MergeInCommand) -> None:
@@ -279,15 +395,27 @@ def receive_export(
 ) -> MergeDoneCommand:
     """Destination side of `merge_in`: apply the exported items (`data`) not live in the
     destination, in one step; returns the `merge_done` to send back, which carries the
-    destination's error instead when nothing was applied (missing or incompatible index)."""
+    destination's error instead when nothing was applied (missing or incompatible index).
+
+    Raises:
+        Internal: the export's envelope does not describe this merge (nothing applied).
+    """
+    info = ExportInfo.of(data)
+    if (info.index, info.dest, info.partition, info.offset) != (
+        cmd.source_index,
+        cmd.index,
+        cmd.origin_partition,
+        cmd.origin_offset,
+    ):
+        raise Internal(f"merge {cmd.merge_id}: the export object describes another merge")
     done = MergeDoneCommand(
         index=cmd.source_index,
         request_id=cmd.request_id,
         dest=cmd.index,
         export=cmd.export,
         merge_id=cmd.merge_id,
-        clear_source=cmd.clear_source,
-        reply=cmd.reply,
+        clear_source=info.clear_source,
+        reply=info.reply,
     )
     try:
         items = _read_export(data, dest=partition.indexes.get(cmd.index), name=cmd.index)
@@ -308,9 +436,39 @@ def receive_export(
     return replace(done, applied=applied, skipped=len(items) - applied)
 
 
-def clear_exported(partition: Partition, cmd: MergeDoneCommand, out: Outcome, data: bytes) -> None:
-    """Source side of `merge_done` with `clear_source`: delete exactly the exported items
-    (`data`) whose clock is still the exported one."""
+def finish_merge(
+    partition: Partition, cmd: MergeDoneCommand, out: Outcome, data: bytes, result: MergeResult
+) -> None:
+    """Source side of `merge_done`: acknowledge the merge's requester with `result` (what
+    the destination did) and, when the export's envelope says `clear_source`, delete
+    exactly the exported items (`data`) whose clock is still the exported one.
+
+    Flags come from the envelope the source's owner wrote, never from `cmd`. When the
+    destination failed, `out` becomes the requester's `merge` record (key, value, headers,
+    offset), so it is that record that goes to the dead-letter queue.
+
+    Raises:
+        LhvError: the destination's error (nothing changed), or `Internal` when the export
+            does not describe this merge.
+    """
+    info = ExportInfo.of(data)
+    if (info.index, info.dest, info.partition) != (cmd.index, cmd.dest, partition.number):
+        raise Internal(f"merge {cmd.merge_id}: the export object describes another merge")
+    out.op = "merge"
+    out.reply_to = info.reply
+    if result.error is not None:
+        log.warning(
+            "merge %s into %s failed at the destination: %s",
+            cmd.merge_id,
+            cmd.dest,
+            result.error.message,
+        )
+        out.key, out.value, out.headers = info.key, info.value, info.headers
+        out.offset = info.offset
+        raise result.error.to_error()
+    out.applied, out.skipped = result.applied, result.skipped
+    if not info.clear_source:
+        return
     src = partition.indexes.get(cmd.index)
     if src is None:
         log.warning("merge %s: source %s is gone, nothing to clear", cmd.merge_id, cmd.index)
@@ -322,7 +480,7 @@ def clear_exported(partition: Partition, cmd: MergeDoneCommand, out: Outcome, da
     log.info(
         "merge %s: %d items now in %s; cleared %d of %d exported from %s",
         cmd.merge_id,
-        cmd.applied,
+        result.applied,
         cmd.dest,
         cleared,
         len(exported),
@@ -330,58 +488,57 @@ def clear_exported(partition: Partition, cmd: MergeDoneCommand, out: Outcome, da
     )
 
 
-async def read_s3_uri(s3: S3Config, uri: str) -> bytes | None:
-    """The object at `s3://bucket/key`, read with the endpoint and credentials of `s3`;
-    None when it does not exist. Shared by the worker's imports and `lhv replay`.
+def import_fetcher(
+    policy: SourcePolicy, run: Callable[[Any], bytes | None]
+) -> Callable[[str, str], bytes]:
+    """`fetch(uri, field)` for `apply_import`: checks `uri` against `policy`, then reads it
+    within `max_object_bytes` by running `read_object(...)` with `run` (which waits for
+    the coroutine on a loop)."""
+    s3 = policy.s3
 
-    Raises:
-        InvalidRequest: not an S3 URI, an unclean key, or the store refused the read
-            (credentials, policy): the import's fault.
-        StoreUnavailable: the store did not answer.
-    """
-    bucket, key = parse_s3_uri(uri)
-    try:
-        async with S3BlobStore(replace(s3, bucket=bucket, prefix="")) as blobs:
-            data, _ = await blobs.get(key)
-    except BlobNotFound:
-        return None
-    except ValueError as exc:  # an unclean key
-        raise InvalidRequest(f"bad object key {key!r}: {exc}") from exc
-    except StoreUnavailable:
-        raise
-    except BlobStoreError as exc:
-        raise InvalidRequest(f"import: {uri}: {exc.message}") from exc
-    return data
+    def fetch(uri: str, field: str) -> bytes:
+        bucket, key = policy.check(uri, field)
+        data = run(read_object(s3, bucket, key, policy.policy.max_object_bytes))
+        if data is None:
+            raise InvalidRequest(f"import: {field} {uri} does not exist")
+        return data
+
+    return fetch
 
 
 def apply_import(
-    partition: Partition, cmd: ImportCommand, out: Outcome, fetch: Callable[[str], bytes]
+    partition: Partition,
+    cmd: ImportCommand,
+    out: Outcome,
+    fetch: Callable[[str, str], bytes],
+    policy: ImportPolicy,
 ) -> None:
-    """Apply one `import` record: read its objects with `fetch(uri)` (which raises
-    `InvalidRequest` for a missing one), validate every chunk, then apply them; shared by
-    the worker and `lhv replay --verify`.
+    """Apply one `import` record: read its objects with `fetch(uri, field)` (see
+    `import_fetcher`; it raises `InvalidRequest` for a missing or refused one), decode them
+    within `policy`'s bounds, validate every chunk, then apply them; shared by the worker
+    and `lhv replay --verify`.
 
     Raises:
-        LhvError: nothing applied (bad source, dim mismatch, an invalid row).
+        LhvError: nothing applied (bad or refused source, over a bound, dim mismatch, an
+            invalid row).
     """
     index = partition.indexes.get(cmd.index)
     if index is None:
         raise IndexNotFound(f"import: index {cmd.index!r} does not exist")
     started = time.monotonic()
-    rows = _load_rows(cmd, fetch)
+    rows = _load_rows(cmd, fetch, policy)
     if rows.n and rows.vectors.shape[1] != index.params.dim:
         raise DimMismatch(
-            f"import: {cmd.source} holds vectors of dim {rows.vectors.shape[1]}, index "
-            f"{cmd.index!r} has dim {index.params.dim}"
+            f"import: the vectors of source do not have the dim of index {cmd.index!r} "
+            f"({index.params.dim})"
         )
     chunk = max(1, min(cmd.chunk_items, index.limits.max_batch_items))
     for start in range(0, rows.n, chunk):
+        writes = rows.writes(start, start + chunk, out.offset, cmd.version)
         try:
-            index.validate(rows.writes(start, start + chunk, out.offset, cmd.version))
+            index.validate(writes)
         except LhvError as exc:
-            if exc.item is not None:
-                exc.item += start  # the row in the import, not in the chunk
-            raise
+            raise _row_error(exc, writes, start) from None
     loaded = time.monotonic()
     applied = 0
     for start in range(0, rows.n, chunk):
@@ -390,25 +547,34 @@ def apply_import(
         partition.dirty.add(cmd.index)
     out.applied, out.skipped = applied, rows.n - applied
     log.info(
-        "import of %d rows from %s: %d applied, %.2fs to load and validate, %.2fs to apply",
+        "import of %d rows: %d applied, %.2fs to load and validate, %.2fs to apply",
         rows.n,
-        cmd.source,
         applied,
         loaded - started,
         time.monotonic() - loaded,
     )
 
 
-def _load_rows(cmd: ImportCommand, fetch: Callable[[str], bytes]) -> _Rows:
+def _row_error(exc: LhvError, writes: Sequence[Write], start: int) -> LhvError:
+    """`exc` of a chunk's validation as the import's error: named by the row of the
+    import, without the id or anything else read from the objects."""
+    if exc.item is None or not 0 <= exc.item < len(writes):
+        return type(exc)(f"import: {exc.message}")
+    row = start + exc.item
+    why = exc.message.removeprefix(f"item {exc.item} (id {writes[exc.item].id!r}): ")
+    return type(exc)(f"import: row {row}: {why}", item=row)
+
+
+def _load_rows(
+    cmd: ImportCommand, fetch: Callable[[str, str], bytes], policy: ImportPolicy
+) -> _Rows:
+    data = fetch(cmd.source, "source")  # refused before anything else when not allowed
     fmt = cmd.format or _format_of(cmd.source)
-    data = fetch(cmd.source)
     if fmt == "lhv":
         try:
             snap, _ = read_snapshot(data)
         except LhvError as exc:
-            raise InvalidRequest(
-                f"import: {cmd.source} is not a readable LHV1 snapshot: {exc.message}"
-            ) from exc
+            raise InvalidRequest("import: source is not a readable LHV1 snapshot") from exc
         items = _sorted_live(snap)
         rows = _Rows(
             vectors=np.stack([_vector(it) for it in items]).astype(np.float32, copy=False)
@@ -419,13 +585,14 @@ def _load_rows(cmd: ImportCommand, fetch: Callable[[str], bytes]) -> _Rows:
             versions=[it.clock.version for it in items],
         )
     else:
-        vectors, ids = _decode_arrays(data, fmt, cmd.source)
+        vectors, ids = _decode_arrays(data, fmt, policy)
         rows = _Rows(vectors=vectors, ids=ids)
+    del data
     if cmd.ids_source is not None:
-        rows.ids = _decode_ids(fetch(cmd.ids_source), cmd.ids_source)
+        rows.ids = _decode_ids(fetch(cmd.ids_source, "ids_source"), cmd.ids_source, policy)
     if cmd.metadata_source is not None:
-        rows.metadata = _decode_metadata(fetch(cmd.metadata_source), cmd.metadata_source)
-    rows.check(cmd.source)
+        rows.metadata = _decode_metadata(fetch(cmd.metadata_source, "metadata_source"))
+    rows.check()
     return rows
 
 
@@ -440,12 +607,29 @@ class MergeProtocol:
         self._w = worker
         self._produced: dict[str, float] = {}
         """merge id -> when this process produced its merge_done (monotonic)"""
+        self._auth: ProtocolAuth | None = None
+        self._sources = SourcePolicy(worker.config.imports, worker.config.s3)
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the sweeper; it is cancelled with the worker's other background steps."""
-        self._w.spawn(self._sweep_forever(), name="merge-sweeper")
+        """Load (or create) the internal protocol key, then start the sweeper; it is
+        cancelled with the worker's other background steps.
+
+        Raises:
+            BlobStoreError: the key object could not be read or created.
+        """
+        w = self._w
+        self._auth = await load_protocol_auth(
+            w.blobs, w.topics.commands, w.config.internal_key, create=True
+        )
+        w.spawn(self._sweep_forever(), name="merge-sweeper")
+
+    @property
+    def auth(self) -> ProtocolAuth:
+        if self._auth is None:
+            raise Internal("merge protocol not started: no internal key")
+        return self._auth
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -474,7 +658,7 @@ class MergeProtocol:
         topic = w.topics.commands
         merge_id = merge_id_of(partition.number, out.offset)
         key = export_key(topic, partition.number, out.offset)
-        data, exported = export_source(partition, cmd, topic)
+        data, exported = export_source(partition, cmd, topic, out)
         w.run_async(self._put(key, data), timeout_s=STEP_TIMEOUT_S)
         failpoints.hit("merge_exported")
         merge_in = MergeInCommand(
@@ -507,33 +691,27 @@ class MergeProtocol:
 
     def _merge_done(self, partition: Partition, cmd: MergeDoneCommand, out: Outcome) -> None:
         w = self._w
+        self.auth.verify(out.key, out.value, out.headers, "merge_done")
         check_merge_done(w.topics.commands, partition.number, cmd)
         out.op = "merge"
-        out.reply_to = cmd.reply
         dest_partition = home_partition(cmd.dest.encode(), w.num_partitions)
         marker = marker_key(w.topics.commands, dest_partition, cmd.merge_id)
         partition.after_checkpoint.append(
             (out.offset, lambda: self._cleanup(cmd.merge_id, cmd.export, marker))
         )
         _checkpoint_soon(w, partition)
-        if cmd.error is not None:
-            log.warning(
-                "merge %s into %s failed at the destination: %s",
-                cmd.merge_id,
-                cmd.dest,
-                cmd.error.message,
-            )
-            raise cmd.error.to_error()
-        out.applied, out.skipped = cmd.applied, cmd.skipped
-        if not cmd.clear_source:
-            return
         data = w.run_async(self._get(cmd.export), timeout_s=STEP_TIMEOUT_S)
         if data is None:
             # Only deleted after a checkpoint covered an earlier merge_done: a duplicate.
             out.reply_to = None
             log.info("merge %s: already completed (export removed)", cmd.merge_id)
             return
-        clear_exported(partition, cmd, out, data)
+        # The export is deleted before the marker, so the marker is still there.
+        seen = w.run_async(self._get(marker), timeout_s=STEP_TIMEOUT_S)
+        if seen is None:
+            raise Internal(f"merge {cmd.merge_id}: the destination's marker {marker} is missing")
+        result = MergeResult.of_body(orjson.loads(_marker_value(orjson.loads(seen))))
+        finish_merge(partition, cmd, out, data, result)
         failpoints.hit("merge_done_applied")
 
     async def _cleanup(self, merge_id: str, export: str, marker: str) -> None:
@@ -547,6 +725,7 @@ class MergeProtocol:
 
     def _merge_in(self, partition: Partition, cmd: MergeInCommand, out: Outcome) -> None:
         w = self._w
+        self.auth.verify(out.key, out.value, out.headers, "merge_in")
         check_merge_in(w.topics.commands, cmd)
         marker = marker_key(w.topics.commands, partition.number, cmd.merge_id)
         seen = w.run_async(self._get(marker), timeout_s=STEP_TIMEOUT_S)
@@ -565,7 +744,7 @@ class MergeProtocol:
             return
         done = receive_export(partition, cmd, out, data)
         key, value = done.encode()
-        body = {"offset": out.offset, "key": key.decode(), "value": orjson.loads(value)}
+        body = {"offset": out.offset, "key": key.decode(), "value": value.decode()}
         w.run_async(self._put(marker, orjson.dumps(body)), timeout_s=STEP_TIMEOUT_S)
         failpoints.hit("merge_in_applied")
         partition.after_checkpoint.append(
@@ -617,10 +796,7 @@ class MergeProtocol:
                 with log_context(partition=p):
                     log.info("merge %s: producing merge_done again (sweeper)", merge_id)
                     await self._send_done(
-                        merge_id,
-                        str(body["key"]).encode(),
-                        orjson.dumps(body["value"]),
-                        first=False,
+                        merge_id, str(body["key"]).encode(), _marker_value(body), first=False
                     )
                 sent += 1
         return sent
@@ -628,13 +804,10 @@ class MergeProtocol:
     # -- import ---------------------------------------------------------------------------
 
     def _import(self, partition: Partition, cmd: ImportCommand, out: Outcome) -> None:
-        apply_import(partition, cmd, out, self._fetch)
-
-    def _fetch(self, uri: str) -> bytes:
-        data = self._w.run_async(read_s3_uri(self._w.config.s3, uri), timeout_s=STEP_TIMEOUT_S)
-        if data is None:
-            raise InvalidRequest(f"import: {uri} does not exist")
-        return bytes(data)
+        fetch = import_fetcher(
+            self._sources, lambda coro: self._w.run_async(coro, timeout_s=STEP_TIMEOUT_S)
+        )
+        apply_import(partition, cmd, out, fetch, self._w.config.imports)
 
     # -- S3 and Kafka steps (on the worker's loop) ----------------------------------------
 
@@ -661,6 +834,7 @@ class MergeProtocol:
             await self._w.blobs.delete(key)
 
     async def _produce(self, key: bytes, value: bytes) -> None:
+        """Produce a protocol record, signed (`worker/protocol_auth.py`)."""
         w = self._w
         async with asyncio.timeout(STEP_TIMEOUT_S):
             await w.producer.send_and_wait(
@@ -668,10 +842,17 @@ class MergeProtocol:
                 key=key,
                 value=value,
                 partition=home_partition(key, w.num_partitions),
+                headers=[self.auth.header(key, value)],
             )
 
 
 # -- helpers (apply thread) -----------------------------------------------------------------
+
+
+def _marker_value(body: Mapping[str, Any]) -> bytes:
+    """The `merge_done` value a marker holds (as text; older markers: a JSON object)."""
+    value = body["value"]
+    return value.encode("utf-8") if isinstance(value, str) else orjson.dumps(value)
 
 
 def _checkpoint_soon(worker: Worker, partition: Partition) -> None:
@@ -806,10 +987,10 @@ class _Rows:
     def n(self) -> int:
         return int(self.vectors.shape[0])
 
-    def check(self, source: str) -> None:
-        for what, values in (("ids", self.ids), ("metadata rows", self.metadata)):
+    def check(self) -> None:
+        for field, values in (("ids", self.ids), ("metadata rows", self.metadata)):
             if values is not None and len(values) != self.n:
-                raise InvalidRequest(f"import: {source} has {self.n} rows but {len(values)} {what}")
+                raise InvalidRequest(f"import: the source's rows and its {field} differ in number")
 
     def writes(self, start: int, stop: int, offset: int, version: int | None) -> list[Write]:
         stop = min(stop, self.n)
@@ -837,61 +1018,74 @@ def _format_of(uri: str) -> str:
     raise InvalidRequest(f"import: cannot tell the format of {uri!r}: name it with 'format'")
 
 
-def _decode_arrays(data: bytes, fmt: str, source: str) -> tuple[np.ndarray, list[str] | None]:
+def _decode_arrays(
+    data: bytes, fmt: str, policy: ImportPolicy
+) -> tuple[np.ndarray, list[str] | None]:
     ids: list[str] | None = None
-    try:
-        if fmt == "npy":
-            vectors = np.load(io.BytesIO(data), allow_pickle=False)
-        else:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                if "vectors" not in npz.files:
-                    raise InvalidRequest(f"import: {source} has no array 'vectors' ({npz.files})")
-                vectors = npz["vectors"]
-                if "ids" in npz.files:
-                    ids = _ids_of(npz["ids"], source)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise InvalidRequest(f"import: {source} is not a readable .{fmt} file: {exc}") from exc
-    if vectors.ndim != 2 or vectors.dtype.kind not in "fiu":
-        raise InvalidRequest(
-            f"import: {source} must hold a 2-D numeric array, got {vectors.dtype} "
-            f"of shape {vectors.shape}"
+    if fmt == "npy":
+        vectors = decode_npy(
+            data,
+            "source",
+            kinds="fiu",
+            max_bytes=policy.max_object_bytes,
+            setting="LHV_MAX_IMPORT_BYTES",
         )
+    else:
+        arrays = decode_npz(data, "source", policy, ("vectors", "ids"))
+        if "vectors" not in arrays:
+            raise InvalidRequest("import: source has no array 'vectors'")
+        vectors = arrays["vectors"]
+        if "ids" in arrays:
+            ids = _ids_of(arrays["ids"], "source")
+    if vectors.ndim != 2:
+        raise InvalidRequest("import: source must hold a 2-D numeric array")
     return np.ascontiguousarray(vectors, dtype=np.float32), ids
 
 
-def _ids_of(arr: np.ndarray, source: str) -> list[str]:
+def _ids_of(arr: np.ndarray, field: str) -> list[str]:
     if arr.ndim != 1:
-        raise InvalidRequest(f"import: ids in {source} must be 1-D, got shape {arr.shape}")
+        raise InvalidRequest(f"import: the ids of {field} must be a 1-D array")
     if arr.dtype.kind == "U":
         return [str(x) for x in arr.tolist()]
     if arr.dtype.kind == "S":
-        try:
-            return [x.decode("utf-8") for x in arr.tolist()]
-        except UnicodeDecodeError as exc:
-            raise InvalidRequest(f"import: ids in {source} are not UTF-8: {exc}") from exc
+        out = []
+        for row, x in enumerate(arr.tolist()):
+            try:
+                out.append(x.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise InvalidRequest(
+                    f"import: row {row}: the id in {field} is not UTF-8", item=row
+                ) from None
+        return out
     if arr.dtype.kind in "iu":
         return [str(int(x)) for x in arr.tolist()]
-    raise InvalidRequest(f"import: ids in {source} must be strings or integers, not {arr.dtype}")
+    raise InvalidRequest(f"import: the ids of {field} must be strings or integers")
 
 
-def _decode_ids(data: bytes, source: str) -> list[str]:
+def _decode_ids(data: bytes, source: str, policy: ImportPolicy) -> list[str]:
     if source.lower().endswith(".npy"):
-        try:
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise InvalidRequest(f"import: {source} is not a readable .npy file: {exc}") from exc
-        return _ids_of(arr, source)
+        arr = decode_npy(
+            data,
+            "ids_source",
+            kinds="USiu",
+            max_bytes=policy.max_object_bytes,
+            setting="LHV_MAX_IMPORT_BYTES",
+        )
+        return _ids_of(arr, "ids_source")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"import: {source} is not UTF-8 text: {exc}") from exc
+        row = row_of(data, exc.start)
+        raise InvalidRequest(
+            f"import: row {row}: ids_source is not UTF-8 there", item=row
+        ) from None
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     return [line.removesuffix("\r") for line in lines]
 
 
-def _decode_metadata(data: bytes, source: str) -> list[dict[str, Any] | None]:
+def _decode_metadata(data: bytes) -> list[dict[str, Any] | None]:
     lines = data.split(b"\n")
     if lines and not lines[-1].strip():
         lines.pop()
@@ -899,9 +1093,14 @@ def _decode_metadata(data: bytes, source: str) -> list[dict[str, Any] | None]:
     for row, line in enumerate(lines):
         try:
             value = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidRequest(f"import: {source} row {row}: not JSON: {exc}", item=row) from exc
+        except orjson.JSONDecodeError:
+            raise InvalidRequest(
+                f"import: row {row}: metadata_source has no JSON value there", item=row
+            ) from None
         if value is not None and not isinstance(value, dict):
-            raise InvalidRequest(f"import: {source} row {row}: not an object or null", item=row)
+            raise InvalidRequest(
+                f"import: row {row}: metadata_source has neither an object nor null there",
+                item=row,
+            )
         out.append(value)
     return out

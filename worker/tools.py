@@ -16,8 +16,11 @@ and no consumer group is joined.
 `Partition`s, so it checks the checkpoints against the log, not the code against itself:
 a snapshot that was rewritten, or a worker that applied a record wrongly, shows up as the
 index and the ids whose state differs. Imports are replayed from their source objects as
-they are now in S3 (an index whose import source is gone is reported as not replayable),
-and merges like the worker applies them. The export object of a merge across partitions
+they are now in S3, through the same allow-list and bounds as the worker (an index whose
+import source is gone is reported as not replayable), and merges like the worker applies
+them: a `merge_in` or `merge_done` whose MAC does not verify with the workers' internal
+key (read from S3, or `LHV_INTERNAL_KEY`; never created here) is rejected as the worker
+rejects it. The export object of a merge across partitions
 is gone once the merge completes, so the source partition's rebuild makes it again and
 hands it to the destination's in memory (`_Replay`); only when the source's log can no
 longer be rebuilt is the destination index reported as not replayable.
@@ -49,19 +52,21 @@ from lhv_index.errors import Internal, InvalidRequest, LhvError, SnapshotError
 from worker.apply import Outcome, apply_records, decode_records, home_partition
 from worker.blobstore import BlobNotFound, BlobStore, S3BlobStore
 from worker.config import WorkerConfig
+from worker.importsource import SourcePolicy, read_object
 from worker.kafka_errors import map_kafka_errors
 from worker.merge import (
+    MergeResult,
     apply_import,
     check_merge_done,
     check_merge_in,
-    clear_exported,
     export_source,
+    finish_merge,
     merge_locally,
-    read_s3_uri,
     receive_export,
 )
 from worker.messages import ImportCommand, MergeCommand, MergeDoneCommand, MergeInCommand
 from worker.partition import Partition
+from worker.protocol_auth import ProtocolAuth, load_protocol_auth
 from worker.store import IndexEntry, Manifest, SnapshotStore
 
 __all__ = [
@@ -462,7 +467,10 @@ async def replay_verify(
     starting that rebuild early, or a second one past the source's checkpoint, when
     needed. `timeout_s` bounds reading one partition (not counting those waits).
     """
-    replay = _Replay(config, _Checkpoints(blobs, config.topics.commands), timeout_s)
+    auth = await load_protocol_auth(
+        blobs, config.topics.commands, config.internal_key, create=False
+    )
+    replay = _Replay(config, _Checkpoints(blobs, config.topics.commands), timeout_s, auth)
     numbers = await _partitions_of(config, config.topics.commands)
     if not numbers:
         replay.report.errors.append(f"topic {config.topics.commands!r} does not exist")
@@ -520,8 +528,12 @@ class _Run:
 class _Replay:
     """The rebuilds of one `replay_verify`, and the exports they hand each other."""
 
-    def __init__(self, config: WorkerConfig, cps: _Checkpoints, timeout_s: float) -> None:
+    def __init__(
+        self, config: WorkerConfig, cps: _Checkpoints, timeout_s: float, auth: ProtocolAuth
+    ) -> None:
         self.config = config
+        self.auth = auth
+        self.sources = SourcePolicy(config.imports, config.s3)
         self.cps = cps
         self.timeout_s = timeout_s
         self.report = ReplayReport()
@@ -742,26 +754,30 @@ class _Barriers:
     def __call__(self, partition: Partition, command: Any, outcome: Outcome) -> None:
         topic = self._config.topics.commands
         if isinstance(command, ImportCommand):
-            apply_import(partition, command, outcome, self._fetch)
+            apply_import(partition, command, outcome, self._fetch, self._config.imports)
         elif isinstance(command, MergeCommand):
             dest = home_partition(command.dest.encode(), self._replay.num_partitions)
             if dest == partition.number:
                 merge_locally(partition, command, outcome)
             else:
-                data, _ = export_source(partition, command, topic)
+                data, _ = export_source(partition, command, topic, outcome)
                 self._replay.register_export(partition.number, outcome.offset, data)
                 outcome.reply_to = None
         elif isinstance(command, MergeInCommand):
+            self._replay.auth.verify(outcome.key, outcome.value, outcome.headers, "merge_in")
             self._merge_in(partition, command, outcome)
         elif isinstance(command, MergeDoneCommand):
+            # As the worker: verified, flags from the export the source's rebuild made;
+            # the destination's marker is gone, so its result comes from the record,
+            # which the destination produced from that marker.
+            self._replay.auth.verify(outcome.key, outcome.value, outcome.headers, "merge_done")
             origin = check_merge_done(topic, partition.number, command)
             outcome.op = "merge"
-            if command.error is not None:
-                raise command.error.to_error()
-            outcome.applied, outcome.skipped = command.applied, command.skipped
-            data = self._replay.export_of(partition.number, origin)
-            if command.clear_source and data is not None:
-                clear_exported(partition, command, outcome, data)
+            export = self._replay.export_of(partition.number, origin)
+            if export is None:
+                return
+            result = MergeResult(command.applied, command.skipped, command.error)
+            finish_merge(partition, command, outcome, export, result)
         else:
             raise Internal(f"op {outcome.op!r} is not replayable")
 
@@ -783,15 +799,19 @@ class _Barriers:
         self._run.merged_in.add(command.merge_id)
         receive_export(partition, command, outcome, data)
 
-    def _fetch(self, uri: str) -> bytes:
-        future = asyncio.run_coroutine_threadsafe(self._get(uri), self._loop)
-        return future.result(self._config.s3.timeout_s * self._config.s3.max_attempts + 60)
-
-    async def _get(self, uri: str) -> bytes:
-        data = await read_s3_uri(self._config.s3, uri)
+    def _fetch(self, uri: str, field: str) -> bytes:
+        """An import's object, refused and bounded as the worker does."""
+        bucket, key = self._replay.sources.check(uri, field)
+        future = asyncio.run_coroutine_threadsafe(self._get(bucket, key), self._loop)
+        data = future.result(self._config.s3.timeout_s * self._config.s3.max_attempts + 60)
         if data is None:
-            raise _SourceGone(f"import: {uri} does not exist any more")
+            raise _SourceGone(f"import: {field} {uri} does not exist any more")
         return data
+
+    async def _get(self, bucket: str, key: str) -> bytes | None:
+        return await read_object(
+            self._config.s3, bucket, key, self._config.imports.max_object_bytes
+        )
 
 
 def _touched(command: Any, index: str) -> set[str]:

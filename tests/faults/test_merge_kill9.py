@@ -28,6 +28,7 @@ from mergekit import (
     add_records,
     merge_objects,
     names_on,
+    protocol_auth,
     wait_ack,
 )
 from workerkit import (
@@ -136,7 +137,7 @@ async def test_kill9_at_every_merge_step_completes_the_merge_once(
     records = await read_all(env.bootstrap, env.topics.commands)
     ops = [r.value for r in records]
     assert sum(b'"op":"merge_in"' in v for v in ops) >= 2, "the replayed merge produced again"
-    oracle = MergeOracle(env.partitions).run(records)
+    oracle = MergeOracle(env.partitions, await protocol_auth(env)).run(records)
     for name in (src, dest):
         assert_index_matches(name, indexes[name], oracle[name])
     assert set(oracle[src].live) == set(later)

@@ -334,7 +334,7 @@ async def test_replay_rebuilds_imports_from_their_sources_and_names_a_rewritten_
     names the changed ids; a source deleted since makes the index not replayable."""
     rng = np.random.default_rng(3)
     vecs = rng.normal(size=(300, 8)).astype(np.float32)
-    key = f"{env.s3.key_prefix}import/vecs.npy"
+    key = f"{env.s3.key_prefix}imports/vecs.npy"
     uri = f"s3://{env.s3.bucket}/{key}"
     buf = io.BytesIO()
     np.save(buf, vecs, allow_pickle=False)
