@@ -380,6 +380,7 @@ _IMPORT_INT_SETTINGS = {
     "max_members": "LHV_MAX_IMPORT_MEMBERS",
 }
 
+
 def _ints_from_env(env: Mapping[str, str], table: Mapping[str, str]) -> dict[str, int]:
     """The integer settings of `table` (field name -> variable) that `env` sets."""
     out: dict[str, int] = {}
