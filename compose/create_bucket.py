@@ -1,7 +1,8 @@
 """Create the LHV bucket on the compose S3 server, waiting for the server to come up.
 
 Run by the `s3-init` service of docker-compose.yml; reads the same variables as the worker
-(LHV_S3_ENDPOINT_URL, LHV_S3_BUCKET, AWS_*). Exits 0 once the bucket exists.
+(LHV_S3_ENDPOINT_URL, LHV_S3_BUCKET, LHV_S3_ACCESS_KEY_ID / LHV_S3_SECRET_ACCESS_KEY, else
+AWS_*: `S3Config.from_env`). Exits 0 once the bucket exists.
 """
 
 from __future__ import annotations
@@ -14,15 +15,20 @@ import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from worker.blobstore import S3Config
+
 __all__: list[str] = []
 
 
 def main() -> int:
-    bucket = os.environ.get("LHV_S3_BUCKET", "lhv")
+    s3 = S3Config.from_env(os.environ)
+    bucket = s3.bucket
     client = botocore.session.get_session().create_client(
         "s3",
-        endpoint_url=os.environ["LHV_S3_ENDPOINT_URL"],
-        region_name=os.environ.get("AWS_REGION", "us-east-1"),
+        endpoint_url=s3.endpoint_url,
+        region_name=s3.region,
+        aws_access_key_id=s3.access_key_id,
+        aws_secret_access_key=s3.secret_access_key,
         config=Config(connect_timeout=5, read_timeout=10, s3={"addressing_style": "path"}),
     )
     deadline = time.monotonic() + 120

@@ -50,6 +50,7 @@ __all__ = [
     "blobstore",
     "bootstrap_servers",
     "docker_reachable",
+    "external_stack_problem",
     "make_local_stack",
     "new_topic",
     "s3_config",
@@ -77,7 +78,8 @@ class StackHandle:
     bootstrap_servers: str
     s3: S3Config
     env: dict[str, str] = field(repr=False)
-    """LHV_* and AWS_* variables for subprocesses (workers, the CLI)."""
+    """LHV_* (and, for an external stack, AWS_*) variables for subprocesses (workers, the
+    CLI)."""
     local: LocalStack | None = None
     """The `LocalStack` when mode is `local` (don't kill it: use `make_local_stack`)."""
 
@@ -146,6 +148,27 @@ def describe_stack() -> str:
     return (
         f"lhv stack: local (Kafka {KAFKA_VERSION} KRaft from Maven jars + SeaweedFS weed mini), "
         "started on first use"
+    )
+
+
+def external_stack_problem(env: dict[str, str], timeout_s: float = 5.0) -> str | None:
+    """Why the external stack the `LHV_*` variables name does not answer, in one line, or
+    None. A shell that sourced the env file of a stack stopped since keeps variables that
+    point at dead ports: every integration test would then fail on its own timeout."""
+    from worker.stack import _kafka_metadata_ok, _s3_ok
+
+    bootstrap, endpoint = env["LHV_BOOTSTRAP_SERVERS"], env["LHV_S3_ENDPOINT_URL"]
+    s3 = S3Config.from_env(env)
+    if _kafka_metadata_ok(bootstrap, timeout_s) is not None:
+        what = f"Kafka at LHV_BOOTSTRAP_SERVERS={bootstrap} does not answer"
+    elif _s3_ok(endpoint, s3.access_key_id or "", s3.secret_access_key or "", timeout_s):
+        what = f"S3 at LHV_S3_ENDPOINT_URL={endpoint} does not answer"
+    else:
+        return None
+    return (
+        f"{what}: variables left from a stack that is gone? Run `make up` and "
+        "`source .stack/env` again, or `unset LHV_BOOTSTRAP_SERVERS LHV_S3_ENDPOINT_URL` "
+        "and the tests start a stack of their own"
     )
 
 
@@ -273,9 +296,9 @@ class _DockerStack:
             "LHV_BOOTSTRAP_SERVERS": self.bootstrap_servers,
             "LHV_S3_ENDPOINT_URL": self.s3_endpoint_url,
             "LHV_S3_BUCKET": self.bucket,
-            "AWS_ACCESS_KEY_ID": self.access_key_id,
-            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
-            "AWS_REGION": "us-east-1",
+            "LHV_S3_ACCESS_KEY_ID": self.access_key_id,
+            "LHV_S3_SECRET_ACCESS_KEY": self.secret_access_key,
+            "LHV_S3_REGION": "us-east-1",
         }
 
 
@@ -293,6 +316,9 @@ def stack() -> Iterator[StackHandle]:
     mode = stack_mode()
     if mode == "external":
         env = {k: v for k, v in os.environ.items() if k.startswith(("LHV_", "AWS_"))}
+        problem = external_stack_problem(env)
+        if problem:
+            pytest.exit(problem, returncode=pytest.ExitCode.USAGE_ERROR)
         s3 = S3Config.from_env(env, prefix=f"tests/{_RUN_ID}/")
         USED.append(f"external stack at {env['LHV_BOOTSTRAP_SERVERS']}")
         yield StackHandle("external", env["LHV_BOOTSTRAP_SERVERS"], s3, env)

@@ -99,9 +99,9 @@ class Env:
             }
         )
         if self.s3.access_key_id:
-            env["AWS_ACCESS_KEY_ID"] = self.s3.access_key_id
+            env["LHV_S3_ACCESS_KEY_ID"] = self.s3.access_key_id
         if self.s3.secret_access_key:
-            env["AWS_SECRET_ACCESS_KEY"] = self.s3.secret_access_key
+            env["LHV_S3_SECRET_ACCESS_KEY"] = self.s3.secret_access_key
         env.update(extra)
         return env
 

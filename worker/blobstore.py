@@ -161,16 +161,24 @@ class S3Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> S3Config:
-        """Read `LHV_S3_BUCKET`, `LHV_S3_ENDPOINT_URL`, `LHV_S3_PREFIX`, `LHV_S3_TIMEOUT_S`,
-        `AWS_REGION` (or `AWS_DEFAULT_REGION`), `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`.
+        """Read `LHV_S3_BUCKET`, `LHV_S3_ENDPOINT_URL`, `LHV_S3_PREFIX`, `LHV_S3_TIMEOUT_S`
+        and the credentials: `LHV_S3_ACCESS_KEY_ID` / `LHV_S3_SECRET_ACCESS_KEY` /
+        `LHV_S3_REGION` first, then `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` /
+        `AWS_REGION` (or `AWS_DEFAULT_REGION`). The LHV names let a shell hold the local
+        stack's keys beside the user's own AWS ones; the key pair is taken from one source,
+        never mixed. Neither set: the AWS credential chain (profile, instance role) decides.
         Keyword overrides win over the environment."""
+        key_id, secret = _env(env, "LHV_S3_ACCESS_KEY_ID"), _env(env, "LHV_S3_SECRET_ACCESS_KEY")
+        if key_id is None and secret is None:
+            key_id, secret = _env(env, "AWS_ACCESS_KEY_ID"), _env(env, "AWS_SECRET_ACCESS_KEY")
+        region = _env(env, "LHV_S3_REGION") or _env(env, "AWS_REGION")
         values: dict[str, Any] = {
             "bucket": _env(env, "LHV_S3_BUCKET", "lhv"),
             "endpoint_url": _env(env, "LHV_S3_ENDPOINT_URL"),
             "prefix": _env(env, "LHV_S3_PREFIX", ""),
-            "region": _env(env, "AWS_REGION", _env(env, "AWS_DEFAULT_REGION", "us-east-1")),
-            "access_key_id": _env(env, "AWS_ACCESS_KEY_ID"),
-            "secret_access_key": _env(env, "AWS_SECRET_ACCESS_KEY"),
+            "region": region or _env(env, "AWS_DEFAULT_REGION", "us-east-1"),
+            "access_key_id": key_id,
+            "secret_access_key": secret,
         }
         timeout = _env(env, "LHV_S3_TIMEOUT_S")
         if timeout is not None:

@@ -1,34 +1,309 @@
 """The `lhv` command. `main(argv) -> int` is the entry point; each subcommand is a function
 `_cmd_<name>(args) -> int` with an `_args_<name>(parser)` that declares its options, and
-is registered once in `COMMANDS`.
+is registered once in `COMMANDS`. `lhv COMMAND --help` shows every option with its default.
 
-    lhv stack up [--env-file .stack/env] [--partitions 4] [--foreground]
-    lhv stack status [--env-file .stack/env]
-    lhv stack down [--env-file .stack/env]
+A user's mistake (a bad argument, an unreadable file, an index that does not exist, a
+stack that does not answer, missing S3 credentials) ends the command with one line on
+stderr, `lhv COMMAND: what is wrong: what to do`, and the exit code of its kind; the
+traceback is logged only with `--log-level DEBUG`. Commands raise; `main()` maps the
+exception once (`user_error`, a chain of `_MAPPERS`) to a `CliError`. Anything unmapped is
+a fault of LHV itself and keeps its traceback.
+
+Exit codes (the README's table; 2, 3 and 4 are also those of `worker.kafka_errors`):
+
+| code | meaning |
+| --- | --- |
+| 0 | done |
+| 1 | done, but what it did or checked failed in part: batches rejected by `load`, problems found by `snapshot verify` or `replay --verify`, a failed demo |
+| 2 | usage: an unknown option, a missing or malformed argument (an argument that is not JSON), an invalid setting |
+| 3 | no answer: Kafka or S3 unreachable, no worker answered (or acknowledged) in time; may pass by itself |
+| 4 | credentials or security settings refused: Kafka SASL/TLS, S3 credentials missing or refused; needs a change of settings |
+| 5 | the worker refused the request: `index_not_found`, `index_exists`, `dim_mismatch`, `invalid_request`, ... (the code is in the message) |
+| 6 | an input file is missing, unreadable or malformed (the message names the file and the row or line) |
+| 130 | interrupted (Ctrl-C) |
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+from worker.config import CheckpointPolicy, KafkaConfig, S3Config, TopicsConfig, WorkerConfig
 
 if TYPE_CHECKING:
-    from worker.client import Hit, LhvClient
-    from worker.config import WorkerConfig
+    from worker.client import Hit, LhvClient, WriteResult
 
-__all__ = ["COMMANDS", "Command", "build_parser", "main"]
+__all__ = [
+    "COMMANDS",
+    "EXIT_DENIED",
+    "EXIT_FAILED",
+    "EXIT_INPUT",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "CliError",
+    "Command",
+    "Denied",
+    "InputFileError",
+    "Refused",
+    "Unreachable",
+    "UsageError",
+    "build_parser",
+    "main",
+    "user_error",
+]
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 DEFAULT_ENV_FILE = ".stack/env"
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_DENIED = 4
+EXIT_REFUSED = 5
+EXIT_INPUT = 6
+EXIT_INTERRUPTED = 130
+
+
+# --------------------------------------------------------------------------------------
+# errors: one line and an exit code each
+
+
+class CliError(Exception):
+    """A mistake the user can fix: printed as one line, ends the command with `exit_code`."""
+
+    exit_code = EXIT_FAILED
+
+
+class UsageError(CliError):
+    """An argument or setting is wrong."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputFileError(CliError):
+    """An input file is missing, unreadable or malformed."""
+
+    exit_code = EXIT_INPUT
+
+
+class Refused(CliError):
+    """The worker (or a check against what it holds) refused the request."""
+
+    exit_code = EXIT_REFUSED
+
+
+class Unreachable(CliError):
+    """Kafka, S3 or the workers did not answer."""
+
+    exit_code = EXIT_UNREACHABLE
+
+
+class Denied(CliError):
+    """Credentials are missing, or Kafka or S3 refused them."""
+
+    exit_code = EXIT_DENIED
+
+
+Mapper = Callable[[BaseException, argparse.Namespace], CliError | None]
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and the exceptions it was raised from (or while handling), outermost first."""
+    out: list[BaseException] = []
+    while exc is not None and exc not in out:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return out
+
+
+def _map_cli(exc: BaseException, args: argparse.Namespace) -> CliError | None:
+    return exc if isinstance(exc, CliError) else None
+
+
+def _map_kafka(exc: BaseException, args: argparse.Namespace) -> CliError | None:
+    """Kafka settings, connection and authentication failures (`worker.kafka_errors`):
+    their own line and exit code (2 a setting, 3 no connection, 4 refused)."""
+    from worker.kafka_errors import KafkaSetupError, translate
+
+    failure = exc if isinstance(exc, KafkaSetupError) else translate(exc, None)
+    if failure is None:
+        return None
+    error = CliError(str(failure))
+    error.exit_code = failure.exit_code
+    return error
+
+
+def _map_files(exc: BaseException, args: argparse.Namespace) -> CliError | None:
+    from worker.loader import LoadError
+
+    if isinstance(exc, LoadError):
+        return InputFileError(str(exc))
+    if isinstance(exc, FileNotFoundError | IsADirectoryError | PermissionError) and exc.filename:
+        return InputFileError(f"{exc.filename}: {exc.strerror}")
+    return None
+
+
+#: S3 error codes that mean the credentials were refused
+_S3_REFUSALS = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")
+
+
+def _map_s3(exc: BaseException, args: argparse.Namespace) -> CliError | None:
+    from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+    from worker.blobstore import BlobStoreError
+
+    if any(isinstance(e, NoCredentialsError | PartialCredentialsError) for e in _causes(exc)):
+        return Denied(
+            "no S3 credentials: set LHV_S3_ACCESS_KEY_ID and LHV_S3_SECRET_ACCESS_KEY "
+            "(for the local stack: `source .stack/env`), or configure AWS credentials"
+        )
+    if isinstance(exc, BlobStoreError):
+        where = os.environ.get("LHV_S3_ENDPOINT_URL") or "AWS"
+        refused = any(code in str(exc) for code in _S3_REFUSALS)
+        return (Denied if refused else Unreachable)(
+            f"S3 ({where}, bucket {os.environ.get('LHV_S3_BUCKET') or 'lhv'}): {exc}: check "
+            "LHV_S3_ENDPOINT_URL, LHV_S3_BUCKET and the credentials"
+        )
+    return None
+
+
+def _map_timeouts(exc: BaseException, args: argparse.Namespace) -> CliError | None:
+    from worker.client import NotAcknowledged
+
+    if args.command == "worker":
+        return None  # the worker waits on nobody's reply
+    timeout = getattr(args, "timeout", None)
+    within = f" within {timeout:g} s" if isinstance(timeout, int | float) else ""
+    if isinstance(exc, NotAcknowledged):
+        return Unreachable(
+            f"{exc}: no worker acknowledged it{within}; is `lhv worker` running for these topics?"
+        )
+    if isinstance(exc, TimeoutError):
+        topic = getattr(args, "search_topic", None) or TopicsConfig().search
+        return Unreachable(
+            f"no reply{within}: is a worker (`lhv worker`) running for topic {topic}? "
+            "(--timeout waits longer)"
+        )
+    return None
+
+
+def _map_refusals(exc: BaseException, args: argparse.Namespace) -> CliError | None:
+    from lhv_index.errors import IndexExists, IndexNotFound, LhvError
+
+    if not isinstance(exc, LhvError) or args.command == "worker":
+        return None
+    hint = ""
+    if isinstance(exc, IndexNotFound):
+        hint = ": create it with `lhv create INDEX --dim N`"
+    elif isinstance(exc, IndexExists):
+        hint = ": drop it first, or create it again with the same parameters"
+    return Refused(f"{exc.code}: {exc.message}{hint}")
+
+
+#: tried in order; the first that recognises the exception decides its line and code.
+#: Kafka's failures come before the timeouts: they often surface as timeouts too.
+_MAPPERS: list[Mapper] = [_map_cli, _map_kafka, _map_files, _map_s3, _map_timeouts, _map_refusals]
+
+
+def user_error(exc: BaseException, args: argparse.Namespace) -> CliError | None:
+    """The `CliError` a user should see for `exc`, or None for a fault of LHV itself."""
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return user_error(exc.exceptions[0], args)
+    for mapper in _MAPPERS:
+        error = mapper(exc, args)
+        if error is not None:
+            return error
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# argument parsing: one-line errors, defaults in --help, JSON arguments
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Like `ArgumentDefaultsHelpFormatter`, but silent about defaults that say nothing
+    (None, False) and about help that states its default already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "%(default)" in text
+            or "(default" in text
+            or action.default in (None, False, argparse.SUPPRESS)
+            or (not action.option_strings and action.nargs not in ("?", "*"))
+        ):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose errors are one line: what is wrong, where to look."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def _json_arg(what: str, check: Callable[[Any], str | None]) -> Callable[[str], Any]:
+    """An argparse `type` that parses JSON; `check(value)` says what is wrong with it."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(
+                f"not JSON ({exc.msg} at column {exc.colno}): {text!r}; expected {what}"
+            ) from None
+        problem = check(value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}: {text!r}; expected {what}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+def _vector_problem(value: Any) -> str | None:
+    if not isinstance(value, list) or not value:
+        return "not a JSON array"
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in value):
+        return "not all numbers"
+    return None
+
+
+def _object_problem(value: Any) -> str | None:
+    return None if isinstance(value, dict) else "not a JSON object"
+
+
+JSON_VECTOR = _json_arg("a JSON array of numbers, e.g. [0.1, 0.2, 0.3]", _vector_problem)
+JSON_OBJECT = _json_arg('a JSON object, e.g. {"lang": "en"}', _object_problem)
+
+
+def _log_level(text: str) -> str:
+    if not isinstance(logging.getLevelName(text.upper()), int):
+        raise argparse.ArgumentTypeError(f"unknown level {text!r}: DEBUG, INFO, WARNING, ERROR")
+    return text.upper()
+
+
+def _env_default(var: str, default: object) -> object:
+    """The default of a flag: `$var` when set, else LHV's own default."""
+    return os.environ.get(var) or default
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,24 +321,37 @@ class Command:
 
 
 def _args_stack(parser: argparse.ArgumentParser) -> None:
+    from worker import stack
+
     sub = parser.add_subparsers(dest="stack_action", metavar="{up,status,down}", required=True)
-    up = sub.add_parser("up", help="start Kafka (KRaft) and SeaweedFS S3 on loopback")
+    up = sub.add_parser(
+        "up",
+        help="start Kafka (KRaft) and SeaweedFS S3 on loopback",
+        description="Start Kafka (KRaft) and SeaweedFS S3 on free loopback ports, detached, "
+        "and write a sourceable env file naming them.",
+        formatter_class=_HelpFormatter,
+    )
     up.add_argument("--env-file", default=DEFAULT_ENV_FILE, help="where to write the env")
     up.add_argument(
-        "--partitions", type=int, default=None, help="partitions of lhv.commands/lhv.search (4)"
+        "--partitions",
+        type=int,
+        default=stack.DEFAULT_PARTITIONS,
+        help="partitions of lhv.commands and lhv.search",
     )
     up.add_argument(
         "--foreground", action="store_true", help="keep running until Ctrl-C, then stop"
     )
     up.add_argument(
-        "--kafka-version", default=None, help="Kafka release (default 3.9.1, $LHV_KAFKA_VERSION)"
+        "--kafka-version",
+        default=os.environ.get("LHV_KAFKA_VERSION") or stack.KAFKA_VERSION,
+        help="Kafka release ($LHV_KAFKA_VERSION)",
     )
     up.add_argument("--timeout", type=float, default=60.0, help="seconds per server to be ready")
     up.add_argument(
         "--sasl", action="store_true", help="require SASL (PLAIN, SCRAM-SHA-256; also over TLS)"
     )
     for name, text in (("status", "is the stack up and answering"), ("down", "stop the stack")):
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, help=text, description=text, formatter_class=_HelpFormatter)
         p.add_argument("--env-file", default=DEFAULT_ENV_FILE, help="env file of `stack up`")
 
 
@@ -107,10 +395,10 @@ def _stack_up(args: argparse.Namespace, env_file: Path) -> int:
             return 1
         stack.stop_from_env_file(env_file)  # leftovers of a dead stack
     settings = stack.StackSettings(
-        partitions=args.partitions if args.partitions is not None else stack.DEFAULT_PARTITIONS,
+        partitions=args.partitions,
         start_timeout_s=args.timeout,
         sasl=args.sasl,
-        **({"kafka_version": args.kafka_version} if args.kafka_version else {}),
+        kafka_version=args.kafka_version,
     )
     # a detached stack outlives this process: its directory is removed by `stack down`
     local = stack.LocalStack(settings, keep_dir=not args.foreground, detached=not args.foreground)
@@ -150,136 +438,189 @@ def _stack_up(args: argparse.Namespace, env_file: Path) -> int:
 # lhv worker
 
 
-def _args_worker(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    parser.add_argument(
-        "--bootstrap-servers",
-        default=env("LHV_BOOTSTRAP_SERVERS"),
-        help="Kafka bootstrap servers (LHV_BOOTSTRAP_SERVERS)",
-    )
-    parser.add_argument("--group", default=None, help="consumer group (LHV_GROUP_ID, lhv)")
-    parser.add_argument("--commands-topic", default=None, help="(LHV_COMMANDS_TOPIC)")
-    parser.add_argument("--search-topic", default=None, help="(LHV_SEARCH_TOPIC)")
-    parser.add_argument("--dlq-topic", default=None, help="(LHV_DLQ_TOPIC)")
-    parser.add_argument(
-        "--reply-pattern",
-        default=None,
-        help="reply topics allowed, fnmatch style (LHV_REPLY_PATTERN)",
-    )
-    parser.add_argument("--s3-endpoint-url", default=None, help="(LHV_S3_ENDPOINT_URL)")
-    parser.add_argument("--s3-bucket", default=None, help="(LHV_S3_BUCKET)")
-    parser.add_argument("--s3-prefix", default=None, help="(LHV_S3_PREFIX)")
-    parser.add_argument(
-        "--checkpoint-records",
-        type=int,
-        default=None,
-        help="checkpoint after this many records (LHV_CHECKPOINT_RECORDS)",
-    )
-    parser.add_argument(
-        "--checkpoint-seconds",
-        type=float,
-        default=None,
-        help="checkpoint after this many seconds (LHV_CHECKPOINT_SECONDS)",
-    )
-    parser.add_argument(
+def _worker_defaults() -> dict[str, object]:
+    """LHV's own default of each worker setting, by variable (from the config classes)."""
+    worker = {f.name: f.default for f in fields(WorkerConfig)}
+    kafka, topics, checkpoint, s3 = KafkaConfig(), TopicsConfig(), CheckpointPolicy(), S3Config()
+    return {
+        "LHV_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "LHV_GROUP_ID": worker["group_id"],
+        "LHV_COMMANDS_TOPIC": topics.commands,
+        "LHV_SEARCH_TOPIC": topics.search,
+        "LHV_DLQ_TOPIC": topics.dlq,
+        "LHV_REPLY_PATTERN": topics.reply_pattern,
+        "LHV_S3_BUCKET": s3.bucket,
+        "LHV_CHECKPOINT_RECORDS": checkpoint.every_records,
+        "LHV_CHECKPOINT_SECONDS": checkpoint.every_s,
+        "LHV_METRICS_HOST": worker["metrics_host"],
+        "LHV_SESSION_TIMEOUT_MS": worker["session_timeout_ms"],
+        "LHV_MAX_PENDING_BYTES": worker["max_pending_bytes"],
+        "LHV_MAX_BATCH_BYTES": worker["max_batch_bytes"],
+        "LHV_SECURITY_PROTOCOL": kafka.security_protocol,
+    }
+
+
+#: (flag, variable, type, help) of `lhv worker`; a flag wins over its variable, which
+#: wins over the default (`WorkerConfig.from_env` reads the variables)
+_WORKER_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--bootstrap-servers", "LHV_BOOTSTRAP_SERVERS", str, "Kafka bootstrap servers"),
+    ("--group", "LHV_GROUP_ID", str, "consumer group of the workers that share the partitions"),
+    ("--commands-topic", "LHV_COMMANDS_TOPIC", str, "topic of index commands"),
+    ("--search-topic", "LHV_SEARCH_TOPIC", str, "topic of queries"),
+    ("--dlq-topic", "LHV_DLQ_TOPIC", str, "topic of rejected commands"),
+    ("--reply-pattern", "LHV_REPLY_PATTERN", str, "reply topics allowed, fnmatch style"),
+    ("--s3-endpoint-url", "LHV_S3_ENDPOINT_URL", str, "S3 endpoint (unset: AWS)"),
+    ("--s3-bucket", "LHV_S3_BUCKET", str, "bucket of snapshots and manifests"),
+    ("--s3-prefix", "LHV_S3_PREFIX", str, "key prefix inside the bucket"),
+    ("--checkpoint-records", "LHV_CHECKPOINT_RECORDS", int, "checkpoint after this many records"),
+    ("--checkpoint-seconds", "LHV_CHECKPOINT_SECONDS", float, "checkpoint after this long"),
+    (
         "--metrics-port",
-        type=int,
-        default=None,
-        help="serve /metrics, /healthz, /readyz here (LHV_METRICS_PORT)",
-    )
-    parser.add_argument(
-        "--metrics-host",
-        default=None,
-        help="address the metrics server binds (LHV_METRICS_HOST, 127.0.0.1)",
-    )
+        "LHV_METRICS_PORT",
+        int,
+        "serve /metrics, /healthz, /readyz on this port (unset: off; 0: any free port)",
+    ),
+    ("--metrics-host", "LHV_METRICS_HOST", str, "address the metrics server binds"),
+    (
+        "--session-timeout-ms",
+        "LHV_SESSION_TIMEOUT_MS",
+        int,
+        "how long the group waits for a silent worker before moving its partitions",
+    ),
+    (
+        "--worker-id",
+        "LHV_WORKER_ID",
+        str,
+        "this process in manifests and logs (unset: host name and a random suffix)",
+    ),
+    (
+        "--group-instance-id",
+        "LHV_GROUP_INSTANCE_ID",
+        str,
+        "Kafka static membership: a stable name per worker (unset: off)",
+    ),
+    (
+        "--max-pending-bytes",
+        "LHV_MAX_PENDING_BYTES",
+        int,
+        "record bytes buffered per partition before its fetching pauses",
+    ),
+    ("--max-batch-bytes", "LHV_MAX_BATCH_BYTES", int, "record bytes decoded and applied at once"),
+    ("--security-protocol", "LHV_SECURITY_PROTOCOL", str, "PLAINTEXT, SSL, SASL_PLAINTEXT, ..."),
+    ("--sasl-mechanism", "LHV_SASL_MECHANISM", str, "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
+    (
+        "--sasl-username",
+        "LHV_SASL_USERNAME",
+        str,
+        "SASL user (the password only from LHV_SASL_PASSWORD)",
+    ),
+    ("--ssl-cafile", "LHV_SSL_CAFILE", str, "CA bundle of the brokers' certificates"),
+    ("--ssl-certfile", "LHV_SSL_CERTFILE", str, "client certificate"),
+    ("--ssl-keyfile", "LHV_SSL_KEYFILE", str, "client key"),
+)
+
+
+def _args_worker(parser: argparse.ArgumentParser) -> None:
+    defaults = _worker_defaults()
+    for flag, var, kind, text in _WORKER_FLAGS:
+        parser.add_argument(
+            flag,
+            type=kind,
+            default=_env_default(var, defaults.get(var)),
+            help=f"{text} (${var})",
+        )
     parser.add_argument(
         "--accept-data-loss",
         action="store_true",
-        default=None,
-        help="serve partitions whose log lost records after the checkpoint",
+        default=(os.environ.get("LHV_ACCEPT_DATA_LOSS") or "").lower() in ("1", "true", "yes"),
+        help="serve partitions whose log lost records after the checkpoint "
+        "($LHV_ACCEPT_DATA_LOSS=1)",
     )
     parser.add_argument(
         "--log-json",
         action="store_true",
         default=os.environ.get("LHV_LOG_JSON", "") not in ("", "0"),
-        help="JSON log lines (LHV_LOG_JSON=1)",
+        help="JSON log lines ($LHV_LOG_JSON=1)",
     )
 
 
 def _worker_config(args: argparse.Namespace) -> WorkerConfig:
     """Flags override `LHV_*` variables, which override the defaults."""
-    from worker.config import WorkerConfig
-
     env = dict(os.environ)
-    flags = {
-        "LHV_BOOTSTRAP_SERVERS": args.bootstrap_servers,
-        "LHV_GROUP_ID": args.group,
-        "LHV_COMMANDS_TOPIC": args.commands_topic,
-        "LHV_SEARCH_TOPIC": args.search_topic,
-        "LHV_DLQ_TOPIC": args.dlq_topic,
-        "LHV_REPLY_PATTERN": args.reply_pattern,
-        "LHV_S3_ENDPOINT_URL": args.s3_endpoint_url,
-        "LHV_S3_BUCKET": args.s3_bucket,
-        "LHV_S3_PREFIX": args.s3_prefix,
-        "LHV_CHECKPOINT_RECORDS": args.checkpoint_records,
-        "LHV_CHECKPOINT_SECONDS": args.checkpoint_seconds,
-        "LHV_METRICS_PORT": args.metrics_port,
-        "LHV_METRICS_HOST": args.metrics_host,
-        "LHV_ACCEPT_DATA_LOSS": "1" if args.accept_data_loss else None,
-    }
-    env.update({k: str(v) for k, v in flags.items() if v is not None})
-    return WorkerConfig.from_env(env)
+    for flag, var, _kind, _text in _WORKER_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            env[var] = str(value)
+    if args.accept_data_loss:
+        env["LHV_ACCEPT_DATA_LOSS"] = "1"
+    try:
+        return WorkerConfig.from_env(env)
+    except (ValueError, KeyError) as exc:
+        raise UsageError(f"bad worker setting: {exc}") from exc
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from worker.kafka_errors import KafkaSetupError
+    from worker import aiokafka_logs
     from worker.service import Worker
 
-    try:
-        config = _worker_config(args)
-    except (ValueError, KeyError) as exc:
-        print(f"bad worker configuration: {exc}", file=sys.stderr)
-        return 2
+    config = _worker_config(args)
+    aiokafka_logs.install(config.topics.reply_pattern)
 
     async def run() -> int:
         loop = asyncio.get_running_loop()
         worker = Worker(config)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.request_stop)
+        # a failed start (S3 or Kafka unreachable, credentials) is the user's to fix:
+        # main() says so in one line; a failure while running is logged with its traceback
+        await worker.start()
         try:
-            async with worker:
-                await worker.run()
-        except KafkaSetupError:
-            raise  # one line from main()
+            await worker.run()
         except Exception:
             log.exception("worker failed")
-            return 1
-        return 0
+            return EXIT_FAILED
+        finally:
+            await worker.stop()
+        return EXIT_OK
 
     return asyncio.run(run())
 
 
 # --------------------------------------------------------------------------------------
-# lhv load / search / stats (clients of running workers; logic in worker.loader, .client)
+# clients of running workers: create, drop, add, load, delete, get, merge, import,
+# search, stats (the client is worker.client, file reading worker.loader)
 
 
-def _args_connection(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+def _args_connection(parser: argparse.ArgumentParser, *, timeout_s: float = 30.0) -> None:
+    topics = TopicsConfig()
+    group = parser.add_argument_group("connection (flags win over the LHV_* variables)")
+    group.add_argument(
         "--bootstrap-servers",
-        default=os.environ.get("LHV_BOOTSTRAP_SERVERS") or "127.0.0.1:9092",
-        help="Kafka bootstrap servers (LHV_BOOTSTRAP_SERVERS)",
+        default=_env_default("LHV_BOOTSTRAP_SERVERS", KafkaConfig().bootstrap_servers),
+        help="Kafka bootstrap servers ($LHV_BOOTSTRAP_SERVERS)",
     )
-    parser.add_argument("--commands-topic", default=None, help="(LHV_COMMANDS_TOPIC)")
-    parser.add_argument("--search-topic", default=None, help="(LHV_SEARCH_TOPIC)")
-    parser.add_argument("--reply-pattern", default=None, help="(LHV_REPLY_PATTERN)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait per reply")
+    group.add_argument(
+        "--commands-topic",
+        default=_env_default("LHV_COMMANDS_TOPIC", topics.commands),
+        help="($LHV_COMMANDS_TOPIC)",
+    )
+    group.add_argument(
+        "--search-topic",
+        default=_env_default("LHV_SEARCH_TOPIC", topics.search),
+        help="($LHV_SEARCH_TOPIC)",
+    )
+    group.add_argument(
+        "--reply-pattern",
+        default=_env_default("LHV_REPLY_PATTERN", topics.reply_pattern),
+        help="reply topics the workers accept ($LHV_REPLY_PATTERN)",
+    )
+    group.add_argument(
+        "--timeout", type=float, default=timeout_s, help="seconds to wait for each reply"
+    )
 
 
 def _client(args: argparse.Namespace) -> LhvClient:
     from worker.client import LhvClient
-    from worker.config import KafkaConfig, TopicsConfig
 
     env = dict(os.environ)
     for name, value in (
@@ -295,124 +636,359 @@ def _client(args: argparse.Namespace) -> LhvClient:
     )
 
 
+def _with_client(args: argparse.Namespace, call: Callable[[LhvClient], Awaitable[T]]) -> T:
+    """Run `call(client)` with a started client; errors go to main()."""
+
+    async def run() -> T:
+        async with _client(args) as client:
+            return await call(client)
+
+    return asyncio.run(run())
+
+
+def _json_out(value: Any) -> None:
+    print(json.dumps(value, sort_keys=True))
+
+
+def _report_write(args: argparse.Namespace, done: str, result: WriteResult) -> int:
+    """Print an acknowledged write: `done (partition, offset)`, or its JSON."""
+    ack = dict(result.ack or {})
+    if args.json:
+        _json_out(
+            {"index": args.index, "partition": result.partition, "offset": result.offset, **ack}
+        )
+        return EXIT_OK
+    counts = ""
+    if "applied" in ack:
+        counts = f"; applied {ack['applied']}, skipped {ack.get('skipped', 0)}"
+    print(f"{done} (partition {result.partition}, offset {result.offset}{counts})")
+    return EXIT_OK
+
+
+def _args_json(parser: argparse.ArgumentParser, what: str = "the acknowledgement") -> None:
+    parser.add_argument("--json", action="store_true", help=f"print {what} as one JSON line")
+
+
+def _index_param_help(name: str, text: str) -> str:
+    from lhv_index import IndexParams
+
+    default = {f.name: f.default for f in fields(IndexParams)}[name]
+    return f"{text} (worker default: {default})"
+
+
+def _args_create(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", help="name: letters, digits, '.', '_', '-'")
+    parser.add_argument("--dim", type=int, required=True, help="vector length")
+    parser.add_argument("--space", choices=("cosine", "l2", "ip"), default="cosine")
+    parser.add_argument("--engine", choices=("hnsw", "annoy", "exact"), default="hnsw")
+    for flag, name, text in (
+        ("--M", "M", "hnsw: graph degree"),
+        ("--ef-construction", "ef_construction", "hnsw: candidate list size while building"),
+        ("--ef-search", "ef_search", "hnsw: candidate list size while searching"),
+        ("--n-trees", "n_trees", "annoy: number of trees"),
+        ("--search-k", "search_k", "annoy: nodes inspected per query, -1: n_trees * k"),
+        ("--max-elements-hint", "max_elements_hint", "initial capacity; the index grows"),
+    ):
+        parser.add_argument(flag, dest=name, type=int, help=_index_param_help(name, text))
+    _args_json(parser)
+    _args_connection(parser)
+
+
+_CREATE_PARAMS = ("M", "ef_construction", "ef_search", "n_trees", "search_k", "max_elements_hint")
+
+
+def _cmd_create(args: argparse.Namespace) -> int:
+    params = {n: getattr(args, n) for n in _CREATE_PARAMS if getattr(args, n) is not None}
+    result = _with_client(
+        args,
+        lambda c: c.create(
+            args.index, dim=args.dim, space=args.space, engine=args.engine, **params
+        ),
+    )
+    return _report_write(
+        args, f"created {args.index}: {args.dim} dims, {args.space}, {args.engine}", result
+    )
+
+
+def _args_drop(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index")
+    _args_json(parser)
+    _args_connection(parser)
+
+
+def _cmd_drop(args: argparse.Namespace) -> int:
+    result = _with_client(args, lambda c: c.drop(args.index))
+    return _report_write(args, f"dropped {args.index}", result)
+
+
+def _args_add(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index")
+    parser.add_argument("id", help="the item's id (an existing id is replaced)")
+    parser.add_argument("--vector", type=JSON_VECTOR, required=True, help="JSON array")
+    parser.add_argument(
+        "--metadata", type=JSON_OBJECT, default=None, help="JSON object ({} clears it)"
+    )
+    parser.add_argument("--version", type=int, default=None, help="client version (LWW)")
+    _args_json(parser)
+    _args_connection(parser)
+
+
+def _cmd_add(args: argparse.Namespace) -> int:
+    result = _with_client(
+        args,
+        lambda c: c.add(
+            args.index,
+            [args.id],
+            [args.vector],
+            None if args.metadata is None else [args.metadata],
+            version=args.version,
+            ack=True,
+        ),
+    )
+    return _report_write(args, f"added {args.id} to {args.index}", result)
+
+
+def _args_delete(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index")
+    parser.add_argument("ids", nargs="+", metavar="ID", help="ids to delete (absent ones too)")
+    parser.add_argument("--version", type=int, default=None, help="client version (LWW)")
+    _args_json(parser)
+    _args_connection(parser)
+
+
+def _cmd_delete(args: argparse.Namespace) -> int:
+    result = _with_client(
+        args, lambda c: c.delete(args.index, args.ids, version=args.version, ack=True)
+    )
+    return _report_write(args, f"deleted {len(args.ids)} ids from {args.index}", result)
+
+
+def _args_merge(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", metavar="SOURCE", help="the index copied from")
+    parser.add_argument("dest", metavar="DEST", help="the index copied into")
+    parser.add_argument(
+        "--clear-source", action="store_true", help="then delete the copied items from SOURCE"
+    )
+    _args_json(parser)
+    _args_connection(parser, timeout_s=120.0)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    result = _with_client(
+        args, lambda c: c.merge(args.index, args.dest, clear_source=args.clear_source)
+    )
+    return _report_write(args, f"merged {args.index} into {args.dest}", result)
+
+
+def _args_import(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index")
+    parser.add_argument("source", help="s3://bucket/key of an .npy, .npz or LHV1 snapshot")
+    parser.add_argument("--ids-source", default=None, help="s3:// .npy or text file of ids")
+    parser.add_argument("--metadata-source", default=None, help="s3:// JSON Lines, one per row")
+    parser.add_argument(
+        "--format", choices=("npy", "npz", "lhv"), default=None, help="(unset: from the key)"
+    )
+    parser.add_argument("--version", type=int, default=None, help="client version (LWW)")
+    parser.add_argument("--chunk-items", type=int, default=None, help="rows per engine call")
+    _args_json(parser)
+    _args_connection(parser, timeout_s=300.0)
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    result = _with_client(
+        args,
+        lambda c: c.import_(
+            args.index,
+            args.source,
+            ids_source=args.ids_source,
+            metadata_source=args.metadata_source,
+            format=args.format,
+            version=args.version,
+            chunk_items=args.chunk_items,
+        ),
+    )
+    return _report_write(args, f"imported {args.source} into {args.index}", result)
+
+
+def _args_get(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index")
+    parser.add_argument("ids", nargs="+", metavar="ID")
+    parser.add_argument("--no-vectors", action="store_true", help="leave the vectors out")
+    _args_json(parser, "each item")
+    _args_connection(parser)
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    items = _with_client(
+        args, lambda c: c.get(args.index, args.ids, include_vectors=not args.no_vectors)
+    )
+    found = {item["id"] for item in items}
+    for item in items:
+        if args.json:
+            _json_out(item)
+            continue
+        line = f"{item['id']}  version {item.get('version', 0)}"
+        if item.get("metadata") is not None:
+            line += f"  {json.dumps(item['metadata'], sort_keys=True)}"
+        vector = item.get("vector")
+        if isinstance(vector, list):
+            head = ", ".join(f"{x:.4g}" for x in vector[:4])
+            line += f"  [{head}{', ...' if len(vector) > 4 else ''}] ({len(vector)} dims)"
+        print(line)
+    missing = [i for i in args.ids if i not in found]
+    if missing and not args.json:
+        print(f"not found: {', '.join(missing)}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _args_load(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("index")
     parser.add_argument("file", help=".npy, .npz, .fvecs or .jsonl ({id, vector, metadata?})")
     parser.add_argument("--ids-file", default=None, help="one id per line, or an .npy of ids")
-    parser.add_argument("--create", action="store_true", help="create the index first")
-    parser.add_argument("--dim", type=int, default=None, help="with --create (default: the file's)")
-    parser.add_argument("--space", default="cosine", help="with --create: cosine, l2 or ip")
-    parser.add_argument("--engine", default="hnsw", help="with --create: hnsw or exact")
-    parser.add_argument("--batch-size", type=int, default=1000, help="rows per batch")
+    parser.add_argument(
+        "--create", action="store_true", help="create the index first if it does not exist"
+    )
+    parser.add_argument(
+        "--dim", type=int, default=None, help="expected dimension (unset: the file's)"
+    )
+    parser.add_argument(
+        "--space", choices=("cosine", "l2", "ip"), default="cosine", help="with --create"
+    )
+    parser.add_argument(
+        "--engine", choices=("hnsw", "annoy", "exact"), default="hnsw", help="with --create"
+    )
+    parser.add_argument("--batch-size", type=int, default=1000, help="rows per add record")
     parser.add_argument("--in-flight", type=int, default=8, help="batches awaiting acks at once")
+    parser.add_argument(
+        "--check-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for a worker to answer the check before sending",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     _args_connection(parser)
 
 
-def _cmd_load(args: argparse.Namespace) -> int:
-    import asyncio
+async def _check_load_target(client: LhvClient, args: argparse.Namespace, dim: int) -> None:
+    """Before anything is sent: a worker answers for the index, the index exists (or is
+    created with --create) and has the file's dimension.
 
+    Raises:
+        Unreachable: no worker answered within --check-timeout.
+        Refused: no such index (without --create), or another dimension.
+    """
+    from lhv_index.errors import DeadlineExceeded, IndexNotFound, NotReady
+
+    try:
+        stats = await client.stats(args.index, timeout_s=args.check_timeout)
+    except IndexNotFound:
+        if not args.create:
+            raise Refused(
+                f"index {args.index!r} does not exist: add --create, or `lhv create "
+                f"{args.index} --dim {dim}` first; nothing was sent"
+            ) from None
+        await client.create(args.index, dim=dim, space=args.space, engine=args.engine)
+        print(f"created {args.index}: {dim} dims, {args.space}, {args.engine}", file=sys.stderr)
+        return
+    except (NotReady, DeadlineExceeded):
+        # a worker owns the partition and is restoring it: it applies the rows after
+        print(
+            f"{args.index}: its worker is still restoring; dimension not checked", file=sys.stderr
+        )
+        return
+    except TimeoutError:
+        raise Unreachable(
+            f"no worker answered within {args.check_timeout:g} s (topic {args.search_topic}): "
+            "start one with `lhv worker` (same bootstrap servers and topics); nothing was sent"
+        ) from None
+    if int(stats["dim"]) != dim:
+        raise Refused(
+            f"{args.file} has {dim}-dim vectors but index {args.index!r} has dim "
+            f"{stats['dim']}; nothing was sent"
+        )
+
+
+def _cmd_load(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from lhv_index.errors import LhvError
-    from worker.loader import LoadError, load_file, open_vectors
+    from worker.loader import LoadReport, load_file, open_vectors
 
-    try:
-        vectors = open_vectors(args.file, ids_file=args.ids_file)
-    except LoadError as exc:
-        print(f"lhv load: {exc}", file=sys.stderr)
-        return 2
+    vectors = open_vectors(args.file, ids_file=args.ids_file)
     if args.dim is not None and args.dim != vectors.dim:
-        print(f"lhv load: --dim {args.dim} but {args.file} has {vectors.dim}", file=sys.stderr)
-        return 2
+        raise InputFileError(f"{args.file} has {vectors.dim}-dim vectors, not --dim {args.dim}")
+    vectors.check()  # every row, before anything is sent
 
-    async def run() -> int:
-        async with _client(args) as client:
-            if args.create:
-                await client.create(
-                    args.index, dim=vectors.dim, space=args.space, engine=args.engine
-                )
-            with tqdm(
-                total=vectors.rows, unit="rows", desc=args.index, disable=args.no_progress
-            ) as bar:
-                report = await load_file(
-                    client,
-                    args.index,
-                    vectors,
-                    batch_size=args.batch_size,
-                    in_flight=args.in_flight,
-                    progress=bar.update,
-                )
-        last = report.last
-        where = f" (last at partition {last.partition} offset {last.offset})" if last else ""
-        print(f"loaded {report.rows} of {vectors.rows} rows into {args.index}{where}")
-        for failed in report.failed:
-            print(f"FAILED {failed}", file=sys.stderr)
-        if report.failed:
-            print(f"{len(report.failed)} of {report.batches} batches failed", file=sys.stderr)
-            return 1
-        return 0
+    async def run(client: LhvClient) -> LoadReport:
+        await _check_load_target(client, args, vectors.dim)
+        with tqdm(
+            total=vectors.rows, unit="rows", desc=args.index, disable=args.no_progress
+        ) as bar:
+            return await load_file(
+                client,
+                args.index,
+                vectors,
+                batch_size=args.batch_size,
+                in_flight=args.in_flight,
+                progress=bar.update,
+            )
 
-    try:
-        return asyncio.run(run())
-    except (LhvError, LoadError, TimeoutError) as exc:
-        print(f"lhv load: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    report = _with_client(args, run)
+    last = report.last
+    where = f" (last at partition {last.partition} offset {last.offset})" if last else ""
+    print(f"loaded {report.rows} of {vectors.rows} rows into {args.index}{where}")
+    for failed in report.failed:
+        print(f"REJECTED {failed}", file=sys.stderr)
+    for late in report.unacknowledged:
+        print(f"SENT {late}", file=sys.stderr)
+    if report.unacknowledged:
+        rows = sum(u.rows for u in report.unacknowledged)
+        print(
+            f"{len(report.unacknowledged)} batches ({rows} rows) sent, not yet acknowledged: "
+            f"they will still be applied (`lhv stats {args.index}` shows the count)",
+            file=sys.stderr,
+        )
+    if report.failed:
+        print(
+            f"{len(report.failed)} of {report.batches} batches rejected: not applied",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_UNREACHABLE if report.unacknowledged else EXIT_OK
 
 
 def _args_search(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("index")
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--vector", help="one query as a JSON array")
+    what.add_argument("--vector", type=JSON_VECTOR, help="one query as a JSON array")
     what.add_argument("--file", help="queries: .npy/.npz/.fvecs/.jsonl, one per row")
-    parser.add_argument("-k", type=int, default=10)
-    parser.add_argument("--ef", type=int, default=None)
-    parser.add_argument("--filter", default=None, help='metadata equality, JSON: {"lang": "en"}')
+    parser.add_argument("-k", type=int, default=10, help="hits per query")
+    parser.add_argument("--ef", type=int, default=None, help="candidate list size (unset: index's)")
+    parser.add_argument(
+        "--filter", type=JSON_OBJECT, default=None, help='metadata equality, JSON: {"lang": "en"}'
+    )
     parser.add_argument("--metadata", action="store_true", help="include metadata")
-    parser.add_argument("--json", action="store_true", help="one JSON line per query")
+    _args_json(parser, "each query's hits")
     _args_connection(parser)
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    import asyncio
-    import json
-
     import numpy as np
 
-    from lhv_index.errors import LhvError
-    from worker.loader import LoadError, open_vectors
+    from worker.loader import open_vectors
 
-    try:
-        if args.vector is not None:
-            queries = np.asarray([json.loads(args.vector)], dtype=np.float32)
-            if queries.ndim != 2:
-                raise ValueError("--vector must be a flat JSON array of numbers")
-        else:
-            vf = open_vectors(args.file)
-            queries = np.concatenate([b.vectors for b in vf.batches(10_000)])
-        flt = json.loads(args.filter) if args.filter else None
-    except (ValueError, LoadError) as exc:
-        print(f"lhv search: {exc}", file=sys.stderr)
-        return 2
+    if args.vector is not None:
+        queries = np.asarray([args.vector], dtype=np.float32)
+    else:
+        vf = open_vectors(args.file)
+        queries = np.concatenate([b.vectors for b in vf.batches(10_000)])
 
-    async def run() -> list[list[Hit]]:
-        async with _client(args) as client:
-            return list(
-                await client.search_many(
-                    args.index,
-                    queries,
-                    args.k,
-                    ef=args.ef,
-                    filter=flt,
-                    include_metadata=args.metadata,
-                )
-            )
+    def call(client: LhvClient) -> Awaitable[list[list[Hit]]]:
+        return client.search_many(
+            args.index, queries, args.k, ef=args.ef, filter=args.filter,
+            include_metadata=args.metadata,
+        )  # fmt: skip
 
-    try:
-        results = asyncio.run(run())
-    except (LhvError, TimeoutError) as exc:
-        print(f"lhv search: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    results = _with_client(args, call)
     for q, hits in enumerate(results):
         rows: list[dict[str, object]] = [{"id": h.id, "distance": h.distance} for h in hits]
         if args.metadata:
@@ -427,39 +1003,38 @@ def _cmd_search(args: argparse.Namespace) -> int:
         for rank, row in enumerate(rows, 1):
             meta = f"  {json.dumps(row['metadata'])}" if args.metadata else ""
             print(f"{rank:>4}  {row['distance']:>12.6f}  {row['id']}{meta}")
-    return 0
+    return EXIT_OK
 
 
 def _args_stats(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("index")
-    parser.add_argument("--json", action="store_true", help="the reply as JSON")
+    _args_json(parser, "the stats")
     _args_connection(parser)
 
 
+#: the index parameters that mean something for each engine
+_ENGINE_PARAMS = {
+    "hnsw": ("dim", "space", "engine", "M", "ef_construction", "ef_search", "max_elements_hint"),
+    "annoy": ("dim", "space", "engine", "n_trees", "search_k", "max_elements_hint"),
+    "exact": ("dim", "space", "engine", "max_elements_hint"),
+}
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
-    import asyncio
-    import json
-
-    from lhv_index.errors import LhvError
-
-    async def run() -> dict[str, object]:
-        async with _client(args) as client:
-            return dict(await client.stats(args.index))
-
-    try:
-        stats = asyncio.run(run())
-    except (LhvError, TimeoutError) as exc:
-        print(f"lhv stats: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    stats = dict(_with_client(args, lambda c: c.stats(args.index)))
     for key in ("correlation_id", "status", "op", "took_ms"):
         stats.pop(key, None)
+    params = stats.get("params")
+    wanted = _ENGINE_PARAMS.get(str(stats.get("engine")))
+    if isinstance(params, dict) and wanted is not None:
+        stats["params"] = {k: v for k, v in params.items() if k in wanted}
     if args.json:
-        print(json.dumps(stats, sort_keys=True))
-        return 0
+        _json_out(stats)
+        return EXIT_OK
     for key, value in stats.items():
         text = json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else value
         print(f"{key:18} {text}")
-    return 0
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------------------
@@ -481,23 +1056,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 # lhv bench (a source checkout's bench/bench_e2e.py; bench/ is not installed)
 
+_BENCH_SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "bench_e2e.py"
+
 
 def _args_bench(parser: argparse.ArgumentParser) -> None:
-    # every word after `bench`, `--help` included, goes to the script: no option prefix here
+    # every word after `bench`, `--help` included, goes to the script (which shows its
+    # options as `lhv bench`): no option prefix here
     parser.prefix_chars = "+"
-    parser.add_argument(
-        "bench_args", nargs=argparse.REMAINDER, help="options of bench/bench_e2e.py (--help)"
-    )
+    parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's options")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import subprocess
+    import importlib.util
 
-    script = Path(__file__).resolve().parent.parent / "bench" / "bench_e2e.py"
-    if not script.is_file():
-        print(f"lhv bench needs a source checkout: {script} not found", file=sys.stderr)
-        return 2
-    return subprocess.run([sys.executable, str(script), *args.bench_args]).returncode
+    if not _BENCH_SCRIPT.is_file():
+        raise UsageError(f"lhv bench needs a source checkout: {_BENCH_SCRIPT} not found")
+    spec = importlib.util.spec_from_file_location("bench_e2e", _BENCH_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    saved = sys.argv[0]
+    sys.argv[0] = "lhv bench"  # argparse's prog: `usage: lhv bench ...`
+    try:
+        return int(bench.main(list(args.bench_args)))
+    except SystemExit as exc:  # --help, or a usage error
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    finally:
+        sys.argv[0] = saved
 
 
 # --------------------------------------------------------------------------------------
@@ -539,11 +1124,24 @@ COMMANDS: tuple[Command, ...] = (
         _args_worker,
         _cmd_worker,
     ),
+    Command("create", "create an index (acknowledged)", _args_create, _cmd_create),
+    Command("drop", "drop an index and, after a checkpoint, its snapshots", _args_drop, _cmd_drop),
+    Command("add", "add or replace one item (acknowledged)", _args_add, _cmd_add),
     Command("load", "load vectors from a file into an index (acknowledged)", _args_load, _cmd_load),
+    Command("delete", "delete items by id (acknowledged)", _args_delete, _cmd_delete),
+    Command("get", "items by id: vector, metadata, version", _args_get, _cmd_get),
+    Command("merge", "copy the live items of one index into another", _args_merge, _cmd_merge),
+    Command("import", "bulk load an index from an S3 object", _args_import, _cmd_import),
     Command("search", "k nearest neighbours of one or more vectors", _args_search, _cmd_search),
     Command("stats", "an index's size, parameters and offsets", _args_stats, _cmd_stats),
     Command("demo", "LHV end to end on the local stack, with a report", _args_demo, _cmd_demo),
-    Command("bench", "end-to-end benchmarks against raw hnswlib (bench/)", _args_bench, _cmd_bench),
+    Command(
+        "bench",
+        "end-to-end benchmarks against raw hnswlib (a source checkout's bench/; "
+        "`lhv bench --help` lists its options)",
+        _args_bench,
+        _cmd_bench,
+    ),
     Command(
         "snapshot",
         "list, inspect and verify the checkpoints in S3",
@@ -560,46 +1158,67 @@ COMMANDS: tuple[Command, ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lhv", description="LHV: vector indexes fed by Kafka, checkpointed to S3"
+    parser = _Parser(
+        prog="lhv",
+        description="LHV: vector indexes fed by Kafka, checkpointed to S3. "
+        "`lhv COMMAND --help` shows a command's options and their defaults.",
+        epilog="exit codes: 0 done, 1 done with failures, 2 usage or setting, 3 no answer "
+        "(Kafka, S3, workers), 4 credentials refused, 5 refused by the worker, 6 input file, "
+        "130 interrupted",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument(
-        "--log-level", default=os.environ.get("LHV_LOG_LEVEL", "INFO"), help="INFO, DEBUG, ..."
+        "--log-level",
+        type=_log_level,
+        default=_env_default("LHV_LOG_LEVEL", "INFO"),
+        help="DEBUG also shows tracebacks ($LHV_LOG_LEVEL)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS:
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        p = sub.add_parser(
+            cmd.name, help=cmd.help, description=cmd.help, formatter_class=_HelpFormatter
+        )
         cmd.add_arguments(p)
         p.set_defaults(_run=cmd.run)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run `lhv` with `argv` (default: sys.argv[1:]); returns the exit code.
-
-    A Kafka setting or connection failure ends any command with one line and its
-    `exit_code` (2 a setting, 3 no connection, 4 refused: see `worker.kafka_errors`);
-    its traceback is logged at DEBUG.
-    """
-    from worker.kafka_errors import KafkaSetupError, translate
+def _setup_logging(args: argparse.Namespace) -> None:
+    """One logging setup for every command (worker.logs: the libraries at WARNING); the
+    client commands also keep the S3 store's INFO line to themselves, and aiokafka's lines
+    about normal situations are DEBUG (worker.aiokafka_logs)."""
+    from worker import aiokafka_logs
     from worker.logs import setup_logging
 
-    args = build_parser().parse_args(argv)
     json_logs = getattr(args, "log_json", None)
     if json_logs is None:
         json_logs = os.environ.get("LHV_LOG_JSON", "") not in ("", "0")
     setup_logging(str(args.log_level), json=bool(json_logs))
+    if args.command != "worker" and logging.getLevelName(str(args.log_level)) > logging.DEBUG:
+        logging.getLogger("worker.blobstore").setLevel(logging.WARNING)
+    aiokafka_logs.install(getattr(args, "reply_pattern", None) or TopicsConfig().reply_pattern)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `lhv` with `argv` (default: sys.argv[1:]); returns the exit code.
+
+    The user's mistakes end as one line on stderr and their exit code (module docstring);
+    with `--log-level DEBUG` their traceback is logged first.
+    """
+    args = build_parser().parse_args(argv)
+    _setup_logging(args)
     try:
         return int(args._run(args))
     except KeyboardInterrupt:
-        return 130
+        print(f"lhv {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:
-        failure = exc if isinstance(exc, KafkaSetupError) else translate(exc, None)
-        if failure is None:
-            raise
+        error = user_error(exc, args)
+        if error is None:
+            raise  # a fault of LHV itself: the traceback is the report
         log.debug("lhv %s failed", args.command, exc_info=exc)
-        print(f"lhv {args.command}: {failure}", file=sys.stderr)
-        return failure.exit_code
+        print(f"lhv {args.command}: {error}", file=sys.stderr)
+        return error.exit_code
 
 
 if __name__ == "__main__":

@@ -43,7 +43,9 @@ Timeouts and errors
     for and answers `not_ready` / `deadline_exceeded` in time for the caller to see it; the
     client itself gives up `reply_grace_s` later with the builtin `TimeoutError`. A call
     that times out or is cancelled leaves nothing behind (`pending` counts the calls
-    waiting for a reply). A reply with `status: "error"` raises the `LhvError` subclass
+    waiting for a reply). A command that reached Kafka but whose ack did not come in time
+    raises `NotAcknowledged` (a `TimeoutError` naming the record's partition and offset):
+    the worker still applies it when it gets there. A reply with `status: "error"` raises the `LhvError` subclass
     its code names (`lhv_index.errors`), the same class the worker raised, with `.item`
     set when one item of a command was to blame.
 
@@ -75,7 +77,7 @@ from lhv_index.errors import Internal, error_for_code
 from worker.config import KafkaConfig, TopicsConfig
 from worker.kafka_errors import map_kafka_errors
 
-__all__ = ["ClientClosed", "Hit", "LhvClient", "WriteResult", "encode_vector"]
+__all__ = ["ClientClosed", "Hit", "LhvClient", "NotAcknowledged", "WriteResult", "encode_vector"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,22 @@ _TOPIC_ALREADY_EXISTS = 36
 
 class ClientClosed(RuntimeError):
     """The client was stopped (or never started) while a call needed it."""
+
+
+class NotAcknowledged(TimeoutError):
+    """A command reached Kafka but its acknowledgement did not arrive in time.
+
+    The record is in the log at `partition`/`offset`: a worker applies it when it gets
+    there (none is running, or it is busy or restoring), whatever the caller does now.
+    """
+
+    def __init__(self, partition: int, offset: int) -> None:
+        super().__init__(
+            f"written at partition {partition} offset {offset}, not acknowledged in time: "
+            "it will still be applied"
+        )
+        self.partition = partition
+        self.offset = offset
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +183,8 @@ class _Sent:
     delivery: asyncio.Future[Any]
     cid: bytes | None = None
     reply: asyncio.Future[dict[str, Any]] | None = None
+    command: bool = False
+    """a command (applied when a worker reads it), not a query"""
 
 
 @dataclass(slots=True, eq=False)
@@ -473,7 +493,7 @@ class LhvClient:
         except BaseException:
             self._forget(cid)
             raise
-        return _Sent(delivery, cid, fut)
+        return _Sent(delivery, cid, fut, command=topic == self._topics.commands)
 
     def _forget(self, cid: bytes | None) -> None:
         if cid is None:
@@ -490,6 +510,17 @@ class LhvClient:
             async with asyncio.timeout(timeout_s):
                 meta = await sent.delivery
                 reply = await sent.reply if sent.reply is not None else None
+        except TimeoutError:
+            delivery = sent.delivery
+            if (
+                sent.command
+                and delivery.done()
+                and not delivery.cancelled()
+                and delivery.exception() is None
+            ):
+                written = delivery.result()
+                raise NotAcknowledged(written.partition, written.offset) from None
+            raise
         finally:
             self._forget(sent.cid)
         if reply is not None:
@@ -665,16 +696,19 @@ class LhvClient:
         *,
         ids_source: str | None = None,
         metadata_source: str | None = None,
+        format: str | None = None,
         version: int | None = None,
         chunk_items: int | None = None,
         ack: bool = True,
         timeout_s: float | None = None,
     ) -> WriteResult:
-        """Bulk load from an S3 object (`s3://bucket/key` of .npy/.npz/.lhv); see README."""
+        """Bulk load from an S3 object (`s3://bucket/key` of .npy/.npz/.lhv; `format`
+        `npy`, `npz` or `lhv` when the key's suffix does not say); see README."""
         body: dict[str, Any] = {"op": "import", "source": source}
         optional = {
             "ids_source": ids_source,
             "metadata_source": metadata_source,
+            "format": format,
             "version": version,
             "chunk_items": chunk_items,
         }

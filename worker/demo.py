@@ -12,7 +12,9 @@ What it does, and says as it goes:
 5. kills (SIGKILL) the worker that owns the index, and times how long until the other
    worker, restoring from the S3 snapshot and replaying the topic tail, answers a query
    for it; checks that no acknowledged write was lost;
-6. prints a report, then stops everything it started (also on failure or Ctrl-C).
+6. prints a report, then stops everything it started (also on failure or Ctrl-C);
+7. checks the workers' logs: an ERROR line or a traceback fails the demo (they report
+   situations that are not normal, and a normal run has none).
 
 Exit code 0 when every step worked, 1 on failure, 130 when interrupted.
 """
@@ -25,6 +27,7 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,7 +145,16 @@ class _Workers:
 def _stack() -> Iterator[dict[str, str]]:
     """The environment of a running stack: the caller's, or a local one started here."""
     if os.environ.get("LHV_BOOTSTRAP_SERVERS") and os.environ.get("LHV_S3_ENDPOINT_URL"):
-        say(f"using the running stack at {os.environ['LHV_BOOTSTRAP_SERVERS']}")
+        from worker.stack import _kafka_metadata_ok
+
+        bootstrap = os.environ["LHV_BOOTSTRAP_SERVERS"]
+        if _kafka_metadata_ok(bootstrap, 5.0) is not None:
+            raise DemoFailed(
+                f"Kafka at LHV_BOOTSTRAP_SERVERS={bootstrap} does not answer: variables left "
+                "from a stack that is gone? `unset LHV_BOOTSTRAP_SERVERS LHV_S3_ENDPOINT_URL` "
+                "and the demo starts a stack of its own"
+            )
+        say(f"using the running stack at {bootstrap}")
         yield {k: v for k, v in os.environ.items() if k.startswith(("LHV_", "AWS_"))}
         return
     from worker.stack import LocalStack
@@ -350,6 +362,20 @@ async def _demo(args: argparse.Namespace, env: dict[str, str], workers: _Workers
     return report
 
 
+#: a log line of `lhv worker` at ERROR or above (text format: `HH:MM:SS LEVEL name: msg`)
+_BAD_LINE = re.compile(r"^\S+ (ERROR|CRITICAL)\b|^Traceback \(most recent call last\)")
+
+
+def bad_log_lines(logdir: Path) -> list[str]:
+    """`file: line` of every ERROR/CRITICAL line and traceback in the workers' logs."""
+    found = []
+    for path in sorted(logdir.glob("*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if _BAD_LINE.search(line):
+                found.append(f"{path.name}: {line}")
+    return found
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -373,9 +399,19 @@ def run(args: argparse.Namespace) -> int:
             if problems:
                 print("   " + "; ".join(problems), file=sys.stderr)
                 return 1
+            bad = bad_log_lines(logdir)
+            if bad:
+                print(f"\ndemo FAILED: the workers logged errors ({logdir}):", file=sys.stderr)
+                for line in bad[:20]:
+                    print(f"   {line}", file=sys.stderr)
+                return 1
+            report["worker logs"] = "no ERROR line, no traceback"
     except (KeyboardInterrupt, asyncio.CancelledError):
         print(f"\ninterrupted; everything started was stopped (logs in {logdir})", file=sys.stderr)
         return 130
+    except DemoFailed as exc:
+        print(f"\ndemo FAILED: {exc} (worker logs in {logdir})", file=sys.stderr)
+        return 1
     except Exception as exc:
         print(f"\ndemo FAILED: {exc!r} (worker logs in {logdir})", file=sys.stderr)
         return 1

@@ -11,17 +11,23 @@
 row number as text (`"0"`, `"1"`, ...), so loading a file twice upserts the same items.
 Files are read lazily, one batch at a time, so a large file is never loaded whole.
 
-Raises `LoadError` (a `ValueError`) naming the file and the row for anything malformed.
+Raises `LoadError` (a `ValueError`) naming the file and where in it for anything
+malformed: `row N` (0-based, the default id) in array files, `line N` (1-based, what an
+editor shows) in `.jsonl`. Vectors must be finite as float32 (NaN, infinities and values
+beyond +-3.4e38 are refused with their row, before anything is sent: `VectorFile.check`).
 
 `load_file(client, index, vectors)` sends the batches as acknowledged `add` records, in
 file order (a later row with the same id wins), with a bounded number of batches waiting
-for their acks, and reports the batches the workers rejected or did not acknowledge.
+for their acks, and reports the batches the workers rejected, and apart from them the
+batches written to Kafka whose acks did not come in time (they are applied all the same
+when a worker gets to them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import zipfile
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +71,15 @@ class Batch:
     vectors: np.ndarray
     """float32, shape (len(ids), dim)"""
     metadata: list[dict[str, Any] | None] | None = None
+    lines: tuple[int, int] | None = None
+    """`.jsonl`: the first and last line (1-based) of the batch's rows"""
+
+    @property
+    def where(self) -> str:
+        """`rows a..b`, or `lines a..b` of a `.jsonl` file."""
+        if self.lines is not None:
+            return f"lines {self.lines[0]}..{self.lines[1]}"
+        return f"rows {self.start}..{self.start + len(self.ids) - 1}"
 
 
 @dataclass(slots=True)
@@ -86,9 +101,32 @@ class VectorFile:
             return
         for start in range(0, self.rows, batch_size):
             stop = min(start + batch_size, self.rows)
-            vecs = np.ascontiguousarray(self._vectors[start:stop], dtype=np.float32)
+            vecs = _finite_f32(self._vectors[start:stop], self.path, start)
             ids = self._ids[start:stop] if self._ids is not None else _row_ids(start, stop)
             yield Batch(start, ids, vecs)
+
+    def check(self, batch_size: int = 10_000) -> None:
+        """Read the whole file once, checking every row (before anything is sent).
+
+        Raises:
+            LoadError: the first bad row.
+        """
+        for _batch in self.batches(batch_size):
+            pass
+
+
+def _finite_f32(values: Any, path: Path, first_row: int) -> np.ndarray:
+    """`values` as contiguous float32; a row that is not finite as float32 (NaN, inf, or
+    out of float32's range) raises `LoadError` naming it, without numpy's warnings."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        vecs = np.ascontiguousarray(values, dtype=np.float32)
+    finite = np.isfinite(vecs).all(axis=1)
+    if not finite.all():
+        bad = first_row + int(np.argmin(finite))
+        raise LoadError(
+            f"{path}: row {bad}: not a finite float32 vector (NaN, infinity, or beyond +-3.4e38)"
+        )
+    return vecs
 
 
 def _row_ids(start: int, stop: int) -> list[str]:
@@ -109,7 +147,7 @@ def open_vectors(path: str | Path, *, ids_file: str | Path | None = None) -> Vec
         raise LoadError(f"{path}: no such file")
     ids: list[str] | None = None
     if suffix == ".npy":
-        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+        vectors = _npy(path)
     elif suffix == ".npz":
         vectors, ids = _npz(path)
     elif suffix == ".fvecs":
@@ -130,7 +168,24 @@ def open_vectors(path: str | Path, *, ids_file: str | Path | None = None) -> Vec
     return VectorFile(path, int(vectors.shape[0]), int(vectors.shape[1]), vectors, ids)
 
 
+def _npy(path: Path) -> Any:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        # a truncated file, a pickle, or no .npy header at all
+        raise LoadError(f"{path}: not a readable .npy array ({exc})") from None
+
+
 def _npz(path: Path) -> tuple[Any, list[str] | None]:
+    try:
+        return _npz_arrays(path)
+    except LoadError:
+        raise
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise LoadError(f"{path}: not a readable .npz archive ({exc})") from None
+
+
+def _npz_arrays(path: Path) -> tuple[Any, list[str] | None]:
     with np.load(path, allow_pickle=False) as z:
         names = list(z.files)
         name = next((n for n in _NPZ_NAMES if n in names), None)
@@ -163,33 +218,39 @@ def _fvecs(path: Path) -> np.ndarray:
 
 
 def _ids_file(path: Path) -> list[str]:
-    if path.suffix.lower() == ".npy":
-        return [str(x) for x in np.load(path, allow_pickle=False).tolist()]
-    with path.open(encoding="utf-8") as f:
-        return [line.rstrip("\r\n") for line in f if line.strip()]
+    if not path.is_file():
+        raise LoadError(f"{path}: no such ids file")
+    try:
+        if path.suffix.lower() == ".npy":
+            return [str(x) for x in np.load(path, allow_pickle=False).tolist()]
+        with path.open(encoding="utf-8") as f:
+            return [line.rstrip("\r\n") for line in f if line.strip()]
+    except (ValueError, OSError, EOFError) as exc:  # UnicodeDecodeError is a ValueError
+        raise LoadError(f"{path}: not a readable ids file ({exc})") from None
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line."""
     with path.open("rb") as f:
-        row = 0
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 obj = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
-                raise LoadError(f"{path}:{lineno}: not JSON: {exc}") from None
+                raise LoadError(f"{path} line {lineno}: not JSON ({exc})") from None
             if not isinstance(obj, dict) or "id" not in obj or "vector" not in obj:
-                raise LoadError(f'{path}:{lineno}: expected {{"id", "vector", "metadata"?}}')
-            yield row, obj
-            row += 1
+                raise LoadError(f'{path} line {lineno}: expected {{"id", "vector", "metadata"?}}')
+            yield lineno, obj
 
 
 def _jsonl_shape(path: Path) -> tuple[int, int]:
     rows = 0
     dim = 0
-    for _row, obj in _jsonl_rows(path):
+    for lineno, obj in _jsonl_rows(path):
         if rows == 0:
+            if not isinstance(obj["vector"], list) or not obj["vector"]:
+                raise LoadError(f"{path} line {lineno}: vector must be a non-empty list")
             dim = len(obj["vector"])
         rows += 1
     if rows == 0:
@@ -201,36 +262,55 @@ def _jsonl_batches(path: Path, dim: int, batch_size: int) -> Iterator[Batch]:
     ids: list[str] = []
     vecs: list[Any] = []
     metas: list[dict[str, Any] | None] = []
-    start = 0
-    for row, obj in _jsonl_rows(path):
+    lines: list[int] = []
+    row = 0
+    for lineno, obj in _jsonl_rows(path):
         vector = obj["vector"]
         if not isinstance(vector, list) or len(vector) != dim:
-            raise LoadError(f"{path}: row {row} (id {obj['id']!r}): vector is not {dim} numbers")
+            raise LoadError(f"{path} line {lineno} (id {obj['id']!r}): vector is not {dim} numbers")
         meta = obj.get("metadata")
         if meta is not None and not isinstance(meta, dict):
-            raise LoadError(f"{path}: row {row}: metadata must be an object")
-        if not ids:
-            start = row
+            raise LoadError(f"{path} line {lineno}: metadata must be an object")
         ids.append(str(obj["id"]))
         vecs.append(vector)
         metas.append(meta)
+        lines.append(lineno)
         if len(ids) == batch_size:
-            yield _jsonl_batch(path, start, ids, vecs, metas)
-            ids, vecs, metas = [], [], []
+            yield _jsonl_batch(path, row, ids, vecs, metas, lines)
+            row += len(ids)
+            ids, vecs, metas, lines = [], [], [], []
     if ids:
-        yield _jsonl_batch(path, start, ids, vecs, metas)
+        yield _jsonl_batch(path, row, ids, vecs, metas, lines)
 
 
 def _jsonl_batch(
-    path: Path, start: int, ids: list[str], vecs: list[Any], metas: list[dict[str, Any] | None]
+    path: Path,
+    start: int,
+    ids: list[str],
+    vecs: list[Any],
+    metas: list[dict[str, Any] | None],
+    lines: list[int],
 ) -> Batch:
-    try:
-        arr = np.asarray(vecs, dtype=np.float32)
-    except (TypeError, ValueError):
+    arr = np.empty((len(vecs), len(vecs[0])), dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for n, vector in enumerate(vecs):
+            try:
+                arr[n] = vector
+            except (TypeError, ValueError):
+                raise LoadError(f"{path} line {lines[n]}: vector must be numbers") from None
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():
+        bad = lines[int(np.argmin(finite))]
         raise LoadError(
-            f"{path}: rows {start}..{start + len(ids) - 1}: vectors must be numbers"
-        ) from None
-    return Batch(start, ids, arr, metas if any(m is not None for m in metas) else None)
+            f"{path} line {bad}: not a finite float32 vector (NaN, infinity, or beyond +-3.4e38)"
+        )
+    return Batch(
+        start,
+        ids,
+        arr,
+        metas if any(m is not None for m in metas) else None,
+        lines=(lines[0], lines[-1]),
+    )
 
 
 # -- sending --------------------------------------------------------------------------------
@@ -238,7 +318,7 @@ def _jsonl_batch(
 
 @dataclass(frozen=True, slots=True)
 class FailedBatch:
-    """A batch the workers rejected (or did not acknowledge in time)."""
+    """A batch the workers rejected, or one whose acknowledgement did not come in time."""
 
     number: int
     """0-based batch number"""
@@ -247,11 +327,12 @@ class FailedBatch:
     rows: int
     error: str
     """`<code>: <message>` of the error"""
+    where: str = ""
+    """`rows a..b`, or `lines a..b` of a `.jsonl` file"""
 
     def __str__(self) -> str:
-        return (
-            f"batch {self.number} (rows {self.start}..{self.start + self.rows - 1}): {self.error}"
-        )
+        where = self.where or f"rows {self.start}..{self.start + self.rows - 1}"
+        return f"batch {self.number} ({where}): {self.error}"
 
 
 @dataclass(slots=True)
@@ -260,6 +341,10 @@ class LoadReport:
     """rows acknowledged as applied"""
     batches: int = 0
     failed: list[FailedBatch] = field(default_factory=list)
+    """batches a worker rejected: not applied"""
+    unacknowledged: list[FailedBatch] = field(default_factory=list)
+    """batches written to Kafka whose acks did not come in time: a worker applies them
+    when it gets to them (none may be running)"""
     last: WriteResult | None = None
     """where the last acknowledged batch landed (pass as `after=` to search it)"""
 
@@ -277,9 +362,15 @@ async def load_file(
     """Send every batch of `vectors` to `index` as acknowledged adds.
 
     Batches are produced in file order; at most `in_flight` wait for their acks at once.
-    `progress(rows)` is called as batches are acknowledged (or fail). A failed batch does
-    not stop the load: it is reported in `LoadReport.failed`.
+    `progress(rows)` is called as batches are acknowledged. A rejected batch does not stop
+    the load: it is reported in `LoadReport.failed`; a batch written but not acknowledged
+    within the timeout in `LoadReport.unacknowledged`.
+
+    Raises:
+        TimeoutError: a batch could not even be written to Kafka in time.
     """
+    from worker.client import NotAcknowledged
+
     if in_flight < 1:
         raise ValueError("in_flight must be >= 1")
     report = LoadReport()
@@ -289,19 +380,22 @@ async def load_file(
     async def settle(number: int, batch: Batch, pending: Awaitable[WriteResult]) -> None:
         try:
             result = await pending
-        except (LhvError, TimeoutError) as exc:
-            code = exc.code if isinstance(exc, LhvError) else "timeout"
-            msg = exc.message if isinstance(exc, LhvError) else "no acknowledgement in time"
-            report.failed.append(FailedBatch(number, batch.start, len(batch.ids), f"{code}: {msg}"))
-            log.warning("batch %d failed: %s", number, msg)
+        except LhvError as exc:
+            failed = FailedBatch(
+                number, batch.start, len(batch.ids), f"{exc.code}: {exc.message}", batch.where
+            )
+            report.failed.append(failed)
+        except NotAcknowledged as exc:
+            late = FailedBatch(number, batch.start, len(batch.ids), str(exc), batch.where)
+            report.unacknowledged.append(late)
         else:
             report.rows += len(batch.ids)
             if report.last is None or result.offset > report.last.offset:
                 report.last = result
-        finally:
-            slots.release()
             if progress is not None:
                 progress(len(batch.ids))
+        finally:
+            slots.release()
 
     try:
         for number, batch in enumerate(vectors.batches(batch_size)):
@@ -327,4 +421,5 @@ async def load_file(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     report.failed.sort(key=lambda f: f.number)
+    report.unacknowledged.sort(key=lambda f: f.number)
     return report

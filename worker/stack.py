@@ -7,7 +7,7 @@ the repository) and a SeaweedFS S3 server (`weed mini` from the PyPI package
 directory. It creates the bucket and the default topics, checking every per-topic error.
 
     with LocalStack(partitions=4) as stack:
-        env = stack.env()          # LHV_BOOTSTRAP_SERVERS, LHV_S3_ENDPOINT_URL, AWS_*, ...
+        env = stack.env()          # LHV_BOOTSTRAP_SERVERS, LHV_S3_ENDPOINT_URL, LHV_S3_*, ...
         stack.kill_kafka()         # fault tests: SIGKILL the broker
         stack.restart_kafka()      # same ports, same data
 
@@ -713,10 +713,10 @@ def stack_status(env: Mapping[str, str], *, timeout_s: float = 5.0) -> list[tupl
     rows.append(("kafka", err is None, bootstrap if err is None else err))
     endpoint = env.get("LHV_S3_ENDPOINT_URL", "")
     if endpoint:
-        err = _s3_ok(
-            endpoint, env.get("AWS_ACCESS_KEY_ID", ""), env.get("AWS_SECRET_ACCESS_KEY", ""),
-            timeout_s,
-        )  # fmt: skip
+        from worker.blobstore import S3Config
+
+        s3 = S3Config.from_env(env)
+        err = _s3_ok(endpoint, s3.access_key_id or "", s3.secret_access_key or "", timeout_s)
     else:
         err = "LHV_S3_ENDPOINT_URL unset"
     rows.append(("s3", err is None, endpoint if err is None else err))
@@ -982,9 +982,11 @@ class LocalStack:
             "LHV_BOOTSTRAP_SERVERS": self.bootstrap_servers,
             "LHV_S3_ENDPOINT_URL": self.s3_endpoint_url,
             "LHV_S3_BUCKET": self.bucket,
-            "AWS_ACCESS_KEY_ID": self.access_key_id,
-            "AWS_SECRET_ACCESS_KEY": self._secret_access_key,
-            "AWS_REGION": DEFAULT_REGION,
+            # LHV's own names (read before AWS_*): sourcing the env file leaves the
+            # shell's AWS credentials alone
+            "LHV_S3_ACCESS_KEY_ID": self.access_key_id,
+            "LHV_S3_SECRET_ACCESS_KEY": self._secret_access_key,
+            "LHV_S3_REGION": DEFAULT_REGION,
             "LHV_STACK_DIR": str(self._need_dir()),
         }
         if self.settings.sasl:

@@ -50,7 +50,7 @@ from lhv_index import Index, IndexParams, read_snapshot
 from lhv_index._snapshot import HEADER, MAGIC, MAX_ENVELOPE_BYTES
 from lhv_index.errors import Internal, InvalidRequest, LhvError, SnapshotError
 from worker.apply import Outcome, apply_records, decode_records, home_partition
-from worker.blobstore import BlobNotFound, BlobStore, S3BlobStore
+from worker.blobstore import BlobNotFound, BlobStore, BlobStoreError, S3BlobStore
 from worker.config import WorkerConfig
 from worker.importsource import SourcePolicy, read_object
 from worker.kafka_errors import map_kafka_errors
@@ -928,7 +928,16 @@ def run_snapshot(args: argparse.Namespace) -> int:
     async def run() -> int:
         async with S3BlobStore(config.s3) as blobs:
             if args.snapshot_action == "ls":
-                return _print_listing(await list_checkpoints(blobs, topic), args.json)
+                listings = await list_checkpoints(blobs, topic)
+                if not listings and not args.json:
+                    where = f"s3://{config.s3.bucket}/{config.s3.key_prefix}"
+                    print(
+                        f"no checkpoints yet for {topic} under {where}: a worker writes one "
+                        "per partition after LHV_CHECKPOINT_RECORDS records or "
+                        "LHV_CHECKPOINT_SECONDS seconds of changes, and when it stops"
+                    )
+                    return 0
+                return _print_listing(listings, args.json)
             if args.snapshot_action == "inspect":
                 print(json.dumps(await inspect_snapshot(blobs, topic, args.target), indent=2))
                 return 0
@@ -945,6 +954,11 @@ def run_snapshot(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(run())
+    except BlobStoreError as exc:
+        if not isinstance(exc, BlobNotFound) or exc.key is None:
+            raise  # S3 unreachable, credentials: `lhv` says what to do, in one line
+        print(f"lhv snapshot: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     except (LhvError, SnapshotError) as exc:
         print(f"lhv snapshot: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -1026,6 +1040,11 @@ def run_replay(args: argparse.Namespace) -> int:
 
     try:
         report = asyncio.run(run())
+    except BlobStoreError as exc:
+        if not isinstance(exc, BlobNotFound) or exc.key is None:
+            raise  # S3 unreachable, credentials: `lhv` says what to do, in one line
+        print(f"lhv replay: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     except LhvError as exc:
         print(f"lhv replay: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,128 @@
+"""The `lhv` command line against a real Kafka and S3, as a user's shell runs it: the
+verbs of the wire contract, the checks `lhv load` makes before it sends anything, and
+one line with the right exit code for each mistake."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from workerkit import ROOT, Env, end_offsets, make_env, running
+
+from worker.blobstore import S3Config
+from worker.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE
+
+
+@pytest.fixture
+async def env(bootstrap_servers: str, s3_config: S3Config) -> Env:
+    return await make_env(bootstrap_servers, s3_config, partitions=2)
+
+
+def _lhv_sync(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        env=env.child_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+async def lhv(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(_lhv_sync, env, *args)
+
+
+def _one_line(done: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    return lines[0]
+
+
+def _jsonl(path: Path, rows: int, dim: int) -> Path:
+    with path.open("w") as f:
+        for i in range(rows):
+            vector = [float(i + 1)] + [0.5] * (dim - 1)
+            f.write(json.dumps({"id": f"d{i}", "vector": vector, "metadata": {"n": i}}) + "\n")
+    return path
+
+
+async def test_load_with_no_worker_running_says_so_and_sends_nothing(
+    env: Env, tmp_path: Path
+) -> None:
+    data = _jsonl(tmp_path / "v.jsonl", 3, 4)
+    done = await lhv(env, "load", "docs", str(data), "--create", "--check-timeout", "1")
+    assert done.returncode == EXIT_UNREACHABLE
+    line = _one_line(done)
+    assert "no worker answered" in line and "nothing was sent" in line
+    ends = await end_offsets(env.bootstrap, env.topics.commands)
+    assert set(ends.values()) == {0}
+
+
+async def test_snapshot_ls_before_any_checkpoint_says_there_is_none_yet(env: Env) -> None:
+    done = await lhv(env, "snapshot", "ls")
+    assert done.returncode == EXIT_OK, done.stderr
+    assert "no checkpoints yet" in done.stdout and "LHV_CHECKPOINT_SECONDS" in done.stdout
+    assert done.stderr == ""  # no INFO lines of the libraries or the store
+
+
+async def test_quickstart_verbs_create_load_search_get_delete_stats_drop(
+    env: Env, tmp_path: Path
+) -> None:
+    data = _jsonl(tmp_path / "v.jsonl", 5, 4)
+    async with running(env.config()):
+        done = await lhv(env, "load", "docs", str(data))
+        assert done.returncode == EXIT_REFUSED
+        line = _one_line(done)
+        assert "does not exist" in line and "--create" in line
+
+        done = await lhv(env, "create", "docs", "--dim", "4", "--space", "l2", "--json")
+        assert done.returncode == EXIT_OK, done.stderr
+        assert json.loads(done.stdout)["status"] == "ok"
+        assert done.stderr == ""  # no INFO noise from aiokafka
+
+        wrong = tmp_path / "wrong.npy"
+        np.save(wrong, np.ones((2, 3), dtype=np.float32))
+        done = await lhv(env, "load", "docs", str(wrong))
+        assert done.returncode == EXIT_REFUSED
+        assert "3-dim vectors but index 'docs' has dim 4" in _one_line(done)
+
+        done = await lhv(env, "load", "docs", str(data), "--no-progress")
+        assert done.returncode == EXIT_OK, done.stderr
+        assert "loaded 5 of 5 rows into docs" in done.stdout
+
+        done = await lhv(env, "add", "docs", "extra", "--vector", "[9, 9, 9, 9]")
+        assert done.returncode == EXIT_OK and "applied 1" in done.stdout
+
+        done = await lhv(env, "search", "docs", "--vector", "[1, 0.5, 0.5, 0.5]", "-k", "2")
+        assert done.returncode == EXIT_OK, done.stderr
+        done = await lhv(
+            env, "search", "docs", "--vector", "[1, 0.5, 0.5, 0.5]", "-k", "2", "--json",
+            "--filter", '{"n": 2}', "--metadata",
+        )  # fmt: skip
+        hits = json.loads(done.stdout)["hits"]
+        assert [h["id"] for h in hits] == ["d2"] and hits[0]["metadata"] == {"n": 2}
+
+        done = await lhv(env, "get", "docs", "d1", "nope", "--json")
+        items = [json.loads(line) for line in done.stdout.splitlines()]
+        assert [i["id"] for i in items] == ["d1"] and items[0]["vector"][0] == 2.0
+
+        done = await lhv(env, "delete", "docs", "d0", "d1")
+        assert done.returncode == EXIT_OK, done.stderr
+
+        done = await lhv(env, "stats", "docs", "--json")
+        stats = json.loads(done.stdout)
+        assert stats["count"] == 4 and stats["engine"] == "hnsw"
+        assert "M" in stats["params"] and "n_trees" not in stats["params"]
+
+        done = await lhv(env, "drop", "docs")
+        assert done.returncode == EXIT_OK, done.stderr
+        done = await lhv(env, "stats", "docs")
+        assert done.returncode == EXIT_REFUSED
+        assert "index_not_found" in _one_line(done)

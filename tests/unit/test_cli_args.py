@@ -1,0 +1,178 @@
+"""The `lhv` command line without a stack: argument errors, file errors, help texts.
+
+Each mistake a user makes ends with one line on stderr naming what is wrong, no
+traceback, and the exit code of its kind (worker.cli's table)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worker.aiokafka_logs import NormalSituations
+from worker.cli import EXIT_INPUT, EXIT_USAGE, build_parser, main
+from worker.loader import LoadError, open_vectors
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse's errors and --help
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_vector_that_is_not_json_names_the_argument(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "search", "docs", "--vector", "[1, 2,")
+    line = _one_line(err)
+    assert code == EXIT_USAGE
+    assert "--vector" in line and "not JSON" in line and "lhv search --help" in line
+
+
+def test_filter_that_is_not_a_json_object_names_the_argument(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = _run(capsys, "search", "docs", "--vector", "[1, 2]", "--filter", "lang=en")
+    assert code == EXIT_USAGE and "--filter" in _one_line(err)
+    code, _, err = _run(capsys, "search", "docs", "--vector", "[1, 2]", "--filter", "[1]")
+    assert code == EXIT_USAGE and "--filter: not a JSON object" in _one_line(err)
+
+
+def test_add_metadata_that_is_not_json_names_the_argument(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = _run(capsys, "add", "docs", "a", "--vector", "[1]", "--metadata", "{x}")
+    assert code == EXIT_USAGE and "--metadata" in _one_line(err)
+
+
+def test_jsonl_errors_name_the_line_as_an_editor_counts_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "v.jsonl"
+    f.write_text('{"id": "a", "vector": [1, 2]}\n\n{"id": "b", "vector": [1]}\n')
+    code, _, err = _run(capsys, "load", "docs", str(f))
+    assert code == EXIT_INPUT
+    assert f"{f} line 3 (id 'b'): vector is not 2 numbers" in _one_line(err)
+    f.write_text('{"id": "a", "vector": [1, 2]}\nnot json\n')
+    code, _, err = _run(capsys, "load", "docs", str(f))
+    assert code == EXIT_INPUT and f"{f} line 2: not JSON" in _one_line(err)
+
+
+def test_values_beyond_float32_are_refused_by_row_without_numpy_warnings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "big.npy"
+    np.save(f, np.array([[1.0, 2.0], [1e300, 1.0]]))
+    with np.errstate(all="raise"):  # a numpy warning would now be an exception
+        code, _, err = _run(capsys, "load", "docs", str(f))
+    assert code == EXIT_INPUT and "row 1: not a finite float32 vector" in _one_line(err)
+    j = tmp_path / "big.jsonl"
+    j.write_text('{"id": "a", "vector": [1, 2]}\n{"id": "b", "vector": [1e39, 2]}\n')
+    with np.errstate(all="raise"):
+        code, _, err = _run(capsys, "load", "docs", str(j))
+    assert code == EXIT_INPUT and "line 2: not a finite float32 vector" in _one_line(err)
+
+
+def test_malformed_npy_and_missing_files_share_one_exit_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.npy"
+    bad.write_bytes(b"\x93NUMPY garbage")
+    code, _, err = _run(capsys, "load", "docs", str(bad))
+    assert code == EXIT_INPUT and "not a readable .npy array" in _one_line(err)
+    code, _, err = _run(capsys, "load", "docs", str(tmp_path / "absent.npy"))
+    assert code == EXIT_INPUT and "no such file" in _one_line(err)
+    code, _, err = _run(capsys, "search", "docs", "--file", str(bad))
+    assert code == EXIT_INPUT and "not a readable .npy array" in _one_line(err)
+    ok = tmp_path / "ok.npy"
+    np.save(ok, np.ones((2, 3), dtype=np.float32))
+    code, _, err = _run(capsys, "load", "docs", str(ok), "--dim", "4")
+    assert code == EXIT_INPUT and "3-dim vectors, not --dim 4" in _one_line(err)
+
+
+def test_jsonl_batches_report_lines_and_rows_count_from_the_first_vector(tmp_path: Path) -> None:
+    f = tmp_path / "v.jsonl"
+    rows = [json.dumps({"id": str(i), "vector": [i, 1]}) for i in range(5)]
+    f.write_text(rows[0] + "\n\n" + "\n".join(rows[1:]) + "\n")
+    batches = list(open_vectors(f).batches(2))
+    assert [b.start for b in batches] == [0, 2, 4]
+    assert [b.where for b in batches] == ["lines 1..3", "lines 4..5", "lines 6..6"]
+
+
+def test_a_corrupt_ids_file_is_a_load_error(tmp_path: Path) -> None:
+    vectors = tmp_path / "v.npy"
+    np.save(vectors, np.ones((2, 3), dtype=np.float32))
+    ids = tmp_path / "ids.npy"
+    ids.write_bytes(b"nope")
+    with pytest.raises(LoadError, match="not a readable ids file"):
+        open_vectors(vectors, ids_file=ids)
+
+
+def test_help_shows_defaults_and_every_wire_command_has_a_verb(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    verbs = {"create", "drop", "add", "load", "delete", "get", "merge", "import", "search"}
+    code, out, _ = _run(capsys, "--help")
+    assert code == 0 and all(f"    {v} " in out for v in verbs | {"stats"})
+    code, out, _ = _run(capsys, "load", "--help")
+    assert "(default: 1000)" in out and "(default: 30.0)" in out
+    code, out, _ = _run(capsys, "worker", "--help")
+    for flag in ("--session-timeout-ms", "--worker-id", "--group-instance-id", "--max-batch-bytes"):
+        assert flag in out
+    assert "(default: 50000)" in out  # checkpoint records
+
+
+def test_bench_help_describes_lhv_bench(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "bench", "--help")
+    assert code == 0
+    assert out.startswith("usage: lhv bench") and "bench_e2e.py" not in out
+
+
+def test_worker_flags_win_over_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.cli import _worker_config
+
+    monkeypatch.setenv("LHV_GROUP_ID", "from-env")
+    monkeypatch.setenv("LHV_SESSION_TIMEOUT_MS", "7000")
+    args = build_parser().parse_args(["worker", "--session-timeout-ms", "9000"])
+    config = _worker_config(args)
+    assert config.group_id == "from-env" and config.session_timeout_ms == 9000
+
+
+def _record(name: str, msg: str, *args: object) -> logging.LogRecord:
+    return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, args, None)
+
+
+def test_reply_topic_gone_and_coordinator_starting_are_not_errors() -> None:
+    from aiokafka.errors import GroupCoordinatorNotAvailableError, UnknownMemberIdError
+
+    quiet = NormalSituations("lhv.replies.*")
+    gone = _record("aiokafka.cluster", "Topic %s not found in cluster metadata", "lhv.replies.x1")
+    quiet.filter(gone)
+    assert gone.levelno == logging.DEBUG
+    starting = _record(
+        "aiokafka.consumer.group_coordinator",
+        "Group Coordinator Request failed: %s",
+        GroupCoordinatorNotAvailableError(),
+    )
+    quiet.filter(starting)
+    assert starting.levelno == logging.DEBUG
+    # the same lines about anything else keep their level
+    other = _record("aiokafka.cluster", "Topic %s not found in cluster metadata", "lhv.commands")
+    fatal = _record(
+        "aiokafka.consumer.group_coordinator",
+        "Group Coordinator Request failed: %s",
+        UnknownMemberIdError(),
+    )
+    assert quiet.filter(other) and quiet.filter(fatal)
+    assert other.levelno == fatal.levelno == logging.ERROR
