@@ -480,3 +480,174 @@ class WorkerProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+# -- hand-made record batches ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One record of a hand-made batch: header keys are raw bytes, so a test can send keys
+    that are not UTF-8 (which no Kafka client lets a producer write)."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[bytes, bytes | None], ...] = ()
+    timestamp_ms: int | None = None
+
+
+def encode_batch(records: list[RawRecord], *, compression: str | None = None) -> bytes:
+    """A record batch v2 (magic 2) holding `records` at offset deltas 0..n-1, compressed
+    with `compression` (`gzip` or None); the broker assigns the base offset."""
+    import struct
+    import zlib
+
+    from aiokafka.record.default_records import DefaultRecordBase
+    from aiokafka.record.util import calc_crc32c, encode_varint
+
+    def varint(n: int, out: bytearray) -> None:
+        encode_varint(n, out.append)
+
+    def sized(data: bytes | None, out: bytearray) -> None:
+        if data is None:
+            varint(-1, out)
+        else:
+            varint(len(data), out)
+            out.extend(data)
+
+    now = int(time.time() * 1000)
+    stamps = [r.timestamp_ms if r.timestamp_ms is not None else now for r in records]
+    first = stamps[0]
+    body = bytearray()
+    for delta, (rec, stamp) in enumerate(zip(records, stamps, strict=True)):
+        one = bytearray(b"\x00")  # attributes
+        varint(stamp - first, one)
+        varint(delta, one)
+        sized(rec.key, one)
+        sized(rec.value, one)
+        varint(len(rec.headers), one)
+        for hkey, hvalue in rec.headers:
+            sized(hkey, one)
+            sized(hvalue, one)
+        varint(len(one), body)
+        body.extend(one)
+    codec = 0
+    if compression == "gzip":
+        gz = zlib.compressobj(6, zlib.DEFLATED, 31)
+        body = bytearray(gz.compress(bytes(body)) + gz.flush())
+        codec = DefaultRecordBase.CODEC_GZIP
+    elif compression is not None:
+        raise ValueError(f"unsupported compression {compression!r}")
+    header = DefaultRecordBase.HEADER_STRUCT
+    buf = bytearray(header.size) + body
+    header.pack_into(
+        buf,
+        0,
+        0,  # base offset: set by the broker
+        len(buf) - DefaultRecordBase.AFTER_LEN_OFFSET,
+        -1,  # partition leader epoch
+        2,  # magic
+        0,  # crc, below
+        codec,
+        len(records) - 1,
+        first,
+        max(stamps),
+        -1,  # producer id: none
+        -1,
+        -1,
+        len(records),
+    )
+    struct.pack_into(
+        ">I",
+        buf,
+        DefaultRecordBase.CRC_OFFSET,
+        calc_crc32c(buf[DefaultRecordBase.ATTRIBUTES_OFFSET :]),
+    )
+    return bytes(buf)
+
+
+async def produce_batch(
+    bootstrap: str,
+    topic: str,
+    partition: int,
+    records: list[RawRecord],
+    *,
+    compression: str | None = None,
+) -> list[int]:
+    """Write `records` as one batch to `topic`/`partition` with a plain ProduceRequest
+    (no client-side checks); returns their offsets."""
+    from aiokafka import AIOKafkaClient
+    from aiokafka.errors import for_code
+    from aiokafka.protocol.produce import ProduceRequest
+
+    client = AIOKafkaClient(bootstrap_servers=bootstrap)
+    await client.bootstrap()
+    try:
+        await client._wait_on_metadata(topic)
+        leader = client.cluster.leader_for_partition(TopicPartition(topic, partition))
+        request = ProduceRequest(
+            transactional_id=None,
+            required_acks=-1,
+            timeout=30_000,
+            topics=[(topic, [(partition, encode_batch(records, compression=compression))])],
+        )
+        response = await client.send(leader, request)
+        (_, parts), *_ = response.topics
+        _, code, base, *_ = parts[0]
+        if code:
+            raise for_code(code)(f"produce to {topic}/{partition}")
+        return [base + i for i in range(len(records))]
+    finally:
+        await client.close()
+
+
+async def read_readable(bootstrap: str, topic: str) -> list[Any]:
+    """Every record of `topic` up to its end now that a Kafka client can read, in offset
+    order per partition: records with header keys that are not UTF-8 are left out (a
+    plain consumer would fail on them). Read with the worker's lenient reader."""
+    from types import SimpleNamespace
+
+    from aiokafka import AIOKafkaClient
+    from aiokafka.protocol.fetch import FetchRequest
+
+    from worker.recordbatch import RawRecord as Raw
+    from worker.recordbatch import read_batches
+
+    ends = await end_offsets(bootstrap, topic)
+    client = AIOKafkaClient(bootstrap_servers=bootstrap)
+    await client.bootstrap()
+    out: list[Any] = []
+    try:
+        await client._wait_on_metadata(topic)
+        for p, end in sorted(ends.items()):
+            leader = client.cluster.leader_for_partition(TopicPartition(topic, p))
+            offset = 0
+            while offset < end:
+                request = FetchRequest(0, 1, 64 << 20, 0, [(topic, [(p, offset, 64 << 20)])])
+                response = await client.send(leader, request)
+                data = response.topics[0][1][0][-1]
+                batches = read_batches(data, max_inflated_bytes=1 << 30)
+                assert batches, f"nothing read at {topic}/{p}@{offset}"
+                for batch in batches:
+                    for rec in batch.records:
+                        if (
+                            isinstance(rec, Raw)
+                            and rec.header_keys_are_utf8
+                            and rec.offset >= offset
+                        ):
+                            headers = [(k.decode(), v) for k, v in rec.headers]
+                            out.append(
+                                SimpleNamespace(
+                                    topic=topic,
+                                    partition=p,
+                                    offset=rec.offset,
+                                    timestamp=rec.timestamp,
+                                    key=rec.key,
+                                    value=rec.value,
+                                    headers=headers,
+                                )
+                            )
+                    offset = max(offset, batch.next_offset)
+    finally:
+        await client.close()
+    return out
