@@ -88,7 +88,7 @@ def decode_records(
     out: list[Decoded] = []
     for rec in records:
         try:
-            reply_to = reply_to_from_headers(rec.headers or ())
+            reply_to = reply_to_from_headers(rec.headers or (), limits=limits)
         except LhvError:
             reply_to = None
         item = Decoded(reply_to)

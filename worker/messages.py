@@ -93,6 +93,7 @@ __all__ = [
     "SearchReply",
     "StatsQuery",
     "StatsReply",
+    "check_headers",
     "correlation_text",
     "decode_command",
     "decode_query",
@@ -148,6 +149,12 @@ class MessageLimits:
     """fields of one search `filter`"""
     max_filter_bytes: int = 16_384
     """one search `filter`, as compact JSON"""
+    max_headers: int = 64
+    """headers of one record"""
+    max_header_bytes: int = 65_536
+    """keys and values of one record's headers, together"""
+    max_correlation_id_bytes: int = 1024
+    """`kafka_correlationId`: it comes back in every reply and ack, twice"""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -159,6 +166,9 @@ class MessageLimits:
                 f"MessageLimits.max_json_depth must be at most {_ORJSON_MAX_DEPTH} "
                 "(orjson's own limit when it writes JSON)"
             )
+
+
+_DEFAULT_LIMITS = MessageLimits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -548,7 +558,7 @@ def _request_faults() -> Iterator[None]:
         raise InvalidRequest("message holds text that is not valid UTF-8") from None
 
 
-def _header(headers: Sequence[tuple[str, bytes]], name: str) -> bytes | None:
+def _header(headers: Sequence[tuple[str, bytes | None]], name: str) -> bytes | None:
     """The last header named `name` (Kafka's `lastHeader`, as Spring reads it)."""
     found = None
     for key, value in headers:
@@ -557,20 +567,52 @@ def _header(headers: Sequence[tuple[str, bytes]], name: str) -> bytes | None:
     return found
 
 
-def reply_to_from_headers(headers: Sequence[tuple[str, bytes]]) -> ReplyTo | None:
+def check_headers(headers: Sequence[tuple[str, bytes | None]], limits: MessageLimits) -> None:
+    """Refuse a record whose headers are over the limits (count, total bytes, and the
+    length of `kafka_correlationId`).
+
+    Raises:
+        InvalidRequest: naming the limit and its setting.
+    """
+    if len(headers) > limits.max_headers:
+        raise InvalidRequest(
+            f"{len(headers)} record headers are over the limit of {limits.max_headers}"
+        )
+    cid = _header(headers, "kafka_correlationId")
+    if cid is not None and len(cid) > limits.max_correlation_id_bytes:
+        raise InvalidRequest(
+            f"kafka_correlationId of {len(cid)} bytes is over the limit of "
+            f"{limits.max_correlation_id_bytes}"
+        )
+    total = 0
+    for key, value in headers:
+        total += len(key) + (len(value) if value is not None else 0)
+    if total > limits.max_header_bytes:
+        raise InvalidRequest(
+            f"record headers of {total} bytes are over the limit of {limits.max_header_bytes}"
+        )
+
+
+def reply_to_from_headers(
+    headers: Sequence[tuple[str, bytes]], *, limits: MessageLimits | None = None
+) -> ReplyTo | None:
     """Spring's `kafka_replyTopic`, `kafka_replyPartition` and `kafka_correlationId`.
 
     Reads headers only, so it works whatever the body is and a malformed request can still
     get its error reply. `kafka_replyPartition` is a 4-byte big-endian int (what Spring
-    sends) or ASCII decimal digits.
+    sends) or ASCII decimal digits. With `limits` (the default limits when not given),
+    headers over them (`check_headers`) get no reply: an answer carrying them could not
+    be sent.
 
     Returns:
         None when there is no `kafka_replyTopic` (nobody wants an answer).
 
     Raises:
         InvalidRequest: an empty or non-UTF-8 reply topic, a reply topic without a
-            correlation id, or an unreadable or negative partition.
+            correlation id, an unreadable or negative partition, or headers over the
+            limits.
     """
+    check_headers(headers, limits or _DEFAULT_LIMITS)
     topic = _header(headers, "kafka_replyTopic")
     if topic is None:
         return None
@@ -977,7 +1019,7 @@ def _command(
     _check(op, body)
     index = body["index"]
     _check_key(key, index)
-    reply_to = reply_to_from_headers(headers)
+    reply_to = reply_to_from_headers(headers, limits=limits)
     request_id = body.get("request_id")
     if op == "add":
         return AddCommand(
@@ -1085,7 +1127,7 @@ def _query(
     headers: Sequence[tuple[str, bytes]],
     limits: MessageLimits,
 ) -> Query:
-    reply_to = reply_to_from_headers(headers)
+    reply_to = reply_to_from_headers(headers, limits=limits)
     if reply_to is None:
         raise InvalidRequest("a query needs kafka_replyTopic and kafka_correlationId headers")
     body = _parse(value, limits)

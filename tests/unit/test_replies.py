@@ -132,3 +132,29 @@ def test_dlq_message_is_cut_on_a_character_boundary() -> None:
     message = values["lhv_error_message"]
     assert len(message) <= DLQ_MESSAGE_MAX_BYTES
     assert message.decode("utf-8") == "é" * (DLQ_MESSAGE_MAX_BYTES // 2)
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        (
+            [("kafka_replyTopic", b"lhv.replies.a"), ("kafka_correlationId", b"c" * 1025)],
+            "kafka_correlationId of 1025 bytes is over the limit of 1024",
+        ),
+        ([(f"h{i}", b"") for i in range(65)], "65 record headers are over the limit of 64"),
+        ([("big", b"x" * 70_000)], "record headers of 70003 bytes are over the limit of 65536"),
+    ],
+)
+def test_headers_over_the_limits_get_no_reply(
+    headers: list[tuple[str, bytes]], message: str
+) -> None:
+    from worker.messages import MessageLimits, check_headers
+
+    with pytest.raises(InvalidRequest, match=message):
+        check_headers(headers, MessageLimits())
+    with pytest.raises(InvalidRequest, match=message):
+        reply_to_from_headers(headers)
+    relaxed = MessageLimits(
+        max_headers=100, max_header_bytes=100_000, max_correlation_id_bytes=2048
+    )
+    check_headers(headers, relaxed)
