@@ -25,6 +25,7 @@ __all__ = [
     "SASL_MECHANISMS",
     "SECURITY_PROTOCOLS",
     "CheckpointPolicy",
+    "DeliveryConfig",
     "ImportPolicy",
     "KafkaConfig",
     "QueryPolicy",
@@ -269,6 +270,53 @@ class CheckpointPolicy:
             raise ValueError("checkpoint policy needs every_records >= 1 and every_s > 0")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryConfig:
+    """Bounds on what the worker sends back: DLQ records, acks and query replies.
+
+    These go through their own producer (`worker.outbox`), and each record is checked
+    against both bounds below before it is sent, so the broker never rejects one.
+    """
+
+    max_request_bytes: int = 1_048_576
+    """the outgoing producer's `max_request_size`"""
+    broker_max_message_bytes: int = 1_048_576
+    """what the broker accepts in one batch: the smallest `message.max.bytes` (or the
+    topic's `max.message.bytes`) of the DLQ and reply topics (Kafka's default is
+    1 048 588)"""
+    ack_replay_max_age_ms: int = 300_000
+    """acks of records replayed after a restore are not sent when the record is older
+    than this: nobody waits for them any more"""
+    max_missing_reply_topics: int = 1024
+    """reply topics remembered as missing (least recently used ones are forgotten)"""
+
+    def __post_init__(self) -> None:
+        if min(self.max_request_bytes, self.broker_max_message_bytes) < 65_536:
+            raise ValueError("DeliveryConfig: the byte bounds must be at least 65536")
+        if self.ack_replay_max_age_ms < 0 or self.max_missing_reply_topics < 1:
+            raise ValueError(
+                "DeliveryConfig: ack_replay_max_age_ms >= 0 and max_missing_reply_topics >= 1"
+            )
+
+    @property
+    def max_record_bytes(self) -> int:
+        """The bound one outgoing record (batched alone) must fit in."""
+        return min(self.max_request_bytes, self.broker_max_message_bytes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> DeliveryConfig:
+        return cls(**_ints_from_env(env, _DELIVERY_SETTINGS))
+
+
+#: `DeliveryConfig` fields read from the environment
+_DELIVERY_SETTINGS = {
+    "max_request_bytes": "LHV_OUT_MAX_REQUEST_BYTES",
+    "broker_max_message_bytes": "LHV_BROKER_MAX_MESSAGE_BYTES",
+    "ack_replay_max_age_ms": "LHV_ACK_REPLAY_MAX_AGE_MS",
+    "max_missing_reply_topics": "LHV_MAX_MISSING_REPLY_TOPICS",
+}
+
+
 def limits_from_env(cls: type[_L], env: Mapping[str, str] = os.environ) -> _L:
     """`MessageLimits` or `lhv_index.Limits` with each field read from `LHV_<FIELD>` when
     set (`max_dim` from `LHV_MAX_DIM`, ...); a field both have (`max_dim`, `max_k`,
@@ -419,6 +467,7 @@ class WorkerConfig:
     #: comma-separated: the first signs, every one verifies); None: the random key kept
     #: in the workers' own bucket and prefix (see `worker/protocol_auth.py`)
     internal_key: str | None = field(default=None, repr=False)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     group_id: str = "lhv"
     #: Kafka static membership (KIP-345): a worker restarted with the same id takes its
     #: partitions back at once instead of after the session timeout; unique per worker
@@ -461,6 +510,7 @@ class WorkerConfig:
             "limits": limits_from_env(MessageLimits, env),
             "index_limits": limits_from_env(IndexLimits, env),
             "queries": QueryPolicy.from_env(env),
+            "delivery": DeliveryConfig.from_env(env),
             "group_id": _env(env, "LHV_GROUP_ID", "lhv") or "lhv",
             "worker_id": _env(env, "LHV_WORKER_ID"),
             "group_instance_id": _env(env, "LHV_GROUP_INSTANCE_ID"),

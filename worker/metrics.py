@@ -172,6 +172,36 @@ class Metrics:
             "Acks and query replies dropped because their reply topic is missing",
             registry=r,
         )
+        self.unreadable_records = Counter(
+            "lhv_unreadable_records",
+            "Records the Kafka client could not parse (e.g. header keys not UTF-8), read "
+            "with the lenient reader and rejected (commands) or skipped (queries)",
+            ["topic"],
+            registry=r,
+        )
+        self.records_refused = Counter(
+            "lhv_records_refused",
+            "Query records skipped unanswered at intake (unreadable, or headers over the "
+            "limits: no reply could carry them)",
+            ["reason"],
+            registry=r,
+        )
+        self.outgoing_dropped = Counter(
+            "lhv_outgoing_dropped",
+            "DLQ records, acks and replies not sent or not delivered, by kind and reason",
+            ["kind", "reason"],
+            registry=r,
+        )
+        self.dlq_truncated = Counter(
+            "lhv_dlq_truncated",
+            "DLQ records whose value (or key, or original headers) was cut to fit the size bounds",
+            registry=r,
+        )
+        self.acks_skipped = Counter(
+            "lhv_acks_skipped",
+            "Acks not sent: records replayed after a restore, older than the ack age bound",
+            registry=r,
+        )
         self.poll_records = Histogram(
             "lhv_poll_records", "Records returned by one poll", buckets=_COUNT_BUCKETS, registry=r
         )
@@ -352,6 +382,22 @@ class Metrics:
 
     def reply_dropped(self) -> None:
         self.replies_dropped.inc()
+
+    def unreadable_record(self, topic: str) -> None:
+        self.unreadable_records.labels(topic).inc()
+
+    def record_refused(self, reason: str) -> None:
+        self.records_refused.labels(reason).inc()
+
+    def outgoing_failed(self, kind: str, reason: str) -> None:
+        """One DLQ record, ack or reply (`kind`) was not sent, or not delivered."""
+        self.outgoing_dropped.labels(kind, reason).inc()
+
+    def dlq_cut(self) -> None:
+        self.dlq_truncated.inc()
+
+    def ack_skipped(self) -> None:
+        self.acks_skipped.inc()
 
     def observe_poll(self, records: int) -> None:
         self.poll_records.observe(records)

@@ -32,11 +32,13 @@ from worker import failpoints
 from worker.apply import Decoded, Outcome, apply_records, decode_records
 from worker.blobstore import S3BlobStore
 from worker.config import TopicsConfig, WorkerConfig
+from worker.intake import Intake, RejectedRecord
 from worker.kafka_errors import map_kafka_errors
 from worker.logs import log_context
 from worker.merge import MergeProtocol
-from worker.messages import encode_ack
+from worker.messages import MessageLimits, encode_ack
 from worker.metrics import HealthTracker, Metrics, MetricsServer
+from worker.outbox import Outbox, fit_dlq_record
 from worker.ownership import Ownership
 from worker.partition import Partition, PartitionStatus
 from worker.replies import ReplySender, ReplyTopicPolicy, dlq_headers
@@ -50,6 +52,8 @@ log = logging.getLogger(__name__)
 _STOP = object()
 #: ops whose items count in the apply-batch histogram
 _WRITES = frozenset({"add", "delete"})
+#: a DLQ value larger than this is cut (and hashed) in a thread, not on the event loop
+_FIT_IN_THREAD_BYTES = 256 * 1024
 
 
 class _Piece(NamedTuple):
@@ -209,7 +213,7 @@ class _Runner:
     def _decode(self, batch: list[Any]) -> Awaitable[list[Decoded]]:
         w = self.worker
         return asyncio.to_thread(
-            decode_records,
+            _decode_or_reject,
             batch,
             partition=self.partition.number,
             num_partitions=w.num_partitions,
@@ -226,7 +230,7 @@ class _Runner:
         failpoints.hit("mid_batch")
         items = sum(o.applied + o.skipped for o in outcomes if o.error is None and o.op in _WRITES)
         w.metrics.observe_apply(p.number, len(batch.records), time.monotonic() - started, items)
-        await w.report(p, outcomes)
+        await w.report(p, outcomes, timestamps={r.offset: r.timestamp for r in batch.records})
         if p.mark_ready_if_caught_up():
             log.info("partition serving at offset %d", p.applied_offset)
         w.health.progress(p.number, p.applied_offset)
@@ -252,6 +256,20 @@ class _Runner:
         return outcomes
 
 
+def _decode_or_reject(
+    records: list[Any], *, partition: int, num_partitions: int, limits: MessageLimits
+) -> list[Decoded]:
+    """`decode_records`, except that a record refused at intake (`RejectedRecord`: the
+    Kafka client could not read it) keeps its error, whatever its value holds."""
+    decoded = decode_records(
+        records, partition=partition, num_partitions=num_partitions, limits=limits
+    )
+    for i, rec in enumerate(records):
+        if isinstance(rec, RejectedRecord):
+            decoded[i] = Decoded(reply_to=None, error=rec.error)
+    return decoded
+
+
 class Worker:
     """An LHV worker process. See the module docstring for the lifecycle."""
 
@@ -267,7 +285,13 @@ class Worker:
             config.topics.reply_pattern,
             forbidden={config.topics.commands, config.topics.search, config.topics.dlq},
         )
-        self.replies = ReplySender(on_drop=self.metrics.reply_dropped)
+        self.outbox = Outbox(config.kafka, config.delivery, self.metrics)
+        self.replies = ReplySender(
+            self.outbox,
+            max_missing=config.delivery.max_missing_reply_topics,
+            on_drop=self.metrics.reply_dropped,
+        )
+        self._intake: Intake | None = None
         self.barrier: Any = MergeProtocol(self)  # merge/import steps (worker/merge.py)
         self._runners: dict[int, _Runner] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -324,6 +348,7 @@ class Worker:
                 max_request_size=max(self.config.limits.max_message_bytes * 2, 1048576),
             )
             await self._producer.start()
+            await self.outbox.start()
             self._consumer = AIOKafkaConsumer(
                 **kw,
                 group_id=self.config.group_id,
@@ -341,6 +366,14 @@ class Worker:
                 fetch_max_bytes=64 * 1024 * 1024,
             )
             await self._consumer.start()
+            self._intake = Intake(
+                self._consumer,
+                kafka=self.config.kafka,
+                topics=self.topics,
+                limits=self.config.limits,
+                metrics=self.metrics,
+                fetch_max_bytes=max(self.config.limits.max_message_bytes, 1048576),
+            )
             await self._check_topics()
             self._consumer.subscribe(
                 [self.topics.commands, self.topics.search], listener=self.ownership
@@ -402,13 +435,12 @@ class Worker:
         """Poll until `request_stop()`; a crashed background task ends it with an error."""
         if self._state != "started":
             raise RuntimeError("run() needs a started worker")
-        consumer = self.consumer
+        assert self._intake is not None
+        intake = self._intake
         with log_context(worker=self.config.worker_id):
             while not self._stopping.is_set():
                 self._raise_task_errors()
-                data = await consumer.getmany(
-                    timeout_ms=200, max_records=self.config.max_poll_records
-                )
+                data = await intake.poll(timeout_ms=200, max_records=self.config.max_poll_records)
                 if data:
                     self.metrics.observe_poll(sum(len(records) for records in data.values()))
                 for tp, records in data.items():
@@ -491,8 +523,11 @@ class Worker:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._intake is not None:
+                await self._intake.stop()
             if self._consumer is not None:
                 await self._consumer.stop()
+            await self.outbox.stop()
             if self._producer is not None:
                 await self._producer.stop()
             if self._metrics_server is not None:
@@ -553,62 +588,126 @@ class Worker:
         task.add_done_callback(done)
 
     async def flush_producer(self) -> None:
+        """Wait for the protocol records and the DLQ records, acks and replies sent so far."""
         await self.producer.flush()
+        await self.outbox.flush()
 
     async def commit_offsets(self, p: int, commands_offset: int) -> None:
         """Commit p's commands offset (search offsets: `SearchServer.commit`)."""
         await self.consumer.commit({self.commands_tp(p): commands_offset})
 
-    async def report(self, partition: Partition, outcomes: list[Outcome]) -> None:
-        """Send acks and DLQ records for one applied batch."""
-        sends = []
+    async def report(
+        self,
+        partition: Partition,
+        outcomes: list[Outcome],
+        *,
+        timestamps: dict[int, int] | None = None,
+    ) -> None:
+        """Send acks and DLQ records for one applied batch.
+
+        A failure while sending for one record (its DLQ record, its ack) is logged with
+        its partition and offset and counted; it never ends the runner. `timestamps`
+        (offset -> record timestamp, ms) lets acks of stale replayed records be skipped.
+        """
         for out in outcomes:
-            if out.error is not None:
-                self.metrics.command_rejected(out.op or "unknown", out.error.code)
-                self.metrics.dlq_record()
-                log.warning(
-                    "command rejected (%s): %s",
-                    out.error.code,
-                    out.error.message,
-                    extra={
-                        "offset": out.offset,
-                        "index": out.index or None,
-                        "partition": partition.number,
-                    },
-                )
-                sends.append(
-                    self.producer.send(
-                        self.topics.dlq,
-                        key=out.key,
-                        value=out.value,
-                        headers=[
-                            *(out.headers or ()),
-                            *dlq_headers(
-                                out.error, self.topics.commands, partition.number, out.offset
-                            ),
-                        ],
-                    )
-                )
-            else:
+            if out.error is None and out.reply_to is None:
                 self.metrics.command_applied(out.op, out.applied)
-            if out.reply_to is not None:
+                continue
+            with log_context(partition=partition.number, offset=out.offset):
                 try:
-                    self.reply_policy.check(out.reply_to.topic)
-                except LhvError as exc:
-                    log.warning(
-                        "not acking to %r: %s",
-                        out.reply_to.topic,
-                        exc,
-                        extra={
-                            "offset": out.offset,
-                            "index": out.index or None,
-                            "partition": partition.number,
-                        },
+                    await self._report_one(partition, out, (timestamps or {}).get(out.offset))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self.metrics.outgoing_failed("report", "error")
+                    log.exception(
+                        "sending the DLQ record or ack of a record failed",
+                        extra={"partition": partition.number, "offset": out.offset},
                     )
-                    continue
-                sends.append(self.replies.send(self.producer, out.reply_to, encode_ack(out)))
-        if sends:
-            await asyncio.gather(*sends)
+
+    async def _report_one(self, partition: Partition, out: Outcome, timestamp: int | None) -> None:
+        where = (partition.number, out.offset)
+        if out.error is not None:
+            self.metrics.command_rejected(out.op or "unknown", out.error.code)
+            self.metrics.dlq_record()
+            log.warning(
+                "command rejected (%s): %s",
+                out.error.code,
+                out.error.message,
+                extra={
+                    "offset": out.offset,
+                    "index": out.index or None,
+                    "partition": partition.number,
+                },
+            )
+            await self._send_dlq(partition, out)
+        else:
+            self.metrics.command_applied(out.op, out.applied)
+        if out.reply_to is None:
+            return
+        try:
+            self.reply_policy.check(out.reply_to.topic)
+        except LhvError as exc:
+            log.warning(
+                "not acking to %r: %s",
+                out.reply_to.topic,
+                exc,
+                extra={
+                    "offset": out.offset,
+                    "index": out.index or None,
+                    "partition": partition.number,
+                },
+            )
+            return
+        if self._stale_replay(partition, out.offset, timestamp):
+            # Replayed after a restore and older than the bound: its requester stopped
+            # waiting long ago (and usually deleted its reply topic), so re-sending only
+            # costs a metadata wait and a warning per record.
+            self.metrics.ack_skipped()
+            return
+        await self.replies.send(None, out.reply_to, encode_ack(out), kind="ack", where=where)
+
+    def _stale_replay(self, partition: Partition, offset: int, timestamp: int | None) -> bool:
+        """An ack not worth sending: the record was in the log before this worker took
+        the partition (a replay) and is older than `ack_replay_max_age_ms`."""
+        if timestamp is None or timestamp <= 0 or offset > partition.ready_offset:
+            return False
+        age_ms = time.time() * 1000 - timestamp
+        return age_ms > self.config.delivery.ack_replay_max_age_ms
+
+    async def _send_dlq(self, partition: Partition, out: Outcome) -> None:
+        assert out.error is not None
+        limits = self.config.limits
+        error_headers = dlq_headers(out.error, self.topics.commands, partition.number, out.offset)
+
+        def fit() -> Any:
+            return fit_dlq_record(
+                out.key,
+                out.value,
+                out.headers,
+                error_headers,
+                max_record_bytes=self.outbox.max_record_bytes,
+                max_headers=limits.max_headers,
+                max_header_bytes=limits.max_header_bytes,
+            )
+
+        big = len(out.value or b"") > _FIT_IN_THREAD_BYTES
+        record = await asyncio.to_thread(fit) if big else fit()
+        where = (partition.number, out.offset)
+        if record is None:
+            self.outbox.dropped("dlq", "too_large", self.topics.dlq, where, "headers alone")
+            return
+        if record.truncated:
+            self.metrics.dlq_cut()
+        await self.outbox.send(
+            "dlq",
+            self.topics.dlq,
+            key=record.key,
+            value=record.value,
+            headers=record.headers,
+            where=where,
+            retry_small=True,
+        )
 
     # -- metrics hooks used by ownership --------------------------------------------------
 
