@@ -210,7 +210,8 @@ class Intake:
             extra={"partition": tp.partition},
         )
         try:
-            await self._rescue(tp, poll)
+            async with asyncio.timeout(self._kafka.request_timeout_ms / 1000 * 2 + 10):
+                await self._rescue(tp, poll)
         except asyncio.CancelledError:
             raise
         except Exception as err:  # the next poll meets the record again and retries
@@ -337,8 +338,8 @@ class Intake:
 
     async def _fetch(self, tp: TopicPartition, offset: int) -> bytes:
         """The record set at `offset` of `tp`, as the broker returns it."""
-        client = await self._raw_client()
         async with asyncio.timeout(self._kafka.request_timeout_ms / 1000 + 5):
+            client = await self._raw_client()
             await client.add_topic(tp.topic)
             leader = client.cluster.leader_for_partition(tp)
             if leader is None or leader < 0:
