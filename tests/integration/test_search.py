@@ -666,8 +666,8 @@ async def test_cli_loads_every_format_then_searches_and_reports_stats(
     assert stats["count"] == 250 + 40 + 30 + 25 and stats["dim"] == 8 and stats["space"] == "l2"
     assert await lhv("stats", "cli", *_conn(env)) == 0
     assert "count" in capsys.readouterr().out
-    assert await lhv("stats", "no-such", *_conn(env)) == 1
-    assert "IndexNotFound" in capsys.readouterr().err
+    assert await lhv("stats", "no-such", *_conn(env)) == cli.EXIT_REFUSED
+    assert "lhv stats: index_not_found: index 'no-such' does not exist" in capsys.readouterr().err
 
 
 async def test_cli_load_exits_non_zero_naming_the_batches_that_failed(
@@ -686,9 +686,9 @@ async def test_cli_load_exits_non_zero_naming_the_batches_that_failed(
     assert await asyncio.to_thread(cli.main, argv) == 1
     captured = capsys.readouterr()
     assert "loaded 30 of 50 rows" in captured.out
-    assert "FAILED batch 2 (rows 20..29)" in captured.err
-    assert "FAILED batch 4 (rows 40..49)" in captured.err
-    assert "2 of 5 batches failed" in captured.err
+    assert "REJECTED batch 2 (rows 20..29)" in captured.err
+    assert "REJECTED batch 4 (rows 40..49)" in captured.err
+    assert "2 of 5 batches rejected: not applied" in captured.err
     stats = await served.client.stats("bad")
     assert stats["count"] == 30
 
