@@ -686,8 +686,8 @@ async def test_cli_load_exits_non_zero_naming_the_batches_that_failed(
     assert await asyncio.to_thread(cli.main, argv) == 1
     captured = capsys.readouterr()
     assert "loaded 30 of 50 rows" in captured.out
-    assert "REJECTED batch 2 (rows 20..29)" in captured.err
-    assert "REJECTED batch 4 (rows 40..49)" in captured.err
+    assert "REJECTED batch 2 (lines 21..30)" in captured.err  # .jsonl: 1-based lines
+    assert "REJECTED batch 4 (lines 41..50)" in captured.err
     assert "2 of 5 batches rejected: not applied" in captured.err
     stats = await served.client.stats("bad")
     assert stats["count"] == 30
