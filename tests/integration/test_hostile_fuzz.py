@@ -4,7 +4,7 @@ Records are drawn with hypothesis: valid commands, commands that are invalid by
 construction (random bytes, JSON of the wrong shape, a valid command with one mutation
 that the contract rejects, a wrong partition, deep nesting, a compression bomb), hostile
 headers, and queries both good and bad. They are produced in rounds, plain and
-gzip-compressed, until `LHV_FUZZ_SECONDS` (default 90) have passed. Then:
+compressed with each codec Kafka has, until `LHV_FUZZ_SECONDS` (default 90) have passed. Then:
 
 - the worker process never exited;
 - every invalid command is in the dead-letter queue, and nothing else is;
@@ -81,7 +81,8 @@ class Produced:
     headers: list[tuple[str, bytes]] = field(default_factory=list)
     expects_reply: bool = False
     """it names a legal reply topic and a correlation id: exactly one reply is owed"""
-    gzip: bool = False
+    codec: str | None = None
+    """compression of its batch: None, gzip, snappy, lz4 or zstd"""
     cid: bytes = b""
     offset: int = -1
     placed: int = -1
@@ -321,7 +322,7 @@ class Fuzz:
                 partition=(home + 1) % PARTITIONS,
             )
         self.headers(draw, rec)
-        rec.gzip = draw(st.integers(0, 3)) == 0
+        rec.codec = draw(st.sampled_from([None, None, None, None, "gzip", "snappy", "lz4", "zstd"]))
         return rec
 
     def query(self, draw: st.DrawFn) -> Produced:
@@ -393,8 +394,8 @@ def draw_round(fuzz: Fuzz, round_seed: int, n: int) -> list[Produced]:
     return out
 
 
-def _bomb(name: str) -> Produced:
-    """An add whose value inflates from a few KB of gzip to 20 MiB: over the size limit."""
+def _bomb(name: str, codec: str) -> Produced:
+    """An add whose value inflates from a few KB on the wire to 20 MiB: over the size limit."""
     pad = "a" * (20 * 1024 * 1024)
     body = orjson.dumps(
         {
@@ -403,7 +404,7 @@ def _bomb(name: str) -> Produced:
             "items": [{"id": "bomb", "vector": [1.0] * DIM, "metadata": {"p": pad}}],
         }
     )
-    return Produced("commands", name.encode(), body, False, "bomb", gzip=True)
+    return Produced("commands", name.encode(), body, False, f"{codec} bomb", codec=codec)
 
 
 def _create(name: str, space: str, reply: str, what: str) -> Produced:
@@ -425,37 +426,36 @@ def _create(name: str, space: str, reply: str, what: str) -> Produced:
 
 
 async def _produce(env: Env, records: list[Produced]) -> None:
-    plain = AIOKafkaProducer(bootstrap_servers=env.bootstrap, acks="all", max_request_size=64 << 20)
-    zipped = AIOKafkaProducer(
-        bootstrap_servers=env.bootstrap,
-        acks="all",
-        compression_type="gzip",
-        max_request_size=64 << 20,
-    )
-    await plain.start()
-    await zipped.start()
+    """Produce `records` (each with its codec) and note where each landed."""
+    producers: dict[str | None, AIOKafkaProducer] = {}
     try:
         futures = []
         for rec in records:
-            producer = zipped if rec.gzip else plain
+            producer = producers.get(rec.codec)
+            if producer is None:
+                producer = producers[rec.codec] = AIOKafkaProducer(
+                    bootstrap_servers=env.bootstrap,
+                    acks="all",
+                    compression_type=rec.codec,
+                    max_request_size=64 << 20,
+                )
+                await producer.start()
             topic = env.topics.commands if rec.topic == "commands" else env.topics.search
+            if rec.partition is not None:
+                partition = rec.partition
+            else:
+                partition = home_partition(rec.key, PARTITIONS) if rec.key is not None else 0
             futures.append(
                 await producer.send(
-                    topic,
-                    key=rec.key,
-                    value=rec.value,
-                    partition=rec.partition
-                    if rec.partition is not None
-                    else (home_partition(rec.key, PARTITIONS) if rec.key is not None else 0),
-                    headers=rec.headers,
+                    topic, key=rec.key, value=rec.value, partition=partition, headers=rec.headers
                 )
             )
         for rec, meta in zip(records, await asyncio.gather(*futures), strict=True):
             rec.offset = meta.offset
             rec.placed = meta.partition
     finally:
-        await plain.stop()
-        await zipped.stop()
+        for producer in producers.values():
+            await producer.stop()
 
 
 # -- the test --------------------------------------------------------------------------------
@@ -483,8 +483,8 @@ async def test_a_hostile_producer_never_stops_the_worker_and_loses_nothing(
         rounds = 0
         while time.monotonic() - started < FUZZ_SECONDS:
             batch = draw_round(fuzz, base_seed + rounds, ROUND_RECORDS)
-            if rounds == 1:
-                batch.append(_bomb(names[0]))
+            if rounds in (1, 2):
+                batch.append(_bomb(names[0], "gzip" if rounds == 1 else "zstd"))
             await _produce(env, batch)
             produced += batch
             rounds += 1
