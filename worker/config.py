@@ -447,6 +447,7 @@ _INT_SETTINGS = {
     "max_poll_records": "LHV_MAX_POLL_RECORDS",
     "max_pending_bytes": "LHV_MAX_PENDING_BYTES",
     "max_batch_bytes": "LHV_MAX_BATCH_BYTES",
+    "max_inflated_batch_bytes": "LHV_MAX_INFLATED_BATCH_BYTES",
     "query_wait_ms": "LHV_QUERY_WAIT_MS",
 }
 
@@ -485,6 +486,9 @@ class WorkerConfig:
     #: record bytes applied in one batch (at least one poll's records): bounds what is
     #: decoded at once
     max_batch_bytes: int = 16 * 1024 * 1024
+    #: a compressed record batch inflates to at most this (worker/inflate.py); a batch
+    #: past it is dead-lettered whole. At least `limits.max_message_bytes` plus framing
+    max_inflated_batch_bytes: int = 64 * 1024 * 1024
     session_timeout_ms: int = 30_000
     rebalance_timeout_ms: int = 120_000
     #: default wait for a query whose partition is not ready and that names no deadline
@@ -493,6 +497,14 @@ class WorkerConfig:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     stall_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_inflated_batch_bytes < self.limits.max_message_bytes + 64 * 1024:
+            raise ValueError(
+                f"max_inflated_batch_bytes ({self.max_inflated_batch_bytes}) must exceed "
+                f"the largest record value (max_message_bytes {self.limits.max_message_bytes})"
+                " by at least 64 KiB of framing"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> WorkerConfig:

@@ -57,7 +57,6 @@ from worker.recordbatch import RawRecord, UnreadableRecord, read_batches
 
 __all__ = [
     "HEADER_KEYS_NOT_UTF8",
-    "MAX_INFLATED_BATCH_BYTES",
     "Intake",
     "RejectedRecord",
     "escape_header_key",
@@ -67,8 +66,6 @@ log = logging.getLogger(__name__)
 
 #: the error of a record whose only fault is a header key that is not UTF-8
 HEADER_KEYS_NOT_UTF8 = "record header keys are not UTF-8"
-#: a compressed batch read again that inflates past this is unreadable as a whole
-MAX_INFLATED_BATCH_BYTES = 64 * 1024 * 1024
 #: how long each partition is waited for while looking for the one at fault
 _PROBE_MS = 1000
 _READ_UNCOMMITTED = 0
@@ -134,7 +131,7 @@ class Intake:
         limits: MessageLimits,
         metrics: Metrics,
         fetch_max_bytes: int,
-        max_inflated_bytes: int = MAX_INFLATED_BATCH_BYTES,
+        max_inflated_bytes: int,
     ) -> None:
         self._consumer = consumer
         self._kafka = kafka

@@ -14,18 +14,20 @@ Each record is a varint length, then attributes, timestamp delta, offset delta, 
 value and headers, with varint (zigzag) lengths and -1 for null.
 
 Only magic 2 is read; older batches (magic 0/1) never carry headers, so aiokafka reads
-them without this failure. Inflating is bounded (`max_inflated_bytes`): a batch that
-inflates past it is unreadable as a whole.
+them without this failure. Inflating is bounded with the worker's decoders
+(`worker.inflate`, `max_inflated_bytes`): a batch that inflates past it is unreadable as
+a whole.
 """
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
+from functools import lru_cache
 
-from aiokafka import codec
 from aiokafka.record.default_records import DefaultRecordBase
 from aiokafka.record.util import calc_crc32c
+
+from worker.inflate import Decoder, InflateLimitExceeded, bounded_decoders
 
 __all__ = [
     "RawBatch",
@@ -245,25 +247,28 @@ def _unreadable(base: int, next_offset: int, buf: bytes, error: str) -> RawBatch
     return RawBatch(base, next_offset, False, [UnreadableRecord(base, error, bytes(buf))])
 
 
+#: codec id (batch attributes) -> name of its decoder in `bounded_decoders`
+_DECODERS = {
+    DefaultRecordBase.CODEC_GZIP: "gzip_decode",
+    DefaultRecordBase.CODEC_SNAPPY: "snappy_decode",
+    DefaultRecordBase.CODEC_LZ4: "lz4_decode",
+    DefaultRecordBase.CODEC_ZSTD: "zstd_decode",
+}
+
+
+@lru_cache(maxsize=4)
+def _decoders(limit: int) -> dict[str, Decoder]:
+    return bounded_decoders(limit)
+
+
 def _inflate(data: bytes, codec_id: int, limit: int) -> bytes:
     """The batch's records, decompressed; at most `limit` bytes (ValueError past it)."""
     if codec_id == DefaultRecordBase.CODEC_NONE:
         return data
-    out: bytes
-    if codec_id == DefaultRecordBase.CODEC_GZIP:
-        inflater = zlib.decompressobj(wbits=47)  # gzip or zlib header
-        out = inflater.decompress(data, limit + 1)
-        if len(out) > limit or inflater.unconsumed_tail:
-            raise ValueError(f"inflates past {limit} bytes")
-        return out
-    if codec_id == DefaultRecordBase.CODEC_SNAPPY:
-        out = codec.snappy_decode(data)
-    elif codec_id == DefaultRecordBase.CODEC_LZ4:
-        out = codec.lz4_decode(data)
-    elif codec_id == DefaultRecordBase.CODEC_ZSTD:
-        out = codec.zstd_decode(data)
-    else:
+    name = _DECODERS.get(codec_id)
+    if name is None:
         raise ValueError(f"unknown codec {codec_id}")
-    if len(out) > limit:
-        raise ValueError(f"inflates past {limit} bytes")
-    return out
+    try:
+        return _decoders(limit)[name](data)
+    except InflateLimitExceeded as exc:
+        raise ValueError(str(exc)) from exc

@@ -28,7 +28,7 @@ from aiokafka.errors import KafkaError
 
 from lhv_index._drift import DriftMonitor
 from lhv_index.errors import Internal, LhvError
-from worker import failpoints
+from worker import failpoints, inflate
 from worker.apply import Decoded, Outcome, apply_records, decode_records
 from worker.blobstore import S3BlobStore
 from worker.config import TopicsConfig, WorkerConfig
@@ -338,6 +338,7 @@ class Worker:
     async def _start(self) -> None:
         with log_context(worker=self.config.worker_id):
             await self._blobs.start()
+            inflate.install(self.config.max_inflated_batch_bytes)
             kw = self.config.kafka.client_kwargs()
             self._producer = AIOKafkaProducer(
                 **kw,
@@ -373,6 +374,7 @@ class Worker:
                 limits=self.config.limits,
                 metrics=self.metrics,
                 fetch_max_bytes=max(self.config.limits.max_message_bytes, 1048576),
+                max_inflated_bytes=self.config.max_inflated_batch_bytes,
             )
             await self._check_topics()
             self._consumer.subscribe(

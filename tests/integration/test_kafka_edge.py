@@ -36,11 +36,13 @@ from workerkit import (
     wait_caught_up,
 )
 
+from worker import inflate
 from worker.apply import home_partition
 from worker.blobstore import S3Config
 from worker.client import LhvClient
 from worker.client import stop_consumer as stop_quietly
 from worker.config import DeliveryConfig, WorkerConfig
+from worker.messages import MessageLimits
 from worker.service import Worker
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -339,6 +341,49 @@ async def test_a_command_inflating_past_the_limits_is_dead_lettered_cut_to_fit(e
         assert metric(worker, "lhv_dlq_truncated_total") == 1
         await state_matches_oracle(env, worker)
         still_up(task)
+
+
+@pytest.mark.parametrize("codec", ["gzip", "zstd", "lz4", "snappy"])
+async def test_a_batch_inflating_past_the_bound_is_dead_lettered_without_being_inflated(
+    env: Env, codec: str
+) -> None:
+    """A record of 16 MiB compressed to under 1 MiB (any codec Kafka has): the worker never
+    inflates more than `max_inflated_batch_bytes`; the batch is dead-lettered, the good
+    records around it (batches of their own, in the same codec) are applied."""
+    name, home = one_index(env)
+    bomb = cmd(name, op="add", items=[])[:-1] + b" " * (16 << 20) + b"}"
+    producer = AIOKafkaProducer(
+        bootstrap_servers=env.bootstrap, compression_type=codec, max_request_size=64 << 20
+    )
+    await producer.start()
+    try:
+        for value in (cmd(name, op="create", dim=4, space="l2"), bomb):
+            meta = await producer.send_and_wait(
+                env.topics.commands, key=name.encode(), value=value, partition=home
+            )
+        after = cmd(name, op="add", items=[{"id": "after", "vector": [1, 0, 0, 0]}])
+        await producer.send_and_wait(
+            env.topics.commands, key=name.encode(), value=after, partition=home
+        )
+    finally:
+        await producer.stop()
+    config = env.config(
+        limits=MessageLimits(max_message_bytes=1 << 20), max_inflated_batch_bytes=2 << 20
+    )
+    try:
+        async with up(config) as (worker, task):
+            await acked_add(env, name, "b")
+            await worker.flush_producer()
+            dlq = (await dlq_by_source_offset(env))[meta.offset]
+            headers = dict(dlq.headers)
+            assert headers["lhv_error_code"] == b"invalid_request"
+            assert f"inflates past {2 << 20} bytes".encode() in headers["lhv_error_message"]
+            live = worker.partitions[home].indexes[name].logical_state()["live"]
+            assert {"after", "b"} <= set(live)
+            await state_matches_oracle(env, worker)
+            still_up(task)
+    finally:
+        inflate.uninstall()  # process-wide: later tests get aiokafka's own again
 
 
 async def test_a_dlq_record_the_broker_refuses_does_not_stop_later_ones(env: Env) -> None:
