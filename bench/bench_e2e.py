@@ -62,10 +62,10 @@ sys.path.insert(0, str(ROOT))
 from bench.data import chunks, queries  # noqa: E402
 from bench.stackenv import stack_env, worker_env, write_results  # noqa: E402
 from lhv_index import read_snapshot, write_snapshot  # noqa: E402
-from worker.blobstore import S3BlobStore, S3Config  # noqa: E402
 from worker.client import LhvClient  # noqa: E402
-from worker.demo import until_answered  # noqa: E402
-from worker.store import SnapshotStore  # noqa: E402
+from worker.dev.demo import until_answered  # noqa: E402
+from worker.storage.blobstore import S3BlobStore, S3Config  # noqa: E402
+from worker.storage.snapshots import SnapshotStore  # noqa: E402
 
 __all__ = ["main"]
 

@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.data import clustered  # noqa: E402
 from bench.stackenv import stack_env, worker_env, write_results  # noqa: E402
-from worker.blobstore import S3BlobStore  # noqa: E402
 from worker.client import LhvClient  # noqa: E402
+from worker.storage.blobstore import S3BlobStore  # noqa: E402
 
 __all__ = ["main"]
 

@@ -12,9 +12,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from worker.blobstore import S3Config
-from worker.config import TopicsConfig
-from worker.stack import LocalStack, create_topics
+from worker.dev.stack import LocalStack, create_topics
+from worker.storage.blobstore import S3Config
+from worker.wire.topics import TopicsConfig
 
 __all__ = ["WorkerEnv", "stack_env", "worker_env", "write_results"]
 

@@ -15,7 +15,7 @@ import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from worker.blobstore import S3Config
+from worker.storage.blobstore import S3Config
 
 __all__: list[str] = []
 

@@ -27,7 +27,7 @@ from stackfixtures import (  # noqa: F401  (fixtures are found by name)
     stack,
 )
 
-from worker.stack import live_processes
+from worker.dev.stack import live_processes
 
 log = logging.getLogger(__name__)
 

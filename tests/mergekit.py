@@ -25,9 +25,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from workerkit import Clock, Env, OracleIndex, read_all, stop_quietly, vec_b64
 
 from lhv_index.errors import LhvError
-from worker.apply import home_partition
-from worker.blobstore import S3BlobStore
-from worker.protocol_auth import ProtocolAuth, load_protocol_auth
+from worker.service.protocol_auth import ProtocolAuth, load_protocol_auth
+from worker.storage.blobstore import S3BlobStore
+from worker.wire.topics import home_partition
 
 Exported = list[tuple[str, np.ndarray, dict[str, Any] | None, Clock]]
 

@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from workerkit import Env, produce
 
-from worker.client import stop_consumer as stop_quietly
+from worker.client.client import stop_consumer as stop_quietly
 
 
 class Requester:

@@ -35,8 +35,7 @@ from typing import Any
 
 import pytest
 
-from worker.blobstore import S3BlobStore, S3Config
-from worker.stack import (
+from worker.dev.stack import (
     DEFAULT_BUCKET,
     DEFAULT_PARTITIONS,
     KAFKA_VERSION,
@@ -44,6 +43,7 @@ from worker.stack import (
     StackError,
     create_topics,
 )
+from worker.storage.blobstore import S3BlobStore, S3Config
 
 __all__ = [
     "StackHandle",
@@ -125,7 +125,7 @@ def stack_prerequisites_missing() -> str | None:
     """Why a local stack cannot start here, or None."""
     missing = [tool for tool in ("java", "mvn") if shutil.which(tool) is None]
     try:
-        from worker.stack import _find_weed
+        from worker.dev.stack import _find_weed
 
         _find_weed()
     except StackError:
@@ -155,7 +155,7 @@ def external_stack_problem(env: dict[str, str], timeout_s: float = 5.0) -> str |
     """Why the external stack the `LHV_*` variables name does not answer, in one line, or
     None. A shell that sourced the env file of a stack stopped since keeps variables that
     point at dead ports: every integration test would then fail on its own timeout."""
-    from worker.stack import _kafka_metadata_ok, _s3_ok
+    from worker.dev.stack import _kafka_metadata_ok, _s3_ok
 
     bootstrap, endpoint = env["LHV_BOOTSTRAP_SERVERS"], env["LHV_S3_ENDPOINT_URL"]
     s3 = S3Config.from_env(env)
@@ -200,7 +200,7 @@ class _DockerStack:
 
         from testcontainers.core.container import DockerContainer
 
-        from worker.stack import (
+        from worker.dev.stack import (
             COMMANDS_TOPIC,
             DLQ_TOPIC,
             SEARCH_TOPIC,

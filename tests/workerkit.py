@@ -27,11 +27,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from lhv_index import Index
-from worker.apply import home_partition
-from worker.blobstore import S3Config
-from worker.client import stop_consumer as stop_quietly
-from worker.config import CheckpointPolicy, KafkaConfig, TopicsConfig, WorkerConfig
+from worker.client.client import stop_consumer as stop_quietly
+from worker.kafka.config import KafkaConfig
 from worker.service import Worker
+from worker.service.config import CheckpointPolicy, WorkerConfig
+from worker.storage.blobstore import S3Config
+from worker.wire.topics import TopicsConfig, home_partition
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -610,8 +611,8 @@ async def read_readable(bootstrap: str, topic: str) -> list[Any]:
     from aiokafka import AIOKafkaClient
     from aiokafka.protocol.fetch import FetchRequest
 
-    from worker.recordbatch import RawRecord as Raw
-    from worker.recordbatch import read_batches
+    from worker.service.recordbatch import RawRecord as Raw
+    from worker.service.recordbatch import read_batches
 
     ends = await end_offsets(bootstrap, topic)
     client = AIOKafkaClient(bootstrap_servers=bootstrap)

@@ -38,7 +38,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from worker.config import CheckpointPolicy, KafkaConfig, S3Config, TopicsConfig, WorkerConfig
+from worker.kafka.config import KafkaConfig
+from worker.service.config import CheckpointPolicy, WorkerConfig
+from worker.storage.blobstore import S3Config
+from worker.wire.topics import TopicsConfig
 
 if TYPE_CHECKING:
     from worker.client import Hit, LhvClient, WriteResult
@@ -140,7 +143,7 @@ def _map_cli(exc: BaseException, args: argparse.Namespace) -> CliError | None:
 def _map_kafka(exc: BaseException, args: argparse.Namespace) -> CliError | None:
     """Kafka settings, connection and authentication failures (`worker.kafka_errors`):
     their own line and exit code (2 a setting, 3 no connection, 4 refused)."""
-    from worker.kafka_errors import KafkaSetupError, translate
+    from worker.kafka.errors import KafkaSetupError, translate
 
     failure = exc if isinstance(exc, KafkaSetupError) else translate(exc, None)
     if failure is None:
@@ -151,7 +154,7 @@ def _map_kafka(exc: BaseException, args: argparse.Namespace) -> CliError | None:
 
 
 def _map_files(exc: BaseException, args: argparse.Namespace) -> CliError | None:
-    from worker.loader import LoadError
+    from worker.client.files import LoadError
 
     if isinstance(exc, LoadError):
         return InputFileError(str(exc))
@@ -167,7 +170,7 @@ _S3_REFUSALS = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "
 def _map_s3(exc: BaseException, args: argparse.Namespace) -> CliError | None:
     from botocore.exceptions import NoCredentialsError, PartialCredentialsError
 
-    from worker.blobstore import BlobStoreError
+    from worker.storage.blobstore import BlobStoreError
 
     if any(isinstance(e, NoCredentialsError | PartialCredentialsError) for e in _causes(exc)):
         return Denied(
@@ -321,7 +324,7 @@ class Command:
 
 
 def _args_stack(parser: argparse.ArgumentParser) -> None:
-    from worker import stack
+    from worker.dev import stack
 
     sub = parser.add_subparsers(dest="stack_action", metavar="{up,status,down}", required=True)
     up = sub.add_parser(
@@ -356,7 +359,7 @@ def _args_stack(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_stack(args: argparse.Namespace) -> int:
-    from worker import stack
+    from worker.dev import stack
 
     env_file = Path(args.env_file)
     action = args.stack_action
@@ -380,7 +383,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
 
 
 def _stack_up(args: argparse.Namespace, env_file: Path) -> int:
-    from worker import stack
+    from worker.dev import stack
 
     if env_file.is_file():
         values = stack.read_env_file(env_file)
@@ -560,7 +563,7 @@ def _worker_config(args: argparse.Namespace) -> WorkerConfig:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from worker import aiokafka_logs
+    from worker.kafka import logs as aiokafka_logs
     from worker.service import Worker
 
     config = _worker_config(args)
@@ -911,7 +914,7 @@ async def _check_load_target(client: LhvClient, args: argparse.Namespace, dim: i
 def _cmd_load(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from worker.loader import LoadReport, load_file, open_vectors
+    from worker.client.files import LoadReport, load_file, open_vectors
 
     vectors = open_vectors(args.file, ids_file=args.ids_file)
     if args.dim is not None and args.dim != vectors.dim:
@@ -974,7 +977,7 @@ def _args_search(parser: argparse.ArgumentParser) -> None:
 def _cmd_search(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from worker.loader import open_vectors
+    from worker.client.files import open_vectors
 
     if args.vector is not None:
         queries = np.asarray([args.vector], dtype=np.float32)
@@ -1042,13 +1045,13 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _args_demo(parser: argparse.ArgumentParser) -> None:
-    from worker import demo
+    from worker.dev import demo
 
     demo.add_arguments(parser)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from worker import demo
+    from worker.dev import demo
 
     return demo.run(args)
 
@@ -1086,29 +1089,49 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------
-# lhv snapshot / replay (operator tools; logic in worker.tools)
+# lhv snapshot / replay (operator tools; logic in worker.ops.tools)
+
+
+def _args_tools_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--commands-topic", default=None, help="(LHV_COMMANDS_TOPIC)")
+    parser.add_argument("--s3-prefix", default=None, help="(LHV_S3_PREFIX)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _args_snapshot(parser: argparse.ArgumentParser) -> None:
-    from worker import tools
+    sub = parser.add_subparsers(
+        dest="snapshot_action", metavar="{ls,inspect,verify}", required=True
+    )
+    ls = sub.add_parser("ls", help="manifests per partition, snapshots per index")
+    _args_tools_common(ls)
+    inspect = sub.add_parser("inspect", help="one snapshot's envelope")
+    inspect.add_argument("target", help="a snapshot key, or an index named by a manifest")
+    _args_tools_common(inspect)
+    verify = sub.add_parser("verify", help="checksums, load, ids of every named snapshot")
+    verify.add_argument("--partition", type=int, action="append", default=None)
+    _args_tools_common(verify)
 
-    tools.add_snapshot_arguments(parser)
+
+def _args_replay(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        required=True,
+        help="rebuild every partition from the log and compare with its snapshots",
+    )
+    parser.add_argument("--partition", type=int, action="append", default=None)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per partition")
+    _args_tools_common(parser)
 
 
 def _cmd_snapshot(args: argparse.Namespace) -> int:
-    from worker import tools
+    from worker.ops import tools
 
     return tools.run_snapshot(args)
 
 
-def _args_replay(parser: argparse.ArgumentParser) -> None:
-    from worker import tools
-
-    tools.add_replay_arguments(parser)
-
-
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from worker import tools
+    from worker.ops import tools
 
     return tools.run_replay(args)
 
@@ -1186,16 +1209,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(args: argparse.Namespace) -> None:
     """One logging setup for every command (worker.logs: the libraries at WARNING); the
     client commands also keep the S3 store's INFO line to themselves, and aiokafka's lines
-    about normal situations are DEBUG (worker.aiokafka_logs)."""
-    from worker import aiokafka_logs
-    from worker.logs import setup_logging
+    about normal situations are DEBUG (worker.kafka.logs)."""
+    from worker.kafka import logs as aiokafka_logs
+    from worker.telemetry.logs import setup_logging
 
     json_logs = getattr(args, "log_json", None)
     if json_logs is None:
         json_logs = os.environ.get("LHV_LOG_JSON", "") not in ("", "0")
     setup_logging(str(args.log_level), json=bool(json_logs))
     if args.command != "worker" and logging.getLevelName(str(args.log_level)) > logging.DEBUG:
-        logging.getLogger("worker.blobstore").setLevel(logging.WARNING)
+        logging.getLogger("worker.storage.blobstore").setLevel(logging.WARNING)
     aiokafka_logs.install(getattr(args, "reply_pattern", None) or TopicsConfig().reply_pattern)
 
 

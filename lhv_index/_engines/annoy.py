@@ -45,9 +45,8 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import annoy
 import numpy as np
 import numpy.typing as npt
 
@@ -63,6 +62,20 @@ __all__ = [
     "AnnoyEngine",
     "annoy_metric",
 ]
+
+if TYPE_CHECKING:
+    import annoy
+
+
+def _annoy() -> Any:
+    """`annoy`, imported on first use: `lhv_index` (and the client, which shares its
+    types) imports without it; only an index on this engine needs it."""
+    try:
+        import annoy
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise EngineError("the annoy engine needs annoy: pip install 'lhv[worker]'") from exc
+    return annoy
+
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +304,7 @@ class AnnoyEngine:
         if labels.size == 0:
             return None
         file = _ForestFile.create()
-        index = annoy.AnnoyIndex(self.dim, self.annoy_metric)
+        index = _annoy().AnnoyIndex(self.dim, self.annoy_metric)
         index.set_seed(FOREST_SEED)
         index.on_disk_build(file.path)
         for start in range(0, labels.size, _BUILD_CHUNK):
@@ -517,7 +530,7 @@ def _load_forest(engine: AnnoyEngine, path: str, labels: Labels) -> _Forest | No
         return None
     file = _ForestFile.create()
     shutil.move(path, file.path)
-    index = annoy.AnnoyIndex(engine.dim, engine.annoy_metric)
+    index = _annoy().AnnoyIndex(engine.dim, engine.annoy_metric)
     try:
         index.load(file.path)
     except (OSError, RuntimeError, ValueError) as exc:

@@ -18,7 +18,7 @@ from workerkit import (
     wait_caught_up,
 )
 
-from worker.blobstore import S3Config
+from worker.storage.blobstore import S3Config
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

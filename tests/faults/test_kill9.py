@@ -30,9 +30,9 @@ from workerkit import (
 )
 
 from lhv_index.errors import LhvError
-from worker.blobstore import S3BlobStore
 from worker.client import LhvClient
-from worker.store import SnapshotStore
+from worker.storage.blobstore import S3BlobStore
+from worker.storage.snapshots import SnapshotStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

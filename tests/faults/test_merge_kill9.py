@@ -43,9 +43,9 @@ from workerkit import (
 )
 
 from lhv_index import Index
-from worker.blobstore import S3BlobStore, S3Config
-from worker.store import SnapshotStore
-from worker.tools import replay_verify
+from worker.ops.tools import replay_verify
+from worker.storage.blobstore import S3BlobStore, S3Config
+from worker.storage.snapshots import SnapshotStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -15,8 +15,8 @@ from aiokafka import TopicPartition
 from searchkit import Requester, committed_offsets
 from workerkit import WorkerProcess, create_topics, index_names, make_env
 
-from worker.blobstore import S3Config
 from worker.client import LhvClient
+from worker.storage.blobstore import S3Config
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

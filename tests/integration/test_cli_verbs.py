@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from workerkit import ROOT, Env, end_offsets, make_env, running
 
-from worker.blobstore import S3Config
 from worker.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE
+from worker.storage.blobstore import S3Config
 
 
 @pytest.fixture

@@ -36,14 +36,13 @@ from workerkit import (
     wait_caught_up,
 )
 
-from worker import inflate
-from worker.apply import home_partition
-from worker.blobstore import S3Config
 from worker.client import LhvClient
-from worker.client import stop_consumer as stop_quietly
-from worker.config import DeliveryConfig, WorkerConfig
-from worker.messages import MessageLimits
-from worker.service import Worker
+from worker.client.client import stop_consumer as stop_quietly
+from worker.service import Worker, inflate
+from worker.service.config import DeliveryConfig, WorkerConfig
+from worker.storage.blobstore import S3Config
+from worker.wire.limits import MessageLimits
+from worker.wire.topics import home_partition
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -23,10 +23,12 @@ import pytest
 from stackfixtures import _skip_or_fail, stack_prerequisites_missing
 from workerkit import running
 
-from worker.blobstore import S3Config
 from worker.client import LhvClient
-from worker.config import KafkaConfig, TopicsConfig, WorkerConfig
-from worker.stack import LocalStack, create_topics
+from worker.dev.stack import LocalStack, create_topics
+from worker.kafka.config import KafkaConfig
+from worker.service.config import WorkerConfig
+from worker.storage.blobstore import S3Config
+from worker.wire.topics import TopicsConfig
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 WRONG = "not-the-password"

@@ -39,11 +39,11 @@ from workerkit import (
 
 from lhv_index import Clock, Index, IndexParams, Upsert, write_snapshot
 from lhv_index.errors import DimMismatch, IndexNotFound, InvalidRequest
-from worker.apply import home_partition
-from worker.blobstore import S3BlobStore, S3Config
 from worker.client import LhvClient
+from worker.ops.tools import replay_verify
 from worker.service import Worker
-from worker.tools import replay_verify
+from worker.storage.blobstore import S3BlobStore, S3Config
+from worker.wire.topics import home_partition
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

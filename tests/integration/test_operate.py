@@ -38,13 +38,13 @@ from workerkit import (
 )
 
 from lhv_index import Clock, Delete, Upsert, read_snapshot, write_snapshot
-from worker.apply import home_partition
-from worker.blobstore import S3BlobStore, S3Config
 from worker.client import LhvClient
-from worker.logs import ContextFilter, JsonFormatter
+from worker.ops.tools import inspect_snapshot, list_checkpoints, replay_verify, verify_snapshots
 from worker.service import Worker
-from worker.store import SnapshotStore
-from worker.tools import inspect_snapshot, list_checkpoints, replay_verify, verify_snapshots
+from worker.storage.blobstore import S3BlobStore, S3Config
+from worker.storage.snapshots import SnapshotStore
+from worker.telemetry.logs import ContextFilter, JsonFormatter
+from worker.wire.topics import home_partition
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -30,11 +30,11 @@ from workerkit import Env, create_topics, end_offsets, make_env, running, stop_q
 
 from lhv_index.errors import DeadlineExceeded, DimMismatch, IndexNotFound, NotReady
 from worker import cli
-from worker.apply import home_partition
-from worker.blobstore import S3Config
 from worker.client import ClientClosed, LhvClient
-from worker.partition import PartitionStatus
 from worker.service import Worker
+from worker.service.partition import PartitionStatus
+from worker.storage.blobstore import S3Config
+from worker.wire.topics import home_partition
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.data import clustered, queries
@@ -243,7 +243,7 @@ async def test_recall_through_the_worker_equals_raw_hnswlib(served: Served) -> N
 async def test_a_request_naming_a_non_reply_topic_is_logged_and_nothing_is_written_there(
     served: Served, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="worker.search")
+    caplog.set_level(logging.WARNING, logger="worker.service.search")
     env = served.env
     name = "policy"
     await served.client.create(name, dim=2, space="l2")
@@ -272,7 +272,7 @@ async def test_a_request_naming_a_non_reply_topic_is_logged_and_nothing_is_writt
         return sum(
             1
             for r in caplog.records
-            if r.name == "worker.search" and r.levelno == logging.WARNING
+            if r.name == "worker.service.search" and r.levelno == logging.WARNING
             and repr(target) in r.getMessage()
         )  # fmt: skip
 
@@ -292,7 +292,7 @@ async def test_a_request_naming_a_non_reply_topic_is_logged_and_nothing_is_writt
 async def test_malformed_requests_get_an_error_reply_or_are_skipped_without_headers(
     served: Served, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="worker.search")
+    caplog.set_level(logging.WARNING, logger="worker.service.search")
     env = served.env
     name = "malformed"
     await served.client.create(name, dim=2, space="l2")

@@ -17,10 +17,10 @@ from aiokafka import TopicPartition
 from searchkit import Requester, committed_offsets, create_and_fill
 from workerkit import Env, create_topics, index_names, make_env, running
 
-from worker.blobstore import S3Config
-from worker.config import CheckpointPolicy, QueryPolicy
-from worker.partition import PartitionStatus
 from worker.service import Worker
+from worker.service.config import CheckpointPolicy, QueryPolicy
+from worker.service.partition import PartitionStatus
+from worker.storage.blobstore import S3Config
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

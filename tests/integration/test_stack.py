@@ -19,7 +19,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from stackfixtures import StackHandle
 
-from worker.blobstore import (
+from worker.dev.stack import COMMANDS_TOPIC, DLQ_TOPIC, SEARCH_TOPIC, LocalStack, read_env_file
+from worker.storage.blobstore import (
     BlobNotFound,
     BlobStore,
     BlobStoreError,
@@ -30,13 +31,6 @@ from worker.blobstore import (
     StoreUnavailable,
     get_verified,
     put_unless_same,
-)
-from worker.stack import (
-    COMMANDS_TOPIC,
-    DLQ_TOPIC,
-    SEARCH_TOPIC,
-    LocalStack,
-    read_env_file,
 )
 
 MIB = 1024 * 1024
@@ -92,7 +86,7 @@ async def test_default_topics_exist_with_equal_partition_counts(stack: StackHand
 
 
 def test_new_topic_refuses_an_existing_name(stack: StackHandle) -> None:
-    from worker.stack import StackError, create_topics
+    from worker.dev.stack import StackError, create_topics
 
     with pytest.raises(StackError, match="could not create topics"):
         create_topics(stack.bootstrap_servers, {COMMANDS_TOPIC: 4}, exist_ok=False)
@@ -245,7 +239,7 @@ async def test_keys_outside_the_prefix_are_invisible(
 
 
 async def test_unreachable_endpoint_is_store_unavailable_within_bounds() -> None:
-    from worker.stack import _free_ports
+    from worker.dev.stack import _free_ports
 
     (port,) = _free_ports(1)
     cfg = S3Config(
@@ -366,7 +360,7 @@ def test_cli_stack_up_status_down(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=120, env=env, check=False,
         )  # fmt: skip
     assert down.returncode == 0, down.stdout + down.stderr
-    from worker.stack import _proc_running
+    from worker.dev.stack import _proc_running
 
     assert not any(_proc_running(pid) for pid in pids)
     assert not env_file.exists()

@@ -31,9 +31,9 @@ from workerkit import (
     wait_caught_up,
 )
 
-from worker.apply import home_partition
-from worker.blobstore import S3BlobStore, S3Config
-from worker.store import Fenced, SnapshotStore
+from worker.storage.blobstore import S3BlobStore, S3Config
+from worker.storage.snapshots import Fenced, SnapshotStore
+from worker.wire.topics import home_partition
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -21,13 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lhv_index.errors import LhvError
-from worker.messages import (
-    COMMAND_OPS,
-    QUERY_OPS,
-    MessageLimits,
-    decode_command,
-    decode_query,
-)
+from worker.wire.commands import decode_command
+from worker.wire.limits import COMMAND_OPS, QUERY_OPS, MessageLimits
+from worker.wire.queries import decode_query
 
 LIMITS = MessageLimits()
 HEADERS = [("kafka_replyTopic", b"lhv.replies.t1"), ("kafka_correlationId", b"corr-1")]

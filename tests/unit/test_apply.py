@@ -8,9 +8,10 @@ import numpy as np
 import orjson
 
 from lhv_index import Limits
-from worker.apply import apply_records, home_partition
-from worker.messages import MessageLimits
-from worker.partition import Partition
+from worker.service.apply import apply_records
+from worker.service.partition import Partition
+from worker.wire.limits import MessageLimits
+from worker.wire.topics import home_partition
 
 Rec = namedtuple("Rec", "offset key value headers")
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.aiokafka_logs import NormalSituations
 from worker.cli import EXIT_INPUT, EXIT_USAGE, build_parser, main
-from worker.loader import LoadError, open_vectors
+from worker.client.files import LoadError, open_vectors
+from worker.kafka.logs import NormalSituations
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from lhv_index.errors import InvalidRequest
-from worker.blobstore import S3Config
-from worker.config import ImportPolicy
-from worker.importsource import SourcePolicy, decode_npy, decode_npz
+from worker.service.config import ImportPolicy
+from worker.service.importsource import SourcePolicy, decode_npy, decode_npz
+from worker.storage.blobstore import S3Config
 
 S3 = S3Config(bucket="lhv", prefix="prod")
 

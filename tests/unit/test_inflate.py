@@ -9,8 +9,8 @@ from aiokafka.codec import snappy_encode
 from aiokafka.record import default_records as py_records
 from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 
-from worker import inflate
-from worker.inflate import InflateLimitExceeded
+from worker.service import inflate
+from worker.service.inflate import InflateLimitExceeded
 
 CODECS = {"gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}
 LIMIT = 256 * 1024

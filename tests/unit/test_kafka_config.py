@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from worker.config import KafkaConfig
-from worker.kafka_errors import KafkaSettingsError
-from worker.stack import make_tls_files
+from worker.dev.stack import make_tls_files
+from worker.kafka.config import KafkaConfig
+from worker.kafka.errors import KafkaSettingsError
 
 
 def test_username_under_sasl_without_mechanism_uses_plain() -> None:

@@ -11,8 +11,8 @@ import pytest
 from aiokafka import errors as ak
 
 from worker.cli import main
-from worker.config import KafkaConfig
-from worker.kafka_errors import (
+from worker.kafka.config import KafkaConfig
+from worker.kafka.errors import (
     KafkaAuthFailed,
     KafkaConnectError,
     KafkaProtocolMismatch,

@@ -7,7 +7,7 @@ import logging
 import pytest
 from aiokafka.protocol.admin import SaslAuthenticateRequest
 
-from worker.logs import install_redaction, setup_logging
+from worker.telemetry.logs import install_redaction, setup_logging
 
 PASSWORD = "pl41n-pa55word"
 

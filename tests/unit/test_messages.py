@@ -22,43 +22,37 @@ from lhv_index.errors import (
     LhvError,
     error_for_code,
 )
-from worker.messages import (
-    COMMAND_OPS,
-    QUERY_OPS,
-    SCHEMA_NAMES,
-    Ack,
+from worker.wire.commands import (
     AddCommand,
     AddItem,
     CreateCommand,
     DeleteCommand,
     DropCommand,
-    ErrorInfo,
-    ErrorReply,
-    GetQuery,
-    GetReply,
     ImportCommand,
     MergeCommand,
     MergeDoneCommand,
     MergeInCommand,
-    MessageLimits,
-    ReplyTo,
-    SearchQuery,
-    SearchReply,
-    StatsQuery,
-    StatsReply,
-    correlation_text,
     decode_command,
-    decode_query,
-    decode_vector_b64,
+)
+from worker.wire.headers import ReplyTo, correlation_text, reply_to_from_headers
+from worker.wire.limits import COMMAND_OPS, QUERY_OPS, MessageLimits
+from worker.wire.queries import GetQuery, SearchQuery, StatsQuery, decode_query
+from worker.wire.replies import (
+    Ack,
+    ErrorInfo,
+    ErrorReply,
+    GetReply,
+    SearchReply,
+    StatsReply,
     encode_ack,
     encode_error_reply,
     encode_get_reply,
     encode_search_reply,
     encode_search_results,
     encode_stats_reply,
-    load_schema,
-    reply_to_from_headers,
 )
+from worker.wire.schemas import SCHEMA_NAMES, load_schema
+from worker.wire.vectors import decode_vector_b64
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 LIMITS = MessageLimits()
@@ -799,7 +793,7 @@ def test_acks_are_schema_valid() -> None:
 
 
 def test_every_limit_is_read_from_its_lhv_variable_and_shared_names_set_both() -> None:
-    from worker.config import WorkerConfig
+    from worker.service.config import WorkerConfig
 
     env = {
         "LHV_MAX_JSON_DEPTH": "20",

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lhv_index._drift import DriftMonitor
-from worker.metrics import HealthSource, HealthTracker, Metrics, MetricsServer
+from worker.telemetry.metrics import HealthSource, HealthTracker, Metrics, MetricsServer
 
 __all__: list[str] = []
 

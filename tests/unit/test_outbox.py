@@ -13,9 +13,10 @@ import orjson
 from aiokafka.errors import UnknownTopicOrPartitionError
 
 from lhv_index.errors import InvalidRequest
-from worker.messages import ReplyTo, load_schema
-from worker.outbox import fit_dlq_record, record_size
-from worker.replies import ReplySender, dlq_headers
+from worker.service.outbox import fit_dlq_record, record_size
+from worker.service.replies import ReplySender
+from worker.wire.headers import ReplyTo, dlq_headers
+from worker.wire.schemas import load_schema
 
 DLQ_SCHEMA = fastjsonschema.compile(load_schema("dlq_headers"))
 ERRORS = dlq_headers(InvalidRequest("too big"), "lhv.commands", 3, 42)
@@ -142,7 +143,7 @@ async def test_the_cache_of_missing_reply_topics_is_bounded() -> None:
 
 
 def test_edge_limits_come_from_the_environment() -> None:
-    from worker.config import WorkerConfig
+    from worker.service.config import WorkerConfig
 
     config = WorkerConfig.from_env(
         {

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from lhv_index.errors import InvalidRequest
-from worker.blobstore import MemoryBlobStore
-from worker.protocol_auth import KEY_OBJECT, MAC_HEADER, ProtocolAuth, load_protocol_auth
+from worker.service.protocol_auth import KEY_OBJECT, MAC_HEADER, ProtocolAuth, load_protocol_auth
+from worker.storage.blobstore import MemoryBlobStore
 
 KEY, VALUE = b"docs", b'{"op":"merge_done","index":"docs"}'
 

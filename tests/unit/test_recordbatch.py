@@ -14,8 +14,8 @@ from aiokafka.record.memory_records import MemoryRecords
 from workerkit import RawRecord as Out
 from workerkit import encode_batch
 
-from worker.intake import _partition_in_traceback
-from worker.recordbatch import RawRecord, UnreadableRecord, read_batches
+from worker.service.intake import _partition_in_traceback
+from worker.service.recordbatch import RawRecord, UnreadableRecord, read_batches
 
 LIMIT = 1 << 20
 

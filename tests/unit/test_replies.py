@@ -13,15 +13,16 @@ from lhv_index.errors import (
     LhvError,
     WrongPartition,
 )
-from worker.messages import ReplyTo, load_schema, reply_to_from_headers
-from worker.replies import (
+from worker.wire.headers import (
     DLQ_MESSAGE_MAX_BYTES,
-    FORBIDDEN_REPLY_TOPICS,
-    ReplyTopicPolicy,
+    ReplyTo,
     build_reply_headers,
     dlq_headers,
     reply_key,
+    reply_to_from_headers,
 )
+from worker.wire.schemas import load_schema
+from worker.wire.topics import FORBIDDEN_REPLY_TOPICS, ReplyTopicPolicy
 
 DLQ_SCHEMA = fastjsonschema.compile(load_schema("dlq_headers"))
 
@@ -148,7 +149,8 @@ def test_dlq_message_is_cut_on_a_character_boundary() -> None:
 def test_headers_over_the_limits_get_no_reply(
     headers: list[tuple[str, bytes]], message: str
 ) -> None:
-    from worker.messages import MessageLimits, check_headers
+    from worker.wire.headers import check_headers
+    from worker.wire.limits import MessageLimits
 
     with pytest.raises(InvalidRequest, match=message):
         check_headers(headers, MessageLimits())

@@ -20,13 +20,13 @@ import orjson
 import pytest
 
 from lhv_index import Clock, Columns, EngineKind, Index, IndexParams, Space, Upsert
-from worker.blobstore import S3Config
-from worker.config import QueryPolicy, TopicsConfig, WorkerConfig
-from worker.messages import ReplyTo
-from worker.metrics import Metrics
-from worker.partition import Partition, PartitionStatus
-from worker.replies import ReplyTopicPolicy
-from worker.search import SearchServer
+from worker.service.config import QueryPolicy, WorkerConfig
+from worker.service.partition import Partition, PartitionStatus
+from worker.service.search import SearchServer
+from worker.storage.blobstore import S3Config
+from worker.telemetry.metrics import Metrics
+from worker.wire.headers import ReplyTo
+from worker.wire.topics import ReplyTopicPolicy, TopicsConfig
 
 REPLY_TOPIC = "lhv.replies.unit"
 INDEX = "docs"

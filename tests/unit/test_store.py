@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from lhv_index import Clock, Index, IndexParams, Upsert
-from worker.blobstore import MemoryBlobStore
-from worker.store import Fenced, Manifest, SnapshotStore
+from worker.storage.blobstore import MemoryBlobStore
+from worker.storage.snapshots import Fenced, Manifest, SnapshotStore
 
 
 def _index(n: int = 10) -> Index:

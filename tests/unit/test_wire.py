@@ -26,29 +26,27 @@ from lhv_index.errors import (
     NotReady,
     error_for_code,
 )
-from worker.messages import (
+from worker.wire.commands import (
     AddCommand,
     CreateCommand,
     DeleteCommand,
     DropCommand,
-    GetQuery,
     ImportCommand,
     MergeCommand,
-    MessageLimits,
-    ReplyTo,
-    SearchQuery,
-    StatsQuery,
     decode_command,
-    decode_query,
+)
+from worker.wire.headers import ReplyTo, build_reply_headers, dlq_headers, reply_to_from_headers
+from worker.wire.limits import MessageLimits
+from worker.wire.queries import GetQuery, SearchQuery, StatsQuery, decode_query
+from worker.wire.replies import (
     encode_ack,
     encode_error_reply,
     encode_get_reply,
     encode_search_reply,
     encode_stats_reply,
-    load_schema,
-    reply_to_from_headers,
 )
-from worker.replies import ReplyTopicPolicy, build_reply_headers, dlq_headers
+from worker.wire.schemas import load_schema
+from worker.wire.topics import ReplyTopicPolicy
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 SCHEMA_FILES = sorted(SCHEMA_DIR.glob("*.schema.json"))

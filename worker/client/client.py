@@ -1,0 +1,915 @@
+"""`LhvClient`: produce commands and ask queries over Kafka, in one line each.
+
+    async with LhvClient("127.0.0.1:9092") as c:
+        await c.create("docs", dim=128, space="cosine")      # acknowledged by the worker
+        w = await c.add("docs", ids, vectors)                # returns where the writes landed
+        hits = await c.search("docs", q, k=10, after=w)      # read-your-writes, no sleeps
+        rows = await c.search_many("docs", queries, k=10)    # one multi-vector request
+        items = await c.get("docs", ["a", "b"])
+        stats = await c.stats("docs")
+
+Writes
+    `create`, `drop`, `add`, `delete`, `merge` produce to the commands topic, keyed by the
+    index name (so Kafka's default partitioner puts every record of one index on its home
+    partition), and return a `WriteResult`: the partition and the offset of the last record
+    written. `add` splits its items into records of `batch_size`. With `ack=True` (the
+    default for index-level commands, off for `add`/`delete`) the call also waits for the
+    worker's acknowledgement and raises if the worker rejected the command.
+
+Read-your-writes
+    Passing a `WriteResult` as `after=` (or an offset as `min_offset=`) makes the worker
+    answer only once it has applied that offset, so a search right after a write sees it
+    without sleeps or polling. Offsets are per partition; `after=` is meant for a write to
+    the same index as the query.
+
+Coalesced searches
+    `search` calls made in one event-loop turn (concurrent tasks, or `search_many`) that
+    agree on the index, k, ef, filter, flags, read-your-writes offset and vector length are
+    sent as one multi-vector request (at most `max_search_batch` vectors) and the reply's
+    `results` are handed back call by call; each call keeps its own timeout, and a call
+    that gives up does not disturb the others. Under load this shares the per-message
+    cost (Kafka produce and fetch, the worker's loop) among many queries; a lone search
+    goes out as a plain one-vector request. `coalesce_searches=False` turns it off.
+
+Request/reply
+    Queries and acknowledged commands carry Spring `ReplyingKafkaTemplate` headers
+    (`kafka_replyTopic`, `kafka_correlationId`). The client reads its own reply topic (by
+    default `lhv.replies.<random>`, created on `start()` and deleted on `stop()` when the
+    client made it) and hands each reply to the call waiting for its correlation id.
+
+Timeouts and errors
+    Every call waits at most `timeout_s` (the client default, or the call's own). Queries
+    also carry `deadline_ms = now + timeout_s`, so the worker drops a request nobody waits
+    for and answers `not_ready` / `deadline_exceeded` in time for the caller to see it; the
+    client itself gives up `reply_grace_s` later with the builtin `TimeoutError`. A call
+    that times out or is cancelled leaves nothing behind (`pending` counts the calls
+    waiting for a reply). A command that reached Kafka but whose ack did not come in time
+    raises `NotAcknowledged` (a `TimeoutError` naming the record's partition and offset):
+    the worker still applies it when it gets there. A reply with `status: "error"` raises the `LhvError` subclass
+    its code names (`lhv_index.errors`), the same class the worker raised, with `.item`
+    set when one item of a command was to blame.
+
+Lifecycle
+    `start()` once, `stop()` is idempotent; `async with` does both. Calls after `stop()`
+    raise `ClientClosed`, and so do calls still waiting when `stop()` runs. If the reply
+    reader fails, waiting calls get its error and later calls raise it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import repeat
+from typing import Any
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from lhv_index import Hit
+from lhv_index.errors import Internal, error_for_code
+from worker.kafka.config import KafkaConfig
+from worker.kafka.errors import map_kafka_errors
+from worker.wire.topics import TopicsConfig
+
+__all__ = ["ClientClosed", "Hit", "LhvClient", "NotAcknowledged", "WriteResult", "encode_vector"]
+
+log = logging.getLogger(__name__)
+
+_TOPIC_ALREADY_EXISTS = 36
+
+
+class ClientClosed(RuntimeError):
+    """The client was stopped (or never started) while a call needed it."""
+
+
+class NotAcknowledged(TimeoutError):
+    """A command reached Kafka but its acknowledgement did not arrive in time.
+
+    The record is in the log at `partition`/`offset`: a worker applies it when it gets
+    there (none is running, or it is busy or restoring), whatever the caller does now.
+    """
+
+    def __init__(self, partition: int, offset: int) -> None:
+        super().__init__(
+            f"written at partition {partition} offset {offset}, not acknowledged in time: "
+            "it will still be applied"
+        )
+        self.partition = partition
+        self.offset = offset
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """Where a write landed: pass it as `after=` to read your own writes."""
+
+    partition: int
+    offset: int
+    """the offset of the last record written"""
+    records: int = 1
+    """how many records the write produced"""
+    ack: Mapping[str, Any] | None = None
+    """the worker's acknowledgement of the last record, when it was asked for"""
+
+
+def encode_vector(vector: Any) -> str:
+    """base64 of little-endian float32, the compact wire form of a vector."""
+    arr = np.ascontiguousarray(np.asarray(vector, dtype="<f4").reshape(-1))
+    return base64.b64encode(arr.tobytes()).decode("ascii")
+
+
+def _fail_all(futures: Iterable[asyncio.Future[Any]], exc: BaseException) -> None:
+    for fut in futures:
+        if not fut.done():
+            fut.set_exception(exc)
+
+
+def _read_after(body: dict[str, Any], after: WriteResult | None, min_offset: int | None) -> None:
+    """Set the query's `min_offset`: the later of `min_offset` and the write `after`."""
+    if after is not None:
+        min_offset = max(min_offset if min_offset is not None else -1, after.offset)
+    if min_offset is not None:
+        body["min_offset"] = min_offset
+
+
+def _raise_for_error(reply: Mapping[str, Any]) -> None:
+    if reply.get("status") != "error":
+        return
+    err = reply.get("error") or {}
+    exc = error_for_code(str(err.get("code", "internal")), str(err.get("message", "")))
+    item = err.get("item")
+    if isinstance(item, int):
+        exc.item = item
+    raise exc
+
+
+def _chunks(
+    ids: Sequence[str],
+    vecs: np.ndarray,
+    metadata: Sequence[Mapping[str, Any] | None] | None,
+    version: int | None,
+    max_items: int,
+    max_bytes: int,
+) -> Iterator[list[dict[str, Any]]]:
+    """The `items` of successive add records, bounded by count and by encoded size."""
+    items: list[dict[str, Any]] = []
+    size = 0
+    for i, id_ in enumerate(ids):
+        item: dict[str, Any] = {"id": id_, "vector_b64": encode_vector(vecs[i])}
+        if metadata is not None and metadata[i] is not None:
+            item["metadata"] = metadata[i]
+        if version is not None:
+            item["version"] = version
+        item_bytes = len(orjson.dumps(item)) + 1
+        if items and (len(items) >= max_items or size + item_bytes > max_bytes):
+            yield items
+            items, size = [], 0
+        items.append(item)
+        size += item_bytes
+    if items:
+        yield items
+
+
+@dataclass(slots=True, eq=False)
+class _Sent:
+    """One produced record: its delivery future and, when a reply is expected, where it
+    will be handed over."""
+
+    delivery: asyncio.Future[Any]
+    cid: bytes | None = None
+    reply: asyncio.Future[dict[str, Any]] | None = None
+    command: bool = False
+    """a command (applied when a worker reads it), not a query"""
+
+
+@dataclass(slots=True, eq=False)
+class _SearchBatch:
+    """Searches with the same index, k, ef, filter, flags, `min_offset` and vector length,
+    called in one event-loop turn: sent as one multi-vector request, the reply split among
+    the callers."""
+
+    index: str
+    body: dict[str, Any]
+    vectors: list[str] = field(default_factory=list)
+    waiters: list[asyncio.Future[list[Hit]]] = field(default_factory=list)
+    wait_s: float = 0.0
+    """the longest wait of its callers: the request's deadline"""
+    deadlines: list[float] = field(default_factory=list)
+    """per waiter, in the loop's clock: when its call gives up"""
+    open_waiters: int = 0
+    task: asyncio.Task[None] | None = None
+    timer: asyncio.TimerHandle | None = None
+
+    def waiter_done(self, _fut: asyncio.Future[list[Hit]]) -> None:
+        """Every caller has its answer or gave up: nothing more to wait for."""
+        self.open_waiters -= 1
+        if self.open_waiters == 0:
+            if self.task is not None and not self.task.done():
+                self.task.cancel()
+            if self.timer is not None:
+                self.timer.cancel()
+
+    def expire(self) -> None:
+        """Time out the callers whose deadline passed (one timer per batch, not per call);
+        wake again for the next deadline."""
+        self.timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        later: float | None = None
+        for fut, deadline in zip(self.waiters, self.deadlines, strict=True):
+            if fut.done():
+                continue
+            if deadline <= now:
+                fut.set_exception(TimeoutError("no search reply within the call's timeout"))
+            elif later is None or deadline < later:
+                later = deadline
+        if later is not None:
+            self.timer = loop.call_at(later, self.expire)
+
+
+def _hits(rows: Sequence[Mapping[str, Any]]) -> list[Hit]:
+    return [Hit(h["id"], float(h["distance"]), h.get("metadata")) for h in rows]
+
+
+_make_hit = Hit._make
+
+
+def _column_hits(result: Mapping[str, Any]) -> list[Hit]:
+    """The hits of one entry of a multi-vector reply's `results` (columns)."""
+    metadata = result.get("metadata") or repeat(None)
+    return list(map(_make_hit, zip(result["ids"], result["distances"], metadata, strict=False)))
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """Stop a group-less consumer. aiokafka's no-group coordinator can raise
+    CancelledError from close() when its task was cancelled before it first ran; only a
+    cancellation of the calling task propagates."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+
+
+class LhvClient:
+    """An async client for LHV's command and search topics. See the module docstring.
+
+    Arguments:
+        bootstrap_servers: Kafka to talk to (ignored when `kafka` is given).
+        kafka: full connection settings (SASL/SSL).
+        topics: topic names and the reply-topic pattern (must match the workers').
+        reply_topic: where replies come; default `<pattern prefix><random>`, created on
+            start and deleted on stop.
+        timeout_s: default wait for a reply, in seconds.
+        reply_grace_s: how much longer than a query's deadline the client waits, so the
+            worker's `not_ready` / `deadline_exceeded` reply arrives before the local timeout.
+        coalesce_searches: send the `search` calls made in one event-loop turn with the
+            same index, k, ef, filter, flags and read-your-writes offset as one
+            multi-vector request (at most `max_search_batch` vectors); each call still
+            gets its own hits and its own timeout. Off: one request per call.
+        max_search_batch: the most vectors in one coalesced request.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str | None = None,
+        *,
+        kafka: KafkaConfig | None = None,
+        topics: TopicsConfig | None = None,
+        reply_topic: str | None = None,
+        timeout_s: float = 30.0,
+        reply_grace_s: float = 2.0,
+        coalesce_searches: bool = True,
+        max_search_batch: int = 256,
+    ) -> None:
+        if timeout_s <= 0 or reply_grace_s < 0:
+            raise ValueError("timeout_s must be > 0 and reply_grace_s >= 0")
+        if max_search_batch < 1:
+            raise ValueError("max_search_batch must be at least 1")
+        self._kafka = kafka or KafkaConfig(bootstrap_servers=bootstrap_servers or "127.0.0.1:9092")
+        self._topics = topics or TopicsConfig()
+        prefix = self._topics.reply_pattern.split("*", 1)[0]
+        self.reply_topic = reply_topic or f"{prefix}{uuid.uuid4().hex[:12]}"
+        self.timeout_s = timeout_s
+        self.reply_grace_s = reply_grace_s
+        self._created_reply_topic = False
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._reader_error: BaseException | None = None
+        self._waiting: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
+        self.coalesce_searches = coalesce_searches
+        self.max_search_batch = max_search_batch
+        self._batches: dict[tuple[Any, ...], _SearchBatch] = {}
+        self._batch_tasks: set[asyncio.Task[None]] = set()
+        self._batch_cids: set[bytes] = set()
+        self._open_searches = 0
+        self._state = "unopened"
+
+    def __repr__(self) -> str:
+        return (
+            f"LhvClient({self._kafka.bootstrap_servers!r}, reply_topic={self.reply_topic!r}, "
+            f"{self._state})"
+        )
+
+    @property
+    def pending(self) -> int:
+        """Calls waiting for a reply right now (each coalesced search counts)."""
+        own = sum(1 for cid in self._waiting if cid not in self._batch_cids)
+        return own + self._open_searches
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def __aenter__(self) -> LhvClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Create the reply topic if needed, connect, and start reading replies.
+
+        Not reentrant; a client that failed to start is stopped and cannot be reused.
+        """
+        if self._state != "unopened":
+            raise RuntimeError(f"client cannot start: it is {self._state}")
+        self._state = "opened"
+        try:
+            with map_kafka_errors(self._kafka):
+                await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        kw = self._kafka.client_kwargs()
+        await self._ensure_reply_topic(kw)
+        self._producer = AIOKafkaProducer(
+            **kw,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=0,  # a linger adds ~2.5 ms to every query's round trip
+            max_request_size=16 * 1024 * 1024,
+        )
+        await self._producer.start()
+        self._consumer = AIOKafkaConsumer(
+            **kw, enable_auto_commit=False, auto_offset_reset="latest"
+        )
+        await self._consumer.start()
+        # waits until the metadata of a topic just created is known
+        async with asyncio.timeout(self._kafka.request_timeout_ms / 1000):
+            parts = await self._producer.partitions_for(self.reply_topic)
+        tps = [TopicPartition(self.reply_topic, p) for p in sorted(parts)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_end(*tps)
+        for tp in tps:  # fixes the position before any request is sent
+            await self._consumer.position(tp)
+        self._reader = asyncio.create_task(self._read_replies(), name="lhv-client-replies")
+
+    async def _ensure_reply_topic(self, kw: dict[str, Any]) -> None:
+        admin = AIOKafkaAdminClient(**kw)
+        await admin.start()
+        try:
+            existing = await admin.list_topics()
+            if self.reply_topic not in existing:
+                resp = await admin.create_topics(
+                    [NewTopic(self.reply_topic, num_partitions=1, replication_factor=1)]
+                )
+                for topic, code, *rest in resp.topic_errors:
+                    if code not in (0, _TOPIC_ALREADY_EXISTS):
+                        raise Internal(f"cannot create reply topic {topic}: error {code} {rest}")
+                    self._created_reply_topic = code == 0
+        finally:
+            await admin.close()
+
+    async def stop(self) -> None:
+        """Close. Calls still waiting raise `ClientClosed`. Idempotent."""
+        if self._state != "opened":
+            self._state = "closed"
+            return
+        self._state = "closed"
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        closed = ClientClosed("the client was stopped while waiting for a reply")
+        self._fail_waiting(closed)
+        batches, self._batches = list(self._batches.values()), {}
+        for batch in batches:
+            _fail_all(batch.waiters, closed)
+        if self._batch_tasks:
+            await asyncio.gather(*self._batch_tasks, return_exceptions=True)
+        if self._consumer is not None:
+            await stop_consumer(self._consumer)
+        if self._producer is not None:
+            await self._producer.stop()
+        if self._created_reply_topic:
+            admin = AIOKafkaAdminClient(**self._kafka.client_kwargs())
+            try:
+                await admin.start()
+                await admin.delete_topics([self.reply_topic])
+            except Exception as exc:
+                log.debug("could not delete reply topic %s: %s", self.reply_topic, exc)
+            finally:
+                await admin.close()
+
+    def _fail_waiting(self, exc: BaseException) -> None:
+        waiting, self._waiting = self._waiting, {}
+        _fail_all(waiting.values(), exc)
+
+    async def _read_replies(self) -> None:
+        assert self._consumer is not None
+        try:
+            while True:
+                batches = await self._consumer.getmany(timeout_ms=500)
+                for records in batches.values():
+                    for rec in records:
+                        self._deliver(rec)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("the reply reader of %s failed", self.reply_topic)
+            self._reader_error = exc
+            self._fail_waiting(Internal(f"the reply reader failed: {exc!r}"))
+
+    def _deliver(self, rec: Any) -> None:
+        cid = dict(rec.headers or ()).get("kafka_correlationId", rec.key)
+        fut = self._waiting.pop(cid, None) if cid is not None else None
+        if fut is None or fut.done():
+            return  # a reply nobody waits for any more (timed out), or not ours
+        try:
+            body = orjson.loads(rec.value)
+        except orjson.JSONDecodeError as exc:
+            fut.set_exception(Internal(f"undecodable reply: {exc}"))
+            return
+        if not isinstance(body, dict):
+            fut.set_exception(Internal("a reply must be a JSON object"))
+            return
+        fut.set_result(body)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _check_open(self) -> AIOKafkaProducer:
+        if self._state != "opened" or self._producer is None:
+            raise ClientClosed(f"client is {self._state}")
+        if self._reader_error is not None:
+            raise Internal(f"the reply reader failed: {self._reader_error!r}")
+        return self._producer
+
+    async def _send(
+        self, topic: str, index: str, body: dict[str, Any], *, reply: bool, batch: bool = False
+    ) -> _Sent:
+        """Queue one record; with `reply`, register for its reply first.
+
+        On failure nothing stays registered.
+        """
+        producer = self._check_open()
+        headers: list[tuple[str, bytes]] = []
+        cid: bytes | None = None
+        fut: asyncio.Future[dict[str, Any]] | None = None
+        if reply:
+            cid = uuid.uuid4().hex.encode()
+            fut = asyncio.get_running_loop().create_future()
+            self._waiting[cid] = fut
+            if batch:
+                self._batch_cids.add(cid)
+            headers = [
+                ("kafka_replyTopic", self.reply_topic.encode()),
+                ("kafka_correlationId", cid),
+            ]
+        try:
+            delivery = await producer.send(
+                topic,
+                key=index.encode(),
+                value=orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+                headers=headers,
+            )
+        except BaseException:
+            self._forget(cid)
+            raise
+        return _Sent(delivery, cid, fut, command=topic == self._topics.commands)
+
+    def _forget(self, cid: bytes | None) -> None:
+        if cid is None:
+            return
+        self._batch_cids.discard(cid)
+        fut = self._waiting.pop(cid, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+
+    async def _finish(self, sent: _Sent, timeout_s: float) -> tuple[Any, dict[str, Any] | None]:
+        """Await delivery and the reply (if any) within `timeout_s`; raise the reply's
+        error. Whatever happens (timeout, cancellation), the registration is removed."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                meta = await sent.delivery
+                reply = await sent.reply if sent.reply is not None else None
+        except TimeoutError:
+            delivery = sent.delivery
+            if (
+                sent.command
+                and delivery.done()
+                and not delivery.cancelled()
+                and delivery.exception() is None
+            ):
+                written = delivery.result()
+                raise NotAcknowledged(written.partition, written.offset) from None
+            raise
+        finally:
+            self._forget(sent.cid)
+        if reply is not None:
+            _raise_for_error(reply)
+        return meta, reply
+
+    def _timeout(self, timeout_s: float | None) -> float:
+        return timeout_s if timeout_s is not None else self.timeout_s
+
+    async def command(
+        self, index: str, body: dict[str, Any], *, ack: bool, timeout_s: float | None = None
+    ) -> WriteResult:
+        """Produce one command; with `ack`, wait for the worker to apply it (or raise).
+
+        Raises:
+            LhvError: the worker rejected the command (only with `ack`).
+            TimeoutError: no delivery (or no ack) within the timeout.
+        """
+        body = {"index": index, **body}
+        sent = await self._send(self._topics.commands, index, body, reply=ack)
+        meta, reply = await self._finish(sent, self._timeout(timeout_s))
+        return WriteResult(partition=meta.partition, offset=meta.offset, ack=reply)
+
+    # -- commands ------------------------------------------------------------------------
+
+    async def create(
+        self,
+        index: str,
+        *,
+        dim: int,
+        space: str = "cosine",
+        engine: str = "hnsw",
+        ack: bool = True,
+        timeout_s: float | None = None,
+        **params: Any,
+    ) -> WriteResult:
+        """Create an index; identical parameters again are a no-op, others `IndexExists`."""
+        return await self.command(
+            index,
+            {"op": "create", "dim": dim, "space": space, "engine": engine, **params},
+            ack=ack,
+            timeout_s=timeout_s,
+        )
+
+    async def drop(
+        self, index: str, *, ack: bool = True, timeout_s: float | None = None
+    ) -> WriteResult:
+        return await self.command(index, {"op": "drop"}, ack=ack, timeout_s=timeout_s)
+
+    async def add(
+        self,
+        index: str,
+        ids: Sequence[str],
+        vectors: Any,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        *,
+        version: int | None = None,
+        batch_size: int = 1000,
+        max_record_bytes: int = 900_000,
+        ack: bool = False,
+        timeout_s: float | None = None,
+    ) -> WriteResult:
+        """Upsert items; returns where the last record landed.
+
+        Items go in records of at most `batch_size` items and about `max_record_bytes`
+        (Kafka brokers refuse records over `message.max.bytes`, 1 MiB by default; a single
+        item larger than that still goes alone). Every record is produced before any is
+        awaited, so a large add is pipelined. With `ack`, waits for every record to be
+        applied and raises the first error (by record order); `.item` of the error is the
+        position inside that record.
+        """
+        pending = await self.start_add(
+            index,
+            ids,
+            vectors,
+            metadata,
+            version=version,
+            batch_size=batch_size,
+            max_record_bytes=max_record_bytes,
+            ack=ack,
+            timeout_s=timeout_s,
+        )
+        return await pending
+
+    async def start_add(
+        self,
+        index: str,
+        ids: Sequence[str],
+        vectors: Any,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        *,
+        version: int | None = None,
+        batch_size: int = 1000,
+        max_record_bytes: int = 900_000,
+        ack: bool = False,
+        timeout_s: float | None = None,
+    ) -> Awaitable[WriteResult]:
+        """`add` in two steps: returns once every record is queued in the producer (so
+        records of successive calls keep their order), with an awaitable that waits for
+        delivery (and acks) and gives the `WriteResult`. Await it: its waits are only
+        cleaned up then."""
+        vecs = np.asarray(vectors, dtype="<f4")
+        if vecs.ndim != 2 or len(vecs) != len(ids):
+            raise ValueError("vectors must be a 2-D array with one row per id")
+        if metadata is not None and len(metadata) != len(ids):
+            raise ValueError("metadata must have one entry per id")
+        if not len(ids):
+            raise ValueError("nothing to add")
+        sent: list[_Sent] = []
+        try:
+            for items in _chunks(ids, vecs, metadata, version, batch_size, max_record_bytes):
+                body = {"op": "add", "index": index, "items": items}
+                sent.append(await self._send(self._topics.commands, index, body, reply=ack))
+        except BaseException:
+            for s in sent:
+                self._forget(s.cid)
+            raise
+        return self._finish_add(sent, self._timeout(timeout_s))
+
+    async def _finish_add(self, sent: list[_Sent], timeout_s: float) -> WriteResult:
+        try:
+            done = await asyncio.gather(
+                *(self._finish(s, timeout_s) for s in sent), return_exceptions=True
+            )
+        finally:
+            for s in sent:
+                self._forget(s.cid)
+        results: list[tuple[Any, dict[str, Any] | None]] = []
+        for outcome in done:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            results.append(outcome)
+        meta, last_ack = results[-1]
+        return WriteResult(
+            partition=meta.partition, offset=meta.offset, records=len(sent), ack=last_ack
+        )
+
+    async def delete(
+        self,
+        index: str,
+        ids: Iterable[str],
+        *,
+        version: int | None = None,
+        ack: bool = False,
+        timeout_s: float | None = None,
+    ) -> WriteResult:
+        """Tombstone `ids` (absent ids too: an older add arriving later stays deleted)."""
+        body: dict[str, Any] = {"op": "delete", "ids": list(ids)}
+        if version is not None:
+            body["version"] = version
+        return await self.command(index, body, ack=ack, timeout_s=timeout_s)
+
+    async def merge(
+        self,
+        index: str,
+        dest: str,
+        *,
+        clear_source: bool = False,
+        ack: bool = True,
+        timeout_s: float | None = None,
+    ) -> WriteResult:
+        return await self.command(
+            index,
+            {"op": "merge", "dest": dest, "clear_source": clear_source},
+            ack=ack,
+            timeout_s=timeout_s,
+        )
+
+    async def import_(
+        self,
+        index: str,
+        source: str,
+        *,
+        ids_source: str | None = None,
+        metadata_source: str | None = None,
+        format: str | None = None,
+        version: int | None = None,
+        chunk_items: int | None = None,
+        ack: bool = True,
+        timeout_s: float | None = None,
+    ) -> WriteResult:
+        """Bulk load from an S3 object (`s3://bucket/key` of .npy/.npz/.lhv; `format`
+        `npy`, `npz` or `lhv` when the key's suffix does not say); see README."""
+        body: dict[str, Any] = {"op": "import", "source": source}
+        optional = {
+            "ids_source": ids_source,
+            "metadata_source": metadata_source,
+            "format": format,
+            "version": version,
+            "chunk_items": chunk_items,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return await self.command(index, body, ack=ack, timeout_s=timeout_s)
+
+    # -- queries -------------------------------------------------------------------------
+
+    async def query(
+        self,
+        index: str,
+        body: dict[str, Any],
+        *,
+        after: WriteResult | None = None,
+        min_offset: int | None = None,
+        timeout_s: float | None = None,
+        batch: bool = False,
+    ) -> dict[str, Any]:
+        """Send one query and return its reply body (`batch`: the request of coalesced
+        searches, whose callers `pending` counts instead).
+
+        Raises:
+            LhvError: the subclass named by an error reply (`NotReady`, `IndexNotFound`, ...).
+            TimeoutError: no reply within the timeout plus `reply_grace_s`.
+        """
+        wait_s = self._timeout(timeout_s)
+        body = {"index": index, **body}
+        _read_after(body, after, min_offset)
+        body.setdefault("deadline_ms", int((time.time() + wait_s) * 1000))
+        sent = await self._send(self._topics.search, index, body, reply=True, batch=batch)
+        _meta, reply = await self._finish(sent, wait_s + self.reply_grace_s)
+        assert reply is not None
+        return reply
+
+    async def search(
+        self,
+        index: str,
+        vector: Any,
+        k: int = 10,
+        *,
+        ef: int | None = None,
+        filter: Mapping[str, Any] | None = None,
+        include_metadata: bool = False,
+        after: WriteResult | None = None,
+        min_offset: int | None = None,
+        timeout_s: float | None = None,
+    ) -> list[Hit]:
+        """The `k` nearest live items to `vector`, nearest first (fewer if fewer exist).
+
+        Concurrent calls alike in all but the vector share one request (see
+        `coalesce_searches`)."""
+        body: dict[str, Any] = {"op": "search", "k": k}
+        if ef is not None:
+            body["ef"] = ef
+        if filter:
+            body["filter"] = dict(filter)
+        if include_metadata:
+            body["include_metadata"] = True
+        if not self.coalesce_searches:
+            body["vector_b64"] = encode_vector(vector)
+            reply = await self.query(
+                index, body, after=after, min_offset=min_offset, timeout_s=timeout_s
+            )
+            return _hits(reply["hits"])
+        self._check_open()
+        _read_after(body, after, min_offset)
+        wait_s = self._timeout(timeout_s)
+        fut = self._enqueue_search(index, body, encode_vector(vector), wait_s)
+        self._open_searches += 1
+        try:
+            return await fut  # TimeoutError from the batch's timer at this call's deadline
+        finally:
+            self._open_searches -= 1
+
+    def _enqueue_search(
+        self, index: str, body: dict[str, Any], vector: str, wait_s: float
+    ) -> asyncio.Future[list[Hit]]:
+        """Add one search to the batch of its kind; the batch is sent at the end of this
+        event-loop turn, or now when it is full."""
+        loop = asyncio.get_running_loop()
+        # the vector's length is part of the kind: a wrong-length vector fails alone
+        key = (index, len(vector), orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = _SearchBatch(index, body)
+            loop.call_soon(self._flush_search, key, batch)
+        fut: asyncio.Future[list[Hit]] = loop.create_future()
+        fut.add_done_callback(batch.waiter_done)
+        batch.vectors.append(vector)
+        batch.waiters.append(fut)
+        deadline = loop.time() + wait_s + self.reply_grace_s
+        batch.deadlines.append(deadline)
+        if batch.timer is None:
+            batch.timer = loop.call_at(deadline, batch.expire)
+        batch.open_waiters += 1
+        batch.wait_s = max(batch.wait_s, wait_s)
+        if len(batch.waiters) >= self.max_search_batch:
+            self._flush_search(key, batch)
+        return fut
+
+    def _flush_search(self, key: tuple[Any, ...], batch: _SearchBatch) -> None:
+        if self._batches.get(key) is not batch:
+            return  # sent already (it filled up), or failed by stop()
+        del self._batches[key]
+        if batch.open_waiters == 0:
+            return  # every caller gave up before the send
+        task = asyncio.create_task(self._send_search_batch(batch), name="lhv-client-search")
+        batch.task = task
+        self._batch_tasks.add(task)
+        task.add_done_callback(self._batch_tasks.discard)
+
+    async def _send_search_batch(self, batch: _SearchBatch) -> None:
+        live = [(v, f) for v, f in zip(batch.vectors, batch.waiters, strict=True) if not f.done()]
+        body = dict(batch.body)
+        if len(live) == 1:
+            body["vector_b64"] = live[0][0]
+        else:
+            body["vectors_b64"] = [v for v, _ in live]
+        waiters = [f for _, f in live]
+        try:
+            reply = await self.query(batch.index, body, timeout_s=batch.wait_s, batch=True)
+            results = reply.get("results")
+            rows = (
+                [_column_hits(r) for r in results]
+                if results is not None
+                else [_hits(reply["hits"])]
+            )
+            if len(rows) != len(waiters):
+                raise Internal(f"a reply to {len(waiters)} searches has {len(rows)} results")
+        except asyncio.CancelledError:
+            _fail_all(waiters, ClientClosed("the client was stopped while searching"))
+            raise
+        except Exception as exc:
+            _fail_all(waiters, exc)
+            return
+        for fut, hits in zip(waiters, rows, strict=True):
+            if not fut.done():
+                fut.set_result(hits)
+
+    async def search_many(
+        self,
+        index: str,
+        vectors: Any,
+        k: int = 10,
+        *,
+        ef: int | None = None,
+        filter: Mapping[str, Any] | None = None,
+        include_metadata: bool = False,
+        after: WriteResult | None = None,
+        timeout_s: float | None = None,
+    ) -> list[list[Hit]]:
+        """One search per row of `vectors`, all in flight at once (the worker answers
+        concurrent queries with batched engine calls); results in row order."""
+        rows = np.asarray(vectors, dtype="<f4")
+        if rows.ndim != 2:
+            raise ValueError("vectors must be a 2-D array")
+        return list(
+            await asyncio.gather(
+                *(
+                    self.search(
+                        index,
+                        row,
+                        k,
+                        ef=ef,
+                        filter=filter,
+                        include_metadata=include_metadata,
+                        after=after,
+                        timeout_s=timeout_s,
+                    )
+                    for row in rows
+                )
+            )
+        )
+
+    async def get(
+        self,
+        index: str,
+        ids: Sequence[str],
+        *,
+        include_vectors: bool = True,
+        include_metadata: bool = True,
+        after: WriteResult | None = None,
+        timeout_s: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """The live items among `ids` (`id`, `vector`, `metadata`, `version`), in order."""
+        reply = await self.query(
+            index,
+            {
+                "op": "get",
+                "ids": list(ids),
+                "include_vectors": include_vectors,
+                "include_metadata": include_metadata,
+            },
+            after=after,
+            timeout_s=timeout_s,
+        )
+        return list(reply["items"])
+
+    async def stats(
+        self, index: str, *, after: WriteResult | None = None, timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        """`count`, `deleted`, `dim`, `space`, `engine`, `params`, `applied_offset`, ..."""
+        return await self.query(index, {"op": "stats"}, after=after, timeout_s=timeout_s)

@@ -1,0 +1,75 @@
+"""aiokafka's log lines that report situations normal for LHV, demoted to DEBUG.
+
+aiokafka logs ERROR for two things every LHV deployment sees all the time:
+
+- `Topic lhv.replies.X not found in cluster metadata` (`aiokafka.cluster`): a client
+  deletes its reply topic when it stops, and a worker's producer keeps asking for the
+  metadata of every topic it ever wrote to. A reply to a missing topic is handled (and
+  logged once, as a warning) by `worker.replies.ReplySender`.
+- `Group Coordinator Request failed: [Error 15] CoordinatorNotAvailableError`
+  (`aiokafka.consumer.group_coordinator`) while the broker loads its group coordinator,
+  e.g. right after it starts; aiokafka retries by itself.
+
+`install(reply_pattern)` adds a filter to exactly those two loggers that turns exactly
+those records into DEBUG records (kept with `--log-level DEBUG`, dropped otherwise). Every
+other aiokafka line keeps its level: a missing topic that is not a reply topic, or a
+coordinator error that is not retriable, is still an ERROR.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiokafka.errors import (
+    CoordinatorLoadInProgressError,
+    GroupCoordinatorNotAvailableError,
+    NodeNotReadyError,
+)
+
+from worker.wire.topics import ReplyTopicPolicy
+
+__all__ = ["NormalSituations", "install"]
+
+_TOPIC_NOT_FOUND = "Topic %s not found in cluster metadata"
+_COORDINATOR_FAILED = "Group Coordinator Request failed: %s"
+#: coordinator lookups that fail while a broker starts (aiokafka retries them)
+_STARTING_COORDINATOR = (
+    GroupCoordinatorNotAvailableError,
+    CoordinatorLoadInProgressError,
+    NodeNotReadyError,
+)
+#: the loggers whose records the filter looks at
+LOGGERS = ("aiokafka.cluster", "aiokafka.consumer.group_coordinator")
+
+
+class NormalSituations(logging.Filter):
+    """Demotes the records of the module docstring to DEBUG; leaves the others alone."""
+
+    def __init__(self, reply_pattern: str = "lhv.replies.*") -> None:
+        super().__init__()
+        self._replies = ReplyTopicPolicy(reply_pattern, forbidden=())
+
+    def normal(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not isinstance(record.args, tuple):
+            return False
+        if record.msg == _TOPIC_NOT_FOUND and record.args:
+            return self._replies.allows(str(record.args[0]))
+        if record.msg == _COORDINATOR_FAILED and record.args:
+            return isinstance(record.args[0], _STARTING_COORDINATOR)
+        return False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.normal(record):
+            return True
+        record.levelno = logging.DEBUG
+        record.levelname = logging.getLevelName(logging.DEBUG)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+def install(reply_pattern: str = "lhv.replies.*") -> None:
+    """Filter the aiokafka loggers (replacing a filter installed before)."""
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, NormalSituations)]:
+            logger.removeFilter(old)
+        logger.addFilter(NormalSituations(reply_pattern))

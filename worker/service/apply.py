@@ -1,0 +1,298 @@
+"""Applying one poll's worth of command records to a partition's indexes.
+
+Runs in a worker thread (never on the event loop): it decodes, validates, groups and
+applies. Writes (`add`, `delete`) to one index are collected until a barrier that touches
+that index (`create`, `drop`, `merge`, `import`) or the end of the poll, then applied with
+one `Index.apply` call: the index keeps the winning write per id (last-write-wins by
+`(version, offset, position)`) and does one vectorized engine call. A barrier is applied
+in its place, so nothing is reordered across it.
+
+Every record ends with an `Outcome`: applied, skipped, or rejected with an `LhvError`. A
+rejected record changes nothing; the caller sends it to the DLQ and, when the record asks
+for it, an error ack.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lhv_index import Clock, Delete, Index, IndexParams, Limits, Upsert, Write
+from lhv_index.errors import (
+    IndexExists,
+    IndexNotFound,
+    Internal,
+    LhvError,
+    WrongPartition,
+)
+from worker.service.partition import Partition
+from worker.telemetry.logs import log_context
+from worker.wire.commands import (
+    AddCommand,
+    Command,
+    CreateCommand,
+    DeleteCommand,
+    DropCommand,
+    decode_command,
+)
+from worker.wire.headers import ReplyTo, reply_to_from_headers
+from worker.wire.limits import MessageLimits
+from worker.wire.topics import home_partition
+
+__all__ = ["Barrier", "Decoded", "Outcome", "apply_records", "decode_records"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one command record."""
+
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+    reply_to: ReplyTo | None = None
+    request_id: str | None = None
+    op: str = ""
+    index: str = ""
+    applied: int = 0
+    skipped: int = 0
+    error: LhvError | None = None
+    command: Command | None = None
+
+
+@dataclass(slots=True)
+class Decoded:
+    """One record decoded ahead of its apply: its command, or why it is rejected."""
+
+    reply_to: ReplyTo | None
+    command: Command | None = None
+    error: LhvError | None = None
+
+
+def decode_records(
+    records: Sequence[Any], *, partition: int, num_partitions: int, limits: MessageLimits
+) -> list[Decoded]:
+    """Decode and validate `records` of `partition` on their own (no index state is
+    read), so the next batch can be decoded while the current one is applied."""
+    out: list[Decoded] = []
+    for rec in records:
+        try:
+            reply_to = reply_to_from_headers(rec.headers or (), limits=limits)
+        except LhvError:
+            reply_to = None
+        item = Decoded(reply_to)
+        out.append(item)
+        try:
+            if rec.key is not None and home_partition(rec.key, num_partitions) != partition:
+                raise WrongPartition(
+                    f"index {rec.key[:128].decode(errors='replace')!r} lives on partition "
+                    f"{home_partition(rec.key, num_partitions)}, record came on {partition}"
+                )
+            item.command = decode_command(rec.key, rec.value, rec.headers or (), limits=limits)
+        except LhvError as exc:
+            item.error = exc
+        except Exception as exc:  # a bug, not bad input: reject the record, keep going
+            log.exception("record failed to decode", extra={"offset": rec.offset})
+            item.error = Internal(f"{type(exc).__name__}: {exc}")
+    return out
+
+
+#: handles barriers other than create/drop (merge, import): (partition, command, outcome)
+Barrier = Callable[[Partition, Any, Outcome], None]
+
+
+@dataclass(slots=True)
+class _Group:
+    writes: list[Write] = field(default_factory=list)
+    members: list[tuple[Outcome, int, int]] = field(default_factory=list)
+    """(outcome, first write position in `writes`, number of writes)"""
+
+
+def apply_records(
+    partition: Partition,
+    records: Sequence[Any],
+    *,
+    num_partitions: int,
+    limits: MessageLimits,
+    index_limits: Limits,
+    barrier: Barrier | None = None,
+    on_vectors: Callable[[str, list[Any]], None] | None = None,
+    decoded: Sequence[Decoded] | None = None,
+) -> list[Outcome]:
+    """Apply `records` (consumer records of one partition, in offset order).
+
+    Mutates `partition` (its indexes, dirty set and applied offset). Never raises for bad
+    input: each record's fate is in its `Outcome`. `on_vectors(index, vectors)` sees the
+    upserted vectors of each applied group (drift monitoring). `decoded` is
+    `decode_records` of `records`, when it was done ahead.
+    """
+    if decoded is None:
+        decoded = decode_records(
+            records, partition=partition.number, num_partitions=num_partitions, limits=limits
+        )
+    outcomes: list[Outcome] = []
+    groups: dict[str, _Group] = {}
+
+    def flush(name: str) -> None:
+        group = groups.pop(name, None)
+        if group is not None and group.writes:
+            _apply_group(partition, name, group)
+            if on_vectors is not None:
+                on_vectors(name, [w.vector for w in group.writes if isinstance(w, Upsert)])
+
+    for rec, pre in zip(records, decoded, strict=True):
+        out = Outcome(offset=rec.offset, key=rec.key, value=rec.value, headers=rec.headers or ())
+        out.reply_to = pre.reply_to
+        outcomes.append(out)
+        try:
+            if pre.error is not None:
+                raise pre.error
+            cmd = pre.command
+            assert cmd is not None
+            out.command = cmd
+            out.index = cmd.index
+            out.request_id = cmd.request_id
+            out.op = _op_name(cmd)
+            if isinstance(cmd, AddCommand | DeleteCommand):
+                index = partition.indexes.get(cmd.index)
+                if index is None:
+                    raise IndexNotFound(f"index {cmd.index!r} does not exist")
+                writes = _writes(cmd, rec.offset)
+                index.validate(writes)
+                pending = groups.get(cmd.index)
+                if pending and len(pending.writes) + len(writes) > index_limits.max_batch_items:
+                    flush(cmd.index)  # one engine call stays within the index's batch limit
+                group = groups.setdefault(cmd.index, _Group())
+                group.members.append((out, len(group.writes), len(writes)))
+                group.writes.extend(writes)
+            elif isinstance(cmd, CreateCommand):
+                flush(cmd.index)
+                _create(partition, cmd, out, index_limits)
+            elif isinstance(cmd, DropCommand):
+                flush(cmd.index)
+                _drop(partition, cmd, out)
+            else:
+                for name in _touched(cmd):
+                    flush(name)
+                if barrier is None:
+                    raise Internal(f"op {out.op!r} is not supported by this worker")
+                with log_context(index=cmd.index, offset=rec.offset):
+                    barrier(partition, cmd, out)
+        except LhvError as exc:
+            out.error = exc
+        except Exception as exc:  # a bug, not bad input: reject the record, keep going
+            log.exception(
+                "record failed unexpectedly",
+                extra={"offset": rec.offset, "index": out.index or None},
+            )
+            out.error = Internal(f"{type(exc).__name__}: {exc}")
+        partition.applied_offset = rec.offset
+    for name in list(groups):
+        flush(name)
+    partition.records_since_checkpoint += len(records)
+    return outcomes
+
+
+def _op_name(cmd: Command) -> str:
+    return str(getattr(cmd, "op", type(cmd).__name__.removesuffix("Command").lower()))
+
+
+def _touched(cmd: Any) -> list[str]:
+    names = [cmd.index]
+    for attr in ("dest", "source_index"):
+        other = getattr(cmd, attr, None)
+        if isinstance(other, str):
+            names.append(other)
+    return names
+
+
+def _writes(cmd: AddCommand | DeleteCommand, offset: int) -> list[Write]:
+    if isinstance(cmd, AddCommand):
+        return [
+            Upsert(
+                id=item.id,
+                vector=item.vector,
+                metadata=item.metadata,
+                clock=Clock(item.version, offset, pos),
+            )
+            for pos, item in enumerate(cmd.items)
+        ]
+    return [
+        Delete(id=id_, clock=Clock(cmd.version, offset, pos)) for pos, id_ in enumerate(cmd.ids)
+    ]
+
+
+def _apply_group(partition: Partition, name: str, group: _Group) -> None:
+    index = partition.indexes[name]
+    wants_counts = any(out.reply_to is not None for out, _, _ in group.members)
+    wins = _winners(index, group.writes) if wants_counts else None
+    try:
+        index.apply(group.writes)
+    except Exception as exc:
+        if len(group.members) == 1:
+            out = group.members[0][0]
+            out.error = exc if isinstance(exc, LhvError) else Internal(str(exc))
+            log.error("apply failed: %s", exc, extra={"index": name, "offset": out.offset})
+            return
+        # Isolate the record at fault: apply the group's records one by one.
+        log.warning(
+            "group apply failed (%s); applying its records one by one",
+            exc,
+            extra={"index": name, "offset": group.members[0][0].offset},
+        )
+        for out, start, count in group.members:
+            _apply_group(
+                partition, name, _Group(group.writes[start : start + count], [(out, 0, count)])
+            )
+        return
+    partition.dirty.add(name)
+    for out, start, count in group.members:
+        if wins is None:
+            out.applied = count
+        else:
+            out.applied = sum(wins[start : start + count])
+            out.skipped = count - out.applied
+
+
+def _winners(index: Index, writes: Sequence[Write]) -> list[bool]:
+    """Which writes will become the stored state: newest per id and newer than stored."""
+    best: dict[str, int] = {}
+    for pos, w in enumerate(writes):
+        cur = best.get(w.id)
+        if cur is None or w.clock > writes[cur].clock:
+            best[w.id] = pos
+    wins = [False] * len(writes)
+    for id_, pos in best.items():
+        stored = index.clock_of(id_)
+        if stored is None or writes[pos].clock > stored:
+            wins[pos] = True
+    return wins
+
+
+def _create(partition: Partition, cmd: CreateCommand, out: Outcome, index_limits: Limits) -> None:
+    params = IndexParams.from_dict(cmd.params)
+    existing = partition.indexes.get(cmd.index)
+    if existing is not None:
+        if existing.params.to_dict() == params.to_dict():
+            out.skipped = 1  # even over today's limits: it exists already
+            return
+        raise IndexExists(
+            f"index {cmd.index!r} exists with other parameters: {existing.params.to_dict()}"
+        )
+    partition.indexes[cmd.index] = Index(cmd.index, params, limits=index_limits)
+    partition.dirty.add(cmd.index)
+    out.applied = 1
+    log.info("index created", extra={"index": cmd.index, "offset": out.offset})
+
+
+def _drop(partition: Partition, cmd: DropCommand, out: Outcome) -> None:
+    if partition.indexes.pop(cmd.index, None) is None:
+        raise IndexNotFound(f"index {cmd.index!r} does not exist")
+    partition.dirty.discard(cmd.index)
+    partition.dropped = True
+    out.applied = 1
+    log.info("index dropped", extra={"index": cmd.index, "offset": out.offset})

@@ -1,0 +1,1102 @@
+"""Merge and import: the barrier steps that move many items at once (DESIGN section 6).
+
+`MergeProtocol` is the worker's `barrier`: `worker/apply.py` calls it in the apply thread
+for `merge`, `merge_in`, `merge_done` and `import` records, after flushing the pending
+writes of the indexes they touch, so nothing is reordered across them.
+
+Merge of `src` into `dest` (the `merge` record is keyed by `src`):
+
+- Same partition: applied locally in one step. The live items of `src` (sorted by id)
+  that are not live in `dest` are upserted into `dest` with clock `(item.version, merge
+  offset, position)`, so they win over older tombstones in `dest` (a tombstone with a
+  higher client version still wins); ids live in `dest` are left untouched. With
+  `clear_source`, the exported items are then deleted from `src`.
+- Across partitions, in three records:
+  1. `merge` on src's partition: the owner writes an export object (an LHV1 snapshot of an
+     exact-engine index holding src's live items with their clocks) under
+     `merges/<topic>/exports/<src partition>/<offset>.lhv`, then produces `merge_in` to
+     dest's partition. The merge id (`m<partition>-<offset>`) and the key come from the
+     merge record, so a replay overwrites the same object with the same items.
+  2. `merge_in` on dest's partition: the owner checks dest exists with src's dim and space
+     (otherwise nothing is applied and the error travels back), applies the exported
+     items not live in dest in one step, writes a marker object
+     `merges/<topic>/applied/<dest partition>/<merge id>.json`, and produces `merge_done`
+     back only once a checkpoint covers the `merge_in` record.
+  3. `merge_done` on src's partition: with `clear_source`, deletes exactly the exported
+     items whose stored clock still equals the exported clock (items added or updated
+     after the merge record stay), then acknowledges to the merge's requester (its reply
+     headers travel in the `reply` field). Once a checkpoint covers `merge_done`, the
+     export object and the marker are deleted.
+
+Every step is idempotent, so a crash anywhere followed by replay converges to one merge:
+a replayed `merge` rewrites the same export and produces a duplicate `merge_in`; a
+`merge_in` whose marker names an earlier offset, or whose export object is already gone,
+is a duplicate and is skipped; a second `merge_done` finds nothing left to delete. A
+crash after dest's checkpoint but before `merge_done` was produced is repaired by a
+sweeper that re-produces `merge_done` for every marker a checkpoint covers and that this
+process has not produced (and again every `RESEND_AFTER_S`, until src removes the marker).
+One caveat: dedup of a duplicate `merge_in` relies on the marker written at the first
+one, so a user write to dest between the two cannot be undone by the duplicate.
+
+A replayed step writes the same bytes again; the objects are not rewritten when they
+already hold them (`put_unless_same`), so the other side never reads an object while it
+is overwritten, and reads are checked against the object's ETag (`get_verified`): a
+body cut short by the server is read again instead of failing the merge as unreadable.
+
+Trust (DESIGN section 6: a forged protocol record changes nothing). The protocol records
+stay on the commands topic: their offsets are the clocks of the merged items and order
+them against user writes on the destination's partition, so moving them to another topic
+would break replay equivalence. Instead:
+
+- Every `merge_in` and `merge_done` a worker produces carries an HMAC-SHA256 of its key
+  and value bytes (`worker/protocol_auth.py`: the key is `LHV_INTERNAL_KEY`, or a random
+  one the workers keep in their own bucket, created once with a create-only put). A
+  record without a valid MAC is rejected (`invalid_request`, dead-letter queue) before
+  anything is read, so a forged one changes nothing, however well it names a real merge.
+- The records name their objects only as `merge_id_of`/`export_key` derive them from the
+  merge record's place; a record naming anything else is rejected, so even a worker's
+  record cannot make another worker read or delete other objects.
+- Beyond the MAC, the counts and flags of a record are not the truth. What the source
+  does at `merge_done` comes from what its own owner wrote: the export object's envelope
+  holds `clear_source`, the destination, the requester's reply headers and its `merge`
+  record (key, value, headers, bounded by `MAX_ORIGIN_BYTES`). What the destination did
+  (applied, skipped, or its error) is read from the destination's marker object, not
+  from the record's `applied`. `lhv replay --verify` checks the MAC the same way and
+  takes `clear_source` from the export it rebuilt; the marker is gone by then, so it
+  takes the error from the (verified) record, which the destination produced from the
+  marker's body.
+
+Errors (the record is rejected, nothing changes): merging an index into itself
+(`invalid_request`), unknown source or destination (`index_not_found`), another dim
+(`dim_mismatch`) or space (`invalid_request`). Across partitions, the destination's
+error comes back to the source's owner, which dead-letters the requester's own `merge`
+record (its key, value and headers, with DLQ headers naming the merge record's partition
+and offset) and sends the error ack to the requester.
+
+Import (`import` record keyed by the index) loads `s3://bucket/key` with the worker's S3
+endpoint and credentials, only from the allowed sources and within the bounds of
+`ImportPolicy` (`worker/importsource.py`: `LHV_IMPORT_SOURCES`, default the `imports/`
+prefix of the workers' own bucket and prefix; never the workers' own checkpoint, merge or
+key objects):
+
+- `.npy`: a 2-D float array (no pickles), one row per item; ids from `ids_source` (a
+  `.npy` of strings or integers, or a text file with one id per line) or else the row
+  number in decimal;
+- `.npz`: arrays `vectors` and optionally `ids`;
+- `.lhv`: an LHV1 snapshot (ids, vectors, metadata and client versions);
+- `metadata_source`: JSON Lines, one object (or null: keep the stored metadata) per row.
+
+Every row becomes an upsert with clock `(version, import offset, row)` through the same
+`Index.validate`/`Index.apply` path as `add`. The whole import is validated before
+anything is applied, so an invalid row (its number is the error's `item`) rejects the
+import with nothing applied (error messages name rows of the import, never what was
+read); it is then applied `chunk_items` rows per engine call, each
+chunk whole-or-nothing. A replay reads the objects again: keep them unchanged until a
+checkpoint covers the import record.
+
+Failpoints (`worker.failpoints`): `merge_exported` (src: export written, `merge_in` not
+produced), `merge_in_produced` (src: `merge_in` produced, merge record not
+checkpointed), `merge_in_applied` (dest: items applied and marker written, not
+checkpointed), `merge_done_pending` (dest: checkpoint covers `merge_in`, `merge_done` not
+produced), `merge_done_applied` (src: source cleared in memory, not checkpointed),
+`merge_cleanup_pending` (src: checkpoint covers `merge_done`, objects not deleted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+
+from lhv_index import (
+    Clock,
+    Delete,
+    EngineKind,
+    Index,
+    Item,
+    Upsert,
+    Write,
+    read_snapshot,
+    write_snapshot,
+)
+from lhv_index._snapshot import HEADER, MAGIC
+from lhv_index.errors import DimMismatch, IndexNotFound, Internal, InvalidRequest, LhvError
+from worker.service import failpoints
+from worker.service.apply import Outcome
+from worker.service.config import ImportPolicy
+from worker.service.importsource import SourcePolicy, decode_npy, decode_npz, read_object, row_of
+from worker.service.partition import Partition, PartitionStatus
+from worker.service.protocol_auth import ProtocolAuth, load_protocol_auth
+from worker.storage.blobstore import BlobNotFound, get_verified, put_unless_same
+from worker.telemetry.logs import log_context
+from worker.wire.commands import ImportCommand, MergeCommand, MergeDoneCommand, MergeInCommand
+from worker.wire.headers import ReplyTo
+from worker.wire.replies import ErrorInfo
+from worker.wire.topics import home_partition
+
+if TYPE_CHECKING:
+    from worker.service import Worker
+
+__all__ = [
+    "MAX_ORIGIN_BYTES",
+    "ExportInfo",
+    "MergeProtocol",
+    "MergeResult",
+    "apply_import",
+    "check_merge_done",
+    "check_merge_in",
+    "export_key",
+    "export_source",
+    "finish_merge",
+    "import_fetcher",
+    "marker_key",
+    "merge_id_of",
+    "merge_locally",
+    "receive_export",
+]
+
+log = logging.getLogger(__name__)
+
+#: how often the sweeper looks for `merge_done` records to (re-)produce
+SWEEP_INTERVAL_S = 3.0
+#: a marker still present this long after its `merge_done` was produced is produced again
+RESEND_AFTER_S = 300.0
+_MERGE_ID = re.compile(r"m(\d+)-(\d+)")
+#: bound of one S3 transfer or Kafka send made from the apply thread
+STEP_TIMEOUT_S = 600.0
+#: bound of the requester's merge record value, and of its headers, kept in an export
+MAX_ORIGIN_BYTES = 64 * 1024
+
+
+def merge_id_of(partition: int, offset: int) -> str:
+    """The merge id of the `merge` record at (`partition`, `offset`)."""
+    return f"m{partition}-{offset}"
+
+
+def export_key(topic: str, partition: int, offset: int) -> str:
+    """Key (under the workers' prefix) of the export of the merge record at that place."""
+    return f"merges/{topic}/exports/{partition:05d}/{offset:020d}.lhv"
+
+
+def marker_key(topic: str, dest_partition: int, merge_id: str) -> str:
+    """Key of the marker saying that dest's partition applied `merge_in` of `merge_id`."""
+    return f"merges/{topic}/applied/{dest_partition:05d}/{merge_id}.json"
+
+
+def _merge_source(partition: Partition, cmd: MergeCommand) -> tuple[Index, list[Item]]:
+    """The source index of a merge and its live items (sorted by id), or the error."""
+    src = partition.indexes.get(cmd.index)
+    if src is None:
+        raise IndexNotFound(f"merge: source index {cmd.index!r} does not exist")
+    if cmd.dest == cmd.index:
+        raise InvalidRequest(f"merge: index {cmd.index!r} cannot be merged into itself")
+    return src, _sorted_live(src)
+
+
+def merge_locally(partition: Partition, cmd: MergeCommand, out: Outcome) -> None:
+    """Apply a merge whose source and destination live on `partition`, in one step (no
+    S3, no Kafka); shared by the worker and `lhv replay --verify`.
+
+    Raises:
+        LhvError: nothing changed (unknown source or destination, self-merge, dim or
+            space mismatch).
+    """
+    src, items = _merge_source(partition, cmd)
+    dest = partition.indexes.get(cmd.dest)
+    if dest is None:
+        raise IndexNotFound(f"merge: destination index {cmd.dest!r} does not exist")
+    _check_compatible(src, dest)
+    applied = _merge_into(dest, items, out.offset)
+    partition.dirty.add(cmd.dest)
+    if cmd.clear_source:
+        cleared = _clear(src, items, out.offset)
+        partition.dirty.add(cmd.index)
+    else:
+        cleared = 0
+    out.applied, out.skipped = applied, len(items) - applied
+    log.info(
+        "merged %d of %d items of %s into %s (same partition), cleared %d",
+        applied,
+        len(items),
+        cmd.index,
+        cmd.dest,
+        cleared,
+    )
+
+
+# -- the steps of a merge across partitions, without S3 or Kafka ------------------------
+# The worker's `MergeProtocol` moves their bytes through S3 and Kafka; `lhv replay
+# --verify` hands them over in memory.
+
+
+def export_source(
+    partition: Partition, cmd: MergeCommand, topic: str, out: Outcome
+) -> tuple[bytes, int]:
+    """Source side of `merge` (the record of `out`): the export object of `cmd.index`'s
+    live items (an LHV1 snapshot, see `_export_bytes`) and how many items it holds. Its
+    envelope's `source` holds what the source's owner needs at `merge_done` (`ExportInfo`).
+
+    Raises:
+        LhvError: unknown source, or a merge into itself (nothing exported).
+    """
+    src, items = _merge_source(partition, cmd)
+    source = {
+        "topic": topic,
+        "partition": partition.number,
+        "offset": out.offset,
+        "dest": cmd.dest,
+        "clear_source": cmd.clear_source,
+        "reply": None if cmd.reply_to is None else cmd.reply_to.to_wire(),
+        "origin": _origin_record(cmd, out),
+    }
+    return _export_bytes(src, items, source), len(items)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _origin_record(cmd: MergeCommand, out: Outcome) -> dict[str, Any]:
+    """The requester's `merge` record, bounded: a value over `MAX_ORIGIN_BYTES` (padding:
+    the schema keeps a merge small) is replaced by its compact JSON, and headers past
+    `MAX_ORIGIN_BYTES` in total are dropped (counted in `lhv_headers_dropped`)."""
+    value = out.value or b""
+    if len(value) > MAX_ORIGIN_BYTES:
+        body: dict[str, Any] = {"op": "merge", "index": cmd.index, "dest": cmd.dest}
+        body["clear_source"] = cmd.clear_source
+        if cmd.request_id is not None:
+            body["request_id"] = cmd.request_id
+        value = orjson.dumps(body)
+    headers: list[list[str]] = []
+    used = dropped = 0
+    for name, hval in out.headers or ():
+        size = len(name.encode("utf-8", "replace")) + len(hval or b"")
+        if used + size > MAX_ORIGIN_BYTES:
+            dropped += 1
+            continue
+        used += size
+        headers.append([name, _b64(hval or b"")])
+    if dropped:
+        headers.append(["lhv_headers_dropped", _b64(str(dropped).encode("ascii"))])
+    return {"key": _b64(out.key or b""), "value": _b64(value), "headers": headers}
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfo:
+    """What the source's owner wrote in an export's envelope about its merge."""
+
+    index: str
+    partition: int
+    offset: int
+    dest: str
+    clear_source: bool
+    reply: ReplyTo | None
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+    @classmethod
+    def of(cls, data: bytes) -> ExportInfo:
+        """Parse the header and envelope of an export object (no sections are read).
+
+        Raises:
+            Internal: not an export object written by this version.
+        """
+        try:
+            magic, length = HEADER.unpack_from(data)
+            if magic != MAGIC or HEADER.size + length > len(data):
+                raise ValueError("not an LHV1 object")
+            envelope = orjson.loads(data[HEADER.size : HEADER.size + length])
+            src = envelope["source"]
+            origin = src["origin"]
+            reply = src.get("reply")
+            return cls(
+                index=str(envelope["name"]),
+                partition=int(src["partition"]),
+                offset=int(src["offset"]),
+                dest=str(src["dest"]),
+                clear_source=src["clear_source"] is True,
+                reply=None if reply is None else ReplyTo.from_wire(reply),
+                key=base64.b64decode(origin["key"]),
+                value=base64.b64decode(origin["value"]),
+                headers=[(str(n), base64.b64decode(v)) for n, v in origin["headers"]],
+            )
+        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+            raise Internal(f"merge: unreadable export envelope: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class MergeResult:
+    """What the destination did with a merge: applied and skipped, or its error."""
+
+    applied: int = 0
+    skipped: int = 0
+    error: ErrorInfo | None = None
+
+    @classmethod
+    def of_body(cls, body: Mapping[str, Any]) -> MergeResult:
+        """From a `merge_done` body (as the destination's marker holds it)."""
+        error = body.get("error")
+        return cls(
+            applied=int(body.get("applied") or 0),
+            skipped=int(body.get("skipped") or 0),
+            error=None
+            if error is None
+            else ErrorInfo(str(error["code"]), str(error["message"]), error.get("item")),
+        )
+
+
+def check_merge_in(topic: str, cmd: MergeInCommand) -> None:
+    """Raise `InvalidRequest` unless `cmd` names the merge id and export object that its
+    origin (`origin_partition`, `origin_offset`) derives (a forged record reads nothing)."""
+    if cmd.merge_id != merge_id_of(cmd.origin_partition, cmd.origin_offset) or (
+        cmd.export != export_key(topic, cmd.origin_partition, cmd.origin_offset)
+    ):
+        raise InvalidRequest(
+            f"merge_in: {cmd.merge_id!r} and {cmd.export!r} do not match the merge record "
+            f"at partition {cmd.origin_partition}, offset {cmd.origin_offset}"
+        )
+
+
+def check_merge_done(topic: str, partition: int, cmd: MergeDoneCommand) -> int:
+    """The offset of the `merge` record on `partition` that `cmd` completes.
+
+    Raises:
+        InvalidRequest: `cmd` names no merge of this partition (or another export object).
+    """
+    origin = _MERGE_ID.fullmatch(cmd.merge_id)
+    if (
+        origin is None
+        or int(origin[1]) != partition
+        or cmd.export != export_key(topic, partition, int(origin[2]))
+    ):
+        raise InvalidRequest(
+            f"merge_done: {cmd.merge_id!r} and {cmd.export!r} name no merge of this partition"
+        )
+    return int(origin[2])
+
+
+def receive_export(
+    partition: Partition, cmd: MergeInCommand, out: Outcome, data: bytes
+) -> MergeDoneCommand:
+    """Destination side of `merge_in`: apply the exported items (`data`) not live in the
+    destination, in one step; returns the `merge_done` to send back, which carries the
+    destination's error instead when nothing was applied (missing or incompatible index).
+
+    Raises:
+        Internal: the export's envelope does not describe this merge (nothing applied).
+    """
+    info = ExportInfo.of(data)
+    if (info.index, info.dest, info.partition, info.offset) != (
+        cmd.source_index,
+        cmd.index,
+        cmd.origin_partition,
+        cmd.origin_offset,
+    ):
+        raise Internal(f"merge {cmd.merge_id}: the export object describes another merge")
+    done = MergeDoneCommand(
+        index=cmd.source_index,
+        request_id=cmd.request_id,
+        dest=cmd.index,
+        export=cmd.export,
+        merge_id=cmd.merge_id,
+        clear_source=info.clear_source,
+        reply=info.reply,
+    )
+    try:
+        items = _read_export(data, dest=partition.indexes.get(cmd.index), name=cmd.index)
+        applied = _merge_into(partition.indexes[cmd.index], items, out.offset)
+    except LhvError as exc:
+        out.skipped = 1
+        log.warning("merge %s rejected by the destination: %s", cmd.merge_id, exc.message)
+        return replace(done, error=ErrorInfo.of(exc))
+    partition.dirty.add(cmd.index)
+    out.applied, out.skipped = applied, len(items) - applied
+    log.info(
+        "merge %s: applied %d of %d items from %s",
+        cmd.merge_id,
+        applied,
+        len(items),
+        cmd.source_index,
+    )
+    return replace(done, applied=applied, skipped=len(items) - applied)
+
+
+def finish_merge(
+    partition: Partition, cmd: MergeDoneCommand, out: Outcome, data: bytes, result: MergeResult
+) -> None:
+    """Source side of `merge_done`: acknowledge the merge's requester with `result` (what
+    the destination did) and, when the export's envelope says `clear_source`, delete
+    exactly the exported items (`data`) whose clock is still the exported one.
+
+    Flags come from the envelope the source's owner wrote, never from `cmd`. When the
+    destination failed, `out` becomes the requester's `merge` record (key, value, headers,
+    offset), so it is that record that goes to the dead-letter queue.
+
+    Raises:
+        LhvError: the destination's error (nothing changed), or `Internal` when the export
+            does not describe this merge.
+    """
+    info = ExportInfo.of(data)
+    if (info.index, info.dest, info.partition) != (cmd.index, cmd.dest, partition.number):
+        raise Internal(f"merge {cmd.merge_id}: the export object describes another merge")
+    out.op = "merge"
+    out.reply_to = info.reply
+    if result.error is not None:
+        log.warning(
+            "merge %s into %s failed at the destination: %s",
+            cmd.merge_id,
+            cmd.dest,
+            result.error.message,
+        )
+        out.key, out.value, out.headers = info.key, info.value, info.headers
+        out.offset = info.offset
+        raise result.error.to_error()
+    out.applied, out.skipped = result.applied, result.skipped
+    if not info.clear_source:
+        return
+    src = partition.indexes.get(cmd.index)
+    if src is None:
+        log.warning("merge %s: source %s is gone, nothing to clear", cmd.merge_id, cmd.index)
+        return
+    exported = _read_export(data)
+    cleared = _clear(src, exported, out.offset)
+    if cleared:
+        partition.dirty.add(cmd.index)
+    log.info(
+        "merge %s: %d items now in %s; cleared %d of %d exported from %s",
+        cmd.merge_id,
+        result.applied,
+        cmd.dest,
+        cleared,
+        len(exported),
+        cmd.index,
+    )
+
+
+def import_fetcher(
+    policy: SourcePolicy, run: Callable[[Any], bytes | None]
+) -> Callable[[str, str], bytes]:
+    """`fetch(uri, field)` for `apply_import`: checks `uri` against `policy`, then reads it
+    within `max_object_bytes` by running `read_object(...)` with `run` (which waits for
+    the coroutine on a loop)."""
+    s3 = policy.s3
+
+    def fetch(uri: str, field: str) -> bytes:
+        bucket, key = policy.check(uri, field)
+        data = run(read_object(s3, bucket, key, policy.policy.max_object_bytes))
+        if data is None:
+            raise InvalidRequest(f"import: {field} {uri} does not exist")
+        return data
+
+    return fetch
+
+
+def apply_import(
+    partition: Partition,
+    cmd: ImportCommand,
+    out: Outcome,
+    fetch: Callable[[str, str], bytes],
+    policy: ImportPolicy,
+) -> None:
+    """Apply one `import` record: read its objects with `fetch(uri, field)` (see
+    `import_fetcher`; it raises `InvalidRequest` for a missing or refused one), decode them
+    within `policy`'s bounds, validate every chunk, then apply them; shared by the worker
+    and `lhv replay --verify`.
+
+    Raises:
+        LhvError: nothing applied (bad or refused source, over a bound, dim mismatch, an
+            invalid row).
+    """
+    index = partition.indexes.get(cmd.index)
+    if index is None:
+        raise IndexNotFound(f"import: index {cmd.index!r} does not exist")
+    started = time.monotonic()
+    rows = _load_rows(cmd, fetch, policy)
+    if rows.n and rows.vectors.shape[1] != index.params.dim:
+        raise DimMismatch(
+            f"import: the vectors of source do not have the dim of index {cmd.index!r} "
+            f"({index.params.dim})"
+        )
+    chunk = max(1, min(cmd.chunk_items, index.limits.max_batch_items))
+    for start in range(0, rows.n, chunk):
+        writes = rows.writes(start, start + chunk, out.offset, cmd.version)
+        try:
+            index.validate(writes)
+        except LhvError as exc:
+            raise _row_error(exc, writes, start) from None
+    loaded = time.monotonic()
+    applied = 0
+    for start in range(0, rows.n, chunk):
+        writes = rows.writes(start, start + chunk, out.offset, cmd.version)
+        applied += index.apply(writes).applied
+        partition.dirty.add(cmd.index)
+    out.applied, out.skipped = applied, rows.n - applied
+    log.info(
+        "import of %d rows: %d applied, %.2fs to load and validate, %.2fs to apply",
+        rows.n,
+        applied,
+        loaded - started,
+        time.monotonic() - loaded,
+    )
+
+
+def _row_error(exc: LhvError, writes: Sequence[Write], start: int) -> LhvError:
+    """`exc` of a chunk's validation as the import's error: named by the row of the
+    import, without the id or anything else read from the objects."""
+    if exc.item is None or not 0 <= exc.item < len(writes):
+        return type(exc)(f"import: {exc.message}")
+    row = start + exc.item
+    why = exc.message.removeprefix(f"item {exc.item} (id {writes[exc.item].id!r}): ")
+    return type(exc)(f"import: row {row}: {why}", item=row)
+
+
+def _load_rows(
+    cmd: ImportCommand, fetch: Callable[[str, str], bytes], policy: ImportPolicy
+) -> _Rows:
+    data = fetch(cmd.source, "source")  # refused before anything else when not allowed
+    fmt = cmd.format or _format_of(cmd.source)
+    if fmt == "lhv":
+        try:
+            snap, _ = read_snapshot(data)
+        except LhvError as exc:
+            raise InvalidRequest("import: source is not a readable LHV1 snapshot") from exc
+        items = _sorted_live(snap)
+        rows = _Rows(
+            vectors=np.stack([_vector(it) for it in items]).astype(np.float32, copy=False)
+            if items
+            else np.zeros((0, snap.params.dim), np.float32),
+            ids=[it.id for it in items],
+            metadata=[it.metadata for it in items],
+            versions=[it.clock.version for it in items],
+        )
+    else:
+        vectors, ids = _decode_arrays(data, fmt, policy)
+        rows = _Rows(vectors=vectors, ids=ids)
+    del data
+    if cmd.ids_source is not None:
+        rows.ids = _decode_ids(fetch(cmd.ids_source, "ids_source"), cmd.ids_source, policy)
+    if cmd.metadata_source is not None:
+        rows.metadata = _decode_metadata(fetch(cmd.metadata_source, "metadata_source"))
+    rows.check()
+    return rows
+
+
+class MergeProtocol:
+    """The worker's barrier for `merge`, `merge_in`, `merge_done` and `import`.
+
+    Called in a partition's apply thread; S3 and Kafka steps run on the worker's loop
+    through `Worker.run_async`. `start()` launches the sweeper (see the module docstring).
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self._w = worker
+        self._produced: dict[str, float] = {}
+        """merge id -> when this process produced its merge_done (monotonic)"""
+        self._auth: ProtocolAuth | None = None
+        self._sources = SourcePolicy(worker.config.imports, worker.config.s3)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load (or create) the internal protocol key, then start the sweeper; it is
+        cancelled with the worker's other background steps.
+
+        Raises:
+            BlobStoreError: the key object could not be read or created.
+        """
+        w = self._w
+        self._auth = await load_protocol_auth(
+            w.blobs, w.topics.commands, w.config.internal_key, create=True
+        )
+        w.spawn(self._sweep_forever(), name="merge-sweeper")
+
+    @property
+    def auth(self) -> ProtocolAuth:
+        if self._auth is None:
+            raise Internal("merge protocol not started: no internal key")
+        return self._auth
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    def __call__(self, partition: Partition, command: Any, outcome: Outcome) -> None:
+        """Apply one barrier record; sets `outcome` or raises `LhvError` (nothing applied)."""
+        with log_context(partition=partition.number, offset=outcome.offset, index=command.index):
+            if isinstance(command, MergeCommand):
+                self._merge(partition, command, outcome)
+            elif isinstance(command, MergeInCommand):
+                self._merge_in(partition, command, outcome)
+            elif isinstance(command, MergeDoneCommand):
+                self._merge_done(partition, command, outcome)
+            elif isinstance(command, ImportCommand):
+                self._import(partition, command, outcome)
+            else:
+                raise Internal(f"op {outcome.op!r} is not supported by this worker")
+
+    # -- merge: the source's side ---------------------------------------------------------
+
+    def _merge(self, partition: Partition, cmd: MergeCommand, out: Outcome) -> None:
+        w = self._w
+        dest_partition = home_partition(cmd.dest.encode(), w.num_partitions)
+        if dest_partition == partition.number:
+            merge_locally(partition, cmd, out)
+            return
+        topic = w.topics.commands
+        merge_id = merge_id_of(partition.number, out.offset)
+        key = export_key(topic, partition.number, out.offset)
+        data, exported = export_source(partition, cmd, topic, out)
+        w.run_async(self._put(key, data), timeout_s=STEP_TIMEOUT_S)
+        failpoints.hit("merge_exported")
+        merge_in = MergeInCommand(
+            index=cmd.dest,
+            request_id=cmd.request_id,
+            source_index=cmd.index,
+            export=key,
+            merge_id=merge_id,
+            origin_partition=partition.number,
+            origin_offset=out.offset,
+            clear_source=cmd.clear_source,
+            reply=cmd.reply_to,
+        )
+        try:
+            w.run_async(self._produce(*merge_in.encode()), timeout_s=STEP_TIMEOUT_S)
+        except Exception as exc:
+            w.run_async(self._delete_quietly(key), timeout_s=STEP_TIMEOUT_S)
+            raise Internal(f"merge: could not produce merge_in: {exc}") from exc
+        failpoints.hit("merge_in_produced")
+        out.reply_to = None  # the requester's ack comes with merge_done
+        log.info(
+            "merge %s: exported %d items of %s (%d bytes) for %s on partition %d",
+            merge_id,
+            exported,
+            cmd.index,
+            len(data),
+            cmd.dest,
+            dest_partition,
+        )
+
+    def _merge_done(self, partition: Partition, cmd: MergeDoneCommand, out: Outcome) -> None:
+        w = self._w
+        self.auth.verify(out.key, out.value, out.headers, "merge_done")
+        check_merge_done(w.topics.commands, partition.number, cmd)
+        out.op = "merge"
+        dest_partition = home_partition(cmd.dest.encode(), w.num_partitions)
+        marker = marker_key(w.topics.commands, dest_partition, cmd.merge_id)
+        partition.after_checkpoint.append(
+            (out.offset, lambda: self._cleanup(cmd.merge_id, cmd.export, marker))
+        )
+        _checkpoint_soon(w, partition)
+        data = w.run_async(self._get(cmd.export), timeout_s=STEP_TIMEOUT_S)
+        if data is None:
+            # Only deleted after a checkpoint covered an earlier merge_done: a duplicate.
+            out.reply_to = None
+            log.info("merge %s: already completed (export removed)", cmd.merge_id)
+            return
+        # The export is deleted before the marker, so the marker is still there.
+        seen = w.run_async(self._get(marker), timeout_s=STEP_TIMEOUT_S)
+        if seen is None:
+            raise Internal(f"merge {cmd.merge_id}: the destination's marker {marker} is missing")
+        result = MergeResult.of_body(orjson.loads(_marker_value(orjson.loads(seen))))
+        finish_merge(partition, cmd, out, data, result)
+        failpoints.hit("merge_done_applied")
+
+    async def _cleanup(self, merge_id: str, export: str, marker: str) -> None:
+        failpoints.hit("merge_cleanup_pending")
+        for key in (export, marker):
+            with contextlib.suppress(BlobNotFound):
+                await self._w.blobs.delete(key)
+        log.info("merge %s complete: export and marker removed", merge_id)
+
+    # -- merge: the destination's side ----------------------------------------------------
+
+    def _merge_in(self, partition: Partition, cmd: MergeInCommand, out: Outcome) -> None:
+        w = self._w
+        self.auth.verify(out.key, out.value, out.headers, "merge_in")
+        check_merge_in(w.topics.commands, cmd)
+        marker = marker_key(w.topics.commands, partition.number, cmd.merge_id)
+        seen = w.run_async(self._get(marker), timeout_s=STEP_TIMEOUT_S)
+        if seen is not None and int(orjson.loads(seen)["offset"]) < out.offset:
+            out.skipped = 1
+            log.info("merge %s: duplicate merge_in skipped", cmd.merge_id)
+            return
+        data = w.run_async(self._get(cmd.export), timeout_s=STEP_TIMEOUT_S)
+        if data is None:
+            out.skipped = 1
+            log.warning(
+                "merge %s: export %s is gone; the merge completed earlier (duplicate skipped)",
+                cmd.merge_id,
+                cmd.export,
+            )
+            return
+        done = receive_export(partition, cmd, out, data)
+        key, value = done.encode()
+        body = {"offset": out.offset, "key": key.decode(), "value": value.decode()}
+        w.run_async(self._put(marker, orjson.dumps(body)), timeout_s=STEP_TIMEOUT_S)
+        failpoints.hit("merge_in_applied")
+        partition.after_checkpoint.append(
+            (out.offset, lambda: self._send_done(cmd.merge_id, key, value, first=True))
+        )
+        _checkpoint_soon(w, partition)
+
+    async def _send_done(self, merge_id: str, key: bytes, value: bytes, *, first: bool) -> None:
+        if first:
+            failpoints.hit("merge_done_pending")
+        await self._produce(key, value)
+        self._produced[merge_id] = time.monotonic()
+        log.info("merge %s: merge_done produced", merge_id)
+
+    # -- sweeper --------------------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # S3 or Kafka trouble: the next sweep tries again
+                log.warning("merge sweep failed: %s", exc)
+
+    async def sweep(self) -> int:
+        """Produce `merge_done` for markers of serving partitions that a checkpoint covers
+        and that this process has not produced lately; returns how many were produced."""
+        w = self._w
+        sent = 0
+        now = time.monotonic()
+        blobs = w.blobs
+        for p, partition in list(w.partitions.items()):
+            if partition.status is not PartitionStatus.SERVING:
+                continue
+            prefix = f"merges/{w.topics.commands}/applied/{p:05d}/"
+            for key in await blobs.list(prefix):
+                merge_id = key[len(prefix) :].removesuffix(".json")
+                if now - self._produced.get(merge_id, -RESEND_AFTER_S) < RESEND_AFTER_S:
+                    continue
+                try:
+                    data, _ = await blobs.get(key)
+                except BlobNotFound:
+                    continue
+                body = orjson.loads(data)
+                if int(body["offset"]) > partition.checkpoint_offset:
+                    continue  # the partition's own after-checkpoint step sends it
+                with log_context(partition=p):
+                    log.info("merge %s: producing merge_done again (sweeper)", merge_id)
+                    await self._send_done(
+                        merge_id, str(body["key"]).encode(), _marker_value(body), first=False
+                    )
+                sent += 1
+        return sent
+
+    # -- import ---------------------------------------------------------------------------
+
+    def _import(self, partition: Partition, cmd: ImportCommand, out: Outcome) -> None:
+        fetch = import_fetcher(
+            self._sources, lambda coro: self._w.run_async(coro, timeout_s=STEP_TIMEOUT_S)
+        )
+        apply_import(partition, cmd, out, fetch, self._w.config.imports)
+
+    # -- S3 and Kafka steps (on the worker's loop) ----------------------------------------
+
+    # The worker's long-lived store: a new S3 client per step (the sweeper takes one every
+    # 3 s) cost about 6% of the event loop's time under search load.
+
+    async def _get(self, key: str) -> bytes | None:
+        try:
+            data, _ = await get_verified(self._w.blobs, key)
+        except BlobNotFound:
+            return None
+        except ValueError as exc:  # an unclean key
+            raise InvalidRequest(f"bad object key {key!r}: {exc}") from exc
+        return data
+
+    async def _put(self, key: str, data: bytes) -> None:
+        # A replayed step writes the same bytes again: never overwrite them while the
+        # other side may be reading (`put_unless_same`).
+        if not await put_unless_same(self._w.blobs, key, data):
+            log.info("%s already holds these bytes (written by an earlier run)", key)
+
+    async def _delete_quietly(self, key: str) -> None:
+        with contextlib.suppress(LhvError):
+            await self._w.blobs.delete(key)
+
+    async def _produce(self, key: bytes, value: bytes) -> None:
+        """Produce a protocol record, signed (`worker/protocol_auth.py`)."""
+        w = self._w
+        async with asyncio.timeout(STEP_TIMEOUT_S):
+            await w.producer.send_and_wait(
+                w.topics.commands,
+                key=key,
+                value=value,
+                partition=home_partition(key, w.num_partitions),
+                headers=[self.auth.header(key, value)],
+            )
+
+
+# -- helpers (apply thread) -----------------------------------------------------------------
+
+
+def _marker_value(body: Mapping[str, Any]) -> bytes:
+    """The `merge_done` value a marker holds (as text; older markers: a JSON object)."""
+    value = body["value"]
+    return value.encode("utf-8") if isinstance(value, str) else orjson.dumps(value)
+
+
+def _checkpoint_soon(worker: Worker, partition: Partition) -> None:
+    """Make the runner checkpoint right after this batch: a protocol step waits on it."""
+    partition.records_since_checkpoint = max(
+        partition.records_since_checkpoint, worker.config.checkpoint.every_records
+    )
+
+
+def _sorted_live(index: Index) -> list[Item]:
+    """Live items sorted by id: positions in clocks must not depend on storage order."""
+    items = list(index.live_items())
+    items.sort(key=lambda it: it.id)
+    return items
+
+
+def _vector(item: Item) -> np.ndarray:
+    assert item.vector is not None, "live_items() returns vectors"
+    return item.vector
+
+
+def _check_compatible(src: Index, dest: Index) -> None:
+    if src.params.dim != dest.params.dim:
+        raise DimMismatch(
+            f"merge: {src.name!r} has dim {src.params.dim}, {dest.name!r} has {dest.params.dim}"
+        )
+    if src.params.space is not dest.params.space:
+        raise InvalidRequest(
+            f"merge: {src.name!r} has space {src.params.space.value}, {dest.name!r} has "
+            f"{dest.params.space.value}"
+        )
+
+
+def _chunks(writes: Sequence[Write], size: int) -> Iterator[Sequence[Write]]:
+    for start in range(0, len(writes), size):
+        yield writes[start : start + size]
+
+
+def _apply_all(index: Index, writes: Sequence[Write]) -> int:
+    """Validate every chunk, then apply them; returns the ids changed."""
+    size = index.limits.max_batch_items
+    for part in _chunks(writes, size):
+        index.validate(part)
+    return sum(index.apply(part).applied for part in _chunks(writes, size))
+
+
+def _merge_into(dest: Index, items: list[Item], offset: int) -> int:
+    """Upsert `items` not live in `dest` with clock (version, offset, position)."""
+    live = {
+        it.id
+        for it in dest.get([it.id for it in items], include_vectors=False, include_metadata=False)
+    }
+    writes: list[Write] = [
+        Upsert(
+            id=it.id,
+            vector=_vector(it),
+            metadata=it.metadata if it.metadata is not None else {},
+            clock=Clock(it.clock.version, offset, pos),
+        )
+        for pos, it in enumerate(items)
+        if it.id not in live
+    ]
+    return _apply_all(dest, writes)
+
+
+def _clear(src: Index, items: list[Item], offset: int) -> int:
+    """Delete the items of `src` whose clock still equals the exported one."""
+    stored = {
+        it.id: tuple(it.clock)
+        for it in src.get([it.id for it in items], include_vectors=False, include_metadata=False)
+    }
+    writes: list[Write] = [
+        Delete(id=it.id, clock=Clock(it.clock.version, offset, pos))
+        for pos, it in enumerate(items)
+        if stored.get(it.id) == tuple(it.clock)
+    ]
+    return _apply_all(src, writes)
+
+
+def _export_bytes(src: Index, items: list[Item], source: dict[str, Any]) -> bytes:
+    """An LHV1 snapshot of an exact-engine index holding `items` with their clocks."""
+    params = replace(src.params, engine=EngineKind.EXACT, max_elements_hint=len(items))
+    export = Index(src.name, params, limits=src.limits)
+    writes: list[Write] = [
+        Upsert(id=it.id, vector=_vector(it), metadata=it.metadata, clock=it.clock) for it in items
+    ]
+    for part in _chunks(writes, src.limits.max_batch_items):
+        export.apply(part)
+    buf = io.BytesIO()
+    write_snapshot(export, buf, source=source)
+    return buf.getvalue()
+
+
+def _read_export(data: bytes, *, dest: Index | None = None, name: str = "") -> list[Item]:
+    """The exported items, sorted by id; with `dest` checks it exists and is compatible.
+
+    Raises:
+        IndexNotFound, DimMismatch, InvalidRequest: dest is missing or incompatible.
+        Internal: the export object is unreadable.
+    """
+    try:
+        export, _ = read_snapshot(data)
+    except LhvError as exc:
+        raise Internal(f"merge: unreadable export object: {exc.message}") from exc
+    if dest is None and name:
+        raise IndexNotFound(f"merge: destination index {name!r} does not exist")
+    if dest is not None:
+        _check_compatible(export, dest)
+    return _sorted_live(export)
+
+
+# -- import decoding --------------------------------------------------------------------------
+
+
+class _Rows:
+    """The rows of an import: vectors (n, dim) plus optional ids, metadata, versions."""
+
+    def __init__(
+        self,
+        *,
+        vectors: np.ndarray,
+        ids: list[str] | None = None,
+        metadata: list[dict[str, Any] | None] | None = None,
+        versions: list[int] | None = None,
+    ) -> None:
+        self.vectors = vectors
+        self.ids = ids
+        self.metadata = metadata
+        self.versions = versions
+
+    @property
+    def n(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def check(self) -> None:
+        for field, values in (("ids", self.ids), ("metadata rows", self.metadata)):
+            if values is not None and len(values) != self.n:
+                raise InvalidRequest(f"import: the source's rows and its {field} differ in number")
+
+    def writes(self, start: int, stop: int, offset: int, version: int | None) -> list[Write]:
+        stop = min(stop, self.n)
+        ids = self.ids
+        meta = self.metadata
+        versions = self.versions
+        out: list[Write] = []
+        for pos in range(start, stop):
+            v = version if version is not None else (versions[pos] if versions else 0)
+            out.append(
+                Upsert(
+                    id=ids[pos] if ids is not None else str(pos),
+                    vector=self.vectors[pos],
+                    metadata=meta[pos] if meta is not None else None,
+                    clock=Clock(v, offset, pos),
+                )
+            )
+        return out
+
+
+def _format_of(uri: str) -> str:
+    for ext in ("npy", "npz", "lhv"):
+        if uri.lower().endswith("." + ext):
+            return ext
+    raise InvalidRequest(f"import: cannot tell the format of {uri!r}: name it with 'format'")
+
+
+def _decode_arrays(
+    data: bytes, fmt: str, policy: ImportPolicy
+) -> tuple[np.ndarray, list[str] | None]:
+    ids: list[str] | None = None
+    if fmt == "npy":
+        vectors = decode_npy(
+            data,
+            "source",
+            kinds="fiu",
+            max_bytes=policy.max_object_bytes,
+            setting="LHV_MAX_IMPORT_BYTES",
+        )
+    else:
+        arrays = decode_npz(data, "source", policy, ("vectors", "ids"))
+        if "vectors" not in arrays:
+            raise InvalidRequest("import: source has no array 'vectors'")
+        vectors = arrays["vectors"]
+        if "ids" in arrays:
+            ids = _ids_of(arrays["ids"], "source")
+    if vectors.ndim != 2:
+        raise InvalidRequest("import: source must hold a 2-D numeric array")
+    return np.ascontiguousarray(vectors, dtype=np.float32), ids
+
+
+def _ids_of(arr: np.ndarray, field: str) -> list[str]:
+    if arr.ndim != 1:
+        raise InvalidRequest(f"import: the ids of {field} must be a 1-D array")
+    if arr.dtype.kind == "U":
+        return [str(x) for x in arr.tolist()]
+    if arr.dtype.kind == "S":
+        out = []
+        for row, x in enumerate(arr.tolist()):
+            try:
+                out.append(x.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise InvalidRequest(
+                    f"import: row {row}: the id in {field} is not UTF-8", item=row
+                ) from None
+        return out
+    if arr.dtype.kind in "iu":
+        return [str(int(x)) for x in arr.tolist()]
+    raise InvalidRequest(f"import: the ids of {field} must be strings or integers")
+
+
+def _decode_ids(data: bytes, source: str, policy: ImportPolicy) -> list[str]:
+    if source.lower().endswith(".npy"):
+        arr = decode_npy(
+            data,
+            "ids_source",
+            kinds="USiu",
+            max_bytes=policy.max_object_bytes,
+            setting="LHV_MAX_IMPORT_BYTES",
+        )
+        return _ids_of(arr, "ids_source")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        row = row_of(data, exc.start)
+        raise InvalidRequest(
+            f"import: row {row}: ids_source is not UTF-8 there", item=row
+        ) from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def _decode_metadata(data: bytes) -> list[dict[str, Any] | None]:
+    lines = data.split(b"\n")
+    if lines and not lines[-1].strip():
+        lines.pop()
+    out: list[dict[str, Any] | None] = []
+    for row, line in enumerate(lines):
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raise InvalidRequest(
+                f"import: row {row}: metadata_source has no JSON value there", item=row
+            ) from None
+        if value is not None and not isinstance(value, dict):
+            raise InvalidRequest(
+                f"import: row {row}: metadata_source has neither an object nor null there",
+                item=row,
+            )
+        out.append(value)
+    return out

@@ -1,0 +1,321 @@
+"""Partition ownership: restore on assignment, checkpoint on revoke, fencing.
+
+The consumer group decides which worker owns partition p of the commands topic (and,
+with the range assignor and equal partition counts, the same p of the search topic).
+This module turns those decisions into state:
+
+- assigned: pause p, read its manifest, load its snapshots, claim the manifest (a
+  conditional write with a higher generation, which fences any older owner), seek to
+  `manifest.offset + 1`, resume, and serve once the replay reaches the log end seen at
+  assignment. If the log no longer holds `manifest.offset + 1`, refuse p loudly unless
+  the worker was told to accept data loss.
+- checkpoint: snapshots of dirty indexes, then the manifest (conditional on the ETag we
+  hold), then the Kafka commit of the commands offset. `Fenced` or `CommitFailedError` means the partition is
+  someone else's now: its state is dropped, and the next owner replays.
+- revoked: finish the batch in flight, checkpoint, commit the search offset, and park
+  the state; if the same partition comes back and its manifest is still ours, the parked
+  state is reused instead of reloaded from S3.
+
+Partition p of the search topic is positioned by the search server when it is assigned
+(its committed offset, else the first record younger than the maximum query age; see
+worker/search.py), and its offset is committed by the search server on its own cadence:
+the checkpoint commits only the commands offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, TypeVar
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from lhv_index.errors import LhvError
+from worker.service import failpoints
+from worker.service.partition import Partition, PartitionStatus
+from worker.storage.snapshots import Fenced, Manifest
+from worker.telemetry.logs import log_context
+
+if TYPE_CHECKING:
+    from worker.service import Worker
+
+__all__ = ["Ownership"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
+    """The worker's rebalance listener and the owner of partition lifecycles."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._w = worker
+        self._parked: dict[int, Partition] = {}
+        self._restores: dict[int, asyncio.Task[None]] = {}
+
+    # -- rebalance callbacks -------------------------------------------------------------
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        numbers = sorted({tp.partition for tp in revoked if tp.topic == self._w.topics.commands})
+        if not numbers:
+            return
+        self._w.metrics_rebalance()
+        log.info("partitions revoked: %s", numbers)
+        for p in numbers:
+            task = self._restores.pop(p, None)
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(self.release(p, park=True) for p in numbers))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        # first, before any await: no search record is fetched from a position not chosen
+        self._w.search.assign(
+            sorted({tp.partition for tp in assigned if tp.topic == self._w.topics.search})
+        )
+        numbers = sorted({tp.partition for tp in assigned if tp.topic == self._w.topics.commands})
+        log.info("partitions assigned: %s", numbers)
+        for p in list(self._parked):
+            if p not in numbers:
+                del self._parked[p]
+        for p in numbers:
+            self._w.consumer.pause(self._w.commands_tp(p))
+            partition = Partition(number=p)
+            self._w.partitions[p] = partition
+            self._restores[p] = asyncio.create_task(self._restore(partition), name=f"restore-{p}")
+
+    # -- restore -------------------------------------------------------------------------
+
+    async def _restore(self, partition: Partition) -> None:
+        p = partition.number
+        tp = self._w.commands_tp(p)
+        started = time.monotonic()
+        with log_context(partition=p):
+            try:
+                nbytes = await self._retrying(
+                    "restore",
+                    lambda: self._load(partition),
+                    on_error=lambda: self._w.observe_restore_failure(p),
+                )
+                if partition.status is PartitionStatus.REFUSED:
+                    await partition.notify()
+                    return
+                self._w.start_runner(partition)
+                self._w.consumer.seek(tp, partition.applied_offset + 1)
+                self._w.consumer.resume(tp)
+                log.info(
+                    "partition restored in %.2fs: %d indexes, checkpoint offset %d, "
+                    "replaying to %d",
+                    time.monotonic() - started,
+                    len(partition.indexes),
+                    partition.checkpoint_offset,
+                    partition.ready_offset,
+                )
+                self._w.observe_restore(p, time.monotonic() - started, nbytes)
+                self._w.observe_indexes(partition)
+                if partition.mark_ready_if_caught_up():
+                    log.info("partition serving at offset %d", partition.applied_offset)
+                await partition.notify()
+            except asyncio.CancelledError:
+                raise
+            except Fenced as exc:
+                log.warning("partition claimed by another worker while restoring: %s", exc)
+                self._drop(partition)
+            finally:
+                self._restores.pop(p, None)
+
+    async def _load(self, partition: Partition) -> int | None:
+        """Load p's checkpoint and claim p; returns the snapshot bytes read from S3 (None
+        when nothing was read)."""
+        p = partition.number
+        w = self._w
+        manifest, etag = await w.store.read_manifest(p)
+        parked = self._parked.pop(p, None)
+        nbytes = None
+        if parked is not None and etag is not None and parked.etag == etag:
+            partition.indexes = parked.indexes
+            log.info("reusing in-memory state of partition (manifest unchanged)")
+        elif manifest is not None:
+            indexes = {}
+            for name, entry in manifest.indexes.items():
+                with log_context(index=name, offset=entry.offset):
+                    indexes[name] = await w.store.load_index(name, entry)
+            partition.indexes = indexes
+            nbytes = sum(e.bytes for e in manifest.indexes.values())
+        start = manifest.offset + 1 if manifest else 0
+        tp = w.commands_tp(p)
+        log_start = (await w.consumer.beginning_offsets([tp]))[tp]
+        log_end = (await w.consumer.end_offsets([tp]))[tp]
+        if start < log_start:
+            reason = (
+                f"the log starts at offset {log_start} but the checkpoint covers only up to "
+                f"{start - 1}: records {start}..{log_start - 1} are gone (retention?)"
+            )
+            if not w.config.accept_data_loss:
+                partition.status = PartitionStatus.REFUSED
+                partition.refused_reason = reason
+                log.error(
+                    "REFUSING partition %d: %s. Restore the topic, or start the worker with "
+                    "--accept-data-loss to serve what is left.",
+                    p,
+                    reason,
+                )
+                w.observe_refused(p)
+                return nbytes
+            log.warning("accepting data loss on partition %d: %s", p, reason)
+            start = log_start
+        # Claim: a conditional write with a higher generation fences the previous owner.
+        claim = replace(
+            manifest or Manifest(topic=w.topics.commands, partition=p),
+            generation=(manifest.generation if manifest else 0) + 1,
+        )
+        partition.manifest, partition.etag = await w.store.write_manifest(claim, etag=etag)
+        partition.applied_offset = start - 1
+        partition.ready_offset = log_end - 1
+        partition.last_checkpoint = time.monotonic()
+        return nbytes
+
+    # -- checkpoint ----------------------------------------------------------------------
+
+    async def checkpoint(self, partition: Partition, *, reason: str) -> bool:
+        """Checkpoint one partition; True when done, False when S3 failed (retried later).
+
+        Must be called by the partition's runner (or after it stopped): nothing applies to
+        the partition meanwhile.
+        """
+        w = self._w
+        p = partition.number
+        if partition.status is not PartitionStatus.SERVING and partition.status is not (
+            PartitionStatus.RESTORING
+        ):
+            return False
+        if partition.manifest is None or not partition.needs_checkpoint:
+            return True
+        started = time.monotonic()
+        offset = partition.applied_offset
+        with log_context(partition=p, offset=offset):
+            try:
+                await w.flush_producer()
+                entries = {
+                    name: e
+                    for name, e in partition.manifest.indexes.items()
+                    if name in partition.indexes and name not in partition.dirty
+                }
+                dirty = sorted(partition.dirty)
+                for name in dirty:
+                    index = partition.indexes[name]
+                    with log_context(index=name):
+                        snap_started = time.monotonic()
+                        try:
+                            entries[name] = await w.store.save_index(p, index, offset=offset)
+                        except LhvError:
+                            w.observe_snapshot_failure()
+                            raise
+                        w.observe_snapshot(time.monotonic() - snap_started, entries[name].bytes)
+                    failpoints.hit("mid_snapshot")
+                manifest = replace(partition.manifest, offset=offset, indexes=entries)
+                partition.manifest, partition.etag = await w.store.write_manifest(
+                    manifest, etag=partition.etag
+                )
+            except Fenced as exc:
+                log.error("checkpoint fenced, dropping partition: %s", exc)
+                self._drop(partition)
+                return False
+            except LhvError as exc:
+                log.warning("checkpoint failed (%s), state kept, will retry: %s", reason, exc)
+                w.observe_checkpoint_failure(p)
+                policy = w.config.checkpoint
+                partition.retry_delay_s = min(
+                    max(partition.retry_delay_s * 2, policy.retry_backoff_s),
+                    policy.retry_backoff_max_s,
+                )
+                partition.retry_at = time.monotonic() + partition.retry_delay_s
+                return False
+            partition.dirty.difference_update(dirty)
+            partition.dropped = False
+            partition.records_since_checkpoint = 0
+            partition.last_checkpoint = time.monotonic()
+            partition.retry_delay_s = 0.0
+            elapsed = time.monotonic() - started
+            w.observe_checkpoint(p, elapsed, offset)
+            log.info(
+                "checkpoint (%s): %d snapshots written, %d indexes, %.2fs",
+                reason,
+                len(dirty),
+                len(entries),
+                elapsed,
+            )
+            failpoints.hit("after_manifest")
+            try:
+                await w.commit_offsets(p, offset + 1)
+            except (CommitFailedError, KafkaError) as exc:
+                log.warning("commit failed after checkpoint (ownership moving?): %s", exc)
+            w.spawn(w.store.collect_garbage(partition.manifest), name=f"gc-{p}")
+            due = [step for at, step in partition.after_checkpoint if at <= offset]
+            partition.after_checkpoint = [
+                (at, step) for at, step in partition.after_checkpoint if at > offset
+            ]
+            for step in due:
+                w.spawn(step(), name=f"after-checkpoint-{p}")
+        return True
+
+    async def release(self, p: int, *, park: bool) -> None:
+        """Stop applying to p, checkpoint it, and forget it (parking the state if asked)."""
+        w = self._w
+        partition = w.partitions.get(p)
+        if partition is None:
+            return
+        with log_context(partition=p):
+            await w.stop_runner(p)
+            if partition.status is PartitionStatus.SERVING or (
+                partition.status is PartitionStatus.RESTORING and partition.manifest is not None
+            ):
+                try:
+                    async with asyncio.timeout(w.config.rebalance_timeout_ms / 2000):
+                        done = await self.checkpoint(partition, reason="revoke")
+                except TimeoutError:
+                    log.warning("checkpoint on revoke timed out; the next owner replays more")
+                    done = False
+                if done and park and partition.etag is not None:
+                    self._parked[p] = partition
+            await w.search.release(p)
+            self._drop(partition)
+
+    def _drop(self, partition: Partition) -> None:
+        partition.status = PartitionStatus.REVOKED
+        self._w.partitions.pop(partition.number, None)
+        self._w.forget_partition(partition.number, list(partition.indexes))
+        self._w.spawn(partition.notify(), name=f"notify-{partition.number}")
+
+    async def _retrying(
+        self,
+        what: str,
+        step: Callable[[], Awaitable[T]],
+        *,
+        on_error: Callable[[], None] | None = None,
+    ) -> T:
+        """Run `step` until it succeeds; S3/Kafka trouble is retried with backoff
+        (`on_error` is told of each failed attempt)."""
+        policy = self._w.config.checkpoint
+        delay = policy.retry_backoff_s
+        while True:
+            try:
+                return await step()
+            except (Fenced, asyncio.CancelledError):
+                raise
+            except (LhvError, KafkaError, OSError) as exc:
+                if on_error is not None:
+                    on_error()
+                log.warning("%s failed, retrying in %.1fs: %s", what, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, policy.retry_backoff_max_s)
+
+    async def stop(self) -> None:
+        for task in list(self._restores.values()):
+            task.cancel()
+        await asyncio.gather(*self._restores.values(), return_exceptions=True)
+        self._restores.clear()

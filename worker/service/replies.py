@@ -1,0 +1,194 @@
+"""Request/reply plumbing: Spring `ReplyingKafkaTemplate` headers, the reply-topic policy,
+and the DLQ header set.
+
+A reply (or ack) carries the header `kafka_correlationId` with the request's bytes,
+unchanged, and has those bytes as its record key, so Java requesters using Spring Kafka
+interoperate. It goes to the request's `kafka_replyTopic` (and `kafka_replyPartition` when
+given), but only when that topic matches the configured pattern (default `lhv.replies.*`),
+so a request can never make a worker write to `lhv.commands` or any other topic.
+
+A reply topic that does not exist (its client stopped and deleted it: replays re-send
+acks, and a late query may outlive its requester) must never stall or stop a partition:
+`ReplySender` waits for its metadata at most a few seconds, then drops what goes there
+with a warning and remembers the topic as missing for a minute (at most
+`max_missing` topics, least recently used forgotten first). A `kafka_replyPartition` that
+the topic does not have drops the reply with a warning, and a reply too large to send is
+replaced by a small `invalid_request` error reply; records go out through the worker's
+`Outbox` (`worker/outbox.py`), which bounds their size and confines any failure to the
+record.
+
+Pattern syntax: `fnmatch` (shell style, case-sensitive): `*` matches any run of
+characters, dots included, `?` one character, `[...]` a set. The topic must also be a
+legal Kafka topic name (`[A-Za-z0-9._-]`, 1 to 249 characters) and not one of the
+`forbidden` topics, whatever the pattern says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from aiokafka.errors import KafkaError
+
+from lhv_index.errors import InvalidRequest
+from worker.service.outbox import Kind, Outbox, record_size
+from worker.wire.headers import ReplyTo, build_reply_headers
+from worker.wire.replies import encode_error_reply
+
+__all__ = ["ReplySender"]
+
+log = logging.getLogger(__name__)
+
+
+class ReplySender:
+    """Produces replies and acks to requesters' reply topics (module docstring).
+
+    Arguments:
+        outbox: where the records go (its own producer, its size bounds).
+        wait_s: how long to wait for a reply topic's metadata.
+        forget_after_s: how long a missing topic stays missing.
+        max_missing: how many missing topics are remembered (least recently used ones
+            are forgotten first), so a flood of made-up topic names holds no memory.
+        on_drop: called for each reply or ack dropped because its topic is missing.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        *,
+        wait_s: float = 5.0,
+        forget_after_s: float = 60.0,
+        max_missing: int = 1024,
+        on_drop: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.outbox = outbox
+        self.wait_s = wait_s
+        self.forget_after_s = forget_after_s
+        self.max_missing = max_missing
+        self._on_drop = on_drop
+        self._missing: OrderedDict[str, float] = OrderedDict()
+        """topic -> monotonic time until which it is taken as missing; oldest use first"""
+
+    async def send(
+        self,
+        producer: object,
+        reply_to: ReplyTo,
+        value: bytes,
+        *,
+        kind: Kind = "reply",
+        where: tuple[int, int] | None = None,
+    ) -> bool:
+        """Send one reply (or ack); False when it was dropped (logged and counted).
+
+        Dropped: the topic is missing or unreachable; `kafka_replyPartition` is not a
+        partition of it; the record is over the size bound (a reply over it is replaced
+        by a small `invalid_request` error reply when that fits). Never raises.
+
+        Arguments:
+            producer: not used: replies go through `outbox`; kept for callers that pass
+                the worker's producer.
+            where: (partition, offset) of the request, for the logs.
+        """
+        del producer
+        topic = reply_to.topic
+        if self._is_missing(topic):
+            self._on_drop()
+            self.outbox.dropped(kind, "missing_topic", topic, where, "missing", quiet=True)
+            return False
+        try:
+            async with asyncio.timeout(self.wait_s):
+                partitions = await self.outbox.partitions_for(topic)
+        except (TimeoutError, KafkaError) as exc:
+            self._remember_missing(topic)
+            self._on_drop()
+            log.warning(
+                "reply topic %r is missing or unreachable (%s): its replies are dropped for %.0f s",
+                topic,
+                type(exc).__name__,
+                self.forget_after_s,
+            )
+            self.outbox.dropped(kind, "missing_topic", topic, where, "missing", quiet=True)
+            return False
+        except Exception as exc:  # anything else stays with this reply
+            self.outbox.dropped(kind, "error", topic, where, repr(exc))
+            return False
+        if reply_to.partition is not None and reply_to.partition not in partitions:
+            self.outbox.dropped(
+                kind,
+                "bad_partition",
+                topic,
+                where,
+                f"kafka_replyPartition {reply_to.partition} is not one of its "
+                f"{len(partitions)} partitions",
+            )
+            return False
+        headers = build_reply_headers(reply_to)
+        limit = self.outbox.max_record_bytes
+        size = record_size(reply_to.correlation_id, value, headers)
+        if size > limit:
+            small = _error_instead(reply_to, value, size, limit) if kind == "reply" else None
+            if small is None or record_size(reply_to.correlation_id, small, headers) > limit:
+                self.outbox.dropped(kind, "too_large", topic, where, f"{size} bytes over {limit}")
+                return False
+            self.outbox.dropped(
+                kind,
+                "replaced_too_large",
+                topic,
+                where,
+                f"{size} bytes over {limit}: an invalid_request error reply is sent instead",
+            )
+            value = small
+        return await self.outbox.send(
+            kind,
+            topic,
+            key=reply_to.correlation_id,
+            value=value,
+            headers=headers,
+            partition=reply_to.partition,
+            where=where,
+        )
+
+    def _is_missing(self, topic: str) -> bool:
+        until = self._missing.get(topic)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            self._missing.move_to_end(topic)
+            return True
+        del self._missing[topic]
+        return False
+
+    def _remember_missing(self, topic: str) -> None:
+        self._missing[topic] = time.monotonic() + self.forget_after_s
+        self._missing.move_to_end(topic)
+        while len(self._missing) > self.max_missing:
+            self._missing.popitem(last=False)
+
+    @property
+    def missing_topics(self) -> int:
+        """How many reply topics are remembered as missing (at most `max_missing`)."""
+        return len(self._missing)
+
+
+#: `"op":"..."` and `"index":"..."` near the start of an encoded reply (no JSON string can
+#: hold them unescaped, so they are the reply's own fields)
+_REPLY_FIELDS = re.compile(rb'"(op|index)":"([A-Za-z0-9._-]{0,128})"')
+
+
+def _error_instead(reply_to: ReplyTo, value: bytes, size: int, limit: int) -> bytes | None:
+    """A small `invalid_request` reply standing in for `value`, too large to send."""
+    fields: dict[str, str] = {}
+    for m in _REPLY_FIELDS.finditer(value[:16384]):  # the first of each: the reply's own
+        fields.setdefault(m.group(1).decode(), m.group(2).decode())
+    error = InvalidRequest(
+        f"the reply is {size} bytes, over the limit of {limit} bytes for one reply record: "
+        "ask for less (a smaller k, fewer ids or query vectors, or without include_vectors "
+        "and include_metadata)"
+    )
+    return encode_error_reply(
+        reply_to, fields.get("index", ""), error, took_ms=0.0, op=fields.get("op")
+    )

@@ -1,0 +1,902 @@
+"""Serving queries from the search topic: where it starts, batching, read-your-writes,
+deadlines, bounds, and one reply per query whatever fails.
+
+Each query record is decoded (in a thread), then waits until its partition serves and
+has applied `min_offset` (read-your-writes), or until its deadline, whichever is first.
+Ready `search` queries for one index are answered together: while one engine call for
+an index runs, the queries that arrive queue up and go in the next call, so under load
+the batch grows by itself and one `knn_query` serves many requesters.
+
+Replies go to the requester's reply topic (which must match the configured pattern) with
+the Spring `kafka_correlationId` header. A query without reply headers cannot be
+answered: it is logged and skipped. A query naming a reply topic outside the pattern is
+logged and never answered (a request can never make the worker write to another topic).
+A query on a partition that is not its index's home partition gets `wrong_partition`.
+
+Where a search partition starts (no query is silently lost, no flood is re-answered):
+
+- With a committed offset, the new owner resumes from it. Each owner commits, for every
+  partition it owns, the lowest offset still in flight (nothing before it is unanswered)
+  every `QueryPolicy.commit_interval_ms` when it moved, and again on revoke and on stop.
+  A worker killed -9 therefore leaves at most about one interval of answered queries to
+  be answered again (clients ignore duplicate replies by correlation id).
+- With no committed offset (the first worker of the group, or an owner that died before
+  its first commit), it starts at the first record younger than `QueryPolicy.max_age_ms`
+  (`offsets_for_times`), not at the log end: queries sent before any worker joined, or
+  while the partition moved, are answered. A committed offset that retention already
+  removed is treated the same way.
+- A record older than `max_age_ms` (by its record timestamp), or past its `deadline_ms`,
+  is answered `deadline_exceeded` without being decoded or computed: a requester that
+  waited that long has given up, and a backlog costs one small reply per record.
+
+Bounds: per partition, at most `QueryPolicy.max_parked` queries (and `max_parked_bytes`
+of their records) wait for readiness or `min_offset`; past that a query is answered
+`not_ready` at once (retriable). No query waits longer than `max_wait_ms`, whatever its
+`deadline_ms` says (it is then answered `deadline_exceeded`).
+
+Failures: every query that enters serving gets exactly one reply, or a logged reason
+(no reply headers, a refused reply topic, a reply the broker did not take, the partition
+moved to another owner). An unexpected exception while serving one query, or one group
+of batched queries, answers only those `internal` (logged with partition, offset and
+index); the task that drains an index's queue never dies, and every offset read is
+finished, so the committed offset never sticks.
+
+`engine_calls` and `searched` count engine calls and the queries they answered, so
+`searched / engine_calls` is the mean batch size (the `lhv_search_batch_size` histogram
+has the distribution).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
+
+from lhv_index import Columns
+from lhv_index.errors import (
+    DeadlineExceeded,
+    DimMismatch,
+    IndexNotFound,
+    Internal,
+    InvalidRequest,
+    LhvError,
+    NotReady,
+    WrongPartition,
+)
+from worker.service.partition import PartitionStatus
+from worker.telemetry.logs import log_context
+from worker.wire.headers import ReplyTo, reply_to_from_headers
+from worker.wire.queries import GetQuery, Query, SearchQuery, StatsQuery, decode_query
+from worker.wire.replies import (
+    encode_error_reply,
+    encode_get_reply,
+    encode_search_results,
+    encode_stats_reply,
+)
+from worker.wire.topics import home_partition
+
+if TYPE_CHECKING:
+    from worker.service import Worker
+    from worker.service.partition import Partition
+
+__all__ = ["SearchServer"]
+
+log = logging.getLogger(__name__)
+
+#: attempts to find where a newly assigned search partition starts, before falling back
+#: to the consumer's own reset (its committed offset, else the log end)
+_POSITION_ATTEMPTS = 6
+#: the longest a commit on revoke or stop may take
+_RELEASE_COMMIT_S = 5.0
+
+_Refused = tuple[ReplyTo | None, LhvError]
+"""a record answered with an error before serving: where to reply (None: nowhere), why"""
+
+
+@dataclass(slots=True, eq=False)
+class _Flight:
+    """One owned search partition's queries between their read and their reply."""
+
+    offsets: set[int] = field(default_factory=set)
+    """offsets read and not yet finished (answered, refused, or left to the next owner)"""
+    next: int | None = None
+    """the offset after the last record read"""
+    parked: int = 0
+    """queries waiting for readiness or their `min_offset`"""
+    parked_bytes: int = 0
+    """record bytes of those queries"""
+    committed: int | None = None
+    """the offset this worker last committed"""
+
+    def committable(self) -> int | None:
+        """The lowest offset not finished (nothing before it is pending); None: nothing read."""
+        return min(self.offsets) if self.offsets else self.next
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    """A ready search waiting in its index's queue.
+
+    Exactly one reply is built for it: whoever answers first `claim`s it; `done` is set
+    once that reply was sent (or failed), and its requester's task then finishes."""
+
+    query: SearchQuery
+    part: Partition
+    offset: int
+    received: float
+    claimed: bool = False
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def claim(self) -> bool:
+        """True for the first caller only: it answers this query."""
+        if self.claimed:
+            return False
+        self.claimed = True
+        return True
+
+    def finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class SearchServer:
+    """Answers queries for the partitions its worker owns (see the module docstring)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._w = worker
+        self._flights: dict[int, _Flight] = {}
+        self._positioning: dict[int, asyncio.Task[None]] = {}
+        self._queues: dict[str, list[_Pending]] = defaultdict(list)
+        self._busy: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._committer: asyncio.Task[None] | None = None
+        self._closed = False
+        self.engine_calls = 0
+        """search engine calls made (one per batch of compatible queries)"""
+        self.searched = 0
+        """search queries answered by those calls"""
+
+    async def start(self) -> None:
+        """Start committing search offsets on their cadence."""
+        self._closed = False
+        if self._committer is None:
+            self._committer = asyncio.create_task(self._commit_loop(), name="search-commits")
+
+    async def stop(self) -> None:
+        """Cancel everything in flight; unanswered queries are left uncommitted."""
+        self._closed = True
+        tasks = [*self._tasks, *self._positioning.values()]
+        if self._committer is not None:
+            tasks.append(self._committer)
+            self._committer = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._positioning.clear()
+
+    def raise_errors(self) -> None:
+        """Raise the error of a background routine that crashed (the worker then exits)."""
+        task = self._committer
+        if task is not None and task.done() and not task.cancelled():
+            exc = task.exception()
+            if exc is not None:
+                raise exc
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        """A task's failure is logged and counted, never lost."""
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._w.metrics.search_failed("task")
+            log.error("search task %s failed", task.get_name(), exc_info=exc)
+
+    def _failed(self, stage: str, what: str, **where: Any) -> None:
+        """Log (with its traceback) and count an unexpected failure at `stage`."""
+        self._w.metrics.search_failed(stage)
+        log.exception(what, extra={k: v for k, v in where.items() if v is not None})
+
+    def search_tp(self, p: int) -> TopicPartition:
+        return TopicPartition(self._w.topics.search, p)
+
+    # -- where each search partition starts ----------------------------------------------
+
+    def assign(self, partitions: Iterable[int]) -> None:
+        """Search partitions assigned: each stays paused until its start offset is set
+        (its committed offset, else the first record younger than the maximum age).
+
+        Must be called from the rebalance listener before it awaits anything, so that no
+        record is fetched from the consumer's own reset position first.
+        """
+        consumer = self._w.consumer
+        for p in partitions:
+            consumer.pause(self.search_tp(p))
+            self.forget(p)
+            task = asyncio.create_task(self._position(p), name=f"search-position-{p}")
+            self._positioning[p] = task
+            task.add_done_callback(functools.partial(self._positioned, p))
+
+    def _positioned(self, p: int, task: asyncio.Task[None]) -> None:
+        if self._positioning.get(p) is task:
+            del self._positioning[p]
+        if not task.cancelled() and task.exception() is not None:
+            self._w.metrics.search_failed("position")
+            log.error("positioning search partition %d failed", p, exc_info=task.exception())
+
+    async def _position(self, p: int) -> None:
+        tp = self.search_tp(p)
+        consumer = self._w.consumer
+        with log_context(partition=p):
+            start: int | None = None
+            delay = 0.2
+            for attempt in range(1, _POSITION_ATTEMPTS + 1):
+                try:
+                    start, how = await self._start_offset(tp)
+                    log.info("search partition starts at offset %d (%s)", start, how)
+                    break
+                except KafkaError as exc:
+                    log.warning(
+                        "finding where the search partition starts failed (attempt %d): %s",
+                        attempt,
+                        exc,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            else:
+                self._w.metrics.search_failed("position")
+                log.error(
+                    "could not find where the search partition starts: reading from its "
+                    "committed offset, else its end"
+                )
+            try:
+                if start is not None:
+                    consumer.seek(tp, start)
+                consumer.resume(tp)
+            except KafkaError as exc:  # no longer assigned: the next owner positions it
+                log.info("search partition not positioned: %s", exc)
+
+    async def _start_offset(self, tp: TopicPartition) -> tuple[int, str]:
+        """Where `tp` starts, and why (module docstring)."""
+        consumer = self._w.consumer
+        committed = await consumer.committed(tp)
+        if committed is not None:
+            first = (await consumer.beginning_offsets([tp]))[tp]
+            if committed >= first:
+                return committed, "committed offset"
+            log.warning(
+                "committed search offset %d is before the log start %d (retention)",
+                committed,
+                first,
+            )
+        max_age_ms = self._w.config.queries.max_age_ms
+        end = (await consumer.end_offsets([tp]))[tp]  # before the lookup: nothing missed
+        since_ms = int(time.time() * 1000) - max_age_ms
+        found = (await consumer.offsets_for_times({tp: since_ms}))[tp]
+        if found is None:
+            return end, f"no committed offset, no record younger than {max_age_ms} ms"
+        return found.offset, f"no committed offset: first record younger than {max_age_ms} ms"
+
+    # -- committing ----------------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        """Commit every owned partition's search offset on its cadence (when it moved)."""
+        interval_s = self._w.config.queries.commit_interval_ms / 1000
+        try:
+            while True:
+                await asyncio.sleep(interval_s)
+                await self.commit(list(self._flights))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("search offset commits crashed")
+            raise Internal("search offset commits crashed") from exc
+
+    async def commit(self, partitions: Sequence[int]) -> None:
+        """Commit the search offset of each of `partitions` this worker owns, when it moved
+        since its last commit. A failed commit is logged; the next one retries."""
+        offsets: dict[TopicPartition, int] = {}
+        flights: dict[int, tuple[_Flight, int]] = {}
+        assigned = self._w.consumer.assignment()
+        for p in partitions:
+            flight = self._flights.get(p)
+            part = self._w.partitions.get(p)
+            if flight is None or part is None or part.status is PartitionStatus.REVOKED:
+                continue
+            offset = flight.committable()
+            tp = self.search_tp(p)
+            if offset is None or offset == flight.committed or tp not in assigned:
+                continue
+            offsets[tp] = offset
+            flights[p] = (flight, offset)
+        if not offsets:
+            return
+        try:
+            await self._w.consumer.commit(offsets)
+        except KafkaError as exc:
+            log.warning(
+                "search offset commit failed (ownership moving?): %s",
+                exc,
+                extra={"partition": next(iter(flights)) if len(flights) == 1 else None},
+            )
+            return
+        for p, (flight, offset) in flights.items():
+            flight.committed = offset
+            self._w.metrics.search_committed_offset(p, offset)
+
+    async def release(self, p: int) -> None:
+        """The partition is being revoked (or the worker stops): commit its offset now, so
+        the next owner answers exactly what this worker did not."""
+        try:
+            async with asyncio.timeout(_RELEASE_COMMIT_S):
+                await self.commit([p])
+        except TimeoutError:
+            log.warning("search offset commit on release timed out", extra={"partition": p})
+
+    def committable(self, partition: int) -> int | None:
+        """The search-topic offset to commit for `partition`: nothing before it is pending."""
+        flight = self._flights.get(partition)
+        return flight.committable() if flight is not None else None
+
+    def forget(self, partition: int) -> None:
+        """The partition is gone: its unanswered queries are the next owner's."""
+        self._flights.pop(partition, None)
+        task = self._positioning.pop(partition, None)
+        if task is not None:
+            task.cancel()
+
+    # -- intake --------------------------------------------------------------------------
+
+    def submit(self, partition: int, records: Sequence[Any]) -> None:
+        """Take one poll's query records of `partition`; answers are sent asynchronously."""
+        if self._closed or not records:
+            return
+        flight = self._flights.get(partition)
+        if flight is None:
+            flight = self._flights[partition] = _Flight()
+        for rec in records:
+            flight.offsets.add(rec.offset)
+        flight.next = records[-1].offset + 1
+        self._spawn(self._intake(flight, partition, list(records)), name=f"intake-{partition}")
+
+    async def _intake(self, flight: _Flight, partition: int, records: list[Any]) -> None:
+        received = time.monotonic()
+        taken = 0
+        try:
+            decoded = await asyncio.to_thread(self._decode_all, partition, records)
+            for rec, item in zip(records, decoded, strict=True):
+                if isinstance(item, tuple):
+                    self._refuse(flight, partition, rec, item, received)
+                else:
+                    size = len(rec.value) if rec.value is not None else 0
+                    self._spawn(
+                        self._serve(flight, partition, rec.offset, size, item, received),
+                        name=f"query-{partition}-{rec.offset}",
+                    )
+                taken += 1
+        except Exception:
+            left = records[taken:]
+            self._failed(
+                "intake",
+                f"query intake failed: {len(left)} queries not answered",
+                partition=partition,
+                offset=left[0].offset if left else None,
+            )
+            for rec in left:
+                flight.offsets.discard(rec.offset)
+
+    def _refuse(
+        self, flight: _Flight, partition: int, rec: Any, refused: _Refused, received: float
+    ) -> None:
+        """Answer a record that fails before serving (undecodable, too old) with its error."""
+        reply_to, error = refused
+        name = _key_text(rec.key)
+        with log_context(partition=partition, offset=rec.offset, index=name or None):
+            if reply_to is None:
+                flight.offsets.discard(rec.offset)
+                log.warning("query without reply headers skipped: %s", error.message)
+                return
+            self._spawn(
+                self._refuse_reply(flight, rec.offset, reply_to, name, error, received),
+                name=f"refuse-{partition}-{rec.offset}",
+            )
+
+    async def _refuse_reply(
+        self,
+        flight: _Flight,
+        offset: int,
+        reply_to: ReplyTo,
+        name: str,
+        error: LhvError,
+        received: float,
+    ) -> None:
+        try:
+            await self._send_error(reply_to, name, error, received)
+        finally:
+            flight.offsets.discard(offset)
+
+    def _decode_all(self, partition: int, records: list[Any]) -> list[Query | _Refused]:
+        """Decode `records` (in a thread); a record older than the maximum query age is not
+        decoded at all."""
+        out: list[Query | _Refused] = []
+        limits = self._w.config.limits
+        max_age_ms = self._w.config.queries.max_age_ms
+        now_ms = time.time() * 1000
+        for rec in records:
+            headers = rec.headers or ()
+            try:
+                timestamp = rec.timestamp
+                if isinstance(timestamp, int) and timestamp >= 0:
+                    age_ms = now_ms - timestamp
+                    if age_ms > max_age_ms:
+                        raise DeadlineExceeded(
+                            f"the request is {age_ms / 1000:.1f} s old, older than the "
+                            f"maximum query age ({max_age_ms} ms): not computed"
+                        )
+                out.append(decode_query(rec.key, rec.value, headers, limits=limits))
+            except LhvError as exc:
+                out.append((_reply_to(headers), exc))
+            except Exception:
+                self._failed(
+                    "decode", "query could not be decoded", partition=partition, offset=rec.offset
+                )
+                out.append((_reply_to(headers), Internal("the query could not be decoded")))
+        return out
+
+    # -- serving -------------------------------------------------------------------------
+
+    async def _serve(
+        self, flight: _Flight, partition: int, offset: int, size: int, query: Query, received: float
+    ) -> None:
+        reply_to = query.reply_to
+        try:
+            with log_context(
+                partition=partition,
+                offset=offset,
+                index=query.index,
+                correlation_id=_cid(reply_to.correlation_id),
+            ):
+                try:
+                    self._w.reply_policy.check(reply_to.topic)
+                except LhvError as exc:
+                    log.warning("query refused: %s", exc.message)
+                    return
+                try:
+                    part = await self._wait_ready(flight, partition, query, size)
+                    if part is None:  # the partition moved: its next owner answers
+                        log.info("query left to the partition's next owner")
+                        return
+                    if isinstance(query, SearchQuery):
+                        pending = _Pending(query, part, offset, received)
+                        self._enqueue(pending)
+                        await pending.done
+                        return
+                    if isinstance(query, GetQuery):
+                        value = await asyncio.to_thread(self._get, part, query, received)
+                    else:
+                        value = self._stats(part, query, received)
+                    await self._send(reply_to, value)
+                    self._w.metrics.observe_search(_op(query), "ok", time.monotonic() - received, 1)
+                except LhvError as exc:
+                    await self._send_error(
+                        reply_to, query.index, exc, received, op=_op(query), queries=_count(query)
+                    )
+                except Exception as exc:
+                    self._failed("serve", "query failed")
+                    await self._send_error(
+                        reply_to,
+                        query.index,
+                        _internal(exc),
+                        received,
+                        op=_op(query),
+                        queries=_count(query),
+                    )
+        finally:
+            flight.offsets.discard(offset)
+
+    async def _wait_ready(
+        self, flight: _Flight, partition: int, query: Query, size: int
+    ) -> Partition | None:
+        """The partition once it serves `query`; None when it was revoked meanwhile (the
+        query's offset is not committed, so the next owner answers it)."""
+        num_partitions = self._w.num_partitions
+        home = home_partition(query.index.encode(), num_partitions) if num_partitions else None
+        if home is not None and home != partition:
+            raise WrongPartition(
+                f"index {query.index!r} lives on partition {home}, not {partition}"
+            )
+        part = self._w.partitions.get(partition)
+        if part is None or part.status is PartitionStatus.REVOKED:
+            return None
+        if part.status is PartitionStatus.REFUSED:
+            raise NotReady(f"partition {partition} is refused: {part.refused_reason}")
+        remaining_s = _remaining_s(query, self._w.config.query_wait_ms)
+        if remaining_s <= 0:
+            raise DeadlineExceeded("the request's deadline passed before it was read")
+        if not part.serves(query.min_offset):
+            policy = self._w.config.queries
+            if (
+                flight.parked >= policy.max_parked
+                or flight.parked_bytes + size > policy.max_parked_bytes
+            ):
+                raise NotReady(
+                    f"partition {partition} has too many waiting queries ({flight.parked} "
+                    f"queries, {flight.parked_bytes} bytes; limits {policy.max_parked} and "
+                    f"{policy.max_parked_bytes} bytes): retry later"
+                )
+            cap_s = policy.max_wait_ms / 1000
+            self._park(flight, partition, 1, size)
+            try:
+                ready = await part.wait_for(query.min_offset, timeout_s=min(remaining_s, cap_s))
+            finally:
+                self._park(flight, partition, -1, -size)
+            if not ready:
+                if part.revoked:
+                    return None
+                waiting_for = (
+                    f"offset {query.min_offset} (applied: {part.applied_offset})"
+                    if part.status is PartitionStatus.SERVING
+                    else f"partition {partition} ({part.status.value})"
+                )
+                if remaining_s > cap_s:
+                    raise DeadlineExceeded(
+                        f"waited the longest a query may wait ({policy.max_wait_ms} ms) for "
+                        f"{waiting_for}"
+                    )
+                if part.status is PartitionStatus.SERVING:
+                    raise DeadlineExceeded(
+                        f"offset {query.min_offset} not applied before the deadline "
+                        f"(applied: {part.applied_offset})"
+                    )
+                raise NotReady(f"partition {partition} is {part.status.value}")
+        if query.index not in part.indexes:
+            raise IndexNotFound(f"index {query.index!r} does not exist")
+        return part
+
+    def _park(self, flight: _Flight, partition: int, queries: int, nbytes: int) -> None:
+        flight.parked += queries
+        flight.parked_bytes += nbytes
+        if self._flights.get(partition) is flight:
+            self._w.metrics.set_search_parked(partition, flight.parked, flight.parked_bytes)
+
+    # -- batched searches ----------------------------------------------------------------
+
+    def _enqueue(self, pending: _Pending) -> None:
+        name = pending.query.index
+        self._queues[name].append(pending)
+        if name not in self._busy:
+            self._busy.add(name)
+            self._spawn(self._drain(name), name=f"drain-{name}")
+
+    async def _drain(self, index_name: str) -> None:
+        """Answer the queue of `index_name` until it is empty. Whatever fails, every query
+        taken gets its reply (`internal` for an unexpected failure) and the drain goes on."""
+        try:
+            while batch := self._queues.pop(index_name, None):
+                try:
+                    await self._search_batch(index_name, batch)
+                except Exception:
+                    self._failed(
+                        "batch",
+                        "search batch failed",
+                        index=index_name,
+                        partition=batch[0].part.number,
+                        offset=batch[0].offset,
+                    )
+                    await self._answer_all(batch, index_name, Internal("the search failed"))
+                finally:
+                    for pending in batch:  # on cancellation too: no requester waits forever
+                        pending.finish()
+        finally:
+            self._busy.discard(index_name)
+            if self._queues.get(index_name) and not self._closed:  # came after the last check
+                self._busy.add(index_name)
+                self._spawn(self._drain(index_name), name=f"drain-{index_name}")
+
+    async def _search_batch(self, index_name: str, batch: list[_Pending]) -> None:
+        now_ms = time.time() * 1000
+        groups: dict[tuple[Any, ...], list[_Pending]] = defaultdict(list)
+        alone: list[Coroutine[Any, Any, None]] = []
+        for pending in batch:
+            deadline = pending.query.deadline_ms
+            if deadline is not None and deadline < now_ms:
+                error: LhvError = DeadlineExceeded("deadline passed while queued")
+            else:
+                try:
+                    groups[self._group_key(index_name, pending)].append(pending)
+                    continue
+                except LhvError as exc:  # answered alone: one bad query never fails its batch
+                    error = exc
+                except Exception as exc:
+                    self._failed(
+                        "group",
+                        "query could not be batched",
+                        index=index_name,
+                        partition=pending.part.number,
+                        offset=pending.offset,
+                    )
+                    error = _internal(exc)
+            alone.append(self._answer_error(pending, index_name, error))
+        await asyncio.gather(
+            *alone, *(self._search_group_safely(index_name, g) for g in groups.values())
+        )
+
+    async def _search_group_safely(self, index_name: str, group: list[_Pending]) -> None:
+        """`_search_group`, whose unexpected failure answers that group alone `internal`."""
+        try:
+            await self._search_group(index_name, group)
+        except Exception:
+            self._failed(
+                "group",
+                "search group failed",
+                index=index_name,
+                partition=group[0].part.number,
+                offset=group[0].offset,
+            )
+            await self._answer_all(group, index_name, Internal("the search failed"))
+
+    def _group_key(self, index_name: str, pending: _Pending) -> tuple[Any, ...]:
+        """Queries with equal keys share one engine call: same partition state, ef, filter
+        and metadata flag. Raises the error a query alone deserves."""
+        q = pending.query
+        index = pending.part.indexes.get(index_name)
+        if index is None:
+            raise IndexNotFound(f"index {index_name!r} does not exist")
+        if q.vectors.shape[1] != index.params.dim:
+            raise DimMismatch(
+                f"query vectors have {q.vectors.shape[1]} dimensions, index "
+                f"{index_name!r} has {index.params.dim}"
+            )
+        try:
+            filter_key: object = (
+                orjson.dumps(q.filter, option=orjson.OPT_SORT_KEYS) if q.filter else b""
+            )
+        except orjson.JSONEncodeError:
+            filter_key = pending  # not comparable: searched alone
+        return (id(pending.part), q.ef, filter_key, q.include_metadata)
+
+    async def _search_group(self, index_name: str, group: list[_Pending]) -> None:
+        """One engine call for `group` (same partition, ef, filter and metadata flag), then
+        a reply per request: the rows of its vectors."""
+        q0 = group[0].query
+        part = group[0].part
+        index = part.indexes.get(index_name)
+        if index is None:
+            raise IndexNotFound(f"index {index_name!r} does not exist")
+        vectors = np.concatenate([p.query.vectors for p in group])
+        k = max(p.query.k for p in group)
+        self.engine_calls += 1
+        self.searched += len(vectors)
+        try:
+            found = await asyncio.to_thread(
+                index.search_columns,
+                vectors,
+                k,
+                ef=q0.ef,
+                filter=q0.filter,
+                include_metadata=q0.include_metadata,
+            )
+        except LhvError as exc:
+            await self._answer_all(group, index_name, exc)
+            return
+        applied = part.applied_offset
+        self._observe_distances(index_name, found)
+        sends = []
+        start = 0
+        for pending in group:
+            q = pending.query
+            rows = found[start : start + len(q.vectors)]
+            start += len(q.vectors)
+            sends.append(self._answer(pending, index_name, rows, applied, len(vectors)))
+        await asyncio.gather(*sends)
+
+    async def _answer(
+        self,
+        pending: _Pending,
+        index_name: str,
+        rows: list[Columns],
+        applied: int,
+        batch_size: int,
+    ) -> None:
+        """The reply to one search of a group; `internal` if it cannot be built."""
+        q = pending.query
+        took_ms = (time.monotonic() - pending.received) * 1000
+        try:
+            value = encode_search_results(
+                q, [_first(c, q.k) for c in rows], applied_offset=applied, took_ms=took_ms
+            )
+        except Exception as exc:
+            self._failed(
+                "reply",
+                "search reply could not be built",
+                index=index_name,
+                partition=pending.part.number,
+                offset=pending.offset,
+            )
+            await self._answer_error(pending, index_name, _internal(exc))
+            return
+        if not pending.claim():
+            return
+        try:
+            await self._send(q.reply_to, value)
+            self._w.metrics.observe_search(
+                "search", "ok", took_ms / 1000, batch_size, queries=len(rows)
+            )
+        finally:
+            pending.finish()
+
+    def _observe_distances(self, index_name: str, found: list[Columns]) -> None:
+        try:
+            self._w.observe_distances(
+                index_name, np.array([c.distances[0] for c in found if c.ids], dtype=np.float64)
+            )
+        except Exception:  # drift is a statistic: it never fails a query
+            self._failed("drift", "distance drift not observed", index=index_name)
+
+    async def _answer_all(
+        self, pending: Iterable[_Pending], index_name: str, error: LhvError
+    ) -> None:
+        """`error` to each of `pending` not answered yet."""
+        await asyncio.gather(*(self._answer_error(p, index_name, error) for p in pending))
+
+    async def _answer_error(self, pending: _Pending, index_name: str, error: LhvError) -> None:
+        """The error reply to one queued search, unless it was answered already; its
+        request is done after the send."""
+        if not pending.claim():
+            return
+        try:
+            with log_context(
+                partition=pending.part.number,
+                offset=pending.offset,
+                index=index_name,
+                correlation_id=_cid(pending.query.reply_to.correlation_id),
+            ):
+                await self._send_error(
+                    pending.query.reply_to,
+                    index_name,
+                    error,
+                    pending.received,
+                    op="search",
+                    queries=len(pending.query.vectors),
+                )
+        finally:
+            pending.finish()
+
+    def _get(self, part: Partition, query: GetQuery, received: float) -> bytes:
+        index = part.indexes.get(query.index)
+        if index is None:
+            raise IndexNotFound(f"index {query.index!r} does not exist")
+        items = index.get(
+            query.ids,
+            include_vectors=query.include_vectors,
+            include_metadata=query.include_metadata,
+        )
+        return encode_get_reply(
+            query,
+            items,
+            applied_offset=part.applied_offset,
+            took_ms=(time.monotonic() - received) * 1000,
+        )
+
+    def _stats(self, part: Partition, query: StatsQuery, received: float) -> bytes:
+        index = part.indexes.get(query.index)
+        if index is None:
+            raise IndexNotFound(f"index {query.index!r} does not exist")
+        stats = dict(index.stats())
+        stats["applied_offset"] = part.applied_offset
+        stats["checkpoint_offset"] = part.checkpoint_offset
+        stats["worker"] = self._w.config.worker_id
+        stats["partition"] = part.number
+        drift = self._w.drift_report(query.index)
+        if drift is not None:
+            stats["drift"] = drift
+        return encode_stats_reply(query, stats, took_ms=(time.monotonic() - received) * 1000)
+
+    # -- replies -------------------------------------------------------------------------
+
+    async def _send(self, reply_to: ReplyTo, value: bytes) -> None:
+        """Send one reply; a failure is logged (the reason this query got no reply)."""
+        try:
+            await self._w.replies.send(self._w.producer, reply_to, value)
+        except Exception:
+            self._failed("reply", f"reply to {reply_to.topic!r} not sent")
+
+    async def _send_error(
+        self,
+        reply_to: ReplyTo,
+        index: str,
+        error: LhvError,
+        received: float,
+        *,
+        op: str = "search",
+        queries: int = 1,
+    ) -> None:
+        try:
+            self._w.reply_policy.check(reply_to.topic)
+        except LhvError as exc:
+            log.warning("no error reply to %r: %s", reply_to.topic, exc.message)
+            return
+        took_ms = (time.monotonic() - received) * 1000
+        self._w.metrics.observe_search(op, error.code, took_ms / 1000, queries, queries=queries)
+        log.info("query answered with %s: %s", error.code, error.message)
+        try:
+            value = encode_error_reply(reply_to, index, error, took_ms=took_ms)
+        except Exception:
+            self._failed("reply", "error reply could not be built")
+            return
+        await self._send(reply_to, value)
+
+
+def _op(query: Query) -> str:
+    if isinstance(query, SearchQuery):
+        return "search"
+    if isinstance(query, GetQuery):
+        return "get"
+    if isinstance(query, StatsQuery):
+        return "stats"
+    raise InvalidRequest("unknown query")
+
+
+def _internal(exc: BaseException) -> Internal:
+    """The error a requester gets for our own fault: its kind, never its text (which may
+    quote data); the traceback is in the worker's log."""
+    return Internal(f"the worker failed serving this query ({type(exc).__name__})")
+
+
+def _reply_to(headers: Sequence[tuple[str, bytes]]) -> ReplyTo | None:
+    """Where an error reply goes, from the headers alone; None when nowhere."""
+    try:
+        return reply_to_from_headers(headers)
+    except Exception:
+        return None
+
+
+def _first(columns: Columns, k: int) -> Columns:
+    """The `k` nearest of `columns` (a batch asks the engine for its largest k)."""
+    if len(columns.ids) <= k:
+        return columns
+    meta = columns.metadata
+    return Columns(columns.ids[:k], columns.distances[:k], meta[:k] if meta is not None else None)
+
+
+def _count(query: Query) -> int:
+    """Query vectors in a request (1 for get and stats)."""
+    return len(query.vectors) if isinstance(query, SearchQuery) else 1
+
+
+def _key_text(key: bytes | None) -> str:
+    try:
+        return key.decode() if key else ""
+    except UnicodeDecodeError:
+        return ""
+
+
+def _cid(correlation_id: bytes) -> str:
+    try:
+        return correlation_id.decode()
+    except UnicodeDecodeError:
+        return correlation_id.hex()
+
+
+def _remaining_s(query: Query, default_wait_ms: int) -> float:
+    if query.deadline_ms is None:
+        return default_wait_ms / 1000
+    return query.deadline_ms / 1000 - time.time()

@@ -1,0 +1,393 @@
+"""Commands (`lhv.commands`): typed values and `decode_command`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, TypeAlias
+
+import numpy as np
+import orjson
+
+from lhv_index.errors import InvalidRequest
+from worker.wire._body import (
+    _brief,
+    _check_ids,
+    _check_key,
+    _int,
+    _opt_int,
+    _parse,
+    _request_faults,
+)
+from worker.wire.headers import ReplyTo, reply_to_from_headers
+from worker.wire.limits import COMMAND_OPS, MessageLimits
+from worker.wire.replies import ErrorInfo
+from worker.wire.schemas import _check
+from worker.wire.vectors import _NO_VECTOR, _b64_bytes, _check_finite, _json_rows, _json_vector
+
+__all__ = [
+    "AddCommand",
+    "AddItem",
+    "Command",
+    "CreateCommand",
+    "DeleteCommand",
+    "DropCommand",
+    "ImportCommand",
+    "MergeCommand",
+    "MergeDoneCommand",
+    "MergeInCommand",
+    "decode_command",
+]
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Base:
+    index: str
+    """the index the command is about; equals the record key"""
+    request_id: str | None = None
+    """echoed in the ack"""
+    reply_to: ReplyTo | None = None
+    """where the ack goes; None: no ack"""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreateCommand(_Base):
+    op: ClassVar[str] = "create"
+    params: dict[str, Any]
+    """dim, space, engine and engine parameters, as `IndexParams.from_dict` takes them"""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DropCommand(_Base):
+    op: ClassVar[str] = "drop"
+
+
+@dataclass(frozen=True, slots=True)
+class AddItem:
+    id: str
+    vector: np.ndarray
+    """float32, 1-D (its length is checked against the index's dim by the index)"""
+    metadata: dict[str, Any] | None
+    """None keeps the stored metadata, {} clears it, an object replaces it"""
+    version: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AddCommand(_Base):
+    op: ClassVar[str] = "add"
+    items: list[AddItem]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeleteCommand(_Base):
+    op: ClassVar[str] = "delete"
+    ids: list[str]
+    version: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MergeCommand(_Base):
+    """Copy the live items of `index` into `dest` (DESIGN section 6)."""
+
+    op: ClassVar[str] = "merge"
+    dest: str
+    clear_source: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImportCommand(_Base):
+    """Bulk load of `index` from S3 objects (see `schemas/import.schema.json`).
+
+    `source` is `s3://bucket/key` of a `.npy` (vectors only), a `.npz` (arrays `vectors`
+    and optionally `ids`) or an LHV1 snapshot (`.lhv`: ids, vectors, metadata, versions);
+    `format` overrides the guess from the extension. `ids_source` (text, one UTF-8 id per
+    line, or a `.npy` of strings) and `metadata_source` (JSON Lines, one object or null per
+    row) supply what the source lacks; without ids, an item's id is its row number in
+    decimal. Every item gets `version` (None: 0, or an LHV1 source's own versions), and
+    items are applied `chunk_items` at a time, last-write-wins like `add`.
+    """
+
+    op: ClassVar[str] = "import"
+    source: str
+    format: Literal["npy", "npz", "lhv"] | None = None
+    ids_source: str | None = None
+    metadata_source: str | None = None
+    version: int | None = None
+    """None: 0, or for an LHV1 source the versions it holds"""
+    chunk_items: int = 10_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MergeInCommand(_Base):
+    """Merge step on the destination's partition (`index` is the destination).
+
+    Produced by the source's owner after it wrote the export object `export` (a key under
+    the worker's own bucket and prefix): apply the exported items not live in `index`, then
+    produce `merge_done` back to `source_index`. `origin_partition`/`origin_offset` locate
+    the `merge` record, `reply` is where the merge's requester wants its ack.
+    """
+
+    op: ClassVar[str] = "merge_in"
+    source_index: str
+    export: str
+    merge_id: str
+    origin_partition: int
+    origin_offset: int
+    clear_source: bool = False
+    reply: ReplyTo | None = None
+
+    def encode(self) -> tuple[bytes, bytes]:
+        """(key, value) of the record to produce to the commands topic."""
+        body: dict[str, Any] = {
+            "op": self.op,
+            "index": self.index,
+            "source_index": self.source_index,
+            "export": self.export,
+            "merge_id": self.merge_id,
+            "origin_partition": self.origin_partition,
+            "origin_offset": self.origin_offset,
+            "clear_source": self.clear_source,
+        }
+        if self.request_id is not None:
+            body["request_id"] = self.request_id
+        if self.reply is not None:
+            body["reply"] = self.reply.to_wire()
+        return self.index.encode("utf-8"), orjson.dumps(body)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MergeDoneCommand(_Base):
+    """Merge step back on the source's partition (`index` is the source).
+
+    `applied` items of `export` went into `dest` (or `error` says why none did); with
+    `clear_source` the source deletes exactly the exported items, then acks to `reply`.
+    """
+
+    op: ClassVar[str] = "merge_done"
+    dest: str
+    export: str
+    merge_id: str
+    applied: int = 0
+    skipped: int = 0
+    clear_source: bool = False
+    error: ErrorInfo | None = None
+    reply: ReplyTo | None = None
+
+    def encode(self) -> tuple[bytes, bytes]:
+        """(key, value) of the record to produce to the commands topic."""
+        body: dict[str, Any] = {
+            "op": self.op,
+            "index": self.index,
+            "dest": self.dest,
+            "export": self.export,
+            "merge_id": self.merge_id,
+            "applied": self.applied,
+            "skipped": self.skipped,
+            "clear_source": self.clear_source,
+        }
+        if self.request_id is not None:
+            body["request_id"] = self.request_id
+        if self.error is not None:
+            body["error"] = self.error.to_wire()
+        if self.reply is not None:
+            body["reply"] = self.reply.to_wire()
+        return self.index.encode("utf-8"), orjson.dumps(body)
+
+
+Command: TypeAlias = (
+    CreateCommand
+    | DropCommand
+    | AddCommand
+    | DeleteCommand
+    | MergeCommand
+    | ImportCommand
+    | MergeInCommand
+    | MergeDoneCommand
+)
+
+
+def _decode_items(raw_items: list[dict[str, Any]], limits: MessageLimits) -> list[AddItem]:
+    """The items of an `add`; vectors decoded in as few numpy calls as possible."""
+    n = len(raw_items)
+    if n > limits.max_items:
+        raise InvalidRequest(f"add: {n} items is over the limit {limits.max_items}")
+
+    def where(pos: int) -> str:
+        return f"add: items[{pos}] (id {_brief(raw_items[pos]['id'])})"
+
+    max_id = limits.max_id_bytes
+    max_meta = limits.max_metadata_bytes
+    json_pos: list[int] = []
+    b64_pos: list[int] = []
+    for pos, raw in enumerate(raw_items):
+        has_json = "vector" in raw
+        if has_json == ("vector_b64" in raw):
+            got = "both" if has_json else "neither"
+            raise InvalidRequest(
+                f"{where(pos)}: exactly one of vector and vector_b64 is required, got {got}",
+                item=pos,
+            )
+        (json_pos if has_json else b64_pos).append(pos)
+        id_ = raw["id"]
+        if len(id_) * 4 > max_id and len(id_.encode("utf-8")) > max_id:
+            raise InvalidRequest(f"{where(pos)}: id over {max_id} bytes", item=pos)
+        meta = raw.get("metadata")
+        if meta is not None and len(orjson.dumps(meta)) > max_meta:
+            raise InvalidRequest(f"{where(pos)}: metadata over {max_meta} bytes", item=pos)
+
+    vectors: list[np.ndarray] = [_NO_VECTOR] * n
+    max_dim = limits.max_dim
+    if json_pos:
+        rows = [raw_items[p]["vector"] for p in json_pos]
+        lengths = set(map(len, rows))
+        if len(lengths) == 1 and max(lengths) <= max_dim:
+            arr = _json_rows(rows, json_pos, where, max_dim)
+            for i, pos in enumerate(json_pos):
+                vectors[pos] = arr[i]
+        else:  # ragged (the index rejects the odd ones out) or over the limit
+            for pos, row in zip(json_pos, rows, strict=True):
+                vectors[pos] = _json_vector(row, max_dim, where(pos), pos)
+    if b64_pos:
+        chunks = [_b64_bytes(raw_items[p]["vector_b64"], max_dim, where(p), p) for p in b64_pos]
+        if len(set(map(len, chunks))) == 1:
+            arr = np.frombuffer(b"".join(chunks), dtype="<f4").astype(np.float32)
+            arr = arr.reshape(len(chunks), -1)
+            _check_finite(arr, b64_pos, where)
+            for i, pos in enumerate(b64_pos):
+                vectors[pos] = arr[i]
+        else:
+            for pos, chunk in zip(b64_pos, chunks, strict=True):
+                vec = np.frombuffer(chunk, dtype="<f4").astype(np.float32)
+                _check_finite(vec.reshape(1, -1), [pos], where)
+                vectors[pos] = vec
+    return [
+        AddItem(raw["id"], vec, raw.get("metadata"), _int(raw.get("version"), 0))
+        for raw, vec in zip(raw_items, vectors, strict=True)
+    ]
+
+
+def decode_command(
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes]],
+    *,
+    limits: MessageLimits,
+) -> Command:
+    """Decode and validate one record of the commands topic.
+
+    Arguments:
+        key: the record key; must be the index name (UTF-8).
+        value: the record value, a JSON object with `op` and `index`.
+        headers: the record headers; Spring reply headers ask for an ack.
+
+    Raises:
+        InvalidRequest: anything malformed or over a limit (malformed reply headers
+            included), with a message naming it and `item` set when one item (or id) is
+            to blame. Nothing was applied.
+    """
+    with _request_faults():
+        return _command(key, value, headers, limits)
+
+
+def _command(
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes]],
+    limits: MessageLimits,
+) -> Command:
+    body = _parse(value, limits)
+    op = body.get("op")
+    if op not in COMMAND_OPS:
+        raise InvalidRequest(
+            f"unknown op {_brief(op)}; commands are {', '.join(COMMAND_OPS)}"
+            if "op" in body
+            else f"a command needs an op, one of {', '.join(COMMAND_OPS)}"
+        )
+    _check(op, body)
+    index = body["index"]
+    _check_key(key, index)
+    reply_to = reply_to_from_headers(headers, limits=limits)
+    request_id = body.get("request_id")
+    if op == "add":
+        return AddCommand(
+            index=index,
+            request_id=request_id,
+            reply_to=reply_to,
+            items=_decode_items(body["items"], limits),
+        )
+    if op == "delete":
+        return DeleteCommand(
+            index=index,
+            request_id=request_id,
+            reply_to=reply_to,
+            ids=_check_ids(body["ids"], limits, op),
+            version=_int(body.get("version"), 0),
+        )
+    if op == "create":
+        params = {
+            k: (int(v) if isinstance(v, float) else v)  # integral floats: the schema said integer
+            for k, v in body.items()
+            if k not in ("op", "index", "request_id")
+        }
+        if params["dim"] > limits.max_dim:
+            raise InvalidRequest(f"create: dim {params['dim']} is over the limit {limits.max_dim}")
+        return CreateCommand(index=index, request_id=request_id, reply_to=reply_to, params=params)
+    if op == "drop":
+        return DropCommand(index=index, request_id=request_id, reply_to=reply_to)
+    if op == "merge":
+        if body["dest"] == index:
+            raise InvalidRequest(f"merge: index {index!r} cannot be merged into itself")
+        return MergeCommand(
+            index=index,
+            request_id=request_id,
+            reply_to=reply_to,
+            dest=body["dest"],
+            clear_source=bool(body.get("clear_source", False)),
+        )
+    if op == "import":
+        return ImportCommand(
+            index=index,
+            request_id=request_id,
+            reply_to=reply_to,
+            source=body["source"],
+            format=body.get("format"),
+            ids_source=body.get("ids_source"),
+            metadata_source=body.get("metadata_source"),
+            version=_opt_int(body.get("version")),
+            chunk_items=_int(body.get("chunk_items"), 10_000),
+        )
+    reply = body.get("reply")
+    if op == "merge_in":
+        if body["source_index"] == index:
+            raise InvalidRequest(f"merge_in: index {index!r} cannot be merged into itself")
+        return MergeInCommand(
+            index=index,
+            request_id=request_id,
+            reply_to=reply_to,
+            source_index=body["source_index"],
+            export=body["export"],
+            merge_id=body["merge_id"],
+            origin_partition=int(body["origin_partition"]),
+            origin_offset=int(body["origin_offset"]),
+            clear_source=bool(body.get("clear_source", False)),
+            reply=None if reply is None else ReplyTo.from_wire(reply),
+        )
+    error = body.get("error")
+    return MergeDoneCommand(
+        index=index,
+        request_id=request_id,
+        reply_to=reply_to,
+        dest=body["dest"],
+        export=body["export"],
+        merge_id=body["merge_id"],
+        applied=_int(body.get("applied"), 0),
+        skipped=_int(body.get("skipped"), 0),
+        clear_source=bool(body.get("clear_source", False)),
+        error=None
+        if error is None
+        else ErrorInfo(error["code"], error["message"], _opt_int(error.get("item"))),
+        reply=None if reply is None else ReplyTo.from_wire(reply),
+    )

@@ -1,0 +1,181 @@
+"""Spring `ReplyingKafkaTemplate` request/reply headers and the DLQ header set."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lhv_index.errors import InvalidRequest, LhvError
+from worker.wire.limits import _DEFAULT_LIMITS, MessageLimits
+
+__all__ = [
+    "DLQ_MESSAGE_MAX_BYTES",
+    "ReplyTo",
+    "build_reply_headers",
+    "check_headers",
+    "correlation_text",
+    "dlq_headers",
+    "reply_key",
+    "reply_to_from_headers",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyTo:
+    """Where a reply or ack goes (Spring `ReplyingKafkaTemplate` headers)."""
+
+    topic: str
+    partition: int | None
+    """None: the producer's partitioner picks (the reply key is the correlation id)"""
+    correlation_id: bytes
+    """opaque; sent back unchanged as header and key"""
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON form carried by the internal merge commands."""
+        return {
+            "topic": self.topic,
+            "partition": self.partition,
+            "correlation_id_b64": base64.b64encode(self.correlation_id).decode("ascii"),
+        }
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> ReplyTo:
+        """Inverse of `to_wire` (the schema has checked the shape)."""
+        part = obj.get("partition")
+        return cls(
+            obj["topic"],
+            None if part is None else int(part),
+            base64.b64decode(obj["correlation_id_b64"]),
+        )
+
+
+def _header(headers: Sequence[tuple[str, bytes | None]], name: str) -> bytes | None:
+    """The last header named `name` (Kafka's `lastHeader`, as Spring reads it)."""
+    found = None
+    for key, value in headers:
+        if key == name:
+            found = value
+    return found
+
+
+def check_headers(headers: Sequence[tuple[str, bytes | None]], limits: MessageLimits) -> None:
+    """Refuse a record whose headers are over the limits (count, total bytes, and the
+    length of `kafka_correlationId`).
+
+    Raises:
+        InvalidRequest: naming the limit and its setting.
+    """
+    if len(headers) > limits.max_headers:
+        raise InvalidRequest(
+            f"{len(headers)} record headers are over the limit of {limits.max_headers}"
+        )
+    cid = _header(headers, "kafka_correlationId")
+    if cid is not None and len(cid) > limits.max_correlation_id_bytes:
+        raise InvalidRequest(
+            f"kafka_correlationId of {len(cid)} bytes is over the limit of "
+            f"{limits.max_correlation_id_bytes}"
+        )
+    total = 0
+    for key, value in headers:
+        total += len(key) + (len(value) if value is not None else 0)
+    if total > limits.max_header_bytes:
+        raise InvalidRequest(
+            f"record headers of {total} bytes are over the limit of {limits.max_header_bytes}"
+        )
+
+
+def reply_to_from_headers(
+    headers: Sequence[tuple[str, bytes]], *, limits: MessageLimits | None = None
+) -> ReplyTo | None:
+    """Spring's `kafka_replyTopic`, `kafka_replyPartition` and `kafka_correlationId`.
+
+    Reads headers only, so it works whatever the body is and a malformed request can still
+    get its error reply. `kafka_replyPartition` is a 4-byte big-endian int (what Spring
+    sends) or ASCII decimal digits. With `limits` (the default limits when not given),
+    headers over them (`check_headers`) get no reply: an answer carrying them could not
+    be sent.
+
+    Returns:
+        None when there is no `kafka_replyTopic` (nobody wants an answer).
+
+    Raises:
+        InvalidRequest: an empty or non-UTF-8 reply topic, a reply topic without a
+            correlation id, an unreadable or negative partition, or headers over the
+            limits.
+    """
+    check_headers(headers, limits or _DEFAULT_LIMITS)
+    topic = _header(headers, "kafka_replyTopic")
+    if topic is None:
+        return None
+    try:
+        topic_s = bytes(topic).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("kafka_replyTopic is not UTF-8") from None
+    if not topic_s:
+        raise InvalidRequest("kafka_replyTopic is empty")
+    cid = _header(headers, "kafka_correlationId")
+    if not cid:
+        raise InvalidRequest("kafka_replyTopic without kafka_correlationId")
+    raw_part = _header(headers, "kafka_replyPartition")
+    partition: int | None = None
+    if raw_part is not None:
+        raw_part = bytes(raw_part)
+        if raw_part.isdigit():  # bytes.isdigit: ASCII digits only
+            partition = int(raw_part)
+        elif len(raw_part) == 4:
+            partition = int.from_bytes(raw_part, "big", signed=True)
+        else:
+            raise InvalidRequest("kafka_replyPartition is not a partition number")
+        if not 0 <= partition <= 2**31 - 1:
+            raise InvalidRequest(f"kafka_replyPartition {partition} is not a partition number")
+    return ReplyTo(topic_s, partition, bytes(cid))
+
+
+# -- encoding -----------------------------------------------------------------------------
+
+
+def correlation_text(correlation_id: bytes) -> str:
+    """A correlation id as it appears in reply bodies: UTF-8 text, else lowercase hex."""
+    try:
+        return correlation_id.decode("utf-8")
+    except UnicodeDecodeError:
+        return correlation_id.hex()
+
+
+#: `lhv_error_message` is cut to this many UTF-8 bytes (on a character boundary)
+DLQ_MESSAGE_MAX_BYTES = 4096
+
+
+def build_reply_headers(reply_to: ReplyTo) -> list[tuple[str, bytes]]:
+    """Headers of a reply or ack record: `kafka_correlationId`, the request's bytes."""
+    return [("kafka_correlationId", reply_to.correlation_id)]
+
+
+def reply_key(reply_to: ReplyTo) -> bytes:
+    """Record key of a reply or ack: the correlation id."""
+    return reply_to.correlation_id
+
+
+def dlq_headers(
+    error: LhvError, topic: str, partition: int, offset: int
+) -> list[tuple[str, bytes]]:
+    """The headers that say why a command went to the DLQ (`schemas/dlq_headers.schema.json`).
+
+    Values are UTF-8 text; numbers are decimal. `lhv_error_item` is present only when one
+    item of the command is to blame. The caller adds them to the original headers.
+    """
+    message = error.message.encode("utf-8", "replace")
+    if len(message) > DLQ_MESSAGE_MAX_BYTES:  # cut, then drop a split character
+        message = message[:DLQ_MESSAGE_MAX_BYTES].decode("utf-8", "ignore").encode("utf-8")
+    out = [
+        ("lhv_error_code", error.code.encode("ascii")),
+        ("lhv_error_message", message),
+        ("lhv_source_topic", topic.encode("utf-8")),
+        ("lhv_source_partition", str(partition).encode("ascii")),
+        ("lhv_source_offset", str(offset).encode("ascii")),
+    ]
+    if error.item is not None:
+        out.append(("lhv_error_item", str(error.item).encode("ascii")))
+    return out

@@ -1,0 +1,370 @@
+"""Replies and acks: typed values that encode themselves."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import orjson
+
+from lhv_index import Columns
+from lhv_index.errors import LhvError, error_for_code
+from worker.wire.headers import ReplyTo, correlation_text
+from worker.wire.limits import QUERY_OPS
+from worker.wire.queries import GetQuery, SearchQuery, StatsQuery
+
+__all__ = [
+    "Ack",
+    "ErrorInfo",
+    "ErrorReply",
+    "GetReply",
+    "SearchReply",
+    "StatsReply",
+    "encode_ack",
+    "encode_error_reply",
+    "encode_get_reply",
+    "encode_search_reply",
+    "encode_search_results",
+    "encode_stats_reply",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """An error carried inside a message (merge_done), as code and message."""
+
+    code: str
+    message: str
+    item: int | None = None
+
+    @classmethod
+    def of(cls, error: LhvError) -> ErrorInfo:
+        return cls(error.code, error.message, error.item)
+
+    def to_error(self) -> LhvError:
+        """The `LhvError` subclass named by `code` (unknown codes: `Internal`)."""
+        exc = error_for_code(self.code, self.message)
+        exc.item = self.item
+        return exc
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.item is not None:
+            out["item"] = self.item
+        return out
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _ms(took_ms: float) -> float:
+    return round(float(took_ms), 3)
+
+
+class _HitLike(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def distance(self) -> float: ...
+    @property
+    def metadata(self) -> dict[str, Any] | None: ...
+
+
+class _ItemLike(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def vector(self) -> np.ndarray | None: ...
+    @property
+    def metadata(self) -> dict[str, Any] | None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SearchReply:
+    """`status: ok` reply to a search: hits nearest first; for a multi-vector search,
+    `results` holds one `{ids, distances, metadata?}` per query vector, in request order,
+    instead of `hits`."""
+
+    reply_to: ReplyTo
+    index: str
+    hits: Sequence[_HitLike]
+    """`lhv_index.Hit`s"""
+    include_metadata: bool
+    applied_offset: int
+    took_ms: float
+    request_id: str | None = None
+    results: Sequence[Columns] | None = None
+    """the hits of each vector of a multi-vector search, as columns (then `hits` is not
+    sent)"""
+
+    def _hits(self, hits: Sequence[_HitLike]) -> list[dict[str, Any]]:
+        if self.include_metadata:
+            return [
+                {"id": h.id, "distance": float(h.distance), "metadata": h.metadata} for h in hits
+            ]
+        return [{"id": h.id, "distance": float(h.distance)} for h in hits]
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "correlation_id": correlation_text(self.reply_to.correlation_id),
+            "status": "ok",
+            "op": "search",
+            "index": self.index,
+        }
+        if self.results is None:
+            body["hits"] = self._hits(self.hits)
+        elif self.include_metadata:
+            body["results"] = [
+                {"ids": c.ids, "distances": c.distances, "metadata": c.metadata}
+                for c in self.results
+            ]
+        else:
+            body["results"] = [{"ids": c.ids, "distances": c.distances} for c in self.results]
+        body["applied_offset"] = self.applied_offset
+        body["took_ms"] = _ms(self.took_ms)
+        if self.request_id is not None:
+            body["request_id"] = self.request_id
+        return _dumps(body)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetReply:
+    """`status: ok` reply to a get: the live ids asked for, in the order asked."""
+
+    reply_to: ReplyTo
+    index: str
+    items: Sequence[_ItemLike]
+    """`lhv_index.Item`s; `version` is sent when an item has a `clock`"""
+    include_vectors: bool
+    include_metadata: bool
+    vector_encoding: Literal["json", "b64"]
+    applied_offset: int
+    took_ms: float
+    request_id: str | None = None
+
+    def encode(self) -> bytes:
+        out = []
+        for item in self.items:
+            entry: dict[str, Any] = {"id": item.id}
+            if self.include_vectors and item.vector is not None:
+                vec = np.asarray(item.vector, dtype="<f4").reshape(-1)
+                if self.vector_encoding == "b64":
+                    entry["vector_b64"] = base64.b64encode(vec.tobytes()).decode("ascii")
+                else:
+                    entry["vector"] = vec.tolist()
+            if self.include_metadata:
+                entry["metadata"] = item.metadata
+            clock = getattr(item, "clock", None)
+            if clock is not None:
+                entry["version"] = int(clock[0])
+            out.append(entry)
+        body: dict[str, Any] = {
+            "correlation_id": correlation_text(self.reply_to.correlation_id),
+            "status": "ok",
+            "op": "get",
+            "index": self.index,
+            "items": out,
+            "applied_offset": self.applied_offset,
+            "took_ms": _ms(self.took_ms),
+        }
+        if self.request_id is not None:
+            body["request_id"] = self.request_id
+        return _dumps(body)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatsReply:
+    """`status: ok` reply to stats: `Index.stats()` plus the partition's offsets."""
+
+    reply_to: ReplyTo
+    index: str
+    stats: Mapping[str, Any]
+    """count, deleted, dim, space, engine, params, applied_offset, checkpoint_offset, ..."""
+    took_ms: float
+    request_id: str | None = None
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "correlation_id": correlation_text(self.reply_to.correlation_id),
+            "status": "ok",
+            "op": "stats",
+            "index": self.index,
+        }
+        body.update(self.stats)
+        body["took_ms"] = _ms(self.took_ms)
+        if self.request_id is not None:
+            body["request_id"] = self.request_id
+        return _dumps(body)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorReply:
+    """`status: error` reply to any query; `error.code` comes from the error's class."""
+
+    reply_to: ReplyTo
+    index: str
+    """"" when the request was too malformed to name one"""
+    error: LhvError
+    took_ms: float
+    op: str | None = None
+    applied_offset: int | None = None
+    request_id: str | None = None
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "correlation_id": correlation_text(self.reply_to.correlation_id),
+            "status": "error",
+            "index": self.index,
+            "error": self.error.to_wire(),
+            "took_ms": _ms(self.took_ms),
+        }
+        if self.op in QUERY_OPS:
+            body["op"] = self.op
+        if self.applied_offset is not None:
+            body["applied_offset"] = self.applied_offset
+        if self.request_id is not None:
+            body["request_id"] = self.request_id
+        return _dumps(body)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ack:
+    """Acknowledgement of one command record, after it was applied (or rejected)."""
+
+    reply_to: ReplyTo
+    offset: int
+    """the command record's offset"""
+    index: str = ""
+    op: str = ""
+    request_id: str | None = None
+    applied: int = 0
+    """ids whose state changed"""
+    skipped: int = 0
+    """writes that lost last-write-wins (already newer, or a duplicate)"""
+    error: LhvError | None = None
+    partition: int | None = None
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "correlation_id": correlation_text(self.reply_to.correlation_id),
+            "status": "error" if self.error is not None else "ok",
+            "op": self.op,
+            "index": self.index,
+            "request_id": self.request_id,
+            "offset": self.offset,
+            "applied": self.applied,
+            "skipped": self.skipped,
+        }
+        if self.partition is not None:
+            body["partition"] = self.partition
+        if self.error is not None:
+            body["error"] = self.error.to_wire()
+        return _dumps(body)
+
+
+def encode_search_reply(
+    query: SearchQuery,
+    hits: Sequence[Any],
+    *,
+    applied_offset: int,
+    took_ms: float,
+    results: Sequence[Columns] | None = None,
+) -> bytes:
+    """`SearchReply` of a one-vector `query`; `hits` are `lhv_index.Hit`s (id, distance,
+    metadata). With `results` (a multi-vector query), those are sent instead of `hits`."""
+    return SearchReply(
+        reply_to=query.reply_to,
+        index=query.index,
+        hits=hits,
+        results=results,
+        include_metadata=query.include_metadata,
+        applied_offset=applied_offset,
+        took_ms=took_ms,
+        request_id=query.request_id,
+    ).encode()
+
+
+def encode_search_results(
+    query: SearchQuery, rows: Sequence[Columns], *, applied_offset: int, took_ms: float
+) -> bytes:
+    """`SearchReply` of `query` from the `lhv_index.Columns` of each of its vectors:
+    `results` for a multi-vector search, `hits` (of the one row) otherwise."""
+    if query.multi:
+        return encode_search_reply(
+            query, (), applied_offset=applied_offset, took_ms=took_ms, results=rows
+        )
+    return encode_search_reply(
+        query, rows[0].hits(), applied_offset=applied_offset, took_ms=took_ms
+    )
+
+
+def encode_get_reply(
+    query: GetQuery, items: Sequence[Any], *, applied_offset: int, took_ms: float
+) -> bytes:
+    """`GetReply` of `query`; `items` are `lhv_index.Item`s of the live ids asked for."""
+    return GetReply(
+        reply_to=query.reply_to,
+        index=query.index,
+        items=items,
+        include_vectors=query.include_vectors,
+        include_metadata=query.include_metadata,
+        vector_encoding=query.vector_encoding,
+        applied_offset=applied_offset,
+        took_ms=took_ms,
+        request_id=query.request_id,
+    ).encode()
+
+
+def encode_stats_reply(query: StatsQuery, stats: Mapping[str, Any], *, took_ms: float) -> bytes:
+    """`StatsReply` of `query`."""
+    return StatsReply(
+        reply_to=query.reply_to,
+        index=query.index,
+        stats=stats,
+        took_ms=took_ms,
+        request_id=query.request_id,
+    ).encode()
+
+
+def encode_error_reply(
+    reply_to: ReplyTo,
+    index: str,
+    error: LhvError,
+    *,
+    took_ms: float,
+    applied_offset: int | None = None,
+    op: str | None = None,
+    request_id: str | None = None,
+) -> bytes:
+    """`ErrorReply` to a query (decoded or not)."""
+    return ErrorReply(
+        reply_to=reply_to,
+        index=index,
+        error=error,
+        took_ms=took_ms,
+        op=op,
+        applied_offset=applied_offset,
+        request_id=request_id,
+    ).encode()
+
+
+def encode_ack(outcome: Any) -> bytes:
+    """The `Ack` of one command record; `outcome` is a `worker.apply.Outcome`.
+
+    Reads `reply_to`, `offset`, `index`, `op`, `request_id`, `applied`, `skipped` and
+    `error` from it.
+    """
+    return Ack(
+        reply_to=outcome.reply_to,
+        offset=outcome.offset,
+        index=outcome.index,
+        op=outcome.op,
+        request_id=outcome.request_id,
+        applied=outcome.applied,
+        skipped=outcome.skipped,
+        error=outcome.error,
+    ).encode()

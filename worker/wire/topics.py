@@ -1,0 +1,93 @@
+"""Topic names, the reply-topic policy, and the partition an index lives on."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from fnmatch import translate
+
+from aiokafka.partitioner import murmur2
+
+from lhv_index.errors import (
+    InvalidRequest,
+)
+from worker._environ import _env
+
+__all__ = ["FORBIDDEN_REPLY_TOPICS", "ReplyTopicPolicy", "TopicsConfig", "home_partition"]
+
+
+def home_partition(key: bytes, num_partitions: int) -> int:
+    """The partition Kafka's default partitioner picks for `key` (murmur2, positive)."""
+    return int(murmur2(key) & 0x7FFFFFFF) % num_partitions
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TopicsConfig:
+    """Topic names and the reply-topic pattern (fnmatch style)."""
+
+    commands: str = "lhv.commands"
+    search: str = "lhv.search"
+    dlq: str = "lhv.commands.dlq"
+    reply_pattern: str = "lhv.replies.*"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> TopicsConfig:
+        d = cls()
+        return cls(
+            commands=_env(env, "LHV_COMMANDS_TOPIC", d.commands) or d.commands,
+            search=_env(env, "LHV_SEARCH_TOPIC", d.search) or d.search,
+            dlq=_env(env, "LHV_DLQ_TOPIC", d.dlq) or d.dlq,
+            reply_pattern=_env(env, "LHV_REPLY_PATTERN", d.reply_pattern) or d.reply_pattern,
+        )
+
+
+#: the default command, search and dead-letter topics: never a reply topic
+FORBIDDEN_REPLY_TOPICS = frozenset({"lhv.commands", "lhv.search", "lhv.commands.dlq"})
+
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+class ReplyTopicPolicy:
+    """Which topics replies and acks may be written to.
+
+    Arguments:
+        pattern: fnmatch-style pattern of allowed topics (see the module doc).
+        forbidden: topics refused even when they match; pass the configured command,
+            search and DLQ topics when they differ from the defaults.
+    """
+
+    __slots__ = ("_forbidden", "_regex", "pattern")
+
+    def __init__(
+        self, pattern: str = "lhv.replies.*", *, forbidden: Iterable[str] = FORBIDDEN_REPLY_TOPICS
+    ) -> None:
+        if not pattern:
+            raise ValueError("the reply-topic pattern is empty")
+        self.pattern = pattern
+        self._regex = re.compile(translate(pattern))
+        self._forbidden = frozenset(forbidden)
+
+    def allows(self, topic: str) -> bool:
+        return (
+            _TOPIC.fullmatch(topic) is not None
+            and topic not in self._forbidden
+            and self._regex.match(topic) is not None
+        )
+
+    def check(self, topic: str) -> None:
+        """Return quietly when replies may go to `topic`.
+
+        Raises:
+            InvalidRequest: `topic` does not match the pattern, is forbidden, or is not a
+                legal topic name.
+        """
+        if not self.allows(topic):
+            raise InvalidRequest(
+                f"reply topic {topic!r} is not allowed: replies go only to topics matching "
+                f"{self.pattern!r}"
+            )
+
+    def __repr__(self) -> str:
+        return f"ReplyTopicPolicy({self.pattern!r})"
