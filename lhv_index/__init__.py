@@ -1,5 +1,5 @@
 """LHV's index library: string ids, metadata, last-write-wins clocks and tombstones over
-hnswlib, annoy or exact numpy search, with the framed LHV1 snapshot format.
+hnswlib, annoy or exact numpy search, with the framed LHV1 snapshot format: full snapshots and delta segments.
 
 No Kafka, no S3, no asyncio: a library a user can import on its own.
 """
@@ -7,7 +7,9 @@ No Kafka, no S3, no asyncio: a library a user can import on its own.
 from __future__ import annotations
 
 from lhv_index import errors
+from lhv_index._capture import Base, Delta
 from lhv_index._clock import Clock
+from lhv_index._delta import apply_delta, read_delta, write_delta
 from lhv_index._index import Index
 from lhv_index._params import EngineKind, IndexParams, Limits, Space
 from lhv_index._snapshot import read_snapshot, write_snapshot
@@ -16,9 +18,11 @@ from lhv_index._writes import ApplyResult, Delete, Upsert, Write
 
 __all__ = [
     "ApplyResult",
+    "Base",
     "Clock",
     "Columns",
     "Delete",
+    "Delta",
     "EngineKind",
     "Hit",
     "Index",
@@ -28,16 +32,21 @@ __all__ = [
     "Space",
     "Upsert",
     "Write",
+    "apply_delta",
     "errors",
+    "read_delta",
     "read_snapshot",
+    "write_delta",
     "write_snapshot",
 ]
 
 for _obj in (
     ApplyResult,
+    Base,
     Clock,
     Columns,
     Delete,
+    Delta,
     EngineKind,
     Hit,
     Index,

@@ -3,10 +3,16 @@
 State per live id: a label (`LabelMap`), the clock of its last write (`ClockTable`),
 metadata as compact JSON bytes (None when empty), and under cosine the vector's norm (the
 engine holds the normalized vector, so `get` returns vector * norm). Deleted ids leave a
-tombstone (id -> clock) that is kept for good, so an older add arriving later is ignored.
+tombstone (id -> clock), so an older add arriving later is ignored; `compact_tombstones`
+drops the tombstones below a horizon (see `Index`).
+
+Every id written (upserted, deleted, or whose tombstone was dropped) since the last
+capture is tracked, so `capture_delta` copies those ids only; `capture_base` copies
+everything a full snapshot needs. Both copy under the lock and encode nothing.
 
 Locking: `search`, `get`, `stats`, `logical_state`, `live_items` and `clock_of` share the
-lock; `apply` and snapshot writing hold it alone (see `_locks`).
+lock; `apply`, `compact_tombstones`, the captures and delta application hold it alone
+(see `_locks`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from lhv_index._capture import Base, Delta
 from lhv_index._clock import Clock, ClockTable
 from lhv_index._distance import TopK, merge_topk, topk
 from lhv_index._engines import Engine, ExactEngine, ShortResult, make_engine, metric_of
@@ -33,7 +40,7 @@ from lhv_index._params import EF_MAX, IndexParams, Limits, Space
 from lhv_index._types import Columns, Hit, Item, Labels, Metadata, Vectors
 from lhv_index._validate import META_CLEAR, META_KEEP, Prepared, prepare, prepare_queries
 from lhv_index._writes import ApplyResult, Write
-from lhv_index.errors import EngineError, InvalidRequest
+from lhv_index.errors import EngineError, InvalidRequest, SnapshotError
 
 __all__ = ["COMPACT_DELETED_FRACTION", "COMPACT_MIN_SLOTS", "Index"]
 
@@ -54,7 +61,32 @@ FILTER_CACHE_SIZE = 16
 
 
 class Index:
-    """One vector index: see the module docstring and docs/ARCHITECTURE.md."""
+    """One vector index: see the module docstring and docs/ARCHITECTURE.md.
+
+    Last-write-wins: a write is applied when its clock is newer than the stored clock of
+    its id (live item or tombstone), so re-applying any record changes nothing and a
+    replay of the log from any point at or before a checkpoint gives the same state.
+
+    The tombstone horizon: `compact_tombstones(before_offset)` drops the tombstones whose
+    offset is below `before_offset`, which the caller guarantees no replay will start
+    before (a checkpoint covers it). The guarantee then reads:
+
+    - A tombstone with client version 0 only beats version-0 writes of lower offset, and
+      none can arrive any more: dropping it changes the outcome of no future write.
+    - For a dropped tombstone with a client version > 0, `version_floor` keeps the highest
+      such version. A later write with a client version > 0 to an id with no stored state
+      (neither live nor tombstoned), whose version is at or below the floor, is refused
+      with `InvalidRequest` ("older than the tombstone horizon") and nothing of its call
+      is applied: it cannot resurrect an item a dropped tombstone had deleted. Writes to
+      ids with stored state compare clocks as before; version-0 writes to unknown ids are
+      applied as before.
+    - Replay equivalence holds for live ids, their vectors, metadata and clocks, and for
+      the tombstones at or above the horizon; tombstones below it may be absent. A replay
+      that starts from an older checkpoint runs under that checkpoint's (lower) floor, so
+      a versioned write at or below the newer floor may be refused in one run and applied
+      in the other: compact only just before a checkpoint is captured
+      (`capture_delta(compact_before=...)`), so the floor changes with checkpoints.
+    """
 
     def __init__(self, name: str, params: IndexParams, *, limits: Limits | None = None) -> None:
         """A new, empty index.
@@ -104,11 +136,16 @@ class Index:
         self._filter_cache: OrderedDict[bytes, tuple[int, Labels]] = OrderedDict()
         self._filter_cache_lock = threading.Lock()
         self._broken: str | None = None
+        #: ids written since the last capture (upserted, deleted, tombstone dropped)
+        self._changed: set[str] = set()
+        #: highest client version of a dropped tombstone (see the class docstring)
+        self._version_floor = 0
 
     # -- writes -------------------------------------------------------------------------
 
     def validate(self, writes: Sequence[Write]) -> None:
-        """Check every write without applying anything.
+        """Check every write without applying anything (the writes alone: the tombstone
+        horizon, which depends on the stored state, is checked by `apply`).
 
         Raises:
             InvalidRequest: a bad item (`item` = its position; the message names its id).
@@ -121,7 +158,8 @@ class Index:
         clock (live or tombstone), apply the rest with one engine call. All or nothing.
 
         Raises:
-            InvalidRequest, DimMismatch: as `validate`; nothing is applied.
+            InvalidRequest, DimMismatch: as `validate`, or a versioned write older than the
+                tombstone horizon (see the class docstring); nothing is applied.
             EngineError: the engine failed; the index refuses further use (restore it).
         """
         prep = prepare(writes, self.params, self.limits)
@@ -147,6 +185,13 @@ class Index:
             if st is None:
                 label = labels_of.get(id_)
                 stored = self._clocks.get(label) if label is not None else self._tombs.get(id_)
+                if stored is None and 0 < clock.version <= self._version_floor:
+                    raise InvalidRequest(
+                        f"item {pos}: version {clock.version} of an id with no stored state"
+                        f" is older than the tombstone horizon (version floor"
+                        f" {self._version_floor})",
+                        item=pos,
+                    )
                 st = state[id_] = [-1, stored, META_KEEP, label]
             if st[1] is not None and clock <= st[1]:
                 continue
@@ -219,6 +264,7 @@ class Index:
         meta.maybe_compact()
         for p in delete_pos + tomb_pos:
             self._tombs[ids[p]] = clocks[p]
+        self._changed.update([ids[p] for p in up_pos + delete_pos + tomb_pos])
         return len(up_pos) + len(delete_pos) + len(tomb_pos)
 
     def _reserve(self, slots: int) -> None:
@@ -273,6 +319,221 @@ class Index:
         self._map.bind([i for i in ids if i is not None], list(range(n)), n)
         self._clocks = clocks
         self._engine = engine
+
+    # -- tombstones and captures ---------------------------------------------------------
+
+    @property
+    def version_floor(self) -> int:
+        """The highest client version of a tombstone dropped by `compact_tombstones`."""
+        return self._version_floor
+
+    def compact_tombstones(self, before_offset: int) -> int:
+        """Drop the tombstones whose clock offset is below `before_offset`; returns how many.
+
+        The caller guarantees no replay will start at or before `before_offset - 1` (a
+        durable checkpoint covers it). Version-0 tombstones go with no other effect; the
+        highest client version among the others raises `version_floor` (see the class
+        docstring for what that refuses). The dropped ids count as changed, so the next
+        delta records them as gone.
+        """
+        with self._lock.exclusive():
+            return self._compact_tombstones(before_offset)
+
+    def _compact_tombstones(self, before_offset: int) -> int:
+        drop = [id_ for id_, clock in self._tombs.items() if clock.offset < before_offset]
+        for id_ in drop:
+            version = self._tombs.pop(id_).version
+            if version > self._version_floor:
+                self._version_floor = version
+        self._changed.update(drop)
+        return len(drop)
+
+    def capture_delta(self, *, compact_before: int | None = None) -> Delta:
+        """Copy the state of every id written since the last capture, and start tracking
+        anew. O(changed ids) under the exclusive lock; nothing is encoded.
+
+        `compact_before`: run `compact_tombstones(compact_before)` first, under the same
+        lock, so the horizon moves exactly with this capture.
+
+        Note: the ids are no longer tracked once captured: a caller that fails to persist
+        the delta must persist a base (`capture_base`) next, not a later delta.
+
+        Raises:
+            EngineError: the index is unusable.
+        """
+        with self._lock.exclusive():
+            self._check_usable()
+            if compact_before is not None:
+                self._compact_tombstones(compact_before)
+            changed = sorted(self._changed)
+            self._changed = set()
+            labels_of = self._map.labels
+            live: list[str] = []
+            live_labels: list[int] = []
+            tomb_ids: list[str] = []
+            gone: list[str] = []
+            for id_ in changed:
+                label = labels_of.get(id_)
+                if label is not None:
+                    live.append(id_)
+                    live_labels.append(label)
+                elif id_ in self._tombs:
+                    tomb_ids.append(id_)
+                else:
+                    gone.append(id_)
+            labels = np.array(live_labels, dtype=np.intp)
+            meta_lens, meta_json = self._meta.take(labels)
+            tomb_clocks = np.array([self._tombs[i] for i in tomb_ids], dtype=np.int64)
+            return Delta(
+                name=self.name,
+                params=self.params,
+                ids=live,
+                clocks=self._clocks.take(labels),
+                vectors=self._engine.get(labels.astype(np.uint64)),
+                norms=self._norms[labels] if self._cosine else None,
+                meta_lens=meta_lens,
+                meta_json=meta_json,
+                tomb_ids=tomb_ids,
+                tomb_clocks=tomb_clocks.reshape(len(tomb_ids), 3),
+                gone=gone,
+                version_floor=self._version_floor,
+            )
+
+    def capture_base(self, *, compact_before: int | None = None) -> Base:
+        """Copy everything a full snapshot holds (the engine through its in-memory
+        serialization), and start tracking changes anew. Under the exclusive lock; the
+        copy is encoded later by `write_snapshot`, outside it.
+
+        `compact_before`: as in `capture_delta`.
+
+        Raises:
+            EngineError: the index is unusable, or the engine failed to serialize.
+        """
+        with self._lock.exclusive():
+            self._check_usable()
+            if compact_before is not None:
+                self._compact_tombstones(compact_before)
+            engine_state, engine = self._engine.capture()
+            by_label = self._map.ids
+            if self._map.free:
+                live_ids = [i for i in by_label if i is not None]
+                labels = np.flatnonzero([i is not None for i in by_label]).astype(np.intp)
+            else:  # every label is live: the list is already in label order
+                live_ids = list(by_label)  # type: ignore[arg-type]
+                labels = np.arange(len(by_label), dtype=np.intp)
+            meta_lens, meta_json = self._meta.take(labels)
+            tombs = list(self._tombs.items())
+            self._changed = set()
+            return Base(
+                name=self.name,
+                params=self.params,
+                labels=labels,
+                ids=live_ids,
+                clocks=self._clocks.take(labels),
+                meta_lens=meta_lens,
+                meta_json=meta_json,
+                norms=self._norms[labels] if self._cosine else None,
+                tomb_ids=[i for i, _ in tombs],
+                tomb_clocks=np.array([c for _, c in tombs], dtype=np.int64).reshape(len(tombs), 3),
+                slots=self._map.next_label,
+                version_floor=self._version_floor,
+                engine_state=engine_state,
+                engine=engine,
+            )
+
+    def _apply_delta(self, delta: Delta) -> int:
+        """Set every id of `delta` to its captured state, with one engine add; returns the
+        ids whose state changed. Not tracked as changes (the state is a captured one).
+
+        Raises:
+            SnapshotError: the delta is of another dim, space or engine.
+            EngineError: the engine failed; the index refuses further use.
+        """
+        for field in ("dim", "space", "engine"):
+            got, want = getattr(delta.params, field), getattr(self.params, field)
+            if got != want:
+                raise SnapshotError(f"delta holds {field}={got}, index has {want}")
+        with self._lock.exclusive():
+            self._check_usable()
+            changed = self._put(delta)
+            if delta.version_floor > self._version_floor:
+                self._version_floor = delta.version_floor
+            if changed:
+                self._generation += 1
+                self._maybe_compact()
+            return changed
+
+    def _put(self, delta: Delta) -> int:
+        labels_of = self._map.labels
+        n = len(delta.ids)
+        old = [labels_of.get(i) for i in delta.ids]
+        # live entries already stored exactly as captured are left alone (a delta applied
+        # twice costs no engine work)
+        same = np.zeros(n, dtype=np.bool_)
+        known = [k for k in range(n) if old[k] is not None]
+        if known:
+            kl = np.array([old[k] for k in known], dtype=np.intp)
+            ka = np.array(known, dtype=np.intp)
+            eq = (self._clocks.take(kl) == delta.clocks[ka]).all(axis=1)
+            eq &= (self._engine.get(kl.astype(np.uint64)) == delta.vectors[ka]).all(axis=1)
+            if delta.norms is not None:
+                eq &= self._norms[kl] == delta.norms[ka]
+            offs = np.cumsum(delta.meta_lens, dtype=np.int64) - delta.meta_lens
+            for j in np.flatnonzero(eq).tolist():
+                k, lb = known[j], int(kl[j])
+                o, ln = int(offs[k]), int(delta.meta_lens[k])
+                eq[j] = self._meta.get(lb) == (delta.meta_json[o : o + ln] if ln else None)
+            same[ka] = eq
+        todo = np.flatnonzero(~same)
+        update = [k for k in todo.tolist() if old[k] is not None]
+        new = [k for k in todo.tolist() if old[k] is None]
+        drop_ids = [i for i in delta.tomb_ids + delta.gone if i in labels_of]
+        tomb_changes = [
+            (i, Clock(*c))
+            for i, c in zip(delta.tomb_ids, delta.tomb_clocks.tolist(), strict=True)
+            if self._tombs.get(i) != Clock(*c)
+        ]
+        gone = [i for i in delta.gone if i in self._tombs]
+        if not (update or new or drop_ids or tomb_changes or gone):
+            return 0
+        new_ids = [delta.ids[k] for k in new]
+        new_labels, fresh = self._map.allocate(len(new))
+        self._reserve(self._map.next_label + fresh)
+        rows = np.array(update + new, dtype=np.intp)
+        up_labels = np.array([old[k] for k in update] + new_labels, dtype=np.uint64)
+        drop_labels = np.array([labels_of[i] for i in drop_ids], dtype=np.uint64)
+        try:
+            self._engine.add(up_labels, np.ascontiguousarray(delta.vectors[rows]))
+            if drop_labels.size:
+                self._engine.mark_deleted(drop_labels)
+        except Exception as exc:
+            self._broken = f"engine failed while applying a delta: {exc}"
+            log.error("index %s: %s", self.name, self._broken)
+            if isinstance(exc, EngineError):
+                raise
+            raise EngineError(self._broken) from exc
+        self._map.bind(new_ids, new_labels, fresh)
+        offs = np.cumsum(delta.meta_lens, dtype=np.int64) - delta.meta_lens
+        for k, label in zip(rows.tolist(), up_labels.tolist(), strict=True):
+            o, ln = int(offs[k]), int(delta.meta_lens[k])
+            self._meta.set(label, delta.meta_json[o : o + ln] if ln else None)
+        if rows.size:
+            idx = up_labels.astype(np.intp)
+            self._clocks.set(idx, [Clock(*c) for c in delta.clocks[rows].tolist()])
+            if delta.norms is not None:
+                self._norms[idx] = delta.norms[rows]
+        for id_ in new_ids:
+            self._tombs.pop(id_, None)
+        for label in self._map.release(drop_ids):
+            self._meta.set(label, None)
+        self._meta.maybe_compact()
+        for id_, clock in tomb_changes:
+            self._tombs[id_] = clock
+        for id_ in gone:
+            del self._tombs[id_]
+        return (
+            len(update) + len(new) + len(set(drop_ids) | {i for i, _ in tomb_changes} | set(gone))
+        )
 
     # -- reads --------------------------------------------------------------------------
 
@@ -462,12 +723,14 @@ class Index:
             return self._tombs.get(id_)
 
     def stats(self) -> dict[str, Any]:
-        """`count` (live), `deleted` (tombstones), `dim`, `space`, `engine`, `params`, and
-        the engine's `slots` (live + free), `free_slots`, `capacity`."""
+        """`count` (live), `deleted` (tombstones kept), `version_floor` (see the class
+        docstring), `dim`, `space`, `engine`, `params`, and the engine's `slots` (live +
+        free), `free_slots`, `capacity`."""
         with self._lock.shared():
             return {
                 "count": len(self._map),
                 "deleted": len(self._tombs),
+                "version_floor": self._version_floor,
                 "dim": self.params.dim,
                 "space": self.params.space.value,
                 "engine": self.params.engine.value,
@@ -479,7 +742,8 @@ class Index:
 
     def logical_state(self) -> dict[str, Any]:
         """What replay equivalence compares: `{"live": {id: (vector_bytes, metadata,
-        clock)}, "tombstones": {id: clock}}`. Materializes every vector: for tests."""
+        clock)}, "tombstones": {id: clock}}` (`version_floor` is a property of its own).
+        Materializes every vector: for tests."""
         with self._lock.shared():
             pairs = sorted(self._map.labels.items())
             labels = np.array([lb for _, lb in pairs], dtype=np.uint64)

@@ -16,7 +16,9 @@ Envelope v3 (written by this version)::
      "engine_state": {...},          # what the engine's bytes do not record (hnsw: metric,
                                      # allow_replace_deleted; exact: slots; annoy: slots,
                                      # annoy_metric, n_trees, parts)
+     "kind": "base",                 # absent in older v3 frames; "delta": see `_delta`
      "count": live items, "tombstones": tombstones, "slots": labels handed out,
+     "version_floor": int,           # absent (0) in older v3 frames; see `Index`
      "source": {...},                # e.g. {"topic", "partition", "offset"}
      "checksum": "crc32",
      "sections": [{"name": str, "length": int, "crc32": int}, ...]}   # in frame order
@@ -60,48 +62,42 @@ replay of records up to the snapshot's offset changes nothing, and any later rec
 
 In both, the engine's labels must be exactly `0 .. element_count-1`.
 
-How the bytes move (the engine libraries save and load by path only, so the engine's bytes
-always pass through a temporary file; a large index is never held twice in memory, unlike
-`pickle.dumps` of an hnswlib index, which holds two extra copies):
+How the bytes move:
 
-- Encoding: the engine is saved first, under the index's exclusive lock; its files are
-  mapped (mmap) and checksummed in a background thread (zlib releases the GIL; large
-  buffers in two halves joined by `crc32_combine`) while the id, clock and metadata
-  sections are built. The lock is released before `out` is written: the engine's bytes
-  go to `out` with `os.sendfile` when `out` is a plain file, else in one write from the
-  mapping. No pass reads the engine's bytes through Python buffers.
-- Decoding: a frame given as bytes, a `BytesIO` or a regular file (mapped) is read as one
-  buffer: small sections are checked and copied out, and each engine section is written
-  to its temporary file and checksummed in two background threads while the ids are
-  decoded and the id table is built. The engine is loaded only after every checksum has
-  matched. Other streams (pipes, sockets) are read in chunks, with the same checks.
+- Encoding: `Index.capture_base` copies everything under the index's exclusive lock
+  (hnsw: hnswlib's in-memory serialization, laid out as the exact bytes `save_index`
+  writes; exact and annoy: their dumped files read back). The lock is then released:
+  ids are encoded, sections checksummed (large buffers in two threads, see `_crc`) and
+  written to `out` while the index takes writes again.
+- Decoding: a frame given as bytes or a `BytesIO` is read in place: small sections are
+  checked and copied out, and each engine section is written to its temporary file and
+  checksummed in two background threads while the ids are decoded. Any other binary file
+  (a snapshot downloaded to disk, a pipe) is read one section at a time, the engine's in
+  chunks to its temporary file, so the frame is never whole in memory next to the
+  decoded index. The engine is loaded only after every checksum has matched.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import io
 import logging
-import mmap
 import os
 import re
-import stat
 import struct
 import tempfile
 import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
 import orjson
 
+from lhv_index._capture import Base, EnginePiece
 from lhv_index._clock import CLOCK_MAX, Clock
-from lhv_index._crc import crc32
+from lhv_index._crc import crc32, crc32_combine
 from lhv_index._engines import AnnoyEngine, Engine, ExactEngine, HnswEngine, metric_of
 from lhv_index._engines.annoy import PARTS as ANNOY_PARTS
 from lhv_index._ids import LabelMap
@@ -113,9 +109,12 @@ from lhv_index.errors import InvalidRequest, LhvError, SnapshotError
 __all__ = [
     "ENVELOPE_VERSION",
     "HEADER",
+    "KIND_BASE",
+    "KIND_DELTA",
     "MAGIC",
     "MAX_ENVELOPE_BYTES",
     "read_snapshot",
+    "write_frame",
     "write_snapshot",
 ]
 
@@ -124,14 +123,15 @@ log = logging.getLogger(__name__)
 MAGIC = b"LHV1"
 HEADER = struct.Struct(">4sI")
 ENVELOPE_VERSION = 3
+#: envelope `kind` of a full snapshot (the default when absent) and of a delta segment
+KIND_BASE = "base"
+KIND_DELTA = "delta"
 #: envelopes above this size are refused before being read (v2 ones hold every id)
 MAX_ENVELOPE_BYTES = 1 << 31
 #: bytes copied at a time between streams
 _COPY_CHUNK = 1 << 20
 #: bytes handed to `out.write` at a time from the engine's mapped files
 _WRITE_CHUNK = 1 << 30
-#: files are mapped shared and read-only, prefaulted in one go where the OS can
-_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 #: names of the engine's extra parts (sections `engine.<part>`, files `<engine>.<part>`)
 _PART_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
@@ -152,189 +152,109 @@ def _clock_bytes(clocks: npt.NDArray[np.int64]) -> bytes:
     return np.ascontiguousarray(clocks, dtype="<i8").tobytes()
 
 
-@dataclass(slots=True)
-class _Captured:
-    envelope: dict[str, Any]
-    sections: list[tuple[str, bytes]]
-    engine: list[tuple[str, memoryview]]
-    """(section name, the mapped file) of each of the engine's files"""
-    files: list[tuple[str, str]]
-    """(section name, path) of the same files"""
-    engine_crcs: _Checksums
+Section = tuple[str, list[EnginePiece]]
+"""(section name, pieces): the section's bytes are the pieces concatenated"""
 
 
-class _Checksums:
-    """crc32 of some buffers, computed in a background thread (zlib releases the GIL)."""
-
-    def __init__(self, views: list[memoryview]) -> None:
-        self._crcs: list[int] = []
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(
-            target=self._run, args=(views,), name="lhv-snapshot-crc", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, views: list[memoryview]) -> None:
-        try:
-            self._crcs = [crc32(v) for v in views]
-        except BaseException as exc:
-            self._error = exc
-
-    def join(self) -> None:
-        self._thread.join()
-
-    def result(self) -> list[int]:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._crcs
+def _as_bytes(piece: EnginePiece) -> memoryview:
+    """A flat byte view of a piece (an array must be C-contiguous)."""
+    if isinstance(piece, np.ndarray):
+        piece = piece.reshape(-1).view(np.uint8)
+    view = memoryview(piece)  # type: ignore[arg-type]
+    return view if view.format == "B" else view.cast("B")
 
 
-def _capture(index: Index, tmpdir: str, stack: contextlib.ExitStack) -> _Captured:
-    """Everything the frame needs, taken under the index's exclusive lock.
+def _section_entry(name: str, pieces: list[EnginePiece]) -> dict[str, Any]:
+    """The envelope entry of a section: its length and crc32 over all its pieces (large
+    pieces checksummed in two threads, see `_crc`)."""
+    length, crc = 0, 0
+    for piece in pieces:
+        with _as_bytes(piece) as view:
+            crc = crc32_combine(crc, crc32(view), len(view)) if length else crc32(view)
+            length += len(view)
+    return {"name": name, "length": length, "crc32": crc}
 
-    The engine is saved first; its files are mapped (into `stack`) and checksummed in the
-    background while the id, clock and metadata sections are built.
+
+def write_frame(
+    out: BinaryIO | IO[bytes], envelope: dict[str, Any], sections: list[Section]
+) -> int:
+    """Write one LHV1 frame: header, `envelope` plus `"checksum"` and `"sections"` (the
+    length and crc32 of each section, computed here), then the sections; returns the
+    bytes written.
+
+    Raises:
+        InvalidRequest: the envelope is not valid JSON (e.g. a caller's `source`).
     """
-    with index._lock.exclusive():
-        index._check_usable()
-        engine_path = os.path.join(tmpdir, "engine")
-        engine_state = index._engine.dump(engine_path)
-        files = _engine_files(engine_path, engine_state)
-        engine = [(name, stack.enter_context(_mapped(path))) for name, path in files]
-        crcs = _Checksums([view for _, view in engine])
-        stack.callback(crcs.join)  # before the files are unmapped, whatever happens
-        by_label = index._map.ids
-        if index._map.free:
-            live_ids = [i for i in by_label if i is not None]
-            labels = np.flatnonzero([i is not None for i in by_label]).astype(np.intp)
-        else:  # every label is live: the list is already in label order
-            live_ids = by_label  # type: ignore[assignment]
-            labels = np.arange(len(by_label), dtype=np.intp)
-        ids_len, ids_utf8 = _strings(live_ids)
-        meta_len, meta_json = index._meta.take(labels)
-        sections: list[tuple[str, bytes]] = [
-            ("labels", labels.astype("<u8").tobytes()),
-            ("ids.len", ids_len),
-            ("ids.utf8", ids_utf8),
-            ("clocks", _clock_bytes(index._clocks.take(labels))),
-            ("meta.len", meta_len.astype("<u4").tobytes()),
-            ("meta.json", meta_json),
-        ]
-        if index.params.space is Space.COSINE:
-            sections.append(("norms", index._norms[labels].astype("<f4").tobytes()))
-        tombs = list(index._tombs.items())
-        tomb_len, tomb_utf8 = _strings([i for i, _ in tombs])
-        tomb_clocks = np.array([c for _, c in tombs], dtype=np.int64).reshape(len(tombs), 3)
-        sections += [
-            ("tombs.len", tomb_len),
-            ("tombs.utf8", tomb_utf8),
-            ("tombs.clocks", _clock_bytes(tomb_clocks)),
-        ]
-        envelope: dict[str, Any] = {
-            "format": ENVELOPE_VERSION,
-            "name": index.name,
-            "engine": index.params.engine.value,
-            "params": index.params.to_dict(),
-            "engine_state": engine_state,
-            "count": len(live_ids),
-            "tombstones": len(tombs),
-            "slots": index._map.next_label,
-        }
-    return _Captured(envelope, sections, engine, files, crcs)
+    entries = [_section_entry(name, pieces) for name, pieces in sections]
+    try:
+        env = orjson.dumps({**envelope, "checksum": "crc32", "sections": entries})
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise InvalidRequest(f"source is not valid JSON: {exc}") from None
+    out.write(HEADER.pack(MAGIC, len(env)) + env)
+    written = HEADER.size + len(env)
+    for _, pieces in sections:
+        for piece in pieces:
+            with _as_bytes(piece) as view:
+                _write_all(out, view)
+                written += len(view)
+    return written
 
 
-def write_snapshot(index: Index, out: BinaryIO | IO[bytes], *, source: dict[str, Any]) -> int:
-    """Write `index` as one LHV1 frame (envelope v3) to `out`; returns the bytes written.
+def _base_sections(base: Base) -> list[Section]:
+    """The v3 sections of a captured base, in frame order."""
+    ids_len, ids_utf8 = _strings(base.ids)
+    tomb_len, tomb_utf8 = _strings(base.tomb_ids)
+    sections: list[Section] = [
+        ("labels", [base.labels.astype("<u8")]),
+        ("ids.len", [ids_len]),
+        ("ids.utf8", [ids_utf8]),
+        ("clocks", [_clock_bytes(base.clocks)]),
+        ("meta.len", [base.meta_lens.astype("<u4")]),
+        ("meta.json", [base.meta_json]),
+    ]
+    if base.norms is not None:
+        sections.append(("norms", [base.norms.astype("<f4")]))
+    sections += [
+        ("tombs.len", [tomb_len]),
+        ("tombs.utf8", [tomb_utf8]),
+        ("tombs.clocks", [_clock_bytes(base.tomb_clocks)]),
+    ]
+    return sections + base.engine
+
+
+def write_snapshot(
+    index: Index | Base, out: BinaryIO | IO[bytes], *, source: dict[str, Any]
+) -> int:
+    """Write an index, or a base captured from one (`Index.capture_base`), as one LHV1
+    frame (envelope v3) to `out`; returns the bytes written.
+
+    Given an `Index`, captures it first (which restarts its change tracking). Only the
+    capture holds the index's lock; encoding and writing happen outside it.
 
     `source` (e.g. `{"topic": "lhv.commands", "partition": 3, "offset": 1234}`) is stored
     in the envelope and returned by `read_snapshot`.
 
     Raises:
         InvalidRequest: `source` is not a JSON object.
-        EngineError: the index is unusable, or the engine failed to save.
+        EngineError: the index is unusable, or the engine failed to serialize.
     """
     if not isinstance(source, dict):
         raise InvalidRequest("source must be a JSON object")
-    with (
-        tempfile.TemporaryDirectory(prefix="lhv-snap-") as tmpdir,
-        contextlib.ExitStack() as stack,
-    ):
-        cap = _capture(index, tmpdir, stack)
-        sections = [
-            {"name": name, "length": len(data), "crc32": zlib.crc32(data)}
-            for name, data in cap.sections
-        ]
-        sections += [
-            {"name": name, "length": len(view), "crc32": crc}
-            for (name, view), crc in zip(cap.engine, cap.engine_crcs.result(), strict=True)
-        ]
-        envelope = {**cap.envelope, "source": source, "checksum": "crc32", "sections": sections}
-        try:
-            env = orjson.dumps(envelope)
-        except (TypeError, orjson.JSONEncodeError) as exc:
-            raise InvalidRequest(f"source is not valid JSON: {exc}") from None
-        out.write(HEADER.pack(MAGIC, len(env)) + env)
-        written = HEADER.size + len(env)
-        for _, data in cap.sections:
-            out.write(data)
-            written += len(data)
-        for (_, view), (_, path) in zip(cap.engine, cap.files, strict=True):
-            if not _send_file(out, path, len(view)):
-                _write_all(out, view)
-            written += len(view)
-    return written
-
-
-def _send_file(out: BinaryIO | IO[bytes], path: str, size: int) -> bool:
-    """Copy the file at `path` to `out` inside the kernel (`os.sendfile`) when `out` is a
-    plain file object on a regular file; False (nothing written) when it is not."""
-    if not size or not isinstance(out, io.BufferedWriter | io.BufferedRandom | io.FileIO):
-        return False
-    try:
-        fd = out.fileno()
-        if not stat.S_ISREG(os.fstat(fd).st_mode) or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
-            return False
-        out.flush()
-        pos = out.tell()
-    except (OSError, ValueError):
-        return False
-    with open(path, "rb") as src:
-        sent = 0
-        while sent < size:
-            try:
-                n = os.sendfile(fd, src.fileno(), sent, size - sent)
-            except OSError:
-                if sent:
-                    raise
-                return False  # not for files here: nothing was written
-            if n == 0:
-                raise OSError(f"sendfile stopped at {sent} of {size} bytes")
-            sent += n
-    out.seek(pos + size)  # the kernel moved the file offset; let `out` know
-    return True
-
-
-def _engine_files(path: str, state: dict[str, Any]) -> list[tuple[str, str]]:
-    """(section name, file) of the engine's bytes: `engine`, then one `engine.<part>`
-    per part the engine listed in its state."""
-    return [("engine", path)] + [(f"engine.{p}", f"{path}.{p}") for p in state.get("parts", ())]
-
-
-@contextmanager
-def _mapped(path: str) -> Iterator[memoryview]:
-    """A read-only view of a whole file (mmap; an empty view for an empty file)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            yield memoryview(b"")
-            return
-        with mmap.mmap(f.fileno(), 0, flags=_MAP_FLAGS, prot=mmap.PROT_READ) as mm:
-            view = memoryview(mm)
-            try:
-                yield view
-            finally:
-                view.release()
+    base = index.capture_base() if isinstance(index, Index) else index
+    envelope: dict[str, Any] = {
+        "format": ENVELOPE_VERSION,
+        "kind": KIND_BASE,
+        "name": base.name,
+        "engine": base.params.engine.value,
+        "params": base.params.to_dict(),
+        "engine_state": base.engine_state,
+        "count": len(base.ids),
+        "tombstones": len(base.tomb_ids),
+        "slots": base.slots,
+        "version_floor": base.version_floor,
+        "source": source,
+    }
+    return write_frame(out, envelope, _base_sections(base))
 
 
 def _write_all(out: BinaryIO | IO[bytes], view: memoryview) -> None:
@@ -511,8 +431,8 @@ class _Written:
 def _frame_reader(
     src: BinaryIO | IO[bytes] | bytes | bytearray | memoryview,
 ) -> Iterator[_Reader | _ViewReader]:
-    """A reader over `src`: a view of the bytes when they are in memory or in a regular
-    file (mmap), else a stream reader. A file is left positioned at its end."""
+    """A reader over `src`: a view of the bytes when they are in memory, else a stream
+    reader that reads one section at a time."""
     if isinstance(src, bytes | bytearray | memoryview):
         with memoryview(src) as view, view.cast("B") as flat:
             yield from _viewing(flat)
@@ -522,14 +442,8 @@ def _frame_reader(
             yield from _viewing(rest)
         src.seek(0, os.SEEK_END)
         return
-    mapped = _map_file(src)
-    if mapped is None:
-        yield _Reader(src)
-        return
-    mm, start = mapped
-    with mm, memoryview(mm) as view, view[start:] as rest:
-        yield from _viewing(rest)
-    src.seek(0, os.SEEK_END)
+    # a file is read section by section: never whole in memory next to the decoded index
+    yield _Reader(src)
 
 
 def _viewing(view: memoryview) -> Iterator[_ViewReader]:
@@ -538,20 +452,6 @@ def _viewing(view: memoryview) -> Iterator[_ViewReader]:
         yield reader
     finally:
         reader.finish()
-
-
-def _map_file(src: BinaryIO | IO[bytes]) -> tuple[mmap.mmap, int] | None:
-    """An mmap of `src` and the frame's start in it, when `src` is a regular file."""
-    try:
-        fd = src.fileno()
-        if not stat.S_ISREG(os.fstat(fd).st_mode) or not src.seekable():
-            return None
-        start = src.tell()
-        if os.fstat(fd).st_size <= start:
-            return None
-        return mmap.mmap(fd, 0, flags=_MAP_FLAGS, prot=mmap.PROT_READ), start
-    except (OSError, ValueError, io.UnsupportedOperation):
-        return None
 
 
 def _section_spec(spec: Any) -> tuple[str, int, int]:
@@ -594,9 +494,8 @@ def read_snapshot(
         return _read_frame(reader, expect, limits)
 
 
-def _read_frame(
-    reader: _Reader | _ViewReader, expect: IndexParams | None, limits: Limits | None
-) -> tuple[Index, dict[str, Any]]:
+def _read_envelope(reader: _Reader | _ViewReader) -> dict[str, Any]:
+    """The header and envelope of a frame, checked to be an LHV1 frame with a JSON object."""
     magic, env_len = HEADER.unpack(reader.read(HEADER.size, "the header"))
     if magic != MAGIC:
         raise SnapshotError(f"not an LHV1 snapshot (magic {magic!r})")
@@ -609,19 +508,41 @@ def _read_frame(
         raise SnapshotError(f"envelope is not JSON: {exc}") from exc
     if not isinstance(envelope, dict):
         raise SnapshotError("envelope is not a JSON object")
+    return envelope
+
+
+def envelope_basics(
+    envelope: dict[str, Any], expect: IndexParams | None, kind: str
+) -> tuple[IndexParams, str, dict[str, Any]]:
+    """The params, name and source of an envelope of `kind`, checked against `expect`.
+
+    Raises:
+        SnapshotError: another kind of frame, malformed fields, or params not as expected.
+    """
+    got = envelope.get("kind", KIND_BASE)
+    if got != kind:
+        raise SnapshotError(f"frame is a {got!r} segment, expected {kind!r}")
+    params = IndexParams.from_dict(envelope.get("params"))  # type: ignore[arg-type]
+    if envelope.get("engine", params.engine.value) != params.engine.value:
+        raise SnapshotError("envelope engine and params engine differ")
+    if expect is not None:
+        _check_expected(params, expect)
+    source = envelope.get("source", {})
+    if not isinstance(source, dict):
+        raise SnapshotError("envelope source is not an object")
+    name = envelope.get("name", "")
+    if not isinstance(name, str):
+        raise SnapshotError("envelope name is not a string")
+    return params, name, source
+
+
+def _read_frame(
+    reader: _Reader | _ViewReader, expect: IndexParams | None, limits: Limits | None
+) -> tuple[Index, dict[str, Any]]:
+    envelope = _read_envelope(reader)
     fmt = envelope.get("format")
     with _snapshot_errors():
-        params = IndexParams.from_dict(envelope.get("params"))  # type: ignore[arg-type]
-        if envelope.get("engine", params.engine.value) != params.engine.value:
-            raise SnapshotError("envelope engine and params engine differ")
-        if expect is not None:
-            _check_expected(params, expect)
-        source = envelope.get("source", {})
-        if not isinstance(source, dict):
-            raise SnapshotError("envelope source is not an object")
-        name = envelope.get("name", "")
-        if not isinstance(name, str):
-            raise SnapshotError("envelope name is not a string")
+        params, name, source = envelope_basics(envelope, expect, KIND_BASE)
         with tempfile.TemporaryDirectory(prefix="lhv-load-") as tmpdir:
             engine_path = os.path.join(tmpdir, "engine")
             if fmt == 3:
@@ -730,11 +651,14 @@ def _read_v3(
     parts = state.get("parts", [])
     if not isinstance(parts, list) or any(f"engine.{p}" not in data for p in parts):
         raise SnapshotError(f"engine parts {parts!r} are not all in the snapshot")
+    floor = envelope.get("version_floor", 0)
+    if type(floor) is not int or floor < 0:
+        raise SnapshotError("envelope version_floor is malformed")
     label_map = _label_map((ids, id_bytes), labels, slots, tombs, limits)
     for written in writes:
         written.wait()
     engine = _load_engine(params, engine_path, slots=slots, live=labels, state=state)
-    return _build(
+    index = _build(
         name,
         params,
         limits,
@@ -747,6 +671,8 @@ def _read_v3(
         tombs,
         slots,
     )
+    index._version_floor = floor
+    return index
 
 
 def _load_engine(

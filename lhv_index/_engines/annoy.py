@@ -51,7 +51,7 @@ import numpy as np
 import numpy.typing as npt
 
 from lhv_index._distance import Metric, TopK, merge_topk, topk
-from lhv_index._engines.base import ShortResult
+from lhv_index._engines.base import EngineCapture, ShortResult, capture_by_dump
 from lhv_index._types import Labels, Vectors
 from lhv_index.errors import EngineError, SnapshotError
 
@@ -438,6 +438,9 @@ class AnnoyEngine:
         return out_l, out_d
 
     # -- snapshots ----------------------------------------------------------------------
+
+    def capture(self) -> EngineCapture:
+        return capture_by_dump(self)
 
     def dump(self, path: str) -> dict[str, Any]:
         """The matrix to `path`; the forest file, its labels and the delta labels to

@@ -11,12 +11,19 @@ in the background (annoy's forest rebuilds) guards its own state against that wo
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any, Protocol
 
+from lhv_index._capture import EnginePiece
 from lhv_index._distance import Metric, TopK
 from lhv_index._types import Labels, Vectors
 
-__all__ = ["Engine", "ShortResult"]
+__all__ = ["Engine", "EngineCapture", "ShortResult", "capture_by_dump"]
+
+#: what `Engine.capture` returns: the state `dump` returns, and (section name, pieces) of
+#: each of the engine's sections, `engine` first, then `engine.<part>` per part
+EngineCapture = tuple[dict[str, Any], list[tuple[str, list[EnginePiece]]]]
 
 
 class ShortResult(Exception):
@@ -68,6 +75,27 @@ class Engine(Protocol):
         """
         ...
 
+    def capture(self) -> EngineCapture:
+        """An in-memory copy of what `dump` would write, for encoding later (the caller
+        holds the index's exclusive lock; the copy shares nothing the engine mutates)."""
+        ...
+
     def slots(self) -> int:
         """Slots in use, live and deleted (hnswlib's element count)."""
         ...
+
+
+def capture_by_dump(engine: Engine) -> EngineCapture:
+    """`Engine.capture` for engines that can only save to files: dump to a temporary
+    directory and read the files back."""
+    with tempfile.TemporaryDirectory(prefix="lhv-capture-") as tmpdir:
+        path = os.path.join(tmpdir, "engine")
+        state = engine.dump(path)
+        names = [("engine", path)] + [
+            (f"engine.{p}", f"{path}.{p}") for p in state.get("parts", ())
+        ]
+        sections: list[tuple[str, list[EnginePiece]]] = []
+        for name, file in names:
+            with open(file, "rb") as f:
+                sections.append((name, [f.read()]))
+    return state, sections

@@ -8,6 +8,7 @@ import numpy as np
 import numpy.typing as npt
 
 from lhv_index._distance import Metric, TopK, merge_topk, topk
+from lhv_index._engines.base import EngineCapture
 from lhv_index._types import Labels, Vectors
 from lhv_index.errors import SnapshotError
 
@@ -70,6 +71,9 @@ class ExactEngine:
             best = got if best is None else merge_topk(best, got, k)
         assert best is not None
         return best
+
+    def capture(self) -> EngineCapture:
+        return {"slots": self._slots}, [("engine", [self._data[: self._slots].astype("<f4")])]
 
     def dump(self, path: str) -> dict[str, Any]:
         with open(path, "wb") as f:

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lhv_index._capture import EnginePiece
 from lhv_index._distance import Metric, TopK
-from lhv_index._engines.base import ShortResult
+from lhv_index._engines.base import EngineCapture, ShortResult
 from lhv_index._types import Labels, Vectors
 from lhv_index.errors import EngineError, SnapshotError
 
@@ -200,6 +201,49 @@ class HnswEngine:
                     continue
             return labels.astype(np.uint64, copy=False), dists.astype(np.float32, copy=False)
         raise ShortResult(f"hnswlib returned fewer than {k} results")
+
+    def capture(self) -> EngineCapture:
+        """The bytes `save_index` would write, from hnswlib's in-memory serialization
+        (`__getstate__`: one copy of the graph, no file): header, level-0 data, then per
+        element its upper-level links prefixed by their byte length (u32)."""
+        with hnsw_errors():
+            state = self._index.__getstate__()[0]
+        count = int(state["cur_element_count"])
+        header = _HEADER.pack(
+            *(
+                int(state[k])
+                for k in (
+                    "offset_level0",
+                    "max_elements",
+                    "cur_element_count",
+                    "size_data_per_element",
+                    "label_offset",
+                    "offset_data",
+                    "max_level",
+                )
+            ),
+            int(state["enterpoint_node"]) & 0xFFFFFFFF,
+            int(state["max_M"]),
+            int(state["max_M0"]),
+            int(state["M"]),
+            float(state["mult"]),
+            int(state["ef_construction"]),
+        )
+        level0 = state["data_level0"].view(np.uint8)
+        levels = state["element_levels"][:count].astype(np.int64)
+        # sizes are multiples of 4 (links are u32), so the tail is a u32 array: for each
+        # element its byte size, then its links
+        sizes = np.where(levels > 0, levels * int(state["size_links_per_element"]), 0)
+        words = 1 + sizes // 4
+        tail = np.zeros(int(words.sum()), dtype="<u4")
+        heads = np.cumsum(words) - words
+        tail[heads] = sizes
+        body = np.ones(tail.size, dtype=np.bool_)
+        body[heads] = False
+        tail[body] = state["link_lists"].view("<u4")
+        del state
+        pieces: list[EnginePiece] = [header, level0, tail]
+        return {"hnswlib_space": self.metric, "allow_replace_deleted": False}, [("engine", pieces)]
 
     def dump(self, path: str) -> dict[str, Any]:
         with hnsw_errors():
