@@ -51,7 +51,7 @@ import numpy as np
 import numpy.typing as npt
 
 from lhv_index._distance import Metric, TopK, merge_topk, topk
-from lhv_index._engines.base import EngineCapture, ShortResult, capture_by_dump
+from lhv_index._engines.base import EngineCapture, ShortResult, capture_by_dump, engine_library
 from lhv_index._types import Labels, Vectors
 from lhv_index.errors import EngineError, SnapshotError
 
@@ -65,16 +65,6 @@ __all__ = [
 
 if TYPE_CHECKING:
     import annoy
-
-
-def _annoy() -> Any:
-    """`annoy`, imported on first use: `lhv_index` (and the client, which shares its
-    types) imports without it; only an index on this engine needs it."""
-    try:
-        import annoy
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise EngineError("the annoy engine needs annoy: pip install 'lhv[worker]'") from exc
-    return annoy
 
 
 log = logging.getLogger(__name__)
@@ -304,7 +294,7 @@ class AnnoyEngine:
         if labels.size == 0:
             return None
         file = _ForestFile.create()
-        index = _annoy().AnnoyIndex(self.dim, self.annoy_metric)
+        index = engine_library("annoy", "annoy").AnnoyIndex(self.dim, self.annoy_metric)
         index.set_seed(FOREST_SEED)
         index.on_disk_build(file.path)
         for start in range(0, labels.size, _BUILD_CHUNK):
@@ -533,7 +523,7 @@ def _load_forest(engine: AnnoyEngine, path: str, labels: Labels) -> _Forest | No
         return None
     file = _ForestFile.create()
     shutil.move(path, file.path)
-    index = _annoy().AnnoyIndex(engine.dim, engine.annoy_metric)
+    index = engine_library("annoy", "annoy").AnnoyIndex(engine.dim, engine.annoy_metric)
     try:
         index.load(file.path)
     except (OSError, RuntimeError, ValueError) as exc:

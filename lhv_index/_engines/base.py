@@ -11,6 +11,7 @@ in the background (annoy's forest rebuilds) guards its own state against that wo
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 from typing import Any, Protocol
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 from lhv_index._capture import EnginePiece
 from lhv_index._distance import Metric, TopK
 from lhv_index._types import Labels, Vectors
+from lhv_index.errors import EngineError
 
 __all__ = ["Engine", "EngineCapture", "ShortResult", "capture_by_dump"]
 
@@ -99,3 +101,17 @@ def capture_by_dump(engine: Engine) -> EngineCapture:
             with open(file, "rb") as f:
                 sections.append((name, [f.read()]))
     return state, sections
+
+
+def engine_library(module: str, engine: str) -> Any:
+    """The library behind `engine`, imported on first use: `lhv_index` (and the client,
+    which shares its types) imports without hnswlib or annoy; only an index on that
+    engine needs it.
+
+    Raises:
+        EngineError: the library is not installed (the `worker` extra brings it).
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise EngineError(f"the {engine} engine needs {module}: pip install 'lhv[worker]'") from exc

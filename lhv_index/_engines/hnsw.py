@@ -20,7 +20,7 @@ import numpy as np
 
 from lhv_index._capture import EnginePiece
 from lhv_index._distance import Metric, TopK
-from lhv_index._engines.base import EngineCapture, ShortResult
+from lhv_index._engines.base import EngineCapture, ShortResult, engine_library
 from lhv_index._types import Labels, Vectors
 from lhv_index.errors import EngineError, SnapshotError
 
@@ -28,16 +28,6 @@ __all__ = ["HnswEngine", "hnsw_errors", "read_hnsw_header"]
 
 if TYPE_CHECKING:
     import hnswlib
-
-
-def _hnswlib() -> Any:
-    """`hnswlib`, imported on first use: `lhv_index` (and the client, which shares its
-    types) imports without it; only an index on this engine needs it."""
-    try:
-        import hnswlib
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise EngineError("the hnsw engine needs hnswlib: pip install 'lhv[worker]'") from exc
-    return hnswlib
 
 
 # hnswlib's saveIndex header: offsetLevel0_, max_elements_, cur_element_count,
@@ -143,7 +133,7 @@ class HnswEngine:
         self.dim = dim
         self.ef_search = ef_search
         if index is None:
-            index = _hnswlib().Index(space=metric, dim=dim)
+            index = engine_library("hnswlib", "hnsw").Index(space=metric, dim=dim)
             with hnsw_errors():
                 index.init_index(
                     max_elements=max(capacity, 1), M=M, ef_construction=ef_construction
@@ -262,7 +252,7 @@ class HnswEngine:
         header = read_hnsw_header(head, size, dim)
         if header["M"] != M:
             raise SnapshotError(f"hnsw section was built with M={header['M']}, params say {M}")
-        index = _hnswlib().Index(space=metric, dim=dim)
+        index = engine_library("hnswlib", "hnsw").Index(space=metric, dim=dim)
         try:
             index.load_index(path, allow_replace_deleted=False)
         except (RuntimeError, ValueError, MemoryError) as exc:
