@@ -132,3 +132,26 @@ def test_an_hnsw_index_without_hnswlib_says_which_extra_to_install() -> None:
     done = _without_worker_deps(code)
     assert done.returncode == 0, done.stderr
     assert "pip install 'lhv[worker]'" in done.stdout
+
+
+def test_no_part_of_the_service_imports_the_worker_facade() -> None:
+    """The parts of `service/` get narrow ports (service/ports.py), never the `Worker`:
+    only `worker.py` itself and the package's lazy re-export name it, not even under
+    `TYPE_CHECKING`."""
+    service = WORKER / "service"
+    offenders = []
+    for path in sorted(service.glob("*.py")):
+        if path.name in ("worker.py", "__init__.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = {a.name for a in node.names}
+                if node.module == "worker.service.worker" or (
+                    node.module == "worker.service" and ("worker" in names or "Worker" in names)
+                ):
+                    offenders.append(path.name)
+            elif isinstance(node, ast.Import) and any(
+                a.name == "worker.service.worker" for a in node.names
+            ):
+                offenders.append(path.name)
+    assert not offenders, f"these modules of service/ import the Worker: {offenders}"

@@ -98,9 +98,9 @@ class FakeOutbox:
 async def test_a_reply_partition_the_topic_does_not_have_drops_the_reply() -> None:
     outbox = FakeOutbox({"lhv.replies.a": 1})
     sender = ReplySender(outbox)  # type: ignore[arg-type]
-    assert not await sender.send(None, ReplyTo("lhv.replies.a", 7, b"c"), b"{}", kind="ack")
+    assert not await sender.send(ReplyTo("lhv.replies.a", 7, b"c"), b"{}", kind="ack")
     assert outbox.drops == [("ack", "bad_partition")] and not outbox.sent
-    assert await sender.send(None, ReplyTo("lhv.replies.a", 0, b"c"), b"{}", kind="ack")
+    assert await sender.send(ReplyTo("lhv.replies.a", 0, b"c"), b"{}", kind="ack")
 
 
 async def test_a_reply_too_large_becomes_a_small_error_reply() -> None:
@@ -115,7 +115,7 @@ async def test_a_reply_too_large_becomes_a_small_error_reply() -> None:
             "items": [{"id": "x" * 100, "metadata": {"index": "evil"}}] * 2000,
         }
     )
-    assert await sender.send(None, ReplyTo("lhv.replies.a", None, b"c"), big)
+    assert await sender.send(ReplyTo("lhv.replies.a", None, b"c"), big)
     ((_topic, kw),) = outbox.sent
     reply = orjson.loads(kw["value"])
     assert reply["status"] == "error" and reply["error"]["code"] == "invalid_request"
@@ -126,7 +126,7 @@ async def test_a_reply_too_large_becomes_a_small_error_reply() -> None:
     )
     assert outbox.drops == [("reply", "replaced_too_large")]
     # an ack is never replaced: it is dropped
-    assert not await sender.send(None, ReplyTo("lhv.replies.a", None, b"c"), big, kind="ack")
+    assert not await sender.send(ReplyTo("lhv.replies.a", None, b"c"), big, kind="ack")
     assert outbox.drops[-1] == ("ack", "too_large")
 
 
@@ -135,11 +135,11 @@ async def test_the_cache_of_missing_reply_topics_is_bounded() -> None:
     dropped = []
     sender = ReplySender(outbox, max_missing=100, on_drop=lambda: dropped.append(1))  # type: ignore[arg-type]
     for i in range(1000):
-        assert not await sender.send(None, ReplyTo(f"lhv.replies.gone-{i}", None, b"c"), b"{}")
+        assert not await sender.send(ReplyTo(f"lhv.replies.gone-{i}", None, b"c"), b"{}")
     assert sender.missing_topics == 100 and len(dropped) == 1000
     # the most recent ones are remembered: no second metadata wait for them
     outbox.topics["lhv.replies.gone-999"] = 1
-    assert not await sender.send(None, ReplyTo("lhv.replies.gone-999", None, b"c"), b"{}")
+    assert not await sender.send(ReplyTo("lhv.replies.gone-999", None, b"c"), b"{}")
 
 
 def test_edge_limits_come_from_the_environment() -> None:

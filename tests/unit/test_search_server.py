@@ -2,8 +2,8 @@
 whatever fails while serving it or its batch-mates, the drain goes on, the committable
 offset never sticks, and parked queries are bounded.
 
-The worker around the server is an in-memory stand-in (partitions, config, a reply
-sender that records what it is given); the index is a real `lhv_index.Index`, wrapped
+The server gets in-memory ports (partitions, a reply sender that records what it is
+given); the index is a real `lhv_index.Index`, wrapped
 where a test needs the engine to fail.
 """
 
@@ -21,8 +21,10 @@ import pytest
 
 from lhv_index import Clock, Columns, EngineKind, Index, IndexParams, Space, Upsert
 from worker.service.config import QueryPolicy, WorkerConfig
+from worker.service.observer import IndexObserver
 from worker.service.partition import Partition, PartitionStatus
 from worker.service.search import SearchServer
+from worker.service.tasks import Supervisor
 from worker.storage.blobstore import S3Config
 from worker.telemetry.metrics import Metrics
 from worker.wire.headers import ReplyTo
@@ -51,7 +53,7 @@ class Replies:
         self.fail: set[bytes] = set()
         self.arrived = asyncio.Event()
 
-    async def send(self, producer: Any, reply_to: ReplyTo, value: bytes) -> bool:
+    async def send(self, reply_to: ReplyTo, value: bytes, **_: Any) -> bool:
         await asyncio.sleep(0)
         if reply_to.correlation_id in self.fail:
             raise RuntimeError("the broker refused the reply")
@@ -67,27 +69,35 @@ class Replies:
 
 
 class StandInWorker:
-    """The parts of `Worker` the search server uses."""
+    """The ports the search server gets, in memory: partitions, replies, metrics."""
 
     def __init__(self, index: Any, *, queries: QueryPolicy | None = None) -> None:
         self.config = WorkerConfig(
             s3=S3Config(), queries=queries or QueryPolicy(), query_wait_ms=10_000
         )
-        self.topics = TopicsConfig()
         part = Partition(number=0, status=PartitionStatus.SERVING, applied_offset=10)
         part.indexes[INDEX] = index
         self.partitions = {0: part}
         self.num_partitions = 1
-        self.reply_policy = ReplyTopicPolicy()
         self.replies = Replies()
-        self.producer = None
         self.metrics = Metrics()
+        self.tasks = Supervisor(self.metrics)
 
-    def observe_distances(self, index: str, distances: np.ndarray) -> None:
-        pass
-
-    def drift_report(self, index: str) -> None:
-        return None
+    def server(self) -> SearchServer:
+        return SearchServer(
+            topics=TopicsConfig(),
+            registry=self,  # type: ignore[arg-type]
+            kafka=None,  # type: ignore[arg-type]
+            replies=self.replies,
+            reply_policy=ReplyTopicPolicy(),
+            tasks=self.tasks,
+            observer=IndexObserver(self.metrics),
+            metrics=self.metrics,
+            policy=self.config.queries,
+            limits=self.config.limits,
+            query_wait_ms=self.config.query_wait_ms,
+            worker_id="unit",
+        )
 
 
 class FailingIndex:
@@ -135,7 +145,7 @@ async def test_an_engine_failure_answers_its_group_internal_and_its_batch_mates_
 ) -> None:
     index = FailingIndex(real_index())
     worker = StandInWorker(index)
-    server = SearchServer(worker)  # type: ignore[arg-type]
+    server = worker.server()
     records = [
         query(100, b"ok-1"),
         query(101, b"boom-1", filter={"explode": True}),
@@ -172,7 +182,7 @@ async def test_a_reply_the_broker_refuses_is_logged_and_its_batch_mates_are_answ
 ) -> None:
     worker = StandInWorker(real_index())
     worker.replies.fail = {b"refused"}
-    server = SearchServer(worker)  # type: ignore[arg-type]
+    server = worker.server()
     server.submit(0, [query(7, b"first"), query(8, b"refused"), query(9, b"last")])
     await worker.replies.wait_for([b"first", b"last"])
     await served(server, 10)
@@ -185,7 +195,7 @@ async def test_a_query_that_cannot_be_batched_is_answered_internal_alone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     worker = StandInWorker(real_index())
-    server = SearchServer(worker)  # type: ignore[arg-type]
+    server = worker.server()
     group_key = server._group_key
 
     def failing_key(index_name: str, pending: Any) -> tuple[Any, ...]:
@@ -207,7 +217,7 @@ async def test_a_query_that_cannot_be_batched_is_answered_internal_alone(
 async def test_a_query_older_than_the_maximum_age_gets_deadline_exceeded_uncomputed() -> None:
     index = FailingIndex(real_index())
     worker = StandInWorker(index, queries=QueryPolicy(max_age_ms=5_000))
-    server = SearchServer(worker)  # type: ignore[arg-type]
+    server = worker.server()
     old = query(3, b"old")
     old.timestamp = int(time.time() * 1000) - 6_000
     server.submit(0, [old, query(4, b"past", deadline_ms=int(time.time() * 1000) - 1)])
@@ -222,7 +232,7 @@ async def test_a_query_older_than_the_maximum_age_gets_deadline_exceeded_uncompu
 
 async def test_parked_queries_over_the_bound_get_not_ready_at_once_and_the_rest_wait() -> None:
     worker = StandInWorker(real_index(), queries=QueryPolicy(max_parked=3, max_wait_ms=60_000))
-    server = SearchServer(worker)  # type: ignore[arg-type]
+    server = worker.server()
     far = int(time.time() * 1000) + 600_000
     waiting = [query(i, b"w%d" % i, min_offset=50, deadline_ms=far) for i in range(3)]
     over = [query(3 + i, b"o%d" % i, min_offset=50, deadline_ms=far) for i in range(4)]
@@ -253,7 +263,7 @@ async def test_parked_queries_over_the_bound_get_not_ready_at_once_and_the_rest_
 
 async def test_no_query_waits_longer_than_the_cap_whatever_its_deadline() -> None:
     worker = StandInWorker(real_index(), queries=QueryPolicy(max_wait_ms=200))
-    server = SearchServer(worker)  # type: ignore[arg-type]
+    server = worker.server()
     far = int(time.time() * 1000) + 600_000
     server.submit(0, [query(0, b"capped", min_offset=10**9, deadline_ms=far)])
     await worker.replies.wait_for([b"capped"])

@@ -111,9 +111,9 @@ import io
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -136,16 +136,20 @@ from worker.service.apply import Outcome
 from worker.service.config import ImportPolicy
 from worker.service.importsource import SourcePolicy, decode_npy, decode_npz, read_object, row_of
 from worker.service.partition import Partition, PartitionStatus
+from worker.service.ports import KafkaPort, PartitionRegistry, TaskOwner
 from worker.service.protocol_auth import ProtocolAuth, load_protocol_auth
-from worker.storage.blobstore import BlobNotFound, get_verified, put_unless_same
+from worker.storage.blobstore import (
+    BlobNotFound,
+    BlobStore,
+    S3Config,
+    get_verified,
+    put_unless_same,
+)
 from worker.telemetry.logs import log_context
 from worker.wire.commands import ImportCommand, MergeCommand, MergeDoneCommand, MergeInCommand
 from worker.wire.headers import ReplyTo
 from worker.wire.replies import ErrorInfo
-from worker.wire.topics import home_partition
-
-if TYPE_CHECKING:
-    from worker.service import Worker
+from worker.wire.topics import TopicsConfig, home_partition
 
 __all__ = [
     "MAX_ORIGIN_BYTES",
@@ -166,6 +170,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: how often the sweeper looks for `merge_done` records to (re-)produce
 SWEEP_INTERVAL_S = 3.0
@@ -595,16 +601,45 @@ def _load_rows(
 class MergeProtocol:
     """The worker's barrier for `merge`, `merge_in`, `merge_done` and `import`.
 
-    Called in a partition's apply thread; S3 and Kafka steps run on the worker's loop
-    through `Worker.run_async`. `start()` launches the sweeper (see the module docstring).
+    Called in a partition's apply thread; its S3 and Kafka steps run on the event loop
+    it was started on (`_wait`). `start()` launches the sweeper (see the module docstring).
+
+    Arguments:
+        registry: the owned partitions (read only; the sweeper visits them) and the
+            partition count.
+        kafka: produces the signed protocol records (`send_internal`).
+        blobs: the workers' store: exports, markers, the internal key.
+        tasks: runs the sweeper as a long-lived task (a crash ends the worker).
+        checkpoint_every_records: a protocol step sets the partition's record count to
+            this, so its runner checkpoints right after the batch.
     """
 
-    def __init__(self, worker: Worker) -> None:
-        self._w = worker
+    def __init__(
+        self,
+        *,
+        topics: TopicsConfig,
+        registry: PartitionRegistry,
+        kafka: KafkaPort,
+        blobs: BlobStore,
+        tasks: TaskOwner,
+        imports: ImportPolicy,
+        s3: S3Config,
+        internal_key: str | None,
+        checkpoint_every_records: int,
+    ) -> None:
+        self._topics = topics
+        self._registry = registry
+        self._kafka = kafka
+        self._blobs = blobs
+        self._tasks = tasks
+        self._imports = imports
+        self._internal_key = internal_key
+        self._every_records = checkpoint_every_records
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._produced: dict[str, float] = {}
         """merge id -> when this process produced its merge_done (monotonic)"""
         self._auth: ProtocolAuth | None = None
-        self._sources = SourcePolicy(worker.config.imports, worker.config.s3)
+        self._sources = SourcePolicy(imports, s3)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -615,11 +650,11 @@ class MergeProtocol:
         Raises:
             BlobStoreError: the key object could not be read or created.
         """
-        w = self._w
+        self._loop = asyncio.get_running_loop()
         self._auth = await load_protocol_auth(
-            w.blobs, w.topics.commands, w.config.internal_key, create=True
+            self._blobs, self._topics.commands, self._internal_key, create=True
         )
-        w.spawn(self._sweep_forever(), name="merge-sweeper")
+        self._tasks.start(self._sweep_forever(), name="merge_sweeper")
 
     @property
     def auth(self) -> ProtocolAuth:
@@ -646,16 +681,15 @@ class MergeProtocol:
     # -- merge: the source's side ---------------------------------------------------------
 
     def _merge(self, partition: Partition, cmd: MergeCommand, out: Outcome) -> None:
-        w = self._w
-        dest_partition = home_partition(cmd.dest.encode(), w.num_partitions)
+        dest_partition = home_partition(cmd.dest.encode(), self._registry.num_partitions)
         if dest_partition == partition.number:
             merge_locally(partition, cmd, out)
             return
-        topic = w.topics.commands
+        topic = self._topics.commands
         merge_id = merge_id_of(partition.number, out.offset)
         key = export_key(topic, partition.number, out.offset)
         data, exported = export_source(partition, cmd, topic, out)
-        w.run_async(self._put(key, data), timeout_s=STEP_TIMEOUT_S)
+        self._wait(self._put(key, data))
         failpoints.hit("merge_exported")
         merge_in = MergeInCommand(
             index=cmd.dest,
@@ -669,9 +703,9 @@ class MergeProtocol:
             reply=cmd.reply_to,
         )
         try:
-            w.run_async(self._produce(*merge_in.encode()), timeout_s=STEP_TIMEOUT_S)
+            self._wait(self._produce(*merge_in.encode()))
         except Exception as exc:
-            w.run_async(self._delete_quietly(key), timeout_s=STEP_TIMEOUT_S)
+            self._wait(self._delete_quietly(key))
             raise Internal(f"merge: could not produce merge_in: {exc}") from exc
         failpoints.hit("merge_in_produced")
         out.reply_to = None  # the requester's ack comes with merge_done
@@ -686,24 +720,24 @@ class MergeProtocol:
         )
 
     def _merge_done(self, partition: Partition, cmd: MergeDoneCommand, out: Outcome) -> None:
-        w = self._w
+        topic = self._topics.commands
         self.auth.verify(out.key, out.value, out.headers, "merge_done")
-        check_merge_done(w.topics.commands, partition.number, cmd)
+        check_merge_done(topic, partition.number, cmd)
         out.op = "merge"
-        dest_partition = home_partition(cmd.dest.encode(), w.num_partitions)
-        marker = marker_key(w.topics.commands, dest_partition, cmd.merge_id)
+        dest_partition = home_partition(cmd.dest.encode(), self._registry.num_partitions)
+        marker = marker_key(topic, dest_partition, cmd.merge_id)
         partition.after_checkpoint.append(
             (out.offset, lambda: self._cleanup(cmd.merge_id, cmd.export, marker))
         )
-        _checkpoint_soon(w, partition)
-        data = w.run_async(self._get(cmd.export), timeout_s=STEP_TIMEOUT_S)
+        _checkpoint_soon(partition, self._every_records)
+        data = self._wait(self._get(cmd.export))
         if data is None:
             # Only deleted after a checkpoint covered an earlier merge_done: a duplicate.
             out.reply_to = None
             log.info("merge %s: already completed (export removed)", cmd.merge_id)
             return
         # The export is deleted before the marker, so the marker is still there.
-        seen = w.run_async(self._get(marker), timeout_s=STEP_TIMEOUT_S)
+        seen = self._wait(self._get(marker))
         if seen is None:
             raise Internal(f"merge {cmd.merge_id}: the destination's marker {marker} is missing")
         result = MergeResult.of_body(orjson.loads(_marker_value(orjson.loads(seen))))
@@ -714,22 +748,22 @@ class MergeProtocol:
         failpoints.hit("merge_cleanup_pending")
         for key in (export, marker):
             with contextlib.suppress(BlobNotFound):
-                await self._w.blobs.delete(key)
+                await self._blobs.delete(key)
         log.info("merge %s complete: export and marker removed", merge_id)
 
     # -- merge: the destination's side ----------------------------------------------------
 
     def _merge_in(self, partition: Partition, cmd: MergeInCommand, out: Outcome) -> None:
-        w = self._w
+        topic = self._topics.commands
         self.auth.verify(out.key, out.value, out.headers, "merge_in")
-        check_merge_in(w.topics.commands, cmd)
-        marker = marker_key(w.topics.commands, partition.number, cmd.merge_id)
-        seen = w.run_async(self._get(marker), timeout_s=STEP_TIMEOUT_S)
+        check_merge_in(topic, cmd)
+        marker = marker_key(topic, partition.number, cmd.merge_id)
+        seen = self._wait(self._get(marker))
         if seen is not None and int(orjson.loads(seen)["offset"]) < out.offset:
             out.skipped = 1
             log.info("merge %s: duplicate merge_in skipped", cmd.merge_id)
             return
-        data = w.run_async(self._get(cmd.export), timeout_s=STEP_TIMEOUT_S)
+        data = self._wait(self._get(cmd.export))
         if data is None:
             out.skipped = 1
             log.warning(
@@ -741,12 +775,12 @@ class MergeProtocol:
         done = receive_export(partition, cmd, out, data)
         key, value = done.encode()
         body = {"offset": out.offset, "key": key.decode(), "value": value.decode()}
-        w.run_async(self._put(marker, orjson.dumps(body)), timeout_s=STEP_TIMEOUT_S)
+        self._wait(self._put(marker, orjson.dumps(body)))
         failpoints.hit("merge_in_applied")
         partition.after_checkpoint.append(
             (out.offset, lambda: self._send_done(cmd.merge_id, key, value, first=True))
         )
-        _checkpoint_soon(w, partition)
+        _checkpoint_soon(partition, self._every_records)
 
     async def _send_done(self, merge_id: str, key: bytes, value: bytes, *, first: bool) -> None:
         if first:
@@ -770,14 +804,13 @@ class MergeProtocol:
     async def sweep(self) -> int:
         """Produce `merge_done` for markers of serving partitions that a checkpoint covers
         and that this process has not produced lately; returns how many were produced."""
-        w = self._w
         sent = 0
         now = time.monotonic()
-        blobs = w.blobs
-        for p, partition in list(w.partitions.items()):
+        blobs = self._blobs
+        for p, partition in list(self._registry.partitions.items()):
             if partition.status is not PartitionStatus.SERVING:
                 continue
-            prefix = f"merges/{w.topics.commands}/applied/{p:05d}/"
+            prefix = f"merges/{self._topics.commands}/applied/{p:05d}/"
             for key in await blobs.list(prefix):
                 merge_id = key[len(prefix) :].removesuffix(".json")
                 if now - self._produced.get(merge_id, -RESEND_AFTER_S) < RESEND_AFTER_S:
@@ -800,10 +833,8 @@ class MergeProtocol:
     # -- import ---------------------------------------------------------------------------
 
     def _import(self, partition: Partition, cmd: ImportCommand, out: Outcome) -> None:
-        fetch = import_fetcher(
-            self._sources, lambda coro: self._w.run_async(coro, timeout_s=STEP_TIMEOUT_S)
-        )
-        apply_import(partition, cmd, out, fetch, self._w.config.imports)
+        fetch = import_fetcher(self._sources, self._wait)
+        apply_import(partition, cmd, out, fetch, self._imports)
 
     # -- S3 and Kafka steps (on the worker's loop) ----------------------------------------
 
@@ -812,7 +843,7 @@ class MergeProtocol:
 
     async def _get(self, key: str) -> bytes | None:
         try:
-            data, _ = await get_verified(self._w.blobs, key)
+            data, _ = await get_verified(self._blobs, key)
         except BlobNotFound:
             return None
         except ValueError as exc:  # an unclean key
@@ -822,24 +853,31 @@ class MergeProtocol:
     async def _put(self, key: str, data: bytes) -> None:
         # A replayed step writes the same bytes again: never overwrite them while the
         # other side may be reading (`put_unless_same`).
-        if not await put_unless_same(self._w.blobs, key, data):
+        if not await put_unless_same(self._blobs, key, data):
             log.info("%s already holds these bytes (written by an earlier run)", key)
 
     async def _delete_quietly(self, key: str) -> None:
         with contextlib.suppress(LhvError):
-            await self._w.blobs.delete(key)
+            await self._blobs.delete(key)
 
     async def _produce(self, key: bytes, value: bytes) -> None:
         """Produce a protocol record, signed (`worker/protocol_auth.py`)."""
-        w = self._w
         async with asyncio.timeout(STEP_TIMEOUT_S):
-            await w.producer.send_and_wait(
-                w.topics.commands,
+            await self._kafka.send_internal(
+                self._topics.commands,
                 key=key,
                 value=value,
-                partition=home_partition(key, w.num_partitions),
+                partition=home_partition(key, self._registry.num_partitions),
                 headers=[self.auth.header(key, value)],
             )
+
+    def _wait(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the loop the protocol was started on, from the apply thread, and
+        wait for its result (at most `STEP_TIMEOUT_S`); the one way back to the loop."""
+        if self._loop is None:
+            coro.close()
+            raise Internal("merge protocol not started")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(STEP_TIMEOUT_S)
 
 
 # -- helpers (apply thread) -----------------------------------------------------------------
@@ -851,11 +889,9 @@ def _marker_value(body: Mapping[str, Any]) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else orjson.dumps(value)
 
 
-def _checkpoint_soon(worker: Worker, partition: Partition) -> None:
+def _checkpoint_soon(partition: Partition, every_records: int) -> None:
     """Make the runner checkpoint right after this batch: a protocol step waits on it."""
-    partition.records_since_checkpoint = max(
-        partition.records_since_checkpoint, worker.config.checkpoint.every_records
-    )
+    partition.records_since_checkpoint = max(partition.records_since_checkpoint, every_records)
 
 
 def _sorted_live(index: Index) -> list[Item]:

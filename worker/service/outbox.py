@@ -36,7 +36,7 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
@@ -46,7 +46,7 @@ from worker.kafka.config import KafkaConfig
 from worker.service.config import DeliveryConfig
 from worker.telemetry.metrics import Metrics
 
-__all__ = ["DlqRecord", "Kind", "Outbox", "fit_dlq_record", "record_size"]
+__all__ = ["DlqRecord", "Kind", "Outbox", "ReplyProducer", "fit_dlq_record", "record_size"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,28 @@ def _cut_headers(value: bytes) -> Headers:
     ]
 
 
+class ReplyProducer(Protocol):
+    """What the `Outbox` sends replies, acks and DLQ records with (aiokafka's producer)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def partitions_for(self, topic: str) -> set[int]: ...
+
+    async def send(
+        self,
+        topic: str,
+        *,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes | None]],
+        partition: int | None,
+    ) -> Any:
+        """Queue one record; returns an awaitable of its delivery (a future)."""
+        ...
+
+
 class Outbox:
     """Sends DLQ records, acks and replies on a producer of their own (module docstring).
 
@@ -143,11 +165,19 @@ class Outbox:
         metrics: `outgoing_failed(kind, reason)` is called for each record not delivered.
     """
 
-    def __init__(self, kafka: KafkaConfig, config: DeliveryConfig, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        config: DeliveryConfig,
+        metrics: Metrics,
+        *,
+        producer: ReplyProducer | None = None,
+    ) -> None:
         self._kafka = kafka
         self.config = config
         self._metrics = metrics
-        self._producer: AIOKafkaProducer | None = None
+        self._given = producer
+        self._producer: ReplyProducer | AIOKafkaProducer | None = None
         self._in_flight: set[asyncio.Future[Any]] = set()
         self._closed = False
 
@@ -158,6 +188,10 @@ class Outbox:
     async def start(self) -> None:
         if self._producer is not None:
             raise RuntimeError("outbox already started")
+        if self._given is not None:
+            self._producer = self._given
+            await self._producer.start()
+            return
         self._producer = AIOKafkaProducer(
             **self._kafka.client_kwargs(),
             acks="all",
@@ -240,7 +274,7 @@ class Outbox:
         if self._in_flight:
             await asyncio.wait(set(self._in_flight), timeout=timeout_s)
 
-    def _live(self) -> AIOKafkaProducer:
+    def _live(self) -> ReplyProducer | AIOKafkaProducer:
         if self._producer is None or self._closed:
             raise RuntimeError("outbox not started, or stopped")
         return self._producer

@@ -29,19 +29,21 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, TypeVar
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from lhv_index.errors import LhvError
 from worker.service import failpoints
+from worker.service.config import CheckpointPolicy
+from worker.service.observer import IndexObserver
 from worker.service.partition import Partition, PartitionStatus
-from worker.storage.snapshots import Fenced, Manifest
+from worker.service.ports import KafkaPort, PartitionRegistry, SearchPartitions, TaskOwner
+from worker.storage.snapshots import Fenced, Manifest, SnapshotStore
 from worker.telemetry.logs import log_context
-
-if TYPE_CHECKING:
-    from worker.service import Worker
+from worker.telemetry.metrics import Metrics
+from worker.wire.topics import TopicsConfig
 
 __all__ = ["Ownership"]
 
@@ -51,20 +53,59 @@ T = TypeVar("T")
 
 
 class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
-    """The worker's rebalance listener and the owner of partition lifecycles."""
+    """The worker's rebalance listener and the owner of partition lifecycles.
 
-    def __init__(self, worker: Worker) -> None:
-        self._w = worker
+    Arguments:
+        registry: the owned partitions and their runners.
+        kafka: pauses, seeks and resumes commands partitions, commits their offsets.
+        search: told of assigned search partitions and of revoked ones.
+        store: snapshots and manifests.
+        flush: waits for every record sent so far (protocol records, acks, DLQ
+            records): a checkpoint flushes before it covers their offsets.
+        tasks: restores are long-lived tasks (a crash is fatal); garbage collection and
+            the steps run after a checkpoint are best effort.
+        accept_data_loss: serve a partition whose log lost records past its checkpoint.
+        rebalance_timeout_ms: a checkpoint on revoke takes at most half of it.
+    """
+
+    def __init__(
+        self,
+        *,
+        topics: TopicsConfig,
+        registry: PartitionRegistry,
+        kafka: KafkaPort,
+        search: SearchPartitions,
+        store: SnapshotStore,
+        flush: Callable[[], Awaitable[None]],
+        tasks: TaskOwner,
+        observer: IndexObserver,
+        metrics: Metrics,
+        policy: CheckpointPolicy,
+        accept_data_loss: bool = False,
+        rebalance_timeout_ms: int = 120_000,
+    ) -> None:
+        self._topics = topics
+        self._registry = registry
+        self._kafka = kafka
+        self._search = search
+        self._store = store
+        self._flush = flush
+        self._tasks = tasks
+        self._observer = observer
+        self._metrics = metrics
+        self._policy = policy
+        self._accept_data_loss = accept_data_loss
+        self._rebalance_timeout_ms = rebalance_timeout_ms
         self._parked: dict[int, Partition] = {}
-        self._restores: dict[int, asyncio.Task[None]] = {}
+        self._restores: dict[int, asyncio.Task[Any]] = {}
 
     # -- rebalance callbacks -------------------------------------------------------------
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        numbers = sorted({tp.partition for tp in revoked if tp.topic == self._w.topics.commands})
+        numbers = sorted({tp.partition for tp in revoked if tp.topic == self._topics.commands})
         if not numbers:
             return
-        self._w.metrics_rebalance()
+        self._metrics.rebalance()
         log.info("partitions revoked: %s", numbers)
         for p in numbers:
             task = self._restores.pop(p, None)
@@ -74,39 +115,39 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         # first, before any await: no search record is fetched from a position not chosen
-        self._w.search.assign(
-            sorted({tp.partition for tp in assigned if tp.topic == self._w.topics.search})
+        self._search.assign(
+            sorted({tp.partition for tp in assigned if tp.topic == self._topics.search})
         )
-        numbers = sorted({tp.partition for tp in assigned if tp.topic == self._w.topics.commands})
+        numbers = sorted({tp.partition for tp in assigned if tp.topic == self._topics.commands})
         log.info("partitions assigned: %s", numbers)
         for p in list(self._parked):
             if p not in numbers:
                 del self._parked[p]
         for p in numbers:
-            self._w.consumer.pause(self._w.commands_tp(p))
+            self._kafka.pause(self._commands_tp(p))
             partition = Partition(number=p)
-            self._w.partitions[p] = partition
-            self._restores[p] = asyncio.create_task(self._restore(partition), name=f"restore-{p}")
+            self._registry.partitions[p] = partition
+            self._restores[p] = self._tasks.start(self._restore(partition), name=f"restore-{p}")
 
     # -- restore -------------------------------------------------------------------------
 
     async def _restore(self, partition: Partition) -> None:
         p = partition.number
-        tp = self._w.commands_tp(p)
+        tp = self._commands_tp(p)
         started = time.monotonic()
         with log_context(partition=p):
             try:
                 nbytes = await self._retrying(
                     "restore",
                     lambda: self._load(partition),
-                    on_error=lambda: self._w.observe_restore_failure(p),
+                    on_error=lambda: self._metrics.restore_failed(p),
                 )
                 if partition.status is PartitionStatus.REFUSED:
                     await partition.notify()
                     return
-                self._w.start_runner(partition)
-                self._w.consumer.seek(tp, partition.applied_offset + 1)
-                self._w.consumer.resume(tp)
+                self._registry.start_runner(partition)
+                self._kafka.seek(tp, partition.applied_offset + 1)
+                self._kafka.resume(tp)
                 log.info(
                     "partition restored in %.2fs: %d indexes, checkpoint offset %d, "
                     "replaying to %d",
@@ -115,8 +156,8 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                     partition.checkpoint_offset,
                     partition.ready_offset,
                 )
-                self._w.observe_restore(p, time.monotonic() - started, nbytes)
-                self._w.observe_indexes(partition)
+                self._metrics.observe_restore(p, time.monotonic() - started, nbytes)
+                self._observer.observe_indexes(partition)
                 if partition.mark_ready_if_caught_up():
                     log.info("partition serving at offset %d", partition.applied_offset)
                 await partition.notify()
@@ -132,8 +173,8 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         """Load p's checkpoint and claim p; returns the snapshot bytes read from S3 (None
         when nothing was read)."""
         p = partition.number
-        w = self._w
-        manifest, etag = await w.store.read_manifest(p)
+        store = self._store
+        manifest, etag = await store.read_manifest(p)
         parked = self._parked.pop(p, None)
         nbytes = None
         if parked is not None and etag is not None and parked.etag == etag:
@@ -143,19 +184,19 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             indexes = {}
             for name, entry in manifest.indexes.items():
                 with log_context(index=name, offset=entry.offset):
-                    indexes[name] = await w.store.load_index(name, entry)
+                    indexes[name] = await store.load_index(name, entry)
             partition.indexes = indexes
             nbytes = sum(e.bytes for e in manifest.indexes.values())
         start = manifest.offset + 1 if manifest else 0
-        tp = w.commands_tp(p)
-        log_start = (await w.consumer.beginning_offsets([tp]))[tp]
-        log_end = (await w.consumer.end_offsets([tp]))[tp]
+        tp = self._commands_tp(p)
+        log_start = (await self._kafka.beginning_offsets([tp]))[tp]
+        log_end = (await self._kafka.end_offsets([tp]))[tp]
         if start < log_start:
             reason = (
                 f"the log starts at offset {log_start} but the checkpoint covers only up to "
                 f"{start - 1}: records {start}..{log_start - 1} are gone (retention?)"
             )
-            if not w.config.accept_data_loss:
+            if not self._accept_data_loss:
                 partition.status = PartitionStatus.REFUSED
                 partition.refused_reason = reason
                 log.error(
@@ -164,16 +205,16 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                     p,
                     reason,
                 )
-                w.observe_refused(p)
+                self._metrics.set_partition(p, PartitionStatus.REFUSED.value, -1, -1, 0)
                 return nbytes
             log.warning("accepting data loss on partition %d: %s", p, reason)
             start = log_start
         # Claim: a conditional write with a higher generation fences the previous owner.
         claim = replace(
-            manifest or Manifest(topic=w.topics.commands, partition=p),
+            manifest or Manifest(topic=self._topics.commands, partition=p),
             generation=(manifest.generation if manifest else 0) + 1,
         )
-        partition.manifest, partition.etag = await w.store.write_manifest(claim, etag=etag)
+        partition.manifest, partition.etag = await store.write_manifest(claim, etag=etag)
         partition.applied_offset = start - 1
         partition.ready_offset = log_end - 1
         partition.last_checkpoint = time.monotonic()
@@ -187,8 +228,9 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         Must be called by the partition's runner (or after it stopped): nothing applies to
         the partition meanwhile.
         """
-        w = self._w
         p = partition.number
+        store = self._store
+        metrics = self._metrics
         if partition.status is not PartitionStatus.SERVING and partition.status is not (
             PartitionStatus.RESTORING
         ):
@@ -199,7 +241,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         offset = partition.applied_offset
         with log_context(partition=p, offset=offset):
             try:
-                await w.flush_producer()
+                await self._flush()
                 entries = {
                     name: e
                     for name, e in partition.manifest.indexes.items()
@@ -211,14 +253,16 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                     with log_context(index=name):
                         snap_started = time.monotonic()
                         try:
-                            entries[name] = await w.store.save_index(p, index, offset=offset)
+                            entries[name] = await store.save_index(p, index, offset=offset)
                         except LhvError:
-                            w.observe_snapshot_failure()
+                            metrics.snapshot_failed()
                             raise
-                        w.observe_snapshot(time.monotonic() - snap_started, entries[name].bytes)
+                        metrics.observe_snapshot(
+                            time.monotonic() - snap_started, entries[name].bytes
+                        )
                     failpoints.hit("mid_snapshot")
                 manifest = replace(partition.manifest, offset=offset, indexes=entries)
-                partition.manifest, partition.etag = await w.store.write_manifest(
+                partition.manifest, partition.etag = await store.write_manifest(
                     manifest, etag=partition.etag
                 )
             except Fenced as exc:
@@ -227,8 +271,8 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 return False
             except LhvError as exc:
                 log.warning("checkpoint failed (%s), state kept, will retry: %s", reason, exc)
-                w.observe_checkpoint_failure(p)
-                policy = w.config.checkpoint
+                metrics.checkpoint_failed(p)
+                policy = self._policy
                 partition.retry_delay_s = min(
                     max(partition.retry_delay_s * 2, policy.retry_backoff_s),
                     policy.retry_backoff_max_s,
@@ -241,7 +285,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             partition.last_checkpoint = time.monotonic()
             partition.retry_delay_s = 0.0
             elapsed = time.monotonic() - started
-            w.observe_checkpoint(p, elapsed, offset)
+            metrics.observe_checkpoint(p, elapsed, offset)
             log.info(
                 "checkpoint (%s): %d snapshots written, %d indexes, %.2fs",
                 reason,
@@ -251,45 +295,44 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             )
             failpoints.hit("after_manifest")
             try:
-                await w.commit_offsets(p, offset + 1)
+                await self._kafka.commit({self._commands_tp(p): offset + 1})
             except (CommitFailedError, KafkaError) as exc:
                 log.warning("commit failed after checkpoint (ownership moving?): %s", exc)
-            w.spawn(w.store.collect_garbage(partition.manifest), name=f"gc-{p}")
+            self._tasks.spawn(store.collect_garbage(partition.manifest), name=f"gc-{p}")
             due = [step for at, step in partition.after_checkpoint if at <= offset]
             partition.after_checkpoint = [
                 (at, step) for at, step in partition.after_checkpoint if at > offset
             ]
             for step in due:
-                w.spawn(step(), name=f"after-checkpoint-{p}")
+                self._tasks.spawn(step(), name=f"after_checkpoint-{p}")
         return True
 
     async def release(self, p: int, *, park: bool) -> None:
         """Stop applying to p, checkpoint it, and forget it (parking the state if asked)."""
-        w = self._w
-        partition = w.partitions.get(p)
+        partition = self._registry.partitions.get(p)
         if partition is None:
             return
         with log_context(partition=p):
-            await w.stop_runner(p)
+            await self._registry.stop_runner(p)
             if partition.status is PartitionStatus.SERVING or (
                 partition.status is PartitionStatus.RESTORING and partition.manifest is not None
             ):
                 try:
-                    async with asyncio.timeout(w.config.rebalance_timeout_ms / 2000):
+                    async with asyncio.timeout(self._rebalance_timeout_ms / 2000):
                         done = await self.checkpoint(partition, reason="revoke")
                 except TimeoutError:
                     log.warning("checkpoint on revoke timed out; the next owner replays more")
                     done = False
                 if done and park and partition.etag is not None:
                     self._parked[p] = partition
-            await w.search.release(p)
+            await self._search.release(p)
             self._drop(partition)
 
     def _drop(self, partition: Partition) -> None:
         partition.status = PartitionStatus.REVOKED
-        self._w.partitions.pop(partition.number, None)
-        self._w.forget_partition(partition.number, list(partition.indexes))
-        self._w.spawn(partition.notify(), name=f"notify-{partition.number}")
+        self._registry.partitions.pop(partition.number, None)
+        self._registry.forget_partition(partition.number, list(partition.indexes))
+        self._tasks.spawn(partition.notify(), name=f"notify-{partition.number}")
 
     async def _retrying(
         self,
@@ -300,7 +343,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
     ) -> T:
         """Run `step` until it succeeds; S3/Kafka trouble is retried with backoff
         (`on_error` is told of each failed attempt)."""
-        policy = self._w.config.checkpoint
+        policy = self._policy
         delay = policy.retry_backoff_s
         while True:
             try:
@@ -314,7 +357,11 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, policy.retry_backoff_max_s)
 
+    def _commands_tp(self, p: int) -> TopicPartition:
+        return TopicPartition(self._topics.commands, p)
+
     async def stop(self) -> None:
+        """Cancel the restores in progress."""
         for task in list(self._restores.values()):
             task.cancel()
         await asyncio.gather(*self._restores.values(), return_exceptions=True)

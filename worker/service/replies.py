@@ -75,7 +75,6 @@ class ReplySender:
 
     async def send(
         self,
-        producer: object,
         reply_to: ReplyTo,
         value: bytes,
         *,
@@ -89,11 +88,8 @@ class ReplySender:
         by a small `invalid_request` error reply when that fits). Never raises.
 
         Arguments:
-            producer: not used: replies go through `outbox`; kept for callers that pass
-                the worker's producer.
             where: (partition, offset) of the request, for the logs.
         """
-        del producer
         topic = reply_to.topic
         if self._is_missing(topic):
             self._on_drop()

@@ -55,7 +55,7 @@ import time
 from collections import defaultdict
 from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import orjson
@@ -73,9 +73,14 @@ from lhv_index.errors import (
     NotReady,
     WrongPartition,
 )
-from worker.service.partition import PartitionStatus
+from worker.service.config import QueryPolicy
+from worker.service.observer import IndexObserver
+from worker.service.partition import Partition, PartitionStatus
+from worker.service.ports import KafkaPort, PartitionRegistry, ReplyPort, TaskOwner
 from worker.telemetry.logs import log_context
+from worker.telemetry.metrics import Metrics
 from worker.wire.headers import ReplyTo, reply_to_from_headers
+from worker.wire.limits import MessageLimits
 from worker.wire.queries import GetQuery, Query, SearchQuery, StatsQuery, decode_query
 from worker.wire.replies import (
     encode_error_reply,
@@ -83,11 +88,7 @@ from worker.wire.replies import (
     encode_search_results,
     encode_stats_reply,
 )
-from worker.wire.topics import home_partition
-
-if TYPE_CHECKING:
-    from worker.service import Worker
-    from worker.service.partition import Partition
+from worker.wire.topics import ReplyTopicPolicy, TopicsConfig, home_partition
 
 __all__ = ["SearchServer"]
 
@@ -152,16 +153,54 @@ class _Pending:
 
 
 class SearchServer:
-    """Answers queries for the partitions its worker owns (see the module docstring)."""
+    """Answers queries for the partitions its worker owns (see the module docstring).
 
-    def __init__(self, worker: Worker) -> None:
-        self._w = worker
+    Arguments:
+        registry: the owned partitions (read only) and the partition count.
+        kafka: positions search partitions and commits their offsets.
+        replies: where replies go (`ReplySender`).
+        reply_policy: the reply topics a query may name.
+        tasks: runs the offset commits as a long-lived task (a crash ends the worker).
+        observer: sees the nearest distances (drift) and gives `stats` its drift report.
+        policy: bounds on waiting queries, the maximum age, the commit cadence.
+        query_wait_ms: the wait of a query without a deadline.
+        worker_id: named in `stats` replies.
+    """
+
+    def __init__(
+        self,
+        *,
+        topics: TopicsConfig,
+        registry: PartitionRegistry,
+        kafka: KafkaPort,
+        replies: ReplyPort,
+        reply_policy: ReplyTopicPolicy,
+        tasks: TaskOwner,
+        observer: IndexObserver,
+        metrics: Metrics,
+        policy: QueryPolicy,
+        limits: MessageLimits,
+        query_wait_ms: int,
+        worker_id: str,
+    ) -> None:
+        self._topics = topics
+        self._registry = registry
+        self._kafka = kafka
+        self._replies = replies
+        self._reply_policy = reply_policy
+        self._supervisor = tasks
+        self._observer = observer
+        self._metrics = metrics
+        self._policy = policy
+        self._limits = limits
+        self._query_wait_ms = query_wait_ms
+        self._worker_id = worker_id
         self._flights: dict[int, _Flight] = {}
         self._positioning: dict[int, asyncio.Task[None]] = {}
         self._queues: dict[str, list[_Pending]] = defaultdict(list)
         self._busy: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._committer: asyncio.Task[None] | None = None
+        self._committer: asyncio.Task[Any] | None = None
         self._closed = False
         self.engine_calls = 0
         """search engine calls made (one per batch of compatible queries)"""
@@ -169,10 +208,10 @@ class SearchServer:
         """search queries answered by those calls"""
 
     async def start(self) -> None:
-        """Start committing search offsets on their cadence."""
+        """Start committing search offsets on their cadence (a long-lived task)."""
         self._closed = False
         if self._committer is None:
-            self._committer = asyncio.create_task(self._commit_loop(), name="search-commits")
+            self._committer = self._supervisor.start(self._commit_loop(), name="search_commits")
 
     async def stop(self) -> None:
         """Cancel everything in flight; unanswered queries are left uncommitted."""
@@ -187,14 +226,6 @@ class SearchServer:
         self._tasks.clear()
         self._positioning.clear()
 
-    def raise_errors(self) -> None:
-        """Raise the error of a background routine that crashed (the worker then exits)."""
-        task = self._committer
-        if task is not None and task.done() and not task.cancelled():
-            exc = task.exception()
-            if exc is not None:
-                raise exc
-
     def _spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
@@ -207,16 +238,16 @@ class SearchServer:
             return
         exc = task.exception()
         if exc is not None:
-            self._w.metrics.search_failed("task")
+            self._metrics.search_failed("task")
             log.error("search task %s failed", task.get_name(), exc_info=exc)
 
     def _failed(self, stage: str, what: str, **where: Any) -> None:
         """Log (with its traceback) and count an unexpected failure at `stage`."""
-        self._w.metrics.search_failed(stage)
+        self._metrics.search_failed(stage)
         log.exception(what, extra={k: v for k, v in where.items() if v is not None})
 
     def search_tp(self, p: int) -> TopicPartition:
-        return TopicPartition(self._w.topics.search, p)
+        return TopicPartition(self._topics.search, p)
 
     # -- where each search partition starts ----------------------------------------------
 
@@ -227,7 +258,7 @@ class SearchServer:
         Must be called from the rebalance listener before it awaits anything, so that no
         record is fetched from the consumer's own reset position first.
         """
-        consumer = self._w.consumer
+        consumer = self._kafka
         for p in partitions:
             consumer.pause(self.search_tp(p))
             self.forget(p)
@@ -239,12 +270,12 @@ class SearchServer:
         if self._positioning.get(p) is task:
             del self._positioning[p]
         if not task.cancelled() and task.exception() is not None:
-            self._w.metrics.search_failed("position")
+            self._metrics.search_failed("position")
             log.error("positioning search partition %d failed", p, exc_info=task.exception())
 
     async def _position(self, p: int) -> None:
         tp = self.search_tp(p)
-        consumer = self._w.consumer
+        consumer = self._kafka
         with log_context(partition=p):
             start: int | None = None
             delay = 0.2
@@ -262,7 +293,7 @@ class SearchServer:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
             else:
-                self._w.metrics.search_failed("position")
+                self._metrics.search_failed("position")
                 log.error(
                     "could not find where the search partition starts: reading from its "
                     "committed offset, else its end"
@@ -276,7 +307,7 @@ class SearchServer:
 
     async def _start_offset(self, tp: TopicPartition) -> tuple[int, str]:
         """Where `tp` starts, and why (module docstring)."""
-        consumer = self._w.consumer
+        consumer = self._kafka
         committed = await consumer.committed(tp)
         if committed is not None:
             first = (await consumer.beginning_offsets([tp]))[tp]
@@ -287,7 +318,7 @@ class SearchServer:
                 committed,
                 first,
             )
-        max_age_ms = self._w.config.queries.max_age_ms
+        max_age_ms = self._policy.max_age_ms
         end = (await consumer.end_offsets([tp]))[tp]  # before the lookup: nothing missed
         since_ms = int(time.time() * 1000) - max_age_ms
         found = (await consumer.offsets_for_times({tp: since_ms}))[tp]
@@ -299,7 +330,7 @@ class SearchServer:
 
     async def _commit_loop(self) -> None:
         """Commit every owned partition's search offset on its cadence (when it moved)."""
-        interval_s = self._w.config.queries.commit_interval_ms / 1000
+        interval_s = self._policy.commit_interval_ms / 1000
         try:
             while True:
                 await asyncio.sleep(interval_s)
@@ -315,10 +346,10 @@ class SearchServer:
         since its last commit. A failed commit is logged; the next one retries."""
         offsets: dict[TopicPartition, int] = {}
         flights: dict[int, tuple[_Flight, int]] = {}
-        assigned = self._w.consumer.assignment()
+        assigned = self._kafka.assignment()
         for p in partitions:
             flight = self._flights.get(p)
-            part = self._w.partitions.get(p)
+            part = self._registry.partitions.get(p)
             if flight is None or part is None or part.status is PartitionStatus.REVOKED:
                 continue
             offset = flight.committable()
@@ -330,7 +361,7 @@ class SearchServer:
         if not offsets:
             return
         try:
-            await self._w.consumer.commit(offsets)
+            await self._kafka.commit(offsets)
         except KafkaError as exc:
             log.warning(
                 "search offset commit failed (ownership moving?): %s",
@@ -340,7 +371,7 @@ class SearchServer:
             return
         for p, (flight, offset) in flights.items():
             flight.committed = offset
-            self._w.metrics.search_committed_offset(p, offset)
+            self._metrics.search_committed_offset(p, offset)
 
     async def release(self, p: int) -> None:
         """The partition is being revoked (or the worker stops): commit its offset now, so
@@ -437,8 +468,8 @@ class SearchServer:
         """Decode `records` (in a thread); a record older than the maximum query age is not
         decoded at all."""
         out: list[Query | _Refused] = []
-        limits = self._w.config.limits
-        max_age_ms = self._w.config.queries.max_age_ms
+        limits = self._limits
+        max_age_ms = self._policy.max_age_ms
         now_ms = time.time() * 1000
         for rec in records:
             headers = rec.headers or ()
@@ -475,7 +506,7 @@ class SearchServer:
                 correlation_id=_cid(reply_to.correlation_id),
             ):
                 try:
-                    self._w.reply_policy.check(reply_to.topic)
+                    self._reply_policy.check(reply_to.topic)
                 except LhvError as exc:
                     log.warning("query refused: %s", exc.message)
                     return
@@ -494,7 +525,7 @@ class SearchServer:
                     else:
                         value = self._stats(part, query, received)
                     await self._send(reply_to, value)
-                    self._w.metrics.observe_search(_op(query), "ok", time.monotonic() - received, 1)
+                    self._metrics.observe_search(_op(query), "ok", time.monotonic() - received, 1)
                 except LhvError as exc:
                     await self._send_error(
                         reply_to, query.index, exc, received, op=_op(query), queries=_count(query)
@@ -517,22 +548,22 @@ class SearchServer:
     ) -> Partition | None:
         """The partition once it serves `query`; None when it was revoked meanwhile (the
         query's offset is not committed, so the next owner answers it)."""
-        num_partitions = self._w.num_partitions
+        num_partitions = self._registry.num_partitions
         home = home_partition(query.index.encode(), num_partitions) if num_partitions else None
         if home is not None and home != partition:
             raise WrongPartition(
                 f"index {query.index!r} lives on partition {home}, not {partition}"
             )
-        part = self._w.partitions.get(partition)
+        part = self._registry.partitions.get(partition)
         if part is None or part.status is PartitionStatus.REVOKED:
             return None
         if part.status is PartitionStatus.REFUSED:
             raise NotReady(f"partition {partition} is refused: {part.refused_reason}")
-        remaining_s = _remaining_s(query, self._w.config.query_wait_ms)
+        remaining_s = _remaining_s(query, self._query_wait_ms)
         if remaining_s <= 0:
             raise DeadlineExceeded("the request's deadline passed before it was read")
         if not part.serves(query.min_offset):
-            policy = self._w.config.queries
+            policy = self._policy
             if (
                 flight.parked >= policy.max_parked
                 or flight.parked_bytes + size > policy.max_parked_bytes
@@ -575,7 +606,7 @@ class SearchServer:
         flight.parked += queries
         flight.parked_bytes += nbytes
         if self._flights.get(partition) is flight:
-            self._w.metrics.set_search_parked(partition, flight.parked, flight.parked_bytes)
+            self._metrics.set_search_parked(partition, flight.parked, flight.parked_bytes)
 
     # -- batched searches ----------------------------------------------------------------
 
@@ -737,7 +768,7 @@ class SearchServer:
             return
         try:
             await self._send(q.reply_to, value)
-            self._w.metrics.observe_search(
+            self._metrics.observe_search(
                 "search", "ok", took_ms / 1000, batch_size, queries=len(rows)
             )
         finally:
@@ -745,7 +776,7 @@ class SearchServer:
 
     def _observe_distances(self, index_name: str, found: list[Columns]) -> None:
         try:
-            self._w.observe_distances(
+            self._observer.observe_distances(
                 index_name, np.array([c.distances[0] for c in found if c.ids], dtype=np.float64)
             )
         except Exception:  # drift is a statistic: it never fails a query
@@ -803,9 +834,9 @@ class SearchServer:
         stats = dict(index.stats())
         stats["applied_offset"] = part.applied_offset
         stats["checkpoint_offset"] = part.checkpoint_offset
-        stats["worker"] = self._w.config.worker_id
+        stats["worker"] = self._worker_id
         stats["partition"] = part.number
-        drift = self._w.drift_report(query.index)
+        drift = self._observer.drift_report(query.index)
         if drift is not None:
             stats["drift"] = drift
         return encode_stats_reply(query, stats, took_ms=(time.monotonic() - received) * 1000)
@@ -815,7 +846,7 @@ class SearchServer:
     async def _send(self, reply_to: ReplyTo, value: bytes) -> None:
         """Send one reply; a failure is logged (the reason this query got no reply)."""
         try:
-            await self._w.replies.send(self._w.producer, reply_to, value)
+            await self._replies.send(reply_to, value)
         except Exception:
             self._failed("reply", f"reply to {reply_to.topic!r} not sent")
 
@@ -830,12 +861,12 @@ class SearchServer:
         queries: int = 1,
     ) -> None:
         try:
-            self._w.reply_policy.check(reply_to.topic)
+            self._reply_policy.check(reply_to.topic)
         except LhvError as exc:
             log.warning("no error reply to %r: %s", reply_to.topic, exc.message)
             return
         took_ms = (time.monotonic() - received) * 1000
-        self._w.metrics.observe_search(op, error.code, took_ms / 1000, queries, queries=queries)
+        self._metrics.observe_search(op, error.code, took_ms / 1000, queries, queries=queries)
         log.info("query answered with %s: %s", error.code, error.message)
         try:
             value = encode_error_reply(reply_to, index, error, took_ms=took_ms)

@@ -268,6 +268,13 @@ class Metrics:
             ["stage"],
             registry=r,
         )
+        self.background_failures = Counter(
+            "lhv_background_failures",
+            "Background tasks of the worker that failed, by kind (a crashed long-lived "
+            "task also ends the worker)",
+            ["task"],
+            registry=r,
+        )
         # indexes
         self.index_items = Gauge(
             "lhv_index_items",
@@ -435,6 +442,10 @@ class Metrics:
         """An unexpected failure at `stage` (`decode`, `serve`, `batch`, `group`, `reply`,
         `commit`, `position`)."""
         self.search_failures.labels(stage).inc()
+
+    def background_failed(self, task: str) -> None:
+        """A background task of kind `task` (`partition`, `restore`, `gc`, ...) failed."""
+        self.background_failures.labels(task).inc()
 
     # -- indexes -------------------------------------------------------------------------
 

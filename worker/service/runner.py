@@ -1,0 +1,321 @@
+"""One partition's runner: applies its command records in order, checkpoints between
+batches.
+
+The poll loop `enqueue`s a poll's records in pieces of at most `max_batch_bytes`; the
+runner takes a batch (pieces queued behind each other, within `max_poll_records` and
+`max_batch_bytes`), decodes it in a thread (the next batch is decoded while this one
+applies), applies it in a thread (`apply_records`), reports acks and DLQ records, moves
+the applied offset and wakes waiting queries. Past `max_pending_records` or
+`max_pending_bytes` buffered, the poll loop pauses the partition; the runner resumes it
+once half is applied. By the checkpoint policy (records, seconds; backoff after a failed
+one) it checkpoints between batches, so nothing applies meanwhile.
+
+The runner is a long-lived task (`TaskOwner.start`): a crash ends the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from aiokafka import TopicPartition
+
+from lhv_index import Limits as IndexLimits
+from lhv_index.errors import Internal
+from worker.service import failpoints
+from worker.service.apply import Barrier, Decoded, Outcome, apply_records, decode_records
+from worker.service.config import CheckpointPolicy, WorkerConfig
+from worker.service.intake import RejectedRecord
+from worker.service.observer import IndexObserver
+from worker.service.partition import Partition, PartitionStatus
+from worker.service.ports import KafkaPort, TaskOwner
+from worker.service.report import Reporter
+from worker.telemetry.logs import log_context
+from worker.telemetry.metrics import HealthTracker, Metrics
+from worker.wire.limits import MessageLimits
+
+__all__ = ["Runner", "RunnerLimits"]
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+#: ops whose items count in the apply-batch histogram
+_WRITES = frozenset({"add", "delete"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunnerLimits:
+    """The settings a runner uses (all from `WorkerConfig`)."""
+
+    max_batch_bytes: int
+    max_poll_records: int
+    max_pending_records: int
+    max_pending_bytes: int
+    checkpoint: CheckpointPolicy
+    limits: MessageLimits
+    index_limits: IndexLimits
+
+    @classmethod
+    def of(cls, config: WorkerConfig) -> RunnerLimits:
+        return cls(
+            max_batch_bytes=config.max_batch_bytes,
+            max_poll_records=config.max_poll_records,
+            max_pending_records=config.max_pending_records,
+            max_pending_bytes=config.max_pending_bytes,
+            checkpoint=config.checkpoint,
+            limits=config.limits,
+            index_limits=config.index_limits,
+        )
+
+
+class _Piece(NamedTuple):
+    """One queue entry: records of one poll, at most `max_batch_bytes` of values."""
+
+    records: list[Any]
+    nbytes: int
+
+
+@dataclass(slots=True, eq=False)
+class _Batch:
+    """Queue entries applied together, and the decoding of their records when it was
+    started ahead."""
+
+    records: list[Any] = field(default_factory=list)
+    nbytes: int = 0
+    stop: bool = False
+    """the stop marker came after these records"""
+    decoding: asyncio.Future[list[Decoded]] | None = None
+
+
+class Runner:
+    """Applies one partition's command records in order (module docstring).
+
+    Arguments:
+        partition: the partition's state (restored).
+        tp: the partition of the commands topic (resumed here after backpressure).
+        num_partitions: partitions of the commands topic (home-partition checks).
+        checkpoint: checkpoints the partition (`Ownership.checkpoint`, reason "policy").
+        barrier: applies merge and import records (`MergeProtocol`), in the apply thread.
+    """
+
+    def __init__(
+        self,
+        partition: Partition,
+        *,
+        tp: TopicPartition,
+        num_partitions: int,
+        settings: RunnerLimits,
+        kafka: KafkaPort,
+        checkpoint: Callable[[Partition], Awaitable[bool]],
+        reporter: Reporter,
+        barrier: Barrier | None,
+        observer: IndexObserver,
+        metrics: Metrics,
+        health: HealthTracker,
+        tasks: TaskOwner,
+    ) -> None:
+        self.partition = partition
+        self._tp = tp
+        self._num_partitions = num_partitions
+        self._settings = settings
+        self._kafka = kafka
+        self._checkpoint = checkpoint
+        self._reporter = reporter
+        self._barrier = barrier
+        self._observer = observer
+        self._metrics = metrics
+        self._health = health
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.pending = 0
+        self.pending_bytes = 0
+        self._carry: _Piece | None = None
+        #: the next batch, taken and being decoded while the current one applies
+        self._ahead: _Batch | None = None
+        self.paused = False
+        self.task: asyncio.Task[Any] = tasks.start(
+            self._run(), name=f"partition-{partition.number}"
+        )
+
+    def enqueue(self, records: Sequence[Any]) -> None:
+        """Queue one poll's records, in pieces of at most `max_batch_bytes` (one poll can
+        return everything aiokafka prefetched)."""
+        limit = self._settings.max_batch_bytes
+        piece: list[Any] = []
+        size = 0
+        for rec in records:
+            n = len(rec.value) if rec.value is not None else 0
+            if piece and size + n > limit:
+                self._put(_Piece(piece, size))
+                piece, size = [], 0
+            piece.append(rec)
+            size += n
+        if piece:
+            self._put(_Piece(piece, size))
+
+    def _put(self, piece: _Piece) -> None:
+        self.pending += len(piece.records)
+        self.pending_bytes += piece.nbytes
+        self.queue.put_nowait(piece)
+
+    @property
+    def over_limit(self) -> bool:
+        """Enough is buffered: the partition's fetching is paused until half is applied."""
+        s = self._settings
+        return self.pending >= s.max_pending_records or self.pending_bytes >= s.max_pending_bytes
+
+    @property
+    def under_half(self) -> bool:
+        s = self._settings
+        return (
+            self.pending <= s.max_pending_records // 2
+            and self.pending_bytes <= s.max_pending_bytes // 2
+        )
+
+    async def stop(self) -> None:
+        """Finish the batch in flight and what is queued before the stop marker."""
+        self.queue.put_nowait(_STOP)
+        await asyncio.gather(self.task, return_exceptions=True)
+
+    def cancel(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+
+    async def _run(self) -> None:
+        p = self.partition
+        policy = self._settings.checkpoint
+        with log_context(partition=p.number):
+            try:
+                while True:
+                    batch, self._ahead = self._ahead, None
+                    if batch is None:
+                        try:
+                            item, self._carry = self._carry, None
+                            if item is None:
+                                wait_s = policy.every_s - (time.monotonic() - p.last_checkpoint)
+                                async with asyncio.timeout(max(0.05, wait_s)):
+                                    item = await self.queue.get()
+                            batch = self._collect(item)
+                        except TimeoutError:
+                            batch = _Batch()
+                    if batch.records:
+                        decoded = await (batch.decoding or self._decode(batch.records))
+                        if not batch.stop:
+                            self._read_ahead()
+                        await self._apply(batch, decoded)
+                    if batch.stop:
+                        return
+                    now = time.monotonic()
+                    if (
+                        p.needs_checkpoint
+                        and now >= p.retry_at
+                        and (
+                            p.records_since_checkpoint >= policy.every_records
+                            or now - p.last_checkpoint >= policy.every_s
+                        )
+                    ):
+                        await self._checkpoint(p)
+                    if p.status is PartitionStatus.REVOKED:
+                        return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("partition runner crashed")
+                raise Internal(f"partition {p.number} runner crashed") from exc
+            finally:
+                if self._ahead is not None and self._ahead.decoding is not None:
+                    self._ahead.decoding.cancel()  # decoded for nothing: the next owner reads it
+
+    def _collect(self, item: Any) -> _Batch:
+        """A batch starting with queue entry `item`, plus the entries queued behind it
+        within the bounds (records, bytes), up to the stop marker."""
+        s = self._settings
+        batch = _Batch()
+        while True:
+            if item is _STOP:
+                batch.stop = True
+                return batch
+            batch.records.extend(item.records)
+            batch.nbytes += item.nbytes
+            if self.queue.empty() or len(batch.records) >= s.max_poll_records:
+                return batch
+            item = self.queue.get_nowait()
+            if item is not _STOP and batch.nbytes + item.nbytes > s.max_batch_bytes:
+                self._carry = item  # the next batch starts with it
+                return batch
+
+    def _read_ahead(self) -> None:
+        """Take the next batch now, if one is queued, and decode it in a thread while the
+        current one is applied (decoding reads no index state; the engine releases the
+        GIL, so both cores work)."""
+        if self._carry is None and self.queue.empty():
+            return
+        item, self._carry = self._carry, None
+        if item is None:
+            item = self.queue.get_nowait()
+        batch = self._collect(item)
+        if batch.records:
+            batch.decoding = asyncio.ensure_future(self._decode(batch.records))
+        self._ahead = batch
+
+    def _decode(self, batch: list[Any]) -> Awaitable[list[Decoded]]:
+        return asyncio.to_thread(
+            _decode_or_reject,
+            batch,
+            partition=self.partition.number,
+            num_partitions=self._num_partitions,
+            limits=self._settings.limits,
+        )
+
+    async def _apply(self, batch: _Batch, decoded: list[Decoded]) -> None:
+        p = self.partition
+        started = time.monotonic()
+        outcomes = await asyncio.to_thread(self._apply_in_thread, batch.records, decoded)
+        self.pending -= len(batch.records)
+        self.pending_bytes -= batch.nbytes
+        failpoints.hit("mid_batch")
+        items = sum(o.applied + o.skipped for o in outcomes if o.error is None and o.op in _WRITES)
+        self._metrics.observe_apply(p.number, len(batch.records), time.monotonic() - started, items)
+        await self._reporter.report(
+            p, outcomes, timestamps={r.offset: r.timestamp for r in batch.records}
+        )
+        if p.mark_ready_if_caught_up():
+            log.info("partition serving at offset %d", p.applied_offset)
+        self._health.progress(p.number, p.applied_offset)
+        await p.notify()
+        if self.paused and self.under_half:
+            self.paused = False
+            self._kafka.resume(self._tp)
+
+    def _apply_in_thread(self, batch: list[Any], decoded: list[Decoded]) -> list[Outcome]:
+        """Apply one batch, then publish the sizes and drift of the indexes it touched."""
+        s = self._settings
+        outcomes = apply_records(
+            self.partition,
+            batch,
+            decoded=decoded,
+            num_partitions=self._num_partitions,
+            limits=s.limits,
+            index_limits=s.index_limits,
+            barrier=self._barrier,
+            on_vectors=self._observer.observe_vectors,
+        )
+        self._observer.observe_indexes(self.partition, {o.index for o in outcomes if o.index})
+        return outcomes
+
+
+def _decode_or_reject(
+    records: list[Any], *, partition: int, num_partitions: int, limits: MessageLimits
+) -> list[Decoded]:
+    """`decode_records`, except that a record refused at intake (`RejectedRecord`: the
+    Kafka client could not read it) keeps its error, whatever its value holds."""
+    decoded = decode_records(
+        records, partition=partition, num_partitions=num_partitions, limits=limits
+    )
+    for i, rec in enumerate(records):
+        if isinstance(rec, RejectedRecord):
+            decoded[i] = Decoded(reply_to=None, error=rec.error)
+    return decoded
