@@ -1,0 +1,65 @@
+"""The search server inside a worker over the in-memory log and reply bus: concurrent
+queries share one engine call, `min_offset` is honoured, and answered offsets are
+committed."""
+
+from __future__ import annotations
+
+from aiokafka import TopicPartition
+from servicekit import TOPICS, Cluster, caught_up, eventually
+
+INDEX = "docs"
+
+
+async def test_concurrent_queries_of_one_index_are_answered_by_one_engine_call() -> None:
+    cluster = Cluster(partitions=1)
+    cluster.command(INDEX, {"op": "create", "dim": 2, "space": "l2", "engine": "exact"})
+    cluster.command(INDEX, {"op": "add", "items": [{"id": "a", "vector": [1.0, 0.0]}]})
+    async with cluster.worker("a") as (w, client, _):
+        await client.assign([0])
+        await eventually(caught_up(cluster, w), "the index is applied")
+        cids = [b"q%d" % i for i in range(20)]
+        client.pause(TopicPartition(TOPICS.search, 0))  # all arrive in one poll
+        for cid in cids:
+            cluster.query(INDEX, {"vector": [1.0, 0.0], "k": 1}, cid)
+        client.resume(TopicPartition(TOPICS.search, 0))
+        await eventually(lambda: all(c in cluster.replies() for c in cids), "every reply")
+        replies = cluster.replies()
+        assert all(replies[c]["hits"][0]["id"] == "a" for c in cids)
+        assert w.search.searched == 20
+        assert w.search.engine_calls == 1
+
+
+async def test_a_query_waits_until_its_min_offset_is_applied() -> None:
+    cluster = Cluster(partitions=1)
+    cluster.command(INDEX, {"op": "create", "dim": 2, "space": "l2", "engine": "exact"})
+    async with cluster.worker("a") as (w, client, _):
+        await client.assign([0])
+        await eventually(caught_up(cluster, w), "the index is created")
+        later = cluster.end(0)  # the offset the add below will get
+        cluster.query(INDEX, {"vector": [0.0, 1.0], "k": 1, "min_offset": later}, b"ryw")
+        await eventually(
+            lambda: sum(f.parked for f in w.search._flights.values()) == 1, "the query parks"
+        )
+        assert b"ryw" not in cluster.replies()
+        assert (
+            cluster.command(INDEX, {"op": "add", "items": [{"id": "b", "vector": [0.0, 1.0]}]})
+            == later
+        )
+        await eventually(lambda: b"ryw" in cluster.replies(), "the reply")
+        reply = cluster.replies()[b"ryw"]
+        assert reply["status"] == "ok" and reply["hits"][0]["id"] == "b"
+        assert reply["applied_offset"] >= later
+
+
+async def test_answered_search_offsets_are_committed() -> None:
+    cluster = Cluster(partitions=1)
+    cluster.command(INDEX, {"op": "create", "dim": 2})
+    async with cluster.worker("a") as (w, client, _):
+        await client.assign([0])
+        await eventually(caught_up(cluster, w), "the index is created")
+        for i in range(3):
+            cluster.query(INDEX, {"vector": [1.0, 0.0], "k": 1}, b"c%d" % i)
+        tp = TopicPartition(TOPICS.search, 0)
+        await eventually(
+            lambda: cluster.broker.committed("lhv").get(tp) == 3, "the search offset commit"
+        )
