@@ -41,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,13 +100,45 @@ class RejectedRecord:
 
 @dataclass(slots=True)
 class _Poll:
-    records: dict[TopicPartition, list[Any]] = field(default_factory=dict)
+    """What one `Intake.poll` gathered, call by call.
+
+    A poll makes several `getmany` calls, with awaits between them, and a rebalance can
+    run during any of them. Records that a call returned before a rebalance belong to
+    the assignment before it: the partitions' new owners (this worker again, perhaps)
+    seek where they resume, and those records come again from there. Handing them on
+    would apply them out of order, ahead of the records before them. So each call's
+    records are kept with the rebalance count at their return, and `records` keeps only
+    the calls that returned after the last rebalance. (A call during which a rebalance
+    ran returns records of the new assignment only: aiokafka waits for the assignment
+    and drops what was fetched for the old one, and new partitions stay paused until
+    their owner seeks.)
+    """
+
+    rebalances: Callable[[], int]
+    calls: list[tuple[int, dict[TopicPartition, list[Any]]]] = field(default_factory=list)
     count: int = 0
 
     def add(self, tp: TopicPartition, records: Sequence[Any]) -> None:
         if records:
-            self.records.setdefault(tp, []).extend(records)
-            self.count += len(records)
+            self.add_all({tp: list(records)})
+
+    def add_all(self, data: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        kept = {tp: list(recs) for tp, recs in data.items() if recs}
+        if kept:
+            self.calls.append((self.rebalances(), kept))
+            self.count += sum(len(recs) for recs in kept.values())
+
+    @property
+    def records(self) -> dict[TopicPartition, list[Any]]:
+        """The records of the calls that returned after the last rebalance, in order."""
+        now = self.rebalances()
+        out: dict[TopicPartition, list[Any]] = {}
+        for seen, data in self.calls:
+            if seen != now:
+                continue
+            for tp, recs in data.items():
+                out.setdefault(tp, []).extend(recs)
+        return out
 
 
 class Intake:
@@ -144,6 +176,12 @@ class Intake:
         self._max_inflated_bytes = max_inflated_bytes
         self._client: AIOKafkaClient | None = None
         self._closed = False
+        self.rebalances = 0
+        """rebalances seen (revoked or assigned callbacks): `note_rebalance` counts them"""
+
+    def note_rebalance(self) -> None:
+        """A rebalance is running: records already fetched are of the old assignment."""
+        self.rebalances += 1
 
     async def stop(self) -> None:
         """Close the client that re-reads batches, if one was started. Idempotent."""
@@ -159,7 +197,7 @@ class Intake:
         Raises:
             KafkaError: what `getmany` raises for the consumer as a whole (not a record).
         """
-        poll = _Poll()
+        poll = _Poll(lambda: self.rebalances)
         await self._drain((), timeout_ms, 1, poll)  # waits for the first record
         if poll.count == 0:
             return self._screen(poll.records)
@@ -186,8 +224,7 @@ class Intake:
         except Exception as exc:
             await self._fault(tps, exc, poll)
         else:
-            for tp, records in data.items():
-                poll.add(tp, records)
+            poll.add_all(data)
 
     async def _fault(
         self, tps: tuple[TopicPartition, ...], exc: BaseException, poll: _Poll

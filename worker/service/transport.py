@@ -8,7 +8,7 @@ not go through this producer but through the `Outbox`, which has its own.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -99,7 +99,10 @@ class AiokafkaTransport:
     # -- what the worker drives ----------------------------------------------------------
 
     def subscribe(self, topics: Sequence[str], *, listener: ConsumerRebalanceListener) -> None:
-        self.consumer.subscribe(list(topics), listener=listener)
+        intake = self._intake
+        if intake is None:
+            raise RuntimeError("transport not started")
+        self.consumer.subscribe(list(topics), listener=_Counted(listener, intake.note_rebalance))
 
     async def poll(self, *, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Any]]:
         if self._intake is None:
@@ -165,3 +168,20 @@ class AiokafkaTransport:
 
     async def flush(self) -> None:
         await self.producer.flush()
+
+
+class _Counted(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Tells the intake of every rebalance before the worker's listener runs, so records
+    fetched for the old assignment are never handed on (`intake._Poll`)."""
+
+    def __init__(self, listener: ConsumerRebalanceListener, note: Callable[[], None]) -> None:
+        self._listener = listener
+        self._note = note
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self._note()
+        await self._listener.on_partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self._note()
+        await self._listener.on_partitions_assigned(assigned)
