@@ -28,22 +28,24 @@ from typing import IO, Any, BinaryIO
 import numpy as np
 
 from lhv_index._capture import Delta
-from lhv_index._index import Index
-from lhv_index._params import IndexParams, Limits, Space
-from lhv_index._snapshot import (
+from lhv_index._frame import (
     ENVELOPE_VERSION,
     KIND_DELTA,
     Section,
+    SectionReader,
+    frame_reader,
+    read_envelope,
+    section_specs,
+    write_frame,
+)
+from lhv_index._index import Index
+from lhv_index._params import IndexParams, Limits, Space
+from lhv_index._snapshot import (
     _clock_bytes,
     _decode_strings,
-    _frame_reader,
-    _read_envelope,
-    _Reader,
     _snapshot_errors,
     _strings,
-    _ViewReader,
     envelope_basics,
-    write_frame,
 )
 from lhv_index.errors import InvalidRequest, SnapshotError
 
@@ -106,8 +108,8 @@ def read_delta(
     Raises:
         SnapshotError: truncated, corrupted or mismatched input, or not a delta.
     """
-    with _frame_reader(src) as reader:
-        envelope = _read_envelope(reader)
+    with frame_reader(src) as reader:
+        envelope = read_envelope(reader)
         with _snapshot_errors():
             return _read_delta(reader, envelope, expect, limits)
 
@@ -128,7 +130,7 @@ _NEED = [
 
 
 def _read_delta(
-    reader: _Reader | _ViewReader,
+    reader: SectionReader,
     envelope: dict[str, Any],
     expect: IndexParams | None,
     limits: Limits | None,
@@ -136,13 +138,10 @@ def _read_delta(
     params, name, source = envelope_basics(envelope, expect, KIND_DELTA)
     if envelope.get("format") != ENVELOPE_VERSION:
         raise SnapshotError(f"unknown delta format {envelope.get('format')!r}")
-    specs = envelope["sections"]
-    if not isinstance(specs, list):
-        raise SnapshotError("envelope sections is not a list")
     data: dict[str, bytes] = {}
-    for spec in specs:
+    for spec in section_specs(envelope):
         sec = reader.section(spec)
-        sec_name = spec["name"]
+        sec_name = spec[0]
         if sec_name in data:
             raise SnapshotError(f"section {sec_name!r} appears twice")
         data[sec_name] = sec

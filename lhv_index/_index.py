@@ -38,7 +38,14 @@ from lhv_index._locks import RWLock
 from lhv_index._metadata import MetaStore
 from lhv_index._params import EF_MAX, IndexParams, Limits, Space
 from lhv_index._types import Columns, Hit, Item, Labels, Metadata, Vectors
-from lhv_index._validate import META_CLEAR, META_KEEP, Prepared, prepare, prepare_queries
+from lhv_index._validate import (
+    META_CLEAR,
+    META_KEEP,
+    Prepared,
+    ValidatedWrites,
+    prepare,
+    prepare_queries,
+)
 from lhv_index._writes import ApplyResult, Write
 from lhv_index.errors import EngineError, InvalidRequest, SnapshotError
 
@@ -143,35 +150,41 @@ class Index:
 
     # -- writes -------------------------------------------------------------------------
 
-    def validate(self, writes: Sequence[Write]) -> None:
+    def validate(self, writes: Sequence[Write]) -> ValidatedWrites:
         """Check every write without applying anything (the writes alone: the tombstone
-        horizon, which depends on the stored state, is checked by `apply`).
+        horizon, which depends on the stored state, is checked by `apply`). Returns them
+        checked, for `apply` to take without checking them again.
 
         Raises:
             InvalidRequest: a bad item (`item` = its position; the message names its id).
             DimMismatch: a vector of another dim.
         """
-        prepare(writes, self.params, self.limits)
+        return ValidatedWrites(prepare(writes, self.params, self.limits), self.params, self.limits)
 
-    def apply(self, writes: Sequence[Write]) -> ApplyResult:
-        """Validate all, keep the newest write per id, drop those not newer than the stored
-        clock (live or tombstone), apply the rest with one engine call. All or nothing.
+    def apply(self, writes: Sequence[Write] | ValidatedWrites) -> ApplyResult:
+        """Validate all (unless `writes` come from `validate`), keep the newest write per
+        id, drop those not newer than the stored clock (live or tombstone), apply the rest
+        with one engine call. All or nothing. The result names the writes that won.
 
         Raises:
             InvalidRequest, DimMismatch: as `validate`, or a versioned write older than the
                 tombstone horizon (see the class docstring); nothing is applied.
             EngineError: the engine failed; the index refuses further use (restore it).
         """
-        prep = prepare(writes, self.params, self.limits)
+        if isinstance(writes, ValidatedWrites):
+            prep = writes.prepared_for(self.params, self.limits)
+        else:
+            prep = prepare(writes, self.params, self.limits)
         with self._lock.exclusive():
             self._check_usable()
-            applied = self._apply(prep)
-            if applied:
+            won = self._apply(prep)
+            if won:
                 self._generation += 1
                 self._maybe_compact()
-        return ApplyResult(applied=applied, skipped=len(prep.ids) - applied)
+        return ApplyResult(applied=len(won), skipped=len(prep.ids) - len(won), won=won)
 
-    def _apply(self, prep: Prepared) -> int:
+    def _apply(self, prep: Prepared) -> tuple[int, ...]:
+        """Apply a validated batch; returns the positions of the writes that won."""
         ids, clocks, rows, metas = prep.ids, prep.clocks, prep.rows, prep.metas
         labels_of = self._map.labels
         # One pass in arrival order gives what applying the writes one by one would give:
@@ -220,7 +233,7 @@ class Index:
                 new_pos.append(pos)
                 new_meta.append(META_CLEAR if meta is META_KEEP else meta)
         if not (update_pos or new_pos or delete_pos or tomb_pos):
-            return 0
+            return ()
 
         new_ids = [ids[p] for p in new_pos]
         new_labels, fresh = self._map.allocate(len(new_pos))
@@ -265,7 +278,7 @@ class Index:
         for p in delete_pos + tomb_pos:
             self._tombs[ids[p]] = clocks[p]
         self._changed.update([ids[p] for p in up_pos + delete_pos + tomb_pos])
-        return len(up_pos) + len(delete_pos) + len(tomb_pos)
+        return tuple(sorted(up_pos + delete_pos + tomb_pos))
 
     def _reserve(self, slots: int) -> None:
         capacity = self._engine.capacity

@@ -1,6 +1,6 @@
-"""The LHV1 snapshot frame: one self-contained object per index.
+"""Full snapshots: one self-contained LHV1 frame per index.
 
-Frame::
+Frame (written and read by `_frame`, which also gives the public `read_frame`)::
 
     MAGIC (4 bytes, b"LHV1") | envelope length (u32, big-endian) | envelope (JSON) | sections
 
@@ -79,14 +79,10 @@ How the bytes move:
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
-import struct
 import tempfile
-import threading
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any, BinaryIO
@@ -95,11 +91,25 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from lhv_index._capture import Base, EnginePiece
+from lhv_index._capture import Base
 from lhv_index._clock import CLOCK_MAX, Clock
-from lhv_index._crc import crc32, crc32_combine
 from lhv_index._engines import AnnoyEngine, Engine, ExactEngine, HnswEngine, metric_of
 from lhv_index._engines.annoy import PARTS as ANNOY_PARTS
+from lhv_index._frame import (
+    ENVELOPE_VERSION,
+    HEADER,
+    KIND_BASE,
+    KIND_DELTA,
+    MAGIC,
+    MAX_ENVELOPE_BYTES,
+    Section,
+    SectionReader,
+    Written,
+    frame_reader,
+    read_envelope,
+    section_specs,
+    write_frame,
+)
 from lhv_index._ids import LabelMap
 from lhv_index._index import Index
 from lhv_index._params import EngineKind, IndexParams, Limits, Space
@@ -120,18 +130,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"LHV1"
-HEADER = struct.Struct(">4sI")
-ENVELOPE_VERSION = 3
-#: envelope `kind` of a full snapshot (the default when absent) and of a delta segment
-KIND_BASE = "base"
-KIND_DELTA = "delta"
-#: envelopes above this size are refused before being read (v2 ones hold every id)
-MAX_ENVELOPE_BYTES = 1 << 31
-#: bytes copied at a time between streams
-_COPY_CHUNK = 1 << 20
-#: bytes handed to `out.write` at a time from the engine's mapped files
-_WRITE_CHUNK = 1 << 30
 #: names of the engine's extra parts (sections `engine.<part>`, files `<engine>.<part>`)
 _PART_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
@@ -150,54 +148,6 @@ def _strings(values: list[str]) -> tuple[bytes, bytes]:
 
 def _clock_bytes(clocks: npt.NDArray[np.int64]) -> bytes:
     return np.ascontiguousarray(clocks, dtype="<i8").tobytes()
-
-
-Section = tuple[str, list[EnginePiece]]
-"""(section name, pieces): the section's bytes are the pieces concatenated"""
-
-
-def _as_bytes(piece: EnginePiece) -> memoryview:
-    """A flat byte view of a piece (an array must be C-contiguous)."""
-    if isinstance(piece, np.ndarray):
-        piece = piece.reshape(-1).view(np.uint8)
-    view = memoryview(piece)  # type: ignore[arg-type]
-    return view if view.format == "B" else view.cast("B")
-
-
-def _section_entry(name: str, pieces: list[EnginePiece]) -> dict[str, Any]:
-    """The envelope entry of a section: its length and crc32 over all its pieces (large
-    pieces checksummed in two threads, see `_crc`)."""
-    length, crc = 0, 0
-    for piece in pieces:
-        with _as_bytes(piece) as view:
-            crc = crc32_combine(crc, crc32(view), len(view)) if length else crc32(view)
-            length += len(view)
-    return {"name": name, "length": length, "crc32": crc}
-
-
-def write_frame(
-    out: BinaryIO | IO[bytes], envelope: dict[str, Any], sections: list[Section]
-) -> int:
-    """Write one LHV1 frame: header, `envelope` plus `"checksum"` and `"sections"` (the
-    length and crc32 of each section, computed here), then the sections; returns the
-    bytes written.
-
-    Raises:
-        InvalidRequest: the envelope is not valid JSON (e.g. a caller's `source`).
-    """
-    entries = [_section_entry(name, pieces) for name, pieces in sections]
-    try:
-        env = orjson.dumps({**envelope, "checksum": "crc32", "sections": entries})
-    except (TypeError, orjson.JSONEncodeError) as exc:
-        raise InvalidRequest(f"source is not valid JSON: {exc}") from None
-    out.write(HEADER.pack(MAGIC, len(env)) + env)
-    written = HEADER.size + len(env)
-    for _, pieces in sections:
-        for piece in pieces:
-            with _as_bytes(piece) as view:
-                _write_all(out, view)
-                written += len(view)
-    return written
 
 
 def _base_sections(base: Base) -> list[Section]:
@@ -257,214 +207,6 @@ def write_snapshot(
     return write_frame(out, envelope, _base_sections(base))
 
 
-def _write_all(out: BinaryIO | IO[bytes], view: memoryview) -> None:
-    """Write `view` to `out` in large pieces (a raw stream may take less than asked)."""
-    pos, n = 0, len(view)
-    while pos < n:
-        end = min(n, pos + _WRITE_CHUNK)
-        with view[pos:end] as piece:
-            wrote = out.write(piece)
-        if wrote == 0:
-            raise OSError("snapshot output accepted no bytes")
-        pos = end if wrote is None else pos + wrote
-
-
-# -- decoding ---------------------------------------------------------------------------
-
-
-class _Reader:
-    """Exact reads from a binary stream; a short read is a truncated snapshot."""
-
-    def __init__(self, src: BinaryIO | IO[bytes]) -> None:
-        self._src = src
-
-    def read(self, n: int, what: str) -> bytes:
-        data = self._src.read(n)
-        if data is None or len(data) != n:
-            # a raw stream may return less than asked before its end
-            parts = [bytes(data or b"")]
-            got = len(parts[0])
-            while got < n and (more := self._src.read(n - got)):
-                parts.append(bytes(more))
-                got += len(more)
-            if got != n:
-                raise SnapshotError(f"snapshot is truncated in {what}")
-            return b"".join(parts)
-        return bytes(data)
-
-    def section(self, spec: dict[str, Any]) -> bytes:
-        name, length, crc = _section_spec(spec)
-        data = self.read(length, f"section {name!r}")
-        if zlib.crc32(data) != crc:
-            raise SnapshotError(f"checksum mismatch in section {name!r}")
-        return data
-
-    def section_to_file(self, spec: dict[str, Any], path: str) -> _Written:
-        """Copy a section to `path` in chunks, checking its length and checksum."""
-        name, length, crc = _section_spec(spec)
-        got, running = 0, 0
-        with open(path, "wb") as f:
-            while got < length:
-                chunk = self._src.read(min(_COPY_CHUNK, length - got))
-                if not chunk:
-                    raise SnapshotError(f"snapshot is truncated in section {name!r}")
-                got += len(chunk)
-                running = zlib.crc32(chunk, running)
-                f.write(chunk)
-        if running != crc:
-            raise SnapshotError(f"checksum mismatch in section {name!r}")
-        return _Written.done()
-
-    def finish(self) -> None:
-        pass
-
-    def expect_end(self) -> None:
-        if self._src.read(1):
-            raise SnapshotError("snapshot has bytes after its last section")
-
-
-class _ViewReader:
-    """The same reads over a buffer that holds the whole frame: no copies for the engine's
-    bytes, which are checksummed while they are written to their file."""
-
-    def __init__(self, view: memoryview) -> None:
-        self._view = view
-        self._pos = 0
-        self._pending: list[_Written] = []
-
-    def _take(self, n: int, what: str) -> memoryview:
-        if n > len(self._view) - self._pos:
-            raise SnapshotError(f"snapshot is truncated in {what}")
-        part = self._view[self._pos : self._pos + n]
-        self._pos += n
-        return part
-
-    def read(self, n: int, what: str) -> bytes:
-        with self._take(n, what) as part:
-            return part.tobytes()
-
-    def section(self, spec: dict[str, Any]) -> bytes:
-        name, length, crc = _section_spec(spec)
-        with self._take(length, f"section {name!r}") as part:
-            if crc32(part) != crc:
-                raise SnapshotError(f"checksum mismatch in section {name!r}")
-            return part.tobytes()
-
-    def section_to_file(self, spec: dict[str, Any], path: str) -> _Written:
-        """Start writing a section to `path` and checksumming it, in background threads
-        (both release the GIL); `wait()` on the result before using the file."""
-        name, length, crc = _section_spec(spec)
-        written = _Written.start(self._take(length, f"section {name!r}"), path, name, crc)
-        self._pending.append(written)
-        return written
-
-    def expect_end(self) -> None:
-        if self._pos != len(self._view):
-            raise SnapshotError("snapshot has bytes after its last section")
-
-    def finish(self) -> None:
-        """Wait for the background writes, so the buffer can be released."""
-        for written in self._pending:
-            written.join()
-
-
-class _Written:
-    """A section being written to a file and checksummed in background threads."""
-
-    def __init__(self, part: memoryview | None = None, name: str = "", expect: int = 0) -> None:
-        self._part = part
-        self._name = name
-        self._expect = expect
-        self._crc = expect
-        self._errors: list[BaseException] = []
-        self._threads: list[threading.Thread] = []
-
-    @classmethod
-    def done(cls) -> _Written:
-        """A section that was already written and checked."""
-        return cls()
-
-    @classmethod
-    def start(cls, part: memoryview, path: str, name: str, expect: int) -> _Written:
-        """Write `part` to `path` and checksum it; `part` is released once both are done."""
-        self = cls(part, name, expect)
-
-        def write() -> None:
-            try:
-                with open(path, "wb") as f:
-                    _write_all(f, part)
-            except BaseException as exc:
-                self._errors.append(exc)
-
-        def check() -> None:
-            try:
-                self._crc = crc32(part)
-            except BaseException as exc:
-                self._errors.append(exc)
-
-        self._threads = [
-            threading.Thread(target=fn, name="lhv-snapshot-io", daemon=True)
-            for fn in (write, check)
-        ]
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def join(self) -> None:
-        for thread in self._threads:
-            thread.join()
-        self._threads = []
-        if self._part is not None:
-            self._part.release()
-            self._part = None
-
-    def wait(self) -> None:
-        """Join; raise what the write raised, or SnapshotError on a checksum mismatch."""
-        self.join()
-        if self._errors:
-            raise self._errors[0]
-        if self._crc != self._expect:
-            raise SnapshotError(f"checksum mismatch in section {self._name!r}")
-
-
-@contextmanager
-def _frame_reader(
-    src: BinaryIO | IO[bytes] | bytes | bytearray | memoryview,
-) -> Iterator[_Reader | _ViewReader]:
-    """A reader over `src`: a view of the bytes when they are in memory, else a stream
-    reader that reads one section at a time."""
-    if isinstance(src, bytes | bytearray | memoryview):
-        with memoryview(src) as view, view.cast("B") as flat:
-            yield from _viewing(flat)
-        return
-    if isinstance(src, io.BytesIO):
-        with src.getbuffer() as view, view[src.tell() :] as rest:
-            yield from _viewing(rest)
-        src.seek(0, os.SEEK_END)
-        return
-    # a file is read section by section: never whole in memory next to the decoded index
-    yield _Reader(src)
-
-
-def _viewing(view: memoryview) -> Iterator[_ViewReader]:
-    reader = _ViewReader(view)
-    try:
-        yield reader
-    finally:
-        reader.finish()
-
-
-def _section_spec(spec: Any) -> tuple[str, int, int]:
-    if not isinstance(spec, dict):
-        raise SnapshotError("malformed section entry in envelope")
-    name, length, crc = spec.get("name"), spec.get("length"), spec.get("crc32")
-    if not isinstance(name, str) or type(length) is not int or type(crc) is not int:
-        raise SnapshotError(f"malformed section entry in envelope: {spec!r}")
-    if length < 0:
-        raise SnapshotError(f"negative length for section {name!r}")
-    return name, length, crc
-
-
 @contextmanager
 def _snapshot_errors() -> Iterator[None]:
     """Anything unexpected while decoding means a bad snapshot."""
@@ -490,25 +232,8 @@ def read_snapshot(
     Raises:
         SnapshotError: truncated, corrupted or mismatched input; nothing is loaded.
     """
-    with _frame_reader(src) as reader:
+    with frame_reader(src) as reader:
         return _read_frame(reader, expect, limits)
-
-
-def _read_envelope(reader: _Reader | _ViewReader) -> dict[str, Any]:
-    """The header and envelope of a frame, checked to be an LHV1 frame with a JSON object."""
-    magic, env_len = HEADER.unpack(reader.read(HEADER.size, "the header"))
-    if magic != MAGIC:
-        raise SnapshotError(f"not an LHV1 snapshot (magic {magic!r})")
-    if env_len > MAX_ENVELOPE_BYTES:
-        raise SnapshotError(f"envelope of {env_len} bytes is over the limit")
-    raw = reader.read(env_len, "the envelope")
-    try:
-        envelope = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise SnapshotError(f"envelope is not JSON: {exc}") from exc
-    if not isinstance(envelope, dict):
-        raise SnapshotError("envelope is not a JSON object")
-    return envelope
 
 
 def envelope_basics(
@@ -537,9 +262,9 @@ def envelope_basics(
 
 
 def _read_frame(
-    reader: _Reader | _ViewReader, expect: IndexParams | None, limits: Limits | None
+    reader: SectionReader, expect: IndexParams | None, limits: Limits | None
 ) -> tuple[Index, dict[str, Any]]:
-    envelope = _read_envelope(reader)
+    envelope = read_envelope(reader)
     fmt = envelope.get("format")
     with _snapshot_errors():
         params, name, source = envelope_basics(envelope, expect, KIND_BASE)
@@ -580,22 +305,19 @@ def _decode_strings(lengths: bytes, blob: bytes, n: int, what: str) -> list[str]
 
 
 def _read_v3(
-    reader: _Reader | _ViewReader,
+    reader: SectionReader,
     envelope: dict[str, Any],
     params: IndexParams,
     name: str,
     engine_path: str,
     limits: Limits | None,
 ) -> Index:
-    specs = envelope["sections"]
-    if not isinstance(specs, list):
-        raise SnapshotError("envelope sections is not a list")
     data: dict[str, bytes] = {}
     # the engine's bytes go to their files (and are checksummed) in the background while
     # the ids are decoded; nothing is loaded before every checksum has matched
-    writes: list[_Written] = []
-    for spec in specs:
-        sec_name = _section_spec(spec)[0]
+    writes: list[Written] = []
+    for spec in section_specs(envelope):
+        sec_name = spec[0]
         if sec_name in data:
             raise SnapshotError(f"section {sec_name!r} appears twice")
         if sec_name == "engine":
@@ -805,7 +527,7 @@ def _build(
 
 
 def _read_legacy(
-    reader: _Reader | _ViewReader,
+    reader: SectionReader,
     envelope: dict[str, Any],
     params: IndexParams,
     name: str,
@@ -815,7 +537,7 @@ def _read_legacy(
 ) -> Index:
     if params.engine is not EngineKind.HNSW:
         raise SnapshotError(f"format {fmt} snapshots hold hnsw indexes only")
-    spec = {"name": "engine", "length": envelope["length"], "crc32": envelope["crc32"]}
+    (spec,) = section_specs(envelope)
     written = reader.section_to_file(spec, engine_path)
     reader.expect_end()
     written.wait()

@@ -26,6 +26,7 @@ __all__ = [
     "META_CLEAR",
     "META_KEEP",
     "Prepared",
+    "ValidatedWrites",
     "check_id",
     "encode_metadata",
     "prepare",
@@ -193,6 +194,78 @@ def prepare(writes: Sequence[Write], params: IndexParams, limits: Limits) -> Pre
         vectors=vectors,
         norms=norms64.astype(np.float32),
     )
+
+
+class ValidatedWrites:
+    """A batch of writes that `Index.validate` has checked, in columns.
+
+    `Index.apply` takes it as it is (no second validation pass) on any index with the
+    parameters and limits it was checked for. `join` puts batches end to end, so writes
+    validated one command at a time (each rejected on its own, with `item` its position in
+    that command) are applied with one engine call; positions in the joined batch (those
+    of `ApplyResult.won`) follow the order joined.
+    """
+
+    __slots__ = ("_limits", "_params", "_prep")
+
+    def __init__(self, prep: Prepared, params: IndexParams, limits: Limits) -> None:
+        self._prep = prep
+        self._params = params
+        self._limits = limits
+
+    def __len__(self) -> int:
+        return len(self._prep.ids)
+
+    def prepared_for(self, params: IndexParams, limits: Limits) -> Prepared:
+        """The columns, for an index with `params` and `limits`.
+
+        Raises:
+            ValueError: the batch was validated for an index of other parameters or limits.
+        """
+        if params != self._params or limits != self._limits:
+            raise ValueError("writes validated for an index of other parameters or limits")
+        return self._prep
+
+    @classmethod
+    def join(cls, batches: Sequence[ValidatedWrites]) -> ValidatedWrites:
+        """The batches end to end, as if validated as one list.
+
+        Raises:
+            InvalidRequest: more writes in all than the index's `max_batch_items`.
+            ValueError: no batches, or batches validated for different indexes.
+        """
+        if not batches:
+            raise ValueError("nothing to join")
+        first = batches[0]
+        params, limits = first._params, first._limits
+        total = sum(len(b) for b in batches)
+        if total > limits.max_batch_items:
+            raise InvalidRequest(
+                f"batch of {total} writes is over the limit of {limits.max_batch_items}"
+            )
+        if len(batches) == 1:
+            return first
+        ids: list[str] = []
+        clocks: list[Clock] = []
+        rows: list[int] = []
+        metas: list[bytes] = []
+        base = 0
+        for b in batches:
+            p = b.prepared_for(params, limits)
+            ids += p.ids
+            clocks += p.clocks
+            metas += p.metas
+            rows += [r + base if r >= 0 else -1 for r in p.rows]
+            base += p.vectors.shape[0]
+        prep = Prepared(
+            ids=ids,
+            clocks=clocks,
+            rows=rows,
+            metas=metas,
+            vectors=np.concatenate([b._prep.vectors for b in batches]),
+            norms=np.concatenate([b._prep.norms for b in batches]),
+        )
+        return cls(prep, params, limits)
 
 
 def prepare_queries(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple, TypeAlias
+from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -38,8 +38,16 @@ class Delete:
 Write: TypeAlias = Upsert | Delete
 
 
-class ApplyResult(NamedTuple):
-    """What one `apply` did: `applied` writes changed state, `skipped` did not (not newer)."""
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What one `apply` did: `applied` writes changed state, `skipped` did not (not newer).
+
+    `won` names the writes that changed state, by their positions in the list given (in
+    ascending order): per id, the write that applying the writes one by one would leave
+    stored, when it is newer than what was stored before. Results compare by their counts.
+    """
 
     applied: int
     skipped: int
+    won: tuple[int, ...] = field(default=(), compare=False)
+    """positions of the winning writes, ascending (`len(won) == applied`)"""
