@@ -36,18 +36,15 @@ import os
 import re
 import sys
 import time
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from lhv_index import Index, IndexParams, read_snapshot
-from lhv_index._snapshot import HEADER, MAGIC, MAX_ENVELOPE_BYTES
+from lhv_index import Frame, Index, IndexParams, read_frame, read_snapshot
 from lhv_index.errors import Internal, InvalidRequest, LhvError, SnapshotError
 from worker.kafka.errors import map_kafka_errors
 from worker.service.apply import Outcome, apply_records, decode_records
@@ -71,18 +68,14 @@ from worker.wire.commands import ImportCommand, MergeCommand, MergeDoneCommand, 
 from worker.wire.topics import home_partition
 
 __all__ = [
-    "Frame",
     "IndexDiff",
     "PartitionListing",
     "Problem",
     "ReplayReport",
-    "Section",
     "VerifyReport",
-    "check_frame",
     "envelope_ids",
     "inspect_snapshot",
     "list_checkpoints",
-    "read_frame",
     "replay_verify",
     "run_replay",
     "run_snapshot",
@@ -104,91 +97,6 @@ _MANIFEST_KEY = re.compile(r"(\d{5})/manifest\.json")
 # -- the frame ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Section:
-    name: str
-    start: int
-    """byte offset of the section in the object"""
-    length: int
-    crc32: int
-
-
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """The envelope of one LHV1 object and where its sections lie."""
-
-    envelope: dict[str, Any]
-    envelope_bytes: int
-    sections: tuple[Section, ...]
-    size: int
-    """the object's size in bytes"""
-
-    @property
-    def format(self) -> Any:
-        return self.envelope.get("format")
-
-    @property
-    def end(self) -> int:
-        """Where the last section ends (equals `size` in a sound object)."""
-        last = self.sections[-1] if self.sections else None
-        return last.start + last.length if last else HEADER.size + self.envelope_bytes
-
-
-def read_frame(data: bytes) -> Frame:
-    """Parse the header and envelope of an LHV1 object (v1, v2 or v3); no checksums yet.
-
-    Raises:
-        SnapshotError: not an LHV1 object, or its envelope is unreadable.
-    """
-    if len(data) < HEADER.size:
-        raise SnapshotError("snapshot is truncated in the header")
-    magic, env_len = HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise SnapshotError(f"not an LHV1 snapshot (magic {magic!r})")
-    if env_len > MAX_ENVELOPE_BYTES or HEADER.size + env_len > len(data):
-        raise SnapshotError("snapshot is truncated in the envelope")
-    try:
-        envelope = orjson.loads(data[HEADER.size : HEADER.size + env_len])
-    except orjson.JSONDecodeError as exc:
-        raise SnapshotError(f"envelope is not JSON: {exc}") from exc
-    if not isinstance(envelope, dict):
-        raise SnapshotError("envelope is not a JSON object")
-    start = HEADER.size + env_len
-    specs: list[Any]
-    if envelope.get("format") == 3:
-        specs = envelope.get("sections") or []
-    else:  # v1 and v2: one engine section described by the envelope itself
-        specs = [
-            {"name": "engine", "length": envelope.get("length"), "crc32": envelope.get("crc32")}
-        ]
-    sections = []
-    for spec in specs:
-        name = spec.get("name") if isinstance(spec, dict) else None
-        length = spec.get("length") if isinstance(spec, dict) else None
-        crc = spec.get("crc32") if isinstance(spec, dict) else None
-        if not isinstance(name, str) or type(length) is not int or type(crc) is not int:
-            raise SnapshotError(f"malformed section entry in envelope: {spec!r}")
-        if length < 0:
-            raise SnapshotError(f"negative length for section {name!r}")
-        sections.append(Section(name, start, length, crc))
-        start += length
-    return Frame(envelope, env_len, tuple(sections), len(data))
-
-
-def check_frame(data: bytes, frame: Frame) -> list[str]:
-    """Problems with the object's sections: truncation, checksums, trailing bytes."""
-    problems = []
-    for s in frame.sections:
-        if s.start + s.length > len(data):
-            problems.append(f"section {s.name!r} is truncated")
-            break
-        if zlib.crc32(memoryview(data)[s.start : s.start + s.length]) != s.crc32:
-            problems.append(f"checksum mismatch in section {s.name!r}")
-    if frame.end < len(data):
-        problems.append(f"{len(data) - frame.end} bytes after the last section")
-    return problems
-
-
 def envelope_ids(data: bytes, frame: Frame) -> list[str]:
     """The live ids the object declares, in its own order.
 
@@ -197,8 +105,7 @@ def envelope_ids(data: bytes, frame: Frame) -> list[str]:
     """
     env = frame.envelope
     if frame.format == 3:
-        by_name = {s.name: s for s in frame.sections}
-        lens_s, blob_s = by_name.get("ids.len"), by_name.get("ids.utf8")
+        lens_s, blob_s = frame.section("ids.len"), frame.section("ids.utf8")
         if lens_s is None or blob_s is None:
             raise SnapshotError("snapshot lacks its ids sections")
         lens = np.frombuffer(data, dtype="<u4", count=lens_s.length // 4, offset=lens_s.start)
@@ -299,7 +206,7 @@ async def inspect_snapshot(blobs: BlobStore, topic: str, target: str) -> dict[st
         else:
             raise BlobNotFound(f"no manifest of {topic} names an index {target!r}", key=target)
     data, etag = await blobs.get(key)
-    frame = read_frame(data)
+    frame = read_frame(data, verify=False)
     out = {
         "key": key,
         "etag": etag,
@@ -364,10 +271,10 @@ def _verify_one(data: bytes, name: str, entry: IndexEntry, manifest: Manifest) -
     if len(data) != entry.bytes:
         problems.append(f"{len(data)} bytes, the manifest says {entry.bytes}")
     try:
-        frame = read_frame(data)
+        frame = read_frame(data, verify=False)
     except SnapshotError as exc:
         return [*problems, str(exc)]
-    problems += check_frame(data, frame)
+    problems += frame.problems(data)
     if problems:
         return problems
     try:
@@ -739,7 +646,8 @@ class _Replay:
 
 
 class _Barriers:
-    """The replay's barrier: `import` records from their S3 objects (read on the tool's
+    """The replay's barrier steps (`BarrierSteps`, dispatched by `run_barrier` as in the
+    worker): `import` records from their S3 objects (read on the tool's
     loop from the apply thread), merges within one partition as the worker applies them,
     and the three steps of a merge across partitions with the export handed over in
     memory (`_Replay`)."""
@@ -750,37 +658,33 @@ class _Barriers:
         self._config = replay.config
         self._loop = loop
 
-    def __call__(self, partition: Partition, command: Any, outcome: Outcome) -> None:
-        topic = self._config.topics.commands
-        if isinstance(command, ImportCommand):
-            apply_import(partition, command, outcome, self._fetch, self._config.imports)
-        elif isinstance(command, MergeCommand):
-            dest = home_partition(command.dest.encode(), self._replay.num_partitions)
-            if dest == partition.number:
-                merge_locally(partition, command, outcome)
-            else:
-                data, _ = export_source(partition, command, topic, outcome)
-                self._replay.register_export(partition.number, outcome.offset, data)
-                outcome.reply_to = None
-        elif isinstance(command, MergeInCommand):
-            self._replay.auth.verify(outcome.key, outcome.value, outcome.headers, "merge_in")
-            self._merge_in(partition, command, outcome)
-        elif isinstance(command, MergeDoneCommand):
-            # As the worker: verified, flags from the export the source's rebuild made;
-            # the destination's marker is gone, so its result comes from the record,
-            # which the destination produced from that marker.
-            self._replay.auth.verify(outcome.key, outcome.value, outcome.headers, "merge_done")
-            origin = check_merge_done(topic, partition.number, command)
-            outcome.op = "merge"
-            export = self._replay.export_of(partition.number, origin)
-            if export is None:
-                return
-            result = MergeResult(command.applied, command.skipped, command.error)
-            finish_merge(partition, command, outcome, export, result)
-        else:
-            raise Internal(f"op {outcome.op!r} is not replayable")
+    def import_(self, partition: Partition, cmd: ImportCommand, out: Outcome) -> None:
+        apply_import(partition, cmd, out, self._fetch, self._config.imports)
 
-    def _merge_in(self, partition: Partition, command: MergeInCommand, outcome: Outcome) -> None:
+    def merge(self, partition: Partition, cmd: MergeCommand, out: Outcome) -> None:
+        dest = home_partition(cmd.dest.encode(), self._replay.num_partitions)
+        if dest == partition.number:
+            merge_locally(partition, cmd, out)
+            return
+        data, _ = export_source(partition, cmd, self._config.topics.commands, out)
+        self._replay.register_export(partition.number, out.offset, data)
+        out.reply_to = None
+
+    def merge_done(self, partition: Partition, cmd: MergeDoneCommand, out: Outcome) -> None:
+        # As the worker: verified, flags from the export the source's rebuild made; the
+        # destination's marker is gone, so its result comes from the record, which the
+        # destination produced from that marker.
+        self._replay.auth.verify(out.key, out.value, out.headers, "merge_done")
+        origin = check_merge_done(self._config.topics.commands, partition.number, cmd)
+        out.op = "merge"
+        export = self._replay.export_of(partition.number, origin)
+        if export is None:
+            return
+        result = MergeResult(cmd.applied, cmd.skipped, cmd.error)
+        finish_merge(partition, cmd, out, export, result)
+
+    def merge_in(self, partition: Partition, command: MergeInCommand, outcome: Outcome) -> None:
+        self._replay.auth.verify(outcome.key, outcome.value, outcome.headers, "merge_in")
         check_merge_in(self._config.topics.commands, command)
         if command.merge_id in self._run.merged_in:
             outcome.skipped = 1  # the worker's marker names an earlier merge_in

@@ -15,11 +15,21 @@ for it, an error ack.
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from lhv_index import Clock, Delete, Index, IndexParams, Limits, Upsert, Write
+from lhv_index import (
+    Clock,
+    Delete,
+    Index,
+    IndexParams,
+    Limits,
+    Upsert,
+    ValidatedWrites,
+    Write,
+)
 from lhv_index.errors import (
     IndexExists,
     IndexNotFound,
@@ -35,13 +45,25 @@ from worker.wire.commands import (
     CreateCommand,
     DeleteCommand,
     DropCommand,
+    ImportCommand,
+    MergeCommand,
+    MergeDoneCommand,
+    MergeInCommand,
     decode_command,
 )
 from worker.wire.headers import ReplyTo, reply_to_from_headers
 from worker.wire.limits import MessageLimits
 from worker.wire.topics import home_partition
 
-__all__ = ["Barrier", "Decoded", "Outcome", "apply_records", "decode_records"]
+__all__ = [
+    "BARRIERS",
+    "BarrierSteps",
+    "Decoded",
+    "Outcome",
+    "apply_records",
+    "decode_records",
+    "run_barrier",
+]
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +123,75 @@ def decode_records(
     return out
 
 
-#: handles barriers other than create/drop (merge, import): (partition, command, outcome)
-Barrier = Callable[[Partition, Any, Outcome], None]
+#: the commands that are barriers: the pending writes of every index they touch are
+#: applied before them, and nothing is reordered across them
+BARRIERS = (
+    CreateCommand,
+    DropCommand,
+    MergeCommand,
+    MergeInCommand,
+    MergeDoneCommand,
+    ImportCommand,
+)
+
+
+class BarrierSteps(Protocol):
+    """What runs for the barriers that move many items (`run_barrier`): the worker's
+    `MergeProtocol` (through S3 and Kafka) and `lhv replay --verify` (in memory).
+
+    Each step runs in the apply thread, sets `out` (applied, skipped; or `reply_to=None`
+    when the requester's ack comes later) or raises `LhvError` with nothing applied.
+    """
+
+    def merge(self, partition: Partition, cmd: MergeCommand, out: Outcome) -> None: ...
+
+    def merge_in(self, partition: Partition, cmd: MergeInCommand, out: Outcome) -> None: ...
+
+    def merge_done(self, partition: Partition, cmd: MergeDoneCommand, out: Outcome) -> None: ...
+
+    def import_(self, partition: Partition, cmd: ImportCommand, out: Outcome) -> None: ...
+
+
+def run_barrier(
+    partition: Partition,
+    cmd: Command,
+    out: Outcome,
+    *,
+    steps: BarrierSteps | None,
+    index_limits: Limits,
+) -> None:
+    """Apply one barrier command (one of `BARRIERS`) in its place: `create` and `drop`
+    here, the others through `steps`; the one dispatch of the worker and of `lhv replay`.
+
+    Raises:
+        LhvError: the command is rejected; nothing changed.
+    """
+    if isinstance(cmd, CreateCommand):
+        _create(partition, cmd, out, index_limits)
+        return
+    if isinstance(cmd, DropCommand):
+        _drop(partition, cmd, out)
+        return
+    if steps is None:
+        raise Internal(f"op {out.op!r} is not supported by this worker")
+    with log_context(partition=partition.number, index=cmd.index, offset=out.offset):
+        if isinstance(cmd, MergeCommand):
+            steps.merge(partition, cmd, out)
+        elif isinstance(cmd, MergeInCommand):
+            steps.merge_in(partition, cmd, out)
+        elif isinstance(cmd, MergeDoneCommand):
+            steps.merge_done(partition, cmd, out)
+        elif isinstance(cmd, ImportCommand):
+            steps.import_(partition, cmd, out)
+        else:
+            raise Internal(f"op {out.op!r} is not a barrier")
 
 
 @dataclass(slots=True)
 class _Group:
+    """The pending writes of one index: each member's batch was validated on its own."""
+
+    batches: list[ValidatedWrites] = field(default_factory=list)
     writes: list[Write] = field(default_factory=list)
     members: list[tuple[Outcome, int, int]] = field(default_factory=list)
     """(outcome, first write position in `writes`, number of writes)"""
@@ -119,14 +204,15 @@ def apply_records(
     num_partitions: int,
     limits: MessageLimits,
     index_limits: Limits,
-    barrier: Barrier | None = None,
+    barrier: BarrierSteps | None = None,
     on_vectors: Callable[[str, list[Any]], None] | None = None,
     decoded: Sequence[Decoded] | None = None,
 ) -> list[Outcome]:
     """Apply `records` (consumer records of one partition, in offset order).
 
     Mutates `partition` (its indexes, dirty set and applied offset). Never raises for bad
-    input: each record's fate is in its `Outcome`. `on_vectors(index, vectors)` sees the
+    input: each record's fate is in its `Outcome`. `barrier` runs the steps of `merge`,
+    `merge_in`, `merge_done` and `import` (`run_barrier`). `on_vectors(index, vectors)` sees the
     upserted vectors of each applied group (drift monitoring). `decoded` is
     `decode_records` of `records`, when it was done ahead.
     """
@@ -162,26 +248,20 @@ def apply_records(
                 if index is None:
                     raise IndexNotFound(f"index {cmd.index!r} does not exist")
                 writes = _writes(cmd, rec.offset)
-                index.validate(writes)
+                checked = index.validate(writes)  # the one validation pass of these writes
                 pending = groups.get(cmd.index)
                 if pending and len(pending.writes) + len(writes) > index_limits.max_batch_items:
                     flush(cmd.index)  # one engine call stays within the index's batch limit
                 group = groups.setdefault(cmd.index, _Group())
                 group.members.append((out, len(group.writes), len(writes)))
                 group.writes.extend(writes)
-            elif isinstance(cmd, CreateCommand):
-                flush(cmd.index)
-                _create(partition, cmd, out, index_limits)
-            elif isinstance(cmd, DropCommand):
-                flush(cmd.index)
-                _drop(partition, cmd, out)
-            else:
+                group.batches.append(checked)
+            elif isinstance(cmd, BARRIERS):
                 for name in _touched(cmd):
                     flush(name)
-                if barrier is None:
-                    raise Internal(f"op {out.op!r} is not supported by this worker")
-                with log_context(index=cmd.index, offset=rec.offset):
-                    barrier(partition, cmd, out)
+                run_barrier(partition, cmd, out, steps=barrier, index_limits=index_limits)
+            else:
+                raise Internal(f"op {out.op!r} is not supported by this worker")
         except LhvError as exc:
             out.error = exc
         except Exception as exc:  # a bug, not bad input: reject the record, keep going
@@ -228,10 +308,8 @@ def _writes(cmd: AddCommand | DeleteCommand, offset: int) -> list[Write]:
 
 def _apply_group(partition: Partition, name: str, group: _Group) -> None:
     index = partition.indexes[name]
-    wants_counts = any(out.reply_to is not None for out, _, _ in group.members)
-    wins = _winners(index, group.writes) if wants_counts else None
     try:
-        index.apply(group.writes)
+        result = index.apply(ValidatedWrites.join(group.batches))
     except Exception as exc:
         if len(group.members) == 1:
             out = group.members[0][0]
@@ -244,33 +322,15 @@ def _apply_group(partition: Partition, name: str, group: _Group) -> None:
             exc,
             extra={"index": name, "offset": group.members[0][0].offset},
         )
-        for out, start, count in group.members:
-            _apply_group(
-                partition, name, _Group(group.writes[start : start + count], [(out, 0, count)])
-            )
+        for (out, start, count), batch in zip(group.members, group.batches, strict=True):
+            one = _Group([batch], group.writes[start : start + count], [(out, 0, count)])
+            _apply_group(partition, name, one)
         return
     partition.dirty.add(name)
+    won = result.won  # ascending positions in the group
     for out, start, count in group.members:
-        if wins is None:
-            out.applied = count
-        else:
-            out.applied = sum(wins[start : start + count])
-            out.skipped = count - out.applied
-
-
-def _winners(index: Index, writes: Sequence[Write]) -> list[bool]:
-    """Which writes will become the stored state: newest per id and newer than stored."""
-    best: dict[str, int] = {}
-    for pos, w in enumerate(writes):
-        cur = best.get(w.id)
-        if cur is None or w.clock > writes[cur].clock:
-            best[w.id] = pos
-    wins = [False] * len(writes)
-    for id_, pos in best.items():
-        stored = index.clock_of(id_)
-        if stored is None or writes[pos].clock > stored:
-            wins[pos] = True
-    return wins
+        out.applied = bisect_left(won, start + count) - bisect_left(won, start)
+        out.skipped = count - out.applied
 
 
 def _create(partition: Partition, cmd: CreateCommand, out: Outcome, index_limits: Limits) -> None:

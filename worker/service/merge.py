@@ -1,8 +1,9 @@
 """Merge and import: the barrier steps that move many items at once (DESIGN section 6).
 
-`MergeProtocol` is the worker's `barrier`: `worker/apply.py` calls it in the apply thread
-for `merge`, `merge_in`, `merge_done` and `import` records, after flushing the pending
-writes of the indexes they touch, so nothing is reordered across them.
+`MergeProtocol` holds the worker's barrier steps (`apply.BarrierSteps`): `apply.run_barrier`
+calls them in the apply thread for `merge`, `merge_in`, `merge_done` and `import` records,
+after flushing the pending writes of the indexes they touch, so nothing is reordered
+across them. `lhv replay --verify` gives the same dispatch steps of its own.
 
 Merge of `src` into `dest` (the `merge` record is keyed by `src`):
 
@@ -126,11 +127,18 @@ from lhv_index import (
     Item,
     Upsert,
     Write,
+    read_frame,
     read_snapshot,
     write_snapshot,
 )
-from lhv_index._snapshot import HEADER, MAGIC
-from lhv_index.errors import DimMismatch, IndexNotFound, Internal, InvalidRequest, LhvError
+from lhv_index.errors import (
+    DimMismatch,
+    IndexNotFound,
+    Internal,
+    InvalidRequest,
+    LhvError,
+    SnapshotError,
+)
 from worker.service import failpoints
 from worker.service.apply import Outcome
 from worker.service.config import ImportPolicy
@@ -319,10 +327,7 @@ class ExportInfo:
             Internal: not an export object written by this version.
         """
         try:
-            magic, length = HEADER.unpack_from(data)
-            if magic != MAGIC or HEADER.size + length > len(data):
-                raise ValueError("not an LHV1 object")
-            envelope = orjson.loads(data[HEADER.size : HEADER.size + length])
+            envelope = read_frame(data, verify=False).envelope
             src = envelope["source"]
             origin = src["origin"]
             reply = src.get("reply")
@@ -337,7 +342,7 @@ class ExportInfo:
                 value=base64.b64decode(origin["value"]),
                 headers=[(str(n), base64.b64decode(v)) for n, v in origin["headers"]],
             )
-        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+        except (SnapshotError, ValueError, KeyError, TypeError) as exc:
             raise Internal(f"merge: unreadable export envelope: {exc}") from exc
 
 
@@ -599,7 +604,8 @@ def _load_rows(
 
 
 class MergeProtocol:
-    """The worker's barrier for `merge`, `merge_in`, `merge_done` and `import`.
+    """The worker's barrier steps (`BarrierSteps`) for `merge`, `merge_in`, `merge_done`
+    and `import`; `apply.run_barrier` dispatches to them.
 
     Called in a partition's apply thread; its S3 and Kafka steps run on the event loop
     it was started on (`_wait`). `start()` launches the sweeper (see the module docstring).
@@ -662,25 +668,9 @@ class MergeProtocol:
             raise Internal("merge protocol not started: no internal key")
         return self._auth
 
-    # -- dispatch -------------------------------------------------------------------------
-
-    def __call__(self, partition: Partition, command: Any, outcome: Outcome) -> None:
-        """Apply one barrier record; sets `outcome` or raises `LhvError` (nothing applied)."""
-        with log_context(partition=partition.number, offset=outcome.offset, index=command.index):
-            if isinstance(command, MergeCommand):
-                self._merge(partition, command, outcome)
-            elif isinstance(command, MergeInCommand):
-                self._merge_in(partition, command, outcome)
-            elif isinstance(command, MergeDoneCommand):
-                self._merge_done(partition, command, outcome)
-            elif isinstance(command, ImportCommand):
-                self._import(partition, command, outcome)
-            else:
-                raise Internal(f"op {outcome.op!r} is not supported by this worker")
-
     # -- merge: the source's side ---------------------------------------------------------
 
-    def _merge(self, partition: Partition, cmd: MergeCommand, out: Outcome) -> None:
+    def merge(self, partition: Partition, cmd: MergeCommand, out: Outcome) -> None:
         dest_partition = home_partition(cmd.dest.encode(), self._registry.num_partitions)
         if dest_partition == partition.number:
             merge_locally(partition, cmd, out)
@@ -719,7 +709,7 @@ class MergeProtocol:
             dest_partition,
         )
 
-    def _merge_done(self, partition: Partition, cmd: MergeDoneCommand, out: Outcome) -> None:
+    def merge_done(self, partition: Partition, cmd: MergeDoneCommand, out: Outcome) -> None:
         topic = self._topics.commands
         self.auth.verify(out.key, out.value, out.headers, "merge_done")
         check_merge_done(topic, partition.number, cmd)
@@ -753,7 +743,7 @@ class MergeProtocol:
 
     # -- merge: the destination's side ----------------------------------------------------
 
-    def _merge_in(self, partition: Partition, cmd: MergeInCommand, out: Outcome) -> None:
+    def merge_in(self, partition: Partition, cmd: MergeInCommand, out: Outcome) -> None:
         topic = self._topics.commands
         self.auth.verify(out.key, out.value, out.headers, "merge_in")
         check_merge_in(topic, cmd)
@@ -832,7 +822,7 @@ class MergeProtocol:
 
     # -- import ---------------------------------------------------------------------------
 
-    def _import(self, partition: Partition, cmd: ImportCommand, out: Outcome) -> None:
+    def import_(self, partition: Partition, cmd: ImportCommand, out: Outcome) -> None:
         fetch = import_fetcher(self._sources, self._wait)
         apply_import(partition, cmd, out, fetch, self._imports)
 
@@ -925,10 +915,8 @@ def _chunks(writes: Sequence[Write], size: int) -> Iterator[Sequence[Write]]:
 
 def _apply_all(index: Index, writes: Sequence[Write]) -> int:
     """Validate every chunk, then apply them; returns the ids changed."""
-    size = index.limits.max_batch_items
-    for part in _chunks(writes, size):
-        index.validate(part)
-    return sum(index.apply(part).applied for part in _chunks(writes, size))
+    checked = [index.validate(part) for part in _chunks(writes, index.limits.max_batch_items)]
+    return sum(index.apply(part).applied for part in checked)
 
 
 def _merge_into(dest: Index, items: list[Item], offset: int) -> int:

@@ -27,7 +27,7 @@ from aiokafka import TopicPartition
 from lhv_index import Limits as IndexLimits
 from lhv_index.errors import Internal
 from worker.service import failpoints
-from worker.service.apply import Barrier, Decoded, Outcome, apply_records, decode_records
+from worker.service.apply import BarrierSteps, Decoded, Outcome, apply_records, decode_records
 from worker.service.config import CheckpointPolicy, WorkerConfig
 from worker.service.intake import RejectedRecord
 from worker.service.observer import IndexObserver
@@ -112,7 +112,7 @@ class Runner:
         kafka: KafkaPort,
         checkpoint: Callable[[Partition], Awaitable[bool]],
         reporter: Reporter,
-        barrier: Barrier | None,
+        barrier: BarrierSteps | None,
         observer: IndexObserver,
         metrics: Metrics,
         health: HealthTracker,
