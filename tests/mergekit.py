@@ -27,6 +27,7 @@ from workerkit import Clock, Env, OracleIndex, read_all, stop_quietly, vec_b64
 from lhv_index.errors import LhvError
 from worker.service.protocol_auth import ProtocolAuth, load_protocol_auth
 from worker.storage.blobstore import S3BlobStore
+from worker.wire.headers import CORRELATION_ID, REPLY_TOPIC
 from worker.wire.topics import home_partition
 
 Exported = list[tuple[str, np.ndarray, dict[str, Any] | None, Clock]]
@@ -88,7 +89,7 @@ async def wait_ack(
 
 
 def ack_headers(topic: str, correlation_id: bytes) -> list[tuple[str, bytes]]:
-    return [("kafka_replyTopic", topic.encode()), ("kafka_correlationId", correlation_id)]
+    return [(REPLY_TOPIC, topic.encode()), (CORRELATION_ID, correlation_id)]
 
 
 async def protocol_auth(env: Env) -> ProtocolAuth:

@@ -14,6 +14,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from workerkit import Env, produce
 
 from worker.client.client import stop_consumer as stop_quietly
+from worker.wire.headers import CORRELATION_ID, REPLY_PARTITION, REPLY_TOPIC
 
 
 class Requester:
@@ -42,9 +43,9 @@ class Requester:
         self, index: str, cid: bytes, *, timestamp_ms: int | None = None, **body: Any
     ) -> None:
         headers = [
-            ("kafka_replyTopic", self.reply_topic.encode()),
-            ("kafka_correlationId", cid),
-            ("kafka_replyPartition", struct.pack(">i", 0)),
+            (REPLY_TOPIC, self.reply_topic.encode()),
+            (CORRELATION_ID, cid),
+            (REPLY_PARTITION, struct.pack(">i", 0)),
         ]
         value = orjson.dumps({"index": index, "k": 1, **body})
         await self.producer.send_and_wait(
@@ -67,7 +68,7 @@ class Requester:
         batch = await self.consumer.getmany(timeout_ms=timeout_ms)
         for recs in batch.values():
             for rec in recs:
-                cid = dict(rec.headers)["kafka_correlationId"]
+                cid = dict(rec.headers)[CORRELATION_ID]
                 self.replies.setdefault(cid, []).append(orjson.loads(rec.value))
 
     def reply(self, cid: bytes) -> dict[str, Any]:

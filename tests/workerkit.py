@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 
 from lhv_index import Index
 from worker.client.client import stop_consumer as stop_quietly
+from worker.kafka import admin as kafka_admin
 from worker.kafka.config import KafkaConfig
 from worker.service import Worker
 from worker.service.config import CheckpointPolicy, WorkerConfig
@@ -46,11 +47,7 @@ async def create_topics(bootstrap: str, names: Iterable[str], partitions: int) -
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        resp = await admin.create_topics(
-            [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names]
-        )
-        for topic, code, *rest in resp.topic_errors:
-            assert code in (0, 36), f"create topic {topic}: error {code} {rest}"
+        await kafka_admin.create_topics(admin, dict.fromkeys(names, partitions))
     finally:
         await admin.close()
 

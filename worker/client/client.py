@@ -70,19 +70,19 @@ from typing import Any
 import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 
 from lhv_index import Hit
 from lhv_index.errors import Internal, error_for_code
+from worker.kafka.admin import TopicCreationFailed, create_topics
 from worker.kafka.config import KafkaConfig
 from worker.kafka.errors import map_kafka_errors
+from worker.wire.headers import CORRELATION_ID, REPLY_TOPIC
 from worker.wire.topics import TopicsConfig
 
 __all__ = ["ClientClosed", "Hit", "LhvClient", "NotAcknowledged", "WriteResult", "encode_vector"]
 
 log = logging.getLogger(__name__)
-
-_TOPIC_ALREADY_EXISTS = 36
 
 
 class ClientClosed(RuntimeError):
@@ -380,13 +380,11 @@ class LhvClient:
         try:
             existing = await admin.list_topics()
             if self.reply_topic not in existing:
-                resp = await admin.create_topics(
-                    [NewTopic(self.reply_topic, num_partitions=1, replication_factor=1)]
-                )
-                for topic, code, *rest in resp.topic_errors:
-                    if code not in (0, _TOPIC_ALREADY_EXISTS):
-                        raise Internal(f"cannot create reply topic {topic}: error {code} {rest}")
-                    self._created_reply_topic = code == 0
+                try:
+                    created = await create_topics(admin, {self.reply_topic: 1})
+                except TopicCreationFailed as exc:
+                    raise Internal(f"cannot create the reply topic: {exc}") from exc
+                self._created_reply_topic = self.reply_topic in created
         finally:
             await admin.close()
 
@@ -440,7 +438,7 @@ class LhvClient:
             self._fail_waiting(Internal(f"the reply reader failed: {exc!r}"))
 
     def _deliver(self, rec: Any) -> None:
-        cid = dict(rec.headers or ()).get("kafka_correlationId", rec.key)
+        cid = dict(rec.headers or ()).get(CORRELATION_ID, rec.key)
         fut = self._waiting.pop(cid, None) if cid is not None else None
         if fut is None or fut.done():
             return  # a reply nobody waits for any more (timed out), or not ours
@@ -481,8 +479,8 @@ class LhvClient:
             if batch:
                 self._batch_cids.add(cid)
             headers = [
-                ("kafka_replyTopic", self.reply_topic.encode()),
-                ("kafka_correlationId", cid),
+                (REPLY_TOPIC, self.reply_topic.encode()),
+                (CORRELATION_ID, cid),
             ]
         try:
             delivery = await producer.send(

@@ -56,6 +56,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from worker.wire.topics import DEFAULT_COMMANDS_TOPIC, DEFAULT_DLQ_TOPIC, DEFAULT_SEARCH_TOPIC
+
 __all__ = [
     "COMMANDS_TOPIC",
     "DEFAULT_BUCKET",
@@ -86,9 +88,9 @@ T = TypeVar("T")
 
 KAFKA_VERSION = "3.9.1"
 """The broker version: the newest 3.9 line, which aiokafka 0.14 speaks cleanly."""
-COMMANDS_TOPIC = "lhv.commands"
-SEARCH_TOPIC = "lhv.search"
-DLQ_TOPIC = "lhv.commands.dlq"
+COMMANDS_TOPIC = DEFAULT_COMMANDS_TOPIC
+SEARCH_TOPIC = DEFAULT_SEARCH_TOPIC
+DLQ_TOPIC = DEFAULT_DLQ_TOPIC
 DEFAULT_PARTITIONS = 4
 DEFAULT_BUCKET = "lhv"
 DEFAULT_REGION = "us-east-1"
@@ -99,7 +101,6 @@ _S3_READY_KEY = f"{MARKER}/ready"
 
 _REPO = Path(__file__).resolve().parent.parent
 _POM = _REPO / "compose" / "kafka" / "pom.xml"
-_TOPIC_ALREADY_EXISTS = 36
 _LOG_TAIL_LINES = 40
 
 # Processes started by this interpreter and not yet seen stopped: pid -> description.
@@ -480,38 +481,30 @@ def create_topics(
 
     `security`: aiokafka's SASL/SSL keyword arguments, for a broker that requires them.
 
-    `create_topics` reports errors per topic in its response instead of raising: each is
-    checked here. An existing topic is fine when `exist_ok` (its partition count is not
-    changed).
+    Each topic's error in the response is checked (`worker.kafka.admin.create_topics`).
+    An existing topic is fine when `exist_ok` (its partition count is not changed).
 
     Raises:
         StackError: a topic could not be created, or its leaders did not appear in time.
     """
-    from aiokafka.admin import NewTopic
+    from worker.kafka.admin import TopicCreationFailed
+    from worker.kafka.admin import create_topics as create
 
     if not topics:
         return
-    new = [
-        NewTopic(
-            name,
-            num_partitions=n,
-            replication_factor=replication_factor,
-            topic_configs=dict((configs or {}).get(name, {})),
-        )
-        for name, n in topics.items()
-    ]
 
     async def run(admin: Any) -> None:
-        resp = await admin.create_topics(new, timeout_ms=int(timeout_s * 1000))
-        failures = []
-        for entry in resp.topic_errors:
-            name, code = entry[0], entry[1]
-            message = entry[2] if len(entry) > 2 else None
-            if code == 0 or (code == _TOPIC_ALREADY_EXISTS and exist_ok):
-                continue
-            failures.append(f"{name}: error {code} {message or ''}".strip())
-        if failures:
-            raise StackError("could not create topics: " + "; ".join(failures))
+        try:
+            await create(
+                admin,
+                topics,
+                replication_factor=replication_factor,
+                configs=configs,
+                exist_ok=exist_ok,
+                timeout_ms=int(timeout_s * 1000),
+            )
+        except TopicCreationFailed as exc:
+            raise StackError(str(exc)) from exc
         await _wait_leaders(admin, list(topics), timeout_s)
 
     try:

@@ -26,7 +26,7 @@ from aiokafka.errors import (
     NodeNotReadyError,
 )
 
-from worker.wire.topics import ReplyTopicPolicy
+from worker.wire.topics import DEFAULT_REPLY_PATTERN, ReplyTopicPolicy
 
 __all__ = ["NormalSituations", "install"]
 
@@ -45,7 +45,7 @@ LOGGERS = ("aiokafka.cluster", "aiokafka.consumer.group_coordinator")
 class NormalSituations(logging.Filter):
     """Demotes the records of the module docstring to DEBUG; leaves the others alone."""
 
-    def __init__(self, reply_pattern: str = "lhv.replies.*") -> None:
+    def __init__(self, reply_pattern: str = DEFAULT_REPLY_PATTERN) -> None:
         super().__init__()
         self._replies = ReplyTopicPolicy(reply_pattern, forbidden=())
 
@@ -66,7 +66,7 @@ class NormalSituations(logging.Filter):
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
-def install(reply_pattern: str = "lhv.replies.*") -> None:
+def install(reply_pattern: str = DEFAULT_REPLY_PATTERN) -> None:
     """Filter the aiokafka loggers (replacing a filter installed before)."""
     for name in LOGGERS:
         logger = logging.getLogger(name)

@@ -45,6 +45,13 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from worker.kafka.config import KafkaConfig
 from worker.service.config import DeliveryConfig
 from worker.telemetry.metrics import Metrics
+from worker.wire.headers import (
+    ORIGINAL_HEADERS_DROPPED,
+    ORIGINAL_KEY_BYTES,
+    ORIGINAL_VALUE_BYTES,
+    ORIGINAL_VALUE_SHA256,
+    VALUE_TRUNCATED,
+)
 
 __all__ = ["DlqRecord", "Kind", "Outbox", "ReplyProducer", "fit_dlq_record", "record_size"]
 
@@ -109,11 +116,11 @@ def fit_dlq_record(
         total += size
     truncated = False
     if dropped:
-        headers.append(("lhv_original_headers_dropped", str(dropped).encode()))
+        headers.append((ORIGINAL_HEADERS_DROPPED, str(dropped).encode()))
         truncated = True
     headers.extend(error_headers)
     if key is not None and len(key) > DLQ_KEY_MAX_BYTES:
-        headers.append(("lhv_original_key_bytes", str(len(key)).encode()))
+        headers.append((ORIGINAL_KEY_BYTES, str(len(key)).encode()))
         key = key[:DLQ_KEY_MAX_BYTES]
         truncated = True
     if record_size(key, value, headers) <= max_record_bytes:
@@ -128,9 +135,9 @@ def fit_dlq_record(
 
 def _cut_headers(value: bytes) -> Headers:
     return [
-        ("lhv_value_truncated", b"true"),
-        ("lhv_original_value_bytes", str(len(value)).encode()),
-        ("lhv_original_value_sha256", hashlib.sha256(value).hexdigest().encode()),
+        (VALUE_TRUNCATED, b"true"),
+        (ORIGINAL_VALUE_BYTES, str(len(value)).encode()),
+        (ORIGINAL_VALUE_SHA256, hashlib.sha256(value).hexdigest().encode()),
     ]
 
 
@@ -297,7 +304,7 @@ class Outbox:
         self.dropped(kind, _reason(exc), topic, where, repr(exc))
         if again is not None and isinstance(exc, MessageSizeTooLargeError | RecordTooLargeError):
             key, value, headers, partition = again
-            if value and not any(k == "lhv_value_truncated" for k, _ in headers):
+            if value and not any(k == VALUE_TRUNCATED for k, _ in headers):
                 headers = [*headers, *_cut_headers(value)]
             task = asyncio.ensure_future(
                 self.send(

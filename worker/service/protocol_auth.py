@@ -39,13 +39,14 @@ from collections.abc import Sequence
 
 from lhv_index.errors import InvalidRequest
 from worker.storage.blobstore import BlobNotFound, BlobStore, PreconditionFailed, get_verified
+from worker.wire.headers import PROTOCOL_MAC
 
 __all__ = ["KEY_OBJECT", "MAC_HEADER", "ProtocolAuth", "load_protocol_auth"]
 
 log = logging.getLogger(__name__)
 
 #: header holding the hex HMAC-SHA256 of an internal record
-MAC_HEADER = "lhv_internal_mac"
+MAC_HEADER = PROTOCOL_MAC
 #: key (under the workers' prefix) of the shared random key
 KEY_OBJECT = "keys/internal-mac.key"
 #: bytes of a generated key, and the least a key may have

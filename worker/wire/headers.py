@@ -11,7 +11,22 @@ from lhv_index.errors import InvalidRequest, LhvError
 from worker.wire.limits import _DEFAULT_LIMITS, MessageLimits
 
 __all__ = [
+    "CORRELATION_ID",
     "DLQ_MESSAGE_MAX_BYTES",
+    "ERROR_CODE",
+    "ERROR_ITEM",
+    "ERROR_MESSAGE",
+    "ORIGINAL_HEADERS_DROPPED",
+    "ORIGINAL_KEY_BYTES",
+    "ORIGINAL_VALUE_BYTES",
+    "ORIGINAL_VALUE_SHA256",
+    "PROTOCOL_MAC",
+    "REPLY_PARTITION",
+    "REPLY_TOPIC",
+    "SOURCE_OFFSET",
+    "SOURCE_PARTITION",
+    "SOURCE_TOPIC",
+    "VALUE_TRUNCATED",
     "ReplyTo",
     "build_reply_headers",
     "check_headers",
@@ -20,6 +35,28 @@ __all__ = [
     "reply_key",
     "reply_to_from_headers",
 ]
+
+# -- header names: the wire contract (DESIGN section 2, schemas/dlq_headers.schema.json) ------
+
+#: Spring `ReplyingKafkaTemplate`: where a reply goes, and the id it carries back
+REPLY_TOPIC = "kafka_replyTopic"
+REPLY_PARTITION = "kafka_replyPartition"
+CORRELATION_ID = "kafka_correlationId"
+#: why a command went to the dead-letter topic, and where it came from
+ERROR_CODE = "lhv_error_code"
+ERROR_MESSAGE = "lhv_error_message"
+ERROR_ITEM = "lhv_error_item"
+SOURCE_TOPIC = "lhv_source_topic"
+SOURCE_PARTITION = "lhv_source_partition"
+SOURCE_OFFSET = "lhv_source_offset"
+#: a dead-lettered record cut to fit the topic's bounds
+VALUE_TRUNCATED = "lhv_value_truncated"
+ORIGINAL_VALUE_BYTES = "lhv_original_value_bytes"
+ORIGINAL_VALUE_SHA256 = "lhv_original_value_sha256"
+ORIGINAL_KEY_BYTES = "lhv_original_key_bytes"
+ORIGINAL_HEADERS_DROPPED = "lhv_original_headers_dropped"
+#: the HMAC of an internal protocol record (`merge_in`, `merge_done`)
+PROTOCOL_MAC = "lhv_internal_mac"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +108,10 @@ def check_headers(headers: Sequence[tuple[str, bytes | None]], limits: MessageLi
         raise InvalidRequest(
             f"{len(headers)} record headers are over the limit of {limits.max_headers}"
         )
-    cid = _header(headers, "kafka_correlationId")
+    cid = _header(headers, CORRELATION_ID)
     if cid is not None and len(cid) > limits.max_correlation_id_bytes:
         raise InvalidRequest(
-            f"kafka_correlationId of {len(cid)} bytes is over the limit of "
+            f"{CORRELATION_ID} of {len(cid)} bytes is over the limit of "
             f"{limits.max_correlation_id_bytes}"
         )
     total = 0
@@ -106,19 +143,19 @@ def reply_to_from_headers(
             limits.
     """
     check_headers(headers, limits or _DEFAULT_LIMITS)
-    topic = _header(headers, "kafka_replyTopic")
+    topic = _header(headers, REPLY_TOPIC)
     if topic is None:
         return None
     try:
         topic_s = bytes(topic).decode("utf-8")
     except UnicodeDecodeError:
-        raise InvalidRequest("kafka_replyTopic is not UTF-8") from None
+        raise InvalidRequest(f"{REPLY_TOPIC} is not UTF-8") from None
     if not topic_s:
-        raise InvalidRequest("kafka_replyTopic is empty")
-    cid = _header(headers, "kafka_correlationId")
+        raise InvalidRequest(f"{REPLY_TOPIC} is empty")
+    cid = _header(headers, CORRELATION_ID)
     if not cid:
-        raise InvalidRequest("kafka_replyTopic without kafka_correlationId")
-    raw_part = _header(headers, "kafka_replyPartition")
+        raise InvalidRequest(f"{REPLY_TOPIC} without {CORRELATION_ID}")
+    raw_part = _header(headers, REPLY_PARTITION)
     partition: int | None = None
     if raw_part is not None:
         raw_part = bytes(raw_part)
@@ -127,9 +164,9 @@ def reply_to_from_headers(
         elif len(raw_part) == 4:
             partition = int.from_bytes(raw_part, "big", signed=True)
         else:
-            raise InvalidRequest("kafka_replyPartition is not a partition number")
+            raise InvalidRequest(f"{REPLY_PARTITION} is not a partition number")
         if not 0 <= partition <= 2**31 - 1:
-            raise InvalidRequest(f"kafka_replyPartition {partition} is not a partition number")
+            raise InvalidRequest(f"{REPLY_PARTITION} {partition} is not a partition number")
     return ReplyTo(topic_s, partition, bytes(cid))
 
 
@@ -150,7 +187,7 @@ DLQ_MESSAGE_MAX_BYTES = 4096
 
 def build_reply_headers(reply_to: ReplyTo) -> list[tuple[str, bytes]]:
     """Headers of a reply or ack record: `kafka_correlationId`, the request's bytes."""
-    return [("kafka_correlationId", reply_to.correlation_id)]
+    return [(CORRELATION_ID, reply_to.correlation_id)]
 
 
 def reply_key(reply_to: ReplyTo) -> bytes:
@@ -170,12 +207,12 @@ def dlq_headers(
     if len(message) > DLQ_MESSAGE_MAX_BYTES:  # cut, then drop a split character
         message = message[:DLQ_MESSAGE_MAX_BYTES].decode("utf-8", "ignore").encode("utf-8")
     out = [
-        ("lhv_error_code", error.code.encode("ascii")),
-        ("lhv_error_message", message),
-        ("lhv_source_topic", topic.encode("utf-8")),
-        ("lhv_source_partition", str(partition).encode("ascii")),
-        ("lhv_source_offset", str(offset).encode("ascii")),
+        (ERROR_CODE, error.code.encode("ascii")),
+        (ERROR_MESSAGE, message),
+        (SOURCE_TOPIC, topic.encode("utf-8")),
+        (SOURCE_PARTITION, str(partition).encode("ascii")),
+        (SOURCE_OFFSET, str(offset).encode("ascii")),
     ]
     if error.item is not None:
-        out.append(("lhv_error_item", str(error.item).encode("ascii")))
+        out.append((ERROR_ITEM, str(error.item).encode("ascii")))
     return out

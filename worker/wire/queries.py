@@ -19,7 +19,7 @@ from worker.wire._body import (
     _parse,
     _request_faults,
 )
-from worker.wire.headers import ReplyTo, reply_to_from_headers
+from worker.wire.headers import CORRELATION_ID, REPLY_TOPIC, ReplyTo, reply_to_from_headers
 from worker.wire.limits import QUERY_OPS, MessageLimits
 from worker.wire.schemas import _check
 from worker.wire.vectors import _search_vectors
@@ -118,7 +118,7 @@ def _query(
 ) -> Query:
     reply_to = reply_to_from_headers(headers, limits=limits)
     if reply_to is None:
-        raise InvalidRequest("a query needs kafka_replyTopic and kafka_correlationId headers")
+        raise InvalidRequest(f"a query needs {REPLY_TOPIC} and {CORRELATION_ID} headers")
     body = _parse(value, limits)
     op = body.setdefault("op", "search")
     if op not in QUERY_OPS:

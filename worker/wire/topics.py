@@ -15,7 +15,23 @@ from lhv_index.errors import (
 )
 from worker._environ import _env
 
-__all__ = ["FORBIDDEN_REPLY_TOPICS", "ReplyTopicPolicy", "TopicsConfig", "home_partition"]
+__all__ = [
+    "DEFAULT_COMMANDS_TOPIC",
+    "DEFAULT_DLQ_TOPIC",
+    "DEFAULT_REPLY_PATTERN",
+    "DEFAULT_SEARCH_TOPIC",
+    "FORBIDDEN_REPLY_TOPICS",
+    "ReplyTopicPolicy",
+    "TopicsConfig",
+    "home_partition",
+]
+
+#: the default topics (DESIGN section 2), each configurable (`TopicsConfig.from_env`)
+DEFAULT_COMMANDS_TOPIC = "lhv.commands"
+DEFAULT_SEARCH_TOPIC = "lhv.search"
+DEFAULT_DLQ_TOPIC = "lhv.commands.dlq"
+#: the topics replies and acks may go to (fnmatch style); a client names its own under it
+DEFAULT_REPLY_PATTERN = "lhv.replies.*"
 
 
 def home_partition(key: bytes, num_partitions: int) -> int:
@@ -27,10 +43,10 @@ def home_partition(key: bytes, num_partitions: int) -> int:
 class TopicsConfig:
     """Topic names and the reply-topic pattern (fnmatch style)."""
 
-    commands: str = "lhv.commands"
-    search: str = "lhv.search"
-    dlq: str = "lhv.commands.dlq"
-    reply_pattern: str = "lhv.replies.*"
+    commands: str = DEFAULT_COMMANDS_TOPIC
+    search: str = DEFAULT_SEARCH_TOPIC
+    dlq: str = DEFAULT_DLQ_TOPIC
+    reply_pattern: str = DEFAULT_REPLY_PATTERN
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> TopicsConfig:
@@ -44,7 +60,9 @@ class TopicsConfig:
 
 
 #: the default command, search and dead-letter topics: never a reply topic
-FORBIDDEN_REPLY_TOPICS = frozenset({"lhv.commands", "lhv.search", "lhv.commands.dlq"})
+FORBIDDEN_REPLY_TOPICS = frozenset(
+    {DEFAULT_COMMANDS_TOPIC, DEFAULT_SEARCH_TOPIC, DEFAULT_DLQ_TOPIC}
+)
 
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
@@ -61,7 +79,10 @@ class ReplyTopicPolicy:
     __slots__ = ("_forbidden", "_regex", "pattern")
 
     def __init__(
-        self, pattern: str = "lhv.replies.*", *, forbidden: Iterable[str] = FORBIDDEN_REPLY_TOPICS
+        self,
+        pattern: str = DEFAULT_REPLY_PATTERN,
+        *,
+        forbidden: Iterable[str] = FORBIDDEN_REPLY_TOPICS,
     ) -> None:
         if not pattern:
             raise ValueError("the reply-topic pattern is empty")
