@@ -28,6 +28,7 @@ from lhv_index import (
     IndexParams,
     Space,
     Upsert,
+    ValidatedWrites,
     Write,
     read_snapshot,
     write_snapshot,
@@ -273,3 +274,41 @@ def test_snapshot_mid_stream_then_continue_gives_same_state(
     for rec in per_record:
         restored.apply(rec)
     assert restored.logical_state() == whole.logical_state()
+
+
+@SETTINGS
+@given(
+    records=records_st,
+    cuts=st.lists(st.integers(0, 30), max_size=5),
+    space=st.sampled_from(["cosine", "l2"]),
+)
+def test_apply_names_the_writes_that_won_as_one_by_one_application_would(
+    records: list[Any], cuts: list[int], space: str
+) -> None:
+    index, oracle = make(space, "exact"), Oracle()
+    for batch in batched(writes_of(records), cuts):
+        before = {w.id: oracle.clock(w.id) for w in batch}
+        for w in batch:
+            oracle.apply(w)
+        expected = tuple(
+            pos
+            for pos, w in enumerate(batch)
+            if oracle.clock(w.id) == w.clock and before[w.id] != w.clock
+        )
+        result = index.apply(batch)
+        assert result.won == expected
+        assert (result.applied, result.skipped) == (len(expected), len(batch) - len(expected))
+    assert_matches(index, oracle)
+
+
+@SETTINGS
+@given(records=records_st, space=st.sampled_from(["cosine", "l2"]))
+def test_writes_validated_per_record_then_joined_apply_as_the_whole_list(
+    records: list[Any], space: str
+) -> None:
+    per_record = writes_of(records)
+    whole, joined = make(space, "exact"), make(space, "exact")
+    expected = whole.apply([w for rec in per_record for w in rec])
+    got = joined.apply(ValidatedWrites.join([joined.validate(rec) for rec in per_record]))
+    assert got.won == expected.won
+    assert joined.logical_state() == whole.logical_state()

@@ -3,7 +3,11 @@
 | format | vectors | ids | metadata |
 | --- | --- | --- | --- |
 | `.npy` | the 2-D array (memory-mapped) | row numbers, or `ids_file` | none |
-| `.npz` | the array named `vectors` (or `embeddings`, `x`, `data`; or the only 2-D array) | the array `ids` if present, else row numbers or `ids_file` | none |
+| `.npz` | the array named `vectors` (or `embeddings`, `x`, `data`; or the only array besides `ids`) | the array `ids` if present, else row numbers or `ids_file` | none |
+
+`.npy` and `.npz` files are read by `worker.wire.arrays`, the reader of `import` too, so
+both accept the same files and check them the same way before allocating anything (a
+`.npy` header against the file's size, a `.npz` directory against `NPZ_BOUNDS`).
 | `.fvecs` | TEXMEX layout: per row a little-endian int32 dim, then dim float32 | row numbers, or `ids_file` | none |
 | `.jsonl` | one JSON object per line: `{"id", "vector", "metadata"?}` | `id` (strings; numbers are turned into text) | `metadata` |
 
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import zipfile
+import mmap
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +41,16 @@ import numpy as np
 import orjson
 
 from lhv_index.errors import LhvError
+from worker.wire.arrays import (
+    ID_KINDS,
+    VECTOR_KINDS,
+    VECTOR_MEMBERS,
+    ArrayFileError,
+    NpzBounds,
+    ids_of,
+    read_npy,
+    read_npz,
+)
 
 if TYPE_CHECKING:
     from worker.client import LhvClient, WriteResult
@@ -55,7 +69,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMATS = (".npy", ".npz", ".fvecs", ".jsonl")
-_NPZ_NAMES = ("vectors", "embeddings", "x", "data")
+#: what a `.npz` may hold: the import's defaults (`ImportPolicy`)
+NPZ_BOUNDS = NpzBounds()
 
 
 class LoadError(ValueError):
@@ -169,36 +184,36 @@ def open_vectors(path: str | Path, *, ids_file: str | Path | None = None) -> Vec
 
 
 def _npy(path: Path) -> Any:
+    """The array of a `.npy` file, a view of its memory map (`worker.wire.arrays`)."""
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        # a truncated file, a pickle, or no .npy header at all
+        with path.open("rb") as f:
+            if path.stat().st_size == 0:
+                raise ArrayFileError(f"{path} is not a readable .npy array")
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return read_npy(mapped, str(path), kinds=VECTOR_KINDS)
+    except ArrayFileError as exc:
+        raise LoadError(str(exc)) from None
+    except OSError as exc:
         raise LoadError(f"{path}: not a readable .npy array ({exc})") from None
 
 
 def _npz(path: Path) -> tuple[Any, list[str] | None]:
+    """The vectors and ids of a `.npz`, checked from its directory before anything is
+    inflated (`worker.wire.arrays`, as `import` reads one)."""
     try:
-        return _npz_arrays(path)
-    except LoadError:
-        raise
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        with path.open("rb") as f:
+            arrays = read_npz(f, str(path), NPZ_BOUNDS)
+        vectors = next((a for name, a in arrays.items() if name != "ids"), None)
+        if vectors is None:
+            raise LoadError(
+                f"{path}: name the vectors array one of {', '.join(VECTOR_MEMBERS)} "
+                "(or make it the only array besides ids)"
+            )
+        ids = ids_of(arrays["ids"], str(path)) if "ids" in arrays else None
+    except ArrayFileError as exc:
+        raise LoadError(str(exc)) from None
+    except OSError as exc:
         raise LoadError(f"{path}: not a readable .npz archive ({exc})") from None
-
-
-def _npz_arrays(path: Path) -> tuple[Any, list[str] | None]:
-    with np.load(path, allow_pickle=False) as z:
-        names = list(z.files)
-        name = next((n for n in _NPZ_NAMES if n in names), None)
-        if name is None:
-            two_d = [n for n in names if z[n].ndim == 2]
-            if len(two_d) != 1:
-                raise LoadError(
-                    f"{path}: name the vectors array one of {', '.join(_NPZ_NAMES)} "
-                    f"(arrays: {', '.join(names)})"
-                )
-            name = two_d[0]
-        vectors = z[name]
-        ids = [str(x) for x in z["ids"].tolist()] if "ids" in names else None
     return vectors, ids
 
 
@@ -222,7 +237,7 @@ def _ids_file(path: Path) -> list[str]:
         raise LoadError(f"{path}: no such ids file")
     try:
         if path.suffix.lower() == ".npy":
-            return [str(x) for x in np.load(path, allow_pickle=False).tolist()]
+            return ids_of(read_npy(path.read_bytes(), str(path), kinds=ID_KINDS), str(path))
         with path.open(encoding="utf-8") as f:
             return [line.rstrip("\r\n") for line in f if line.strip()]
     except (ValueError, OSError, EOFError) as exc:  # UnicodeDecodeError is a ValueError

@@ -12,11 +12,12 @@ than the requester should see (its own snapshots and manifests, other buckets). 
   store), and never under the worker's own `partitions/`, `merges/` or `keys/`, whatever
   the allow-list says.
 - An object is read only when its Content-Length is within `max_object_bytes`, and the
-  read stops there if the body runs longer. A `.npy` header's shape times its item size
-  is checked against what was read before any array exists (the array is then a view of
-  those bytes); a `.npz` is checked from its zip directory (member count, declared
-  sizes, compression ratio) before anything is inflated, and members are inflated with
-  a cap.
+  read stops there if the body runs longer. `.npy` and `.npz` objects are read by
+  `worker.wire.arrays`, the reader of `lhv load` too: a `.npy` header's shape times its
+  item size is checked against what was read before any array exists (the array is then
+  a view of those bytes); a `.npz` is checked from its zip directory (member count,
+  declared sizes, compression ratio) before anything is inflated, and members are
+  inflated with a cap.
 
 Errors are `invalid_request` naming the import's field, the bound and its setting, and
 never echo what was read (no values, no counts of rows of an object): a row is named by
@@ -25,10 +26,7 @@ its number in the import.
 
 from __future__ import annotations
 
-import io
 import re
-import zipfile
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
@@ -44,12 +42,15 @@ from worker.storage.blobstore import (
     S3Config,
     StoreUnavailable,
 )
+from worker.wire.arrays import ArrayFileError, NpzBounds, RowError, read_npy, read_npz
 
 __all__ = [
     "INTERNAL_PREFIXES",
     "SourcePolicy",
+    "as_import_error",
     "decode_npy",
     "decode_npz",
+    "npz_bounds",
     "parse_s3_uri",
     "read_object",
     "row_of",
@@ -184,125 +185,58 @@ async def read_object(s3: S3Config, bucket: str, key: str, max_bytes: int) -> by
         raise InvalidRequest(f"import: s3://{bucket}/{key} cannot be read: {exc.code}") from exc
 
 
-# -- decoding within bounds ---------------------------------------------------------------
+# -- decoding within bounds (`worker.wire.arrays`, the reader `lhv load` uses too) ---------
 
 
-def _unreadable(field: str, fmt: str) -> InvalidRequest:
-    return InvalidRequest(f"import: {field} is not a readable .{fmt} file")
+def npz_bounds(policy: ImportPolicy) -> NpzBounds:
+    """An import's bounds on a `.npz`, named by their settings."""
+    return NpzBounds(
+        max_members=policy.max_members,
+        max_inflated_bytes=policy.max_inflated_bytes,
+        max_compression_ratio=policy.max_compression_ratio,
+        settings=(
+            "LHV_MAX_IMPORT_MEMBERS",
+            "LHV_MAX_IMPORT_INFLATED_BYTES",
+            "LHV_MAX_IMPORT_COMPRESSION_RATIO",
+        ),
+    )
+
+
+def as_import_error(exc: ArrayFileError) -> InvalidRequest:
+    """A vector file's error as the import's (`item` = the row, when one is to blame)."""
+    return InvalidRequest(f"import: {exc}", item=exc.row if isinstance(exc, RowError) else None)
 
 
 def decode_npy(
     data: bytes | memoryview, field: str, *, kinds: str, max_bytes: int, setting: str
 ) -> np.ndarray:
-    """The array of a `.npy` file held in `data`, as a read-only view of it.
-
-    The header is checked before any array exists: no pickles or objects, a dtype of one
-    of `kinds` (numpy kind letters), and shape times item size within `max_bytes` and
-    equal to the bytes that follow the header.
+    """The array of a `.npy` file held in `data`, as a read-only view of it, checked
+    before any array exists (`worker.wire.arrays.read_npy`).
 
     Raises:
         InvalidRequest: unreadable, another dtype, or over `max_bytes` (named by
             `setting`).
     """
-    buf = io.BytesIO(data)
     try:
-        version = np.lib.format.read_magic(buf)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
-        else:
-            raise ValueError("unsupported .npy version")
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
-        raise _unreadable(field, "npy") from exc
-    if dtype.hasobject or dtype.fields is not None or dtype.kind not in kinds:
-        raise InvalidRequest(f"import: {field} holds an array of an unsupported type")
-    count = 1
-    for n in shape:
-        count *= int(n)
-    nbytes = count * dtype.itemsize
-    if nbytes > max_bytes:
-        raise InvalidRequest(
-            f"import: {field} declares an array larger than {max_bytes} bytes ({setting})"
-        )
-    start = buf.tell()
-    if len(data) - start != nbytes:
-        raise _unreadable(field, "npy")
-    arr = np.frombuffer(data, dtype=dtype, count=count, offset=start)
-    return arr.reshape(shape, order="F" if fortran else "C")
+        return read_npy(data, field, kinds=kinds, max_bytes=max_bytes, setting=setting)
+    except ArrayFileError as exc:
+        raise as_import_error(exc) from exc
 
 
 def decode_npz(
-    data: bytes, field: str, policy: ImportPolicy, members: Iterable[str]
+    data: bytes, field: str, policy: ImportPolicy, members: Iterable[str] | None = None
 ) -> dict[str, np.ndarray]:
-    """The arrays `members` (names without `.npy`) of a `.npz` held in `data`, those it has.
-
-    The zip directory is checked before anything is inflated: at most `max_members`
-    members, declared sizes within `max_inflated_bytes` in total, each compressed member
-    within `max_compression_ratio`; members are then inflated with a cap (a member
-    longer than it declares is cut there and fails its check).
+    """The arrays `members` of a `.npz` held in `data` (default: its vectors and `ids`),
+    checked from its zip directory before anything is inflated
+    (`worker.wire.arrays.read_npz`).
 
     Raises:
         InvalidRequest: unreadable, or over a bound (named with its setting).
     """
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            infos = zf.infolist()
-            if len(infos) > policy.max_members:
-                raise InvalidRequest(
-                    f"import: {field} has more than {policy.max_members} members "
-                    "(LHV_MAX_IMPORT_MEMBERS)"
-                )
-            declared = sum(i.file_size for i in infos)
-            if declared > policy.max_inflated_bytes:
-                raise InvalidRequest(
-                    f"import: {field} inflates to more than {policy.max_inflated_bytes} bytes "
-                    "(LHV_MAX_IMPORT_INFLATED_BYTES)"
-                )
-            for info in infos:
-                if (
-                    info.compress_type != zipfile.ZIP_STORED
-                    and info.file_size > policy.max_compression_ratio * max(info.compress_size, 1)
-                ):
-                    raise InvalidRequest(
-                        f"import: {field} has a member compressed more than "
-                        f"{policy.max_compression_ratio} to 1 "
-                        "(LHV_MAX_IMPORT_COMPRESSION_RATIO)"
-                    )
-            by_name = {i.filename: i for i in infos}
-            out: dict[str, np.ndarray] = {}
-            budget = policy.max_inflated_bytes
-            for name in members:
-                member = by_name.get(name + ".npy")
-                if member is None:
-                    continue
-                with zf.open(member) as f:
-                    raw = f.read(min(member.file_size, budget) + 1)
-                if len(raw) > member.file_size or len(raw) > budget:
-                    raise InvalidRequest(
-                        f"import: {field} inflates past its bound (LHV_MAX_IMPORT_INFLATED_BYTES)"
-                    )
-                budget -= len(raw)
-                out[name] = decode_npy(
-                    raw,
-                    f"{field} member {name!r}",
-                    kinds="fiuUS" if name == "ids" else "fiu",
-                    max_bytes=policy.max_inflated_bytes,
-                    setting="LHV_MAX_IMPORT_INFLATED_BYTES",
-                )
-            return out
-    except InvalidRequest:
-        raise
-    except (
-        zipfile.BadZipFile,
-        zlib.error,
-        NotImplementedError,
-        RuntimeError,
-        ValueError,
-        OSError,
-        EOFError,
-    ) as exc:
-        raise _unreadable(field, "npz") from exc
+        return read_npz(data, field, npz_bounds(policy), members)
+    except ArrayFileError as exc:
+        raise as_import_error(exc) from exc
 
 
 def row_of(data: bytes, position: int) -> int:

@@ -83,7 +83,8 @@ key objects):
 - `.npy`: a 2-D float array (no pickles), one row per item; ids from `ids_source` (a
   `.npy` of strings or integers, or a text file with one id per line) or else the row
   number in decimal;
-- `.npz`: arrays `vectors` and optionally `ids`;
+- `.npz`: the vectors array (`vectors`, else `embeddings`, `x` or `data`, else the only
+  array besides `ids`) and optionally `ids` (`worker.wire.arrays`, as `lhv load` reads it);
 - `.lhv`: an LHV1 snapshot (ids, vectors, metadata and client versions);
 - `metadata_source`: JSON Lines, one object (or null: keep the stored metadata) per row.
 
@@ -142,7 +143,14 @@ from lhv_index.errors import (
 from worker.service import failpoints
 from worker.service.apply import Outcome
 from worker.service.config import ImportPolicy
-from worker.service.importsource import SourcePolicy, decode_npy, decode_npz, read_object, row_of
+from worker.service.importsource import (
+    SourcePolicy,
+    as_import_error,
+    decode_npy,
+    decode_npz,
+    read_object,
+    row_of,
+)
 from worker.service.partition import Partition, PartitionStatus
 from worker.service.ports import KafkaPort, PartitionRegistry, TaskOwner
 from worker.service.protocol_auth import ProtocolAuth, load_protocol_auth
@@ -154,6 +162,7 @@ from worker.storage.blobstore import (
     put_unless_same,
 )
 from worker.telemetry.logs import log_context
+from worker.wire.arrays import ID_KINDS, VECTOR_KINDS, VECTOR_MEMBERS, ArrayFileError, ids_of
 from worker.wire.commands import ImportCommand, MergeCommand, MergeDoneCommand, MergeInCommand
 from worker.wire.headers import ReplyTo
 from worker.wire.replies import ErrorInfo
@@ -1046,15 +1055,18 @@ def _decode_arrays(
         vectors = decode_npy(
             data,
             "source",
-            kinds="fiu",
+            kinds=VECTOR_KINDS,
             max_bytes=policy.max_object_bytes,
             setting="LHV_MAX_IMPORT_BYTES",
         )
     else:
-        arrays = decode_npz(data, "source", policy, ("vectors", "ids"))
-        if "vectors" not in arrays:
-            raise InvalidRequest("import: source has no array 'vectors'")
-        vectors = arrays["vectors"]
+        arrays = decode_npz(data, "source", policy)
+        found = [a for name, a in arrays.items() if name != "ids"]
+        if not found:
+            raise InvalidRequest(
+                f"import: source has no array 'vectors' (or {', '.join(VECTOR_MEMBERS[1:])})"
+            )
+        vectors = found[0]
         if "ids" in arrays:
             ids = _ids_of(arrays["ids"], "source")
     if vectors.ndim != 2:
@@ -1063,23 +1075,10 @@ def _decode_arrays(
 
 
 def _ids_of(arr: np.ndarray, field: str) -> list[str]:
-    if arr.ndim != 1:
-        raise InvalidRequest(f"import: the ids of {field} must be a 1-D array")
-    if arr.dtype.kind == "U":
-        return [str(x) for x in arr.tolist()]
-    if arr.dtype.kind == "S":
-        out = []
-        for row, x in enumerate(arr.tolist()):
-            try:
-                out.append(x.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise InvalidRequest(
-                    f"import: row {row}: the id in {field} is not UTF-8", item=row
-                ) from None
-        return out
-    if arr.dtype.kind in "iu":
-        return [str(int(x)) for x in arr.tolist()]
-    raise InvalidRequest(f"import: the ids of {field} must be strings or integers")
+    try:
+        return ids_of(arr, field)
+    except ArrayFileError as exc:
+        raise as_import_error(exc) from None
 
 
 def _decode_ids(data: bytes, source: str, policy: ImportPolicy) -> list[str]:
@@ -1087,7 +1086,7 @@ def _decode_ids(data: bytes, source: str, policy: ImportPolicy) -> list[str]:
         arr = decode_npy(
             data,
             "ids_source",
-            kinds="USiu",
+            kinds=ID_KINDS,
             max_bytes=policy.max_object_bytes,
             setting="LHV_MAX_IMPORT_BYTES",
         )
