@@ -36,7 +36,7 @@ from aiokafka.errors import KafkaError
 
 from lhv_index.errors import InvalidRequest
 from worker.service.outbox import Kind, Outbox, record_size
-from worker.wire.headers import ReplyTo, build_reply_headers
+from worker.wire.headers import REPLY_PARTITION, ReplyTo, build_reply_headers
 from worker.wire.replies import encode_error_reply
 
 __all__ = ["ReplySender"]
@@ -118,7 +118,7 @@ class ReplySender:
                 "bad_partition",
                 topic,
                 where,
-                f"kafka_replyPartition {reply_to.partition} is not one of its "
+                f"{REPLY_PARTITION} {reply_to.partition} is not one of its "
                 f"{len(partitions)} partitions",
             )
             return False
