@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -116,6 +117,19 @@ async def test_put_get_head_list_delete(store: BlobStore) -> None:
     await store.delete("a/one")
     await store.delete("a/one")  # deleting an absent key is fine
     assert await store.list("a/") == ["a/two"]
+
+
+async def test_get_to_file_replaces_the_file_with_the_object(store: BlobStore) -> None:
+    data = os.urandom(3 * MIB + 5)  # several chunks of the body
+    etag = await store.put("blob", data)
+    with tempfile.TemporaryFile() as f:
+        f.write(b"left over from an earlier read that is longer")
+        info = await store.get_to_file("blob", f)
+        assert (info.etag, info.size, f.tell()) == (etag, len(data), len(data))
+        f.seek(0)
+        assert f.read() == data
+        with pytest.raises(BlobNotFound):
+            await store.get_to_file("absent", f)
 
 
 async def test_put_unless_same_leaves_equal_bytes_alone_and_replaces_others(

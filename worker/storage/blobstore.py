@@ -224,6 +224,12 @@ class BlobStore(Protocol):
         """The object's ETag and size. Raises `BlobNotFound`."""
         ...
 
+    async def get_to_file(self, key: str, out: BinaryIO) -> BlobInfo:
+        """Stream the object into `out` (emptied first, left at its end), never holding it
+        whole in memory; returns its ETag and the bytes written. A read that fails midway
+        is retried from the start. Raises `BlobNotFound`."""
+        ...
+
     async def put(self, key: str, data: BlobData) -> str:
         """Write unconditionally; returns the new ETag. File objects are read from their
         current position to EOF."""
@@ -383,6 +389,17 @@ class MemoryBlobStore:
             data, etag = self._objects[full]
         except KeyError:
             raise BlobNotFound(f"no object {key!r}", key=key) from None
+        return BlobInfo(key, etag, len(data))
+
+    async def get_to_file(self, key: str, out: BinaryIO) -> BlobInfo:
+        full = self._enter(key)
+        try:
+            data, etag = self._objects[full]
+        except KeyError:
+            raise BlobNotFound(f"no object {key!r}", key=key) from None
+        out.seek(0)
+        out.truncate()
+        out.write(data)
         return BlobInfo(key, etag, len(data))
 
     async def put(self, key: str, data: BlobData) -> str:
@@ -659,6 +676,44 @@ class S3BlobStore:
 
         return await self._call("get", key, op)
 
+    async def get_to_file(self, key: str, out: BinaryIO) -> BlobInfo:
+        full = self._full(key)
+        cfg = self._config
+        delay = cfg.backoff_s
+        for attempt in range(1, cfg.max_attempts + 1):
+            resp = await self._call("get", key, lambda c: c.get_object(Bucket=cfg.bucket, Key=full))
+            try:
+                with _s3_errors("get", key):
+                    size = await self._copy_body(resp["Body"], out)
+                return BlobInfo(key, str(resp["ETag"]), size)
+            except _Transient as exc:  # the body broke off: read it again from the start
+                if attempt == cfg.max_attempts:
+                    raise StoreUnavailable(
+                        f"{exc} (gave up after {attempt} attempts)", key=key
+                    ) from exc.__cause__
+                log.warning(
+                    "S3 get of %s broke off (attempt %d/%d), retrying: %s",
+                    key, attempt, cfg.max_attempts, exc,
+                )  # fmt: skip
+                await asyncio.sleep(min(delay, 5.0) * (0.5 + random.random()))
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    async def _copy_body(self, body: Any, out: BinaryIO) -> int:
+        """Copy a response body to `out` in chunks, each read within `timeout_s`."""
+        size = 0
+        try:
+            await asyncio.to_thread(_empty, out)
+            while True:
+                async with asyncio.timeout(self._config.timeout_s):
+                    chunk = await body.read(MIB)
+                if not chunk:
+                    return size
+                size += len(chunk)
+                await asyncio.to_thread(out.write, chunk)
+        finally:
+            body.close()
+
     async def head(self, key: str) -> BlobInfo:
         full = self._full(key)
         resp = await self._call(
@@ -787,6 +842,11 @@ class S3BlobStore:
             if not token:
                 break
         return sorted(keys)
+
+
+def _empty(out: BinaryIO) -> None:
+    out.seek(0)
+    out.truncate()
 
 
 async def _chunks_of_bytes(
