@@ -1,12 +1,15 @@
 """Operator tools over checkpoints and the commands topic: `lhv snapshot` and `lhv replay`.
 
     lhv snapshot ls [--json]              manifests per partition, snapshots per index
-    lhv snapshot inspect KEY|INDEX        one snapshot's envelope (by key, or the snapshot
-                                          the manifests name for INDEX)
-    lhv snapshot verify                   every snapshot a manifest names: size, checksums,
-                                          the graph loads, its ids match the envelope
+                                          (base, delta 1, delta 2, ...)
+    lhv snapshot inspect KEY|INDEX        one snapshot's envelope (by key, or the base the
+                                          manifests name for INDEX, with its deltas' keys)
+    lhv snapshot verify                   every base and delta a manifest names: size,
+                                          checksums, source offset, the base's graph loads
+                                          with the ids of its envelope, the chain restores
     lhv replay --verify                   rebuild every partition from the commands topic up
-                                          to its manifest's offset, compare with the snapshots
+                                          to its manifest's offset, compare with the state
+                                          its base and deltas restore to
 
 Settings come from the `LHV_*` variables (`WorkerConfig.from_env`): the S3 bucket and
 prefix, the commands topic, Kafka. The tools only read: nothing is written to S3 or Kafka,
@@ -36,6 +39,7 @@ import os
 import re
 import sys
 import time
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +48,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from lhv_index import Frame, Index, IndexParams, read_frame, read_snapshot
+from lhv_index import Frame, Index, IndexParams, read_delta, read_frame, read_snapshot
 from lhv_index.errors import Internal, InvalidRequest, LhvError, SnapshotError
 from worker.kafka.errors import map_kafka_errors
 from worker.service.apply import Outcome, apply_records, decode_records
@@ -63,7 +67,7 @@ from worker.service.merge import (
 from worker.service.partition import Partition
 from worker.service.protocol_auth import ProtocolAuth, load_protocol_auth
 from worker.storage.blobstore import BlobNotFound, BlobStore, BlobStoreError, S3BlobStore
-from worker.storage.snapshots import IndexEntry, Manifest, SnapshotStore
+from worker.storage.snapshots import IndexEntry, Manifest, Segment, SnapshotStore
 from worker.wire.commands import ImportCommand, MergeCommand, MergeDoneCommand, MergeInCommand
 from worker.wire.topics import home_partition
 
@@ -201,7 +205,12 @@ async def inspect_snapshot(blobs: BlobStore, topic: str, target: str) -> dict[st
     if not target.endswith(".lhv"):
         for p, name, entry, manifest in await cps.named():
             if name == target:
-                key, named_by = entry.key, {"partition": p, "generation": manifest.generation}
+                key = entry.key
+                named_by = {
+                    "partition": p,
+                    "generation": manifest.generation,
+                    "deltas": [d.key for d in entry.deltas],
+                }
                 break
         else:
             raise BlobNotFound(f"no manifest of {topic} names an index {target!r}", key=target)
@@ -254,19 +263,34 @@ async def verify_snapshots(
     names, with the parameters and source offset the manifest says, and the loaded index
     holds exactly the ids its envelope declares and answers a search with them."""
     report = VerifyReport()
-    for p, name, entry, manifest in await _Checkpoints(blobs, topic).named(partitions):
-        report.checked += 1
-        try:
-            data, _ = await blobs.get(entry.key)
-        except BlobNotFound:
-            report.problems.append(Problem(p, name, entry.key, "the object is missing"))
-            continue
-        messages = await asyncio.to_thread(_verify_one, data, name, entry, manifest)
-        report.problems.extend(Problem(p, name, entry.key, m) for m in messages)
+    cps = _Checkpoints(blobs, topic)
+    for p, name, entry, manifest in await cps.named(partitions):
+        before = len(report.problems)
+        for segment in (entry.base, *entry.deltas):
+            report.checked += 1
+            try:
+                data, _ = await blobs.get(segment.key)
+            except BlobNotFound:
+                report.problems.append(Problem(p, name, segment.key, "the object is missing"))
+                continue
+            check = _verify_one if segment.key == entry.key else _verify_delta
+            messages = await asyncio.to_thread(check, data, name, entry, segment, manifest)
+            report.problems.extend(Problem(p, name, segment.key, m) for m in messages)
+        if entry.deltas and len(report.problems) == before:
+            last = entry.deltas[-1].key
+            try:  # the chain as a restore reads it: base, then every delta in order
+                index = await cps.store.load_index(name, entry)
+            except LhvError as exc:
+                report.problems.append(Problem(p, name, last, f"the chain does not load: {exc}"))
+                continue
+            messages = await asyncio.to_thread(_check_chain, index)
+            report.problems.extend(Problem(p, name, last, m) for m in messages)
     return report
 
 
-def _verify_one(data: bytes, name: str, entry: IndexEntry, manifest: Manifest) -> list[str]:
+def _verify_one(
+    data: bytes, name: str, entry: IndexEntry, segment: Segment, manifest: Manifest
+) -> list[str]:
     problems = []
     if len(data) != entry.bytes:
         problems.append(f"{len(data)} bytes, the manifest says {entry.bytes}")
@@ -295,6 +319,42 @@ def _verify_one(data: bytes, name: str, entry: IndexEntry, manifest: Manifest) -
         return [*problems, f"envelope ids unreadable: {exc}"]
     problems += _check_ids(index, ids, frame.envelope)
     return problems
+
+
+def _verify_delta(
+    data: bytes, name: str, entry: IndexEntry, segment: Segment, manifest: Manifest
+) -> list[str]:
+    """One delta of a chain: the size and crc32 the manifest recorded, sound sections, a
+    delta of this index with the manifest's parameters and the segment's source offset."""
+    problems = []
+    if len(data) != segment.bytes:
+        problems.append(f"{len(data)} bytes, the manifest says {segment.bytes}")
+    elif segment.crc32 is not None and zlib.crc32(data) != segment.crc32:
+        problems.append(f"crc32 {zlib.crc32(data):#010x}, the manifest says {segment.crc32:#010x}")
+    try:
+        frame = read_frame(data, verify=False)
+    except SnapshotError as exc:
+        return [*problems, str(exc)]
+    problems += frame.problems(data)
+    if problems:
+        return problems
+    try:
+        delta, source = read_delta(data, expect=IndexParams.from_dict(entry.params))
+    except LhvError as exc:
+        return [f"does not load: {exc}"]
+    if delta.name != name:
+        problems.append(f"holds a delta of index {delta.name!r}")
+    want = {"topic": manifest.topic, "partition": manifest.partition, "offset": segment.offset}
+    got = {k: source.get(k) for k in want}
+    if got != want:
+        problems.append(f"source {got} differs from the manifest's {want}")
+    return problems
+
+
+def _check_chain(index: Index) -> list[str]:
+    """The index a base and its deltas restore to answers a search with its own ids."""
+    ids = [item.id for item in index.live_items()]
+    return _check_ids(index, ids, {})
 
 
 def _check_ids(index: Index, ids: list[str], envelope: Mapping[str, Any]) -> list[str]:
@@ -751,14 +811,24 @@ async def _compare(
             report.diffs.append(IndexDiff(p, name, f"snapshot {entry.key} does not load: {exc}"))
             continue
         report.compared.append(name)
-        diff = await asyncio.to_thread(_state_diff, rebuilt[name], stored)
+        diff = await asyncio.to_thread(_state_diff, rebuilt[name], stored, entry.covered_offset)
         if diff is not None:
             report.diffs.append(IndexDiff(p, name, diff[0], tuple(diff[1])))
 
 
-def _state_diff(rebuilt: Index, stored: Index) -> tuple[str, list[str]] | None:
-    """None when both hold the same logical state, else (what differs, the ids)."""
+def _state_diff(rebuilt: Index, stored: Index, covered: int) -> tuple[str, list[str]] | None:
+    """None when both hold the same logical state, else (what differs, the ids).
+
+    `stored` is the base and deltas of a checkpoint covering up to offset `covered`. A
+    tombstone the log rebuilt but the checkpoint lacks is no difference when its offset
+    is at or below `covered`: the worker dropped it under the tombstone horizon.
+    """
     a, b = rebuilt.logical_state(), stored.logical_state()
+    compacted = {
+        i: c for i, c in a["tombstones"].items() if i not in b["tombstones"] and c.offset <= covered
+    }
+    if compacted:
+        a["tombstones"] = {i: c for i, c in a["tombstones"].items() if i not in compacted}
     if a["live"] != b["live"]:
         ids = sorted(
             i for i in set(a["live"]) | set(b["live"]) if a["live"].get(i) != b["live"].get(i)
@@ -839,7 +909,10 @@ def _print_listing(listings: list[PartitionListing], as_json: bool) -> int:
     rows: list[dict[str, Any]] = []
     for listing in listings:
         m = listing.manifest
-        named = {e.key: (name, e) for name, e in (m.indexes.items() if m else ())}
+        named: dict[str, tuple[str, Segment, str]] = {}
+        for name, e in m.indexes.items() if m else ():
+            named[e.key] = (name, e.base, "base")
+            named.update({d.key: (name, d, f"delta {i}") for i, d in enumerate(e.deltas, 1)})
         snaps: list[dict[str, Any]] = []
         for index, keys in sorted(listing.objects.items()):
             for key in keys:
@@ -849,14 +922,15 @@ def _print_listing(listings: list[PartitionListing], as_json: bool) -> int:
                         "index": index,
                         "key": key,
                         "named": hit is not None,
+                        "kind": hit[2] if hit else None,
                         "offset": hit[1].offset if hit else None,
                         "bytes": hit[1].bytes if hit else None,
                     }
                 )
         listed = {s["key"] for s in snaps}
         missing = [
-            {"index": n, "key": k, "named": True, "missing": True}
-            for k, (n, _) in named.items()
+            {"index": n, "key": k, "named": True, "kind": kind, "missing": True}
+            for k, (n, _, kind) in named.items()
             if k not in listed
         ]
         rows.append(
@@ -891,7 +965,7 @@ def _print_listing(listings: list[PartitionListing], as_json: bool) -> int:
             if s.get("missing"):
                 state = "MISSING"
             elif s["named"]:
-                state = f"offset {s['offset']:>10} {s['bytes']:>12} B"
+                state = f"{s['kind']:<9} offset {s['offset']:>10} {s['bytes']:>12} B"
             else:
                 state = "unreferenced (collected after the next checkpoint)"
             gen = f" gen {m['generation']} {m['writer']}" if s["named"] and m else ""

@@ -17,6 +17,7 @@ from lhv_index import Limits as IndexLimits
 from worker._environ import _env
 from worker.kafka.config import KafkaConfig
 from worker.storage.blobstore import S3Config
+from worker.storage.snapshots import DeltaPolicy
 from worker.wire.limits import MessageLimits
 from worker.wire.topics import TopicsConfig
 
@@ -45,10 +46,18 @@ class CheckpointPolicy:
     every_s: float = 30.0
     retry_backoff_s: float = 1.0
     retry_backoff_max_s: float = 30.0
+    deltas: DeltaPolicy = field(default_factory=DeltaPolicy)
+    """when an index's snapshot is a delta on its chain, and when a new base"""
+    tombstone_retention_ms: int = 86_400_000
+    """a tombstone is dropped at a checkpoint once a durable checkpoint at least this old
+    covers its offset (`LHV_TOMBSTONE_RETENTION_MS`, like Kafka's `delete.retention.ms`);
+    0 keeps tombstones for good"""
 
     def __post_init__(self) -> None:
         if self.every_records < 1 or self.every_s <= 0:
             raise ValueError("checkpoint policy needs every_records >= 1 and every_s > 0")
+        if self.tombstone_retention_ms < 0:
+            raise ValueError("checkpoint policy needs tombstone_retention_ms >= 0")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -299,6 +308,10 @@ class WorkerConfig:
             "checkpoint": CheckpointPolicy(
                 every_records=int(_env(env, "LHV_CHECKPOINT_RECORDS", "50000") or 50000),
                 every_s=float(_env(env, "LHV_CHECKPOINT_SECONDS", "30") or 30),
+                deltas=DeltaPolicy.from_env(env),
+                tombstone_retention_ms=int(
+                    _env(env, "LHV_TOMBSTONE_RETENTION_MS", "86400000") or 86_400_000
+                ),
             ),
             "limits": limits_from_env(MessageLimits, env),
             "index_limits": limits_from_env(IndexLimits, env),

@@ -10,7 +10,11 @@ This module turns those decisions into state:
   assignment. If the log no longer holds `manifest.offset + 1`, refuse p loudly unless
   the worker was told to accept data loss.
 - checkpoint: snapshots of dirty indexes, then the manifest (conditional on the ETag we
-  hold), then the Kafka commit of the commands offset. `Fenced` or `CommitFailedError` means the partition is
+  hold), then the Kafka commit of the commands offset. Each dirty index is captured under
+  its lock in a thread (a delta of what changed since its last snapshot, or a base, as
+  the store's `DeltaPolicy` decides from the manifest entry), and encoded and uploaded
+  outside the lock. The capture also drops the tombstones below the horizon: one past the
+  newest durable checkpoint at least `tombstone_retention_ms` old. `Fenced` or `CommitFailedError` means the partition is
   someone else's now: its state is dropped, and the next owner replays.
 - revoked: finish the batch in flight, checkpoint, commit the search offset, and park
   the state; if the same partition comes back and its manifest is still ours, the parked
@@ -40,7 +44,7 @@ from worker.service.config import CheckpointPolicy
 from worker.service.observer import IndexObserver
 from worker.service.partition import Partition, PartitionStatus
 from worker.service.ports import KafkaPort, PartitionRegistry, SearchPartitions, TaskOwner
-from worker.storage.snapshots import Fenced, Manifest, SnapshotStore
+from worker.storage.snapshots import Fenced, IndexEntry, Manifest, SegmentKind, SnapshotStore
 from worker.telemetry.logs import log_context
 from worker.telemetry.metrics import Metrics
 from worker.wire.topics import TopicsConfig
@@ -179,6 +183,8 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         nbytes = None
         if parked is not None and etag is not None and parked.etag == etag:
             partition.indexes = parked.indexes
+            partition.persisted = parked.persisted
+            partition.history = parked.history
             log.info("reusing in-memory state of partition (manifest unchanged)")
         elif manifest is not None:
             indexes = {}
@@ -186,7 +192,9 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 with log_context(index=name, offset=entry.offset):
                     indexes[name] = await store.load_index(name, entry)
             partition.indexes = indexes
-            nbytes = sum(e.bytes for e in manifest.indexes.values())
+            partition.persisted = dict(indexes)
+            partition.history = []
+            nbytes = sum(e.bytes + e.delta_bytes for e in manifest.indexes.values())
         start = manifest.offset + 1 if manifest else 0
         tp = self._commands_tp(p)
         log_start = (await self._kafka.beginning_offsets([tp]))[tp]
@@ -215,6 +223,8 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             generation=(manifest.generation if manifest else 0) + 1,
         )
         partition.manifest, partition.etag = await store.write_manifest(claim, etag=etag)
+        if manifest is not None:
+            partition.durable(manifest.written_at, manifest.offset)
         partition.applied_offset = start - 1
         partition.ready_offset = log_end - 1
         partition.last_checkpoint = time.monotonic()
@@ -248,18 +258,10 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                     if name in partition.indexes and name not in partition.dirty
                 }
                 dirty = sorted(partition.dirty)
+                horizon = partition.horizon(self._policy.tombstone_retention_ms / 1000, time.time())
                 for name in dirty:
-                    index = partition.indexes[name]
                     with log_context(index=name):
-                        snap_started = time.monotonic()
-                        try:
-                            entries[name] = await store.save_index(p, index, offset=offset)
-                        except LhvError:
-                            metrics.snapshot_failed()
-                            raise
-                        metrics.observe_snapshot(
-                            time.monotonic() - snap_started, entries[name].bytes
-                        )
+                        entries[name] = await self._save(partition, name, offset, horizon)
                     failpoints.hit("mid_snapshot")
                 manifest = replace(partition.manifest, offset=offset, indexes=entries)
                 partition.manifest, partition.etag = await store.write_manifest(
@@ -280,6 +282,12 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 partition.retry_at = time.monotonic() + partition.retry_delay_s
                 return False
             partition.dirty.difference_update(dirty)
+            partition.persisted = {
+                n: i for n, i in partition.persisted.items() if n in partition.manifest.indexes
+            }
+            for name in dirty:
+                partition.persisted[name] = partition.indexes[name]
+            partition.durable(partition.manifest.written_at, offset)
             partition.dropped = False
             partition.records_since_checkpoint = 0
             partition.last_checkpoint = time.monotonic()
@@ -287,10 +295,11 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             elapsed = time.monotonic() - started
             metrics.observe_checkpoint(p, elapsed, offset)
             log.info(
-                "checkpoint (%s): %d snapshots written, %d indexes, %.2fs",
+                "checkpoint (%s): %d snapshots written, %d indexes, tombstone horizon %s, %.2fs",
                 reason,
                 len(dirty),
                 len(entries),
+                horizon,
                 elapsed,
             )
             failpoints.hit("after_manifest")
@@ -306,6 +315,40 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             for step in due:
                 self._tasks.spawn(step(), name=f"after_checkpoint-{p}")
         return True
+
+    async def _save(
+        self, partition: Partition, name: str, offset: int, horizon: int | None
+    ) -> IndexEntry:
+        """Capture one dirty index under its lock (in a thread), then encode and upload
+        the capture outside it; returns the index's new manifest entry.
+
+        A delta when the manifest's entry holds this very index (`Partition.persisted`) and
+        the store's `DeltaPolicy` allows one, else a base. `horizon`: tombstones below it
+        are dropped by the capture, under the same lock.
+        """
+        p = partition.number
+        index = partition.indexes[name]
+        assert partition.manifest is not None
+        entry = partition.manifest.indexes.get(name)
+        if partition.persisted.pop(name, None) is not index:
+            entry = None  # never saved, or replaced, or a capture of it was lost: a base
+        kind = self._store.next_kind(entry)
+        started = time.monotonic()
+        try:
+            if kind is SegmentKind.DELTA and entry is not None:
+                delta = await asyncio.to_thread(index.capture_delta, compact_before=horizon)
+                segment = await self._store.save_delta(p, delta, offset=offset)
+                new, nbytes = entry.with_delta(segment), segment.bytes
+            else:
+                base = await asyncio.to_thread(index.capture_base, compact_before=horizon)
+                new = await self._store.save_base(p, base, offset=offset)
+                nbytes = new.bytes
+        except LhvError:
+            self._metrics.snapshot_failed()
+            raise
+        self._metrics.observe_snapshot(time.monotonic() - started, nbytes)
+        log.debug("%s snapshot: %d bytes", kind.value, nbytes)
+        return new
 
     async def release(self, p: int, *, park: bool) -> None:
         """Stop applying to p, checkpoint it, and forget it (parking the state if asked)."""

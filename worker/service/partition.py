@@ -53,6 +53,16 @@ class Partition:
     refused_reason: str = ""
     after_checkpoint: list[tuple[int, Callable[[], Awaitable[None]]]] = field(default_factory=list)
     """steps to run once a checkpoint covers their offset: (offset, step)"""
+    persisted: dict[str, Index] = field(default_factory=dict)
+    """name -> the index object whose state the manifest's entry holds, with every change
+    since tracked by the index itself. Only such an index may be saved as a delta on that
+    entry: a checkpoint removes the name before it captures (a capture ends the tracking
+    of what it took) and puts it back once the manifest naming the capture is written,
+    so a failed upload or manifest write, or an index dropped and created again, leaves
+    the name out and the next snapshot of that index is a base."""
+    history: list[tuple[float, int]] = field(default_factory=list)
+    """(wall-clock time, offset) of this partition's durable checkpoints, oldest first,
+    pruned to what the tombstone horizon still needs (`horizon`)"""
     _advanced: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @property
@@ -62,6 +72,25 @@ class Partition:
     @property
     def needs_checkpoint(self) -> bool:
         return bool(self.dirty) or self.dropped or self.applied_offset > self.checkpoint_offset
+
+    def durable(self, written_at: float, offset: int) -> None:
+        """Record a checkpoint whose manifest is written (wall-clock time, offset)."""
+        if offset >= 0 and (not self.history or offset > self.history[-1][1]):
+            self.history.append((written_at, offset))
+
+    def horizon(self, retention_s: float, now: float) -> int | None:
+        """The tombstone horizon: one past the offset of the newest durable checkpoint at
+        least `retention_s` old at `now` (wall clock), or None (no such checkpoint, or
+        `retention_s` 0: tombstones are kept for good). No replay starts at or below it.
+        Older history is pruned."""
+        if retention_s <= 0:
+            return None
+        cutoff = now - retention_s
+        old = [i for i, (at, _) in enumerate(self.history) if at <= cutoff]
+        if not old:
+            return None
+        del self.history[: old[-1]]
+        return self.history[0][1] + 1
 
     def mark_ready_if_caught_up(self) -> bool:
         """Switch from restoring to serving once the replay reached the target."""

@@ -117,6 +117,7 @@ class Worker:
             topic=config.topics.commands,
             worker_id=config.worker_id,
             index_limits=config.index_limits,
+            policy=config.checkpoint.deltas,
         )
         self.reporter = Reporter(
             topics=self.topics,
