@@ -164,3 +164,20 @@ async def test_tombstones_past_the_horizon_are_dropped_and_older_versioned_write
         restored = b.partitions[0].indexes[NAME]
         assert restored.version_floor == 5 and restored.stats()["deleted"] == 0
         assert {"v1", "v2"}.isdisjoint(it.id for it in restored.get(["v1", "v2"]))
+
+
+def test_the_delta_and_tombstone_settings_come_from_the_environment() -> None:
+    from worker.service.config import WorkerConfig
+
+    default = WorkerConfig.from_env({"LHV_S3_BUCKET": "b"}).checkpoint
+    assert default.tombstone_retention_ms == 86_400_000 and default.deltas == DeltaPolicy()
+    env = {"LHV_S3_BUCKET": "b", "LHV_TOMBSTONE_RETENTION_MS": "0", "LHV_MAX_DELTAS": "0"}
+    policy = WorkerConfig.from_env(env).checkpoint
+    assert policy.tombstone_retention_ms == 0 and policy.deltas.max_deltas == 0
+    part = Partition(number=0)
+    part.durable(100.0, 7)
+    assert part.horizon(0.0, 10**9) is None  # 0: tombstones kept for good
+    assert part.horizon(50.0, 120.0) is None  # no checkpoint old enough
+    part.durable(140.0, 9)
+    assert part.horizon(50.0, 160.0) == 8 and part.history == [(100.0, 7), (140.0, 9)]
+    assert part.horizon(10.0, 160.0) == 10 and part.history == [(140.0, 9)]
