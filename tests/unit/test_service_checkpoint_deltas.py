@@ -170,10 +170,10 @@ def test_the_delta_and_tombstone_settings_come_from_the_environment() -> None:
     from worker.service.config import WorkerConfig
 
     default = WorkerConfig.from_env({"LHV_S3_BUCKET": "b"}).checkpoint
-    assert default.tombstone_retention_ms == 86_400_000 and default.deltas == DeltaPolicy()
-    env = {"LHV_S3_BUCKET": "b", "LHV_TOMBSTONE_RETENTION_MS": "0", "LHV_MAX_DELTAS": "0"}
+    assert default.tombstone_retention_ms == 0 and default.deltas == DeltaPolicy()
+    env = {"LHV_S3_BUCKET": "b", "LHV_TOMBSTONE_RETENTION_MS": "3600000", "LHV_MAX_DELTAS": "0"}
     policy = WorkerConfig.from_env(env).checkpoint
-    assert policy.tombstone_retention_ms == 0 and policy.deltas.max_deltas == 0
+    assert policy.tombstone_retention_ms == 3_600_000 and policy.deltas.max_deltas == 0
     part = Partition(number=0)
     part.durable(100.0, 7)
     assert part.horizon(0.0, 10**9) is None  # 0: tombstones kept for good

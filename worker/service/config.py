@@ -48,10 +48,12 @@ class CheckpointPolicy:
     retry_backoff_max_s: float = 30.0
     deltas: DeltaPolicy = field(default_factory=DeltaPolicy)
     """when an index's snapshot is a delta on its chain, and when a new base"""
-    tombstone_retention_ms: int = 86_400_000
+    tombstone_retention_ms: int = 0
     """a tombstone is dropped at a checkpoint once a durable checkpoint at least this old
     covers its offset (`LHV_TOMBSTONE_RETENTION_MS`, like Kafka's `delete.retention.ms`);
-    0 keeps tombstones for good"""
+    0, the default, keeps tombstones for good: dropping them raises the index's version
+    floor, which refuses low client versions for new ids (README, "Tombstone horizon"),
+    so it is the operator's choice"""
 
     def __post_init__(self) -> None:
         if self.every_records < 1 or self.every_s <= 0:
@@ -309,9 +311,7 @@ class WorkerConfig:
                 every_records=int(_env(env, "LHV_CHECKPOINT_RECORDS", "50000") or 50000),
                 every_s=float(_env(env, "LHV_CHECKPOINT_SECONDS", "30") or 30),
                 deltas=DeltaPolicy.from_env(env),
-                tombstone_retention_ms=int(
-                    _env(env, "LHV_TOMBSTONE_RETENTION_MS", "86400000") or 86_400_000
-                ),
+                tombstone_retention_ms=int(_env(env, "LHV_TOMBSTONE_RETENTION_MS", "0") or 0),
             ),
             "limits": limits_from_env(MessageLimits, env),
             "index_limits": limits_from_env(IndexLimits, env),
