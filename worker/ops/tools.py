@@ -288,18 +288,33 @@ async def verify_snapshots(
     return report
 
 
-def _verify_one(
-    data: bytes, name: str, entry: IndexEntry, segment: Segment, manifest: Manifest
-) -> list[str]:
+def _frame_problems(data: bytes, size: int, crc32: int | None) -> tuple[Frame | None, list[str]]:
+    """The frame of one object the manifest names, and what is wrong with its size, its
+    crc32 (when the manifest recorded one) or its sections; no frame when none reads."""
     problems = []
-    if len(data) != entry.bytes:
-        problems.append(f"{len(data)} bytes, the manifest says {entry.bytes}")
+    if len(data) != size:
+        problems.append(f"{len(data)} bytes, the manifest says {size}")
+    elif crc32 is not None and zlib.crc32(data) != crc32:
+        problems.append(f"crc32 {zlib.crc32(data):#010x}, the manifest says {crc32:#010x}")
     try:
         frame = read_frame(data, verify=False)
     except SnapshotError as exc:
-        return [*problems, str(exc)]
-    problems += frame.problems(data)
-    if problems:
+        return None, [*problems, str(exc)]
+    return frame, problems + frame.problems(data)
+
+
+def _source_problems(source: Mapping[str, Any], manifest: Manifest, offset: int) -> list[str]:
+    """The source an object records against the one the manifest names for it."""
+    want = {"topic": manifest.topic, "partition": manifest.partition, "offset": offset}
+    got = {k: source.get(k) for k in want}
+    return [] if got == want else [f"source {got} differs from the manifest's {want}"]
+
+
+def _verify_one(
+    data: bytes, name: str, entry: IndexEntry, segment: Segment, manifest: Manifest
+) -> list[str]:
+    frame, problems = _frame_problems(data, entry.bytes, None)
+    if frame is None or problems:
         return problems
     try:
         index, source = read_snapshot(data, expect=IndexParams.from_dict(entry.params))
@@ -309,10 +324,7 @@ def _verify_one(
         problems.append(f"holds index {index.name!r}")
     if index.params.to_dict() != entry.params:
         problems.append(f"params {index.params.to_dict()} differ from the manifest's")
-    want_source = {"topic": manifest.topic, "partition": manifest.partition, "offset": entry.offset}
-    got_source = {k: source.get(k) for k in want_source}
-    if got_source != want_source:
-        problems.append(f"source {got_source} differs from the manifest's {want_source}")
+    problems += _source_problems(source, manifest, entry.offset)
     try:
         ids = envelope_ids(data, frame)
     except (SnapshotError, UnicodeDecodeError, ValueError) as exc:
@@ -326,17 +338,8 @@ def _verify_delta(
 ) -> list[str]:
     """One delta of a chain: the size and crc32 the manifest recorded, sound sections, a
     delta of this index with the manifest's parameters and the segment's source offset."""
-    problems = []
-    if len(data) != segment.bytes:
-        problems.append(f"{len(data)} bytes, the manifest says {segment.bytes}")
-    elif segment.crc32 is not None and zlib.crc32(data) != segment.crc32:
-        problems.append(f"crc32 {zlib.crc32(data):#010x}, the manifest says {segment.crc32:#010x}")
-    try:
-        frame = read_frame(data, verify=False)
-    except SnapshotError as exc:
-        return [*problems, str(exc)]
-    problems += frame.problems(data)
-    if problems:
+    frame, problems = _frame_problems(data, segment.bytes, segment.crc32)
+    if frame is None or problems:
         return problems
     try:
         delta, source = read_delta(data, expect=IndexParams.from_dict(entry.params))
@@ -344,11 +347,7 @@ def _verify_delta(
         return [f"does not load: {exc}"]
     if delta.name != name:
         problems.append(f"holds a delta of index {delta.name!r}")
-    want = {"topic": manifest.topic, "partition": manifest.partition, "offset": segment.offset}
-    got = {k: source.get(k) for k in want}
-    if got != want:
-        problems.append(f"source {got} differs from the manifest's {want}")
-    return problems
+    return problems + _source_problems(source, manifest, segment.offset)
 
 
 def _check_chain(index: Index) -> list[str]:
