@@ -3,7 +3,9 @@
 Labels are dense: `0 .. next_label-1` have all been given to the engine once. A label is
 either live (its id is in `labels`) or free (deleted in the engine, waiting in `free` to be
 given to a new id; hnswlib then replaces the slot's vector and revives it). Labels are
-never handed to hnswlib's `replace_deleted`, so a label always names one slot.
+never handed to hnswlib's `replace_deleted`, so a label always names one slot. A live id
+can also `move` to a fresh label (its old one freed), which engines whose in-place
+replacement is slow take instead of replacing (see `Index._put`).
 
 Memory: a dict of a million str -> int costs about 75 MB (the dict and one int object per
 entry); `IdTable` keeps the same map in an open-addressing table of int32 (8 MB per
@@ -205,6 +207,26 @@ class LabelMap:
         for id_, label in zip(ids, labels, strict=True):
             self.ids[label] = id_
             insert(id_, label)
+
+    def move(self, ids: list[str]) -> tuple[list[int], list[int]]:
+        """Give live `ids` (distinct) fresh labels `next_label ..`, never a free one, and
+        free their old labels; returns (old labels, new labels), in the order of `ids`.
+
+        The engine must then hold each id's vector under its new label and have its old
+        label deleted: a label still names one slot, and the freed ones wait in `free`.
+        """
+        start = len(self.ids)
+        new = list(range(start, start + len(ids)))
+        self.ids.extend(ids)
+        table = self.labels
+        old = []
+        for id_, label in zip(ids, new, strict=True):
+            prev = table[id_]
+            table[id_] = label
+            self.ids[prev] = None
+            self.free.append(prev)
+            old.append(prev)
+        return old, new
 
     def release(self, ids: list[str]) -> list[int]:
         """Make live `ids` free; returns their labels (to delete in the engine)."""

@@ -481,14 +481,16 @@ class Index:
         n = len(delta.ids)
         old = [labels_of.get(i) for i in delta.ids]
         # live entries already stored exactly as captured are left alone (a delta applied
-        # twice costs no engine work)
+        # twice costs no engine work); `same_vec`: the engine already holds the vector
         same = np.zeros(n, dtype=np.bool_)
+        same_vec = np.zeros(n, dtype=np.bool_)
         known = [k for k in range(n) if old[k] is not None]
         if known:
             kl = np.array([old[k] for k in known], dtype=np.intp)
             ka = np.array(known, dtype=np.intp)
-            eq = (self._clocks.take(kl) == delta.clocks[ka]).all(axis=1)
-            eq &= (self._engine.get(kl.astype(np.uint64)) == delta.vectors[ka]).all(axis=1)
+            vec_eq = (self._engine.get(kl.astype(np.uint64)) == delta.vectors[ka]).all(axis=1)
+            same_vec[ka] = vec_eq
+            eq = vec_eq & (self._clocks.take(kl) == delta.clocks[ka]).all(axis=1)
             if delta.norms is not None:
                 eq &= self._norms[kl] == delta.norms[ka]
             offs = np.cumsum(delta.meta_lens, dtype=np.int64) - delta.meta_lens
@@ -497,9 +499,15 @@ class Index:
                 o, ln = int(offs[k]), int(delta.meta_lens[k])
                 eq[j] = self._meta.get(lb) == (delta.meta_json[o : o + ln] if ln else None)
             same[ka] = eq
-        todo = np.flatnonzero(~same)
-        update = [k for k in todo.tolist() if old[k] is not None]
-        new = [k for k in todo.tolist() if old[k] is None]
+        todo = np.flatnonzero(~same).tolist()
+        new = [k for k in todo if old[k] is None]
+        # live ids whose vector changed: replaced in place, or, where the engine replaces
+        # slowly (hnswlib), moved to fresh labels so the engine inserts them; ids whose
+        # vector is unchanged (metadata, clock or norm changed) need no engine work
+        rewrite = [k for k in todo if old[k] is not None and not same_vec[k]]
+        move = [] if self._engine.replace_in_place else rewrite
+        replace = [] if move else rewrite
+        keep = [k for k in todo if old[k] is not None and same_vec[k]]
         drop_ids = [i for i in delta.tomb_ids + delta.gone if i in labels_of]
         tomb_changes = [
             (i, Clock(*c))
@@ -507,16 +515,23 @@ class Index:
             if self._tombs.get(i) != Clock(*c)
         ]
         gone = [i for i in delta.gone if i in self._tombs]
-        if not (update or new or drop_ids or tomb_changes or gone):
+        if not (rewrite or keep or new or drop_ids or tomb_changes or gone):
             return 0
         new_ids = [delta.ids[k] for k in new]
         new_labels, fresh = self._map.allocate(len(new))
-        self._reserve(self._map.next_label + fresh)
-        rows = np.array(update + new, dtype=np.intp)
-        up_labels = np.array([old[k] for k in update] + new_labels, dtype=np.uint64)
-        drop_labels = np.array([labels_of[i] for i in drop_ids], dtype=np.uint64)
+        # moved ids take the labels after the new ids' fresh ones (`LabelMap.move`)
+        moved_from = self._map.next_label + fresh
+        moved_labels = list(range(moved_from, moved_from + len(move)))
+        self._reserve(moved_from + len(move))
+        add_rows = np.array(replace + new + move, dtype=np.intp)
+        add_labels = np.array(
+            [old[k] for k in replace] + new_labels + moved_labels, dtype=np.uint64
+        )
+        drop_labels = np.array(
+            [labels_of[i] for i in drop_ids] + [old[k] for k in move], dtype=np.uint64
+        )
         try:
-            self._engine.add(up_labels, np.ascontiguousarray(delta.vectors[rows]))
+            self._engine.add(add_labels, np.ascontiguousarray(delta.vectors[add_rows]))
             if drop_labels.size:
                 self._engine.mark_deleted(drop_labels)
         except Exception as exc:
@@ -526,12 +541,18 @@ class Index:
                 raise
             raise EngineError(self._broken) from exc
         self._map.bind(new_ids, new_labels, fresh)
+        freed, moved = self._map.move([delta.ids[k] for k in move])
+        assert moved == moved_labels
+        for label in freed:
+            self._meta.set(label, None)
+        rows = np.array(replace + new + move + keep, dtype=np.intp)
+        labels = add_labels.tolist() + [old[k] for k in keep]
         offs = np.cumsum(delta.meta_lens, dtype=np.int64) - delta.meta_lens
-        for k, label in zip(rows.tolist(), up_labels.tolist(), strict=True):
+        for k, label in zip(rows.tolist(), labels, strict=True):
             o, ln = int(offs[k]), int(delta.meta_lens[k])
             self._meta.set(label, delta.meta_json[o : o + ln] if ln else None)
         if rows.size:
-            idx = up_labels.astype(np.intp)
+            idx = np.array(labels, dtype=np.intp)
             self._clocks.set(idx, [Clock(*c) for c in delta.clocks[rows].tolist()])
             if delta.norms is not None:
                 self._norms[idx] = delta.norms[rows]
@@ -545,7 +566,10 @@ class Index:
         for id_ in gone:
             del self._tombs[id_]
         return (
-            len(update) + len(new) + len(set(drop_ids) | {i for i, _ in tomb_changes} | set(gone))
+            len(rewrite)
+            + len(keep)
+            + len(new)
+            + len(set(drop_ids) | {i for i, _ in tomb_changes} | set(gone))
         )
 
     # -- reads --------------------------------------------------------------------------

@@ -135,6 +135,9 @@ class _Delta:
 class AnnoyEngine:
     """An annoy forest plus an exact delta and tombstones; labels are the index's labels."""
 
+    #: replacing a vector is a row write and one write towards the next forest
+    replace_in_place = True
+
     def __init__(
         self,
         *,

@@ -38,6 +38,10 @@ class Engine(Protocol):
 
     metric: Metric
     dim: int
+    replace_in_place: bool
+    """Whether `add` of a live label (replacing its vector) costs about what adding a new
+    label costs. When it does not (hnswlib re-links the node), delta application moves
+    rewritten ids to fresh labels instead (`LabelMap.move`)."""
 
     @property
     def capacity(self) -> int:

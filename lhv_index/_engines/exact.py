@@ -21,6 +21,9 @@ _CHUNK = 65_536
 class ExactEngine:
     """Vectors in a (capacity, dim) float32 matrix, row = label, with a live mask."""
 
+    #: replacing a vector is one row write
+    replace_in_place = True
+
     def __init__(self, *, metric: Metric, dim: int, capacity: int) -> None:
         self.metric: Metric = metric
         self.dim = dim

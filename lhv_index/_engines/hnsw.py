@@ -118,6 +118,9 @@ class _EfGate:
 class HnswEngine:
     """An hnswlib index; labels are the index's labels."""
 
+    #: replacing a live label re-links its node: slower than inserting a new one
+    replace_in_place = False
+
     def __init__(
         self,
         *,

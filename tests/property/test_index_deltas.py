@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from lhv_index import (
     Clock,
     Delete,
+    EngineKind,
     Index,
     IndexParams,
     Space,
@@ -216,3 +217,65 @@ def test_corrupted_or_truncated_delta_is_never_applied(
         with pytest.raises(SnapshotError):
             apply_delta(target, bad)
         assert target.logical_state() == before
+
+
+# per id in a round: 0 untouched, 1 new vector, 2 metadata only, 3 same vector scaled
+# (under cosine the engine's vector is unchanged, its norm is not), 4 new vector and metadata
+_rewrite = st.lists(st.integers(0, 4), min_size=len(IDS), max_size=len(IDS))
+
+
+@pytest.mark.parametrize("engine", ["hnsw", "exact"])
+@pytest.mark.parametrize("space", ["l2", "cosine"])
+@SETTINGS
+@given(rounds=st.lists(_rewrite, min_size=1, max_size=4), seed=st.integers(0, 2**16))
+def test_deltas_rewriting_live_ids_restore_the_state_and_the_new_vectors(
+    engine: str, space: str, rounds: list[list[int]], seed: int
+) -> None:
+    params = IndexParams(dim=DIM, space=Space(space), engine=EngineKind(engine))
+    rng = np.random.default_rng(seed)
+    vectors = {i: rng.normal(size=DIM).astype(np.float32) for i in IDS}
+    index = Index("r", params)
+    index.apply(
+        [
+            Upsert(id=i, vector=v, metadata={"r": 0}, clock=Clock(0, 0, 0))
+            for i, v in vectors.items()
+        ]
+    )
+    base = io.BytesIO()
+    write_snapshot(index.capture_base(), base, source={"offset": 0})
+    replaced: list[np.ndarray] = []
+    deltas: list[bytes] = []
+    for offset, choice in enumerate(rounds, start=1):
+        writes: list[Write] = []
+        for pos, (id_, what) in enumerate(zip(IDS, choice, strict=True)):
+            if what == 0:
+                continue
+            vec = vectors[id_]
+            if what in (1, 4):
+                replaced.append(vec)
+                vec = rng.normal(size=DIM).astype(np.float32)
+            elif what == 3:
+                vec = vec * np.float32(2.5)
+                if space == "l2":
+                    replaced.append(vectors[id_])
+            vectors[id_] = vec
+            md = {"r": offset} if what in (2, 4) else None
+            writes.append(Upsert(id=id_, vector=vec, metadata=md, clock=Clock(0, offset, pos)))
+        index.apply(writes)
+        out = io.BytesIO()
+        write_delta(index.capture_delta(), out, source={"offset": offset})
+        deltas.append(out.getvalue())
+    restored, _ = read_snapshot(base.getvalue())
+    for blob in deltas:
+        apply_delta(restored, blob)
+    assert restored.logical_state() == index.logical_state()
+    stats = restored.stats()
+    assert stats["count"] == len(IDS) == stats["slots"] - stats["free_slots"]
+    assert restored._engine.slots() == stats["slots"]
+    # every id is found at its rewritten vector, and no replaced vector is found any more
+    for id_, vec in vectors.items():
+        hits = restored.search(vec, len(IDS))[0]
+        assert any(h.id == id_ and h.distance < 1e-4 for h in hits)
+    for vec in replaced:
+        assert restored.search(vec, 1)[0][0].distance > 1e-4
+    assert apply_delta(restored, deltas[-1]) == 0
