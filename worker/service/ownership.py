@@ -32,12 +32,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
+from lhv_index import Base, Delta, Index
 from lhv_index.errors import LhvError
 from worker.service import failpoints
 from worker.service.config import CheckpointPolicy
@@ -54,6 +55,33 @@ __all__ = ["Ownership"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """One dirty index captured for a checkpoint."""
+
+    name: str
+    index: Index
+    """the index object captured (`Partition.persisted` names it once the manifest is
+    written)"""
+    entry: IndexEntry | None
+    """the manifest entry a delta extends; None for a base"""
+    data: Base | Delta
+
+
+@dataclass(frozen=True, slots=True)
+class _Capture:
+    """What a checkpoint took between two batches, and what it reset (put back if no
+    manifest names it)."""
+
+    entries: dict[str, IndexEntry]
+    """the manifest entries of the indexes that did not change"""
+    snapshots: list[_Snapshot]
+    dropped: bool
+    records: int
+    last_checkpoint: float
+    horizon: int | None
 
 
 class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -232,39 +260,96 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
 
     # -- checkpoint ----------------------------------------------------------------------
 
-    async def checkpoint(self, partition: Partition, *, reason: str) -> bool:
-        """Checkpoint one partition; True when done, False when S3 failed (retried later).
+    async def begin_checkpoint(self, partition: Partition, *, reason: str) -> bool:
+        """The runner's step between batches: capture the dirty indexes now (in a thread;
+        the runner waits for this part only), then upload, write the manifest and commit
+        in the background. False when none was started: none is needed, one is in flight
+        (it must end first), or the partition is not served.
 
-        Must be called by the partition's runner (or after it stopped): nothing applies to
-        the partition meanwhile.
+        Must be called by the partition's runner: nothing applies to it meanwhile.
         """
-        p = partition.number
-        store = self._store
-        metrics = self._metrics
-        if partition.status is not PartitionStatus.SERVING and partition.status is not (
-            PartitionStatus.RESTORING
-        ):
+        if partition.checkpoint_in_flight or not self._due(partition):
             return False
-        if partition.manifest is None or not partition.needs_checkpoint:
+        captured: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        task = self._start(partition, reason, captured)
+        waits: set[asyncio.Future[Any]] = {captured, task}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        return True
+
+    async def checkpoint(self, partition: Partition, *, reason: str) -> bool:
+        """Checkpoint one partition and wait for the end: the checkpoint in flight first,
+        then a new one. True when the state is durable, False when S3 failed (retried
+        later) or the partition is not ours any more. Cancelled (a revoke past its
+        timeout), it cancels the checkpoint in flight.
+
+        Must be called by the partition's runner or after it stopped (revoke, stop).
+        """
+        await self._settle(partition)
+        if not self._serving(partition):
+            return False
+        if not self._due(partition):
             return True
-        started = time.monotonic()
+        captured: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        return await self._start(partition, reason, captured)
+
+    def _serving(self, partition: Partition) -> bool:
+        return partition.status in (PartitionStatus.SERVING, PartitionStatus.RESTORING)
+
+    def _due(self, partition: Partition) -> bool:
+        return (
+            self._serving(partition)
+            and partition.manifest is not None
+            and partition.needs_checkpoint
+        )
+
+    async def _settle(self, partition: Partition) -> None:
+        """Wait for the checkpoint in flight, if any (cancelled with the caller)."""
+        while (task := partition.checkpointing) is not None and not task.done():
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _abandon(self, partition: Partition) -> None:
+        """Cancel the checkpoint in flight, if any, and wait until it has ended."""
+        task = partition.checkpointing
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def _start(
+        self, partition: Partition, reason: str, captured: asyncio.Future[None]
+    ) -> asyncio.Task[bool]:
+        task: asyncio.Task[bool] = self._tasks.start(
+            self._checkpoint(partition, reason, captured), name=f"checkpoint-{partition.number}"
+        )
+        partition.checkpointing = task
+        return task
+
+    async def _checkpoint(
+        self, partition: Partition, reason: str, captured: asyncio.Future[None]
+    ) -> bool:
+        """One checkpoint at the applied offset: the capture (`captured` is resolved once
+        it is taken, failed or not), then flush, uploads, manifest and commit."""
+        p = partition.number
         offset = partition.applied_offset
+        started = time.monotonic()
         with log_context(partition=p, offset=offset):
             try:
+                capture = await self._capture(partition, offset)
+            except LhvError as exc:
+                self._failed(partition, None, reason, exc)
+                return False
+            finally:
+                if not captured.done():
+                    captured.set_result(None)
+            try:
                 await self._flush()
-                entries = {
-                    name: e
-                    for name, e in partition.manifest.indexes.items()
-                    if name in partition.indexes and name not in partition.dirty
-                }
-                dirty = sorted(partition.dirty)
-                horizon = partition.horizon(self._policy.tombstone_retention_ms / 1000, time.time())
-                for name in dirty:
-                    with log_context(index=name):
-                        entries[name] = await self._save(partition, name, offset, horizon)
+                entries = dict(capture.entries)
+                for snap in capture.snapshots:
+                    with log_context(index=snap.name):
+                        entries[snap.name] = await self._upload(partition, snap, offset)
                     failpoints.hit("mid_snapshot")
+                assert partition.manifest is not None
                 manifest = replace(partition.manifest, offset=offset, indexes=entries)
-                partition.manifest, partition.etag = await store.write_manifest(
+                partition.manifest, partition.etag = await self._store.write_manifest(
                     manifest, etag=partition.etag
                 )
             except Fenced as exc:
@@ -272,42 +357,18 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 self._drop(partition)
                 return False
             except LhvError as exc:
-                log.warning("checkpoint failed (%s), state kept, will retry: %s", reason, exc)
-                metrics.checkpoint_failed(p)
-                policy = self._policy
-                partition.retry_delay_s = min(
-                    max(partition.retry_delay_s * 2, policy.retry_backoff_s),
-                    policy.retry_backoff_max_s,
-                )
-                partition.retry_at = time.monotonic() + partition.retry_delay_s
+                self._failed(partition, capture, reason, exc)
                 return False
-            partition.dirty.difference_update(dirty)
-            partition.persisted = {
-                n: i for n, i in partition.persisted.items() if n in partition.manifest.indexes
-            }
-            for name in dirty:
-                partition.persisted[name] = partition.indexes[name]
-            partition.durable(partition.manifest.written_at, offset)
-            partition.dropped = False
-            partition.records_since_checkpoint = 0
-            partition.last_checkpoint = time.monotonic()
-            partition.retry_delay_s = 0.0
-            elapsed = time.monotonic() - started
-            metrics.observe_checkpoint(p, elapsed, offset)
-            log.info(
-                "checkpoint (%s): %d snapshots written, %d indexes, tombstone horizon %s, %.2fs",
-                reason,
-                len(dirty),
-                len(entries),
-                horizon,
-                elapsed,
-            )
+            except asyncio.CancelledError:
+                self._undo(partition, capture)
+                raise
+            self._done(partition, capture, reason, time.monotonic() - started)
             failpoints.hit("after_manifest")
             try:
                 await self._kafka.commit({self._commands_tp(p): offset + 1})
             except (CommitFailedError, KafkaError) as exc:
                 log.warning("commit failed after checkpoint (ownership moving?): %s", exc)
-            self._tasks.spawn(store.collect_garbage(partition.manifest), name=f"gc-{p}")
+            self._tasks.spawn(self._store.collect_garbage(partition.manifest), name=f"gc-{p}")
             due = [step for at, step in partition.after_checkpoint if at <= offset]
             partition.after_checkpoint = [
                 (at, step) for at, step in partition.after_checkpoint if at > offset
@@ -316,39 +377,111 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 self._tasks.spawn(step(), name=f"after_checkpoint-{p}")
         return True
 
-    async def _save(
-        self, partition: Partition, name: str, offset: int, horizon: int | None
-    ) -> IndexEntry:
-        """Capture one dirty index under its lock (in a thread), then encode and upload
-        the capture outside it; returns the index's new manifest entry.
-
-        A delta when the manifest's entry holds this very index (`Partition.persisted`) and
-        the store's `DeltaPolicy` allows one, else a base. `horizon`: tombstones below it
-        are dropped by the capture, under the same lock.
-        """
-        p = partition.number
-        index = partition.indexes[name]
+    async def _capture(self, partition: Partition, offset: int) -> _Capture:
+        """Capture every dirty index at `offset`, each under its lock in a thread: a delta
+        when the manifest's entry holds this very index (`Partition.persisted`) and the
+        store's `DeltaPolicy` allows one, else a base; tombstones below the horizon are
+        dropped by the capture. Then the dirty set, the drop flag and the policy counters
+        start again from `offset` (an index changed from now on is dirty again)."""
         assert partition.manifest is not None
-        entry = partition.manifest.indexes.get(name)
-        if partition.persisted.pop(name, None) is not index:
-            entry = None  # never saved, or replaced, or a capture of it was lost: a base
-        kind = self._store.next_kind(entry)
-        started = time.monotonic()
-        try:
+        manifest = partition.manifest
+        entries = {
+            name: e
+            for name, e in manifest.indexes.items()
+            if name in partition.indexes and name not in partition.dirty
+        }
+        horizon = partition.horizon(self._policy.tombstone_retention_ms / 1000, time.time())
+        snapshots = []
+        for name in sorted(partition.dirty):
+            index = partition.indexes[name]
+            entry = manifest.indexes.get(name)
+            if partition.persisted.pop(name, None) is not index:
+                entry = None  # never saved, or replaced, or a capture of it was lost: a base
+            kind = self._store.next_kind(entry)
+            data: Base | Delta
             if kind is SegmentKind.DELTA and entry is not None:
-                delta = await asyncio.to_thread(index.capture_delta, compact_before=horizon)
-                segment = await self._store.save_delta(p, delta, offset=offset)
-                new, nbytes = entry.with_delta(segment), segment.bytes
+                data = await asyncio.to_thread(index.capture_delta, compact_before=horizon)
             else:
-                base = await asyncio.to_thread(index.capture_base, compact_before=horizon)
-                new = await self._store.save_base(p, base, offset=offset)
+                data = await asyncio.to_thread(index.capture_base, compact_before=horizon)
+                entry = None
+            snapshots.append(_Snapshot(name, index, entry, data))
+        capture = _Capture(
+            entries=entries,
+            snapshots=snapshots,
+            dropped=partition.dropped,
+            records=partition.records_since_checkpoint,
+            last_checkpoint=partition.last_checkpoint,
+            horizon=horizon,
+        )
+        partition.dirty.difference_update(s.name for s in snapshots)
+        partition.dropped = False
+        partition.records_since_checkpoint = 0
+        partition.last_checkpoint = time.monotonic()
+        return capture
+
+    async def _upload(self, partition: Partition, snap: _Snapshot, offset: int) -> IndexEntry:
+        """Encode and upload one capture (no lock held); returns the index's new entry."""
+        started = time.monotonic()
+        new: IndexEntry
+        try:
+            if isinstance(snap.data, Delta):
+                assert snap.entry is not None
+                segment = await self._store.save_delta(partition.number, snap.data, offset=offset)
+                new, nbytes = snap.entry.with_delta(segment), segment.bytes
+            else:
+                new = await self._store.save_base(partition.number, snap.data, offset=offset)
                 nbytes = new.bytes
         except LhvError:
             self._metrics.snapshot_failed()
             raise
         self._metrics.observe_snapshot(time.monotonic() - started, nbytes)
-        log.debug("%s snapshot: %d bytes", kind.value, nbytes)
+        log.debug("%s snapshot: %d bytes", "delta" if snap.entry else "base", nbytes)
         return new
+
+    def _undo(self, partition: Partition, capture: _Capture | None) -> None:
+        """A checkpoint that wrote no manifest: what it captured is dirty again (its
+        captures are lost to the indexes' change tracking, so `persisted` keeps them out
+        and their next snapshots are bases)."""
+        if capture is None:
+            return
+        partition.dirty.update(s.name for s in capture.snapshots if s.name in partition.indexes)
+        partition.dropped = partition.dropped or capture.dropped
+        partition.records_since_checkpoint += capture.records
+        partition.last_checkpoint = min(partition.last_checkpoint, capture.last_checkpoint)
+
+    def _failed(
+        self, partition: Partition, capture: _Capture | None, reason: str, exc: LhvError
+    ) -> None:
+        log.warning("checkpoint failed (%s), state kept, will retry: %s", reason, exc)
+        self._undo(partition, capture)
+        self._metrics.checkpoint_failed(partition.number)
+        policy = self._policy
+        partition.retry_delay_s = min(
+            max(partition.retry_delay_s * 2, policy.retry_backoff_s),
+            policy.retry_backoff_max_s,
+        )
+        partition.retry_at = time.monotonic() + partition.retry_delay_s
+
+    def _done(self, partition: Partition, capture: _Capture, reason: str, elapsed: float) -> None:
+        """The manifest naming the captures is written."""
+        assert partition.manifest is not None
+        manifest = partition.manifest
+        partition.persisted = {
+            n: i for n, i in partition.persisted.items() if n in manifest.indexes
+        }
+        for snap in capture.snapshots:
+            partition.persisted[snap.name] = snap.index
+        partition.durable(manifest.written_at, manifest.offset)
+        partition.retry_delay_s = 0.0
+        self._metrics.observe_checkpoint(partition.number, elapsed, manifest.offset)
+        log.info(
+            "checkpoint (%s): %d snapshots written, %d indexes, tombstone horizon %s, %.2fs",
+            reason,
+            len(capture.snapshots),
+            len(manifest.indexes),
+            capture.horizon,
+            elapsed,
+        )
 
     async def release(self, p: int, *, park: bool) -> None:
         """Stop applying to p, checkpoint it, and forget it (parking the state if asked)."""
@@ -368,10 +501,15 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                     done = False
                 if done and park and partition.etag is not None:
                     self._parked[p] = partition
+            # nothing of this owner's is written once the partition is let go
+            await self._abandon(partition)
             await self._search.release(p)
             self._drop(partition)
 
     def _drop(self, partition: Partition) -> None:
+        task = partition.checkpointing
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()  # no manifest from an owner that let go (its end is not awaited)
         partition.status = PartitionStatus.REVOKED
         self._registry.partitions.pop(partition.number, None)
         self._registry.forget_partition(partition.number, list(partition.indexes))

@@ -42,11 +42,13 @@ class Partition:
     etag: str | None = None
     """ETag of the manifest as this worker last read or wrote it"""
     dirty: set[str] = field(default_factory=set)
-    """indexes changed since the last checkpoint"""
+    """indexes changed since the last checkpoint's capture"""
     dropped: bool = False
-    """an index was dropped since the last checkpoint"""
+    """an index was dropped since the last checkpoint's capture"""
     records_since_checkpoint: int = 0
+    """records applied since the last checkpoint's capture"""
     last_checkpoint: float = field(default_factory=time.monotonic)
+    """when the last checkpoint's capture was taken (monotonic seconds)"""
     retry_at: float = 0.0
     """after a failed checkpoint: no new attempt before this (monotonic seconds)"""
     retry_delay_s: float = 0.0
@@ -63,7 +65,14 @@ class Partition:
     history: list[tuple[float, int]] = field(default_factory=list)
     """(wall-clock time, offset) of this partition's durable checkpoints, oldest first,
     pruned to what the tombstone horizon still needs (`horizon`)"""
+    checkpointing: asyncio.Task[bool] | None = None
+    """the partition's latest checkpoint: its capture was taken between two batches, its
+    uploads, manifest and commit run in the background; at most one is in flight"""
     _advanced: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    @property
+    def checkpoint_in_flight(self) -> bool:
+        return self.checkpointing is not None and not self.checkpointing.done()
 
     @property
     def checkpoint_offset(self) -> int:

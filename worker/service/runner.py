@@ -8,7 +8,11 @@ applies), applies it in a thread (`apply_records`), reports acks and DLQ records
 the applied offset and wakes waiting queries. Past `max_pending_records` or
 `max_pending_bytes` buffered, the poll loop pauses the partition; the runner resumes it
 once half is applied. By the checkpoint policy (records, seconds; backoff after a failed
-one) it checkpoints between batches, so nothing applies meanwhile.
+one) it starts a checkpoint between batches (`Ownership.begin_checkpoint`): it waits only
+while the dirty indexes are captured, and goes on applying while the captures are
+uploaded and the manifest written in the background. At most one checkpoint of the
+partition is in flight: the policy is looked at again after the next batch, or as soon as
+the one in flight ends when the partition is idle.
 
 The runner is a long-lived task (`TaskOwner.start`): a crash ends the worker.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -98,7 +103,8 @@ class Runner:
         partition: the partition's state (restored).
         tp: the partition of the commands topic (resumed here after backpressure).
         num_partitions: partitions of the commands topic (home-partition checks).
-        checkpoint: checkpoints the partition (`Ownership.checkpoint`, reason "policy").
+        checkpoint: starts a checkpoint of the partition and returns once its capture is
+            taken (`Ownership.begin_checkpoint`, reason "policy").
         barrier: applies merge and import records (`MergeProtocol`), in the apply thread.
     """
 
@@ -192,15 +198,11 @@ class Runner:
                 while True:
                     batch, self._ahead = self._ahead, None
                     if batch is None:
-                        try:
-                            item, self._carry = self._carry, None
-                            if item is None:
-                                wait_s = policy.every_s - (time.monotonic() - p.last_checkpoint)
-                                async with asyncio.timeout(max(0.05, wait_s)):
-                                    item = await self.queue.get()
-                            batch = self._collect(item)
-                        except TimeoutError:
-                            batch = _Batch()
+                        item, self._carry = self._carry, None
+                        if item is None:
+                            wait_s = policy.every_s - (time.monotonic() - p.last_checkpoint)
+                            item = await self._next(max(0.05, wait_s))
+                        batch = _Batch() if item is None else self._collect(item)
                     if batch.records:
                         decoded = await (batch.decoding or self._decode(batch.records))
                         if not batch.stop:
@@ -211,6 +213,7 @@ class Runner:
                     now = time.monotonic()
                     if (
                         p.needs_checkpoint
+                        and not p.checkpoint_in_flight
                         and now >= p.retry_at
                         and (
                             p.records_since_checkpoint >= policy.every_records
@@ -228,6 +231,25 @@ class Runner:
             finally:
                 if self._ahead is not None and self._ahead.decoding is not None:
                     self._ahead.decoding.cancel()  # decoded for nothing: the next owner reads it
+
+    async def _next(self, timeout_s: float) -> Any:
+        """The next queue entry; None at the timeout, or (while a checkpoint is in
+        flight) when that checkpoint ended first: the policy is then looked at again."""
+        inflight = self.partition.checkpointing
+        if inflight is None or inflight.done():
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return await self.queue.get()
+            except TimeoutError:
+                return None
+        # no checkpoint starts before this one ends: no timeout, its end wakes the runner
+        get = asyncio.ensure_future(self.queue.get())
+        try:
+            await asyncio.wait({get, inflight}, return_when=FIRST_COMPLETED)
+        finally:
+            if not get.done():
+                get.cancel()  # the entry, if any, stays queued
+        return None if get.cancelled() or not get.done() else get.result()
 
     def _collect(self, item: Any) -> _Batch:
         """A batch starting with queue entry `item`, plus the entries queued behind it

@@ -68,6 +68,7 @@ class Worker:
     | --- | --- | --- |
     | `partition-<p>`: a runner | long-lived | fatal: `run()` raises its error |
     | `restore-<p>`: a restore (retries S3 and Kafka itself) | long-lived | fatal |
+    | `checkpoint-<p>`: a checkpoint's uploads, manifest and commit, after its capture (S3 failures are retried by the next checkpoint) | long-lived | fatal |
     | `search_commits`: search offset commits | long-lived | fatal |
     | `merge_sweeper`: re-produces `merge_done` | long-lived | fatal (a failed sweep is retried inside) |
     | `gc-<p>`: snapshot garbage collection | best effort | logged, counted |
@@ -388,7 +389,7 @@ class Worker:
         )
 
     async def _policy_checkpoint(self, partition: Partition) -> bool:
-        return await self.ownership.checkpoint(partition, reason="policy")
+        return await self.ownership.begin_checkpoint(partition, reason="policy")
 
     async def stop_runner(self, number: int) -> None:
         runner = self._runners.pop(number, None)
