@@ -423,14 +423,22 @@ async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
 async def wait_caught_up(
     workers: list[Worker], bootstrap: str, topic: str, *, timeout_s: float = 120.0
 ) -> None:
-    """Wait until the workers together serve every partition up to the log end."""
+    """Wait until the workers together serve every partition up to the log end, the
+    batch that moved the applied offset there finished (the offset moves record by record,
+    the index in one step per batch)."""
     ends = await end_offsets(bootstrap, topic)
     deadline = time.monotonic() + timeout_s
     while True:
         missing = []
         for p, end in ends.items():
-            owners = [w.partitions[p] for w in workers if p in w.partitions]
-            if not any(o.status.value == "serving" and o.applied_offset >= end - 1 for o in owners):
+            if not any(
+                w.partitions[p].status.value == "serving"
+                and w.partitions[p].applied_offset >= end - 1
+                and p in w._runners
+                and w._runners[p].pending == 0
+                for w in workers
+                if p in w.partitions
+            ):
                 missing.append(p)
         if not missing:
             return
