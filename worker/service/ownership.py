@@ -9,16 +9,39 @@ This module turns those decisions into state:
   `manifest.offset + 1`, resume, and serve once the replay reaches the log end seen at
   assignment. If the log no longer holds `manifest.offset + 1`, refuse p loudly unless
   the worker was told to accept data loss.
-- checkpoint: snapshots of dirty indexes, then the manifest (conditional on the ETag we
-  hold), then the Kafka commit of the commands offset. Each dirty index is captured under
-  its lock in a thread (a delta of what changed since its last snapshot, or a base, as
-  the store's `DeltaPolicy` decides from the manifest entry), and encoded and uploaded
-  outside the lock. The capture also drops the tombstones below the horizon: one past the
-  newest durable checkpoint at least `tombstone_retention_ms` old. `Fenced` or `CommitFailedError` means the partition is
-  someone else's now: its state is dropped, and the next owner replays.
-- revoked: finish the batch in flight, checkpoint, commit the search offset, and park
-  the state; if the same partition comes back and its manifest is still ours, the parked
-  state is reused instead of reloaded from S3.
+- checkpoint at offset O (the runner's policy, a revoke, a stop): two parts.
+  1. The capture, between two batches, while the runner waits (`begin_checkpoint`): each
+     dirty index is captured under its lock in a thread (a delta of what changed since
+     its last snapshot, or a base, as the store's `DeltaPolicy` decides from the manifest
+     entry and `Partition.persisted` allows), a copy that needs no lock afterwards. The
+     capture also drops the tombstones below the horizon: one past the newest durable
+     checkpoint at least `tombstone_retention_ms` old. The dirty set, the drop flag and
+     the policy's counters then start again from O: an index changed after its capture
+     is dirty for the next checkpoint.
+  2. The rest, in a background task (`checkpoint-<p>`, `Partition.checkpointing`) while
+     the runner goes on applying: flush the records sent so far, encode and upload each
+     capture (no lock held), write the manifest naming O (conditional on the ETag we
+     hold), commit O + 1, then garbage collection and the merge steps O covers. If an
+     upload or the manifest write fails, what was captured is dirty again and, its change
+     tracking being spent, its next snapshot is a base; the next attempt waits for a
+     backoff.
+  At most one checkpoint of a partition is in flight: the runner starts the next one only
+  once it ended; `checkpoint` (revoke, stop, tests) waits for the one in flight, then takes
+  its own and waits for it. A memory note: all dirty indexes of O are captured before the
+  first upload, so a checkpoint holds their copies together. `Fenced` (the manifest
+  write) means the partition is someone else's now: its state is dropped (cancelling a
+  checkpoint in flight) and the next owner replays; a failed commit after the manifest
+  is only logged (restores start from the manifest).
+- revoked: finish the batch in flight, wait for the checkpoint in flight, checkpoint,
+  commit the search offset, and park the state (past half the rebalance timeout, the
+  checkpoint in flight is cancelled and awaited: no manifest is written by a worker that
+  let the partition go); if the same partition comes back and its manifest is still
+  ours, the parked state is reused instead of reloaded from S3.
+
+What runs where: captures in worker threads, with the runner waiting; flush, uploads
+(encoding in a thread), manifest, commit in the `checkpoint-<p>` task on the loop; the
+restore in the `restore-<p>` task; the rebalance callbacks where the Kafka consumer calls
+them during a rebalance.
 
 Partition p of the search topic is positioned by the search server when it is assigned
 (its committed offset, else the first record younger than the maximum query age; see
