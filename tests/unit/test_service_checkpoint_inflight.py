@@ -14,7 +14,8 @@ from servicekit import TOPICS, Cluster, caught_up, eventually
 from workerkit import all_indexes, assert_state_matches, oracle_from_records
 
 from worker.service.config import CheckpointPolicy
-from worker.storage.blobstore import BlobData, MemoryBlobStore
+from worker.storage.blobstore import BlobData, MemoryBlobStore, StoreUnavailable
+from worker.storage.snapshots import DeltaPolicy
 
 NAME = "docs"
 DIM = 8
@@ -23,20 +24,27 @@ POLICY = CheckpointPolicy(every_records=5, every_s=3600.0)
 
 
 class _HeldUploads:
-    """Holds the first snapshot upload of a `MemoryBlobStore` until `release()`."""
+    """Holds the first snapshot upload of a `MemoryBlobStore` whose key ends with `kind`
+    until `release()`; then it is made, or fails if `fail` is given."""
 
-    def __init__(self, blobs: MemoryBlobStore) -> None:
+    def __init__(
+        self, blobs: MemoryBlobStore, *, kind: str = ".lhv", fail: Exception | None = None
+    ) -> None:
         self._put = blobs.put
+        self._kind = kind
+        self._fail = fail
         self.entered = asyncio.Event()
         self._open = asyncio.Event()
         self.held_key = ""
         blobs.put = self.put  # type: ignore[method-assign]
 
     async def put(self, key: str, data: BlobData) -> str:
-        if "/snapshots/" in key and not self.held_key:
+        if "/snapshots/" in key and key.endswith(self._kind) and not self.held_key:
             self.held_key = key
             self.entered.set()
             await self._open.wait()
+            if self._fail is not None:
+                raise self._fail
         return await self._put(key, data)
 
     def release(self) -> None:
@@ -149,4 +157,38 @@ async def test_a_revoke_past_its_timeout_cancels_the_upload_and_writes_no_manife
     async with cluster.worker("b", checkpoint=POLICY) as (b, client_b, _):
         await client_b.assign([0])
         await eventually(caught_up(cluster, b), "b restores and replays")
+        assert_state_matches(all_indexes([b]), _oracle(cluster))
+
+
+async def test_a_failed_upload_in_the_background_keeps_the_index_dirty_and_rebases_it() -> None:
+    cluster = Cluster(partitions=1)
+    held = _HeldUploads(cluster.blobs, kind=".delta.lhv", fail=StoreUnavailable("S3 is down"))
+    _seed(cluster)
+    policy = CheckpointPolicy(
+        every_records=5, every_s=3600.0, deltas=DeltaPolicy(max_deltas=8, max_delta_share=1.0)
+    )
+    async with cluster.worker("a", checkpoint=policy) as (a, client, _):
+        await client.assign([0])
+        part = a.partitions[0]
+        await eventually(lambda: part.checkpoint_offset == 4, "the first checkpoint: a base")
+        base = part.manifest.indexes[NAME]  # type: ignore[union-attr]
+        for k in range(5):
+            _add(cluster, 1_000 + 10 * k, 10)
+        async with asyncio.timeout(20):
+            await held.entered.wait()  # the delta of those writes, captured at offset 9
+        held.release()
+        await eventually(lambda: not part.checkpoint_in_flight, "the upload fails")
+        assert part.checkpoint_offset == 4 and part.manifest.indexes[NAME] == base  # type: ignore[union-attr]
+        assert NAME in part.dirty and NAME not in part.persisted
+        assert part.records_since_checkpoint >= 5 and part.retry_at > 0
+        part.retry_at = 0.0
+        _add(cluster, 2_000, 10)
+        await eventually(
+            lambda: part.checkpoint_offset == cluster.end(0) - 1, "the retry covers everything"
+        )
+        rebased = part.manifest.indexes[NAME]  # type: ignore[union-attr]
+        assert rebased.deltas == () and rebased.key != base.key
+    async with cluster.worker("b", checkpoint=policy) as (b, client_b, _):
+        await client_b.assign([0])
+        await eventually(caught_up(cluster, b), "b restores")
         assert_state_matches(all_indexes([b]), _oracle(cluster))
