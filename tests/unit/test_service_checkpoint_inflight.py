@@ -180,9 +180,9 @@ async def test_a_failed_upload_in_the_background_keeps_the_index_dirty_and_rebas
         await eventually(lambda: not part.checkpoint_in_flight, "the upload fails")
         assert part.checkpoint_offset == 4 and part.manifest.indexes[NAME] == base  # type: ignore[union-attr]
         assert NAME in part.dirty and NAME not in part.persisted
-        assert part.records_since_checkpoint >= 5 and part.retry_at > 0
+        assert part.retry_at > 0, "retried after a backoff"
         part.retry_at = 0.0
-        _add(cluster, 2_000, 10)
+        _add(cluster, 2_000, 10)  # one record: the failed checkpoint is due by itself
         await eventually(
             lambda: part.checkpoint_offset == cluster.end(0) - 1, "the retry covers everything"
         )

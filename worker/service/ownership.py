@@ -95,15 +95,12 @@ class _Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class _Capture:
-    """What a checkpoint took between two batches, and what it reset (put back if no
-    manifest names it)."""
+    """What a checkpoint took between two batches (dirty again if no manifest names it)."""
 
     entries: dict[str, IndexEntry]
     """the manifest entries of the indexes that did not change"""
     snapshots: list[_Snapshot]
     dropped: bool
-    records: int
-    last_checkpoint: float
     horizon: int | None
 
 
@@ -432,8 +429,6 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             entries=entries,
             snapshots=snapshots,
             dropped=partition.dropped,
-            records=partition.records_since_checkpoint,
-            last_checkpoint=partition.last_checkpoint,
             horizon=horizon,
         )
         partition.dirty.difference_update(s.name for s in snapshots)
@@ -467,10 +462,11 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         and their next snapshots are bases)."""
         if capture is None:
             return
+        # the runner may be applying meanwhile: set operations and plain stores only
         partition.dirty.update(s.name for s in capture.snapshots if s.name in partition.indexes)
-        partition.dropped = partition.dropped or capture.dropped
-        partition.records_since_checkpoint += capture.records
-        partition.last_checkpoint = min(partition.last_checkpoint, capture.last_checkpoint)
+        if capture.dropped:
+            partition.dropped = True
+        partition.last_checkpoint = 0.0  # due again once the backoff ends
 
     def _failed(
         self, partition: Partition, capture: _Capture | None, reason: str, exc: LhvError

@@ -48,7 +48,8 @@ class Partition:
     records_since_checkpoint: int = 0
     """records applied since the last checkpoint's capture"""
     last_checkpoint: float = field(default_factory=time.monotonic)
-    """when the last checkpoint's capture was taken (monotonic seconds)"""
+    """when the last checkpoint's capture was taken (monotonic seconds); 0.0 after a
+    failed checkpoint: due again once its backoff ends (`retry_at`)"""
     retry_at: float = 0.0
     """after a failed checkpoint: no new attempt before this (monotonic seconds)"""
     retry_delay_s: float = 0.0

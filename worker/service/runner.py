@@ -200,7 +200,10 @@ class Runner:
                     if batch is None:
                         item, self._carry = self._carry, None
                         if item is None:
-                            wait_s = policy.every_s - (time.monotonic() - p.last_checkpoint)
+                            now = time.monotonic()
+                            wait_s = max(
+                                policy.every_s - (now - p.last_checkpoint), p.retry_at - now
+                            )
                             item = await self._next(max(0.05, wait_s))
                         batch = _Batch() if item is None else self._collect(item)
                     if batch.records:
