@@ -192,3 +192,28 @@ def test_an_existing_index_created_over_todays_hint_limit_is_recreated_as_a_no_o
         index_limits=Limits(max_elements_hint=1_000),
     )
     assert again[0].error is None and again[0].skipped == 1
+
+
+def test_the_applied_offset_never_runs_ahead_of_the_writes_in_the_index() -> None:
+    """A query with `min_offset` checks the applied offset while a batch applies in a
+    thread: the offset must not name a record whose write is not in its index yet."""
+    part = Partition(number=HOME)
+    _apply(part, _records([{"op": "create", "dim": 2, "space": "l2"}]))
+    seen: list[int] = []
+
+    def on_vectors(_name: str, _vectors: list[object]) -> None:
+        seen.append(part.applied_offset)  # called right after each group reaches the index
+
+    recs = [Rec(i + 1, r.key, r.value, r.headers) for i, r in enumerate(
+        _records([_add(("a", [1, 0])), _add(("b", [0, 1])), _add(("c", [1, 1]))])
+    )]  # fmt: skip
+    apply_records(
+        part,
+        recs,
+        num_partitions=P,
+        limits=MessageLimits(),
+        index_limits=Limits(),
+        on_vectors=on_vectors,
+    )
+    assert seen and all(offset < recs[0].offset for offset in seen)
+    assert part.applied_offset == recs[-1].offset

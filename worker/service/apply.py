@@ -270,9 +270,13 @@ def apply_records(
                 extra={"offset": rec.offset, "index": out.index or None},
             )
             out.error = Internal(f"{type(exc).__name__}: {exc}")
-        partition.applied_offset = rec.offset
     for name in list(groups):
         flush(name)
+    # Only now, with every write of the batch in its index: a query checks the applied
+    # offset on the event loop while this runs in a thread, and one that saw an offset
+    # before its write reached the index would break read-your-writes.
+    if records:
+        partition.applied_offset = records[-1].offset
     partition.records_since_checkpoint += len(records)
     return outcomes
 
