@@ -97,11 +97,7 @@ from lhv_index._engines import AnnoyEngine, Engine, ExactEngine, HnswEngine, met
 from lhv_index._engines.annoy import PARTS as ANNOY_PARTS
 from lhv_index._frame import (
     ENVELOPE_VERSION,
-    HEADER,
     KIND_BASE,
-    KIND_DELTA,
-    MAGIC,
-    MAX_ENVELOPE_BYTES,
     Section,
     SectionReader,
     Written,
@@ -116,17 +112,7 @@ from lhv_index._params import EngineKind, IndexParams, Limits, Space
 from lhv_index._validate import check_id
 from lhv_index.errors import InvalidRequest, LhvError, SnapshotError
 
-__all__ = [
-    "ENVELOPE_VERSION",
-    "HEADER",
-    "KIND_BASE",
-    "KIND_DELTA",
-    "MAGIC",
-    "MAX_ENVELOPE_BYTES",
-    "read_snapshot",
-    "write_frame",
-    "write_snapshot",
-]
+__all__ = ["read_snapshot", "write_snapshot"]
 
 log = logging.getLogger(__name__)
 

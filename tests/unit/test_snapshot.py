@@ -23,7 +23,7 @@ from lhv_index import (
     write_snapshot,
 )
 from lhv_index._crc import PARALLEL_BYTES, crc32, crc32_combine
-from lhv_index._snapshot import ENVELOPE_VERSION, HEADER, MAGIC
+from lhv_index._frame import ENVELOPE_VERSION, HEADER, MAGIC
 from lhv_index.errors import SnapshotError
 
 DIM = 6

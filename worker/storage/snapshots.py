@@ -78,7 +78,7 @@ from lhv_index import (
     write_snapshot,
 )
 from lhv_index._crc import crc32_combine
-from lhv_index._snapshot import HEADER, MAGIC, MAX_ENVELOPE_BYTES
+from lhv_index._frame import HEADER, MAGIC, MAX_ENVELOPE_BYTES
 from lhv_index.errors import Internal, LhvError, SnapshotError
 from worker._environ import _env
 from worker.storage.blobstore import (
