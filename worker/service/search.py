@@ -625,14 +625,7 @@ class SearchServer:
                 try:
                     await self._search_batch(index_name, batch)
                 except Exception:
-                    self._failed(
-                        "batch",
-                        "search batch failed",
-                        index=index_name,
-                        partition=batch[0].part.number,
-                        offset=batch[0].offset,
-                    )
-                    await self._answer_all(batch, index_name, Internal("the search failed"))
+                    await self._answer_failed("batch", "search batch failed", index_name, batch)
                 finally:
                     for pending in batch:  # on cancellation too: no requester waits forever
                         pending.finish()
@@ -675,14 +668,18 @@ class SearchServer:
         try:
             await self._search_group(index_name, group)
         except Exception:
-            self._failed(
-                "group",
-                "search group failed",
-                index=index_name,
-                partition=group[0].part.number,
-                offset=group[0].offset,
-            )
-            await self._answer_all(group, index_name, Internal("the search failed"))
+            await self._answer_failed("group", "search group failed", index_name, group)
+
+    async def _answer_failed(
+        self, stage: str, what: str, index_name: str, pendings: list[_Pending]
+    ) -> None:
+        """An unexpected failure of `pendings` taken together: logged and counted (in an
+        `except` block, with its traceback), and each answered `internal`."""
+        first = pendings[0]
+        self._failed(
+            stage, what, index=index_name, partition=first.part.number, offset=first.offset
+        )
+        await self._answer_all(pendings, index_name, Internal("the search failed"))
 
     def _group_key(self, index_name: str, pending: _Pending) -> tuple[Any, ...]:
         """Queries with equal keys share one engine call: same partition state, ef, filter
