@@ -717,6 +717,10 @@ class _Barriers:
         self._config = replay.config
         self._loop = loop
 
+    @property
+    def auth(self) -> ProtocolAuth:
+        return self._replay.auth
+
     def import_(self, partition: Partition, cmd: ImportCommand, out: Outcome) -> None:
         apply_import(partition, cmd, out, self._fetch, self._config.imports)
 

@@ -37,7 +37,10 @@ from lhv_index.errors import (
     LhvError,
     WrongPartition,
 )
+from worker.service import sharding
 from worker.service.partition import Partition
+from worker.service.protocol_auth import ProtocolAuth
+from worker.service.sharding import Forward
 from worker.telemetry.logs import log_context
 from worker.wire.commands import (
     AddCommand,
@@ -53,6 +56,7 @@ from worker.wire.commands import (
 )
 from worker.wire.headers import ReplyTo, reply_to_from_headers
 from worker.wire.limits import MessageLimits
+from worker.wire.shards import SHARD_SEPARATOR
 from worker.wire.topics import home_partition
 
 __all__ = [
@@ -84,6 +88,11 @@ class Outcome:
     skipped: int = 0
     error: LhvError | None = None
     command: Command | None = None
+    forwards: list[Forward] = field(default_factory=list)
+    """records to produce for this one (the home of a sharded index or alias), before
+    its ack (`sharding.Forwarder`)"""
+    forwarded: dict[str, int] | None = None
+    """record key -> offset of each forward, once produced (the ack carries it)"""
 
 
 @dataclass(slots=True)
@@ -141,7 +150,12 @@ class BarrierSteps(Protocol):
 
     Each step runs in the apply thread, sets `out` (applied, skipped; or `reply_to=None`
     when the requester's ack comes later) or raises `LhvError` with nothing applied.
+    `auth` signs and verifies the records only workers produce (protocol steps, forwarded
+    records).
     """
+
+    @property
+    def auth(self) -> ProtocolAuth: ...
 
     def merge(self, partition: Partition, cmd: MergeCommand, out: Outcome) -> None: ...
 
@@ -222,6 +236,16 @@ def apply_records(
         )
     outcomes: list[Outcome] = []
     groups: dict[str, _Group] = {}
+    keys: list[ProtocolAuth | None] = []
+
+    def auth() -> ProtocolAuth | None:
+        """The workers' key (from `barrier`), looked up once, when a record needs it."""
+        if not keys:
+            try:
+                keys.append(barrier.auth if barrier is not None else None)
+            except (AttributeError, Internal):
+                keys.append(None)
+        return keys[0]
 
     def flush(name: str) -> None:
         group = groups.pop(name, None)
@@ -239,14 +263,43 @@ def apply_records(
                 raise pre.error
             cmd = pre.command
             assert cmd is not None
+            sharded = bool(partition.catalog) or _may_shard(cmd)
             out.command = cmd
             out.index = cmd.index
             out.request_id = cmd.request_id
             out.op = _op_name(cmd)
+            if cmd.origin is not None or sharded:
+                if not sharding.admit_forwarded(
+                    partition,
+                    cmd,
+                    key=rec.key,
+                    value=rec.value,
+                    headers=out.headers,
+                    auth=auth(),
+                ):
+                    out.skipped = sharding.duplicate_count(cmd)
+                    continue
+                home = sharding.at_home(
+                    partition,
+                    cmd,
+                    offset=rec.offset,
+                    num_partitions=num_partitions,
+                    auth=auth(),
+                    index_limits=index_limits,
+                )
+                if home is not None:
+                    out.forwards, out.applied, out.skipped = (
+                        home.forwards,
+                        home.applied,
+                        home.skipped,
+                    )
+                    continue
             if isinstance(cmd, AddCommand | DeleteCommand):
                 index = partition.indexes.get(cmd.index)
                 if index is None:
                     raise IndexNotFound(f"index {cmd.index!r} does not exist")
+                if partition.members:
+                    sharding.check_member_writes(partition, cmd)
                 writes = _writes(cmd, rec.offset)
                 checked = index.validate(writes)  # the one validation pass of these writes
                 pending = groups.get(cmd.index)
@@ -279,6 +332,14 @@ def apply_records(
         partition.applied_offset = records[-1].offset
     partition.records_since_checkpoint += len(records)
     return outcomes
+
+
+def _may_shard(cmd: Command) -> bool:
+    """Whether the sharding step must see `cmd` although the partition has no catalog:
+    a sharded create, or a create or drop of a member name (refused unsigned)."""
+    if isinstance(cmd, CreateCommand):
+        return cmd.shards > 1 or SHARD_SEPARATOR in cmd.index
+    return isinstance(cmd, DropCommand) and SHARD_SEPARATOR in cmd.index
 
 
 def _op_name(cmd: Command) -> str:
@@ -339,6 +400,7 @@ def _apply_group(partition: Partition, name: str, group: _Group) -> None:
 
 def _create(partition: Partition, cmd: CreateCommand, out: Outcome, index_limits: Limits) -> None:
     params = IndexParams.from_dict(cmd.params)
+    sharding.check_member_create(partition, cmd)
     existing = partition.indexes.get(cmd.index)
     if existing is not None:
         if existing.params.to_dict() == params.to_dict():
@@ -348,6 +410,7 @@ def _create(partition: Partition, cmd: CreateCommand, out: Outcome, index_limits
             f"index {cmd.index!r} exists with other parameters: {existing.params.to_dict()}"
         )
     partition.indexes[cmd.index] = Index(cmd.index, params, limits=index_limits)
+    sharding.created_member(partition, cmd)
     partition.dirty.add(cmd.index)
     out.applied = 1
     log.info("index created", extra={"index": cmd.index, "offset": out.offset})
@@ -356,6 +419,7 @@ def _create(partition: Partition, cmd: CreateCommand, out: Outcome, index_limits
 def _drop(partition: Partition, cmd: DropCommand, out: Outcome) -> None:
     if partition.indexes.pop(cmd.index, None) is None:
         raise IndexNotFound(f"index {cmd.index!r} does not exist")
+    partition.members.pop(cmd.index, None)
     partition.dirty.discard(cmd.index)
     partition.dropped = True
     out.applied = 1

@@ -35,6 +35,7 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
     CommitFailedError,
     IllegalStateError,
+    KafkaConnectionError,
     UnknownTopicOrPartitionError,
 )
 from aiokafka.structs import OffsetAndTimestamp
@@ -251,6 +252,8 @@ class MemoryClient:
         self._highwater: dict[TopicPartition, int] = {}
         self.started = False
         self.stopped = False
+        self.fail_sends = 0
+        """`send_internal` fails this many times before it produces again (tests)"""
 
     async def start(self) -> None:
         self.started = True
@@ -380,9 +383,12 @@ class MemoryClient:
         value: bytes,
         partition: int,
         headers: Sequence[tuple[str, bytes]],
-    ) -> None:
+    ) -> int:
         await asyncio.sleep(0)
-        self.broker.produce(topic, key, value, headers=headers, partition=partition)
+        if self.fail_sends:
+            self.fail_sends -= 1
+            raise KafkaConnectionError("send failed (MemoryClient.fail_sends)")
+        return self.broker.produce(topic, key, value, headers=headers, partition=partition).offset
 
     async def flush(self) -> None:
         pass

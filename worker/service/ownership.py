@@ -64,6 +64,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from lhv_index import Base, Delta, Index
 from lhv_index.errors import LhvError
 from worker.service import failpoints
+from worker.service.catalog import catalog_from_wire, catalog_to_wire
 from worker.service.config import CheckpointPolicy
 from worker.service.observer import IndexObserver
 from worker.service.partition import Partition, PartitionStatus
@@ -102,6 +103,8 @@ class _Capture:
     snapshots: list[_Snapshot]
     dropped: bool
     horizon: int | None
+    sharded: dict[str, Any]
+    """the partition's catalog, forwarding marks and members at the capture (`Manifest`)"""
 
 
 class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -243,6 +246,10 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             partition.persisted = dict(indexes)
             partition.history = []
             nbytes = sum(e.bytes + e.delta_bytes for e in manifest.indexes.values())
+        if manifest is not None:
+            partition.catalog = catalog_from_wire(manifest.catalog)
+            partition.forwarded = dict(manifest.forwarded)
+            partition.members = dict(manifest.members)
         start = manifest.offset + 1 if manifest else 0
         tp = self._commands_tp(p)
         log_start = (await self._kafka.beginning_offsets([tp]))[tp]
@@ -368,7 +375,9 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                         entries[snap.name] = await self._upload(partition, snap, offset)
                     failpoints.hit("mid_snapshot")
                 assert partition.manifest is not None
-                manifest = replace(partition.manifest, offset=offset, indexes=entries)
+                manifest = replace(
+                    partition.manifest, offset=offset, indexes=entries, **capture.sharded
+                )
                 partition.manifest, partition.etag = await self._store.write_manifest(
                     manifest, etag=partition.etag
                 )
@@ -430,6 +439,11 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             snapshots=snapshots,
             dropped=partition.dropped,
             horizon=horizon,
+            sharded={
+                "catalog": catalog_to_wire(partition.catalog),
+                "forwarded": dict(partition.forwarded),
+                "members": dict(partition.members),
+            },
         )
         partition.dirty.difference_update(s.name for s in snapshots)
         partition.dropped = False

@@ -12,8 +12,10 @@ import enum
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from lhv_index import Index
+from worker.service.catalog import CatalogEntry
 from worker.storage.snapshots import Manifest
 
 __all__ = ["Partition", "PartitionStatus"]
@@ -34,6 +36,16 @@ class Partition:
     number: int
     status: PartitionStatus = PartitionStatus.RESTORING
     indexes: dict[str, Index] = field(default_factory=dict)
+    catalog: dict[str, CatalogEntry] = field(default_factory=dict)
+    """sharded indexes and aliases whose home is this partition (`catalog.py`)"""
+    forwarded: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """origin partition -> (offset, part) of the newest forwarded record applied here: a
+    forwarded record whose origin is not newer is a duplicate and is skipped"""
+    members: dict[str, int] = field(default_factory=dict)
+    """member index `NAME#s` held here -> S, the shard count of its sharded index"""
+    validators: dict[str, tuple[dict[str, Any], Index]] = field(default_factory=dict)
+    """sharded index -> (its parameters, an empty index of them): the home validates a
+    plain-name write with it before splitting it (not persisted)"""
     applied_offset: int = -1
     """the last command offset consumed (applied, skipped or rejected); -1: none"""
     ready_offset: int = -1

@@ -90,9 +90,10 @@ class KafkaPort(Protocol):
         value: bytes,
         partition: int,
         headers: Sequence[tuple[str, bytes]],
-    ) -> None:
-        """Produce one internal record (a merge protocol step) and wait until the broker
-        took it (acks=all, idempotent). Raises `KafkaError`."""
+    ) -> int:
+        """Produce one internal record (a merge protocol step, a forwarded record) and
+        wait until the broker took it (acks=all, idempotent); returns its offset. Records
+        sent one after the other to one partition keep their order. Raises `KafkaError`."""
         ...
 
     async def flush(self) -> None:

@@ -90,14 +90,20 @@ class ProtocolAuth:
         return MAC_HEADER, self._mac(self._keys[0], key, value).hex().encode("ascii")
 
     def verify(
-        self, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]], op: str
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]],
+        op: str,
+        *,
+        what: str = "an internal record of the merge protocol",
     ) -> None:
-        """Raise `InvalidRequest` unless the record carries one valid MAC header."""
+        """Raise `InvalidRequest` unless the record carries one valid MAC header (`what`
+        names the kind of record in the message)."""
         macs = [v for k, v in headers if k == MAC_HEADER]
         if len(macs) != 1 or key is None or value is None:
             raise InvalidRequest(
-                f"{op} is an internal record of the merge protocol: only workers produce it "
-                f"(no {MAC_HEADER} header)"
+                f"{op} is {what}: only workers produce it (no {MAC_HEADER} header)"
             )
         try:
             given = bytes.fromhex(macs[0].decode("ascii"))
@@ -105,8 +111,7 @@ class ProtocolAuth:
             given = b""
         if not any(hmac.compare_digest(given, self._mac(k, key, value)) for k in self._keys):
             raise InvalidRequest(
-                f"{op} is an internal record of the merge protocol: its {MAC_HEADER} does "
-                "not verify, so no worker produced it"
+                f"{op} is {what}: its {MAC_HEADER} does not verify, so no worker produced it"
             )
 
 

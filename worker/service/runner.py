@@ -39,6 +39,7 @@ from worker.service.observer import IndexObserver
 from worker.service.partition import Partition, PartitionStatus
 from worker.service.ports import KafkaPort, TaskOwner
 from worker.service.report import Reporter
+from worker.service.sharding import Forwarder
 from worker.telemetry.logs import log_context
 from worker.telemetry.metrics import HealthTracker, Metrics
 from worker.wire.limits import MessageLimits
@@ -106,6 +107,8 @@ class Runner:
         checkpoint: starts a checkpoint of the partition and returns once its capture is
             taken (`Ownership.begin_checkpoint`, reason "policy").
         barrier: applies merge and import records (`MergeProtocol`), in the apply thread.
+        forwarder: produces the records the batch forwarded (sharded indexes, aliases)
+            before its acks; no checkpoint starts before they are all taken.
     """
 
     def __init__(
@@ -123,8 +126,10 @@ class Runner:
         metrics: Metrics,
         health: HealthTracker,
         tasks: TaskOwner,
+        forwarder: Forwarder | None = None,
     ) -> None:
         self.partition = partition
+        self._forwarder = forwarder
         self._tp = tp
         self._num_partitions = num_partitions
         self._settings = settings
@@ -299,6 +304,10 @@ class Runner:
         p = self.partition
         started = time.monotonic()
         outcomes = await asyncio.to_thread(self._apply_in_thread, batch.records, decoded)
+        if self._forwarder is not None:
+            # before the acks, and before the policy may start a checkpoint covering these
+            # records: a checkpoint never covers an origin whose forwards are not taken
+            await self._forwarder.send(outcomes)
         self.pending -= len(batch.records)
         self.pending_bytes -= batch.nbytes
         failpoints.hit("mid_batch")

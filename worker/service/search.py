@@ -77,12 +77,21 @@ from worker.service.config import QueryPolicy
 from worker.service.observer import IndexObserver
 from worker.service.partition import Partition, PartitionStatus
 from worker.service.ports import KafkaPort, PartitionRegistry, ReplyPort, TaskOwner
+from worker.service.sharding import describe
 from worker.telemetry.logs import log_context
 from worker.telemetry.metrics import Metrics
 from worker.wire.headers import ReplyTo, reply_to_from_headers
 from worker.wire.limits import MessageLimits
-from worker.wire.queries import GetQuery, Query, SearchQuery, StatsQuery, decode_query
+from worker.wire.queries import (
+    DescribeQuery,
+    GetQuery,
+    Query,
+    SearchQuery,
+    StatsQuery,
+    decode_query,
+)
 from worker.wire.replies import (
+    encode_describe_reply,
     encode_error_reply,
     encode_get_reply,
     encode_search_results,
@@ -522,6 +531,12 @@ class SearchServer:
                         return
                     if isinstance(query, GetQuery):
                         value = await asyncio.to_thread(self._get, part, query, received)
+                    elif isinstance(query, DescribeQuery):
+                        value = encode_describe_reply(
+                            query,
+                            describe(part, query.index),
+                            took_ms=(time.monotonic() - received) * 1000,
+                        )
                     else:
                         value = self._stats(part, query, received)
                     await self._send(reply_to, value)
@@ -598,7 +613,7 @@ class SearchServer:
                         f"(applied: {part.applied_offset})"
                     )
                 raise NotReady(f"partition {partition} is {part.status.value}")
-        if query.index not in part.indexes:
+        if query.index not in part.indexes and not isinstance(query, DescribeQuery):
             raise IndexNotFound(f"index {query.index!r} does not exist")
         return part
 
@@ -880,6 +895,8 @@ def _op(query: Query) -> str:
         return "get"
     if isinstance(query, StatsQuery):
         return "stats"
+    if isinstance(query, DescribeQuery):
+        return "describe"
     raise InvalidRequest("unknown query")
 
 

@@ -161,10 +161,11 @@ class AiokafkaTransport:
         value: bytes,
         partition: int,
         headers: Sequence[tuple[str, bytes]],
-    ) -> None:
-        await self.producer.send_and_wait(
+    ) -> int:
+        metadata = await self.producer.send_and_wait(
             topic, key=key, value=value, partition=partition, headers=list(headers)
         )
+        return int(metadata.offset)
 
     async def flush(self) -> None:
         await self.producer.flush()

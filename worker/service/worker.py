@@ -40,6 +40,7 @@ from worker.service.replies import ReplySender
 from worker.service.report import Reporter
 from worker.service.runner import Runner, RunnerLimits
 from worker.service.search import SearchServer
+from worker.service.sharding import Forwarder
 from worker.service.tasks import Supervisor
 from worker.service.transport import AiokafkaTransport
 from worker.storage.blobstore import BlobStore, S3BlobStore
@@ -168,6 +169,7 @@ class Worker:
             accept_data_loss=config.accept_data_loss,
             rebalance_timeout_ms=config.rebalance_timeout_ms,
         )
+        self.forwarder = Forwarder(kafka=self._kafka, topic=self.topics.commands)
         self._runner_limits = RunnerLimits.of(config)
         self._runners: dict[int, Runner] = {}
         self._state = "unopened"
@@ -386,6 +388,7 @@ class Worker:
             metrics=self.metrics,
             health=self.health,
             tasks=self.tasks,
+            forwarder=self.forwarder,
         )
 
     async def _policy_checkpoint(self, partition: Partition) -> bool:

@@ -24,6 +24,20 @@ delta, so a reader that knows only format 1 keeps reading such manifests::
 
     {"format": 1, ..., "indexes": {"<name>": {"key", "offset", "bytes", "params", "crc32"?}}}
 
+Format 3 (written when the partition has sharded state) is format 2 plus the partition's
+catalog, its forwarding high-water marks and the shard counts of its member indexes::
+
+    {"format": 3, ...format 2...,
+     "catalog": {"<name>": {"kind": "sharded", "shards": S, "params": {...}}
+                          | {"kind": "alias", "target": "<name>"}},
+     "forwarded": {"<origin partition>": [offset, part]},
+     "members": {"<NAME#s>": S}}
+
+`catalog` holds the entries whose home is this partition (a sharded index, an alias),
+`forwarded` the newest origin of a forwarded record applied here, per origin partition
+(exactly-once forwarding), `members` S of each member index `NAME#s` held here. Formats
+1 and 2 are read as having none of them.
+
 Per segment: `offset` is the last command offset applied to the index when it was
 captured (deltas in increasing order), `bytes` the object's size and `crc32` the crc32 of
 the whole object (absent in manifests written before it was recorded). The crc32 is
@@ -103,7 +117,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: the manifest format written when some index has deltas
+#: the manifest format written when the partition has sharded state (catalog, forwarding
+#: high-water marks, member indexes)
+MANIFEST_FORMAT_SHARDED = 3
+#: the manifest format written when some index has deltas (and no sharded state)
 MANIFEST_FORMAT = 2
 #: the format written when none has: readers of the one-snapshot layout read it too
 MANIFEST_FORMAT_SINGLE = 1
@@ -303,12 +320,27 @@ class Manifest:
     writer: str = ""
     written_at: float = 0.0
     indexes: Mapping[str, IndexEntry] = field(default_factory=dict)
+    catalog: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """name -> catalog entry (a sharded index or an alias) whose home is this partition,
+    as JSON (`worker.service.catalog` reads it)"""
+    forwarded: Mapping[int, tuple[int, int]] = field(default_factory=dict)
+    """origin partition -> (offset, part) of the newest forwarded record applied"""
+    members: Mapping[str, int] = field(default_factory=dict)
+    """member index `NAME#s` -> S, the shard count of its sharded index"""
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.catalog or self.forwarded or self.members)
 
     def encode(self) -> bytes:
-        """Format 2 when some index has deltas, else format 1 (see the module docstring)."""
+        """Format 3 when the partition has sharded state, else format 2 when some index
+        has deltas, else format 1 (see the module docstring)."""
         chained = any(e.deltas for e in self.indexes.values())
-        fmt = MANIFEST_FORMAT if chained else MANIFEST_FORMAT_SINGLE
-        body = {
+        if self.sharded:
+            fmt = MANIFEST_FORMAT_SHARDED
+        else:
+            fmt = MANIFEST_FORMAT if chained else MANIFEST_FORMAT_SINGLE
+        body: dict[str, Any] = {
             "format": fmt,
             "topic": self.topic,
             "partition": self.partition,
@@ -316,8 +348,17 @@ class Manifest:
             "generation": self.generation,
             "writer": self.writer,
             "written_at": self.written_at,
-            "indexes": {name: e._encode(fmt) for name, e in sorted(self.indexes.items())},
+            "indexes": {
+                name: e._encode(min(fmt, MANIFEST_FORMAT))
+                for name, e in sorted(self.indexes.items())
+            },
         }
+        if fmt == MANIFEST_FORMAT_SHARDED:
+            body["catalog"] = {name: dict(e) for name, e in sorted(self.catalog.items())}
+            body["forwarded"] = {
+                str(p): [offset, part] for p, (offset, part) in sorted(self.forwarded.items())
+            }
+            body["members"] = dict(sorted(self.members.items()))
         return orjson.dumps(body, option=orjson.OPT_INDENT_2)
 
     @classmethod
@@ -325,8 +366,9 @@ class Manifest:
         try:
             body = orjson.loads(data)
             fmt = body.get("format")
-            if fmt not in (MANIFEST_FORMAT_SINGLE, MANIFEST_FORMAT):
+            if fmt not in (MANIFEST_FORMAT_SINGLE, MANIFEST_FORMAT, MANIFEST_FORMAT_SHARDED):
                 raise ValueError(f"unknown manifest format {fmt!r}")
+            entries = min(fmt, MANIFEST_FORMAT)
             return cls(
                 topic=body["topic"],
                 partition=int(body["partition"]),
@@ -334,7 +376,14 @@ class Manifest:
                 generation=int(body["generation"]),
                 writer=str(body.get("writer", "")),
                 written_at=float(body.get("written_at", 0.0)),
-                indexes={name: IndexEntry._decode(fmt, e) for name, e in body["indexes"].items()},
+                indexes={
+                    name: IndexEntry._decode(entries, e) for name, e in body["indexes"].items()
+                },
+                catalog={str(n): dict(e) for n, e in body.get("catalog", {}).items()},
+                forwarded={
+                    int(p): (int(v[0]), int(v[1])) for p, v in body.get("forwarded", {}).items()
+                },
+                members={str(n): int(s) for n, s in body.get("members", {}).items()},
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise Internal(f"unreadable manifest: {exc}") from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeAlias
@@ -23,6 +24,7 @@ from worker.wire.headers import ReplyTo, reply_to_from_headers
 from worker.wire.limits import COMMAND_OPS, MessageLimits
 from worker.wire.replies import ErrorInfo
 from worker.wire.schemas import _check
+from worker.wire.shards import parse_shard_name
 from worker.wire.vectors import _NO_VECTOR, _b64_bytes, _check_finite, _json_rows, _json_vector
 
 __all__ = [
@@ -36,11 +38,32 @@ __all__ = [
     "MergeCommand",
     "MergeDoneCommand",
     "MergeInCommand",
+    "Origin",
     "decode_command",
+    "forward_value",
 ]
 
 
 # -- commands -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Origin:
+    """Where a forwarded record comes from: the original record's partition and offset,
+    and the position of this record among those the home owner made from it. Origins of
+    one partition are ordered by (offset, part)."""
+
+    partition: int
+    offset: int
+    part: int = 0
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(offset, part): what the exactly-once high-water mark of `partition` compares."""
+        return (self.offset, self.part)
+
+    def to_wire(self) -> dict[str, int]:
+        return {"partition": self.partition, "offset": self.offset, "part": self.part}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,6 +74,10 @@ class _Base:
     """echoed in the ack"""
     reply_to: ReplyTo | None = None
     """where the ack goes; None: no ack"""
+    origin: Origin | None = None
+    """set on a forwarded record (signed by a worker; checked before it is applied)"""
+    via_alias: str | None = None
+    """on a record forwarded from an alias: that alias"""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,6 +85,8 @@ class CreateCommand(_Base):
     op: ClassVar[str] = "create"
     params: dict[str, Any]
     """dim, space, engine and engine parameters, as `IndexParams.from_dict` takes them"""
+    shards: int = 1
+    """1: an ordinary index; S >= 2: a sharded index of S members (`wire.shards`)"""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -269,6 +298,81 @@ def _decode_items(raw_items: list[dict[str, Any]], limits: MessageLimits) -> lis
     ]
 
 
+#: fields of a `create` body that are not index parameters
+_NOT_PARAMS = frozenset({"op", "index", "request_id", "shards", "origin", "via_alias"})
+
+
+def _check_shards(index: str, shards: int, limits: MessageLimits) -> None:
+    """`shards` of a `create` within `max_shards`; a member name's shard within it."""
+    if shards > limits.max_shards:
+        raise InvalidRequest(
+            f"create: shards {shards} is over the limit {limits.max_shards} (max_shards)"
+        )
+    member = parse_shard_name(index)
+    if member is not None and not 0 <= member.shard < shards:
+        raise InvalidRequest(
+            f"create: {index!r} is shard {member.shard} of {member.base!r}, which needs "
+            f"shards of at least {member.shard + 1} (got {shards})"
+        )
+
+
+def forward_value(
+    cmd: Command,
+    *,
+    index: str,
+    origin: Origin,
+    positions: Sequence[int] | None = None,
+    shards: int | None = None,
+    via_alias: str | None = None,
+) -> bytes:
+    """The value of a forwarded record made from `cmd`: the same command keyed `index`,
+    with `origin` (and `via_alias`); for an `add` or `delete`, only the items or ids at
+    `positions` (in that order; None: all); for a `create`, `shards`.
+
+    Vectors travel as `vector_b64` (little-endian float32: exactly the decoded vector).
+    The reply headers and `request_id` of `cmd` stay with the original record (the home
+    acknowledges it), so a forwarded record is never acknowledged on its own.
+    """
+    body: dict[str, Any] = {"op": cmd.op, "index": index, "origin": origin.to_wire()}
+    if via_alias is not None:
+        body["via_alias"] = via_alias
+    if isinstance(cmd, AddCommand):
+        picked = cmd.items if positions is None else [cmd.items[p] for p in positions]
+        body["items"] = [_item_wire(item) for item in picked]
+    elif isinstance(cmd, DeleteCommand):
+        body["ids"] = list(cmd.ids) if positions is None else [cmd.ids[p] for p in positions]
+        if cmd.version:
+            body["version"] = cmd.version
+    elif isinstance(cmd, CreateCommand):
+        body.update(cmd.params)
+        if shards is not None and shards > 1:
+            body["shards"] = shards
+    elif isinstance(cmd, ImportCommand):
+        body["source"] = cmd.source
+        for name in ("format", "ids_source", "metadata_source", "version"):
+            value = getattr(cmd, name)
+            if value is not None:
+                body[name] = value
+        body["chunk_items"] = cmd.chunk_items
+    elif not isinstance(cmd, DropCommand):
+        raise ValueError(f"{cmd.op} records are not forwarded")
+    return orjson.dumps(body)
+
+
+def _item_wire(item: AddItem) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": item.id,
+        "vector_b64": base64.b64encode(item.vector.astype("<f4", copy=False).tobytes()).decode(
+            "ascii"
+        ),
+    }
+    if item.metadata is not None:
+        out["metadata"] = item.metadata
+    if item.version:
+        out["version"] = item.version
+    return out
+
+
 def decode_command(
     key: bytes | None,
     value: bytes | None,
@@ -311,11 +415,22 @@ def _command(
     _check_key(key, index)
     reply_to = reply_to_from_headers(headers, limits=limits)
     request_id = body.get("request_id")
+    raw_origin = body.get("origin")
+    origin = (
+        None
+        if raw_origin is None
+        else Origin(
+            int(raw_origin["partition"]), int(raw_origin["offset"]), int(raw_origin["part"])
+        )
+    )
+    via_alias = body.get("via_alias")
     if op == "add":
         return AddCommand(
             index=index,
             request_id=request_id,
             reply_to=reply_to,
+            origin=origin,
+            via_alias=via_alias,
             items=_decode_items(body["items"], limits),
         )
     if op == "delete":
@@ -323,6 +438,8 @@ def _command(
             index=index,
             request_id=request_id,
             reply_to=reply_to,
+            origin=origin,
+            via_alias=via_alias,
             ids=_check_ids(body["ids"], limits, op),
             version=_int(body.get("version"), 0),
         )
@@ -330,13 +447,29 @@ def _command(
         params = {
             k: (int(v) if isinstance(v, float) else v)  # integral floats: the schema said integer
             for k, v in body.items()
-            if k not in ("op", "index", "request_id")
+            if k not in _NOT_PARAMS
         }
         if params["dim"] > limits.max_dim:
             raise InvalidRequest(f"create: dim {params['dim']} is over the limit {limits.max_dim}")
-        return CreateCommand(index=index, request_id=request_id, reply_to=reply_to, params=params)
+        shards = _int(body.get("shards"), 1)
+        _check_shards(index, shards, limits)
+        return CreateCommand(
+            index=index,
+            request_id=request_id,
+            reply_to=reply_to,
+            origin=origin,
+            via_alias=via_alias,
+            params=params,
+            shards=shards,
+        )
     if op == "drop":
-        return DropCommand(index=index, request_id=request_id, reply_to=reply_to)
+        return DropCommand(
+            index=index,
+            request_id=request_id,
+            reply_to=reply_to,
+            origin=origin,
+            via_alias=via_alias,
+        )
     if op == "merge":
         if body["dest"] == index:
             raise InvalidRequest(f"merge: index {index!r} cannot be merged into itself")
@@ -352,6 +485,8 @@ def _command(
             index=index,
             request_id=request_id,
             reply_to=reply_to,
+            origin=origin,
+            via_alias=via_alias,
             source=body["source"],
             format=body.get("format"),
             ids_source=body.get("ids_source"),

@@ -8,11 +8,13 @@ __all__ = ["COMMAND_OPS", "QUERY_OPS", "MessageLimits"]
 
 
 COMMAND_OPS = ("create", "drop", "add", "delete", "merge", "import", "merge_in", "merge_done")
-QUERY_OPS = ("search", "get", "stats")
+QUERY_OPS = ("search", "get", "stats", "describe")
 
 _INT64_MAX = 2**63 - 1
 #: orjson refuses to write values nested deeper than this (and to read past 1024)
 _ORJSON_MAX_DEPTH = 254
+#: the largest `max_shards`: shard numbers have at most four digits (`wire.shards`)
+_MAX_SHARD_DIGITS_BOUND = 10_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,12 +54,20 @@ class MessageLimits:
     """keys and values of one record's headers, together"""
     max_correlation_id_bytes: int = 1024
     """`kafka_correlationId`: it comes back in every reply and ack, twice"""
+    max_shards: int = 1024
+    """`shards` of one `create` (at most 10000: a member's name `NAME#s` has at most four
+    digits)"""
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"MessageLimits.{f.name} must be an integer of at least 1")
+        if self.max_shards > _MAX_SHARD_DIGITS_BOUND:
+            raise ValueError(
+                f"MessageLimits.max_shards must be at most {_MAX_SHARD_DIGITS_BOUND} "
+                "(a member index's name NAME#s has at most four digits)"
+            )
         if self.max_json_depth > _ORJSON_MAX_DEPTH:
             raise ValueError(
                 f"MessageLimits.max_json_depth must be at most {_ORJSON_MAX_DEPTH} "

@@ -24,7 +24,7 @@ from worker.wire.limits import QUERY_OPS, MessageLimits
 from worker.wire.schemas import _check
 from worker.wire.vectors import _search_vectors
 
-__all__ = ["GetQuery", "Query", "SearchQuery", "StatsQuery", "decode_query"]
+__all__ = ["DescribeQuery", "GetQuery", "Query", "SearchQuery", "StatsQuery", "decode_query"]
 
 
 # -- queries ------------------------------------------------------------------------------
@@ -70,7 +70,14 @@ class StatsQuery(_QueryBase):
     op: ClassVar[str] = "stats"
 
 
-Query: TypeAlias = SearchQuery | GetQuery | StatsQuery
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DescribeQuery(_QueryBase):
+    """What `index` names (an index, a sharded index, an alias), from its home's catalog."""
+
+    op: ClassVar[str] = "describe"
+
+
+Query: TypeAlias = SearchQuery | GetQuery | StatsQuery | DescribeQuery
 
 
 def _check_filter(flt: dict[str, Any] | None, limits: MessageLimits) -> dict[str, Any] | None:
@@ -167,6 +174,14 @@ def _query(
             include_vectors=include_vectors,
             include_metadata=bool(body.get("include_metadata", True)),
             vector_encoding=body.get("vector_encoding", "json"),
+        )
+    if op == "describe":
+        return DescribeQuery(
+            index=index,
+            reply_to=reply_to,
+            request_id=request_id,
+            min_offset=min_offset,
+            deadline_ms=deadline_ms,
         )
     return StatsQuery(
         index=index,

@@ -14,16 +14,18 @@ from lhv_index import Columns
 from lhv_index.errors import LhvError, error_for_code
 from worker.wire.headers import ReplyTo, correlation_text
 from worker.wire.limits import QUERY_OPS
-from worker.wire.queries import GetQuery, SearchQuery, StatsQuery
+from worker.wire.queries import DescribeQuery, GetQuery, SearchQuery, StatsQuery
 
 __all__ = [
     "Ack",
+    "DescribeReply",
     "ErrorInfo",
     "ErrorReply",
     "GetReply",
     "SearchReply",
     "StatsReply",
     "encode_ack",
+    "encode_describe_reply",
     "encode_error_reply",
     "encode_get_reply",
     "encode_search_reply",
@@ -202,6 +204,31 @@ class StatsReply:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DescribeReply:
+    """`status: ok` reply to describe: what the name is, from its home's catalog."""
+
+    reply_to: ReplyTo
+    index: str
+    description: Mapping[str, Any]
+    """kind ("index", "sharded", "alias"), shards, and params, target, shard, of"""
+    took_ms: float
+    request_id: str | None = None
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "correlation_id": correlation_text(self.reply_to.correlation_id),
+            "status": "ok",
+            "op": "describe",
+            "index": self.index,
+        }
+        body.update(self.description)
+        body["took_ms"] = _ms(self.took_ms)
+        if self.request_id is not None:
+            body["request_id"] = self.request_id
+        return _dumps(body)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ErrorReply:
     """`status: error` reply to any query; `error.code` comes from the error's class."""
 
@@ -247,6 +274,9 @@ class Ack:
     """writes that lost last-write-wins (already newer, or a duplicate)"""
     error: LhvError | None = None
     partition: int | None = None
+    forwarded: Mapping[str, int] | None = None
+    """record key -> offset of each forwarded record made from this one (the home of a
+    sharded index or alias acknowledges once the broker took every one)"""
 
     def encode(self) -> bytes:
         body: dict[str, Any] = {
@@ -261,6 +291,8 @@ class Ack:
         }
         if self.partition is not None:
             body["partition"] = self.partition
+        if self.forwarded is not None and self.error is None:
+            body["forwarded"] = dict(self.forwarded)
         if self.error is not None:
             body["error"] = self.error.to_wire()
         return _dumps(body)
@@ -330,6 +362,19 @@ def encode_stats_reply(query: StatsQuery, stats: Mapping[str, Any], *, took_ms: 
     ).encode()
 
 
+def encode_describe_reply(
+    query: DescribeQuery, description: Mapping[str, Any], *, took_ms: float
+) -> bytes:
+    """`DescribeReply` of `query`."""
+    return DescribeReply(
+        reply_to=query.reply_to,
+        index=query.index,
+        description=description,
+        took_ms=took_ms,
+        request_id=query.request_id,
+    ).encode()
+
+
 def encode_error_reply(
     reply_to: ReplyTo,
     index: str,
@@ -355,8 +400,8 @@ def encode_error_reply(
 def encode_ack(outcome: Any) -> bytes:
     """The `Ack` of one command record; `outcome` is a `worker.apply.Outcome`.
 
-    Reads `reply_to`, `offset`, `index`, `op`, `request_id`, `applied`, `skipped` and
-    `error` from it.
+    Reads `reply_to`, `offset`, `index`, `op`, `request_id`, `applied`, `skipped`,
+    `error` and `forwarded` from it.
     """
     return Ack(
         reply_to=outcome.reply_to,
@@ -367,4 +412,5 @@ def encode_ack(outcome: Any) -> bytes:
         applied=outcome.applied,
         skipped=outcome.skipped,
         error=outcome.error,
+        forwarded=getattr(outcome, "forwarded", None),
     ).encode()

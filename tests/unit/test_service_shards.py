@@ -1,0 +1,367 @@
+"""Sharded indexes over the in-memory log and blob store: the home creates the members
+with signed forwarded records, splits plain-name writes among them exactly once (across a
+restart of the home owner and beside a zombie), members refuse ids of other shards,
+forged or unsigned forwarded records change nothing, and the catalog survives a
+checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from aiokafka import TopicPartition
+from servicekit import TOPICS, Cluster, caught_up, eventually
+
+from lhv_index.errors import InvalidRequest
+from worker.service import Worker
+from worker.service.catalog import Sharded
+from worker.service.protocol_auth import ProtocolAuth
+from worker.wire.commands import decode_command
+from worker.wire.limits import MessageLimits
+from worker.wire.shards import shard_key, shard_of
+from worker.wire.topics import home_partition
+
+P = 4
+KEY = "unit-test-internal-key-0123456789abcdef"
+
+
+def _name_apart(shards: int) -> str:
+    """A name whose home partition holds none of its members (so ownership can be split)."""
+    for i in range(1000):
+        name = f"docs{i}"
+        home = home_partition(name.encode(), P)
+        members = {home_partition(shard_key(name, s, shards).encode(), P) for s in range(shards)}
+        if home not in members:
+            return name
+    raise AssertionError("no such name")
+
+
+def _create(cluster: Cluster, name: str, shards: int, reply: bytes | None = None) -> int:
+    body = {"op": "create", "dim": 2, "space": "l2", "engine": "exact", "shards": shards}
+    return cluster.command(name, body, reply=reply)
+
+
+def _add(cluster: Cluster, name: str, ids: list[str], reply: bytes | None = None) -> int:
+    items = [{"id": i, "vector": [1.0, float(n)], "metadata": {"n": n}} for n, i in enumerate(ids)]
+    return cluster.command(name, {"op": "add", "items": items}, reply=reply)
+
+
+def _members(workers: list[Worker], name: str, shards: int) -> dict[str, Any]:
+    out = {}
+    for s in range(shards):
+        key = shard_key(name, s, shards)
+        part = next(
+            w.partitions[home_partition(key.encode(), P)]
+            for w in workers
+            if home_partition(key.encode(), P) in w.partitions
+        )
+        out[key] = part.indexes.get(key)
+    return out
+
+
+def _live(workers: list[Worker], name: str, shards: int) -> dict[str, list[float]]:
+    live: dict[str, list[float]] = {}
+    for key, index in _members(workers, name, shards).items():
+        assert index is not None, f"member {key} missing"
+        for id_, (vec, _meta, _clock) in index.logical_state()["live"].items():
+            assert id_ not in live, f"{id_} in two members"
+            assert shard_key(name, shard_of(id_, shards), shards) == key, f"{id_} in {key}"
+            live[id_] = np.frombuffer(vec, dtype=np.float32).tolist()
+    return live
+
+
+def _all_caught_up(cluster: Cluster, workers: list[Worker]) -> Any:
+    checks = [caught_up(cluster, w) for w in workers]
+    return lambda: all(c() for c in checks)
+
+
+def _dlq(cluster: Cluster) -> list[tuple[str, str]]:
+    out = []
+    for rec in cluster.broker.records(TOPICS.dlq):
+        headers = dict(rec.headers)
+        out.append((headers["lhv_error_code"].decode(), headers["lhv_error_message"].decode()))
+    return out
+
+
+# -- create -------------------------------------------------------------------------------
+
+
+async def test_a_sharded_create_makes_each_member_and_acks_with_the_forwarded_offsets() -> None:
+    cluster = Cluster(partitions=P)
+    name = _name_apart(3)
+    _create(cluster, name, 3, reply=b"c")
+    async with cluster.worker("a") as (w, client, _):
+        await client.assign(range(P))
+        await eventually(lambda: b"c" in cluster.replies(), "the create's ack")
+        ack = cluster.replies()[b"c"]
+        assert ack["status"] == "ok" and ack["applied"] == 1, ack
+        assert set(ack["forwarded"]) == {f"{name}#0", f"{name}#1", f"{name}#2"}
+        for key, offset in ack["forwarded"].items():
+            rec = cluster.broker.records(TOPICS.commands, home_partition(key.encode(), P))
+            assert [r.key for r in rec if r.offset == offset] == [key.encode()]
+        await eventually(_all_caught_up(cluster, [w]), "members applied")
+        home = w.partitions[home_partition(name.encode(), P)]
+        assert isinstance(home.catalog[name], Sharded) and home.catalog[name].shards == 3
+        assert name not in home.indexes
+        for key, index in _members([w], name, 3).items():
+            assert index is not None and index.params.dim == 2
+            assert w.partitions[home_partition(key.encode(), P)].members[key] == 3
+        _create(cluster, name, 3, reply=b"again")
+        _create(cluster, name, 4, reply=b"other")
+        await eventually(lambda: b"other" in cluster.replies(), "the other creates' acks")
+        again, other = cluster.replies()[b"again"], cluster.replies()[b"other"]
+        assert again["status"] == "ok" and again["skipped"] == 1 and "forwarded" not in again
+        assert other["error"]["code"] == "index_exists"
+
+
+async def test_describe_answers_from_the_homes_catalog() -> None:
+    cluster = Cluster(partitions=P)
+    name = _name_apart(2)
+    _create(cluster, name, 2)
+    cluster.command("plain", {"op": "create", "dim": 2})
+    async with cluster.worker("a") as (w, client, _):
+        await client.assign(range(P))
+        await eventually(_all_caught_up(cluster, [w]), "applied")
+        for key in (name, f"{name}#1", "plain", "nothing"):
+            cluster.query(key, {"op": "describe"}, key.encode())
+        await eventually(lambda: b"nothing" in cluster.replies(), "the replies")
+        replies = cluster.replies()
+        assert replies[name.encode()]["kind"] == "sharded"
+        assert replies[name.encode()]["shards"] == 2
+        assert replies[name.encode()]["params"]["dim"] == 2
+        member = replies[f"{name}#1".encode()]
+        assert member["kind"] == "index" and member["of"] == {"index": name, "shards": 2}
+        assert member["shard"] == 1
+        assert replies[b"plain"]["kind"] == "index" and replies[b"plain"]["shards"] == 1
+        assert replies[b"nothing"]["error"]["code"] == "index_not_found"
+
+
+@pytest.mark.parametrize("shards", [0, -1, 2.5, "2", 1025])
+def test_a_create_with_bad_shards_is_an_invalid_request(shards: object) -> None:
+    body = {"op": "create", "index": "docs", "dim": 2, "shards": shards}
+    with pytest.raises(InvalidRequest, match="shards"):
+        decode_command(b"docs", orjson.dumps(body), [], limits=MessageLimits())
+
+
+def test_max_shards_is_a_limit_of_its_own() -> None:
+    body = {"op": "create", "index": "docs", "dim": 2, "shards": 9}
+    with pytest.raises(InvalidRequest, match="max_shards"):
+        decode_command(b"docs", orjson.dumps(body), [], limits=MessageLimits(max_shards=8))
+    cmd = decode_command(b"docs", orjson.dumps(body), [], limits=MessageLimits(max_shards=9))
+    assert cmd.shards == 9 and "shards" not in cmd.params  # type: ignore[union-attr]
+
+
+async def test_an_unsigned_create_or_drop_of_a_member_name_is_refused_and_changes_nothing() -> None:
+    cluster = Cluster(partitions=P)
+    cluster.command("docs#1", {"op": "create", "dim": 2, "shards": 2}, reply=b"c")
+    cluster.command("docs#1", {"op": "drop"}, reply=b"d")
+    async with cluster.worker("a") as (w, client, _):
+        await client.assign(range(P))
+        await eventually(lambda: b"d" in cluster.replies(), "the acks")
+        for cid in (b"c", b"d"):
+            assert cluster.replies()[cid]["error"]["code"] == "invalid_request"
+        assert all(not part.indexes for part in w.partitions.values())
+        assert [code for code, _ in _dlq(cluster)] == ["invalid_request"] * 2
+
+
+# -- forwarded records --------------------------------------------------------------------
+
+
+def _forged(cluster: Cluster, key: str, body: dict[str, Any], mac: str | None) -> None:
+    value = orjson.dumps({"index": key, **body})
+    headers: list[tuple[str, bytes]] = []
+    if mac == "wrong":
+        other = ProtocolAuth([b"another-key-0123456789abcdef"], TOPICS.commands)
+        headers = [other.header(key.encode(), value)]
+    cluster.broker.produce(TOPICS.commands, key.encode(), value, headers=headers)
+
+
+@pytest.mark.parametrize("mac", [None, "wrong"])
+async def test_a_forged_forwarded_record_is_refused_and_changes_nothing(mac: str | None) -> None:
+    cluster = Cluster(partitions=P)
+    name = _name_apart(2)
+    _create(cluster, name, 2)
+    origin = {"partition": 0, "offset": 10**9, "part": 0}
+    member = f"{name}#0"
+    _forged(cluster, member, {"op": "drop", "origin": origin}, mac)
+    _forged(cluster, f"{name}#5", {"op": "create", "dim": 2, "shards": 6, "origin": origin}, mac)
+    item = [{"id": "x", "vector": [1.0, 1.0]}]
+    _forged(cluster, member, {"op": "add", "items": item, "origin": origin}, mac)
+    async with cluster.worker("a") as (w, client, _):
+        await client.assign(range(P))
+        await eventually(_all_caught_up(cluster, [w]), "applied")
+        dlq = _dlq(cluster)
+        assert [code for code, _ in dlq] == ["invalid_request"] * 3, dlq
+        assert all("forwarded record" in message for _, message in dlq)
+        members = _members([w], name, 2)
+        assert all(index is not None and len(index) == 0 for index in members.values())
+        assert all(not part.forwarded.get(0) for part in w.partitions.values())
+
+
+async def test_a_member_refuses_a_record_with_an_id_of_another_shard() -> None:
+    cluster = Cluster(partitions=P)
+    name = _name_apart(2)
+    _create(cluster, name, 2)
+    ids = [f"id{i}" for i in range(40)]
+    mine = [i for i in ids if shard_of(i, 2) == 0]
+    theirs = next(i for i in ids if shard_of(i, 2) == 1)
+    async with cluster.worker("a") as (w, client, _):
+        await client.assign(range(P))
+        await eventually(_all_caught_up(cluster, [w]), "members created")
+        _add(cluster, f"{name}#0", mine, reply=b"ok")
+        _add(cluster, f"{name}#0", [*mine[:3], theirs], reply=b"bad")
+        await eventually(lambda: b"bad" in cluster.replies(), "the acks")
+        assert cluster.replies()[b"ok"]["applied"] == len(mine)
+        bad = cluster.replies()[b"bad"]
+        assert bad["error"]["code"] == "wrong_partition" and bad["error"]["item"] == 3
+        assert theirs in bad["error"]["message"] and f"{name}#1" in bad["error"]["message"]
+        await eventually(_all_caught_up(cluster, [w]), "applied")
+        assert sorted(_live([w], name, 2)) == sorted(mine)
+
+
+async def test_plain_name_writes_are_split_among_the_members_and_acked_with_their_offsets() -> None:
+    cluster = Cluster(partitions=P)
+    name = _name_apart(3)
+    _create(cluster, name, 3)
+    ids = [f"id{i}" for i in range(60)]
+    _add(cluster, name, ids, reply=b"add")
+    cluster.command(name, {"op": "delete", "ids": ids[:10]}, reply=b"del")
+    bad = [{"id": "z", "vector": [1.0, 2.0]}, {"id": "y", "vector": [1.0, 2.0, 3.0]}]
+    cluster.command(name, {"op": "add", "items": bad}, reply=b"bad")
+    async with cluster.worker("a") as (w, client, _):
+        await client.assign(range(P))
+        await eventually(lambda: b"bad" in cluster.replies(), "the acks")
+        await eventually(_all_caught_up(cluster, [w]), "applied")
+        add = cluster.replies()[b"add"]
+        assert add["status"] == "ok" and add["applied"] == 0
+        assert set(add["forwarded"]) == {shard_key(name, shard_of(i, 3), 3) for i in ids}
+        assert cluster.replies()[b"bad"]["error"]["code"] == "dim_mismatch"
+        live = _live([w], name, 3)
+        assert sorted(live) == sorted(ids[10:])
+        assert live["id12"] == [1.0, 12.0]
+
+
+async def test_forwarding_retries_until_the_broker_takes_the_records() -> None:
+    cluster = Cluster(partitions=P)
+    name = _name_apart(2)
+    _create(cluster, name, 2, reply=b"c")
+    async with cluster.worker("a") as (w, client, _):
+        client.fail_sends = 3
+        await client.assign(range(P))
+        await eventually(lambda: b"c" in cluster.replies(), "the ack", timeout_s=30)
+        assert cluster.replies()[b"c"]["status"] == "ok"
+        await eventually(_all_caught_up(cluster, [w]), "applied")
+        assert all(index is not None for index in _members([w], name, 2).values())
+
+
+# -- exactly once ---------------------------------------------------------------------------
+
+
+def _forward_count(cluster: Cluster, name: str) -> int:
+    return sum(
+        1
+        for rec in cluster.broker.records(TOPICS.commands)
+        if rec.key is not None
+        and rec.key.startswith(f"{name}#".encode())
+        and b'"origin"' in (rec.value or b"")
+    )
+
+
+async def test_forwards_made_again_after_a_restart_of_the_home_owner_are_skipped() -> None:
+    cluster = Cluster(partitions=P)
+    name = _name_apart(3)
+    home = home_partition(name.encode(), P)
+    others = [p for p in range(P) if p != home]
+    _create(cluster, name, 3)
+    ids = [f"id{i}" for i in range(90)]
+    for n in range(3):
+        _add(cluster, name, ids[n * 30 : (n + 1) * 30])
+    async with cluster.worker("members") as (m, client_m, _):
+        await client_m.assign(others)
+        async with cluster.worker("first") as (a, client_a, _):
+            await client_a.assign([home])
+            await eventually(_all_caught_up(cluster, [a, m]), "the first owner forwarded")
+            first = _forward_count(cluster, name)
+            # the first owner dies before it checkpoints: nothing of it is durable
+            a.forget_partition(home)
+            a.partitions.pop(home)
+        assert cluster.broker.committed("lhv").get(TopicPartition(TOPICS.commands, home)) is None
+        async with cluster.worker("second") as (b, client_b, _):
+            await client_b.assign([home])
+            await eventually(_all_caught_up(cluster, [b, m]), "the second owner replayed")
+            assert _forward_count(cluster, name) == 2 * first, "everything was forwarded twice"
+            await eventually(_all_caught_up(cluster, [b, m]), "duplicates applied (skipped)")
+            live = _live([m], name, 3)
+            assert sorted(live) == sorted(ids)
+            for key, index in _members([m], name, 3).items():
+                clocks = {c[1] for _, _, c in index.logical_state()["live"].values()}
+                part = m.partitions[home_partition(key.encode(), P)]
+                firsts = {
+                    r.offset
+                    for r in cluster.broker.records(TOPICS.commands, part.number)
+                    if r.key == key.encode()
+                }
+                assert clocks <= firsts  # written by the first forwards only
+                assert part.forwarded[home][0] >= 0
+
+
+async def test_a_zombie_home_owners_forwards_are_skipped() -> None:
+    cluster = Cluster(partitions=P)
+    name = _name_apart(2)
+    home = home_partition(name.encode(), P)
+    others = [p for p in range(P) if p != home]
+    _create(cluster, name, 2)
+    async with cluster.worker("members") as (m, client_m, _):
+        await client_m.assign(others)
+        async with cluster.worker("zombie") as (z, client_z, _):
+            await client_z.assign([home])
+            await eventually(_all_caught_up(cluster, [z, m]), "the zombie created")
+            async with cluster.worker("owner") as (o, client_o, _):
+                await client_o.assign([home])  # the group moved it; the zombie was not told
+                ids = [f"id{i}" for i in range(50)]
+                _add(cluster, name, ids[:25])
+                cluster.command(name, {"op": "delete", "ids": ids[:5]})
+                _add(cluster, name, ids[25:])
+                await eventually(_all_caught_up(cluster, [z, o, m]), "all applied")
+                await eventually(
+                    lambda: _forward_count(cluster, name) >= 2 * 2 + 3 * 2 * 2,
+                    "both forwarded every write",
+                )
+                await eventually(_all_caught_up(cluster, [m]), "members applied")
+                assert sorted(_live([m], name, 2)) == sorted(ids[5:])
+                for index in _members([m], name, 2).values():
+                    assert len(index.logical_state()["tombstones"]) <= 5
+
+
+# -- persistence ----------------------------------------------------------------------------
+
+
+async def test_the_catalog_members_and_marks_survive_a_checkpoint_and_a_new_owner() -> None:
+    cluster = Cluster(partitions=P)
+    name = _name_apart(2)
+    _create(cluster, name, 2)
+    ids = [f"id{i}" for i in range(20)]
+    _add(cluster, name, ids)
+    async with cluster.worker("a") as (a, client_a, _):
+        await client_a.assign(range(P))
+        await eventually(_all_caught_up(cluster, [a]), "applied")
+        await client_a.assign([])  # revoke: checkpoint every partition
+    manifests = [
+        orjson.loads(v) for k, v in cluster.blobs.objects.items() if k.endswith("manifest.json")
+    ]
+    assert {m["format"] for m in manifests if m.get("catalog") or m.get("members")} == {3}
+    async with cluster.worker("b") as (b, client_b, _):
+        await client_b.assign(range(P))
+        await eventually(_all_caught_up(cluster, [b]), "restored")
+        home = b.partitions[home_partition(name.encode(), P)]
+        assert home.catalog == {name: Sharded(2, home.catalog[name].params)}  # type: ignore[union-attr]
+        assert sorted(_live([b], name, 2)) == sorted(ids)
+        theirs = next(i for i in ids if shard_of(i, 2) == 1)
+        _add(cluster, f"{name}#0", [theirs], reply=b"bad")
+        _add(cluster, name, ["new"], reply=b"new")
+        await eventually(lambda: b"new" in cluster.replies(), "the acks")
+        assert cluster.replies()[b"bad"]["error"]["code"] == "wrong_partition"
+        await eventually(_all_caught_up(cluster, [b]), "applied")
+        assert "new" in _live([b], name, 2)

@@ -1,0 +1,506 @@
+"""Sharded indexes and aliases in the apply path: the home's catalog steps, forwarded
+records (signed, exactly once) and the checks of member indexes.
+
+The key scheme is `worker.wire.shards`; the catalog's entries are `catalog.py`. This
+module runs in the apply thread (`apply.apply_records` calls it) except `Forwarder`,
+which produces the forwarded records on the event loop once a batch is applied.
+
+Home side (the partition of NAME, holding NAME's catalog entry):
+
+- `create` NAME with `shards: S >= 2`: records `Sharded(S, params)` and forwards a signed
+  `create` (with `shards: S`) to each member `NAME#s`.
+- `add`/`delete` keyed NAME: validated whole with the library's own validation and the
+  catalog's parameters (nothing is forwarded when one item is bad), split by `shard_of`
+  (order kept within each shard), one forwarded record per shard that has items.
+- `drop` NAME: forwarded to every member, the catalog entry removed.
+- `import` NAME: forwarded whole to every member; each member imports its shard's rows.
+- A write keyed by an alias is forwarded whole to the alias's target (`via_alias`).
+
+Forwarded records carry `origin: {partition, offset, part}` and the protocol MAC
+(`protocol_auth.py`). Each partition keeps, per origin partition, the newest origin it
+applied (`Partition.forwarded`, persisted in its manifest): a forwarded record whose
+origin is not newer is a duplicate (a home owner that restarted and forwarded again, or a
+zombie) and is skipped. That is exactly once because the home owner produces the forwards
+of a batch in origin order, one destination partition at a time in order (`Forwarder`),
+and waits for the broker to take all of them before the batch's acks are sent and before
+any checkpoint can cover the batch (the runner forwards before it looks at the policy; a
+revoke and a stop wait for the runner's batch).
+
+Member side: a member `NAME#s` knows S (`Partition.members`, persisted); every item or id
+written to it must have `shard_of(id, S) == s`, else the record is rejected whole
+(`wrong_partition`). Only the home's owner creates or drops members: an unsigned `create`
+or `drop` of a name with `#` is `invalid_request`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from lhv_index import Clock, Delete, EngineKind, Index, IndexParams, Limits, Upsert, Write
+from lhv_index.errors import IndexExists, IndexNotFound, Internal, InvalidRequest, WrongPartition
+from worker.service.catalog import Alias, CatalogEntry, Sharded
+from worker.service.partition import Partition
+from worker.service.ports import KafkaPort
+from worker.service.protocol_auth import ProtocolAuth
+from worker.wire.commands import (
+    AddCommand,
+    Command,
+    CreateCommand,
+    DeleteCommand,
+    DropCommand,
+    ImportCommand,
+    Origin,
+    forward_value,
+)
+from worker.wire.shards import parse_shard_name, shard_key, shard_of, split_by_shard
+from worker.wire.topics import home_partition
+
+__all__ = [
+    "Forward",
+    "Forwarder",
+    "HomeStep",
+    "admit_forwarded",
+    "at_home",
+    "check_member_writes",
+    "describe",
+    "member_shard",
+]
+
+log = logging.getLogger(__name__)
+
+#: the longest the runner keeps retrying to produce one forwarded record (then it fails,
+#: and the worker exits: the next owner replays and forwards again)
+FORWARD_TIMEOUT_S = 600.0
+_RETRY_FIRST_S = 0.2
+_RETRY_MAX_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """One forwarded record to produce to the commands topic (signed)."""
+
+    key: str
+    value: bytes
+    partition: int
+    headers: tuple[tuple[str, bytes], ...]
+
+
+@dataclass(slots=True)
+class HomeStep:
+    """What the home did with a record keyed by a catalog name (or a sharded create)."""
+
+    forwards: list[Forward] = field(default_factory=list)
+    applied: int = 0
+    skipped: int = 0
+
+
+# -- forwarded records: admission -------------------------------------------------------------
+
+
+def _count(cmd: Command) -> int:
+    if isinstance(cmd, AddCommand):
+        return len(cmd.items)
+    if isinstance(cmd, DeleteCommand):
+        return len(cmd.ids)
+    return 1
+
+
+def admit_forwarded(
+    partition: Partition,
+    cmd: Command,
+    *,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes]],
+    auth: ProtocolAuth | None,
+) -> bool:
+    """Check a record's `origin` (and what only a worker may do): False when it is a
+    duplicate to skip (its origin is not newer than this partition's mark); True when it
+    is to be applied (and the mark moved to its origin).
+
+    Raises:
+        InvalidRequest: an unsigned or forged forwarded record, or an unsigned create or
+            drop of a member name; nothing changed.
+    """
+    origin = cmd.origin
+    if origin is None:
+        if cmd.via_alias is not None:
+            raise InvalidRequest(f"{cmd.op}: via_alias is set only on forwarded records (origin)")
+        member = parse_shard_name(cmd.index)
+        if member is not None and isinstance(cmd, CreateCommand | DropCommand):
+            raise InvalidRequest(
+                f"{cmd.op}: {cmd.index!r} is shard {member.shard} of the sharded index "
+                f"{member.base!r}: only the owner of {member.base!r}'s partition creates and "
+                f"drops its members ({cmd.op} {member.base!r} instead)"
+            )
+        return True
+    if auth is None:
+        raise InvalidRequest(f"{cmd.op}: a forwarded record (origin) cannot be verified here")
+    auth.verify(key, value, headers, cmd.op, what="a forwarded record (origin)")
+    mark = partition.forwarded.get(origin.partition)
+    if mark is not None and origin.position <= mark:
+        log.info(
+            "duplicate forwarded record skipped (origin partition %d offset %d part %d)",
+            origin.partition,
+            origin.offset,
+            origin.part,
+        )
+        return False
+    partition.forwarded[origin.partition] = origin.position
+    return True
+
+
+def duplicate_count(cmd: Command) -> int:
+    """What a skipped duplicate counts as skipped: its items, ids, or 1."""
+    return _count(cmd)
+
+
+# -- members ------------------------------------------------------------------------------------
+
+
+def member_shard(partition: Partition, name: str) -> tuple[str, int, int] | None:
+    """(NAME, s, S) when `name` is a member index `NAME#s` this partition holds, else None."""
+    shards = partition.members.get(name)
+    member = parse_shard_name(name)
+    if shards is None or member is None:
+        return None
+    return member.base, member.shard, shards
+
+
+def check_member_writes(partition: Partition, cmd: AddCommand | DeleteCommand) -> None:
+    """Every id written to a member `NAME#s` must belong to shard s.
+
+    Raises:
+        WrongPartition: the first id of another shard (`item` = its position), naming the
+            id, its shard and the record's; the record is rejected whole.
+    """
+    found = member_shard(partition, cmd.index)
+    if found is None:
+        return
+    base, shard, shards = found
+    ids = [item.id for item in cmd.items] if isinstance(cmd, AddCommand) else cmd.ids
+    for pos, id_ in enumerate(ids):
+        belongs = shard_of(id_, shards)
+        if belongs != shard:
+            raise WrongPartition(
+                f"{cmd.op}: id {id_!r} (item {pos}) belongs to shard {belongs} of {base!r} "
+                f"({shards} shards), not to shard {shard}: write it keyed "
+                f"{shard_key(base, belongs, shards)!r} (or keyed {base!r})",
+                item=pos,
+            )
+
+
+def created_member(partition: Partition, cmd: CreateCommand) -> None:
+    """After a forwarded `create` of a member `NAME#s` applied: remember S."""
+    if parse_shard_name(cmd.index) is not None and cmd.shards > 1:
+        partition.members[cmd.index] = cmd.shards
+
+
+def check_member_create(partition: Partition, cmd: CreateCommand) -> None:
+    """A member that exists already must have the same S (its params are checked by the
+    ordinary create).
+
+    Raises:
+        IndexExists: it exists as a member of another shard count.
+    """
+    known = partition.members.get(cmd.index)
+    if known is not None and known != cmd.shards:
+        raise IndexExists(
+            f"member index {cmd.index!r} exists with shards {known}, not {cmd.shards}"
+        )
+
+
+# -- the home ---------------------------------------------------------------------------------
+
+
+def at_home(
+    partition: Partition,
+    cmd: Command,
+    *,
+    offset: int,
+    num_partitions: int,
+    auth: ProtocolAuth | None,
+    index_limits: Limits,
+) -> HomeStep | None:
+    """The home's step for a record keyed by a name of this partition's catalog, or for a
+    sharded `create`; None when the record is an ordinary one (apply it as usual).
+
+    Raises:
+        LhvError: the record is rejected; nothing changed and nothing is forwarded.
+    """
+    if parse_shard_name(cmd.index) is not None:
+        return None  # a member: an index of its own partition
+    entry = partition.catalog.get(cmd.index)
+    if isinstance(cmd, CreateCommand):
+        if entry is None and cmd.shards <= 1:
+            return None
+        return _create(partition, cmd, entry, offset, num_partitions, auth, index_limits)
+    if entry is None:
+        return None
+    if isinstance(entry, Alias):
+        return _via_alias(partition, cmd, entry, offset, num_partitions, auth)
+    if isinstance(cmd, AddCommand | DeleteCommand):
+        return _split(partition, cmd, entry, offset, num_partitions, auth, index_limits)
+    if isinstance(cmd, DropCommand):
+        del partition.catalog[cmd.index]
+        partition.validators.pop(cmd.index, None)
+        step = _to_members(partition, cmd, entry, offset, num_partitions, auth)
+        step.applied = 1
+        log.info("sharded index dropped", extra={"index": cmd.index, "offset": offset})
+        return step
+    if isinstance(cmd, ImportCommand):
+        return _to_members(partition, cmd, entry, offset, num_partitions, auth)
+    raise InvalidRequest(
+        f"{cmd.op}: {cmd.index!r} is a sharded index; {cmd.op} of a sharded index is not supported"
+    )
+
+
+def _signed(
+    cmd: Command,
+    auth: ProtocolAuth | None,
+    num_partitions: int,
+    *,
+    key: str,
+    origin: Origin,
+    positions: Sequence[int] | None = None,
+    shards: int | None = None,
+    via_alias: str | None = None,
+) -> Forward:
+    if auth is None:
+        raise Internal(f"{cmd.op}: no internal key here: records cannot be forwarded")
+    value = forward_value(
+        cmd, index=key, origin=origin, positions=positions, shards=shards, via_alias=via_alias
+    )
+    raw = key.encode("utf-8")
+    return Forward(
+        key=key,
+        value=value,
+        partition=home_partition(raw, num_partitions),
+        headers=(auth.header(raw, value),),
+    )
+
+
+def _create(
+    partition: Partition,
+    cmd: CreateCommand,
+    entry: CatalogEntry | None,
+    offset: int,
+    num_partitions: int,
+    auth: ProtocolAuth | None,
+    index_limits: Limits,
+) -> HomeStep:
+    name = cmd.index
+    if cmd.via_alias is not None or isinstance(entry, Alias):
+        target = entry.target if isinstance(entry, Alias) else "?"
+        raise IndexExists(
+            f"create: {name!r} is an alias (of {target!r}): create the target, or unalias "
+            f"{name!r} first"
+        )
+    params = IndexParams.from_dict(cmd.params, limits=index_limits)
+    if isinstance(entry, Sharded):
+        if entry.shards == cmd.shards and entry.params == params.to_dict():
+            return HomeStep(skipped=1)  # exists with these parameters: a no-op
+        raise IndexExists(
+            f"index {name!r} exists with {entry.shards} shards and parameters {entry.params}"
+        )
+    if name in partition.indexes:
+        raise IndexExists(f"index {name!r} exists unsharded: drop it first to shard it")
+    partition.catalog[name] = Sharded(cmd.shards, params.to_dict())
+    step = HomeStep(applied=1)
+    for s in range(cmd.shards):
+        key = shard_key(name, s, cmd.shards)
+        origin = Origin(partition.number, offset, s)
+        step.forwards.append(
+            _signed(cmd, auth, num_partitions, key=key, origin=origin, shards=cmd.shards)
+        )
+    log.info(
+        "sharded index created: %d shards", cmd.shards, extra={"index": name, "offset": offset}
+    )
+    return step
+
+
+def _validator(partition: Partition, name: str, entry: Sharded, limits: Limits) -> Index:
+    """An empty index with the catalog's parameters: the library's validation of a
+    sharded index's writes (dims, NaN, zero vectors under cosine, ids, metadata)."""
+    cached = partition.validators.get(name)
+    if cached is not None and cached[0] == entry.params:
+        return cached[1]
+    params = IndexParams.from_dict(entry.params)
+    exact = replace(params, engine=EngineKind.EXACT, max_elements_hint=0)
+    index = Index(name, exact, limits=limits)
+    partition.validators[name] = (entry.params, index)
+    return index
+
+
+def _writes(cmd: AddCommand | DeleteCommand, offset: int) -> list[Write]:
+    if isinstance(cmd, AddCommand):
+        return [
+            Upsert(
+                id=item.id,
+                vector=item.vector,
+                metadata=item.metadata,
+                clock=Clock(item.version, offset, pos),
+            )
+            for pos, item in enumerate(cmd.items)
+        ]
+    return [
+        Delete(id=id_, clock=Clock(cmd.version, offset, pos)) for pos, id_ in enumerate(cmd.ids)
+    ]
+
+
+def _split(
+    partition: Partition,
+    cmd: AddCommand | DeleteCommand,
+    entry: Sharded,
+    offset: int,
+    num_partitions: int,
+    auth: ProtocolAuth | None,
+    limits: Limits,
+) -> HomeStep:
+    validator = _validator(partition, cmd.index, entry, limits)
+    validator.validate(_writes(cmd, offset))  # the whole record, before anything is forwarded
+    ids = [item.id for item in cmd.items] if isinstance(cmd, AddCommand) else cmd.ids
+    step = HomeStep()
+    for part, (shard, positions) in enumerate(sorted(split_by_shard(ids, entry.shards).items())):
+        key = shard_key(cmd.index, shard, entry.shards)
+        origin = Origin(partition.number, offset, part)
+        step.forwards.append(
+            _signed(cmd, auth, num_partitions, key=key, origin=origin, positions=positions)
+        )
+    return step
+
+
+def _to_members(
+    partition: Partition,
+    cmd: Command,
+    entry: Sharded,
+    offset: int,
+    num_partitions: int,
+    auth: ProtocolAuth | None,
+) -> HomeStep:
+    step = HomeStep()
+    for s in range(entry.shards):
+        key = shard_key(cmd.index, s, entry.shards)
+        origin = Origin(partition.number, offset, s)
+        step.forwards.append(_signed(cmd, auth, num_partitions, key=key, origin=origin))
+    return step
+
+
+def _via_alias(
+    partition: Partition,
+    cmd: Command,
+    entry: Alias,
+    offset: int,
+    num_partitions: int,
+    auth: ProtocolAuth | None,
+) -> HomeStep:
+    if cmd.via_alias is not None:
+        raise InvalidRequest(
+            f"{cmd.op}: {cmd.index!r} is an alias, reached through the alias "
+            f"{cmd.via_alias!r}: aliases point at indexes, not at other aliases (alias chain)"
+        )
+    if isinstance(cmd, DropCommand):
+        raise InvalidRequest(
+            f"drop: {cmd.index!r} is an alias (of {entry.target!r}): drop the target, or "
+            f"unalias {cmd.index!r}"
+        )
+    if not isinstance(cmd, AddCommand | DeleteCommand | ImportCommand):
+        raise InvalidRequest(f"{cmd.op}: {cmd.index!r} is an alias; {cmd.op} needs an index")
+    origin = Origin(partition.number, offset, 0)
+    forward = _signed(
+        cmd, auth, num_partitions, key=entry.target, origin=origin, via_alias=cmd.index
+    )
+    return HomeStep(forwards=[forward])
+
+
+# -- describe -----------------------------------------------------------------------------------
+
+
+def describe(partition: Partition, name: str) -> dict[str, Any]:
+    """What `name` is on its home partition (the `describe` query).
+
+    Raises:
+        IndexNotFound: neither an index, a member, a sharded index nor an alias here.
+    """
+    entry = partition.catalog.get(name)
+    if isinstance(entry, Sharded):
+        return {"kind": "sharded", "shards": entry.shards, "params": dict(entry.params)}
+    if isinstance(entry, Alias):
+        return {"kind": "alias", "target": entry.target}
+    index = partition.indexes.get(name)
+    if index is None:
+        raise IndexNotFound(f"index {name!r} does not exist")
+    out: dict[str, Any] = {"kind": "index", "shards": 1, "params": index.params.to_dict()}
+    found = member_shard(partition, name)
+    if found is not None:
+        base, shard, shards = found
+        out["shard"] = shard
+        out["of"] = {"index": base, "shards": shards}
+    return out
+
+
+# -- production (event loop) --------------------------------------------------------------------
+
+
+class Forwarder:
+    """Produces the forwarded records of an applied batch, before its acks.
+
+    Records to one destination partition are produced one after the other, in the
+    batch's order (origin order); destinations proceed in parallel. Each record is
+    retried (backoff) until the broker takes it, for at most `FORWARD_TIMEOUT_S`; past
+    that `Internal` is raised, which ends the runner and the worker: the batch's records
+    are not covered by any checkpoint, so the next owner forwards them again (duplicates
+    are skipped by their origin).
+    """
+
+    def __init__(self, *, kafka: KafkaPort, topic: str) -> None:
+        self._kafka = kafka
+        self._topic = topic
+
+    async def send(self, outcomes: Sequence[Any]) -> int:
+        """Produce every `out.forwards` of `outcomes` (`apply.Outcome`s) and fill each
+        `out.forwarded` with the offsets; returns how many were produced."""
+        lanes: dict[int, list[tuple[Any, Forward]]] = {}
+        for out in outcomes:
+            for forward in out.forwards:
+                lanes.setdefault(forward.partition, []).append((out, forward))
+        if not lanes:
+            return 0
+        await asyncio.gather(*(self._lane(todo) for todo in lanes.values()))
+        return sum(len(todo) for todo in lanes.values())
+
+    async def _lane(self, todo: list[tuple[Any, Forward]]) -> None:
+        for out, forward in todo:
+            offset = await self._produce(forward)
+            if out.forwarded is None:
+                out.forwarded = {}
+            out.forwarded[forward.key] = offset
+
+    async def _produce(self, forward: Forward) -> int:
+        deadline = time.monotonic() + FORWARD_TIMEOUT_S
+        delay = _RETRY_FIRST_S
+        while True:
+            try:
+                return await self._kafka.send_internal(
+                    self._topic,
+                    key=forward.key.encode("utf-8"),
+                    value=forward.value,
+                    partition=forward.partition,
+                    headers=list(forward.headers),
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if time.monotonic() + delay > deadline:
+                    raise Internal(
+                        f"forwarded record to {forward.key!r} not taken by the broker in "
+                        f"{FORWARD_TIMEOUT_S:.0f}s: {exc}"
+                    ) from exc
+                log.warning("forwarding to %s failed, retrying: %s", forward.key, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
