@@ -365,3 +365,68 @@ async def test_the_catalog_members_and_marks_survive_a_checkpoint_and_a_new_owne
         assert cluster.replies()[b"bad"]["error"]["code"] == "wrong_partition"
         await eventually(_all_caught_up(cluster, [b]), "applied")
         assert "new" in _live([b], name, 2)
+
+
+# -- aliases ----------------------------------------------------------------------------------
+
+
+async def test_writes_keyed_by_an_alias_reach_its_target_and_a_switch_moves_them() -> None:
+    cluster = Cluster(partitions=P)
+    sharded = _name_apart(2)
+    _create(cluster, sharded, 2)
+    cluster.command("plain", {"op": "create", "dim": 2, "space": "l2"})
+    cluster.command("current", {"op": "alias", "target": "plain"}, reply=b"alias")
+    _add(cluster, "current", ["a", "b"], reply=b"w1")
+    cluster.command("current", {"op": "alias", "target": sharded}, reply=b"switch")
+    _add(cluster, "current", ["c", "d"], reply=b"w2")
+    cluster.command("current", {"op": "delete", "ids": ["c"]}, reply=b"w3")
+    async with cluster.worker("a") as (w, client, _):
+        await client.assign(range(P))
+        await eventually(lambda: b"w3" in cluster.replies(), "the acks")
+        replies = cluster.replies()
+        assert replies[b"alias"]["status"] == "ok" and replies[b"switch"]["status"] == "ok"
+        assert replies[b"w1"]["forwarded"].keys() == {"plain"}
+        assert replies[b"w2"]["forwarded"].keys() == {sharded}
+        await eventually(_all_caught_up(cluster, [w]), "applied")
+        plain = w.partitions[home_partition(b"plain", P)].indexes["plain"]
+        assert sorted(plain.logical_state()["live"]) == ["a", "b"]
+        assert sorted(_live([w], sharded, 2)) == ["d"]
+        cluster.query("current", {"op": "describe"}, b"describe")
+        await eventually(lambda: b"describe" in cluster.replies(), "describe")
+        assert cluster.replies()[b"describe"]["kind"] == "alias"
+        assert cluster.replies()[b"describe"]["target"] == sharded
+
+
+async def test_alias_errors_shadowing_chain_unalias_create_and_drop() -> None:
+    cluster = Cluster(partitions=P)
+    sharded = _name_apart(2)
+    _create(cluster, sharded, 2)
+    cluster.command("plain", {"op": "create", "dim": 2})
+    cluster.command("plain", {"op": "alias", "target": sharded}, reply=b"shadow-index")
+    cluster.command(sharded, {"op": "alias", "target": "plain"}, reply=b"shadow-sharded")
+    cluster.command("self", {"op": "alias", "target": "self"}, reply=b"self")
+    cluster.command("member", {"op": "alias", "target": f"{sharded}#0"}, reply=b"member")
+    cluster.command("first", {"op": "alias", "target": "second"}, reply=b"first")
+    cluster.command("second", {"op": "alias", "target": "plain"}, reply=b"second")
+    _add(cluster, "first", ["x"], reply=b"chain")
+    cluster.command("plain", {"op": "unalias"}, reply=b"unalias-index")
+    cluster.command("first", {"op": "create", "dim": 2}, reply=b"create")
+    cluster.command("first", {"op": "drop"}, reply=b"drop")
+    cluster.command("first", {"op": "unalias"}, reply=b"unalias")
+    cluster.command("first", {"op": "unalias"}, reply=b"unalias-again")
+    async with cluster.worker("a") as (w, client, _):
+        await client.assign(range(P))
+        await eventually(lambda: b"unalias-again" in cluster.replies(), "the acks")
+        await eventually(_all_caught_up(cluster, [w]), "applied")
+        codes = {cid: r.get("error", {}).get("code", "ok") for cid, r in cluster.replies().items()}
+        assert codes[b"shadow-index"] == codes[b"shadow-sharded"] == "index_exists"
+        assert codes[b"self"] == codes[b"member"] == "invalid_request"
+        assert codes[b"first"] == codes[b"second"] == "ok"
+        assert codes[b"chain"] == "ok"  # forwarded to "second", which refuses it
+        assert any("alias chain" in message for _, message in _dlq(cluster))
+        plain = w.partitions[home_partition(b"plain", P)].indexes["plain"]
+        assert len(plain) == 0, "nothing went through two aliases"
+        assert codes[b"unalias-index"] == "index_not_found"
+        assert codes[b"create"] == "index_exists"
+        assert codes[b"drop"] == "invalid_request"
+        assert codes[b"unalias"] == "ok" and codes[b"unalias-again"] == "index_not_found"

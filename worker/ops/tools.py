@@ -63,6 +63,7 @@ from worker.service.merge import (
     finish_merge,
     merge_locally,
     receive_export,
+    validate_import,
 )
 from worker.service.partition import Partition
 from worker.service.protocol_auth import ProtocolAuth, load_protocol_auth
@@ -723,6 +724,9 @@ class _Barriers:
 
     def import_(self, partition: Partition, cmd: ImportCommand, out: Outcome) -> None:
         apply_import(partition, cmd, out, self._fetch, self._config.imports)
+
+    def check_import(self, cmd: ImportCommand, index: Index, offset: int) -> None:
+        validate_import(cmd, index, self._fetch, self._config.imports, offset=offset)
 
     def merge(self, partition: Partition, cmd: MergeCommand, out: Outcome) -> None:
         dest = home_partition(cmd.dest.encode(), self._replay.num_partitions)

@@ -44,6 +44,7 @@ from worker.service.sharding import Forward
 from worker.telemetry.logs import log_context
 from worker.wire.commands import (
     AddCommand,
+    AliasCommand,
     Command,
     CreateCommand,
     DeleteCommand,
@@ -52,6 +53,7 @@ from worker.wire.commands import (
     MergeCommand,
     MergeDoneCommand,
     MergeInCommand,
+    UnaliasCommand,
     decode_command,
 )
 from worker.wire.headers import ReplyTo, reply_to_from_headers
@@ -164,6 +166,11 @@ class BarrierSteps(Protocol):
     def merge_done(self, partition: Partition, cmd: MergeDoneCommand, out: Outcome) -> None: ...
 
     def import_(self, partition: Partition, cmd: ImportCommand, out: Outcome) -> None: ...
+
+    def check_import(self, cmd: ImportCommand, index: Index, offset: int) -> None:
+        """Validate every row of an import against `index` (the home of a sharded index
+        does, before it forwards the import); raises `LhvError`, applies nothing."""
+        ...
 
 
 def run_barrier(
@@ -286,6 +293,7 @@ def apply_records(
                     num_partitions=num_partitions,
                     auth=auth(),
                     index_limits=index_limits,
+                    check_import=None if barrier is None else barrier.check_import,
                 )
                 if home is not None:
                     out.forwards, out.applied, out.skipped = (
@@ -336,9 +344,12 @@ def apply_records(
 
 def _may_shard(cmd: Command) -> bool:
     """Whether the sharding step must see `cmd` although the partition has no catalog:
-    a sharded create, or a create or drop of a member name (refused unsigned)."""
+    a sharded create, alias and unalias, or a create or drop of a member name (refused
+    unsigned)."""
     if isinstance(cmd, CreateCommand):
         return cmd.shards > 1 or SHARD_SEPARATOR in cmd.index
+    if isinstance(cmd, AliasCommand | UnaliasCommand):
+        return True
     return isinstance(cmd, DropCommand) and SHARD_SEPARATOR in cmd.index
 
 

@@ -154,6 +154,7 @@ from worker.service.importsource import (
 from worker.service.partition import Partition, PartitionStatus
 from worker.service.ports import KafkaPort, PartitionRegistry, TaskOwner
 from worker.service.protocol_auth import ProtocolAuth, load_protocol_auth
+from worker.service.sharding import member_shard
 from worker.storage.blobstore import (
     BlobNotFound,
     BlobStore,
@@ -166,6 +167,7 @@ from worker.wire.arrays import ID_KINDS, VECTOR_KINDS, VECTOR_MEMBERS, ArrayFile
 from worker.wire.commands import ImportCommand, MergeCommand, MergeDoneCommand, MergeInCommand
 from worker.wire.headers import ReplyTo
 from worker.wire.replies import ErrorInfo
+from worker.wire.shards import shard_of
 from worker.wire.topics import TopicsConfig, home_partition
 
 __all__ = [
@@ -184,6 +186,7 @@ __all__ = [
     "merge_id_of",
     "merge_locally",
     "receive_export",
+    "validate_import",
 ]
 
 log = logging.getLogger(__name__)
@@ -543,18 +546,11 @@ def apply_import(
         raise IndexNotFound(f"import: index {cmd.index!r} does not exist")
     started = time.monotonic()
     rows = _load_rows(cmd, fetch, policy)
-    if rows.n and rows.vectors.shape[1] != index.params.dim:
-        raise DimMismatch(
-            f"import: the vectors of source do not have the dim of index {cmd.index!r} "
-            f"({index.params.dim})"
-        )
+    member = member_shard(partition, cmd.index)
+    if member is not None:  # a member of a sharded index imports the rows of its shard
+        rows = rows.of_shard(member[1], member[2])
+    _validate_rows(rows, index, cmd, out.offset)
     chunk = max(1, min(cmd.chunk_items, index.limits.max_batch_items))
-    for start in range(0, rows.n, chunk):
-        writes = rows.writes(start, start + chunk, out.offset, cmd.version)
-        try:
-            index.validate(writes)
-        except LhvError as exc:
-            raise _row_error(exc, writes, start) from None
     loaded = time.monotonic()
     applied = 0
     for start in range(0, rows.n, chunk):
@@ -569,6 +565,39 @@ def apply_import(
         loaded - started,
         time.monotonic() - loaded,
     )
+
+
+def validate_import(
+    cmd: ImportCommand,
+    index: Index,
+    fetch: Callable[[str, str], bytes],
+    policy: ImportPolicy,
+    *,
+    offset: int,
+) -> None:
+    """Read and validate every row of an import against `index`'s parameters without
+    applying anything: the home of a sharded index checks an import whole before it
+    forwards it to the members.
+
+    Raises:
+        LhvError: as `apply_import` (bad or refused source, dim mismatch, an invalid row).
+    """
+    _validate_rows(_load_rows(cmd, fetch, policy), index, cmd, offset)
+
+
+def _validate_rows(rows: _Rows, index: Index, cmd: ImportCommand, offset: int) -> None:
+    if rows.n and rows.vectors.shape[1] != index.params.dim:
+        raise DimMismatch(
+            f"import: the vectors of source do not have the dim of index {cmd.index!r} "
+            f"({index.params.dim})"
+        )
+    chunk = max(1, min(cmd.chunk_items, index.limits.max_batch_items))
+    for start in range(0, rows.n, chunk):
+        writes = rows.writes(start, start + chunk, offset, cmd.version)
+        try:
+            index.validate(writes)
+        except LhvError as exc:
+            raise _row_error(exc, writes, start) from None
 
 
 def _row_error(exc: LhvError, writes: Sequence[Write], start: int) -> LhvError:
@@ -835,6 +864,10 @@ class MergeProtocol:
         fetch = import_fetcher(self._sources, self._wait)
         apply_import(partition, cmd, out, fetch, self._imports)
 
+    def check_import(self, cmd: ImportCommand, index: Index, offset: int) -> None:
+        fetch = import_fetcher(self._sources, self._wait)
+        validate_import(cmd, index, fetch, self._imports, offset=offset)
+
     # -- S3 and Kafka steps (on the worker's loop) ----------------------------------------
 
     # The worker's long-lived store: a new S3 client per step (the sweeper takes one every
@@ -1015,6 +1048,17 @@ class _Rows:
     @property
     def n(self) -> int:
         return int(self.vectors.shape[0])
+
+    def of_shard(self, shard: int, shards: int) -> _Rows:
+        """The rows whose id belongs to `shard` of `shards` (in order)."""
+        ids = self.ids if self.ids is not None else [str(pos) for pos in range(self.n)]
+        keep = [pos for pos, id_ in enumerate(ids) if shard_of(id_, shards) == shard]
+        return _Rows(
+            vectors=self.vectors[keep],
+            ids=[ids[pos] for pos in keep],
+            metadata=None if self.metadata is None else [self.metadata[pos] for pos in keep],
+            versions=None if self.versions is None else [self.versions[pos] for pos in keep],
+        )
 
     def check(self) -> None:
         for field, values in (("ids", self.ids), ("metadata rows", self.metadata)):

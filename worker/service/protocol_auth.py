@@ -83,6 +83,10 @@ class ProtocolAuth:
     def _mac(self, secret: bytes, key: bytes, value: bytes) -> bytes:
         return hmac.new(secret, _mac_input(self._topic, key, value), hashlib.sha256).digest()
 
+    @property
+    def can_sign(self) -> bool:
+        return bool(self._keys)
+
     def header(self, key: bytes, value: bytes) -> tuple[str, bytes]:
         """The MAC header to send with the record (`key`, `value`)."""
         if not self._keys:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -49,12 +49,14 @@ from worker.service.ports import KafkaPort
 from worker.service.protocol_auth import ProtocolAuth
 from worker.wire.commands import (
     AddCommand,
+    AliasCommand,
     Command,
     CreateCommand,
     DeleteCommand,
     DropCommand,
     ImportCommand,
     Origin,
+    UnaliasCommand,
     forward_value,
 )
 from worker.wire.shards import parse_shard_name, shard_key, shard_of, split_by_shard
@@ -226,9 +228,11 @@ def at_home(
     num_partitions: int,
     auth: ProtocolAuth | None,
     index_limits: Limits,
+    check_import: Callable[[ImportCommand, Index, int], None] | None = None,
 ) -> HomeStep | None:
     """The home's step for a record keyed by a name of this partition's catalog, or for a
     sharded `create`; None when the record is an ordinary one (apply it as usual).
+    `check_import(cmd, index, offset)` validates an import's rows (`BarrierSteps`).
 
     Raises:
         LhvError: the record is rejected; nothing changed and nothing is forwarded.
@@ -240,6 +244,8 @@ def at_home(
         if entry is None and cmd.shards <= 1:
             return None
         return _create(partition, cmd, entry, offset, num_partitions, auth, index_limits)
+    if isinstance(cmd, AliasCommand | UnaliasCommand):
+        return _alias(partition, cmd, entry, offset)
     if entry is None:
         return None
     if isinstance(entry, Alias):
@@ -254,6 +260,9 @@ def at_home(
         log.info("sharded index dropped", extra={"index": cmd.index, "offset": offset})
         return step
     if isinstance(cmd, ImportCommand):
+        if check_import is None:
+            raise Internal("import: this worker cannot read imports")
+        check_import(cmd, _validator(partition, cmd.index, entry, index_limits), offset)
         return _to_members(partition, cmd, entry, offset, num_partitions, auth)
     raise InvalidRequest(
         f"{cmd.op}: {cmd.index!r} is a sharded index; {cmd.op} of a sharded index is not supported"
@@ -271,17 +280,15 @@ def _signed(
     shards: int | None = None,
     via_alias: str | None = None,
 ) -> Forward:
-    if auth is None:
-        raise Internal(f"{cmd.op}: no internal key here: records cannot be forwarded")
     value = forward_value(
         cmd, index=key, origin=origin, positions=positions, shards=shards, via_alias=via_alias
     )
     raw = key.encode("utf-8")
+    # Without a key (a test's apply, `lhv replay` where no worker ever signed) the record
+    # is unsigned: nothing sends it, and a partition would refuse it.
+    headers = (auth.header(raw, value),) if auth is not None and auth.can_sign else ()
     return Forward(
-        key=key,
-        value=value,
-        partition=home_partition(raw, num_partitions),
-        headers=(auth.header(raw, value),),
+        key=key, value=value, partition=home_partition(raw, num_partitions), headers=headers
     )
 
 
@@ -322,6 +329,34 @@ def _create(
         "sharded index created: %d shards", cmd.shards, extra={"index": name, "offset": offset}
     )
     return step
+
+
+def _alias(
+    partition: Partition,
+    cmd: AliasCommand | UnaliasCommand,
+    entry: CatalogEntry | None,
+    offset: int,
+) -> HomeStep:
+    name = cmd.index
+    if isinstance(cmd, UnaliasCommand):
+        if not isinstance(entry, Alias):
+            raise IndexNotFound(f"unalias: {name!r} is not an alias")
+        del partition.catalog[name]
+        log.info("alias removed", extra={"index": name, "offset": offset})
+        return HomeStep(applied=1)
+    if name in partition.indexes or isinstance(entry, Sharded):
+        raise IndexExists(
+            f"alias: {name!r} is an index: an alias of that name would shadow it (pick "
+            "another name, or drop the index first)"
+        )
+    partition.catalog[name] = Alias(cmd.target)
+    log.info(
+        "alias now names %s (was %s)",
+        cmd.target,
+        entry.target if isinstance(entry, Alias) else None,
+        extra={"index": name, "offset": offset},
+    )
+    return HomeStep(applied=1)
 
 
 def _validator(partition: Partition, name: str, entry: Sharded, limits: Limits) -> Index:

@@ -30,6 +30,7 @@ from worker.wire.vectors import _NO_VECTOR, _b64_bytes, _check_finite, _json_row
 __all__ = [
     "AddCommand",
     "AddItem",
+    "AliasCommand",
     "Command",
     "CreateCommand",
     "DeleteCommand",
@@ -39,6 +40,7 @@ __all__ = [
     "MergeDoneCommand",
     "MergeInCommand",
     "Origin",
+    "UnaliasCommand",
     "decode_command",
     "forward_value",
 ]
@@ -226,6 +228,21 @@ class MergeDoneCommand(_Base):
         return self.index.encode("utf-8"), orjson.dumps(body)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AliasCommand(_Base):
+    """Make `index` (the alias) name `target`; replaces the alias's previous target."""
+
+    op: ClassVar[str] = "alias"
+    target: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnaliasCommand(_Base):
+    """Remove the alias `index`."""
+
+    op: ClassVar[str] = "unalias"
+
+
 Command: TypeAlias = (
     CreateCommand
     | DropCommand
@@ -235,6 +252,8 @@ Command: TypeAlias = (
     | ImportCommand
     | MergeInCommand
     | MergeDoneCommand
+    | AliasCommand
+    | UnaliasCommand
 )
 
 
@@ -494,6 +513,14 @@ def _command(
             version=_opt_int(body.get("version")),
             chunk_items=_int(body.get("chunk_items"), 10_000),
         )
+    if op == "alias":
+        if body["target"] == index:
+            raise InvalidRequest(f"alias: {index!r} cannot be an alias of itself")
+        return AliasCommand(
+            index=index, request_id=request_id, reply_to=reply_to, target=body["target"]
+        )
+    if op == "unalias":
+        return UnaliasCommand(index=index, request_id=request_id, reply_to=reply_to)
     reply = body.get("reply")
     if op == "merge_in":
         if body["source_index"] == index:

@@ -7,7 +7,18 @@ from dataclasses import dataclass, fields
 __all__ = ["COMMAND_OPS", "QUERY_OPS", "MessageLimits"]
 
 
-COMMAND_OPS = ("create", "drop", "add", "delete", "merge", "import", "merge_in", "merge_done")
+COMMAND_OPS = (
+    "create",
+    "drop",
+    "add",
+    "delete",
+    "merge",
+    "import",
+    "merge_in",
+    "merge_done",
+    "alias",
+    "unalias",
+)
 QUERY_OPS = ("search", "get", "stats", "describe")
 
 _INT64_MAX = 2**63 - 1
