@@ -52,6 +52,7 @@ from lhv_index import Frame, Index, IndexParams, read_delta, read_frame, read_sn
 from lhv_index.errors import Internal, InvalidRequest, LhvError, SnapshotError
 from worker.kafka.errors import map_kafka_errors
 from worker.service.apply import Outcome, apply_records, decode_records
+from worker.service.catalog import catalog_to_wire
 from worker.service.config import WorkerConfig
 from worker.service.importsource import SourcePolicy, read_object
 from worker.service.merge import (
@@ -214,6 +215,19 @@ async def inspect_snapshot(blobs: BlobStore, topic: str, target: str) -> dict[st
                 }
                 break
         else:
+            for listing in await cps.listing():
+                kind_of = listing.manifest.catalog.get(target) if listing.manifest else None
+                if kind_of is not None and kind_of.get("kind") == "sharded":
+                    raise BlobNotFound(
+                        f"{target!r} is a sharded index of {kind_of['shards']} shards: inspect "
+                        f"its members {target}#0 .. {target}#{int(kind_of['shards']) - 1}",
+                        key=target,
+                    )
+                if kind_of is not None:
+                    raise BlobNotFound(
+                        f"{target!r} is an alias of {kind_of.get('target')!r}: inspect that",
+                        key=target,
+                    )
             raise BlobNotFound(f"no manifest of {topic} names an index {target!r}", key=target)
     data, etag = await blobs.get(key)
     frame = read_frame(data, verify=False)
@@ -554,6 +568,7 @@ class _Replay:
             report.errors.append(f"partition {p}: {error}")
             return
         await _compare(self.cps, p, manifest, partition.indexes, skipped, report)
+        report.diffs.extend(_sharded_diffs(p, manifest, partition))
 
     async def _rebuild(self, run: _Run, partition: Partition, skipped: set[str]) -> str | None:
         """Apply the log of `run.partition` up to `run.target` to `partition`; returns
@@ -823,6 +838,44 @@ async def _compare(
             report.diffs.append(IndexDiff(p, name, diff[0], tuple(diff[1])))
 
 
+def _sharded_diffs(p: int, manifest: Manifest, partition: Partition) -> list[IndexDiff]:
+    """What differs between the partition's sharded state rebuilt from the log (its
+    catalog, the shard counts of its members, its forwarding marks) and the manifest's."""
+    diffs = []
+    rebuilt = catalog_to_wire(partition.catalog)
+    for name in sorted(set(rebuilt) | set(manifest.catalog)):
+        log_entry, stored = rebuilt.get(name), manifest.catalog.get(name)
+        if log_entry != (None if stored is None else dict(stored)):
+            diffs.append(
+                IndexDiff(
+                    p,
+                    name,
+                    f"catalog entry differs between the log ({log_entry}) and the manifest "
+                    f"({None if stored is None else dict(stored)})",
+                )
+            )
+    for name in sorted(set(partition.members) | set(manifest.members)):
+        log_s, stored_s = partition.members.get(name), manifest.members.get(name)
+        if log_s != stored_s:
+            diffs.append(
+                IndexDiff(
+                    p,
+                    name,
+                    f"member of {log_s} shards in the log, of {stored_s} in the manifest",
+                )
+            )
+    if dict(partition.forwarded) != dict(manifest.forwarded):
+        diffs.append(
+            IndexDiff(
+                p,
+                "",
+                f"forwarding marks differ between the log ({dict(partition.forwarded)}) and "
+                f"the manifest ({dict(manifest.forwarded)})",
+            )
+        )
+    return diffs
+
+
 def _state_diff(rebuilt: Index, stored: Index, covered: int) -> tuple[str, list[str]] | None:
     """None when both hold the same logical state, else (what differs, the ids).
 
@@ -951,6 +1004,8 @@ def _print_listing(listings: list[PartitionListing], as_json: bool) -> int:
                     "writer": m.writer,
                     "written_at": m.written_at,
                     "indexes": len(m.indexes),
+                    "catalog": {n: dict(e) for n, e in sorted(m.catalog.items())},
+                    "members": dict(sorted(m.members.items())),
                 },
                 "snapshots": snaps + missing,
             }
@@ -968,6 +1023,13 @@ def _print_listing(listings: list[PartitionListing], as_json: bool) -> int:
                 f"partition {row['partition']}: offset {m['offset']} generation "
                 f"{m['generation']} writer {m['writer']} at {written}, {m['indexes']} indexes"
             )
+            for name, entry in m["catalog"].items():
+                what = (
+                    f"sharded, {entry['shards']} shards ({name}#0 .. {name}#{entry['shards'] - 1})"
+                    if entry.get("kind") == "sharded"
+                    else f"alias of {entry.get('target')!r}"
+                )
+                print(f"  {name:<24} {what}")
         for s in row["snapshots"]:
             if s.get("missing"):
                 state = "MISSING"
@@ -976,7 +1038,9 @@ def _print_listing(listings: list[PartitionListing], as_json: bool) -> int:
             else:
                 state = "unreferenced (collected after the next checkpoint)"
             gen = f" gen {m['generation']} {m['writer']}" if s["named"] and m else ""
-            print(f"  {s['index']:<24} {state}{gen}  {s['key']}")
+            shards = m["members"].get(s["index"]) if m else None
+            member = f" (member of {shards} shards)" if shards else ""
+            print(f"  {s['index']:<24} {state}{gen}{member}  {s['key']}")
     return 0
 
 
