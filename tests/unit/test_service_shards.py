@@ -430,3 +430,49 @@ async def test_alias_errors_shadowing_chain_unalias_create_and_drop() -> None:
         assert codes[b"create"] == "index_exists"
         assert codes[b"drop"] == "invalid_request"
         assert codes[b"unalias"] == "ok" and codes[b"unalias-again"] == "index_not_found"
+
+
+# -- drop and merge ---------------------------------------------------------------------------
+
+
+async def test_dropping_a_sharded_index_drops_its_members_and_frees_the_name() -> None:
+    cluster = Cluster(partitions=P)
+    name = _name_apart(3)
+    _create(cluster, name, 3)
+    _add(cluster, name, [f"id{i}" for i in range(30)])
+    cluster.command(name, {"op": "drop"}, reply=b"drop")
+    _create(cluster, name, 2, reply=b"again")
+    _add(cluster, name, ["new"])
+    async with cluster.worker("a") as (w, client, _):
+        await client.assign(range(P))
+        await eventually(lambda: b"again" in cluster.replies(), "the acks")
+        drop = cluster.replies()[b"drop"]
+        assert drop["status"] == "ok" and len(drop["forwarded"]) == 3
+        assert cluster.replies()[b"again"]["status"] == "ok"
+        await eventually(_all_caught_up(cluster, [w]), "applied")
+        assert f"{name}#2" not in {n for part in w.partitions.values() for n in part.indexes}
+        assert sorted(_live([w], name, 2)) == ["new"]
+
+
+async def test_a_merge_of_a_sharded_index_runs_per_member_into_the_destination() -> None:
+    cluster = Cluster(partitions=P)
+    name = _name_apart(2)
+    _create(cluster, name, 2)
+    cluster.command("dest", {"op": "create", "dim": 2, "space": "l2", "engine": "exact"})
+    ids = [f"id{i}" for i in range(20)]
+    _add(cluster, name, ids)
+    cluster.command(name, {"op": "merge", "dest": "dest", "clear_source": True}, reply=b"m")
+    cluster.command("dest", {"op": "merge", "dest": name}, reply=b"into")
+    async with cluster.worker("a") as (w, client, _):
+        await client.assign(range(P))
+        await eventually(lambda: b"m" in cluster.replies(), "the merge's ack")
+        assert cluster.replies()[b"m"]["status"] == "ok"
+        dest = w.partitions[home_partition(b"dest", P)]
+        await eventually(
+            lambda: sorted(dest.indexes["dest"].logical_state()["live"]) == sorted(ids),
+            "every member merged into dest",
+            timeout_s=30,
+        )
+        await eventually(lambda: not _live([w], name, 2), "the members were cleared")
+        await eventually(lambda: b"into" in cluster.replies(), "the other merge's ack")
+        assert cluster.replies()[b"into"]["error"]["code"] == "index_not_found"

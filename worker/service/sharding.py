@@ -13,7 +13,11 @@ Home side (the partition of NAME, holding NAME's catalog entry):
   catalog's parameters (nothing is forwarded when one item is bad), split by `shard_of`
   (order kept within each shard), one forwarded record per shard that has items.
 - `drop` NAME: forwarded to every member, the catalog entry removed.
-- `import` NAME: forwarded whole to every member; each member imports its shard's rows.
+- `import` NAME: checked whole (its objects read and validated), then forwarded to every
+  member; each member imports its shard's rows.
+- `merge` NAME into DEST: forwarded to every member; each member merges its items into
+  DEST with the merge protocol (a merge into a sharded index is not supported: the
+  destination's home finds no index of that name and the requester gets that error).
 - A write keyed by an alias is forwarded whole to the alias's target (`via_alias`).
 
 Forwarded records carry `origin: {partition, offset, part}` and the protocol MAC
@@ -55,6 +59,9 @@ from worker.wire.commands import (
     DeleteCommand,
     DropCommand,
     ImportCommand,
+    MergeCommand,
+    MergeDoneCommand,
+    MergeInCommand,
     Origin,
     UnaliasCommand,
     forward_value,
@@ -246,7 +253,9 @@ def at_home(
         return _create(partition, cmd, entry, offset, num_partitions, auth, index_limits)
     if isinstance(cmd, AliasCommand | UnaliasCommand):
         return _alias(partition, cmd, entry, offset)
-    if entry is None:
+    if entry is None or isinstance(cmd, MergeInCommand | MergeDoneCommand):
+        # a merge step keyed by a catalog name goes the usual way: a merge into a sharded
+        # index or an alias finds no index there and says so to the merge's requester
         return None
     if isinstance(entry, Alias):
         return _via_alias(partition, cmd, entry, offset, num_partitions, auth)
@@ -259,6 +268,9 @@ def at_home(
         step.applied = 1
         log.info("sharded index dropped", extra={"index": cmd.index, "offset": offset})
         return step
+    if isinstance(cmd, MergeCommand):
+        # each member merges its items into the destination (the merge protocol)
+        return _to_members(partition, cmd, entry, offset, num_partitions, auth)
     if isinstance(cmd, ImportCommand):
         if check_import is None:
             raise Internal("import: this worker cannot read imports")
@@ -444,7 +456,7 @@ def _via_alias(
             f"drop: {cmd.index!r} is an alias (of {entry.target!r}): drop the target, or "
             f"unalias {cmd.index!r}"
         )
-    if not isinstance(cmd, AddCommand | DeleteCommand | ImportCommand):
+    if not isinstance(cmd, AddCommand | DeleteCommand | ImportCommand | MergeCommand):
         raise InvalidRequest(f"{cmd.op}: {cmd.index!r} is an alias; {cmd.op} needs an index")
     origin = Origin(partition.number, offset, 0)
     forward = _signed(

@@ -373,6 +373,9 @@ def forward_value(
             if value is not None:
                 body[name] = value
         body["chunk_items"] = cmd.chunk_items
+    elif isinstance(cmd, MergeCommand):
+        body["dest"] = cmd.dest
+        body["clear_source"] = cmd.clear_source
     elif not isinstance(cmd, DropCommand):
         raise ValueError(f"{cmd.op} records are not forwarded")
     return orjson.dumps(body)
@@ -496,6 +499,8 @@ def _command(
             index=index,
             request_id=request_id,
             reply_to=reply_to,
+            origin=origin,
+            via_alias=via_alias,
             dest=body["dest"],
             clear_source=bool(body.get("clear_source", False)),
         )
