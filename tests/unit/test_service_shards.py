@@ -476,3 +476,46 @@ async def test_a_merge_of_a_sharded_index_runs_per_member_into_the_destination()
         await eventually(lambda: not _live([w], name, 2), "the members were cleared")
         await eventually(lambda: b"into" in cluster.replies(), "the other merge's ack")
         assert cluster.replies()[b"into"]["error"]["code"] == "index_not_found"
+
+
+# -- sizes ------------------------------------------------------------------------------------
+
+
+async def test_a_record_whose_forwards_would_be_over_the_size_bound_is_refused_whole() -> None:
+    cluster = Cluster(partitions=P)
+    name = _name_apart(2)
+    cluster.command(name, {"op": "create", "dim": 300, "engine": "exact", "shards": 2})
+    items = [{"id": f"id{i}", "vector": [0] * 299 + [1]} for i in range(2)]
+    size = len(orjson.dumps({"index": name, "op": "add", "items": items}))
+    cluster.command(name, {"op": "add", "items": items}, reply=b"big")
+    limits = MessageLimits(max_message_bytes=size + 200)
+    async with cluster.worker("a", limits=limits) as (w, client, _):
+        await client.assign(range(P))
+        await eventually(lambda: b"big" in cluster.replies(), "the ack")
+        ack = cluster.replies()[b"big"]
+        assert (
+            ack["error"]["code"] == "invalid_request"
+            and "max_message_bytes" in ack["error"]["message"]
+        )
+        await eventually(_all_caught_up(cluster, [w]), "applied")
+        assert _forward_count(cluster, name) == 2, "only the creates were forwarded"
+
+
+async def test_a_forward_the_broker_refuses_fails_its_record_and_the_partition_goes_on() -> None:
+    from aiokafka.errors import MessageSizeTooLargeError
+
+    cluster = Cluster(partitions=P)
+    name = _name_apart(2)
+    _create(cluster, name, 2)
+    async with cluster.worker("a") as (w, client, run):
+        await client.assign(range(P))
+        await eventually(_all_caught_up(cluster, [w]), "created")
+        client.fail_sends, client.send_error = 1, MessageSizeTooLargeError("too large")
+        _add(cluster, name, ["only"], reply=b"refused")
+        _add(cluster, name, ["next"], reply=b"next")
+        await eventually(lambda: b"next" in cluster.replies(), "the acks")
+        assert cluster.replies()[b"refused"]["error"]["code"] == "invalid_request"
+        assert cluster.replies()[b"next"]["status"] == "ok"
+        await eventually(_all_caught_up(cluster, [w]), "applied")
+        assert sorted(_live([w], name, 2)) == ["next"]
+        assert not run.done()

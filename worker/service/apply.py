@@ -293,6 +293,7 @@ def apply_records(
                     num_partitions=num_partitions,
                     auth=auth(),
                     index_limits=index_limits,
+                    max_record_bytes=limits.max_message_bytes,
                     check_import=None if barrier is None else barrier.check_import,
                 )
                 if home is not None:

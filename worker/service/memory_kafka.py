@@ -254,6 +254,8 @@ class MemoryClient:
         self.stopped = False
         self.fail_sends = 0
         """`send_internal` fails this many times before it produces again (tests)"""
+        self.send_error: Exception | None = None
+        """what those failures raise (default `KafkaConnectionError`)"""
 
     async def start(self) -> None:
         self.started = True
@@ -387,7 +389,7 @@ class MemoryClient:
         await asyncio.sleep(0)
         if self.fail_sends:
             self.fail_sends -= 1
-            raise KafkaConnectionError("send failed (MemoryClient.fail_sends)")
+            raise self.send_error or KafkaConnectionError("send failed (MemoryClient.fail_sends)")
         return self.broker.produce(topic, key, value, headers=headers, partition=partition).offset
 
     async def flush(self) -> None:

@@ -45,6 +45,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
+
 from lhv_index import Clock, Delete, EngineKind, Index, IndexParams, Limits, Upsert, Write
 from lhv_index.errors import IndexExists, IndexNotFound, Internal, InvalidRequest, WrongPartition
 from worker.service.catalog import Alias, CatalogEntry, Sharded
@@ -85,6 +87,8 @@ log = logging.getLogger(__name__)
 #: the longest the runner keeps retrying to produce one forwarded record (then it fails,
 #: and the worker exits: the next owner replays and forwards again)
 FORWARD_TIMEOUT_S = 600.0
+#: what the broker says of a record it will never take: not retried
+_REFUSED = (MessageSizeTooLargeError, RecordTooLargeError)
 _RETRY_FIRST_S = 0.2
 _RETRY_MAX_S = 5.0
 
@@ -235,6 +239,7 @@ def at_home(
     num_partitions: int,
     auth: ProtocolAuth | None,
     index_limits: Limits,
+    max_record_bytes: int,
     check_import: Callable[[ImportCommand, Index, int], None] | None = None,
 ) -> HomeStep | None:
     """The home's step for a record keyed by a name of this partition's catalog, or for a
@@ -247,10 +252,11 @@ def at_home(
     if parse_shard_name(cmd.index) is not None:
         return None  # a member: an index of its own partition
     entry = partition.catalog.get(cmd.index)
+    sign = _Signer(auth, num_partitions, max_record_bytes)
     if isinstance(cmd, CreateCommand):
         if entry is None and cmd.shards <= 1:
             return None
-        return _create(partition, cmd, entry, offset, num_partitions, auth, index_limits)
+        return _create(partition, cmd, entry, offset, sign, index_limits)
     if isinstance(cmd, AliasCommand | UnaliasCommand):
         return _alias(partition, cmd, entry, offset)
     if entry is None or isinstance(cmd, MergeInCommand | MergeDoneCommand):
@@ -258,50 +264,67 @@ def at_home(
         # index or an alias finds no index there and says so to the merge's requester
         return None
     if isinstance(entry, Alias):
-        return _via_alias(partition, cmd, entry, offset, num_partitions, auth)
+        return _via_alias(partition, cmd, entry, offset, sign)
     if isinstance(cmd, AddCommand | DeleteCommand):
-        return _split(partition, cmd, entry, offset, num_partitions, auth, index_limits)
+        return _split(partition, cmd, entry, offset, sign, index_limits)
     if isinstance(cmd, DropCommand):
         del partition.catalog[cmd.index]
         partition.validators.pop(cmd.index, None)
-        step = _to_members(partition, cmd, entry, offset, num_partitions, auth)
+        step = _to_members(partition, cmd, entry, offset, sign)
         step.applied = 1
         log.info("sharded index dropped", extra={"index": cmd.index, "offset": offset})
         return step
     if isinstance(cmd, MergeCommand):
         # each member merges its items into the destination (the merge protocol)
-        return _to_members(partition, cmd, entry, offset, num_partitions, auth)
+        return _to_members(partition, cmd, entry, offset, sign)
     if isinstance(cmd, ImportCommand):
         if check_import is None:
             raise Internal("import: this worker cannot read imports")
         check_import(cmd, _validator(partition, cmd.index, entry, index_limits), offset)
-        return _to_members(partition, cmd, entry, offset, num_partitions, auth)
+        return _to_members(partition, cmd, entry, offset, sign)
     raise InvalidRequest(
         f"{cmd.op}: {cmd.index!r} is a sharded index; {cmd.op} of a sharded index is not supported"
     )
 
 
-def _signed(
-    cmd: Command,
-    auth: ProtocolAuth | None,
-    num_partitions: int,
-    *,
-    key: str,
-    origin: Origin,
-    positions: Sequence[int] | None = None,
-    shards: int | None = None,
-    via_alias: str | None = None,
-) -> Forward:
-    value = forward_value(
-        cmd, index=key, origin=origin, positions=positions, shards=shards, via_alias=via_alias
-    )
-    raw = key.encode("utf-8")
-    # Without a key (a test's apply, `lhv replay` where no worker ever signed) the record
-    # is unsigned: nothing sends it, and a partition would refuse it.
-    headers = (auth.header(raw, value),) if auth is not None and auth.can_sign else ()
-    return Forward(
-        key=key, value=value, partition=home_partition(raw, num_partitions), headers=headers
-    )
+@dataclass(frozen=True, slots=True)
+class _Signer:
+    """Makes the signed forwarded records of one home step."""
+
+    auth: ProtocolAuth | None
+    num_partitions: int
+    max_bytes: int
+    """a forwarded record over it is refused at the home (a member would refuse it)"""
+
+    def forward(
+        self,
+        cmd: Command,
+        *,
+        key: str,
+        origin: Origin,
+        positions: Sequence[int] | None = None,
+        shards: int | None = None,
+        via_alias: str | None = None,
+    ) -> Forward:
+        value = forward_value(
+            cmd, index=key, origin=origin, positions=positions, shards=shards, via_alias=via_alias
+        )
+        if len(value) > self.max_bytes:
+            raise InvalidRequest(
+                f"{cmd.op}: the record forwarded to {key!r} would be {len(value)} bytes, over "
+                f"max_message_bytes ({self.max_bytes}): send smaller records (or vector_b64)"
+            )
+        raw = key.encode("utf-8")
+        # Without a key (a test's apply, `lhv replay` where no worker ever signed) the
+        # record is unsigned: nothing sends it, and a partition would refuse it.
+        auth = self.auth
+        headers = (auth.header(raw, value),) if auth is not None and auth.can_sign else ()
+        return Forward(
+            key=key,
+            value=value,
+            partition=home_partition(raw, self.num_partitions),
+            headers=headers,
+        )
 
 
 def _create(
@@ -309,8 +332,7 @@ def _create(
     cmd: CreateCommand,
     entry: CatalogEntry | None,
     offset: int,
-    num_partitions: int,
-    auth: ProtocolAuth | None,
+    sign: _Signer,
     index_limits: Limits,
 ) -> HomeStep:
     name = cmd.index
@@ -334,9 +356,7 @@ def _create(
     for s in range(cmd.shards):
         key = shard_key(name, s, cmd.shards)
         origin = Origin(partition.number, offset, s)
-        step.forwards.append(
-            _signed(cmd, auth, num_partitions, key=key, origin=origin, shards=cmd.shards)
-        )
+        step.forwards.append(sign.forward(cmd, key=key, origin=origin, shards=cmd.shards))
     log.info(
         "sharded index created: %d shards", cmd.shards, extra={"index": name, "offset": offset}
     )
@@ -405,8 +425,7 @@ def _split(
     cmd: AddCommand | DeleteCommand,
     entry: Sharded,
     offset: int,
-    num_partitions: int,
-    auth: ProtocolAuth | None,
+    sign: _Signer,
     limits: Limits,
 ) -> HomeStep:
     validator = _validator(partition, cmd.index, entry, limits)
@@ -416,9 +435,7 @@ def _split(
     for part, (shard, positions) in enumerate(sorted(split_by_shard(ids, entry.shards).items())):
         key = shard_key(cmd.index, shard, entry.shards)
         origin = Origin(partition.number, offset, part)
-        step.forwards.append(
-            _signed(cmd, auth, num_partitions, key=key, origin=origin, positions=positions)
-        )
+        step.forwards.append(sign.forward(cmd, key=key, origin=origin, positions=positions))
     return step
 
 
@@ -427,14 +444,13 @@ def _to_members(
     cmd: Command,
     entry: Sharded,
     offset: int,
-    num_partitions: int,
-    auth: ProtocolAuth | None,
+    sign: _Signer,
 ) -> HomeStep:
     step = HomeStep()
     for s in range(entry.shards):
         key = shard_key(cmd.index, s, entry.shards)
         origin = Origin(partition.number, offset, s)
-        step.forwards.append(_signed(cmd, auth, num_partitions, key=key, origin=origin))
+        step.forwards.append(sign.forward(cmd, key=key, origin=origin))
     return step
 
 
@@ -443,8 +459,7 @@ def _via_alias(
     cmd: Command,
     entry: Alias,
     offset: int,
-    num_partitions: int,
-    auth: ProtocolAuth | None,
+    sign: _Signer,
 ) -> HomeStep:
     if cmd.via_alias is not None:
         raise InvalidRequest(
@@ -459,9 +474,7 @@ def _via_alias(
     if not isinstance(cmd, AddCommand | DeleteCommand | ImportCommand | MergeCommand):
         raise InvalidRequest(f"{cmd.op}: {cmd.index!r} is an alias; {cmd.op} needs an index")
     origin = Origin(partition.number, offset, 0)
-    forward = _signed(
-        cmd, auth, num_partitions, key=entry.target, origin=origin, via_alias=cmd.index
-    )
+    forward = sign.forward(cmd, key=entry.target, origin=origin, via_alias=cmd.index)
     return HomeStep(forwards=[forward])
 
 
@@ -523,7 +536,24 @@ class Forwarder:
 
     async def _lane(self, todo: list[tuple[Any, Forward]]) -> None:
         for out, forward in todo:
-            offset = await self._produce(forward)
+            try:
+                offset = await self._produce(forward)
+            except _REFUSED as exc:
+                # The broker will never take it (its size bound is below ours): an error
+                # for the original record, whatever else of it was forwarded; retrying
+                # would stop the partition for good.
+                log.error(
+                    "forwarded record to %s refused by the broker: %s",
+                    forward.key,
+                    exc,
+                    extra={"offset": out.offset},
+                )
+                out.error = InvalidRequest(
+                    f"{out.op}: the record forwarded to {forward.key!r} "
+                    f"({len(forward.value)} bytes) was refused by the broker ({exc}); other "
+                    "parts of this record may have been forwarded: send smaller records"
+                )
+                continue
             if out.forwarded is None:
                 out.forwarded = {}
             out.forwarded[forward.key] = offset
@@ -540,7 +570,7 @@ class Forwarder:
                     partition=forward.partition,
                     headers=list(forward.headers),
                 )
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, *_REFUSED):
                 raise
             except Exception as exc:
                 if time.monotonic() + delay > deadline:
