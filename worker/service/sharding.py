@@ -115,14 +115,6 @@ class HomeStep:
 # -- forwarded records: admission -------------------------------------------------------------
 
 
-def _count(cmd: Command) -> int:
-    if isinstance(cmd, AddCommand):
-        return len(cmd.items)
-    if isinstance(cmd, DeleteCommand):
-        return len(cmd.ids)
-    return 1
-
-
 def admit_forwarded(
     partition: Partition,
     cmd: Command,
@@ -170,7 +162,11 @@ def admit_forwarded(
 
 def duplicate_count(cmd: Command) -> int:
     """What a skipped duplicate counts as skipped: its items, ids, or 1."""
-    return _count(cmd)
+    if isinstance(cmd, AddCommand):
+        return len(cmd.items)
+    if isinstance(cmd, DeleteCommand):
+        return len(cmd.ids)
+    return 1
 
 
 # -- members ------------------------------------------------------------------------------------
