@@ -6,7 +6,9 @@ Unset (the normal case), `hit()` is a dictionary lookup and nothing else.
 
 Points: `mid_batch` (a batch applied in memory, acks and offsets not yet out),
 `mid_snapshot` (a snapshot uploaded, the manifest not yet written),
-`after_manifest` (the manifest written, the Kafka commit not yet made).
+`after_manifest` (the manifest written, the Kafka commit not yet made), `forwarded` (a
+batch's forwarded records taken by the broker, its acks not sent and no checkpoint
+covering it).
 """
 
 from __future__ import annotations

@@ -304,10 +304,10 @@ class Runner:
         p = self.partition
         started = time.monotonic()
         outcomes = await asyncio.to_thread(self._apply_in_thread, batch.records, decoded)
-        if self._forwarder is not None:
-            # before the acks, and before the policy may start a checkpoint covering these
-            # records: a checkpoint never covers an origin whose forwards are not taken
-            await self._forwarder.send(outcomes)
+        # before the acks, and before the policy may start a checkpoint covering these
+        # records: a checkpoint never covers an origin whose forwards are not taken
+        if self._forwarder is not None and await self._forwarder.send(outcomes):
+            failpoints.hit("forwarded")
         self.pending -= len(batch.records)
         self.pending_bytes -= batch.nbytes
         failpoints.hit("mid_batch")
