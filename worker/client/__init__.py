@@ -7,10 +7,23 @@ Installs and imports with the wire contract only (no hnswlib, annoy or S3 client
 from worker.client.client import (
     ClientClosed,
     Hit,
+    Hits,
+    Items,
     LhvClient,
     NotAcknowledged,
+    ShardsMissing,
     WriteResult,
     encode_vector,
 )
 
-__all__ = ["ClientClosed", "Hit", "LhvClient", "NotAcknowledged", "WriteResult", "encode_vector"]
+__all__ = [
+    "ClientClosed",
+    "Hit",
+    "Hits",
+    "Items",
+    "LhvClient",
+    "NotAcknowledged",
+    "ShardsMissing",
+    "WriteResult",
+    "encode_vector",
+]

@@ -22,6 +22,22 @@ Read-your-writes
     without sleeps or polling. Offsets are per partition; `after=` is meant for a write to
     the same index as the query.
 
+Sharded indexes and aliases
+    An index created with `create(..., shards=S)` is S member indexes `NAME#s` on their
+    own partitions. The client finds out what a name is with the `describe` query (cached
+    for `name_ttl_s`; an alias is followed to its target) and then talks to the members
+    directly: `add`/`delete` split items by `shard_of(id, S)` (order kept within each
+    member) and produce to each member key; the `WriteResult` names every member touched
+    in `offsets`. `search`/`search_many` send the query to every member, wait for all,
+    and merge the top k by (distance, id); `get` asks each member for its own ids;
+    `stats` sums `count`/`deleted` and lists each member under `shards`. `after=` gives
+    each member its own `min_offset`. A member that does not answer in time raises
+    `ShardsMissing` (a `DeadlineExceeded` naming the shards), or with `allow_partial=True`
+    the answer is flagged `partial` with `missing_shards`: never silently short. A call
+    that meets `index_not_found` resolves the name again and, when it changed (an alias
+    switched, an index re-created), is retried once. `resolve_names=False` skips all
+    this: every name is sent as it is (the worker forwards and gathers for sharded names).
+
 Coalesced searches
     `search` calls made in one event-loop turn (concurrent tasks, or `search_many`) that
     agree on the index, k, ef, filter, flags, read-your-writes offset and vector length are
@@ -62,10 +78,10 @@ import base64
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -73,16 +89,43 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from lhv_index import Hit
-from lhv_index.errors import Internal, error_for_code
+from lhv_index.errors import (
+    DeadlineExceeded,
+    IndexNotFound,
+    Internal,
+    InvalidRequest,
+    NotReady,
+    error_for_code,
+)
 from worker.kafka.admin import TopicCreationFailed, create_topics
 from worker.kafka.config import KafkaConfig
 from worker.kafka.errors import map_kafka_errors
+from worker.wire.gather import (
+    ShardsMissing,
+    merge_get_items,
+    merge_hits,
+    merge_stats_reply,
+    missing_error,
+)
 from worker.wire.headers import CORRELATION_ID, REPLY_TOPIC
+from worker.wire.shards import parse_shard_name, shard_key, shard_names, split_by_shard
 from worker.wire.topics import TopicsConfig
 
-__all__ = ["ClientClosed", "Hit", "LhvClient", "NotAcknowledged", "WriteResult", "encode_vector"]
+__all__ = [
+    "ClientClosed",
+    "Hit",
+    "Hits",
+    "Items",
+    "LhvClient",
+    "NotAcknowledged",
+    "ShardsMissing",
+    "WriteResult",
+    "encode_vector",
+]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ClientClosed(RuntimeError):
@@ -116,6 +159,63 @@ class WriteResult:
     """how many records the write produced"""
     ack: Mapping[str, Any] | None = None
     """the worker's acknowledgement of the last record, when it was asked for"""
+    offsets: Mapping[str, int] = field(default_factory=dict)
+    """a write to a sharded index: member key (`NAME#s`) -> offset of its last record,
+    for every member the write touched (empty for an ordinary index: `offset` says it)"""
+
+    def min_offset_for(self, key: str) -> int | None:
+        """The offset a query keyed `key` must wait for to see this write; None: none."""
+        if self.offsets:
+            return self.offsets.get(key)
+        forwarded = self.ack.get("forwarded") if self.ack is not None else None
+        if isinstance(forwarded, Mapping):  # written by name, split by the index's home
+            offset = forwarded.get(key)
+            return offset if isinstance(offset, int) else None
+        return None if parse_shard_name(key) is not None else self.offset
+
+
+class Hits(list[Hit]):
+    """The hits of one search, nearest first. `partial` is true (and `missing_shards`
+    names them) only when members of a sharded index did not answer and the call allowed
+    it (`allow_partial=True`)."""
+
+    def __init__(self, hits: Iterable[Hit] = (), missing_shards: Iterable[int] = ()) -> None:
+        super().__init__(hits)
+        self.missing_shards: tuple[int, ...] = tuple(sorted(missing_shards))
+        self.partial = bool(self.missing_shards)
+
+
+class Items(list[dict[str, Any]]):
+    """The items of one `get`, in the order asked; `partial` / `missing_shards` as `Hits`."""
+
+    def __init__(
+        self, items: Iterable[dict[str, Any]] = (), missing_shards: Iterable[int] = ()
+    ) -> None:
+        super().__init__(items)
+        self.missing_shards: tuple[int, ...] = tuple(sorted(missing_shards))
+        self.partial = bool(self.missing_shards)
+
+
+@dataclass(frozen=True, slots=True)
+class _Name:
+    """What a name resolved to: the index holding the data and its shard count."""
+
+    index: str
+    """the name itself, or an alias's target"""
+    shards: int = 1
+    expires: float = 0.0
+    """loop time after which it is asked again"""
+
+    @property
+    def sharded(self) -> bool:
+        return self.shards > 1
+
+    def same(self, other: _Name) -> bool:
+        return (self.index, self.shards) == (other.index, other.shards)
+
+
+#: a member of a sharded index that did not answer: counted missing, not an error
+_MISSING = (TimeoutError, DeadlineExceeded, NotReady)
 
 
 def encode_vector(vector: Any) -> str:
@@ -130,12 +230,22 @@ def _fail_all(futures: Iterable[asyncio.Future[Any]], exc: BaseException) -> Non
             fut.set_exception(exc)
 
 
-def _read_after(body: dict[str, Any], after: WriteResult | None, min_offset: int | None) -> None:
-    """Set the query's `min_offset`: the later of `min_offset` and the write `after`."""
+def _read_after(
+    body: dict[str, Any], after: WriteResult | None, min_offset: int | None, key: str | None = None
+) -> None:
+    """Set the query's `min_offset`: the later of `min_offset` and the write `after` (for a
+    sharded write, its offset on member `key`)."""
     if after is not None:
-        min_offset = max(min_offset if min_offset is not None else -1, after.offset)
+        wrote = after.min_offset_for(key) if key is not None else after.offset
+        if wrote is not None:
+            min_offset = max(min_offset if min_offset is not None else -1, wrote)
     if min_offset is not None:
         body["min_offset"] = min_offset
+
+
+def _shards(described: Mapping[str, Any]) -> int:
+    shards = described.get("shards", 1)
+    return shards if isinstance(shards, int) and shards >= 1 else 1
 
 
 def _raise_for_error(reply: Mapping[str, Any]) -> None:
@@ -275,6 +385,12 @@ class LhvClient:
             multi-vector request (at most `max_search_batch` vectors); each call still
             gets its own hits and its own timeout. Off: one request per call.
         max_search_batch: the most vectors in one coalesced request.
+        resolve_names: find out with `describe` whether a name is sharded or an alias, and
+            talk to the members (module docstring). Off: every name is sent as given.
+        name_ttl_s: how long what a name resolved to is kept before it is asked again.
+        resolve_timeout_s: the longest a call waits for `describe`; past it (no worker
+            answers, the home is restoring) the name is sent as given, which is always
+            right (the index's home forwards writes and gathers queries), only slower.
     """
 
     def __init__(
@@ -288,6 +404,9 @@ class LhvClient:
         reply_grace_s: float = 2.0,
         coalesce_searches: bool = True,
         max_search_batch: int = 256,
+        resolve_names: bool = True,
+        name_ttl_s: float = 30.0,
+        resolve_timeout_s: float = 5.0,
     ) -> None:
         if timeout_s <= 0 or reply_grace_s < 0:
             raise ValueError("timeout_s must be > 0 and reply_grace_s >= 0")
@@ -311,6 +430,10 @@ class LhvClient:
         self._batch_tasks: set[asyncio.Task[None]] = set()
         self._batch_cids: set[bytes] = set()
         self._open_searches = 0
+        self.resolve_names = resolve_names
+        self.name_ttl_s = name_ttl_s
+        self.resolve_timeout_s = resolve_timeout_s
+        self._names: dict[str, _Name] = {}
         self._state = "unopened"
 
     def __repr__(self) -> str:
@@ -552,22 +675,34 @@ class LhvClient:
         dim: int,
         space: str = "cosine",
         engine: str = "hnsw",
+        shards: int = 1,
         ack: bool = True,
         timeout_s: float | None = None,
         **params: Any,
     ) -> WriteResult:
-        """Create an index; identical parameters again are a no-op, others `IndexExists`."""
-        return await self.command(
-            index,
-            {"op": "create", "dim": dim, "space": space, "engine": engine, **params},
-            ack=ack,
-            timeout_s=timeout_s,
-        )
+        """Create an index; identical parameters again are a no-op, others `IndexExists`.
+
+        `shards` >= 2 makes a sharded index of that many member indexes (the index's home
+        worker creates them); 1 is an ordinary index."""
+        body: dict[str, Any] = {"op": "create", "dim": dim, "space": space, "engine": engine}
+        if shards != 1:
+            body["shards"] = shards
+        body.update(params)
+        self._names.pop(index, None)
+        result = await self.command(index, body, ack=ack, timeout_s=timeout_s)
+        if ack and self.resolve_names and shards >= 1:
+            self._remember(index, _Name(index, shards))
+        return result
 
     async def drop(
         self, index: str, *, ack: bool = True, timeout_s: float | None = None
     ) -> WriteResult:
-        return await self.command(index, {"op": "drop"}, ack=ack, timeout_s=timeout_s)
+        """Drop an index (a sharded one with all its members)."""
+        self._names.pop(index, None)
+        try:
+            return await self.command(index, {"op": "drop"}, ack=ack, timeout_s=timeout_s)
+        finally:
+            self._names.pop(index, None)
 
     async def add(
         self,
@@ -582,7 +717,8 @@ class LhvClient:
         ack: bool = False,
         timeout_s: float | None = None,
     ) -> WriteResult:
-        """Upsert items; returns where the last record landed.
+        """Upsert items; returns where the last record landed (and, for a sharded index,
+        the last record of each member in `offsets`).
 
         Items go in records of at most `batch_size` items and about `max_record_bytes`
         (Kafka brokers refuse records over `message.max.bytes`, 1 MiB by default; a single
@@ -591,18 +727,22 @@ class LhvClient:
         applied and raises the first error (by record order); `.item` of the error is the
         position inside that record.
         """
-        pending = await self.start_add(
-            index,
-            ids,
-            vectors,
-            metadata,
-            version=version,
-            batch_size=batch_size,
-            max_record_bytes=max_record_bytes,
-            ack=ack,
-            timeout_s=timeout_s,
-        )
-        return await pending
+
+        async def attempt() -> WriteResult:
+            pending = await self.start_add(
+                index,
+                ids,
+                vectors,
+                metadata,
+                version=version,
+                batch_size=batch_size,
+                max_record_bytes=max_record_bytes,
+                ack=ack,
+                timeout_s=timeout_s,
+            )
+            return await pending
+
+        return await self._retry_renamed(index, timeout_s, attempt)
 
     async def start_add(
         self,
@@ -628,33 +768,61 @@ class LhvClient:
             raise ValueError("metadata must have one entry per id")
         if not len(ids):
             raise ValueError("nothing to add")
-        sent: list[_Sent] = []
+        name = await self._resolve(index, timeout_s)
+        groups: list[tuple[str, Sequence[str], np.ndarray, Any]] = []
+        if not name.sharded:
+            groups.append((name.index, ids, vecs, metadata))
+        else:
+            for shard, positions in sorted(split_by_shard(ids, name.shards).items()):
+                rows = np.asarray(positions)
+                groups.append(
+                    (
+                        shard_key(name.index, shard, name.shards),
+                        [ids[p] for p in positions],
+                        vecs[rows],
+                        [metadata[p] for p in positions] if metadata is not None else None,
+                    )
+                )
+        sent: list[tuple[str, _Sent]] = []
         try:
-            for items in _chunks(ids, vecs, metadata, version, batch_size, max_record_bytes):
-                body = {"op": "add", "index": index, "items": items}
-                sent.append(await self._send(self._topics.commands, index, body, reply=ack))
+            for key, g_ids, g_vecs, g_meta in groups:
+                for items in _chunks(g_ids, g_vecs, g_meta, version, batch_size, max_record_bytes):
+                    body = {"op": "add", "index": key, "items": items}
+                    sent.append(
+                        (key, await self._send(self._topics.commands, key, body, reply=ack))
+                    )
         except BaseException:
-            for s in sent:
+            for _, s in sent:
                 self._forget(s.cid)
             raise
-        return self._finish_add(sent, self._timeout(timeout_s))
+        return self._finish_writes(sent, self._timeout(timeout_s), sharded=name.sharded)
 
-    async def _finish_add(self, sent: list[_Sent], timeout_s: float) -> WriteResult:
+    async def _finish_writes(
+        self, sent: list[tuple[str, _Sent]], timeout_s: float, *, sharded: bool
+    ) -> WriteResult:
         try:
             done = await asyncio.gather(
-                *(self._finish(s, timeout_s) for s in sent), return_exceptions=True
+                *(self._finish(s, timeout_s) for _, s in sent), return_exceptions=True
             )
         finally:
-            for s in sent:
+            for _, s in sent:
                 self._forget(s.cid)
         results: list[tuple[Any, dict[str, Any] | None]] = []
         for outcome in done:
             if isinstance(outcome, BaseException):
                 raise outcome
             results.append(outcome)
+        offsets: dict[str, int] = {}
+        if sharded:
+            for (key, _), (meta, _) in zip(sent, results, strict=True):
+                offsets[key] = max(offsets.get(key, -1), meta.offset)
         meta, last_ack = results[-1]
         return WriteResult(
-            partition=meta.partition, offset=meta.offset, records=len(sent), ack=last_ack
+            partition=meta.partition,
+            offset=meta.offset,
+            records=len(sent),
+            ack=last_ack,
+            offsets=offsets,
         )
 
     async def delete(
@@ -666,11 +834,38 @@ class LhvClient:
         ack: bool = False,
         timeout_s: float | None = None,
     ) -> WriteResult:
-        """Tombstone `ids` (absent ids too: an older add arriving later stays deleted)."""
-        body: dict[str, Any] = {"op": "delete", "ids": list(ids)}
-        if version is not None:
-            body["version"] = version
-        return await self.command(index, body, ack=ack, timeout_s=timeout_s)
+        """Tombstone `ids` (absent ids too: an older add arriving later stays deleted).
+        For a sharded index, one record per member that holds any of `ids`."""
+        asked = list(ids)
+
+        async def attempt() -> WriteResult:
+            name = await self._resolve(index, timeout_s)
+            if not name.sharded:
+                body: dict[str, Any] = {"op": "delete", "ids": asked}
+                if version is not None:
+                    body["version"] = version
+                return await self.command(name.index, body, ack=ack, timeout_s=timeout_s)
+            sent: list[tuple[str, _Sent]] = []
+            try:
+                for shard, positions in sorted(split_by_shard(asked, name.shards).items()):
+                    key = shard_key(name.index, shard, name.shards)
+                    body = {"op": "delete", "index": key, "ids": [asked[p] for p in positions]}
+                    if version is not None:
+                        body["version"] = version
+                    sent.append(
+                        (key, await self._send(self._topics.commands, key, body, reply=ack))
+                    )
+            except BaseException:
+                for _, s in sent:
+                    self._forget(s.cid)
+                raise
+            if not sent:  # nothing to delete: an empty record to the first member
+                key = shard_key(name.index, 0, name.shards)
+                body = {"op": "delete", "index": key, "ids": []}
+                sent.append((key, await self._send(self._topics.commands, key, body, reply=ack)))
+            return await self._finish_writes(sent, self._timeout(timeout_s), sharded=True)
+
+        return await self._retry_renamed(index, timeout_s, attempt)
 
     async def merge(
         self,
@@ -714,6 +909,65 @@ class LhvClient:
         body.update({k: v for k, v in optional.items() if v is not None})
         return await self.command(index, body, ack=ack, timeout_s=timeout_s)
 
+    # -- names ---------------------------------------------------------------------------
+
+    async def describe(self, index: str, *, timeout_s: float | None = None) -> dict[str, Any]:
+        """What `index` is, from its home: `kind` (`index`, `sharded` or `alias`),
+        `shards`, and `target` (an alias) or `params`.
+
+        Raises:
+            IndexNotFound: no index, sharded index or alias has that name.
+        """
+        return await self.query(index, {"op": "describe"}, timeout_s=timeout_s)
+
+    def _remember(self, index: str, name: _Name) -> None:
+        expires = asyncio.get_running_loop().time() + self.name_ttl_s
+        self._names[index] = _Name(name.index, name.shards, expires)
+
+    async def _resolve(self, index: str, timeout_s: float | None) -> _Name:
+        """What `index` names now (cached for `name_ttl_s`): itself, unsharded, unless
+        `describe` says it is sharded or an alias (followed one hop)."""
+        if not self.resolve_names or parse_shard_name(index) is not None:
+            return _Name(index)
+        now = asyncio.get_running_loop().time()
+        known = self._names.get(index)
+        if known is not None and known.expires > now:
+            return known
+        wait_s = min(self._timeout(timeout_s), self.resolve_timeout_s)
+        try:
+            described = await self.describe(index, timeout_s=wait_s)
+            if described.get("kind") == "alias":
+                target = str(described["target"])
+                described = await self.describe(target, timeout_s=wait_s)
+                name = _Name(target, _shards(described))
+            else:
+                name = _Name(index, _shards(described))
+        except IndexNotFound:
+            return _Name(index)  # not cached: the command or query itself says what it is
+        except (TimeoutError, NotReady, DeadlineExceeded) as exc:
+            log.debug("%r not resolved (%s): sent by its name", index, type(exc).__name__)
+            return _Name(index)  # not cached; by name, the index's home forwards it
+        except InvalidRequest:
+            name = _Name(index)  # a worker without `describe`: nothing is sharded there
+        self._remember(index, name)
+        return name
+
+    async def _retry_renamed(
+        self, index: str, timeout_s: float | None, call: Callable[[], Awaitable[T]]
+    ) -> T:
+        """`call()`; on `index_not_found`, once more if `index` now resolves to something
+        else (an alias switched, an index re-created sharded or not)."""
+        try:
+            return await call()
+        except IndexNotFound:
+            before = self._names.pop(index, None)
+            if not self.resolve_names:
+                raise
+            after = await self._resolve(index, timeout_s)
+            if before is None or after.same(before):
+                raise
+            return await call()
+
     # -- queries -------------------------------------------------------------------------
 
     async def query(
@@ -735,7 +989,7 @@ class LhvClient:
         """
         wait_s = self._timeout(timeout_s)
         body = {"index": index, **body}
-        _read_after(body, after, min_offset)
+        _read_after(body, after, min_offset, index)
         body.setdefault("deadline_ms", int((time.time() + wait_s) * 1000))
         sent = await self._send(self._topics.search, index, body, reply=True, batch=batch)
         _meta, reply = await self._finish(sent, wait_s + self.reply_grace_s)
@@ -754,11 +1008,20 @@ class LhvClient:
         after: WriteResult | None = None,
         min_offset: int | None = None,
         timeout_s: float | None = None,
-    ) -> list[Hit]:
+        allow_partial: bool = False,
+    ) -> Hits:
         """The `k` nearest live items to `vector`, nearest first (fewer if fewer exist).
 
         Concurrent calls alike in all but the vector share one request (see
-        `coalesce_searches`)."""
+        `coalesce_searches`). A sharded index is searched on every member and the hits
+        merged by (distance, id).
+
+        Raises:
+            ShardsMissing: members of a sharded index did not answer in time (unless
+                `allow_partial`: then the hits of the others, flagged `partial`).
+            ValueError: `min_offset` with a sharded index (offsets are per member: pass
+                `after=`).
+        """
         body: dict[str, Any] = {"op": "search", "k": k}
         if ef is not None:
             body["ef"] = ef
@@ -766,16 +1029,41 @@ class LhvClient:
             body["filter"] = dict(filter)
         if include_metadata:
             body["include_metadata"] = True
+        vector_b64 = encode_vector(vector)
+
+        async def attempt() -> Hits:
+            name = await self._resolve(index, timeout_s)
+            if not name.sharded:
+                member = dict(body)
+                _read_after(member, after, min_offset, name.index)
+                return Hits(await self._search_key(name.index, member, vector_b64, timeout_s))
+            if min_offset is not None:
+                raise ValueError(
+                    f"index {index!r} is sharded: min_offset names one partition, pass after="
+                )
+            keys = shard_names(name.index, name.shards)
+            calls = []
+            for key in keys:
+                member = dict(body)
+                _read_after(member, after, None, key)
+                calls.append(self._search_key(key, member, vector_b64, timeout_s))
+            answers, missing = _gathered(await asyncio.gather(*calls, return_exceptions=True))
+            if missing and not allow_partial:
+                raise missing_error(name.index, missing, name.shards)
+            return Hits(merge_hits((hits for _, hits in answers), k), missing)
+
+        return await self._retry_renamed(index, timeout_s, attempt)
+
+    async def _search_key(
+        self, key: str, body: dict[str, Any], vector_b64: str, timeout_s: float | None
+    ) -> list[Hit]:
+        """One search keyed `key` (an index or one member), coalesced with its kind."""
         if not self.coalesce_searches:
-            body["vector_b64"] = encode_vector(vector)
-            reply = await self.query(
-                index, body, after=after, min_offset=min_offset, timeout_s=timeout_s
-            )
+            reply = await self.query(key, {**body, "vector_b64": vector_b64}, timeout_s=timeout_s)
             return _hits(reply["hits"])
         self._check_open()
-        _read_after(body, after, min_offset)
         wait_s = self._timeout(timeout_s)
-        fut = self._enqueue_search(index, body, encode_vector(vector), wait_s)
+        fut = self._enqueue_search(key, body, vector_b64, wait_s)
         self._open_searches += 1
         try:
             return await fut  # TimeoutError from the batch's timer at this call's deadline
@@ -858,7 +1146,8 @@ class LhvClient:
         include_metadata: bool = False,
         after: WriteResult | None = None,
         timeout_s: float | None = None,
-    ) -> list[list[Hit]]:
+        allow_partial: bool = False,
+    ) -> list[Hits]:
         """One search per row of `vectors`, all in flight at once (the worker answers
         concurrent queries with batched engine calls); results in row order."""
         rows = np.asarray(vectors, dtype="<f4")
@@ -876,6 +1165,7 @@ class LhvClient:
                         include_metadata=include_metadata,
                         after=after,
                         timeout_s=timeout_s,
+                        allow_partial=allow_partial,
                     )
                     for row in rows
                 )
@@ -891,23 +1181,94 @@ class LhvClient:
         include_metadata: bool = True,
         after: WriteResult | None = None,
         timeout_s: float | None = None,
-    ) -> list[dict[str, Any]]:
-        """The live items among `ids` (`id`, `vector`, `metadata`, `version`), in order."""
-        reply = await self.query(
-            index,
-            {
+        allow_partial: bool = False,
+    ) -> Items:
+        """The live items among `ids` (`id`, `vector`, `metadata`, `version`), in order.
+        For a sharded index each member is asked for its own ids."""
+        asked = list(ids)
+
+        def body(of: list[str]) -> dict[str, Any]:
+            return {
                 "op": "get",
-                "ids": list(ids),
+                "ids": of,
                 "include_vectors": include_vectors,
                 "include_metadata": include_metadata,
-            },
-            after=after,
-            timeout_s=timeout_s,
-        )
-        return list(reply["items"])
+            }
+
+        async def attempt() -> Items:
+            name = await self._resolve(index, timeout_s)
+            if not name.sharded:
+                reply = await self.query(name.index, body(asked), after=after, timeout_s=timeout_s)
+                return Items(reply["items"])
+            shards: list[int] = []
+            calls = []
+            for shard, positions in sorted(split_by_shard(asked, name.shards).items()):
+                key = shard_key(name.index, shard, name.shards)
+                shards.append(shard)
+                calls.append(
+                    self.query(
+                        key, body([asked[p] for p in positions]), after=after, timeout_s=timeout_s
+                    )
+                )
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            answers, missing = _gathered(outcomes, shards)
+            if missing and not allow_partial:
+                raise missing_error(name.index, missing, name.shards)
+            items = merge_get_items(asked, (reply.get("items") or () for _, reply in answers))
+            return Items((dict(item) for item in items), missing)
+
+        return await self._retry_renamed(index, timeout_s, attempt)
 
     async def stats(
-        self, index: str, *, after: WriteResult | None = None, timeout_s: float | None = None
+        self,
+        index: str,
+        *,
+        after: WriteResult | None = None,
+        timeout_s: float | None = None,
+        allow_partial: bool = False,
     ) -> dict[str, Any]:
-        """`count`, `deleted`, `dim`, `space`, `engine`, `params`, `applied_offset`, ..."""
-        return await self.query(index, {"op": "stats"}, after=after, timeout_s=timeout_s)
+        """`count`, `deleted`, `dim`, `space`, `engine`, `params`, `applied_offset`, ...
+
+        For a sharded index: `count` and `deleted` summed over the members, and `shards`,
+        one entry per member (`shard`, `partition`, `count`, `deleted`, `applied_offset`,
+        `checkpoint_offset`)."""
+
+        async def attempt() -> dict[str, Any]:
+            name = await self._resolve(index, timeout_s)
+            if not name.sharded:
+                return await self.query(
+                    name.index, {"op": "stats"}, after=after, timeout_s=timeout_s
+                )
+            calls = [
+                self.query(key, {"op": "stats"}, after=after, timeout_s=timeout_s)
+                for key in shard_names(name.index, name.shards)
+            ]
+            answers, missing = _gathered(await asyncio.gather(*calls, return_exceptions=True))
+            if missing and not allow_partial:
+                raise missing_error(name.index, missing, name.shards)
+            merged = merge_stats_reply(name.index, name.shards, answers, missing=missing)
+            merged["index"] = index
+            return merged
+
+        return await self._retry_renamed(index, timeout_s, attempt)
+
+
+def _gathered(
+    outcomes: Sequence[T | BaseException], shards: Sequence[int] | None = None
+) -> tuple[list[tuple[int, T]], list[int]]:
+    """The members' answers as (shard, answer), and the shards that did not answer in
+    time; any other failure of a member is raised (the first, by shard)."""
+    answers: list[tuple[int, T]] = []
+    missing: list[int] = []
+    failure: BaseException | None = None
+    for pos, outcome in enumerate(outcomes):
+        shard = shards[pos] if shards is not None else pos
+        if isinstance(outcome, _MISSING):
+            missing.append(shard)
+        elif isinstance(outcome, BaseException):
+            failure = failure or outcome
+        else:
+            answers.append((shard, outcome))
+    if failure is not None:
+        raise failure
+    return answers, missing
