@@ -44,7 +44,7 @@ from worker.storage.blobstore import S3Config
 from worker.wire.topics import TopicsConfig
 
 if TYPE_CHECKING:
-    from worker.client import Hit, LhvClient, WriteResult
+    from worker.client import Hits, LhvClient, WriteResult
 
 __all__ = [
     "COMMANDS",
@@ -684,6 +684,12 @@ def _args_create(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, required=True, help="vector length")
     parser.add_argument("--space", choices=("cosine", "l2", "ip"), default="cosine")
     parser.add_argument("--engine", choices=("hnsw", "annoy", "exact"), default="hnsw")
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="member indexes, each on its own partition; 1: an ordinary index",
+    )
     for flag, name, text in (
         ("--M", "M", "hnsw: graph degree"),
         ("--ef-construction", "ef_construction", "hnsw: candidate list size while building"),
@@ -705,11 +711,19 @@ def _cmd_create(args: argparse.Namespace) -> int:
     result = _with_client(
         args,
         lambda c: c.create(
-            args.index, dim=args.dim, space=args.space, engine=args.engine, **params
+            args.index,
+            dim=args.dim,
+            space=args.space,
+            engine=args.engine,
+            shards=args.shards,
+            **params,
         ),
     )
+    shards = f", {args.shards} shards" if args.shards != 1 else ""
     return _report_write(
-        args, f"created {args.index}: {args.dim} dims, {args.space}, {args.engine}", result
+        args,
+        f"created {args.index}: {args.dim} dims, {args.space}, {args.engine}{shards}",
+        result,
     )
 
 
@@ -970,6 +984,7 @@ def _args_search(parser: argparse.ArgumentParser) -> None:
         "--filter", type=JSON_OBJECT, default=None, help='metadata equality, JSON: {"lang": "en"}'
     )
     parser.add_argument("--metadata", action="store_true", help="include metadata")
+    _args_partial(parser)
     _args_json(parser, "each query's hits")
     _args_connection(parser)
 
@@ -985,14 +1000,17 @@ def _cmd_search(args: argparse.Namespace) -> int:
         vf = open_vectors(args.file)
         queries = np.concatenate([b.vectors for b in vf.batches(10_000)])
 
-    def call(client: LhvClient) -> Awaitable[list[list[Hit]]]:
+    def call(client: LhvClient) -> Awaitable[list[Hits]]:
         return client.search_many(
             args.index, queries, args.k, ef=args.ef, filter=args.filter,
-            include_metadata=args.metadata,
+            include_metadata=args.metadata, allow_partial=args.allow_partial,
         )  # fmt: skip
 
     results = _with_client(args, call)
     for q, hits in enumerate(results):
+        missing = getattr(hits, "missing_shards", ())
+        if missing:
+            print(f"query {q}: PARTIAL, shards {list(missing)} did not answer", file=sys.stderr)
         rows: list[dict[str, object]] = [{"id": h.id, "distance": h.distance} for h in hits]
         if args.metadata:
             for row, h in zip(rows, hits, strict=True):
@@ -1009,8 +1027,17 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _args_partial(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="sharded index: answer without members that do not answer in time (flagged)",
+    )
+
+
 def _args_stats(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("index")
+    _args_partial(parser)
     _args_json(parser, "the stats")
     _args_connection(parser)
 
@@ -1024,7 +1051,9 @@ _ENGINE_PARAMS = {
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    stats = dict(_with_client(args, lambda c: c.stats(args.index)))
+    stats = dict(
+        _with_client(args, lambda c: c.stats(args.index, allow_partial=args.allow_partial))
+    )
     for key in ("correlation_id", "status", "op", "took_ms"):
         stats.pop(key, None)
     params = stats.get("params")
@@ -1034,9 +1063,15 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         _json_out(stats)
         return EXIT_OK
+    shards = stats.pop("shards", None)
     for key, value in stats.items():
         text = json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else value
         print(f"{key:18} {text}")
+    if isinstance(shards, list):
+        columns = ("shard", "partition", "count", "deleted", "applied_offset", "checkpoint_offset")
+        print("  ".join(f"{c:>17}" for c in columns))
+        for row in shards:
+            print("  ".join(f"{row.get(c, '-')!s:>17}" for c in columns))
     return EXIT_OK
 
 
