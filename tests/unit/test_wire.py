@@ -482,3 +482,18 @@ def test_acks_validate_for_applied_and_rejected_commands() -> None:
     validator("ack")(body)
     assert body["status"] == "error" and body["error"]["code"] == "dim_mismatch"
     assert body["error"]["item"] == 0
+
+
+def test_a_query_by_a_sharded_name_carries_each_members_offset_and_allow_partial() -> None:
+    offsets = {"docs#0": 12, "docs#3": -1}
+    for body in (
+        {"op": "search", "index": "docs", "vector": [1.0, 0.0]},
+        {"op": "get", "index": "docs", "ids": ["a"]},
+        {"op": "stats", "index": "docs"},
+    ):
+        q = query({**body, "min_offsets": offsets, "allow_partial": True})
+        assert q.min_offsets == offsets and q.allow_partial is True
+        plain = query(body)
+        assert plain.min_offsets is None and plain.allow_partial is False
+    with pytest.raises(InvalidRequest):
+        query({"op": "stats", "index": "docs", "min_offsets": {"docs": 3}})

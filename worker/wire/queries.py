@@ -39,6 +39,11 @@ class _QueryBase:
     """answer only once this command offset of the index's partition is applied"""
     deadline_ms: int | None = None
     """absolute Unix time in milliseconds"""
+    min_offsets: dict[str, int] | None = None
+    """a sharded index asked by name: member key `NAME#s` -> the offset that member waits
+    for (the home hands each member its own; ignored for an ordinary index)"""
+    allow_partial: bool = False
+    """a sharded index: answer without members that miss the deadline, flagged partial"""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -136,6 +141,11 @@ def _query(
     request_id = body.get("request_id")
     min_offset = _opt_int(body.get("min_offset"))
     deadline_ms = _opt_int(body.get("deadline_ms"))
+    raw_offsets = body.get("min_offsets")
+    common: dict[str, Any] = {
+        "min_offsets": ({str(k): int(v) for k, v in raw_offsets.items()} if raw_offsets else None),
+        "allow_partial": bool(body.get("allow_partial", False)),
+    }
     if op == "search":
         k = _int(body.get("k"), 10)
         if k > limits.max_k:
@@ -147,6 +157,7 @@ def _query(
             request_id=request_id,
             min_offset=min_offset,
             deadline_ms=deadline_ms,
+            **common,
             vectors=vectors,
             multi=multi,
             k=k,
@@ -170,6 +181,7 @@ def _query(
             request_id=request_id,
             min_offset=min_offset,
             deadline_ms=deadline_ms,
+            **common,
             ids=ids,
             include_vectors=include_vectors,
             include_metadata=bool(body.get("include_metadata", True)),
@@ -189,4 +201,5 @@ def _query(
         request_id=request_id,
         min_offset=min_offset,
         deadline_ms=deadline_ms,
+        **common,
     )
