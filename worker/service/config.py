@@ -143,6 +143,11 @@ class QueryPolicy:
     commit_interval_ms: int = 1_000
     """how often each owned partition's search-topic offset is committed (when it moved);
     a crash re-answers at most about this much of queries"""
+    max_gathers: int = 1_000
+    """queries of sharded names or aliases this worker gathers from members at once (all
+    partitions); more are answered `not_ready` at once"""
+    max_gathers_per_partition: int = 200
+    """the same, per home partition"""
 
     def __post_init__(self) -> None:
         for name in (
@@ -151,6 +156,8 @@ class QueryPolicy:
             "max_parked",
             "max_parked_bytes",
             "commit_interval_ms",
+            "max_gathers",
+            "max_gathers_per_partition",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"QueryPolicy.{name} must be at least 1")
@@ -210,6 +217,8 @@ _QUERY_SETTINGS = {
     "max_parked": "LHV_MAX_PARKED_QUERIES",
     "max_parked_bytes": "LHV_MAX_PARKED_BYTES",
     "commit_interval_ms": "LHV_SEARCH_COMMIT_INTERVAL_MS",
+    "max_gathers": "LHV_MAX_GATHERS",
+    "max_gathers_per_partition": "LHV_MAX_GATHERS_PER_PARTITION",
 }
 
 #: integer settings of `ImportPolicy` read from the environment

@@ -74,6 +74,7 @@ from lhv_index.errors import (
     WrongPartition,
 )
 from worker.service.config import QueryPolicy
+from worker.service.gather import Gatherer, GatherTarget
 from worker.service.observer import IndexObserver
 from worker.service.partition import Partition, PartitionStatus
 from worker.service.ports import KafkaPort, PartitionRegistry, ReplyPort, TaskOwner
@@ -174,6 +175,8 @@ class SearchServer:
         policy: bounds on waiting queries, the maximum age, the commit cadence.
         query_wait_ms: the wait of a query without a deadline.
         worker_id: named in `stats` replies.
+        gatherer: answers queries of sharded names and aliases at their home (gather.py);
+            None: such a query is answered `index_not_found`.
     """
 
     def __init__(
@@ -191,7 +194,9 @@ class SearchServer:
         limits: MessageLimits,
         query_wait_ms: int,
         worker_id: str,
+        gatherer: Gatherer | None = None,
     ) -> None:
+        self._gatherer = gatherer
         self._topics = topics
         self._registry = registry
         self._kafka = kafka
@@ -524,6 +529,14 @@ class SearchServer:
                     if part is None:  # the partition moved: its next owner answers
                         log.info("query left to the partition's next owner")
                         return
+                    target = self._gather_target(part, query.index)
+                    if target is not None and self._gatherer is not None:
+                        value = await self._gatherer.answer(query, target, partition, received)
+                        await self._send(reply_to, value)
+                        self._metrics.observe_search(
+                            _op(query), "ok", time.monotonic() - received, _count(query)
+                        )
+                        return
                     if isinstance(query, SearchQuery):
                         pending = _Pending(query, part, offset, received)
                         self._enqueue(pending)
@@ -613,9 +626,20 @@ class SearchServer:
                         f"(applied: {part.applied_offset})"
                     )
                 raise NotReady(f"partition {partition} is {part.status.value}")
-        if query.index not in part.indexes and not isinstance(query, DescribeQuery):
+        if (
+            query.index not in part.indexes
+            and not isinstance(query, DescribeQuery)
+            and self._gather_target(part, query.index) is None
+        ):
             raise IndexNotFound(f"index {query.index!r} does not exist")
         return part
+
+    def _gather_target(self, part: Partition, name: str) -> GatherTarget | None:
+        """Where a query of `name` on its home `part` gathers from (a sharded name, an
+        alias); None: answered from `part`'s own index."""
+        if self._gatherer is None or name in part.indexes:
+            return None
+        return self._gatherer.target(part, name)
 
     def _park(self, flight: _Flight, partition: int, queries: int, nbytes: int) -> None:
         flight.parked += queries

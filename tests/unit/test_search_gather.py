@@ -1,0 +1,195 @@
+"""A plain query keyed by a sharded name (or an alias) is gathered by its home's search
+server: sub-queries to every member, one merged reply with the original correlation id;
+a member that does not answer is named (or, when allowed, the answer is flagged partial);
+gathers are bounded.
+
+The server runs on in-memory ports (test_search_server's stand-ins); its sub-queries are
+looped back into the same server as search records, their replies back to the gatherer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+import orjson
+from test_search_server import REPLY_TOPIC, Record, Replies, StandInWorker
+
+from lhv_index import Clock, EngineKind, Index, IndexParams, Space, Upsert
+from worker.service.config import QueryPolicy
+from worker.service.gather import Gatherer, GatherTarget
+from worker.service.partition import Partition
+from worker.service.search import SearchServer
+from worker.wire.headers import CORRELATION_ID, ReplyTo
+from worker.wire.shards import shard_of
+
+SHARDS = 4
+GATHER_TOPIC = "lhv.replies.gather-unit"
+
+
+class Loopback:
+    """`RequestPort`: a sub-query goes into the same search server as a search record;
+    replies to `GATHER_TOPIC` come back here. Members in `down` never get theirs."""
+
+    reply_topic = GATHER_TOPIC
+
+    def __init__(self) -> None:
+        self.server: SearchServer | None = None
+        self.waiting: dict[bytes, asyncio.Future[bytes]] = {}
+        self.down: set[str] = set()
+        self.sent: list[dict[str, Any]] = []
+        self.offset = 1000
+
+    def expect(self, correlation_id: bytes) -> asyncio.Future[bytes]:
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.waiting[correlation_id] = fut
+        return fut
+
+    def forget(self, correlation_id: bytes) -> None:
+        fut = self.waiting.pop(correlation_id, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+
+    async def send(self, topic: str, *, key: bytes, value: bytes, headers: Any) -> None:
+        self.sent.append(orjson.loads(value))
+        if key.decode() in self.down:
+            return
+        self.offset += 1
+        assert self.server is not None
+        self.server.submit(0, [Record(self.offset, key, value, list(headers))])
+
+    def deliver(self, correlation_id: bytes, value: bytes) -> None:
+        fut = self.waiting.pop(correlation_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(value)
+
+
+class RoutedReplies(Replies):
+    def __init__(self, loop: Loopback) -> None:
+        super().__init__()
+        self.loop = loop
+
+    async def send(self, reply_to: ReplyTo, value: bytes, **kw: Any) -> bool:
+        if reply_to.topic == GATHER_TOPIC:
+            self.loop.deliver(reply_to.correlation_id, value)
+            return True
+        return await super().send(reply_to, value, **kw)
+
+
+def _members(part: Partition, items: dict[str, list[float]]) -> None:
+    params = IndexParams(dim=2, space=Space.L2, engine=EngineKind.EXACT)
+    for s in range(SHARDS):
+        part.indexes[f"big#{s}"] = Index(f"big#{s}", params)
+    for n, (id_, vec) in enumerate(items.items()):
+        member = part.indexes[f"big#{shard_of(id_, SHARDS)}"]
+        member.apply([Upsert(id=id_, vector=vec, metadata={"n": n}, clock=Clock(0, 1, n))])
+
+
+def _targets(part: Partition, name: str) -> GatherTarget | None:
+    return {"big": GatherTarget("big", SHARDS), "live": GatherTarget("big", SHARDS)}.get(name)
+
+
+def _rig(policy: QueryPolicy | None = None) -> tuple[StandInWorker, SearchServer, Loopback]:
+    from test_search_server import real_index
+
+    worker = StandInWorker(real_index(), queries=policy)
+    loop = Loopback()
+    worker.replies = RoutedReplies(loop)
+    gatherer = Gatherer(
+        search_topic="lhv.search",
+        requests=loop,
+        targets=_targets,
+        policy=worker.config.queries,
+        query_wait_ms=worker.config.query_wait_ms,
+    )
+    server = worker.server()
+    server._gatherer = gatherer
+    loop.server = server
+    return worker, server, loop
+
+
+ITEMS = {f"id{i:03d}": [float(i % 7), float(i % 5)] for i in range(120)}
+
+
+def _ask(offset: int, cid: bytes, index: str = "big", **body: Any) -> Record:
+    value = orjson.dumps({"index": index, **body})
+    headers = [("kafka_replyTopic", REPLY_TOPIC.encode()), (CORRELATION_ID, cid)]
+    return Record(offset, index.encode(), value, headers)
+
+
+def _exact(q: list[float], k: int) -> list[tuple[float, str]]:
+    dists = ((float(np.sum((np.asarray(v) - q) ** 2)), i) for i, v in ITEMS.items())
+    return sorted(dists)[:k]
+
+
+async def test_a_plain_search_of_a_sharded_name_gets_one_merged_exact_answer() -> None:
+    worker, server, loop = _rig()
+    _members(worker.partitions[0], ITEMS)
+    server.submit(0, [_ask(1, b"one", vector=[3.0, 2.0], k=9, include_metadata=True)])
+    server.submit(0, [_ask(2, b"many", vectors=[[0.0, 0.0], [6.0, 4.0]], k=4)])
+    await worker.replies.wait_for([b"one", b"many"])
+    one = worker.replies.sent[b"one"]
+    assert len(one) == 1 and one[0]["status"] == "ok" and one[0]["correlation_id"] == "one"
+    assert [(h["distance"], h["id"]) for h in one[0]["hits"]] == _exact([3.0, 2.0], 9)
+    assert all(h["metadata"]["n"] == int(h["id"][2:]) for h in one[0]["hits"])
+    assert one[0]["index"] == "big"
+    many = worker.replies.sent[b"many"][0]["results"]
+    for row, q in zip(many, ([0.0, 0.0], [6.0, 4.0]), strict=True):
+        assert list(zip(row["distances"], row["ids"], strict=True)) == _exact(q, 4)
+    assert {b["index"] for b in loop.sent} == {f"big#{s}" for s in range(SHARDS)}
+
+
+async def test_get_and_stats_of_a_sharded_name_and_a_search_by_alias_are_gathered() -> None:
+    worker, server, loop = _rig()
+    _members(worker.partitions[0], ITEMS)
+    server.submit(0, [_ask(1, b"get", op="get", ids=["id007", "nope", "id100", "id007"])])
+    server.submit(0, [_ask(2, b"stats", op="stats")])
+    server.submit(0, [_ask(3, b"alias", "live", vector=[0.0, 0.0], k=3)])
+    await worker.replies.wait_for([b"get", b"stats", b"alias"])
+    got = worker.replies.sent[b"get"][0]
+    assert [i["id"] for i in got["items"]] == ["id007", "id100", "id007"]
+    stats = worker.replies.sent[b"stats"][0]
+    assert stats["count"] == len(ITEMS) and len(stats["shards"]) == SHARDS
+    alias = worker.replies.sent[b"alias"][0]
+    assert alias["index"] == "live"
+    assert [(h["distance"], h["id"]) for h in alias["hits"]] == _exact([0.0, 0.0], 3)
+    asked = [b for b in loop.sent if b["op"] == "get"]
+    for body in asked:
+        assert all(f"big#{shard_of(i, SHARDS)}" == body["index"] for i in body["ids"])
+
+
+async def test_a_member_that_does_not_answer_is_named_or_flagged_when_partial_is_allowed() -> None:
+    worker, server, loop = _rig()
+    _members(worker.partitions[0], ITEMS)
+    loop.down.add("big#1")
+    deadline = int(time.time() * 1000) + 300
+    server.submit(0, [_ask(1, b"strict", vector=[0.0, 0.0], k=3, deadline_ms=deadline)])
+    server.submit(
+        0,
+        [_ask(2, b"loose", vector=[0.0, 0.0], k=200, deadline_ms=deadline, allow_partial=True)],
+    )
+    await worker.replies.wait_for([b"strict", b"loose"])
+    strict = worker.replies.sent[b"strict"][0]
+    assert strict["status"] == "error" and strict["error"]["code"] == "deadline_exceeded"
+    assert "[1]" in strict["error"]["message"]
+    loose = worker.replies.sent[b"loose"][0]
+    assert loose["status"] == "ok" and loose["partial"] is True and loose["missing_shards"] == [1]
+    assert {h["id"] for h in loose["hits"]} == {i for i in ITEMS if shard_of(i, SHARDS) != 1}
+    assert not loop.waiting  # nothing left registered
+
+
+async def test_gathers_over_the_bound_are_answered_not_ready_at_once() -> None:
+    worker, server, loop = _rig(QueryPolicy(max_gathers_per_partition=1))
+    _members(worker.partitions[0], ITEMS)
+    loop.down.add("big#0")
+    deadline = int(time.time() * 1000) + 500
+    server.submit(0, [_ask(1, b"first", vector=[0.0, 0.0], deadline_ms=deadline)])
+    await asyncio.sleep(0.05)
+    server.submit(0, [_ask(2, b"second", vector=[0.0, 0.0], deadline_ms=deadline)])
+    await worker.replies.wait_for([b"second"])
+    assert worker.replies.sent[b"second"][0]["error"]["code"] == "not_ready"
+    assert b"first" not in worker.replies.sent
+    await worker.replies.wait_for([b"first"])
+    assert worker.replies.sent[b"first"][0]["error"]["code"] == "deadline_exceeded"

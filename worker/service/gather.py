@@ -1,0 +1,461 @@
+"""Gathering for foreign clients: a plain query keyed by a sharded index's name (or by an
+alias) is answered by the name's home worker.
+
+A requester that knows nothing of shards (kcat, a Spring `ReplyingKafkaTemplate`) sends
+`search`/`get`/`stats` keyed NAME. At NAME's home partition the search server finds the
+catalog entry (sharded, or an alias: then its target) and hands the query here:
+
+1. One sub-query per member key `NAME#s` goes to the search topic (a `get` only to the
+   members holding some of its ids), with this worker's own reply topic (under the reply
+   pattern, created at start, deleted at stop) and correlation ids of its own. Each
+   carries the original deadline, and its own `min_offset` from the query's `min_offsets`.
+2. The members' replies are awaited until the deadline. A member answering
+   `deadline_exceeded` or `not_ready`, or not at all, is *missing*; any other error of a
+   member is the answer (the first by shard).
+3. The answers are merged by `worker.wire.gather`, the code the Python client uses, and
+   one reply goes to the original requester with its correlation id (the search server
+   sends it). Missing members: `deadline_exceeded` naming them, or with `allow_partial`
+   `status: ok, partial: true, missing_shards`.
+
+Bounds: at most `QueryPolicy.max_gathers_per_partition` gathers wait per partition and
+`max_gathers` in all; past either a query is answered `not_ready` at once. Each gather
+waits at most until its deadline (capped by `max_wait_ms`). Large bodies are encoded,
+decoded and merged in a thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from lhv_index.errors import DeadlineExceeded, Internal, LhvError, NotReady
+from worker.kafka.admin import create_topics
+from worker.kafka.config import KafkaConfig
+from worker.service.config import QueryPolicy
+from worker.service.partition import Partition
+from worker.wire.gather import (
+    MemberReply,
+    merge_get_reply,
+    merge_search_reply,
+    merge_stats_reply,
+    missing_error,
+    reply_error,
+)
+from worker.wire.headers import CORRELATION_ID, REPLY_TOPIC, correlation_text
+from worker.wire.queries import GetQuery, Query, SearchQuery
+from worker.wire.shards import shard_key, split_by_shard
+
+__all__ = ["GatherTarget", "Gatherer", "KafkaRequests", "RequestPort", "TargetLookup"]
+
+log = logging.getLogger(__name__)
+
+#: bodies (or vectors) larger than this are encoded, decoded and merged in a thread
+_THREAD_BYTES = 64 * 1024
+#: merges of more hit rows than this run in a thread
+_THREAD_ROWS = 4096
+#: member error codes that count the member as missing, not as the answer
+_MISSING_CODES = frozenset({DeadlineExceeded.code, NotReady.code})
+
+
+@dataclass(frozen=True, slots=True)
+class GatherTarget:
+    """Where a name's data is: `index` (the name itself, or an alias's target) in
+    `shards` members (1: `index` alone, an alias of an ordinary index)."""
+
+    index: str
+    shards: int
+
+
+TargetLookup = Callable[[Partition, str], GatherTarget | None]
+"""A name's gather target from its home partition's catalog; None: not gathered (an
+ordinary index, or nothing of that name)."""
+
+
+class RequestPort(Protocol):
+    """Sends sub-queries and hands back their replies' raw values."""
+
+    @property
+    def reply_topic(self) -> str: ...
+
+    def expect(self, correlation_id: bytes) -> asyncio.Future[bytes]:
+        """Register for the reply carrying `correlation_id` (before sending)."""
+        ...
+
+    def forget(self, correlation_id: bytes) -> None: ...
+
+    async def send(
+        self, topic: str, *, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
+    ) -> None:
+        """Produce one sub-query; returns once the broker took it. Raises `KafkaError`."""
+        ...
+
+
+@dataclass(slots=True)
+class _Member:
+    shard: int
+    key: str
+    body: dict[str, Any]
+    cid: bytes = b""
+    reply: asyncio.Future[bytes] | None = None
+
+
+class Gatherer:
+    """Answers plain queries of sharded names and aliases at their home (module
+    docstring).
+
+    Arguments:
+        topics_search: the search topic sub-queries go to.
+        requests: where they go and how their replies come back.
+        targets: the gather target of a name at its home partition.
+        policy: `max_gathers`, `max_gathers_per_partition`, `max_wait_ms`.
+        query_wait_ms: the wait of a query without a deadline.
+    """
+
+    def __init__(
+        self,
+        *,
+        search_topic: str,
+        requests: RequestPort,
+        targets: TargetLookup,
+        policy: QueryPolicy,
+        query_wait_ms: int,
+    ) -> None:
+        self._search_topic = search_topic
+        self._requests = requests
+        self._targets = targets
+        self._policy = policy
+        self._query_wait_ms = query_wait_ms
+        self._waiting: dict[int, int] = {}
+        self.waiting = 0
+        """gathers waiting for members right now"""
+
+    def target(self, part: Partition, name: str) -> GatherTarget | None:
+        """The gather target of `name` on its home `part`; None: answered as usual."""
+        return self._targets(part, name)
+
+    async def answer(
+        self, query: Query, target: GatherTarget, partition: int, received: float
+    ) -> bytes:
+        """The one reply value to `query` (the members' answers merged).
+
+        Raises:
+            NotReady: too many gathers waiting (retriable).
+            ShardsMissing: members did not answer by the deadline (without allow_partial).
+            LhvError: a member's error (the first by shard), e.g. `dim_mismatch`.
+        """
+        policy = self._policy
+        here = self._waiting.get(partition, 0)
+        if here >= policy.max_gathers_per_partition or self.waiting >= policy.max_gathers:
+            raise NotReady(
+                f"too many queries gathering from shards ({here} on partition {partition}, "
+                f"{self.waiting} in all; limits {policy.max_gathers_per_partition} and "
+                f"{policy.max_gathers}): retry later"
+            )
+        self._waiting[partition] = here + 1
+        self.waiting += 1
+        try:
+            return await self._answer(query, target, received)
+        finally:
+            self.waiting -= 1
+            left = self._waiting[partition] - 1
+            if left:
+                self._waiting[partition] = left
+            else:
+                del self._waiting[partition]
+
+    async def _answer(self, query: Query, target: GatherTarget, received: float) -> bytes:
+        now = time.time()
+        wait_s = (
+            self._query_wait_ms / 1000
+            if query.deadline_ms is None
+            else (query.deadline_ms / 1000 - now)
+        )
+        wait_s = min(wait_s, self._policy.max_wait_ms / 1000)
+        if wait_s <= 0:
+            raise DeadlineExceeded("the request's deadline passed before it was gathered")
+        deadline_ms = int((now + wait_s) * 1000)
+        big = isinstance(query, SearchQuery) and query.vectors.nbytes > _THREAD_BYTES
+        members, values = await _run(big, _prepare, query, target, deadline_ms)
+        try:
+            await self._send_all(members, values)
+            pending = [m.reply for m in members if m.reply is not None]
+            if pending:
+                await asyncio.wait(pending, timeout=max(deadline_ms / 1000 - time.time(), 0))
+            answers, missing = await self._collect(members)
+        finally:
+            for m in members:
+                self._requests.forget(m.cid)
+        if missing and not query.allow_partial:
+            raise missing_error(target.index, missing, target.shards)
+        rows = len(answers) * (
+            query.k * len(query.vectors) if isinstance(query, SearchQuery) else 1
+        )
+        value: bytes = await _run(
+            rows > _THREAD_ROWS, _merged, query, target, answers, missing, received
+        )
+        return value
+
+    async def _send_all(self, members: list[_Member], values: list[bytes]) -> None:
+        topic = self._requests.reply_topic.encode()
+        sends = []
+        for m, value in zip(members, values, strict=True):
+            m.cid = f"gather-{uuid.uuid4().hex}".encode()
+            m.reply = self._requests.expect(m.cid)
+            headers = [(REPLY_TOPIC, topic), (CORRELATION_ID, m.cid)]
+            sends.append(
+                self._requests.send(
+                    self._search_topic, key=m.key.encode(), value=value, headers=headers
+                )
+            )
+        results = await asyncio.gather(*sends, return_exceptions=True)
+        for m, result in zip(members, results, strict=True):
+            if isinstance(result, BaseException):  # not sent: that member is missing
+                log.warning("sub-query to %s not sent: %r", m.key, result)
+                self._requests.forget(m.cid)
+                m.reply = None
+
+    async def _collect(self, members: list[_Member]) -> tuple[list[MemberReply], list[int]]:
+        answers: list[MemberReply] = []
+        missing: list[int] = []
+        failure: LhvError | None = None
+        for m in members:
+            fut = m.reply
+            if fut is None or not fut.done() or fut.cancelled() or fut.exception() is not None:
+                missing.append(m.shard)
+                continue
+            raw = fut.result()
+            try:
+                body = await _run(len(raw) > _THREAD_BYTES, orjson.loads, raw)
+            except orjson.JSONDecodeError:
+                failure = failure or Internal(f"undecodable reply from {m.key}")
+                continue
+            if not isinstance(body, dict):
+                failure = failure or Internal(f"a reply from {m.key} is not an object")
+                continue
+            error = reply_error(body)
+            if error is None:
+                answers.append((m.shard, body))
+            elif error.code in _MISSING_CODES:
+                missing.append(m.shard)
+            else:
+                failure = failure or error
+        if failure is not None:
+            raise failure
+        return answers, missing
+
+
+async def _run(in_thread: bool, fn: Callable[..., Any], *args: Any) -> Any:
+    if in_thread:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+def _b64(row: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(row, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _members(query: Query, target: GatherTarget, deadline_ms: int) -> list[_Member]:
+    """The sub-queries of `query`: one per member that has anything to answer."""
+    base: dict[str, Any] = {"op": query.op, "deadline_ms": deadline_ms}
+    shards: dict[int, dict[str, Any]] = {}
+    if isinstance(query, SearchQuery):
+        base.update(k=query.k, include_metadata=query.include_metadata)
+        if query.ef is not None:
+            base["ef"] = query.ef
+        if query.filter:
+            base["filter"] = query.filter
+        if query.multi:
+            base["vectors_b64"] = [_b64(row) for row in query.vectors]
+        else:
+            base["vector_b64"] = _b64(query.vectors[0])
+        shards = {s: {} for s in range(target.shards)}
+    elif isinstance(query, GetQuery):
+        base.update(
+            include_vectors=query.include_vectors,
+            include_metadata=query.include_metadata,
+            vector_encoding=query.vector_encoding,
+        )
+        for s, positions in sorted(split_by_shard(query.ids, target.shards).items()):
+            shards[s] = {"ids": [query.ids[p] for p in positions]}
+    else:
+        shards = {s: {} for s in range(target.shards)}
+    out = []
+    offsets = query.min_offsets or {}
+    for s, extra in shards.items():
+        key = shard_key(target.index, s, target.shards)
+        body = {**base, "index": key, **extra}
+        if key in offsets:
+            body["min_offset"] = offsets[key]
+        out.append(_Member(s, key, body))
+    return out
+
+
+def _prepare(
+    query: Query, target: GatherTarget, deadline_ms: int
+) -> tuple[list[_Member], list[bytes]]:
+    """The sub-queries of `query` and their encoded values."""
+    members = _members(query, target, deadline_ms)
+    return members, [orjson.dumps(m.body) for m in members]
+
+
+def _merged(
+    query: Query,
+    target: GatherTarget,
+    answers: list[MemberReply],
+    missing: list[int],
+    received: float,
+) -> bytes:
+    if isinstance(query, SearchQuery):
+        body = merge_search_reply(
+            target.index,
+            target.shards,
+            answers,
+            k=query.k,
+            multi=query.multi,
+            include_metadata=query.include_metadata,
+            missing=missing,
+        )
+    elif isinstance(query, GetQuery):
+        body = merge_get_reply(target.index, target.shards, query.ids, answers, missing=missing)
+    else:
+        body = merge_stats_reply(target.index, target.shards, answers, missing=missing)
+    body["index"] = query.index
+    body["took_ms"] = round((time.monotonic() - received) * 1000, 3)
+    if query.request_id is not None:
+        body["request_id"] = query.request_id
+    out = {"correlation_id": correlation_text(query.reply_to.correlation_id), **body}
+    return orjson.dumps(out)
+
+
+class KafkaRequests:
+    """`RequestPort` over aiokafka: its own reply topic (`<reply prefix>gather-<id>`,
+    created on start, deleted on stop), a producer of sub-queries and a group-less reader
+    of the replies."""
+
+    def __init__(self, kafka: KafkaConfig, *, reply_topic: str) -> None:
+        self._kafka = kafka
+        self._reply_topic = reply_topic
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._waiting: dict[bytes, asyncio.Future[bytes]] = {}
+        self._created = False
+        self._broken: BaseException | None = None
+
+    @property
+    def reply_topic(self) -> str:
+        return self._reply_topic
+
+    async def start(self) -> None:
+        kw = self._kafka.client_kwargs()
+        admin = AIOKafkaAdminClient(**kw)
+        await admin.start()
+        try:
+            self._created = self._reply_topic in await create_topics(admin, {self._reply_topic: 1})
+        finally:
+            await admin.close()
+        self._producer = AIOKafkaProducer(
+            **kw, acks="all", linger_ms=0, max_request_size=16 * 1024 * 1024
+        )
+        await self._producer.start()
+        self._consumer = AIOKafkaConsumer(
+            **kw, enable_auto_commit=False, auto_offset_reset="latest"
+        )
+        await self._consumer.start()
+        async with asyncio.timeout(self._kafka.request_timeout_ms / 1000):
+            parts = await self._producer.partitions_for(self._reply_topic)
+        tps = [TopicPartition(self._reply_topic, p) for p in sorted(parts)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_end(*tps)
+        for tp in tps:
+            await self._consumer.position(tp)
+        self._reader = asyncio.create_task(self._read(), name="gather-replies")
+
+    async def stop(self) -> None:
+        """Close; gathers still waiting see their members as missing. Idempotent."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        waiting, self._waiting = self._waiting, {}
+        for fut in waiting.values():
+            if not fut.done():
+                fut.cancel()
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            try:
+                await consumer.stop()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+        if self._created:
+            self._created = False
+            admin = AIOKafkaAdminClient(**self._kafka.client_kwargs())
+            try:
+                await admin.start()
+                await admin.delete_topics([self._reply_topic])
+            except Exception as exc:
+                log.info("gather reply topic %s not deleted: %s", self._reply_topic, exc)
+            finally:
+                await admin.close()
+
+    def expect(self, correlation_id: bytes) -> asyncio.Future[bytes]:
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiting[correlation_id] = fut
+        return fut
+
+    def forget(self, correlation_id: bytes) -> None:
+        fut = self._waiting.pop(correlation_id, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+
+    async def send(
+        self, topic: str, *, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
+    ) -> None:
+        if self._producer is None:
+            raise NotReady("the gather requester is not started")
+        if self._broken is not None:
+            raise Internal(f"the gather reply reader failed: {self._broken!r}")
+        await self._producer.send_and_wait(topic, key=key, value=value, headers=list(headers))
+
+    async def _read(self) -> None:
+        assert self._consumer is not None
+        try:
+            while True:
+                batches = await self._consumer.getmany(timeout_ms=500)
+                for records in batches.values():
+                    for rec in records:
+                        self._deliver(rec.headers or (), rec.key, rec.value)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # gathers waiting see their members as missing; later ones are refused
+            log.exception("the gather reply reader of %s failed", self._reply_topic)
+            self._broken = exc
+            waiting, self._waiting = self._waiting, {}
+            for fut in waiting.values():
+                if not fut.done():
+                    fut.cancel()
+
+    def _deliver(
+        self, headers: Sequence[tuple[str, bytes]], key: bytes | None, value: bytes | None
+    ) -> None:
+        cid = dict(headers).get(CORRELATION_ID, key)
+        fut = self._waiting.pop(cid, None) if cid is not None else None
+        if fut is not None and not fut.done() and value is not None:
+            fut.set_result(value)
