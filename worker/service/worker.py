@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,6 +32,7 @@ from lhv_index.errors import Internal
 from worker.kafka.errors import map_kafka_errors
 from worker.service import inflate
 from worker.service.config import WorkerConfig
+from worker.service.gather import Gatherer, GatherTarget, KafkaRequests
 from worker.service.merge import MergeProtocol
 from worker.service.observer import IndexObserver
 from worker.service.outbox import Outbox
@@ -130,6 +133,17 @@ class Worker:
             reply_policy=self.reply_policy,
             metrics=self.metrics,
         )
+        self._requests: KafkaRequests | None = None
+        gatherer: Gatherer | None = None
+        if kafka is None:  # on the real transport: gathers for sharded names and aliases
+            self._requests = KafkaRequests(config.kafka, reply_topic=_gather_topic(config))
+            gatherer = Gatherer(
+                search_topic=config.topics.search,
+                requests=self._requests,
+                targets=self._gather_target,
+                policy=config.queries,
+                query_wait_ms=config.query_wait_ms,
+            )
         self.search = SearchServer(
             topics=self.topics,
             registry=self,
@@ -143,6 +157,7 @@ class Worker:
             limits=config.limits,
             query_wait_ms=config.query_wait_ms,
             worker_id=config.worker_id,
+            gatherer=gatherer,
         )
         self.barrier = MergeProtocol(
             topics=self.topics,
@@ -206,6 +221,8 @@ class Worker:
             await self._kafka.start()
             await self.outbox.start()
             await self._check_topics()
+            if self._requests is not None:
+                await self._requests.start()
             self._kafka.subscribe(
                 [self.topics.commands, self.topics.search], listener=self.ownership
             )
@@ -361,6 +378,8 @@ class Worker:
                 for p in list(self.partitions):
                     await self.ownership.release(p, park=False)
             await self.search.stop()
+            if self._requests is not None:
+                await self._requests.stop()
             await self.tasks.close()
             await self._kafka.stop()
             await self.outbox.stop()
@@ -368,6 +387,11 @@ class Worker:
                 await self._metrics_server.stop()
             await self._blobs.stop()
             log.info("worker stopped")
+
+    def _gather_target(self, part: Partition, name: str) -> GatherTarget | None:
+        """The members a query of `name` gathers from at its home `part` (its catalog
+        entry: a sharded index, or an alias followed one hop); None: not gathered."""
+        return None
 
     # -- PartitionRegistry (handed to ownership, search and merge) -----------------------
 
@@ -418,3 +442,10 @@ class Worker:
 
     def partition_states(self) -> dict[int, str]:
         return {p: part.status.value for p, part in self.partitions.items()}
+
+
+def _gather_topic(config: WorkerConfig) -> str:
+    """This worker's reply topic for gathers: under the reply pattern, unique per run."""
+    prefix = config.topics.reply_pattern.split("*", 1)[0]
+    worker = re.sub(r"[^A-Za-z0-9._-]", "-", config.worker_id)[:64]
+    return f"{prefix}gather-{worker}-{uuid.uuid4().hex[:8]}"
