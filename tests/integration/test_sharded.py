@@ -1,0 +1,257 @@
+"""A sharded index on the real stack: S=4 members over 4 partitions served by two
+`lhv worker` processes.
+
+- 20k mixed writes through the client (updates, deletes, client versions, duplicates
+  within one call) end up, id for id, as the same writes applied to one unsharded
+  `lhv_index.Index`;
+- searches equal an exact top-k up to the engine's recall, and read-your-writes holds
+  across members;
+- a plain aiokafka requester with Spring headers keyed by the index's name gets the
+  merged answer from the name's home;
+- a member whose worker is down makes the answer fail naming it, or flagged partial when
+  the caller allows it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import murmur2
+from workerkit import Env, WorkerProcess, create_topics, make_env
+
+from lhv_index import Clock, Delete, EngineKind, Index, IndexParams, Space, Upsert
+from worker.client import LhvClient, ShardsMissing, WriteResult
+from worker.client.client import stop_consumer
+from worker.wire.headers import CORRELATION_ID, REPLY_TOPIC
+from worker.wire.shards import shard_key, shard_of
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+SHARDS = 4
+PARTITIONS = 4
+DIM = 8
+
+
+def _spread_name() -> str:
+    """A name whose 4 members sit on 4 different partitions (both workers serve some)."""
+    for n in range(1000):
+        name = f"sharded{n}"
+        where = {murmur2(shard_key(name, s, SHARDS).encode()) % PARTITIONS for s in range(SHARDS)}
+        if len(where) == SHARDS:
+            return name
+    raise AssertionError("no name spreads over every partition")
+
+
+NAME = _spread_name()
+
+
+def _member_partition(shard: int) -> int:
+    return int(murmur2(shard_key(NAME, shard, SHARDS).encode()) % PARTITIONS)
+
+
+@contextlib.asynccontextmanager
+async def _workers(env: Env, tmp_path: Path, n: int = 2, **extra: str) -> Any:
+    procs = [
+        WorkerProcess(env.child_env(LHV_WORKER_ID=f"w{i}", **extra), tmp_path / f"w{i}.log")
+        for i in range(n)
+    ]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.proc.poll() is None:
+                p.terminate(30)
+
+
+def _merge_positions(a: WriteResult | None, b: WriteResult) -> WriteResult:
+    if a is None:
+        return b
+    offsets = dict(a.offsets)
+    for key, off in b.offsets.items():
+        offsets[key] = max(offsets.get(key, -1), off)
+    return WriteResult(b.partition, b.offset, a.records + b.records, b.ack, offsets)
+
+
+class _Writes:
+    """Mixed writes through the client, applied the same way to one unsharded index."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.oracle = Index("oracle", IndexParams(dim=DIM, space=Space.L2, engine=EngineKind.EXACT))
+        self.seq = 0
+        self.versions: dict[str, int] = {}
+        self.position: WriteResult | None = None
+        self.ids = [f"doc-{i}" for i in range(3000)]
+
+    async def add(self, c: LhvClient, n: int, *, versioned: bool) -> None:
+        ids = list(self.rng.choice(self.ids, size=n))
+        ids += ids[: n // 10]  # duplicates within one call: the later one wins
+        vecs = self.rng.standard_normal((len(ids), DIM)).astype(np.float32)
+        metas: list[dict[str, Any] | None] = [
+            None if self.rng.random() < 0.3 else {"g": int(self.rng.integers(3))} for _ in ids
+        ]
+        version = int(self.rng.integers(1, 50)) if versioned else None
+        self.seq += 1
+        wrote = await c.add(NAME, ids, vecs, metas, version=version, batch_size=200)
+        self.position = _merge_positions(self.position, wrote)
+        self.oracle.apply(
+            [
+                Upsert(id=i, vector=v, metadata=m, clock=Clock(version or 0, self.seq, pos))
+                for pos, (i, v, m) in enumerate(zip(ids, vecs, metas, strict=True))
+            ]
+        )
+
+    async def delete(self, c: LhvClient, n: int, *, versioned: bool) -> None:
+        ids = list(self.rng.choice(self.ids, size=n))
+        version = int(self.rng.integers(1, 50)) if versioned else None
+        self.seq += 1
+        wrote = await c.delete(NAME, ids, version=version)
+        self.position = _merge_positions(self.position, wrote)
+        self.oracle.apply(
+            [Delete(id=i, clock=Clock(version or 0, self.seq, pos)) for pos, i in enumerate(ids)]
+        )
+
+
+async def test_a_sharded_index_written_through_the_client_equals_the_unsharded_oracle(
+    bootstrap_servers: str, s3_config: Any, tmp_path: Path
+) -> None:
+    env = await make_env(bootstrap_servers, s3_config, partitions=PARTITIONS)
+    async with (
+        _workers(env, tmp_path),
+        LhvClient(env.bootstrap, topics=env.topics, timeout_s=60) as c,
+    ):
+        await c.create(NAME, dim=DIM, space="l2", shards=SHARDS, timeout_s=90)
+        described = await c.describe(NAME)
+        assert (described["kind"], described["shards"]) == ("sharded", SHARDS)
+        writes = _Writes(seed=5)
+        total = 0
+        while total < 20_000:
+            kind = writes.rng.random()
+            if kind < 0.75:
+                await writes.add(c, 400, versioned=kind < 0.25)
+                total += 440
+            else:
+                await writes.delete(c, 150, versioned=kind > 0.9)
+                total += 150
+        after = writes.position
+        assert after is not None and set(after.offsets) == {
+            shard_key(NAME, s, SHARDS) for s in range(SHARDS)
+        }
+        # id for id: every id ever written, read back from its member
+        live = writes.oracle.logical_state()["live"]
+        stats = await c.stats(NAME, after=after)
+        assert stats["count"] == len(live)
+        assert [s["shard"] for s in stats["shards"]] == list(range(SHARDS))
+        got: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(writes.ids), 1000):
+            for item in await c.get(NAME, writes.ids[start : start + 1000], after=after):
+                got[item["id"]] = item
+        assert set(got) == set(live)
+        for id_, (vec, meta, clock) in live.items():
+            item = got[id_]
+            expected = np.frombuffer(vec, dtype=np.float32) if isinstance(vec, bytes) else vec
+            assert np.allclose(item["vector"], expected, atol=1e-6), id_
+            assert (item["metadata"] or None) == (meta or None), id_
+            assert item["version"] == clock[0], id_
+        # searches: the exact top-k up to the engine's recall
+        ids = sorted(live)
+        matrix = np.stack([np.frombuffer(live[i][0], dtype=np.float32) for i in ids]).astype(
+            np.float32
+        )
+        queries = writes.rng.standard_normal((30, DIM)).astype(np.float32)
+        rows = await c.search_many(NAME, queries, k=10, after=after)
+        found = 0
+        for q, hits in zip(queries, rows, strict=True):
+            exact = np.argsort(np.sum((matrix - q) ** 2, axis=1))[:10]
+            found += len({ids[j] for j in exact} & {h.id for h in hits})
+            assert [h.distance for h in hits] == sorted(h.distance for h in hits)
+        assert found / (10 * len(queries)) >= 0.9
+        # read-your-writes on every member: new items found at once
+        fresh = [f"fresh-{i}" for i in range(40)]
+        fresh_vecs = writes.rng.standard_normal((40, DIM)).astype(np.float32) * 100
+        wrote = await c.add(NAME, fresh, fresh_vecs)
+        assert {shard_of(i, SHARDS) for i in fresh} == set(range(SHARDS))
+        rows = await c.search_many(NAME, fresh_vecs, k=1, after=wrote)
+        assert [r[0].id for r in rows] == fresh
+
+
+async def _plain_request(env: Env, body: dict[str, Any], cid: bytes) -> dict[str, Any]:
+    """A foreign requester: aiokafka, Spring headers, keyed by the index's name."""
+    reply_topic = f"lhv.replies.plain-{env.group}"
+    await create_topics(env.bootstrap, [reply_topic], 1)
+    producer = AIOKafkaProducer(bootstrap_servers=env.bootstrap, acks="all")
+    consumer = AIOKafkaConsumer(bootstrap_servers=env.bootstrap, enable_auto_commit=False)
+    await producer.start()
+    await consumer.start()
+    try:
+        tp = TopicPartition(reply_topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_end(tp)
+        await consumer.position(tp)
+        headers = [(REPLY_TOPIC, reply_topic.encode()), (CORRELATION_ID, cid)]
+        await producer.send_and_wait(
+            env.topics.search, key=body["index"].encode(), value=orjson.dumps(body), headers=headers
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for recs in (await consumer.getmany(timeout_ms=500)).values():
+                for rec in recs:
+                    if dict(rec.headers)[CORRELATION_ID] == cid:
+                        assert rec.key == cid
+                        reply: dict[str, Any] = orjson.loads(rec.value)
+                        return reply
+        raise AssertionError("no reply to the plain request")
+    finally:
+        await producer.stop()
+        await stop_consumer(consumer)
+
+
+async def test_a_plain_requester_gets_the_merged_answer_and_a_member_down_is_named(
+    bootstrap_servers: str, s3_config: Any, tmp_path: Path
+) -> None:
+    env = await make_env(bootstrap_servers, s3_config, partitions=PARTITIONS)
+    # a killed worker's partitions stay its own for 30 s: long enough to see it missing
+    async with (
+        _workers(env, tmp_path, LHV_SESSION_TIMEOUT_MS="30000") as procs,
+        LhvClient(env.bootstrap, topics=env.topics, timeout_s=60, reply_grace_s=0.2) as c,
+    ):
+        await c.create(NAME, dim=DIM, space="l2", shards=SHARDS, timeout_s=90)
+        rng = np.random.default_rng(9)
+        ids = [f"p-{i}" for i in range(400)]
+        vecs = rng.standard_normal((400, DIM)).astype(np.float32)
+        wrote = await c.add(NAME, ids, vecs, [{"i": i} for i in range(400)])
+        q = rng.standard_normal(DIM).astype(np.float32)
+        mine = await c.search(NAME, q, k=7, after=wrote)
+        body = {
+            "op": "search",
+            "index": NAME,
+            "vector": q.tolist(),
+            "k": 7,
+            "min_offsets": dict(wrote.offsets),
+        }
+        reply = await _plain_request(env, body, b"plain-1")
+        assert reply["status"] == "ok" and reply["correlation_id"] == "plain-1"
+        assert [h["id"] for h in reply["hits"]] == [h.id for h in mine]
+        stats = await _plain_request(env, {"op": "stats", "index": NAME}, b"plain-2")
+        assert stats["count"] == 400 and len(stats["shards"]) == SHARDS
+        # which worker serves each member, then one worker killed
+        owner = {}
+        for s in range(SHARDS):
+            member = await c.query(shard_key(NAME, s, SHARDS), {"op": "stats"})
+            owner[s] = member["worker"]
+        down = "w0" if "w0" in owner.values() else "w1"
+        gone = sorted(s for s, w in owner.items() if w == down)
+        procs[int(down[1])].kill9()
+        with pytest.raises(ShardsMissing) as err:
+            await c.search(NAME, q, k=7, timeout_s=1.5)
+        assert err.value.missing_shards == gone
+        hits = await c.search(NAME, q, k=400, timeout_s=1.5, allow_partial=True)
+        assert hits.partial and list(hits.missing_shards) == gone
+        assert {h.id for h in hits} == {i for i in ids if shard_of(i, SHARDS) not in gone}
