@@ -88,7 +88,11 @@ def _members(part: Partition, items: dict[str, list[float]]) -> None:
 
 
 def _targets(part: Partition, name: str) -> GatherTarget | None:
-    return {"big": GatherTarget("big", SHARDS), "live": GatherTarget("big", SHARDS)}.get(name)
+    return {
+        "big": GatherTarget("big", SHARDS),
+        "live": GatherTarget("big", alias="live"),
+        "chain": GatherTarget("live", alias="chain"),
+    }.get(name)
 
 
 def _rig(policy: QueryPolicy | None = None) -> tuple[StandInWorker, SearchServer, Loopback]:
@@ -141,13 +145,14 @@ async def test_a_plain_search_of_a_sharded_name_gets_one_merged_exact_answer() -
     assert {b["index"] for b in loop.sent} == {f"big#{s}" for s in range(SHARDS)}
 
 
-async def test_get_and_stats_of_a_sharded_name_and_a_search_by_alias_are_gathered() -> None:
+async def test_get_and_stats_of_a_sharded_name_and_a_search_by_alias_are_gathered_one_hop() -> None:
     worker, server, loop = _rig()
     _members(worker.partitions[0], ITEMS)
     server.submit(0, [_ask(1, b"get", op="get", ids=["id007", "nope", "id100", "id007"])])
     server.submit(0, [_ask(2, b"stats", op="stats")])
     server.submit(0, [_ask(3, b"alias", "live", vector=[0.0, 0.0], k=3)])
-    await worker.replies.wait_for([b"get", b"stats", b"alias"])
+    server.submit(0, [_ask(4, b"chain", "chain", vector=[0.0, 0.0], k=3)])
+    await worker.replies.wait_for([b"get", b"stats", b"alias", b"chain"])
     got = worker.replies.sent[b"get"][0]
     assert [i["id"] for i in got["items"]] == ["id007", "id100", "id007"]
     stats = worker.replies.sent[b"stats"][0]
@@ -155,6 +160,11 @@ async def test_get_and_stats_of_a_sharded_name_and_a_search_by_alias_are_gathere
     alias = worker.replies.sent[b"alias"][0]
     assert alias["index"] == "live"
     assert [(h["distance"], h["id"]) for h in alias["hits"]] == _exact([0.0, 0.0], 3)
+    assert alias["correlation_id"] == "alias"
+    chain = worker.replies.sent[b"chain"][0]  # an alias of an alias is never followed
+    assert (
+        chain["error"]["code"] == "invalid_request" and "alias chain" in chain["error"]["message"]
+    )
     asked = [b for b in loop.sent if b["op"] == "get"]
     for body in asked:
         assert all(f"big#{shard_of(i, SHARDS)}" == body["index"] for i in body["ids"])

@@ -39,7 +39,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from lhv_index.errors import DeadlineExceeded, Internal, LhvError, NotReady
+from lhv_index.errors import DeadlineExceeded, Internal, InvalidRequest, LhvError, NotReady
 from worker.kafka.admin import create_topics
 from worker.kafka.config import KafkaConfig
 from worker.service.config import QueryPolicy
@@ -70,11 +70,13 @@ _MISSING_CODES = frozenset({DeadlineExceeded.code, NotReady.code})
 
 @dataclass(frozen=True, slots=True)
 class GatherTarget:
-    """Where a name's data is: `index` (the name itself, or an alias's target) in
-    `shards` members (1: `index` alone, an alias of an ordinary index)."""
+    """Where a name's data is: a sharded index `index` of `shards` members, gathered
+    here; or, with `alias`, the alias's target `index`, asked by its name (its own home
+    answers it, gathering when it is sharded) and its reply relayed."""
 
     index: str
-    shards: int
+    shards: int = 1
+    alias: str | None = None
 
 
 TargetLookup = Callable[[Partition, str], GatherTarget | None]
@@ -154,6 +156,11 @@ class Gatherer:
             ShardsMissing: members did not answer by the deadline (without allow_partial).
             LhvError: a member's error (the first by shard), e.g. `dim_mismatch`.
         """
+        if target.alias is not None and query.via_alias is not None:
+            raise InvalidRequest(
+                f"alias chain: {query.via_alias!r} points at {target.alias!r}, itself an alias "
+                f"(of {target.index!r}); aliases point at indexes"
+            )
         policy = self._policy
         here = self._waiting.get(partition, 0)
         if here >= policy.max_gathers_per_partition or self.waiting >= policy.max_gathers:
@@ -185,6 +192,8 @@ class Gatherer:
         if wait_s <= 0:
             raise DeadlineExceeded("the request's deadline passed before it was gathered")
         deadline_ms = int((now + wait_s) * 1000)
+        if target.alias is not None:
+            return await self._relay(query, target, deadline_ms, received)
         big = isinstance(query, SearchQuery) and query.vectors.nbytes > _THREAD_BYTES
         members, values = await _run(big, _prepare, query, target, deadline_ms)
         try:
@@ -204,6 +213,29 @@ class Gatherer:
         value: bytes = await _run(
             rows > _THREAD_ROWS, _merged, query, target, answers, missing, received
         )
+        return value
+
+    async def _relay(
+        self, query: Query, target: GatherTarget, deadline_ms: int, received: float
+    ) -> bytes:
+        """`query` asked of an alias's target by its name; its reply, as the reply to
+        `query` (an error reply raises its error)."""
+        big = isinstance(query, SearchQuery) and query.vectors.nbytes > _THREAD_BYTES
+        members, values = await _run(big, _prepare, query, target, deadline_ms)
+        try:
+            await self._send_all(members, values)
+            fut = members[0].reply
+            if fut is not None:
+                await asyncio.wait([fut], timeout=max(deadline_ms / 1000 - time.time(), 0))
+            if fut is None or not fut.done() or fut.cancelled() or fut.exception() is not None:
+                raise DeadlineExceeded(
+                    f"{target.index!r}, the target of alias {target.alias!r}, did not answer "
+                    "by the deadline"
+                )
+            raw = fut.result()
+        finally:
+            self._requests.forget(members[0].cid)
+        value: bytes = await _run(len(raw) > _THREAD_BYTES, _relayed, query, raw, received)
         return value
 
     async def _send_all(self, members: list[_Member], values: list[bytes]) -> None:
@@ -290,8 +322,19 @@ def _members(query: Query, target: GatherTarget, deadline_ms: int) -> list[_Memb
             shards[s] = {"ids": [query.ids[p] for p in positions]}
     else:
         shards = {s: {} for s in range(target.shards)}
-    out = []
     offsets = query.min_offsets or {}
+    if target.alias is not None:  # one query by the target's name, relayed
+        body = {**base, "index": target.index, "via_alias": target.alias}
+        if isinstance(query, GetQuery):
+            body["ids"] = query.ids
+        if offsets:
+            body["min_offsets"] = dict(offsets)
+        if target.index in offsets:
+            body["min_offset"] = offsets[target.index]
+        if query.allow_partial:
+            body["allow_partial"] = True
+        return [_Member(0, target.index, body)]
+    out = []
     for s, extra in shards.items():
         key = shard_key(target.index, s, target.shards)
         body = {**base, "index": key, **extra}
@@ -336,6 +379,24 @@ def _merged(
         body["request_id"] = query.request_id
     out = {"correlation_id": correlation_text(query.reply_to.correlation_id), **body}
     return orjson.dumps(out)
+
+
+def _relayed(query: Query, raw: bytes, received: float) -> bytes:
+    """The target's reply `raw` as the reply to `query`: its correlation id, its index
+    (the alias), its request id and took_ms; an error reply raises its error."""
+    body = orjson.loads(raw)
+    if not isinstance(body, dict):
+        raise Internal("a relayed reply is not an object")
+    error = reply_error(body)
+    if error is not None:
+        raise error
+    body["correlation_id"] = correlation_text(query.reply_to.correlation_id)
+    body["index"] = query.index
+    body["took_ms"] = round((time.monotonic() - received) * 1000, 3)
+    body.pop("request_id", None)
+    if query.request_id is not None:
+        body["request_id"] = query.request_id
+    return orjson.dumps(body)
 
 
 class KafkaRequests:

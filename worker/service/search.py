@@ -529,7 +529,11 @@ class SearchServer:
                     if part is None:  # the partition moved: its next owner answers
                         log.info("query left to the partition's next owner")
                         return
-                    target = self._gather_target(part, query.index)
+                    target = (
+                        None
+                        if isinstance(query, DescribeQuery)
+                        else self._gather_target(part, query.index)
+                    )
                     if target is not None and self._gatherer is not None:
                         value = await self._gatherer.answer(query, target, partition, received)
                         await self._send(reply_to, value)

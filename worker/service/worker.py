@@ -31,6 +31,7 @@ from aiokafka.errors import KafkaError
 from lhv_index.errors import Internal
 from worker.kafka.errors import map_kafka_errors
 from worker.service import inflate
+from worker.service.catalog import Alias, Sharded
 from worker.service.config import WorkerConfig
 from worker.service.gather import Gatherer, GatherTarget, KafkaRequests
 from worker.service.merge import MergeProtocol
@@ -390,7 +391,12 @@ class Worker:
 
     def _gather_target(self, part: Partition, name: str) -> GatherTarget | None:
         """The members a query of `name` gathers from at its home `part` (its catalog
-        entry: a sharded index, or an alias followed one hop); None: not gathered."""
+        entry: a sharded index, or an alias, relayed to its target); None: not gathered."""
+        entry = part.catalog.get(name)
+        if isinstance(entry, Sharded):
+            return GatherTarget(name, entry.shards)
+        if isinstance(entry, Alias):
+            return GatherTarget(entry.target, alias=name)
         return None
 
     # -- PartitionRegistry (handed to ownership, search and merge) -----------------------

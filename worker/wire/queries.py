@@ -44,6 +44,8 @@ class _QueryBase:
     for (the home hands each member its own; ignored for an ordinary index)"""
     allow_partial: bool = False
     """a sharded index: answer without members that miss the deadline, flagged partial"""
+    via_alias: str | None = None
+    """relayed by the home of this alias (one hop: another alias here is refused)"""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -145,6 +147,7 @@ def _query(
     common: dict[str, Any] = {
         "min_offsets": ({str(k): int(v) for k, v in raw_offsets.items()} if raw_offsets else None),
         "allow_partial": bool(body.get("allow_partial", False)),
+        "via_alias": body.get("via_alias"),
     }
     if op == "search":
         k = _int(body.get("k"), 10)
