@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from pathlib import Path
@@ -68,6 +69,20 @@ async def _workers(env: Env, tmp_path: Path, n: int = 2, **extra: str) -> Any:
         for p in procs:
             if p.proc.poll() is None:
                 p.terminate(30)
+
+
+async def _owners_once_both_serve(c: LhvClient, *, timeout_s: float = 60.0) -> dict[int, str]:
+    """The worker serving each member, once both workers serve some (the group settled)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        owner = {}
+        for s in range(SHARDS):
+            member = await c.query(shard_key(NAME, s, SHARDS), {"op": "stats"})
+            owner[s] = str(member["worker"])
+        if set(owner.values()) == {"w0", "w1"}:
+            return owner
+        assert time.monotonic() < deadline, f"the workers did not share the members: {owner}"
+        await asyncio.sleep(0.5)
 
 
 def _merge_positions(a: WriteResult | None, b: WriteResult) -> WriteResult:
@@ -127,7 +142,8 @@ async def test_a_sharded_index_written_through_the_client_equals_the_unsharded_o
         _workers(env, tmp_path),
         LhvClient(env.bootstrap, topics=env.topics, timeout_s=60) as c,
     ):
-        await c.create(NAME, dim=DIM, space="l2", shards=SHARDS, timeout_s=90)
+        await c.create(NAME, dim=DIM, space="l2", shards=SHARDS, ef_search=128, timeout_s=90)
+        await _owners_once_both_serve(c)
         described = await c.describe(NAME)
         assert (described["kind"], described["shards"]) == ("sharded", SHARDS)
         writes = _Writes(seed=5)
@@ -175,11 +191,12 @@ async def test_a_sharded_index_written_through_the_client_equals_the_unsharded_o
         assert found / (10 * len(queries)) >= 0.9
         # read-your-writes on every member: new items found at once
         fresh = [f"fresh-{i}" for i in range(40)]
-        fresh_vecs = writes.rng.standard_normal((40, DIM)).astype(np.float32) * 100
+        fresh_vecs = writes.rng.standard_normal((40, DIM)).astype(np.float32)
         wrote = await c.add(NAME, fresh, fresh_vecs)
         assert {shard_of(i, SHARDS) for i in fresh} == set(range(SHARDS))
-        rows = await c.search_many(NAME, fresh_vecs, k=1, after=wrote)
-        assert [r[0].id for r in rows] == fresh
+        assert [i["id"] for i in await c.get(NAME, fresh, after=wrote)] == fresh
+        rows = await c.search_many(NAME, fresh_vecs, k=10, after=wrote)
+        assert all(i in {h.id for h in hits} for i, hits in zip(fresh, rows, strict=True))
 
 
 async def _plain_request(env: Env, body: dict[str, Any], cid: bytes) -> dict[str, Any]:
@@ -223,6 +240,7 @@ async def test_a_plain_requester_gets_the_merged_answer_and_a_member_down_is_nam
         LhvClient(env.bootstrap, topics=env.topics, timeout_s=60, reply_grace_s=0.2) as c,
     ):
         await c.create(NAME, dim=DIM, space="l2", shards=SHARDS, timeout_s=90)
+        await _owners_once_both_serve(c)
         rng = np.random.default_rng(9)
         ids = [f"p-{i}" for i in range(400)]
         vecs = rng.standard_normal((400, DIM)).astype(np.float32)
@@ -241,13 +259,11 @@ async def test_a_plain_requester_gets_the_merged_answer_and_a_member_down_is_nam
         assert [h["id"] for h in reply["hits"]] == [h.id for h in mine]
         stats = await _plain_request(env, {"op": "stats", "index": NAME}, b"plain-2")
         assert stats["count"] == 400 and len(stats["shards"]) == SHARDS
-        # which worker serves each member, then one worker killed
-        owner = {}
-        for s in range(SHARDS):
-            member = await c.query(shard_key(NAME, s, SHARDS), {"op": "stats"})
-            owner[s] = member["worker"]
-        down = "w0" if "w0" in owner.values() else "w1"
+        # one of the two workers killed: the members it served do not answer
+        owner = await _owners_once_both_serve(c)
+        down = owner[0]
         gone = sorted(s for s, w in owner.items() if w == down)
+        assert 0 < len(gone) < SHARDS
         procs[int(down[1])].kill9()
         with pytest.raises(ShardsMissing) as err:
             await c.search(NAME, q, k=7, timeout_s=1.5)
