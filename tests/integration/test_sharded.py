@@ -271,3 +271,36 @@ async def test_a_plain_requester_gets_the_merged_answer_and_a_member_down_is_nam
         hits = await c.search(NAME, q, k=400, timeout_s=1.5, allow_partial=True)
         assert hits.partial and list(hits.missing_shards) == gone
         assert {h.id for h in hits} == {i for i in ids if shard_of(i, SHARDS) not in gone}
+
+
+async def test_an_alias_switched_to_a_sharded_index_is_followed_by_clients_and_plain_requests(
+    bootstrap_servers: str, s3_config: Any, tmp_path: Path
+) -> None:
+    env = await make_env(bootstrap_servers, s3_config, partitions=PARTITIONS)
+    async with (
+        _workers(env, tmp_path),
+        LhvClient(env.bootstrap, topics=env.topics, timeout_s=60) as c,
+        LhvClient(env.bootstrap, topics=env.topics, timeout_s=60) as admin,
+    ):
+        await admin.create("v1", dim=DIM, space="l2", timeout_s=90)
+        await admin.create(NAME, dim=DIM, space="l2", shards=SHARDS, timeout_s=90)
+        q = np.ones(DIM, dtype=np.float32)
+        old = await admin.add("v1", ["old"], [q])
+        new = await admin.add(NAME, ["new"], [q])
+        await admin.alias("live", "v1")
+        assert [h.id for h in await c.search("live", q, k=1, after=old)] == ["old"]
+        # switched and the old target dropped by another client: this one's cached
+        # resolution meets index_not_found, resolves again and retries once
+        await admin.alias("live", NAME)
+        await admin.drop("v1")
+        assert [h.id for h in await c.search("live", q, k=1, after=new)] == ["new"]
+        body = {
+            "op": "search",
+            "index": "live",
+            "vector": q.tolist(),
+            "k": 1,
+            "min_offsets": dict(new.offsets),
+        }
+        reply = await _plain_request(env, body, b"by-alias")
+        assert reply["status"] == "ok" and reply["index"] == "live"
+        assert [h["id"] for h in reply["hits"]] == ["new"]

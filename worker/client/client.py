@@ -704,6 +704,26 @@ class LhvClient:
         finally:
             self._names.pop(index, None)
 
+    async def alias(
+        self, alias: str, target: str, *, ack: bool = True, timeout_s: float | None = None
+    ) -> WriteResult:
+        """Point `alias` at the index (or sharded index) `target`; an existing alias is
+        switched in one record. Reads and writes by `alias` then reach `target`."""
+        self._names.pop(alias, None)
+        try:
+            return await self.command(
+                alias, {"op": "alias", "target": target}, ack=ack, timeout_s=timeout_s
+            )
+        finally:
+            self._names.pop(alias, None)
+
+    async def unalias(
+        self, alias: str, *, ack: bool = True, timeout_s: float | None = None
+    ) -> WriteResult:
+        """Remove `alias` (its target stays)."""
+        self._names.pop(alias, None)
+        return await self.command(alias, {"op": "unalias"}, ack=ack, timeout_s=timeout_s)
+
     async def add(
         self,
         index: str,
