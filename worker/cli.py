@@ -874,6 +874,9 @@ def _args_load(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--engine", choices=("hnsw", "annoy", "exact"), default="hnsw", help="with --create"
     )
+    parser.add_argument(
+        "--shards", type=int, default=1, help="with --create: member indexes (1: ordinary)"
+    )
     parser.add_argument("--batch-size", type=int, default=1000, help="rows per add record")
     parser.add_argument("--in-flight", type=int, default=8, help="batches awaiting acks at once")
     parser.add_argument(
@@ -904,8 +907,14 @@ async def _check_load_target(client: LhvClient, args: argparse.Namespace, dim: i
                 f"index {args.index!r} does not exist: add --create, or `lhv create "
                 f"{args.index} --dim {dim}` first; nothing was sent"
             ) from None
-        await client.create(args.index, dim=dim, space=args.space, engine=args.engine)
-        print(f"created {args.index}: {dim} dims, {args.space}, {args.engine}", file=sys.stderr)
+        await client.create(
+            args.index, dim=dim, space=args.space, engine=args.engine, shards=args.shards
+        )
+        shards = f", {args.shards} shards" if args.shards != 1 else ""
+        print(
+            f"created {args.index}: {dim} dims, {args.space}, {args.engine}{shards}",
+            file=sys.stderr,
+        )
         return
     except (NotReady, DeadlineExceeded):
         # a worker owns the partition and is restoring it: it applies the rows after

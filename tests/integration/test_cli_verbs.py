@@ -126,3 +126,27 @@ async def test_quickstart_verbs_create_load_search_get_delete_stats_drop(
         done = await lhv(env, "stats", "docs")
         assert done.returncode == EXIT_REFUSED
         assert "index_not_found" in _one_line(done)
+
+
+async def test_a_sharded_index_from_the_command_line_create_load_search_stats(
+    env: Env, tmp_path: Path
+) -> None:
+    data = _jsonl(tmp_path / "v.jsonl", 40, 4)
+    async with running(env.config()):
+        done = await lhv(env, "create", "docs", "--dim", "4", "--space", "l2", "--shards", "3")
+        assert done.returncode == EXIT_OK, done.stderr
+        assert "3 shards" in done.stdout
+        done = await lhv(env, "load", "docs", str(data), "--no-progress")
+        assert done.returncode == EXIT_OK, done.stderr
+        assert "loaded 40 of 40 rows into docs" in done.stdout
+        done = await lhv(
+            env, "search", "docs", "--vector", "[3, 0.5, 0.5, 0.5]", "-k", "3", "--json"
+        )
+        assert done.returncode == EXIT_OK, done.stderr
+        assert [h["id"] for h in json.loads(done.stdout)["hits"]] == ["d2", "d1", "d3"]
+        done = await lhv(env, "stats", "docs", "--json")
+        stats = json.loads(done.stdout)
+        assert stats["count"] == 40 and [s["shard"] for s in stats["shards"]] == [0, 1, 2]
+        assert sum(s["count"] for s in stats["shards"]) == 40
+        done = await lhv(env, "stats", "docs")
+        assert done.returncode == EXIT_OK and "checkpoint_offset" in done.stdout
