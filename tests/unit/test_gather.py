@@ -117,3 +117,11 @@ def test_missing_members_error_names_them_with_the_deadline_code() -> None:
     assert isinstance(err, DeadlineExceeded) and err.code == "deadline_exceeded"
     assert err.missing_shards == [1, 3]
     assert "[1, 3]" in err.message and "docs" in err.message
+
+
+def test_a_multi_vector_search_with_no_member_answering_has_an_empty_row_per_vector() -> None:
+    body = merge_search_reply(
+        "docs", 2, [], k=3, multi=True, include_metadata=False, missing=[0, 1], queries=3
+    )
+    assert body["results"] == [{"ids": [], "distances": []}] * 3
+    assert body["partial"] is True and body["applied_offset"] == -1

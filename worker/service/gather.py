@@ -368,6 +368,7 @@ def _merged(
             multi=query.multi,
             include_metadata=query.include_metadata,
             missing=missing,
+            queries=len(query.vectors),
         )
     elif isinstance(query, GetQuery):
         body = merge_get_reply(target.index, target.shards, query.ids, answers, missing=missing)

@@ -135,14 +135,17 @@ def merge_search_reply(
     multi: bool,
     include_metadata: bool,
     missing: Sequence[int] = (),
+    queries: int = 1,
 ) -> dict[str, Any]:
     """The body (without `correlation_id`, `took_ms`, `request_id`) of the one reply to a
-    search of sharded `name`, from its members' `status: ok` replies.
+    search of `queries` vectors of sharded `name`, from its members' `status: ok` replies
+    (a multi-vector search gets one `results` entry per vector, empty when no member
+    answered).
 
     `applied_offsets` names each member's applied offset; `applied_offset` is the lowest
     of them (-1 when no member answered)."""
     per_member = [hit_rows(body) for _, body in answers]
-    n = max((len(rows) for rows in per_member), default=1 if not multi else 0)
+    n = max(queries, *(len(rows) for rows in per_member)) if per_member else queries
     merged = [merge_hits((rows[i] for rows in per_member if i < len(rows)), k) for i in range(n)]
     out: dict[str, Any] = {"status": "ok", "op": "search", "index": name}
     if multi:
