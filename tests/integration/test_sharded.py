@@ -261,7 +261,9 @@ async def test_a_plain_requester_gets_the_merged_answer_and_a_member_down_is_nam
         assert stats["count"] == 400 and len(stats["shards"]) == SHARDS
         # one of the two workers killed: the members it served do not answer
         owner = await _owners_once_both_serve(c)
-        down = owner[0]
+        home = int(murmur2(NAME.encode()) % PARTITIONS)
+        home_worker = next(owner[s] for s in range(SHARDS) if _member_partition(s) == home)
+        down = "w1" if home_worker == "w0" else "w0"  # the home (which gathers) stays up
         gone = sorted(s for s, w in owner.items() if w == down)
         assert 0 < len(gone) < SHARDS
         procs[int(down[1])].kill9()
@@ -271,6 +273,19 @@ async def test_a_plain_requester_gets_the_merged_answer_and_a_member_down_is_nam
         hits = await c.search(NAME, q, k=400, timeout_s=1.5, allow_partial=True)
         assert hits.partial and list(hits.missing_shards) == gone
         assert {h.id for h in hits} == {i for i in ids if shard_of(i, SHARDS) not in gone}
+        # the same for a plain requester, gathered by the home
+        body = {"op": "search", "index": NAME, "vector": q.tolist(), "k": 400}
+        deadline_ms = int(time.time() * 1000) + 1500
+        strict = await _plain_request(env, {**body, "deadline_ms": deadline_ms}, b"strict")
+        assert strict["status"] == "error" and strict["error"]["code"] == "deadline_exceeded"
+        assert str(gone) in strict["error"]["message"]
+        deadline_ms = int(time.time() * 1000) + 1500
+        loose = await _plain_request(
+            env, {**body, "deadline_ms": deadline_ms, "allow_partial": True}, b"loose"
+        )
+        assert loose["status"] == "ok" and loose["partial"] is True
+        assert loose["missing_shards"] == gone
+        assert {h["id"] for h in loose["hits"]} == {h.id for h in hits}
 
 
 async def test_an_alias_switched_to_a_sharded_index_is_followed_by_clients_and_plain_requests(
