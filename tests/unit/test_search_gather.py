@@ -203,3 +203,17 @@ async def test_gathers_over_the_bound_are_answered_not_ready_at_once() -> None:
     assert b"first" not in worker.replies.sent
     await worker.replies.wait_for([b"first"])
     assert worker.replies.sent[b"first"][0]["error"]["code"] == "deadline_exceeded"
+
+
+async def test_when_no_sub_query_can_be_sent_the_query_gets_not_ready() -> None:
+    worker, server, loop = _rig()
+    _members(worker.partitions[0], ITEMS)
+
+    async def refuse(topic: str, *, key: bytes, value: bytes, headers: Any) -> None:
+        raise RuntimeError("no producer")
+
+    loop.send = refuse  # type: ignore[method-assign]
+    server.submit(0, [_ask(1, b"q", vector=[0.0, 0.0])])
+    await worker.replies.wait_for([b"q"])
+    assert worker.replies.sent[b"q"][0]["error"]["code"] == "not_ready"
+    assert not loop.waiting

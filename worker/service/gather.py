@@ -251,6 +251,9 @@ class Gatherer:
                 )
             )
         results = await asyncio.gather(*sends, return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures and len(failures) == len(results):
+            raise NotReady(f"sub-queries could not be sent: {failures[0]!r}")
         for m, result in zip(members, results, strict=True):
             if isinstance(result, BaseException):  # not sent: that member is missing
                 log.warning("sub-query to %s not sent: %r", m.key, result)

@@ -223,7 +223,16 @@ class Worker:
             await self.outbox.start()
             await self._check_topics()
             if self._requests is not None:
-                await self._requests.start()
+                try:
+                    await self._requests.start()
+                except Exception as exc:  # no gathers; everything else is served
+                    log.warning(
+                        "gather reply topic %s not available (%r): queries keyed by a sharded "
+                        "name or an alias get not_ready",
+                        self._requests.reply_topic,
+                        exc,
+                    )
+                    await self._requests.stop()
             self._kafka.subscribe(
                 [self.topics.commands, self.topics.search], listener=self.ownership
             )
