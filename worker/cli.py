@@ -525,6 +525,18 @@ _WORKER_FLAGS: tuple[tuple[str, str, type, str], ...] = (
 
 def _args_worker(parser: argparse.ArgumentParser) -> None:
     defaults = _worker_defaults()
+    parser.add_argument(
+        "--processes",
+        default=_env_default("LHV_PROCESSES", "1"),
+        metavar="N",
+        help="run N worker processes, each its own member of the group with these settings "
+        "(a worker id, group instance id or metrics port gets -0..-N-1 / +0..+N-1 per "
+        "process); 'auto': one per core. The parent forwards SIGTERM/SIGINT to every "
+        "process and waits for them to stop, and restarts one that ends on its own after "
+        "a backoff ($LHV_RESTART_BACKOFF_MS, doubling up to $LHV_RESTART_BACKOFF_MAX_MS); "
+        "after $LHV_MAX_QUICK_RESTARTS restarts in a row of a process that ran less than "
+        "$LHV_RESTART_STABLE_MS it stops them all and fails ($LHV_PROCESSES)",
+    )
     for flag, var, kind, text in _WORKER_FLAGS:
         parser.add_argument(
             flag,
@@ -547,8 +559,8 @@ def _args_worker(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _worker_config(args: argparse.Namespace) -> WorkerConfig:
-    """Flags override `LHV_*` variables, which override the defaults."""
+def _worker_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment with the flags folded into their `LHV_*` variables."""
     env = dict(os.environ)
     for flag, var, _kind, _text in _WORKER_FLAGS:
         value = getattr(args, flag[2:].replace("-", "_"))
@@ -556,8 +568,15 @@ def _worker_config(args: argparse.Namespace) -> WorkerConfig:
             env[var] = str(value)
     if args.accept_data_loss:
         env["LHV_ACCEPT_DATA_LOSS"] = "1"
+    if args.log_json:
+        env["LHV_LOG_JSON"] = "1"
+    return env
+
+
+def _worker_config(args: argparse.Namespace) -> WorkerConfig:
+    """Flags override `LHV_*` variables, which override the defaults."""
     try:
-        return WorkerConfig.from_env(env)
+        return WorkerConfig.from_env(_worker_env(args))
     except (ValueError, KeyError) as exc:
         raise UsageError(f"bad worker setting: {exc}") from exc
 
@@ -565,8 +584,15 @@ def _worker_config(args: argparse.Namespace) -> WorkerConfig:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from worker.kafka import logs as aiokafka_logs
     from worker.service import Worker
+    from worker.service.processes import parse_processes
 
+    try:
+        processes = parse_processes(str(args.processes))
+    except ValueError as exc:
+        raise UsageError(f"--processes: {exc}") from exc
     config = _worker_config(args)
+    if processes > 1:
+        return _supervise_workers(args, processes)
     aiokafka_logs.install(config.topics.reply_pattern)
 
     async def run() -> int:
@@ -587,6 +613,24 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return asyncio.run(run())
+
+
+def _supervise_workers(args: argparse.Namespace, processes: int) -> int:
+    """`lhv worker --processes N` with N >= 2: this process starts and watches N
+    ordinary `lhv worker` processes (worker.service.processes)."""
+    from worker.service.config import ProcessesPolicy
+    from worker.service.processes import Supervisor, child_envs
+
+    env = _worker_env(args)
+    try:
+        policy = ProcessesPolicy.from_env(env)
+        envs = child_envs(env, processes)
+        for child in envs:  # each process's own settings are valid too (ids, ports)
+            WorkerConfig.from_env(child)
+    except (ValueError, KeyError) as exc:
+        raise UsageError(f"bad worker setting: {exc}") from exc
+    command = [sys.executable, "-m", "worker.cli", "--log-level", str(args.log_level), "worker"]
+    return Supervisor(command, envs, policy).run()
 
 
 # --------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ __all__ = [
     "CheckpointPolicy",
     "DeliveryConfig",
     "ImportPolicy",
+    "ProcessesPolicy",
     "QueryPolicy",
     "WorkerConfig",
     "limits_from_env",
@@ -336,3 +337,36 @@ class WorkerConfig:
         kw.update(_ints_from_env(env, _INT_SETTINGS))
         kw.update(overrides)
         return cls(**{k: v for k, v in kw.items() if v is not None})
+
+
+#: settings of `ProcessesPolicy` read from the environment (field name -> variable)
+_PROCESSES_SETTINGS = {
+    "restart_backoff_ms": "LHV_RESTART_BACKOFF_MS",
+    "restart_backoff_max_ms": "LHV_RESTART_BACKOFF_MAX_MS",
+    "restart_stable_ms": "LHV_RESTART_STABLE_MS",
+    "max_quick_restarts": "LHV_MAX_QUICK_RESTARTS",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcessesPolicy:
+    """How `lhv worker --processes N` restarts a worker process that ended on its own."""
+
+    restart_backoff_ms: int = 1_000
+    """wait before the first restart of a process; doubled at each quick exit in a row"""
+    restart_backoff_max_ms: int = 30_000
+    """the longest wait before a restart"""
+    restart_stable_ms: int = 60_000
+    """a process that ran this long before it ended starts its count of quick exits anew"""
+    max_quick_restarts: int = 5
+    """restarts of one process after quick exits in a row; one more quick exit ends the
+    parent (and the other processes) with a failure"""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 0:
+                raise ValueError(f"ProcessesPolicy.{f.name} must not be negative")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> ProcessesPolicy:
+        return cls(**_ints_from_env(env, _PROCESSES_SETTINGS))
