@@ -457,11 +457,11 @@ def all_indexes(workers: list[Worker]) -> dict[str, Index]:
 class WorkerProcess:
     """`lhv worker` in a child process, for kill -9 tests."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, args: Iterable[str] = ()) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "--log-level", "INFO", "worker"],
+            [sys.executable, "-m", "worker.cli", "--log-level", "INFO", "worker", *args],
             env=env,
             cwd=ROOT,
             stdout=self._log,

@@ -619,7 +619,7 @@ def _supervise_workers(args: argparse.Namespace, processes: int) -> int:
     """`lhv worker --processes N` with N >= 2: this process starts and watches N
     ordinary `lhv worker` processes (worker.service.processes)."""
     from worker.service.config import ProcessesPolicy
-    from worker.service.processes import Supervisor, child_envs
+    from worker.service.processes import WorkerProcesses, child_envs
 
     env = _worker_env(args)
     try:
@@ -630,7 +630,7 @@ def _supervise_workers(args: argparse.Namespace, processes: int) -> int:
     except (ValueError, KeyError) as exc:
         raise UsageError(f"bad worker setting: {exc}") from exc
     command = [sys.executable, "-m", "worker.cli", "--log-level", str(args.log_level), "worker"]
-    return Supervisor(command, envs, policy).run()
+    return WorkerProcesses(command, envs, policy).run()
 
 
 # --------------------------------------------------------------------------------------

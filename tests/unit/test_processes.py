@@ -37,14 +37,14 @@ while True:
     time.sleep(0.2)
 """
 
-#: the parent: a Supervisor over CHILD, configured by argv[1] (JSON)
+#: the parent: a WorkerProcesses over CHILD, configured by argv[1] (JSON)
 PARENT = """
 import json, logging, sys
 from worker.service.config import ProcessesPolicy
-from worker.service.processes import Supervisor
+from worker.service.processes import WorkerProcesses
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 cfg = json.loads(sys.argv[1])
-sys.exit(Supervisor(cfg["command"], cfg["envs"], ProcessesPolicy(**cfg["policy"])).run())
+sys.exit(WorkerProcesses(cfg["command"], cfg["envs"], ProcessesPolicy(**cfg["policy"])).run())
 """
 
 FAST = {"restart_backoff_ms": 50, "restart_backoff_max_ms": 200, "restart_stable_ms": 60_000}
@@ -158,7 +158,9 @@ def test_exits_are_described_with_their_code_or_signal() -> None:
 
 
 def test_restart_settings_come_from_the_environment() -> None:
-    policy = ProcessesPolicy.from_env({"LHV_RESTART_BACKOFF_MS": "5", "LHV_MAX_QUICK_RESTARTS": "2"})
+    policy = ProcessesPolicy.from_env(
+        {"LHV_RESTART_BACKOFF_MS": "5", "LHV_MAX_QUICK_RESTARTS": "2"}
+    )
     assert policy.restart_backoff_ms == 5 and policy.max_quick_restarts == 2
     with pytest.raises(ValueError):
         ProcessesPolicy(max_quick_restarts=-1)
@@ -187,7 +189,7 @@ def test_a_process_killed_with_sigkill_is_restarted_and_logged_with_pid_and_sign
     os.kill(first, signal.SIGKILL)
     second = parent.wait_for(0, 2)[1]
     assert second != first and _alive(second) and _alive(other)
-    assert f"(pid {first}) ended with killed by SIGKILL" in parent.text()
+    assert f"(pid {first}) ended (killed by SIGKILL)" in parent.text()
     assert parent.pids(1) == [other], "the other process is left alone"
     parent.proc.send_signal(signal.SIGTERM)
     assert parent.wait() == 0, parent.text()

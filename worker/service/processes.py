@@ -40,7 +40,7 @@ from worker.service.config import ProcessesPolicy
 
 __all__ = [
     "SETTINGS_EXIT_CODES",
-    "Supervisor",
+    "WorkerProcesses",
     "child_envs",
     "cpu_count",
     "describe_exit",
@@ -160,7 +160,7 @@ class _Child:
         return self.proc.pid if self.proc is not None else 0
 
 
-class Supervisor:
+class WorkerProcesses:
     """Runs `command` once per environment in `envs`, restarts what ends on its own, and
     forwards SIGTERM/SIGINT. `run()` from the main thread (it owns the signal handlers
     while it runs)."""
@@ -305,7 +305,7 @@ class Supervisor:
         what = describe_exit(code)
         if code in SETTINGS_EXIT_CODES:
             log.error(
-                "worker process %d (pid %d) ended with %s after %.1f s: a setting or "
+                "worker process %d (pid %d) ended (%s) after %.1f s: a setting or "
                 "credential to fix (its log says which); stopping the others",
                 child.slot,
                 pid,
@@ -320,7 +320,7 @@ class Supervisor:
         child.quick_exits += 1
         if child.quick_exits > policy.max_quick_restarts:
             log.error(
-                "worker process %d (pid %d) ended with %s after %.1f s, quick exit %d "
+                "worker process %d (pid %d) ended (%s) after %.1f s, quick exit %d "
                 "in a row: giving up, stopping the others",
                 child.slot,
                 pid,
@@ -336,7 +336,7 @@ class Supervisor:
         )
         child.restart_at = self._clock() + delay_ms / 1000
         log.warning(
-            "worker process %d (pid %d) ended with %s after %.1f s: restarting it in "
+            "worker process %d (pid %d) ended (%s) after %.1f s: restarting it in "
             "%.1f s (restart %d of at most %d in a row)",
             child.slot,
             pid,
