@@ -10,7 +10,7 @@ VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.lhv-installed
 
-.PHONY: setup test test-unit demo up down bench lint
+.PHONY: setup test test-unit demo up down bench bench-shards lint
 
 setup: $(STAMP)   ## create .venv (unless one is active) and install LHV with its test tools
 
@@ -47,6 +47,9 @@ down: $(STAMP)    ## stop the local stack started by `make up`
 
 bench: $(STAMP)   ## benchmarks against raw hnswlib in the same run
 	"$(PYTHON)" -m worker.cli bench
+
+bench-shards: $(STAMP)   ## a sharded index (S=2, 2 worker processes) against S=1 and raw hnswlib (BENCH_ARGS="--quick")
+	"$(PYTHON)" bench/bench_shards.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	"$(VENV)/bin/ruff" check . && "$(VENV)/bin/ruff" format --check . && "$(VENV)/bin/mypy"

@@ -47,18 +47,23 @@ class WorkerEnv(NamedTuple):
 
 
 async def worker_env(
-    env: Mapping[str, str], name: str, extra: Mapping[str, str] | None = None
+    env: Mapping[str, str],
+    name: str,
+    extra: Mapping[str, str] | None = None,
+    *,
+    partitions: int = 1,
 ) -> WorkerEnv:
-    """Create 1-partition topics `<name><tag>.{commands,search,dlq}` (a random tag) and
-    return them, the S3 config under `bench-<name>-<tag>/` and the environment of a worker
-    on them in group `<name><tag>`, checkpoints effectively off, with `extra` on top."""
+    """Create topics `<name><tag>.{commands,search}` of `partitions` partitions and
+    `<name><tag>.dlq` of one (a random tag) and return them, the S3 config under
+    `bench-<name>-<tag>/` and the environment of a worker on them in group `<name><tag>`,
+    checkpoints effectively off, with `extra` on top."""
     tag = uuid.uuid4().hex[:8]
     base = f"{name}{tag}"
     topics = TopicsConfig(commands=f"{base}.commands", search=f"{base}.search", dlq=f"{base}.dlq")
     await asyncio.to_thread(
         create_topics,
         env["LHV_BOOTSTRAP_SERVERS"],
-        {topics.commands: 1, topics.search: 1, topics.dlq: 1},
+        {topics.commands: partitions, topics.search: partitions, topics.dlq: 1},
     )
     s3 = S3Config.from_env(env, prefix=f"bench-{name}-{tag}/")
     child = {
