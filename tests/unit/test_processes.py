@@ -229,3 +229,13 @@ def test_a_parent_killed_with_sigkill_leaves_no_process_behind(
     parent.proc.kill()
     parent.proc.wait(10)
     assert _gone(pids), f"left running after the parent died: {pids}"
+
+
+@pytest.mark.parametrize("value", ["0", "many"])
+def test_lhv_worker_refuses_a_bad_process_count_as_a_usage_error(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worker import cli
+
+    assert cli.main(["worker", "--processes", value]) == cli.EXIT_USAGE
+    assert "--processes" in capsys.readouterr().err
