@@ -174,7 +174,7 @@ class WorkerProcesses:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not envs:
-            raise ValueError("a supervisor needs at least one process")
+            raise ValueError("WorkerProcesses needs at least one process")
         self._command = list(command)
         self._children = [_Child(i, dict(env)) for i, env in enumerate(envs)]
         self._policy = policy
@@ -227,7 +227,7 @@ class WorkerProcesses:
                     self._stop(signal.Signals(sig), reason=f"{signal.Signals(sig).name} received")
             self._reap()
             if self._stop_signal is not None:
-                if not self.pids:
+                if all(c.proc is None for c in self._children):  # each one's exit seen
                     return self._exit_code()
                 continue
             now = self._clock()
