@@ -33,7 +33,7 @@ from worker.kafka.config import KafkaConfig
 from worker.service import Worker
 from worker.service.config import CheckpointPolicy, WorkerConfig
 from worker.storage.blobstore import S3Config
-from worker.wire.topics import TopicsConfig, home_partition
+from worker.wire.topics import TopicsConfig, home_partition, partitioner
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -221,7 +221,11 @@ async def produce(
 ) -> list[tuple[int, int]]:
     """Produce keyed commands in order; returns (partition, offset) of each."""
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        partitioner=partitioner,  # members NAME#s to their partitions; others as murmur2
     )
     await producer.start()
     try:

@@ -24,7 +24,6 @@ import numpy as np
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.partitioner import murmur2
 from workerkit import Env, WorkerProcess, create_topics, make_env
 
 from lhv_index import Clock, Delete, EngineKind, Index, IndexParams, Space, Upsert
@@ -32,29 +31,19 @@ from worker.client import LhvClient, ShardsMissing, WriteResult
 from worker.client.client import stop_consumer
 from worker.wire.headers import CORRELATION_ID, REPLY_TOPIC
 from worker.wire.shards import shard_key, shard_of
+from worker.wire.topics import home_partition
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 SHARDS = 4
 PARTITIONS = 4
 DIM = 8
-
-
-def _spread_name() -> str:
-    """A name whose 4 members sit on 4 different partitions (both workers serve some)."""
-    for n in range(1000):
-        name = f"sharded{n}"
-        where = {murmur2(shard_key(name, s, SHARDS).encode()) % PARTITIONS for s in range(SHARDS)}
-        if len(where) == SHARDS:
-            return name
-    raise AssertionError("no name spreads over every partition")
-
-
-NAME = _spread_name()
+#: its members sit on 4 consecutive partitions: all of them
+NAME = "sharded"
 
 
 def _member_partition(shard: int) -> int:
-    return int(murmur2(shard_key(NAME, shard, SHARDS).encode()) % PARTITIONS)
+    return home_partition(shard_key(NAME, shard, SHARDS).encode(), PARTITIONS)
 
 
 @contextlib.asynccontextmanager
@@ -261,7 +250,7 @@ async def test_a_plain_requester_gets_the_merged_answer_and_a_member_down_is_nam
         assert stats["count"] == 400 and len(stats["shards"]) == SHARDS
         # one of the two workers killed: the members it served do not answer
         owner = await _owners_once_both_serve(c)
-        home = int(murmur2(NAME.encode()) % PARTITIONS)
+        home = home_partition(NAME.encode(), PARTITIONS)
         home_worker = next(owner[s] for s in range(SHARDS) if _member_partition(s) == home)
         down = "w1" if home_worker == "w0" else "w0"  # the home (which gathers) stays up
         gone = sorted(s for s, w in owner.items() if w == down)

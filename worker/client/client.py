@@ -109,7 +109,7 @@ from worker.wire.gather import (
 )
 from worker.wire.headers import CORRELATION_ID, REPLY_TOPIC
 from worker.wire.shards import parse_shard_name, shard_key, shard_names, split_by_shard
-from worker.wire.topics import TopicsConfig
+from worker.wire.topics import TopicsConfig, partitioner
 
 __all__ = [
     "ClientClosed",
@@ -479,6 +479,7 @@ class LhvClient:
             **kw,
             acks="all",
             enable_idempotence=True,
+            partitioner=partitioner,  # a member NAME#s goes to its partition, not murmur2's
             linger_ms=0,  # a linger adds ~2.5 ms to every query's round trip
             max_request_size=16 * 1024 * 1024,
         )

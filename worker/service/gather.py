@@ -55,6 +55,7 @@ from worker.wire.gather import (
 from worker.wire.headers import CORRELATION_ID, REPLY_TOPIC, correlation_text
 from worker.wire.queries import GetQuery, Query, SearchQuery
 from worker.wire.shards import shard_key, split_by_shard
+from worker.wire.topics import partitioner
 
 __all__ = ["GatherTarget", "Gatherer", "KafkaRequests", "RequestPort", "TargetLookup"]
 
@@ -431,7 +432,11 @@ class KafkaRequests:
         finally:
             await admin.close()
         self._producer = AIOKafkaProducer(
-            **kw, acks="all", linger_ms=0, max_request_size=16 * 1024 * 1024
+            **kw,
+            acks="all",
+            partitioner=partitioner,  # sub-queries to members NAME#s
+            linger_ms=0,
+            max_request_size=16 * 1024 * 1024,
         )
         await self._producer.start()
         self._consumer = AIOKafkaConsumer(

@@ -2,10 +2,18 @@
 
 An index created with `shards: S` (S >= 2) is S member indexes. Shard `s` is the index
 named `NAME#s` (decimal `s`, no padding), written and searched with the record key
-`NAME#s`, so it lives on partition `murmur2(b"NAME#s") % P` like any index. An id belongs
-to shard `(murmur2(utf8(id)) & 0x7fffffff) % S`: the function Kafka's Java client applies
-to a record key (`Utils.toPositive(Utils.murmur2(bytes)) % n`), so any producer can
-compute both. An index of one shard is an ordinary index under its plain name.
+`NAME#s`. It lives on partition `(home + s) % P`, where `home = toPositive(murmur2(NAME))
+% P` is NAME's own partition (Kafka's default partitioner on the key NAME): the members of
+an index sit on consecutive partitions, so S <= P members never share a partition and
+S > P members spread evenly. A record for a member is produced to that partition
+explicitly (`member_partition`, or LHV's partitioner `worker.wire.topics.partitioner`
+for aiokafka; Java: `new ProducerRecord<>(topic, partition, key, value)`); on any other
+partition it is refused with `wrong_partition`. (Hashing the key `NAME#s` instead would
+let members collide: 4 members over 4 partitions would share partitions 91% of the time.)
+
+An id belongs to shard `(murmur2(utf8(id)) & 0x7fffffff) % S`: the function Kafka's Java
+client applies to a record key (`Utils.toPositive(Utils.murmur2(bytes)) % n`). An index
+of one shard is an ordinary index under its plain name.
 
 `#` is outside the index-name grammar (`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`), so a shard
 name can never be taken for an index name, or the other way round.
@@ -22,6 +30,7 @@ __all__ = [
     "MAX_SHARDS",
     "SHARD_SEPARATOR",
     "ShardName",
+    "member_partition",
     "parse_shard_name",
     "shard_key",
     "shard_names",
@@ -40,7 +49,17 @@ def shard_of(id_: str, shards: int) -> int:
     """The shard of `id_` in an index of `shards` shards."""
     if shards <= 1:
         return 0
-    return int(murmur2(id_.encode("utf-8")) & 0x7FFFFFFF) % shards
+    return _positive_murmur2(id_.encode("utf-8")) % shards
+
+
+def _positive_murmur2(data: bytes) -> int:
+    return int(murmur2(data) & 0x7FFFFFFF)
+
+
+def member_partition(name: str, shard: int, num_partitions: int) -> int:
+    """The partition of member `shard` of the sharded index `name`: `shard` partitions
+    after `name`'s home, wrapping around."""
+    return (_positive_murmur2(name.encode("utf-8")) + shard) % num_partitions
 
 
 def shard_key(name: str, shard: int, shards: int) -> str:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import translate
 
@@ -14,6 +15,7 @@ from lhv_index.errors import (
     InvalidRequest,
 )
 from worker._environ import _env
+from worker.wire.shards import SHARD_SEPARATOR, member_partition, parse_shard_name
 
 __all__ = [
     "DEFAULT_COMMANDS_TOPIC",
@@ -24,6 +26,7 @@ __all__ = [
     "ReplyTopicPolicy",
     "TopicsConfig",
     "home_partition",
+    "partitioner",
 ]
 
 #: the default topics (DESIGN section 2), each configurable (`TopicsConfig.from_env`)
@@ -35,8 +38,27 @@ DEFAULT_REPLY_PATTERN = "lhv.replies.*"
 
 
 def home_partition(key: bytes, num_partitions: int) -> int:
-    """The partition Kafka's default partitioner picks for `key` (murmur2, positive)."""
+    """The partition a record keyed `key` belongs on: for a member `NAME#s` of a sharded
+    index, `member_partition` (s partitions after NAME's home); for any other key the one
+    Kafka's default partitioner picks (murmur2, positive)."""
+    if SHARD_SEPARATOR.encode() in key:
+        try:
+            member = parse_shard_name(bytes(key).decode("utf-8"))
+        except UnicodeDecodeError:
+            member = None
+        if member is not None:
+            return member_partition(member.base, member.shard, num_partitions)
     return int(murmur2(key) & 0x7FFFFFFF) % num_partitions
+
+
+def partitioner(key: bytes | None, all_partitions: Sequence[int], available: Sequence[int]) -> int:
+    """An aiokafka `partitioner` that puts every record where `home_partition` says: the
+    producers of the client and the worker use it, so a member's records need no
+    explicit partition. Keyless records go to a random available partition."""
+    if key is None:
+        return random.choice(list(available) or list(all_partitions))
+    ordered = sorted(all_partitions)
+    return ordered[home_partition(key, len(ordered))]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
