@@ -39,16 +39,25 @@ class Cluster:
 
     def __init__(self, partitions: int = 2) -> None:
         self.partitions = partitions
-        self.broker = MemoryKafka({TOPICS.commands: partitions, TOPICS.search: partitions})
+        self.broker = MemoryKafka(
+            {
+                TOPICS.commands: partitions,
+                TOPICS.search: partitions,
+                TOPICS.replica_search: partitions,
+            }
+        )
         self.broker.create_topic(REPLIES, 1)
         self.blobs = MemoryBlobStore()
 
     @contextlib.asynccontextmanager
     async def worker(
-        self, name: str, **overrides: Any
+        self, name: str, *, blobs: Any = None, **overrides: Any
     ) -> AsyncIterator[tuple[Worker, MemoryClient, asyncio.Task[None]]]:
-        client = self.broker.client()
-        w = Worker(config(name, **overrides), kafka=client, blobs=_Shared(self.blobs))
+        """A started, running worker (`role="replica"`: a read replica, in its group);
+        `blobs` wraps the shared bucket (default: the bucket itself)."""
+        settings = config(name, **overrides)
+        client = self.broker.client(settings.for_role().group_id)
+        w = Worker(settings, kafka=client, blobs=blobs or _Shared(self.blobs))
         await w.start()
         task = asyncio.create_task(w.run())
         try:
@@ -68,10 +77,13 @@ class Cluster:
         )
         return rec.offset
 
-    def query(self, index: str, body: dict[str, Any], cid: bytes) -> int:
+    def query(
+        self, index: str, body: dict[str, Any], cid: bytes, *, topic: str = TOPICS.search
+    ) -> int:
+        """Produce a query (`topic`: the owners' search topic, or the replicas')."""
         headers = [("kafka_replyTopic", REPLIES.encode()), ("kafka_correlationId", cid)]
         rec = self.broker.produce(
-            TOPICS.search, index.encode(), orjson.dumps({"index": index, **body}), headers=headers
+            topic, index.encode(), orjson.dumps({"index": index, **body}), headers=headers
         )
         return rec.offset
 

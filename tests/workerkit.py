@@ -88,6 +88,7 @@ class Env:
                 "LHV_S3_PREFIX": self.s3.prefix,
                 "LHV_COMMANDS_TOPIC": self.topics.commands,
                 "LHV_SEARCH_TOPIC": self.topics.search,
+                "LHV_REPLICA_SEARCH_TOPIC": self.topics.replica_search,
                 "LHV_DLQ_TOPIC": self.topics.dlq,
                 "LHV_GROUP_ID": self.group,
                 "LHV_CHECKPOINT_RECORDS": "2000",
@@ -109,9 +110,12 @@ async def make_env(bootstrap: str, s3: S3Config, *, partitions: int = 3) -> Env:
     topics = TopicsConfig(
         commands=f"t{tag}.commands",
         search=f"t{tag}.search",
+        replica_search=f"t{tag}.search.replicas",
         dlq=f"t{tag}.dlq",
     )
-    await create_topics(bootstrap, [topics.commands, topics.search], partitions)
+    await create_topics(
+        bootstrap, [topics.commands, topics.search, topics.replica_search], partitions
+    )
     await create_topics(bootstrap, [topics.dlq], 1)
     prefix = f"{s3.prefix.rstrip('/')}/t{tag}/".lstrip("/")
     from dataclasses import replace

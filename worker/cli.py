@@ -450,6 +450,7 @@ def _worker_defaults() -> dict[str, object]:
         "LHV_GROUP_ID": worker["group_id"],
         "LHV_COMMANDS_TOPIC": topics.commands,
         "LHV_SEARCH_TOPIC": topics.search,
+        "LHV_REPLICA_SEARCH_TOPIC": topics.replica_search,
         "LHV_DLQ_TOPIC": topics.dlq,
         "LHV_REPLY_PATTERN": topics.reply_pattern,
         "LHV_S3_BUCKET": s3.bucket,
@@ -470,6 +471,18 @@ _WORKER_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--group", "LHV_GROUP_ID", str, "consumer group of the workers that share the partitions"),
     ("--commands-topic", "LHV_COMMANDS_TOPIC", str, "topic of index commands"),
     ("--search-topic", "LHV_SEARCH_TOPIC", str, "topic of queries"),
+    (
+        "--replica-search-topic",
+        "LHV_REPLICA_SEARCH_TOPIC",
+        str,
+        "topic of queries answered by read replicas",
+    ),
+    (
+        "--replica-group",
+        "LHV_REPLICA_GROUP",
+        str,
+        "consumer group of a read replica (unset: <group>.replicas)",
+    ),
     ("--dlq-topic", "LHV_DLQ_TOPIC", str, "topic of rejected commands"),
     ("--reply-pattern", "LHV_REPLY_PATTERN", str, "reply topics allowed, fnmatch style"),
     ("--s3-endpoint-url", "LHV_S3_ENDPOINT_URL", str, "S3 endpoint (unset: AWS)"),
@@ -552,6 +565,13 @@ def _args_worker(parser: argparse.ArgumentParser) -> None:
         "($LHV_ACCEPT_DATA_LOSS=1)",
     )
     parser.add_argument(
+        "--replica",
+        action="store_true",
+        default=(os.environ.get("LHV_ROLE") or "").lower() == "replica",
+        help="run as a read replica: follow the owners' manifests and the commands log, "
+        "answer the replica search topic, write nothing ($LHV_ROLE=replica)",
+    )
+    parser.add_argument(
         "--log-json",
         action="store_true",
         default=os.environ.get("LHV_LOG_JSON", "") not in ("", "0"),
@@ -568,6 +588,8 @@ def _worker_env(args: argparse.Namespace) -> dict[str, str]:
             env[var] = str(value)
     if args.accept_data_loss:
         env["LHV_ACCEPT_DATA_LOSS"] = "1"
+    if args.replica:
+        env["LHV_ROLE"] = "replica"
     if args.log_json:
         env["LHV_LOG_JSON"] = "1"
     return env

@@ -47,6 +47,17 @@ Coalesced searches
     cost (Kafka produce and fetch, the worker's loop) among many queries; a lone search
     goes out as a plain one-vector request. `coalesce_searches=False` turns it off.
 
+Read replicas and hedging
+    With `replicas=True` queries go round-robin, query by query, to the owners' search
+    topic and to the read replicas' (`TopicsConfig.replica_search`). A query with no
+    answer after `hedge_after_ms` is sent once more, to the other copy, under a new
+    correlation id that belongs to the same call: the first answer wins and the later
+    one is dropped, so the caller gets exactly one answer (a copy that is slow, busy or
+    dead costs `hedge_after_ms`, not the whole timeout). Every query (search, coalesced
+    searches, get, stats) goes through `query`, which does this; a query with
+    `min_offset` is answered by either copy only once it applied that offset, so
+    read-your-writes holds whichever answers.
+
 Request/reply
     Queries and acknowledged commands carry Spring `ReplyingKafkaTemplate` headers
     (`kafka_replyTopic`, `kafka_correlationId`). The client reads its own reply topic (by
@@ -126,6 +137,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: a query unanswered this long goes to the other copy too (`hedge_after_ms`)
+DEFAULT_HEDGE_AFTER_MS = 200
+#: correlation ids of hedged-out requests remembered to count their late answers
+_MAX_LOSERS = 10_000
 
 
 class ClientClosed(RuntimeError):
@@ -222,6 +237,17 @@ def encode_vector(vector: Any) -> str:
     """base64 of little-endian float32, the compact wire form of a vector."""
     arr = np.ascontiguousarray(np.asarray(vector, dtype="<f4").reshape(-1))
     return base64.b64encode(arr.tobytes()).decode("ascii")
+
+
+def _quiet(fut: asyncio.Future[Any]) -> None:
+    """Retrieve a delivery future's error when it comes (a hedged request's delivery is
+    not awaited: its answer, or the other copy's, is what the call waits for)."""
+
+    def retrieve(f: asyncio.Future[Any]) -> None:
+        if not f.cancelled():
+            f.exception()
+
+    fut.add_done_callback(retrieve)
 
 
 def _fail_all(futures: Iterable[asyncio.Future[Any]], exc: BaseException) -> None:
@@ -391,6 +417,10 @@ class LhvClient:
         resolve_timeout_s: the longest a call waits for `describe`; past it (no worker
             answers, the home is restoring) the name is sent as given, which is always
             right (the index's home forwards writes and gathers queries), only slower.
+        replicas: spread queries over the owners and the read replicas, and hedge (see
+            "Read replicas and hedging" in the module docstring).
+        hedge_after_ms: with `replicas`, a query unanswered this long is sent to the
+            other copy too; None: no hedging (round-robin only).
     """
 
     def __init__(
@@ -407,9 +437,13 @@ class LhvClient:
         resolve_names: bool = True,
         name_ttl_s: float = 30.0,
         resolve_timeout_s: float = 5.0,
+        replicas: bool = False,
+        hedge_after_ms: int | None = DEFAULT_HEDGE_AFTER_MS,
     ) -> None:
         if timeout_s <= 0 or reply_grace_s < 0:
             raise ValueError("timeout_s must be > 0 and reply_grace_s >= 0")
+        if hedge_after_ms is not None and hedge_after_ms < 1:
+            raise ValueError("hedge_after_ms must be at least 1 (None: no hedging)")
         if max_search_batch < 1:
             raise ValueError("max_search_batch must be at least 1")
         self._kafka = kafka or KafkaConfig(bootstrap_servers=bootstrap_servers or "127.0.0.1:9092")
@@ -434,6 +468,14 @@ class LhvClient:
         self.name_ttl_s = name_ttl_s
         self.resolve_timeout_s = resolve_timeout_s
         self._names: dict[str, _Name] = {}
+        self.replicas = replicas
+        self.hedge_after_ms = hedge_after_ms
+        self._turn = 0
+        self.hedged = 0
+        """queries sent to the other copy after `hedge_after_ms`"""
+        self.late_answers = 0
+        """answers dropped because the other copy answered first (counted on arrival)"""
+        self._losers: set[bytes] = set()
         self._state = "unopened"
 
     def __repr__(self) -> str:
@@ -564,6 +606,9 @@ class LhvClient:
     def _deliver(self, rec: Any) -> None:
         cid = dict(rec.headers or ()).get(CORRELATION_ID, rec.key)
         fut = self._waiting.pop(cid, None) if cid is not None else None
+        if cid is not None and cid in self._losers:
+            self._losers.discard(cid)
+            self.late_answers += 1
         if fut is None or fut.done():
             return  # a reply nobody waits for any more (timed out), or not ours
         try:
@@ -1012,9 +1057,61 @@ class LhvClient:
         body = {"index": index, **body}
         _read_after(body, after, min_offset, index)
         body.setdefault("deadline_ms", int((time.time() + wait_s) * 1000))
+        if self.replicas:
+            return await self._hedged(index, body, wait_s + self.reply_grace_s, batch=batch)
         sent = await self._send(self._topics.search, index, body, reply=True, batch=batch)
         _meta, reply = await self._finish(sent, wait_s + self.reply_grace_s)
         assert reply is not None
+        return reply
+
+    def _copies(self) -> tuple[str, str]:
+        """The search topics of this query, first and hedge: owners and replicas in
+        turn, query by query."""
+        search, replicas = self._topics.search, self._topics.replica_search
+        self._turn += 1
+        return (search, replicas) if self._turn % 2 else (replicas, search)
+
+    async def _hedged(
+        self, index: str, body: dict[str, Any], timeout_s: float, *, batch: bool
+    ) -> dict[str, Any]:
+        """Send the query to one copy; if it is unanswered after `hedge_after_ms`, to the
+        other as well (a new correlation id for the same call). The first answer is the
+        call's; the other's registration is removed, so its answer is dropped on
+        arrival. Raises like `query`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        first, other = self._copies()
+        sent = [await self._send(first, index, body, reply=True, batch=batch)]
+        hedge_at = (
+            loop.time() + self.hedge_after_ms / 1000
+            if self.hedge_after_ms is not None
+            else deadline
+        )
+        reply: dict[str, Any] | None = None
+        try:
+            while reply is None:
+                now = loop.time()
+                if now >= deadline:
+                    raise TimeoutError("no reply from either copy within the call's timeout")
+                until = min(hedge_at, deadline) if len(sent) == 1 else deadline
+                waits = {s.reply for s in sent if s.reply is not None}
+                done, _ = await asyncio.wait(
+                    waits, timeout=max(0.0, until - now), return_when=asyncio.FIRST_COMPLETED
+                )
+                if done:
+                    reply = done.pop().result()  # the reader's failure raises here
+                elif len(sent) == 1 and loop.time() >= hedge_at:
+                    self.hedged += 1
+                    sent.append(await self._send(other, index, body, reply=True, batch=batch))
+        finally:
+            for s in sent:
+                if s.reply is not None and not s.reply.done() and s.cid is not None:
+                    self._losers.add(s.cid)  # its answer, if any, is dropped
+                _quiet(s.delivery)
+                self._forget(s.cid)
+            if len(self._losers) > _MAX_LOSERS:
+                self._losers.clear()  # only counts; never grows without bound
+        _raise_for_error(reply)
         return reply
 
     async def search(

@@ -56,7 +56,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from worker.wire.topics import DEFAULT_COMMANDS_TOPIC, DEFAULT_DLQ_TOPIC, DEFAULT_SEARCH_TOPIC
+from worker.wire.topics import (
+    DEFAULT_COMMANDS_TOPIC,
+    DEFAULT_DLQ_TOPIC,
+    DEFAULT_REPLICA_SEARCH_TOPIC,
+    DEFAULT_SEARCH_TOPIC,
+)
 
 __all__ = [
     "COMMANDS_TOPIC",
@@ -64,6 +69,7 @@ __all__ = [
     "DEFAULT_PARTITIONS",
     "DLQ_TOPIC",
     "KAFKA_VERSION",
+    "REPLICA_SEARCH_TOPIC",
     "SASL_MECHANISMS",
     "SASL_USER",
     "SEARCH_TOPIC",
@@ -90,6 +96,7 @@ KAFKA_VERSION = "3.9.1"
 """The broker version: the newest 3.9 line, which aiokafka 0.14 speaks cleanly."""
 COMMANDS_TOPIC = DEFAULT_COMMANDS_TOPIC
 SEARCH_TOPIC = DEFAULT_SEARCH_TOPIC
+REPLICA_SEARCH_TOPIC = DEFAULT_REPLICA_SEARCH_TOPIC
 DLQ_TOPIC = DEFAULT_DLQ_TOPIC
 DEFAULT_PARTITIONS = 4
 DEFAULT_BUCKET = "lhv"
@@ -869,7 +876,8 @@ class StackSettings:
     """What a `LocalStack` starts; defaults suit tests and the demo."""
 
     partitions: int = DEFAULT_PARTITIONS
-    """Partitions of `lhv.commands` and `lhv.search` (the DLQ gets the same)."""
+    """Partitions of `lhv.commands`, `lhv.search` and `lhv.search.replicas` (the DLQ gets
+    the same)."""
     topics: Mapping[str, int] | None = None
     """Topics to create ({name: partitions}); None: the three defaults."""
     bucket: str = DEFAULT_BUCKET
@@ -891,7 +899,7 @@ class StackSettings:
         if self.topics is not None:
             return dict(self.topics)
         return {COMMANDS_TOPIC: self.partitions, SEARCH_TOPIC: self.partitions,
-                DLQ_TOPIC: self.partitions}  # fmt: skip
+                REPLICA_SEARCH_TOPIC: self.partitions, DLQ_TOPIC: self.partitions}  # fmt: skip
 
 
 class LocalStack:

@@ -66,12 +66,27 @@ __all__ = [
     "BarrierSteps",
     "Decoded",
     "Outcome",
+    "RestoreNeeded",
     "apply_records",
     "decode_records",
     "run_barrier",
 ]
 
 log = logging.getLogger(__name__)
+
+
+class RestoreNeeded(Exception):
+    """A read-only copy cannot take this record's step (the object it needs is gone: its
+    owner finished the step and removed it) and must restore from the newest manifest.
+
+    Raised by a follower's barrier steps (`follower.ReadOnlyWrites`) and let through by
+    `apply_records`, so the runner stops at the record instead of rejecting it.
+    """
+
+    def __init__(self, offset: int, reason: str) -> None:
+        super().__init__(f"offset {offset}: {reason}")
+        self.offset = offset
+        self.reason = reason
 
 
 @dataclass(slots=True)
@@ -324,6 +339,8 @@ def apply_records(
                 run_barrier(partition, cmd, out, steps=barrier, index_limits=index_limits)
             else:
                 raise Internal(f"op {out.op!r} is not supported by this worker")
+        except RestoreNeeded:
+            raise  # the copy is thrown away: nothing of this batch is reported
         except LhvError as exc:
             out.error = exc
         except Exception as exc:  # a bug, not bad input: reject the record, keep going

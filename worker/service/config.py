@@ -10,8 +10,8 @@ import os
 import socket
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, TypeVar
 
 from lhv_index import Limits as IndexLimits
 from worker._environ import _env
@@ -28,12 +28,19 @@ __all__ = [
     "ImportPolicy",
     "ProcessesPolicy",
     "QueryPolicy",
+    "Role",
     "WorkerConfig",
     "limits_from_env",
 ]
 
 
 _L = TypeVar("_L", MessageLimits, IndexLimits)
+
+#: what a worker is: an `owner` (applies, checkpoints, answers `lhv.search`) or a read
+#: `replica` (restores from the owners' manifests, tails the log, answers the replica
+#: search topic, writes nothing)
+Role = Literal["owner", "replica"]
+ROLES: tuple[Role, ...] = ("owner", "replica")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -272,6 +279,11 @@ class WorkerConfig:
     internal_key: str | None = field(default=None, repr=False)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     group_id: str = "lhv"
+    #: `owner` or `replica` (`LHV_ROLE`; `lhv worker --replica`)
+    role: Role = "owner"
+    #: the consumer group of a replica (`LHV_REPLICA_GROUP`); None: `<group_id>.replicas`.
+    #: Replicas of one group split the partitions; each replica group is one more copy
+    replica_group_id: str | None = None
     #: Kafka static membership (KIP-345): a worker restarted with the same id takes its
     #: partitions back at once instead of after the session timeout; unique per worker
     group_instance_id: str | None = None
@@ -301,12 +313,34 @@ class WorkerConfig:
     stall_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, not {self.role!r}")
         if self.max_inflated_batch_bytes < self.limits.max_message_bytes + 64 * 1024:
             raise ValueError(
                 f"max_inflated_batch_bytes ({self.max_inflated_batch_bytes}) must exceed "
                 f"the largest record value (max_message_bytes {self.limits.max_message_bytes})"
                 " by at least 64 KiB of framing"
             )
+
+    @property
+    def replica(self) -> bool:
+        return self.role == "replica"
+
+    @property
+    def replica_group(self) -> str:
+        return self.replica_group_id or f"{self.group_id}.replicas"
+
+    def for_role(self) -> WorkerConfig:
+        """The settings the worker's parts run with: for a replica, its own group and
+        the replica search topic in place of the owners' (so the consumer, the intake
+        and the search server need no role of their own); an owner's are unchanged."""
+        if not self.replica:
+            return self
+        return replace(
+            self,
+            group_id=self.replica_group,
+            topics=replace(self.topics, search=self.topics.replica_search),
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> WorkerConfig:
@@ -328,6 +362,8 @@ class WorkerConfig:
             "queries": QueryPolicy.from_env(env),
             "delivery": DeliveryConfig.from_env(env),
             "group_id": _env(env, "LHV_GROUP_ID", "lhv") or "lhv",
+            "role": _env(env, "LHV_ROLE"),
+            "replica_group_id": _env(env, "LHV_REPLICA_GROUP"),
             "worker_id": _env(env, "LHV_WORKER_ID"),
             "group_instance_id": _env(env, "LHV_GROUP_INSTANCE_ID"),
             "metrics_host": _env(env, "LHV_METRICS_HOST"),

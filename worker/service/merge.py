@@ -113,9 +113,9 @@ import io
 import logging
 import re
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import orjson
@@ -175,6 +175,8 @@ __all__ = [
     "ExportInfo",
     "MergeProtocol",
     "MergeResult",
+    "OwnerWrites",
+    "ProtocolWrites",
     "apply_import",
     "check_merge_done",
     "check_merge_in",
@@ -508,17 +510,23 @@ def finish_merge(
 
 
 def import_fetcher(
-    policy: SourcePolicy, run: Callable[[Any], bytes | None]
+    policy: SourcePolicy,
+    run: Callable[[Any], bytes | None],
+    *,
+    on_missing: Callable[[str], None] | None = None,
 ) -> Callable[[str, str], bytes]:
     """`fetch(uri, field)` for `apply_import`: checks `uri` against `policy`, then reads it
     within `max_object_bytes` by running `read_object(...)` with `run` (which waits for
-    the coroutine on a loop)."""
+    the coroutine on a loop). `on_missing(field)` is told of an object that does not
+    exist before the import is refused (a read-only copy restores instead)."""
     s3 = policy.s3
 
     def fetch(uri: str, field: str) -> bytes:
         bucket, key = policy.check(uri, field)
         data = run(read_object(s3, bucket, key, policy.policy.max_object_bytes))
         if data is None:
+            if on_missing is not None:
+                on_missing(field)
             raise InvalidRequest(f"import: {field} {uri} does not exist")
         return data
 
@@ -641,6 +649,86 @@ def _load_rows(
     return rows
 
 
+class ProtocolWrites(Protocol):
+    """Everything the merge and import steps do outside the partition's memory: objects
+    written or deleted, protocol records produced, steps run once a checkpoint covers a
+    record, and what to do when an object a step reads is gone.
+
+    The owner's (`OwnerWrites`) does all of it. A read-only copy's
+    (`worker.service.follower.ReadOnlyWrites`) does none of it (the owner does) and,
+    when an object is gone, restores from the newest manifest instead of guessing: the
+    one gate between the steps and the outside, so a read-only copy cannot write by a
+    path someone forgot.
+    """
+
+    @property
+    def owner(self) -> bool:
+        """The partition owner's: the protocol key may be created, the sweeper runs."""
+        ...
+
+    async def put(self, key: str, data: bytes) -> None: ...
+
+    async def delete(self, key: str) -> None:
+        """Delete `key` (absent: nothing)."""
+        ...
+
+    async def send(
+        self, topic: str, *, key: bytes, value: bytes, partition: int, headers: Sequence[Any]
+    ) -> None:
+        """Produce one signed protocol record."""
+        ...
+
+    def after_checkpoint(
+        self, partition: Partition, offset: int, step: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run `step` once a checkpoint covers `offset` (and checkpoint soon)."""
+        ...
+
+    async def gone(self, partition: Partition, offset: int, what: str) -> None:
+        """The object `what` that the step at `offset` reads is gone. The owner returns
+        (the step completed earlier: a duplicate); a read-only copy raises
+        `RestoreNeeded` when the newest manifest covers `offset`."""
+        ...
+
+
+class OwnerWrites:
+    """The partition owner's `ProtocolWrites`: the workers' bucket and the protocol
+    producer; an object is not rewritten when it holds the same bytes already."""
+
+    owner = True
+
+    def __init__(self, blobs: BlobStore, kafka: KafkaPort, *, every_records: int) -> None:
+        self._blobs = blobs
+        self._kafka = kafka
+        self._every_records = every_records
+
+    async def put(self, key: str, data: bytes) -> None:
+        # A replayed step writes the same bytes again: never overwrite them while the
+        # other side may be reading (`put_unless_same`).
+        if not await put_unless_same(self._blobs, key, data):
+            log.info("%s already holds these bytes (written by an earlier run)", key)
+
+    async def delete(self, key: str) -> None:
+        with contextlib.suppress(BlobNotFound):
+            await self._blobs.delete(key)
+
+    async def send(
+        self, topic: str, *, key: bytes, value: bytes, partition: int, headers: Sequence[Any]
+    ) -> None:
+        await self._kafka.send_internal(
+            topic, key=key, value=value, partition=partition, headers=headers
+        )
+
+    def after_checkpoint(
+        self, partition: Partition, offset: int, step: Callable[[], Awaitable[None]]
+    ) -> None:
+        partition.after_checkpoint.append((offset, step))
+        _checkpoint_soon(partition, self._every_records)
+
+    async def gone(self, partition: Partition, offset: int, what: str) -> None:
+        return None
+
+
 class MergeProtocol:
     """The worker's barrier steps (`BarrierSteps`) for `merge`, `merge_in`, `merge_done`
     and `import`; `apply.run_barrier` dispatches to them.
@@ -656,6 +744,8 @@ class MergeProtocol:
         tasks: runs the sweeper as a long-lived task (a crash ends the worker).
         checkpoint_every_records: a protocol step sets the partition's record count to
             this, so its runner checkpoints right after the batch.
+        writes: what the steps write (`ProtocolWrites`); default the owner's
+            (`OwnerWrites`); a read replica passes its read-only one.
     """
 
     def __init__(
@@ -670,35 +760,39 @@ class MergeProtocol:
         s3: S3Config,
         internal_key: str | None,
         checkpoint_every_records: int,
+        writes: ProtocolWrites | None = None,
     ) -> None:
         self._topics = topics
         self._registry = registry
-        self._kafka = kafka
         self._blobs = blobs
         self._tasks = tasks
         self._imports = imports
         self._internal_key = internal_key
-        self._every_records = checkpoint_every_records
         self._loop: asyncio.AbstractEventLoop | None = None
         self._produced: dict[str, float] = {}
         """merge id -> when this process produced its merge_done (monotonic)"""
         self._auth: ProtocolAuth | None = None
         self._sources = SourcePolicy(imports, s3)
+        self._writes: ProtocolWrites = writes or OwnerWrites(
+            blobs, kafka, every_records=checkpoint_every_records
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load (or create) the internal protocol key, then start the sweeper; it is
-        cancelled with the worker's other background steps.
+        """Load (or, the owner, create) the internal protocol key, then (the owner) start
+        the sweeper; it is cancelled with the worker's other background steps.
 
         Raises:
             BlobStoreError: the key object could not be read or created.
         """
         self._loop = asyncio.get_running_loop()
+        owner = self._writes.owner
         self._auth = await load_protocol_auth(
-            self._blobs, self._topics.commands, self._internal_key, create=True
+            self._blobs, self._topics.commands, self._internal_key, create=owner
         )
-        self._tasks.start(self._sweep_forever(), name="merge_sweeper")
+        if owner:
+            self._tasks.start(self._sweep_forever(), name="merge_sweeper")
 
     @property
     def auth(self) -> ProtocolAuth:
@@ -754,12 +848,12 @@ class MergeProtocol:
         out.op = "merge"
         dest_partition = home_partition(cmd.dest.encode(), self._registry.num_partitions)
         marker = marker_key(topic, dest_partition, cmd.merge_id)
-        partition.after_checkpoint.append(
-            (out.offset, lambda: self._cleanup(cmd.merge_id, cmd.export, marker))
+        self._writes.after_checkpoint(
+            partition, out.offset, lambda: self._cleanup(cmd.merge_id, cmd.export, marker)
         )
-        _checkpoint_soon(partition, self._every_records)
         data = self._wait(self._get(cmd.export))
         if data is None:
+            self._wait(self._writes.gone(partition, out.offset, cmd.export))
             # Only deleted after a checkpoint covered an earlier merge_done: a duplicate.
             out.reply_to = None
             log.info("merge %s: already completed (export removed)", cmd.merge_id)
@@ -767,6 +861,7 @@ class MergeProtocol:
         # The export is deleted before the marker, so the marker is still there.
         seen = self._wait(self._get(marker))
         if seen is None:
+            self._wait(self._writes.gone(partition, out.offset, marker))
             raise Internal(f"merge {cmd.merge_id}: the destination's marker {marker} is missing")
         result = MergeResult.of_body(orjson.loads(_marker_value(orjson.loads(seen))))
         finish_merge(partition, cmd, out, data, result)
@@ -775,8 +870,7 @@ class MergeProtocol:
     async def _cleanup(self, merge_id: str, export: str, marker: str) -> None:
         failpoints.hit("merge_cleanup_pending")
         for key in (export, marker):
-            with contextlib.suppress(BlobNotFound):
-                await self._blobs.delete(key)
+            await self._writes.delete(key)
         log.info("merge %s complete: export and marker removed", merge_id)
 
     # -- merge: the destination's side ----------------------------------------------------
@@ -793,6 +887,7 @@ class MergeProtocol:
             return
         data = self._wait(self._get(cmd.export))
         if data is None:
+            self._wait(self._writes.gone(partition, out.offset, cmd.export))
             out.skipped = 1
             log.warning(
                 "merge %s: export %s is gone; the merge completed earlier (duplicate skipped)",
@@ -805,10 +900,9 @@ class MergeProtocol:
         body = {"offset": out.offset, "key": key.decode(), "value": value.decode()}
         self._wait(self._put(marker, orjson.dumps(body)))
         failpoints.hit("merge_in_applied")
-        partition.after_checkpoint.append(
-            (out.offset, lambda: self._send_done(cmd.merge_id, key, value, first=True))
+        self._writes.after_checkpoint(
+            partition, out.offset, lambda: self._send_done(cmd.merge_id, key, value, first=True)
         )
-        _checkpoint_soon(partition, self._every_records)
 
     async def _send_done(self, merge_id: str, key: bytes, value: bytes, *, first: bool) -> None:
         if first:
@@ -861,7 +955,10 @@ class MergeProtocol:
     # -- import ---------------------------------------------------------------------------
 
     def import_(self, partition: Partition, cmd: ImportCommand, out: Outcome) -> None:
-        fetch = import_fetcher(self._sources, self._wait)
+        def missing(field: str) -> None:
+            self._wait(self._writes.gone(partition, out.offset, f"import {field}"))
+
+        fetch = import_fetcher(self._sources, self._wait, on_missing=missing)
         apply_import(partition, cmd, out, fetch, self._imports)
 
     def check_import(self, cmd: ImportCommand, index: Index, offset: int) -> None:
@@ -883,19 +980,16 @@ class MergeProtocol:
         return data
 
     async def _put(self, key: str, data: bytes) -> None:
-        # A replayed step writes the same bytes again: never overwrite them while the
-        # other side may be reading (`put_unless_same`).
-        if not await put_unless_same(self._blobs, key, data):
-            log.info("%s already holds these bytes (written by an earlier run)", key)
+        await self._writes.put(key, data)
 
     async def _delete_quietly(self, key: str) -> None:
         with contextlib.suppress(LhvError):
-            await self._blobs.delete(key)
+            await self._writes.delete(key)
 
     async def _produce(self, key: bytes, value: bytes) -> None:
         """Produce a protocol record, signed (`worker/protocol_auth.py`)."""
         async with asyncio.timeout(STEP_TIMEOUT_S):
-            await self._kafka.send_internal(
+            await self._writes.send(
                 self._topics.commands,
                 key=key,
                 value=value,

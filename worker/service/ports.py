@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import OffsetAndTimestamp
 
+from worker.service.apply import Outcome
 from worker.service.outbox import Kind, ReplyProducer
 from worker.service.partition import Partition
 from worker.wire.headers import ReplyTo
@@ -39,6 +40,7 @@ __all__ = [
     "PartitionRegistry",
     "ReplyPort",
     "ReplyProducer",
+    "Reports",
     "SearchPartitions",
     "TaskOwner",
 ]
@@ -136,6 +138,21 @@ class ReplyPort(Protocol):
         kind: Kind = "reply",
         where: tuple[int, int] | None = None,
     ) -> bool: ...
+
+
+class Reports(Protocol):
+    """What a runner does with the outcomes of an applied batch: the owner's `Reporter`
+    sends acks and DLQ records; a read replica's sends nothing (its owner does)."""
+
+    async def report(
+        self,
+        partition: Partition,
+        outcomes: list[Outcome],
+        *,
+        timestamps: dict[int, int] | None = None,
+    ) -> None:
+        """Never raises (cancellation aside)."""
+        ...
 
 
 class PartitionRegistry(Protocol):

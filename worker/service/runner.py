@@ -32,13 +32,19 @@ from aiokafka import TopicPartition
 from lhv_index import Limits as IndexLimits
 from lhv_index.errors import Internal
 from worker.service import failpoints
-from worker.service.apply import BarrierSteps, Decoded, Outcome, apply_records, decode_records
+from worker.service.apply import (
+    BarrierSteps,
+    Decoded,
+    Outcome,
+    RestoreNeeded,
+    apply_records,
+    decode_records,
+)
 from worker.service.config import CheckpointPolicy, WorkerConfig
 from worker.service.intake import RejectedRecord
 from worker.service.observer import IndexObserver
 from worker.service.partition import Partition, PartitionStatus
-from worker.service.ports import KafkaPort, TaskOwner
-from worker.service.report import Reporter
+from worker.service.ports import KafkaPort, Reports, TaskOwner
 from worker.service.sharding import Forwarder
 from worker.telemetry.logs import log_context
 from worker.telemetry.metrics import HealthTracker, Metrics
@@ -106,9 +112,15 @@ class Runner:
         num_partitions: partitions of the commands topic (home-partition checks).
         checkpoint: starts a checkpoint of the partition and returns once its capture is
             taken (`Ownership.begin_checkpoint`, reason "policy").
+        reporter: sends the acks and DLQ records of applied batches (`Reporter`; a read
+            replica's sends nothing).
         barrier: applies merge and import records (`MergeProtocol`), in the apply thread.
         forwarder: produces the records the batch forwarded (sharded indexes, aliases)
             before its acks; no checkpoint starts before they are all taken.
+        restore_again: a read-only copy's: called when a record's step cannot be taken
+            read-only (`RestoreNeeded`); the runner then ends without applying the batch
+            (its partition restores from the newest manifest). None: such a record is
+            a crash.
     """
 
     def __init__(
@@ -120,13 +132,14 @@ class Runner:
         settings: RunnerLimits,
         kafka: KafkaPort,
         checkpoint: Callable[[Partition], Awaitable[bool]],
-        reporter: Reporter,
+        reporter: Reports,
         barrier: BarrierSteps | None,
         observer: IndexObserver,
         metrics: Metrics,
         health: HealthTracker,
         tasks: TaskOwner,
         forwarder: Forwarder | None = None,
+        restore_again: Callable[[Partition, RestoreNeeded], None] | None = None,
     ) -> None:
         self.partition = partition
         self._forwarder = forwarder
@@ -140,6 +153,7 @@ class Runner:
         self._observer = observer
         self._metrics = metrics
         self._health = health
+        self._restore_again = restore_again
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.pending = 0
         self.pending_bytes = 0
@@ -233,6 +247,11 @@ class Runner:
                         return
             except asyncio.CancelledError:
                 raise
+            except RestoreNeeded as exc:
+                if self._restore_again is None:
+                    log.exception("partition runner crashed")
+                    raise Internal(f"partition {p.number} runner crashed") from exc
+                self._restore_again(p, exc)
             except Exception as exc:
                 log.exception("partition runner crashed")
                 raise Internal(f"partition {p.number} runner crashed") from exc

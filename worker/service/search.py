@@ -177,6 +177,7 @@ class SearchServer:
         worker_id: named in `stats` replies.
         gatherer: answers queries of sharded names and aliases at their home (gather.py);
             None: such a query is answered `index_not_found`.
+        role: `owner` or `replica`, named in `stats` replies (with the partition's lag).
     """
 
     def __init__(
@@ -195,6 +196,7 @@ class SearchServer:
         query_wait_ms: int,
         worker_id: str,
         gatherer: Gatherer | None = None,
+        role: str = "owner",
     ) -> None:
         self._gatherer = gatherer
         self._topics = topics
@@ -209,6 +211,7 @@ class SearchServer:
         self._limits = limits
         self._query_wait_ms = query_wait_ms
         self._worker_id = worker_id
+        self._role = role
         self._flights: dict[int, _Flight] = {}
         self._positioning: dict[int, asyncio.Task[None]] = {}
         self._queues: dict[str, list[_Pending]] = defaultdict(list)
@@ -876,6 +879,10 @@ class SearchServer:
         stats["checkpoint_offset"] = part.checkpoint_offset
         stats["worker"] = self._worker_id
         stats["partition"] = part.number
+        stats["role"] = self._role
+        hw = self._kafka.highwater(TopicPartition(self._topics.commands, part.number))
+        if hw is not None:
+            stats["lag"] = max(0, hw - 1 - part.applied_offset)
         drift = self._observer.drift_report(query.index)
         if drift is not None:
             stats["drift"] = drift

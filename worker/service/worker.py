@@ -11,6 +11,12 @@ a thread and checkpoints between batches), query records to the search server. A
 partition whose runner falls behind is paused until it catches up (backpressure), so
 the poll loop keeps polling and the group keeps its heartbeat.
 
+A read replica (`WorkerConfig.role == "replica"`) is the same worker in its own group,
+reading the commands topic and the replica search topic: a `Follower` (follower.py)
+takes the place of `Ownership`, and its runners get the follower's read-only ports
+(no acks or DLQ records, no merge objects or protocol records, no checkpoints), so it
+applies the log with the owners' code and writes nothing.
+
 `Worker` is the facade: it builds the parts and hands each the narrow ports it needs
 (`ports.py`), never itself. Kafka is reached through a `KafkaTransport` (aiokafka by
 default; `MemoryKafka` in unit tests) and S3 through a `BlobStore`.
@@ -34,6 +40,7 @@ from worker.service import inflate
 from worker.service.catalog import Alias, Sharded
 from worker.service.config import WorkerConfig
 from worker.service.gather import Gatherer, GatherTarget, KafkaRequests
+from worker.service.follower import Follower, FollowPolicy
 from worker.service.merge import MergeProtocol
 from worker.service.observer import IndexObserver
 from worker.service.outbox import Outbox
@@ -93,6 +100,9 @@ class Worker:
         kafka: KafkaTransport | None = None,
         blobs: BlobStore | None = None,
     ) -> None:
+        self.role = config.role
+        own = config
+        config = config.for_role()  # a replica: its group, the replica search topic
         self.config = config
         self.topics: TopicsConfig = config.topics
         self.partitions: dict[int, Partition] = {}
@@ -106,7 +116,12 @@ class Worker:
         self.observer = IndexObserver(self.metrics)
         self.reply_policy = ReplyTopicPolicy(
             config.topics.reply_pattern,
-            forbidden={config.topics.commands, config.topics.search, config.topics.dlq},
+            forbidden={
+                own.topics.commands,
+                own.topics.search,
+                own.topics.replica_search,
+                own.topics.dlq,
+            },
         )
         self._kafka: KafkaTransport = kafka or AiokafkaTransport(config, self.metrics)
         self.outbox = Outbox(
@@ -145,6 +160,12 @@ class Worker:
                 policy=config.queries,
                 query_wait_ms=config.query_wait_ms,
             )
+        self._runner_limits = RunnerLimits.of(config)
+        self._runners: dict[int, Runner] = {}
+        self._state = "unopened"
+        self._connected = False
+        self._stopping = asyncio.Event()
+        self._metrics_server: MetricsServer | None = None
         self.search = SearchServer(
             topics=self.topics,
             registry=self,
@@ -159,7 +180,25 @@ class Worker:
             query_wait_ms=config.query_wait_ms,
             worker_id=config.worker_id,
             gatherer=gatherer,
+            role=config.role,
         )
+        self.follower: Follower | None = None
+        if config.replica:
+            self.follower = Follower(
+                topics=self.topics,
+                registry=self,
+                kafka=self._kafka,
+                search=self.search,
+                store=self.store,
+                tasks=self.tasks,
+                observer=self.observer,
+                metrics=self.metrics,
+                policy=FollowPolicy(
+                    retry_backoff_s=config.checkpoint.retry_backoff_s,
+                    retry_backoff_max_s=config.checkpoint.retry_backoff_max_s,
+                    accept_data_loss=config.accept_data_loss,
+                ),
+            )
         self.barrier = MergeProtocol(
             topics=self.topics,
             registry=self,
@@ -170,28 +209,40 @@ class Worker:
             s3=config.s3,
             internal_key=config.internal_key,
             checkpoint_every_records=config.checkpoint.every_records,
+            writes=self.follower.writes if self.follower is not None else None,
         )
-        self.ownership = Ownership(
-            topics=self.topics,
-            registry=self,
-            kafka=self._kafka,
-            search=self.search,
-            store=self.store,
-            flush=self.flush_producer,
-            tasks=self.tasks,
-            observer=self.observer,
-            metrics=self.metrics,
-            policy=config.checkpoint,
-            accept_data_loss=config.accept_data_loss,
-            rebalance_timeout_ms=config.rebalance_timeout_ms,
-        )
-        self.forwarder = Forwarder(kafka=self._kafka, topic=self.topics.commands)
-        self._runner_limits = RunnerLimits.of(config)
-        self._runners: dict[int, Runner] = {}
-        self._state = "unopened"
-        self._connected = False
-        self._stopping = asyncio.Event()
-        self._metrics_server: MetricsServer | None = None
+        self._ownership: Ownership | None = None
+        if self.follower is None:
+            self._ownership = Ownership(
+                topics=self.topics,
+                registry=self,
+                kafka=self._kafka,
+                search=self.search,
+                store=self.store,
+                flush=self.flush_producer,
+                tasks=self.tasks,
+                observer=self.observer,
+                metrics=self.metrics,
+                policy=config.checkpoint,
+                accept_data_loss=config.accept_data_loss,
+                rebalance_timeout_ms=config.rebalance_timeout_ms,
+            )
+
+        self.forwarder: Forwarder | None = None
+        if self.follower is None:
+            self.forwarder = Forwarder(kafka=self._kafka, topic=self.topics.commands)
+
+    @property
+    def ownership(self) -> Ownership:
+        """The owner's partition lifecycle (restore, checkpoint, revoke)."""
+        if self._ownership is None:
+            raise RuntimeError("a read replica owns no partition")
+        return self._ownership
+
+    @property
+    def _lifecycle(self) -> Ownership | Follower:
+        """The rebalance listener: the owner's `Ownership` or the replica's `Follower`."""
+        return self.follower if self.follower is not None else self.ownership
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -234,7 +285,7 @@ class Worker:
                     )
                     await self._requests.stop()
             self._kafka.subscribe(
-                [self.topics.commands, self.topics.search], listener=self.ownership
+                [self.topics.commands, self.topics.search], listener=self._lifecycle
             )
             if self.config.metrics_port is not None:
                 self._metrics_server = MetricsServer(
@@ -248,7 +299,8 @@ class Worker:
             await self.barrier.start()
             self._state = "started"
             log.info(
-                "worker started: group %s, topics %s/%s, %d partitions",
+                "worker started (%s): group %s, topics %s/%s, %d partitions",
+                self.role,
                 self.config.group_id,
                 self.topics.commands,
                 self.topics.search,
@@ -353,6 +405,8 @@ class Worker:
                 lag = 0
             if hw is not None or lag == 0:
                 self.health.set_lag(p, lag)
+            if self.follower is not None:
+                self.metrics.set_replica_lag(p, lag)
             self.metrics.set_partition(
                 p,
                 partition.status.value,
@@ -383,10 +437,11 @@ class Worker:
         self._stopping.set()
         with log_context(worker=self.config.worker_id):
             log.info("worker stopping: checkpointing %d partitions", len(self.partitions))
-            await self.ownership.stop()
+            lifecycle = self._lifecycle
+            await lifecycle.stop()
             if self._connected:
                 for p in list(self.partitions):
-                    await self.ownership.release(p, park=False)
+                    await lifecycle.release(p, park=False)
             await self.search.stop()
             if self._requests is not None:
                 await self._requests.stop()
@@ -414,20 +469,23 @@ class Worker:
         return TopicPartition(self.topics.commands, p)
 
     def start_runner(self, partition: Partition) -> None:
+        follower = self.follower
         self._runners[partition.number] = Runner(
             partition,
             tp=self.commands_tp(partition.number),
             num_partitions=self.num_partitions,
             settings=self._runner_limits,
             kafka=self._kafka,
-            checkpoint=self._policy_checkpoint,
-            reporter=self.reporter,
+            # a replica's runner gets the follower's read-only ports
+            checkpoint=follower.settle if follower else self._policy_checkpoint,
+            reporter=follower.reports if follower else self.reporter,
             barrier=self.barrier,
             observer=self.observer,
             metrics=self.metrics,
             health=self.health,
             tasks=self.tasks,
-            forwarder=self.forwarder,
+            forwarder=self.forwarder,  # None for a replica: it forwards nothing
+            restore_again=follower.restore_again if follower else None,
         )
 
     async def _policy_checkpoint(self, partition: Partition) -> bool:

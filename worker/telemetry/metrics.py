@@ -127,6 +127,12 @@ class Metrics:
             ["partition"],
             registry=r,
         )
+        self.replica_lag = Gauge(
+            "lhv_replica_lag_records",
+            "Read replica: records of the commands topic up to the log end not yet applied",
+            ["partition"],
+            registry=r,
+        )
         self.applied_offset = Gauge(
             "lhv_applied_offset",
             "Offset of the last applied command record",
@@ -350,6 +356,9 @@ class Metrics:
     def set_lag(self, partition: int, lag: int) -> None:
         self.consumer_lag.labels(str(partition)).set(lag)
 
+    def set_replica_lag(self, partition: int, lag: int) -> None:
+        self.replica_lag.labels(str(partition)).set(lag)
+
     def set_applied_offset(self, partition: int, offset: int) -> None:
         self.applied_offset.labels(str(partition)).set(offset)
 
@@ -358,6 +367,7 @@ class Metrics:
         p = str(partition)
         for gauge in (
             self.consumer_lag,
+            self.replica_lag,
             self.applied_offset,
             self.checkpoint_offset,
             self.search_parked,

@@ -20,6 +20,7 @@ from worker.wire.shards import SHARD_SEPARATOR, member_partition, parse_shard_na
 __all__ = [
     "DEFAULT_COMMANDS_TOPIC",
     "DEFAULT_DLQ_TOPIC",
+    "DEFAULT_REPLICA_SEARCH_TOPIC",
     "DEFAULT_REPLY_PATTERN",
     "DEFAULT_SEARCH_TOPIC",
     "FORBIDDEN_REPLY_TOPICS",
@@ -32,6 +33,9 @@ __all__ = [
 #: the default topics (DESIGN section 2), each configurable (`TopicsConfig.from_env`)
 DEFAULT_COMMANDS_TOPIC = "lhv.commands"
 DEFAULT_SEARCH_TOPIC = "lhv.search"
+#: queries answered by read replicas (same request format as `lhv.search`, same partition
+#: count, co-partitioned with the commands topic in each replica group)
+DEFAULT_REPLICA_SEARCH_TOPIC = "lhv.search.replicas"
 DEFAULT_DLQ_TOPIC = "lhv.commands.dlq"
 #: the topics replies and acks may go to (fnmatch style); a client names its own under it
 DEFAULT_REPLY_PATTERN = "lhv.replies.*"
@@ -67,6 +71,8 @@ class TopicsConfig:
 
     commands: str = DEFAULT_COMMANDS_TOPIC
     search: str = DEFAULT_SEARCH_TOPIC
+    replica_search: str = DEFAULT_REPLICA_SEARCH_TOPIC
+    """the search topic of read replicas (`LHV_REPLICA_SEARCH_TOPIC`)"""
     dlq: str = DEFAULT_DLQ_TOPIC
     reply_pattern: str = DEFAULT_REPLY_PATTERN
 
@@ -76,14 +82,17 @@ class TopicsConfig:
         return cls(
             commands=_env(env, "LHV_COMMANDS_TOPIC", d.commands) or d.commands,
             search=_env(env, "LHV_SEARCH_TOPIC", d.search) or d.search,
+            replica_search=_env(env, "LHV_REPLICA_SEARCH_TOPIC", d.replica_search)
+            or d.replica_search,
             dlq=_env(env, "LHV_DLQ_TOPIC", d.dlq) or d.dlq,
             reply_pattern=_env(env, "LHV_REPLY_PATTERN", d.reply_pattern) or d.reply_pattern,
         )
 
 
-#: the default command, search and dead-letter topics: never a reply topic
+#: the default command, search (owners' and replicas') and dead-letter topics: never a
+#: reply topic
 FORBIDDEN_REPLY_TOPICS = frozenset(
-    {DEFAULT_COMMANDS_TOPIC, DEFAULT_SEARCH_TOPIC, DEFAULT_DLQ_TOPIC}
+    {DEFAULT_COMMANDS_TOPIC, DEFAULT_SEARCH_TOPIC, DEFAULT_REPLICA_SEARCH_TOPIC, DEFAULT_DLQ_TOPIC}
 )
 
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
