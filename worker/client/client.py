@@ -1082,25 +1082,25 @@ class LhvClient:
         deadline = loop.time() + timeout_s
         first, other = self._copies()
         sent = [await self._send(first, index, body, reply=True, batch=batch)]
-        hedge_at = (
-            loop.time() + self.hedge_after_ms / 1000
-            if self.hedge_after_ms is not None
-            else deadline
-        )
+        hedge_at = None
+        if self.hedge_after_ms is not None:
+            hedge_at = loop.time() + self.hedge_after_ms / 1000
         reply: dict[str, Any] | None = None
         try:
             while reply is None:
                 now = loop.time()
                 if now >= deadline:
                     raise TimeoutError("no reply from either copy within the call's timeout")
-                until = min(hedge_at, deadline) if len(sent) == 1 else deadline
+                until = deadline
+                if hedge_at is not None and len(sent) == 1:
+                    until = min(hedge_at, deadline)
                 waits = {s.reply for s in sent if s.reply is not None}
                 done, _ = await asyncio.wait(
                     waits, timeout=max(0.0, until - now), return_when=asyncio.FIRST_COMPLETED
                 )
                 if done:
                     reply = done.pop().result()  # the reader's failure raises here
-                elif len(sent) == 1 and loop.time() >= hedge_at:
+                elif hedge_at is not None and len(sent) == 1 and loop.time() >= hedge_at:
                     self.hedged += 1
                     sent.append(await self._send(other, index, body, reply=True, batch=batch))
         finally:
