@@ -185,6 +185,8 @@ class Follower(ConsumerRebalanceListener):  # type: ignore[misc]
         self.before_load: BeforeLoad | None = None
         self.restores_done = 0
         """restores finished (first ones and again after `RestoreNeeded`)"""
+        self.snapshots_gone = 0
+        """restores that found a snapshot collected under them and read a newer manifest"""
 
     # -- rebalance callbacks -------------------------------------------------------------
 
@@ -314,6 +316,7 @@ class Follower(ConsumerRebalanceListener):  # type: ignore[misc]
                 return manifest, indexes
             except SnapshotGone as exc:
                 gone += 1
+                self.snapshots_gone += 1
                 self._metrics.restore_failed(p)
                 if gone >= policy.restore_attempts:
                     raise Internal(

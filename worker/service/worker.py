@@ -436,7 +436,11 @@ class Worker:
         self._state = "stopped"
         self._stopping.set()
         with log_context(worker=self.config.worker_id):
-            log.info("worker stopping: checkpointing %d partitions", len(self.partitions))
+            log.info(
+                "worker stopping: %s %d partitions",
+                "dropping the copies of" if self.follower is not None else "checkpointing",
+                len(self.partitions),
+            )
             lifecycle = self._lifecycle
             await lifecycle.stop()
             if self._connected:
