@@ -24,15 +24,17 @@ No module of `service/` but `worker.py` imports `worker.service.worker`
 from __future__ import annotations
 
 from collections.abc import Awaitable, Coroutine, Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import OffsetAndTimestamp
 
-from worker.service.apply import Outcome
 from worker.service.outbox import Kind, ReplyProducer
 from worker.service.partition import Partition
 from worker.wire.headers import ReplyTo
+
+if TYPE_CHECKING:  # apply.py imports sharding.py, which imports this module
+    from worker.service.apply import Outcome
 
 __all__ = [
     "KafkaPort",
