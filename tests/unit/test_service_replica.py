@@ -13,6 +13,7 @@ from aiokafka import TopicPartition
 from servicekit import TOPICS, Cluster, _Shared, caught_up, eventually
 
 from worker.service import Worker
+from worker.wire.headers import PROTOCOL_MAC
 from worker.wire.topics import home_partition
 
 REPLICA_GROUP = "lhv.replicas"
@@ -77,6 +78,10 @@ def _every_command_kind(cluster: Cluster, src: str, local: str, dest: str) -> No
     cluster.command(dest, exact)
     cluster.command(dest, {"op": "add", "items": _items("s", 1, 9.0)})
     cluster.command(local, {"op": "merge", "dest": src}, reply=b"merge-local")
+    cluster.command("sharded", {**exact, "shards": 2}, reply=b"sharded")
+    cluster.command("sharded", {"op": "add", "items": _items("h", 8)}, reply=b"add-sharded")
+    cluster.command("current", {"op": "alias", "target": "sharded"}, reply=b"alias")
+    cluster.command("current", {"op": "add", "items": _items("a", 2, 3.0)})
     cluster.command(src, {"op": "merge", "dest": dest, "clear_source": True}, reply=b"merge")
 
 
@@ -98,13 +103,16 @@ async def test_a_replica_applies_every_command_kind_and_writes_nothing() -> None
         assert _states(replica) == _states(owner)
         assert len(_states(replica)[src]["live"]) == 0, "the merge cleared the source"
         assert recorder.writes == [], "a replica writes no object"
-        internal = [
-            _op(r.value)
+        signed = [
+            (r.key, r.value)
             for p in range(2)
             for r in cluster.broker.records(TOPICS.commands, p)
-            if _op(r.value) in ("merge_in", "merge_done")
+            if PROTOCOL_MAC in dict(r.headers)
         ]
-        assert sorted(internal) == ["merge_done", "merge_in"], "only the owner produced them"
+        ops = sorted(_op(value) for _, value in signed)
+        assert ops.count("merge_in") == 1 and ops.count("merge_done") == 1
+        assert len(signed) > 2, "the sharded index's members and the alias were forwarded to"
+        assert len(set(signed)) == len(signed), "only the owner produced protocol records"
         assert len(cluster.broker.records(TOPICS.dlq)) == 1, "only the owner dead-letters"
         acks = [
             dict(r.headers).get("kafka_correlationId")
