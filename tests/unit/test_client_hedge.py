@@ -109,3 +109,14 @@ async def test_without_hedging_a_query_goes_to_one_copy_only() -> None:
     with pytest.raises(TimeoutError):
         await client.stats("docs", timeout_s=0.2)
     assert [topic for topic, _ in client.sent] == [OWNERS]
+
+
+async def test_each_replica_topic_takes_its_turn_and_hedges_go_to_the_next_copy() -> None:
+    second = "lhv.search.replicas2"
+    client = TwoCopies(
+        {OWNERS: 0.0, REPLICAS: None, second: 0.0}, replica_topics=[REPLICAS, second]
+    )
+    for _ in range(3):
+        await client.stats("docs")
+    assert [topic for topic, _ in client.sent] == [OWNERS, REPLICAS, second, second]
+    assert client.hedged == 1

@@ -49,7 +49,8 @@ Coalesced searches
 
 Read replicas and hedging
     With `replicas=True` queries go round-robin, query by query, to the owners' search
-    topic and to the read replicas' (`TopicsConfig.replica_search`). A query with no
+    topic and to the read replicas' (`TopicsConfig.replica_search`, or `replica_topics`
+    when several replica groups each have their own topic). A query with no
     answer after `hedge_after_ms` is sent once more, to the other copy, under a new
     correlation id that belongs to the same call: the first answer wins and the later
     one is dropped, so the caller gets exactly one answer (a copy that is slow, busy or
@@ -419,6 +420,8 @@ class LhvClient:
             right (the index's home forwards writes and gathers queries), only slower.
         replicas: spread queries over the owners and the read replicas, and hedge (see
             "Read replicas and hedging" in the module docstring).
+        replica_topics: the replicas' search topics, one per copy that should take its
+            own share of the queries (default: `topics.replica_search` alone).
         hedge_after_ms: with `replicas`, a query unanswered this long is sent to the
             other copy too; None: no hedging (round-robin only).
     """
@@ -439,6 +442,7 @@ class LhvClient:
         resolve_timeout_s: float = 5.0,
         replicas: bool = False,
         hedge_after_ms: int | None = DEFAULT_HEDGE_AFTER_MS,
+        replica_topics: Sequence[str] | None = None,
     ) -> None:
         if timeout_s <= 0 or reply_grace_s < 0:
             raise ValueError("timeout_s must be > 0 and reply_grace_s >= 0")
@@ -470,6 +474,10 @@ class LhvClient:
         self._names: dict[str, _Name] = {}
         self.replicas = replicas
         self.hedge_after_ms = hedge_after_ms
+        self._copies_topics = (
+            self._topics.search,
+            *(replica_topics or (self._topics.replica_search,)),
+        )
         self._turn = 0
         self.hedged = 0
         """queries sent to the other copy after `hedge_after_ms`"""
@@ -1065,11 +1073,11 @@ class LhvClient:
         return reply
 
     def _copies(self) -> tuple[str, str]:
-        """The search topics of this query, first and hedge: owners and replicas in
-        turn, query by query."""
-        search, replicas = self._topics.search, self._topics.replica_search
-        self._turn += 1
-        return (search, replicas) if self._turn % 2 else (replicas, search)
+        """The search topics of this query, first and hedge: the owners' and the
+        replicas' in turn, query by query; the hedge goes to the next in the turn."""
+        topics = self._copies_topics
+        turn, self._turn = self._turn, self._turn + 1
+        return topics[turn % len(topics)], topics[(turn + 1) % len(topics)]
 
     async def _hedged(
         self, index: str, body: dict[str, Any], timeout_s: float, *, batch: bool
