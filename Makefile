@@ -10,7 +10,7 @@ VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.lhv-installed
 
-.PHONY: setup test test-unit demo up down bench bench-shards lint
+.PHONY: setup test test-unit demo up down bench bench-shards bench-replicas lint
 
 setup: $(STAMP)   ## create .venv (unless one is active) and install LHV with its test tools
 
@@ -50,6 +50,9 @@ bench: $(STAMP)   ## benchmarks against raw hnswlib in the same run
 
 bench-shards: $(STAMP)   ## a sharded index (S=2, 2 worker processes) against S=1 and raw hnswlib (BENCH_ARGS="--quick")
 	"$(PYTHON)" bench/bench_shards.py $(BENCH_ARGS)
+
+bench-replicas: $(STAMP)   ## one index with 0, 1, 2 read replicas against raw hnswlib (BENCH_ARGS="--quick")
+	"$(PYTHON)" bench/replicas.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	"$(VENV)/bin/ruff" check . && "$(VENV)/bin/ruff" format --check . && "$(VENV)/bin/mypy"
