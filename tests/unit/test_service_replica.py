@@ -197,3 +197,22 @@ async def test_a_replica_restores_again_when_a_merge_in_export_is_gone() -> None
         )
         await eventually(caught_up(cluster, replica), "the replica caught up")
         assert _states(replica) == _states(owner)
+
+
+async def test_a_replica_started_before_any_owner_verifies_the_owners_protocol_records() -> None:
+    cluster = Cluster(partitions=2)
+    src, _local, dest = _names()
+    exact = {"op": "create", "dim": 2, "space": "l2", "engine": "exact"}
+    async with cluster.worker("replica", role="replica", internal_key=None) as (replica, rk, _):
+        await rk.assign([0, 1])  # no owner yet: no protocol key in the bucket
+        async with cluster.worker("owner", internal_key=None) as (owner, owner_kafka, _):
+            await owner_kafka.assign([0, 1])
+            for name in (src, dest):
+                cluster.command(name, exact)
+            cluster.command(src, {"op": "add", "items": _items("s", 4)})
+            cluster.command(src, {"op": "merge", "dest": dest}, reply=b"merge")
+            await eventually(lambda: b"merge" in cluster.replies(), "the merge's ack", timeout_s=30)
+            await eventually(caught_up(cluster, owner), "the owner applied everything")
+            await eventually(caught_up(cluster, replica), "the replica applied everything")
+            assert _states(replica) == _states(owner)
+            assert len(_states(replica)[dest]["live"]) == 4

@@ -202,6 +202,8 @@ RESEND_AFTER_S = 300.0
 _MERGE_ID = re.compile(r"m(\d+)-(\d+)")
 #: bound of one S3 transfer or Kafka send made from the apply thread
 STEP_TIMEOUT_S = 600.0
+#: a read-only copy that found no protocol key looks for it again at most this often
+_KEY_LOOK_AGAIN_S = 5.0
 #: bound of the requester's merge record value, and of its headers, kept in an export
 MAX_ORIGIN_BYTES = 64 * 1024
 
@@ -773,6 +775,7 @@ class MergeProtocol:
         """merge id -> when this process produced its merge_done (monotonic)"""
         self._auth: ProtocolAuth | None = None
         self._sources = SourcePolicy(imports, s3)
+        self._key_looked = 0.0
         self._writes: ProtocolWrites = writes or OwnerWrites(
             blobs, kafka, every_records=checkpoint_every_records
         )
@@ -798,7 +801,28 @@ class MergeProtocol:
     def auth(self) -> ProtocolAuth:
         if self._auth is None:
             raise Internal("merge protocol not started: no internal key")
+        if not self._auth.can_sign and not self._writes.owner and self._may_look_again():
+            # A read-only copy started before any owner created the key: the first owner
+            # creates it before it signs anything, so look again (from the apply thread).
+            self._auth = self._wait(
+                load_protocol_auth(
+                    self._blobs, self._topics.commands, self._internal_key, create=False
+                )
+            )
         return self._auth
+
+    def _may_look_again(self) -> bool:
+        """Off the loop, and not more often than every `_KEY_LOOK_AGAIN_S`."""
+        try:
+            asyncio.get_running_loop()
+            return False  # on the loop: `_wait` would block it
+        except RuntimeError:
+            pass
+        now = time.monotonic()
+        if now - self._key_looked < _KEY_LOOK_AGAIN_S:
+            return False
+        self._key_looked = now
+        return True
 
     # -- merge: the source's side ---------------------------------------------------------
 
