@@ -33,6 +33,7 @@ class TwoCopies(LhvClient):
 
     def __init__(self, delay_s: dict[str, float | None], **kw: Any) -> None:
         kw.setdefault("hedge_after_ms", 50)
+        kw.setdefault("resolve_names", False)  # plain names: no describe first
         super().__init__("127.0.0.1:1", replicas=True, timeout_s=2.0, reply_grace_s=0.0, **kw)
         self.delay_s = delay_s
         self.sent: list[tuple[str, bytes]] = []

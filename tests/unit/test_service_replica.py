@@ -65,6 +65,13 @@ def _states(worker: Worker) -> dict[str, Any]:
     }
 
 
+def _partition_states(worker: Worker) -> dict[int, Any]:
+    """Per partition: the catalog, the forwarding marks and the members' shard counts."""
+    return {
+        p: (part.catalog, part.forwarded, part.members) for p, part in worker.partitions.items()
+    }
+
+
 def _every_command_kind(cluster: Cluster, src: str, local: str, dest: str) -> None:
     exact = {"op": "create", "dim": 2, "space": "l2", "engine": "exact"}
     for name in (src, local, dest):
@@ -101,6 +108,7 @@ async def test_a_replica_applies_every_command_kind_and_writes_nothing() -> None
         await eventually(caught_up(cluster, replica), "the replica applied everything")
 
         assert _states(replica) == _states(owner)
+        assert _partition_states(replica) == _partition_states(owner)
         assert len(_states(replica)[src]["live"]) == 0, "the merge cleared the source"
         assert recorder.writes == [], "a replica writes no object"
         signed = [
@@ -125,6 +133,25 @@ async def test_a_replica_applies_every_command_kind_and_writes_nothing() -> None
         ]  # fmt: skip
         assert replica_commits == [], "a replica commits no command offset"
         assert not any(part.after_checkpoint for part in replica.partitions.values())
+
+
+async def test_a_replica_restored_from_the_owners_manifests_has_the_owners_state() -> None:
+    cluster = Cluster(partitions=2)
+    src, local, dest = _names()
+    async with cluster.worker("owner") as (owner, owner_kafka, _):
+        await owner_kafka.assign([0, 1])
+        _every_command_kind(cluster, src, local, dest)
+        await eventually(lambda: b"merge" in cluster.replies(), "the merge's ack", timeout_s=30)
+        await eventually(caught_up(cluster, owner), "the owner applied everything")
+        for part in list(owner.partitions.values()):
+            assert await owner.ownership.checkpoint(part, reason="test")
+        async with cluster.worker("replica", role="replica") as (replica, replica_kafka, _):
+            await replica_kafka.assign([0, 1])
+            await eventually(caught_up(cluster, replica), "the replica restored")
+            assert all(part.checkpoint_offset >= 0 for part in replica.partitions.values())
+            assert _states(replica) == _states(owner)
+            assert _partition_states(replica) == _partition_states(owner)
+            assert any(catalog for catalog, _, _ in _partition_states(replica).values())
 
 
 async def test_a_replica_answers_its_topic_with_the_owners_hits_and_says_it_is_a_replica() -> None:

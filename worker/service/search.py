@@ -880,7 +880,8 @@ class SearchServer:
         stats["worker"] = self._worker_id
         stats["partition"] = part.number
         stats["role"] = self._role
-        hw = self._kafka.highwater(TopicPartition(self._topics.commands, part.number))
+        kafka = self._kafka
+        hw = kafka.highwater(TopicPartition(self._topics.commands, part.number)) if kafka else None
         if hw is not None:
             stats["lag"] = max(0, hw - 1 - part.applied_offset)
         drift = self._observer.drift_report(query.index)

@@ -39,8 +39,8 @@ from worker.kafka.errors import map_kafka_errors
 from worker.service import inflate
 from worker.service.catalog import Alias, Sharded
 from worker.service.config import WorkerConfig
-from worker.service.gather import Gatherer, GatherTarget, KafkaRequests
 from worker.service.follower import Follower, FollowPolicy
+from worker.service.gather import Gatherer, GatherTarget, KafkaRequests
 from worker.service.merge import MergeProtocol
 from worker.service.observer import IndexObserver
 from worker.service.outbox import Outbox
