@@ -52,7 +52,7 @@ class TwoCopies(LhvClient):
         self.sent.append((topic, cid))
         delay = self.delay_s[topic]
         if delay is not None:
-            answer = {"status": "ok", "hits": [{"id": topic, "distance": 0.0}]}
+            answer = self.answer(topic, index, body)
             loop.call_later(
                 delay,
                 self._deliver,
@@ -61,6 +61,19 @@ class TwoCopies(LhvClient):
         delivery: asyncio.Future[Any] = loop.create_future()
         delivery.set_result(None)
         return _Sent(delivery, cid, fut)
+
+    def answer(self, topic: str, index: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {"status": "ok", "hits": [{"id": topic, "distance": 0.0}]}
+
+
+class ShardedCopies(TwoCopies):
+    """`docs` is sharded in two; each member answers with a hit named for it."""
+
+    def answer(self, topic: str, index: str, body: dict[str, Any]) -> dict[str, Any]:
+        if body.get("op") == "describe":
+            return {"status": "ok", "kind": "sharded", "shards": 2, "index": index}
+        distance = 0.5 if index.endswith("#1") else 0.25
+        return {"status": "ok", "hits": [{"id": f"{index} via {topic}", "distance": distance}]}
 
 
 async def test_a_query_to_a_dead_copy_is_answered_by_the_other_after_the_hedge() -> None:
@@ -121,3 +134,15 @@ async def test_each_replica_topic_takes_its_turn_and_hedges_go_to_the_next_copy(
         await client.stats("docs")
     assert [topic for topic, _ in client.sent] == [OWNERS, REPLICAS, second, second]
     assert client.hedged == 1
+
+
+async def test_each_member_query_of_a_sharded_search_is_hedged_on_its_own() -> None:
+    client = ShardedCopies(
+        {OWNERS: None, REPLICAS: 0.0}, resolve_names=True, coalesce_searches=False
+    )
+    hits = await client.search("docs", [1.0, 2.0], k=2)
+    assert [h.id for h in hits] == [f"docs#0 via {REPLICAS}", f"docs#1 via {REPLICAS}"]
+    asked = [topic for topic, _ in client.sent]
+    assert asked.count(REPLICAS) == 3, "describe and both members answered by the replicas"
+    assert client.hedged == asked.count(OWNERS) >= 1, "each query the owners got was hedged"
+    assert not client._waiting
