@@ -75,6 +75,7 @@ async def worker_env(
         "LHV_S3_PREFIX": s3.prefix,
         "LHV_CHECKPOINT_SECONDS": "36000",
         "LHV_CHECKPOINT_RECORDS": "1000000000",
+        "LHV_CHECKPOINT_MAX_REPLAY_S": "0",
         **(extra or {}),
     }
     return WorkerEnv(topics, s3, child)

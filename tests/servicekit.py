@@ -26,7 +26,7 @@ def config(name: str, **overrides: Any) -> WorkerConfig:
         "s3": S3Config(),
         "worker_id": name,
         "internal_key": "unit-test-internal-key-0123456789abcdef",
-        "checkpoint": CheckpointPolicy(every_records=10**6, every_s=3600.0),
+        "checkpoint": CheckpointPolicy(every_records=10**6, every_s=3600.0, max_replay_s=0),
         "queries": QueryPolicy(commit_interval_ms=50),
         "stall_timeout_s": 3600.0,
     }

@@ -45,13 +45,23 @@ ROLES: tuple[Role, ...] = ("owner", "replica")
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CheckpointPolicy:
-    """When a partition is checkpointed: whichever comes first, if anything changed.
+    """When a partition is checkpointed, if anything changed: once the estimated replay
+    passes `max_replay_s` (while checkpoints take at most `max_time_share` of the time, or
+    at twice the budget), and at the latest after `every_records` records or `every_s`
+    seconds (worker/service/pacing.py).
 
     Also on revoke and on graceful shutdown, whatever the policy says.
     """
 
     every_records: int = 50_000
     every_s: float = 30.0
+    max_replay_s: float = 4.0
+    """the longest replay a restart should need, in seconds of apply time at this
+    partition's measured throughput (`LHV_CHECKPOINT_MAX_REPLAY_S`; 0: no such trigger)"""
+    max_time_share: float = 0.1
+    """no checkpoint for the replay budget while recent checkpoints took more than this
+    share of the wall time, unless the estimate is twice the budget
+    (`LHV_CHECKPOINT_MAX_TIME_SHARE`; 1: no cap)"""
     retry_backoff_s: float = 1.0
     retry_backoff_max_s: float = 30.0
     deltas: DeltaPolicy = field(default_factory=DeltaPolicy)
@@ -68,6 +78,10 @@ class CheckpointPolicy:
             raise ValueError("checkpoint policy needs every_records >= 1 and every_s > 0")
         if self.tombstone_retention_ms < 0:
             raise ValueError("checkpoint policy needs tombstone_retention_ms >= 0")
+        if self.max_replay_s < 0 or not 0 < self.max_time_share <= 1:
+            raise ValueError(
+                "checkpoint policy needs max_replay_s >= 0 and 0 < max_time_share <= 1"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -356,6 +370,8 @@ class WorkerConfig:
                 every_s=float(_env(env, "LHV_CHECKPOINT_SECONDS", "30") or 30),
                 deltas=DeltaPolicy.from_env(env),
                 tombstone_retention_ms=int(_env(env, "LHV_TOMBSTONE_RETENTION_MS", "0") or 0),
+                max_replay_s=float(_env(env, "LHV_CHECKPOINT_MAX_REPLAY_S", "4") or 4),
+                max_time_share=float(_env(env, "LHV_CHECKPOINT_MAX_TIME_SHARE", "0.1") or 0.1),
             ),
             "limits": limits_from_env(MessageLimits, env),
             "index_limits": limits_from_env(IndexLimits, env),

@@ -359,10 +359,12 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         offset = partition.applied_offset
         started = time.monotonic()
         with log_context(partition=p, offset=offset):
+            log.info("checkpoint started (%s)", reason)
             try:
                 capture = await self._capture(partition, offset)
             except LhvError as exc:
                 self._failed(partition, None, reason, exc)
+                partition.pace.ended(started, time.monotonic() - started, durable=False)
                 return False
             finally:
                 if not captured.done():
@@ -387,11 +389,14 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 return False
             except LhvError as exc:
                 self._failed(partition, capture, reason, exc)
+                partition.pace.ended(started, time.monotonic() - started, durable=False)
                 return False
             except asyncio.CancelledError:
                 self._undo(partition, capture)
+                partition.pace.ended(started, time.monotonic() - started, durable=False)
                 raise
             self._done(partition, capture, reason, time.monotonic() - started)
+            partition.pace.ended(started, time.monotonic() - started, durable=True)
             failpoints.hit("after_manifest")
             try:
                 await self._kafka.commit({self._commands_tp(p): offset + 1})
@@ -448,6 +453,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         partition.dirty.difference_update(s.name for s in snapshots)
         partition.dropped = False
         partition.records_since_checkpoint = 0
+        partition.pace.captured()
         partition.last_checkpoint = time.monotonic()
         return capture
 

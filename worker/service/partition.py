@@ -16,6 +16,7 @@ from typing import Any
 
 from lhv_index import Index
 from worker.service.catalog import CatalogEntry
+from worker.service.pacing import Pace
 from worker.storage.snapshots import Manifest
 
 __all__ = ["Partition", "PartitionStatus"]
@@ -62,6 +63,9 @@ class Partition:
     last_checkpoint: float = field(default_factory=time.monotonic)
     """when the last checkpoint's capture was taken (monotonic seconds); 0.0 after a
     failed checkpoint: due again once its backoff ends (`retry_at`)"""
+    pace: Pace = field(default_factory=Pace)
+    """apply throughput, units since the last capture, recent checkpoint work: what the
+    runner's checkpoint policy reads (worker/service/pacing.py)"""
     retry_at: float = 0.0
     """after a failed checkpoint: no new attempt before this (monotonic seconds)"""
     retry_delay_s: float = 0.0

@@ -7,7 +7,8 @@ runner takes a batch (pieces queued behind each other, within `max_poll_records`
 applies), applies it in a thread (`apply_records`), reports acks and DLQ records, moves
 the applied offset and wakes waiting queries. Past `max_pending_records` or
 `max_pending_bytes` buffered, the poll loop pauses the partition; the runner resumes it
-once half is applied. By the checkpoint policy (records, seconds; backoff after a failed
+once half is applied. By the checkpoint policy (the replay budget and the time share
+within the records and seconds bounds, worker/service/pacing.py; backoff after a failed
 one) it starts a checkpoint between batches (`Ownership.begin_checkpoint`): it waits only
 while the dirty indexes are captured, and goes on applying while the captures are
 uploaded and the manifest written in the background. At most one checkpoint of the
@@ -43,6 +44,7 @@ from worker.service.apply import (
 from worker.service.config import CheckpointPolicy, WorkerConfig
 from worker.service.intake import RejectedRecord
 from worker.service.observer import IndexObserver
+from worker.service.pacing import checkpoint_reason, deferred
 from worker.service.partition import Partition, PartitionStatus
 from worker.service.ports import KafkaPort, Reports, TaskOwner
 from worker.service.sharding import Forwarder
@@ -55,6 +57,9 @@ __all__ = ["Runner", "RunnerLimits"]
 log = logging.getLogger(__name__)
 
 _STOP = object()
+#: while a checkpoint for the replay budget waits for the time share to fall, an idle
+#: runner looks at the policy again this often
+_DEFERRED_RECHECK_S = 1.0
 #: ops whose items count in the apply-batch histogram
 _WRITES = frozenset({"add", "delete"})
 
@@ -111,7 +116,7 @@ class Runner:
         tp: the partition of the commands topic (resumed here after backpressure).
         num_partitions: partitions of the commands topic (home-partition checks).
         checkpoint: starts a checkpoint of the partition and returns once its capture is
-            taken (`Ownership.begin_checkpoint`, reason "policy").
+            taken (`Ownership.begin_checkpoint`), given why the policy asks for it.
         reporter: sends the acks and DLQ records of applied batches (`Reporter`; a read
             replica's sends nothing).
         barrier: applies merge and import records (`MergeProtocol`), in the apply thread.
@@ -131,7 +136,7 @@ class Runner:
         num_partitions: int,
         settings: RunnerLimits,
         kafka: KafkaPort,
-        checkpoint: Callable[[Partition], Awaitable[bool]],
+        checkpoint: Callable[[Partition, str], Awaitable[bool]],
         reporter: Reports,
         barrier: BarrierSteps | None,
         observer: IndexObserver,
@@ -220,9 +225,10 @@ class Runner:
                         item, self._carry = self._carry, None
                         if item is None:
                             now = time.monotonic()
-                            wait_s = max(
-                                policy.every_s - (now - p.last_checkpoint), p.retry_at - now
-                            )
+                            wait_s = policy.every_s - (now - p.last_checkpoint)
+                            if deferred(policy, p):
+                                wait_s = min(wait_s, _DEFERRED_RECHECK_S)
+                            wait_s = max(wait_s, p.retry_at - now)
                             item = await self._next(max(0.05, wait_s))
                         batch = _Batch() if item is None else self._collect(item)
                     if batch.records:
@@ -232,17 +238,9 @@ class Runner:
                         await self._apply(batch, decoded)
                     if batch.stop:
                         return
-                    now = time.monotonic()
-                    if (
-                        p.needs_checkpoint
-                        and not p.checkpoint_in_flight
-                        and now >= p.retry_at
-                        and (
-                            p.records_since_checkpoint >= policy.every_records
-                            or now - p.last_checkpoint >= policy.every_s
-                        )
-                    ):
-                        await self._checkpoint(p)
+                    reason = checkpoint_reason(policy, p, time.monotonic())
+                    if reason is not None:
+                        await self._checkpoint(p, reason)
                     if p.status is PartitionStatus.REVOKED:
                         return
             except asyncio.CancelledError:
@@ -331,7 +329,9 @@ class Runner:
         self.pending_bytes -= batch.nbytes
         failpoints.hit("mid_batch")
         items = sum(o.applied + o.skipped for o in outcomes if o.error is None and o.op in _WRITES)
-        self._metrics.observe_apply(p.number, len(batch.records), time.monotonic() - started, items)
+        elapsed = time.monotonic() - started
+        self._metrics.observe_apply(p.number, len(batch.records), elapsed, items)
+        p.pace.applied(len(batch.records) + items, elapsed)
         await self._reporter.report(
             p, outcomes, timestamps={r.offset: r.timestamp for r in batch.records}
         )

@@ -492,8 +492,8 @@ class Worker:
             restore_again=follower.restore_again if follower else None,
         )
 
-    async def _policy_checkpoint(self, partition: Partition) -> bool:
-        return await self.ownership.begin_checkpoint(partition, reason="policy")
+    async def _policy_checkpoint(self, partition: Partition, reason: str) -> bool:
+        return await self.ownership.begin_checkpoint(partition, reason=reason)
 
     async def stop_runner(self, number: int) -> None:
         runner = self._runners.pop(number, None)
