@@ -192,3 +192,45 @@ async def test_a_failed_upload_in_the_background_keeps_the_index_dirty_and_rebas
         await client_b.assign([0])
         await eventually(caught_up(cluster, b), "b restores")
         assert_state_matches(all_indexes([b]), _oracle(cluster))
+
+
+async def test_each_capture_is_released_once_uploaded_not_with_the_checkpoint() -> None:
+    import gc
+
+    from worker.service.ownership import _Snapshot
+
+    cluster = Cluster(partitions=1)
+    for name in ("a", "b"):  # captured and uploaded in name order
+        cluster.command(name, {"op": "create", "dim": DIM, "space": "l2"})
+        vecs = np.random.default_rng(7).normal(size=(30, DIM))
+        items = [{"id": f"v{j}", "vector": [float(x) for x in vecs[j]]} for j in range(30)]
+        cluster.command(name, {"op": "add", "items": items})
+    cluster.command("a", {"op": "delete", "ids": ["v0"]})  # 5 records: a checkpoint starts
+    entered, release = asyncio.Event(), asyncio.Event()
+    put = cluster.blobs.put
+
+    async def hold_b(key: str, data: BlobData) -> str:
+        if "/snapshots/b/" in key:
+            entered.set()
+            await release.wait()
+        return await put(key, data)
+
+    cluster.blobs.put = hold_b  # type: ignore[method-assign]
+    async with cluster.worker("a", checkpoint=POLICY) as (w, client, _):
+        await client.assign([0])
+        async with asyncio.timeout(20):
+            await entered.wait()
+        try:
+            snaps = {
+                o.name: o
+                for o in gc.get_objects()
+                if isinstance(o, _Snapshot) and o.index in w.partitions[0].indexes.values()
+            }
+            assert set(snaps) == {"a", "b"}
+            assert snaps["a"].data is None, "a is uploaded: its copy is gone"
+            assert snaps["b"].data is not None, "b is being uploaded"
+        finally:
+            release.set()
+        part = w.partitions[0]
+        await eventually(lambda: part.checkpoint_offset == 4, "the checkpoint ends")
+        assert set(part.manifest.indexes) == {"a", "b"}  # type: ignore[union-attr]

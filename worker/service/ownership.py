@@ -28,7 +28,9 @@ This module turns those decisions into state:
   At most one checkpoint of a partition is in flight: the runner starts the next one only
   once it ended; `checkpoint` (revoke, stop, tests) waits for the one in flight, then takes
   its own and waits for it. A memory note: all dirty indexes of O are captured before the
-  first upload, so a checkpoint holds their copies together. `Fenced` (the manifest
+  first upload (the manifest names one offset for all, and only the runner's wait keeps
+  the indexes at O), so a checkpoint holds their copies together at first; each copy is
+  released as soon as its upload ends, not with the checkpoint. `Fenced` (the manifest
   write) means the partition is someone else's now: its state is dropped (cancelling a
   checkpoint in flight) and the next owner replays; a failed commit after the manifest
   is only logged (restores start from the manifest).
@@ -81,7 +83,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Snapshot:
     """One dirty index captured for a checkpoint."""
 
@@ -91,7 +93,8 @@ class _Snapshot:
     written)"""
     entry: IndexEntry | None
     """the manifest entry a delta extends; None for a base"""
-    data: Base | Delta
+    data: Base | Delta | None
+    """the capture; None once uploaded (released: a base copies the whole index)"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,6 +378,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 for snap in capture.snapshots:
                     with log_context(index=snap.name):
                         entries[snap.name] = await self._upload(partition, snap, offset)
+                    snap.data = None  # its copy goes now, not with the last upload
                     failpoints.hit("mid_snapshot")
                 assert partition.manifest is not None
                 manifest = replace(
@@ -461,13 +465,15 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         """Encode and upload one capture (no lock held); returns the index's new entry."""
         started = time.monotonic()
         new: IndexEntry
+        data = snap.data
+        assert data is not None, "uploaded once"
         try:
-            if isinstance(snap.data, Delta):
+            if isinstance(data, Delta):
                 assert snap.entry is not None
-                segment = await self._store.save_delta(partition.number, snap.data, offset=offset)
+                segment = await self._store.save_delta(partition.number, data, offset=offset)
                 new, nbytes = snap.entry.with_delta(segment), segment.bytes
             else:
-                new = await self._store.save_base(partition.number, snap.data, offset=offset)
+                new = await self._store.save_base(partition.number, data, offset=offset)
                 nbytes = new.bytes
         except LhvError:
             self._metrics.snapshot_failed()
