@@ -519,10 +519,20 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         partition.durable(manifest.written_at, manifest.offset)
         partition.retry_delay_s = 0.0
         self._metrics.observe_checkpoint(partition.number, elapsed, manifest.offset)
+        written = [
+            e.deltas[-1].bytes if snap.entry is not None else e.bytes
+            for snap in capture.snapshots
+            if (e := manifest.indexes.get(snap.name)) is not None
+        ]
+        bases = sum(1 for snap in capture.snapshots if snap.entry is None)
         log.info(
-            "checkpoint (%s): %d snapshots written, %d indexes, tombstone horizon %s, %.2fs",
+            "checkpoint (%s): %d snapshots written (%d bases, %d deltas, %d bytes), "
+            "%d indexes, tombstone horizon %s, %.2fs",
             reason,
             len(capture.snapshots),
+            bases,
+            len(capture.snapshots) - bases,
+            sum(written),
             len(manifest.indexes),
             capture.horizon,
             elapsed,
