@@ -10,7 +10,7 @@ VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.lhv-installed
 
-.PHONY: setup test test-unit demo up down bench bench-shards bench-replicas lint
+.PHONY: setup test test-unit demo up down bench bench-large bench-shards bench-replicas lint
 
 setup: $(STAMP)   ## create .venv (unless one is active) and install LHV with its test tools
 
@@ -53,6 +53,9 @@ bench-shards: $(STAMP)   ## a sharded index (S=2, 2 worker processes) against S=
 
 bench-replicas: $(STAMP)   ## one index with 0, 1, 2 read replicas against raw hnswlib (BENCH_ARGS="--quick")
 	"$(PYTHON)" bench/replicas.py $(BENCH_ARGS)
+
+bench-large: $(STAMP)   ## one large index (1M x 128) on one worker: checkpoints, kill -9, memory, churn
+	"$(PYTHON)" bench/bench_large.py
 
 lint: $(STAMP)
 	"$(VENV)/bin/ruff" check . && "$(VENV)/bin/ruff" format --check . && "$(VENV)/bin/mypy"
