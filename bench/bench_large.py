@@ -252,6 +252,7 @@ async def _lhv(env: dict[str, str], args: argparse.Namespace, logdir: Path) -> d
     topics, s3, child = await worker_env(env, "large")
     for var in _POLICY_VARS:
         child.pop(var, None)
+    child.update(args.worker_env)
     child.update(
         {
             "LHV_LOG_JSON": "1",
@@ -536,6 +537,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--session-timeout-ms", type=int, default=10_000)
     ap.add_argument("--tail-wait-s", type=float, default=60.0, help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="VAR=VALUE",
+        help="a setting of the large index's worker (e.g. LHV_CHECKPOINT_MAX_REPLAY_S=2)",
+    )
     ap.add_argument("--logdir", type=Path, default=None, help="keep the workers' logs here")
     ap.add_argument("--raw-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -546,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.n, args.dim = 50_000, 32
+    args.worker_env = dict(kv.split("=", 1) for kv in args.worker_env)
     args.writes = args.writes if args.writes is not None else min(50_000, args.n // 10)
     args.tail = args.tail if args.tail is not None else min(20_000, args.n // 25)
     args.churn_n = args.churn_n if args.churn_n is not None else min(100_000, args.n // 10)

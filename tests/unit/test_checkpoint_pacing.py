@@ -6,6 +6,7 @@ budget overrides; the records and seconds bounds hold whatever the estimate says
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import pytest
@@ -157,3 +158,44 @@ async def test_a_worker_without_a_replay_budget_waits_for_its_bounds() -> None:
             lambda: part.checkpoint_offset == 2 and not part.checkpoint_in_flight,
             "the records bound starts one",
         )
+
+
+def test_a_batch_is_kept_to_a_quarter_of_the_replay_budget() -> None:
+    pace = Pace()
+    assert pace.batch_bytes(4.0) is None, "nothing measured: the usual bound"
+    pace.applied(1_000, 2.0, nbytes=8_000_000)  # 4 MB per second of apply
+    assert pace.batch_bytes(4.0) == pytest.approx(4_000_000, rel=1e-6)
+    assert pace.batch_bytes(0.0) is None, "no budget: the usual bound"
+
+
+async def test_a_worker_applies_in_smaller_batches_under_a_small_replay_budget() -> None:
+    cluster = Cluster(partitions=1)
+    rng = np.random.default_rng(2)
+
+    def add(k: int) -> None:  # about 16 KB of JSON
+        vecs = rng.normal(size=(100, 8))
+        items = [{"id": f"v{k}-{j}", "vector": [float(x) for x in vecs[j]]} for j in range(100)]
+        cluster.command("docs", {"op": "add", "items": items})
+
+    def batches(worker: Any) -> float:
+        (count,) = [
+            s.value
+            for s in worker.metrics.apply_records.collect()[0].samples
+            if s.name.endswith("_count")
+        ]
+        return float(count)
+
+    cluster.command("docs", {"op": "create", "dim": 8, "space": "l2"})
+    add(0)
+    tiny = CheckpointPolicy(
+        every_records=10**6, every_s=3600.0, max_replay_s=1e-9, max_time_share=1.0
+    )
+    async with cluster.worker("a", checkpoint=tiny) as (a, client, _):
+        await client.assign([0])
+        await eventually(caught_up(cluster, a), "a applies the first batch")
+        before = batches(a)
+        for k in range(1, 41):  # 640 KB: one or two batches under the usual bounds
+            add(k)
+        await eventually(caught_up(cluster, a), "a applies the rest")
+        assert batches(a) - before >= 8, "batches of the smallest size, 64 KiB"
+        assert len(a.partitions[0].indexes["docs"]) == 4_100

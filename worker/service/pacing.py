@@ -10,7 +10,10 @@ apply. The runner checkpoints once that estimate passes `max_replay_s`
 (`LHV_CHECKPOINT_MAX_REPLAY_S`), unless checkpoints took more than `max_time_share`
 (`LHV_CHECKPOINT_MAX_TIME_SHARE`) of the recent wall time; the share is overridden once the
 estimate reaches twice the budget, so a restart's replay stays bounded whatever a
-checkpoint costs. `LHV_CHECKPOINT_RECORDS` and `LHV_CHECKPOINT_SECONDS` stay hard bounds:
+checkpoint costs. Checkpoints start between batches, so a batch is what the replay can
+overshoot the budget by: the runner keeps each batch to about a quarter of the budget
+(`Pace.batch_bytes`: record bytes at the measured bytes per second of apply, within
+`LHV_MAX_BATCH_BYTES`). `LHV_CHECKPOINT_RECORDS` and `LHV_CHECKPOINT_SECONDS` stay hard bounds:
 whatever the estimate and the share say, no more records or seconds than these pass
 between two checkpoints (merge steps use the records bound to ask for one soon).
 
@@ -30,12 +33,21 @@ if TYPE_CHECKING:
     from worker.service.config import CheckpointPolicy
     from worker.service.partition import Partition
 
-__all__ = ["RATE_HALF_LIFE_S", "SHARE_WINDOW_S", "Pace", "checkpoint_reason", "deferred"]
+__all__ = [
+    "BATCH_SHARE",
+    "RATE_HALF_LIFE_S",
+    "SHARE_WINDOW_S",
+    "Pace",
+    "checkpoint_reason",
+    "deferred",
+]
 
 #: apply throughput is smoothed over this many seconds of apply time (half-life)
 RATE_HALF_LIFE_S = 10.0
 #: the checkpoint time share is taken over this much wall time, at most
 SHARE_WINDOW_S = 300.0
+#: a batch applies in at most about this share of the replay budget
+BATCH_SHARE = 0.25
 
 
 @dataclass(slots=True)
@@ -50,16 +62,26 @@ class Pace:
     work: deque[tuple[float, float]] = field(default_factory=deque)
     """(start, seconds) of recent checkpoints: capture, uploads and manifest"""
     _units: float = 0.0
+    _bytes: float = 0.0
     _seconds: float = 0.0
 
-    def applied(self, units: int, seconds: float) -> None:
-        """One batch of `units` took `seconds` of apply time."""
+    def applied(self, units: int, seconds: float, nbytes: int = 0) -> None:
+        """One batch of `units` (`nbytes` of record values) took `seconds` of apply."""
         self.since += units
         if seconds <= 0:
             return
         keep = 0.5 ** (seconds / RATE_HALF_LIFE_S)
         self._units = self._units * keep + units
+        self._bytes = self._bytes * keep + nbytes
         self._seconds = self._seconds * keep + seconds
+
+    def batch_bytes(self, max_replay_s: float) -> int | None:
+        """Record bytes one batch may hold so that it applies in about `BATCH_SHARE` of
+        the replay budget (checkpoints start between batches: a batch is what the
+        replay may overshoot the budget by); None: no budget, or nothing measured."""
+        if max_replay_s <= 0 or self._seconds <= 0 or self._bytes <= 0:
+            return None
+        return int(self._bytes / self._seconds * max_replay_s * BATCH_SHARE)
 
     @property
     def rate(self) -> float | None:

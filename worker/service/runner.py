@@ -60,6 +60,9 @@ _STOP = object()
 #: while a checkpoint for the replay budget waits for the time share to fall, an idle
 #: runner looks at the policy again this often
 _DEFERRED_RECHECK_S = 1.0
+#: the replay budget never makes a batch smaller than this (a record larger than a
+#: batch still goes alone)
+_MIN_BATCH_BYTES = 64 * 1024
 #: ops whose items count in the apply-batch histogram
 _WRITES = frozenset({"add", "delete"})
 
@@ -173,7 +176,7 @@ class Runner:
     def enqueue(self, records: Sequence[Any]) -> None:
         """Queue one poll's records, in pieces of at most `max_batch_bytes` (one poll can
         return everything aiokafka prefetched)."""
-        limit = self._settings.max_batch_bytes
+        limit = self._batch_bytes()
         piece: list[Any] = []
         size = 0
         for rec in records:
@@ -185,6 +188,15 @@ class Runner:
             size += n
         if piece:
             self._put(_Piece(piece, size))
+
+    def _batch_bytes(self) -> int:
+        """Record bytes of one batch: `max_batch_bytes`, or less when the replay budget
+        asks for smaller batches (a checkpoint starts only between two)."""
+        s = self._settings
+        cap = self.partition.pace.batch_bytes(s.checkpoint.max_replay_s)
+        if cap is None:
+            return s.max_batch_bytes
+        return max(_MIN_BATCH_BYTES, min(s.max_batch_bytes, cap))
 
     def _put(self, piece: _Piece) -> None:
         self.pending += len(piece.records)
@@ -290,7 +302,7 @@ class Runner:
             if self.queue.empty() or len(batch.records) >= s.max_poll_records:
                 return batch
             item = self.queue.get_nowait()
-            if item is not _STOP and batch.nbytes + item.nbytes > s.max_batch_bytes:
+            if item is not _STOP and batch.nbytes + item.nbytes > self._batch_bytes():
                 self._carry = item  # the next batch starts with it
                 return batch
 
@@ -331,7 +343,7 @@ class Runner:
         items = sum(o.applied + o.skipped for o in outcomes if o.error is None and o.op in _WRITES)
         elapsed = time.monotonic() - started
         self._metrics.observe_apply(p.number, len(batch.records), elapsed, items)
-        p.pace.applied(len(batch.records) + items, elapsed)
+        p.pace.applied(len(batch.records) + items, elapsed, batch.nbytes)
         await self._reporter.report(
             p, outcomes, timestamps={r.offset: r.timestamp for r in batch.records}
         )
