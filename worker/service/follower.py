@@ -234,9 +234,11 @@ class Follower(ConsumerRebalanceListener):  # type: ignore[misc]
         partition.status = PartitionStatus.RESTORING
         self._start_restore(partition)
 
-    async def settle(self, partition: Partition) -> bool:
-        """A copy's checkpoint step: nothing is persisted, the change tracking of the
-        dirty set is simply forgotten. Always False (no checkpoint started)."""
+    async def settle(self, partition: Partition, reason: str = "") -> bool:
+        """A copy's checkpoint step (whatever the policy's `reason`): nothing is
+        persisted, the change tracking of the dirty set and the replay estimate are simply
+        forgotten. Always False (no checkpoint started)."""
+        partition.pace.captured()
         partition.dirty.clear()
         partition.dropped = False
         partition.records_since_checkpoint = 0
