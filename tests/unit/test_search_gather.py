@@ -217,3 +217,19 @@ async def test_when_no_sub_query_can_be_sent_the_query_gets_not_ready() -> None:
     await worker.replies.wait_for([b"q"])
     assert worker.replies.sent[b"q"][0]["error"]["code"] == "not_ready"
     assert not loop.waiting
+
+
+def test_a_static_member_names_its_gather_topic_from_its_identity_others_per_run() -> None:
+    from worker.service.config import WorkerConfig
+    from worker.service.worker import _gather_topic
+    from worker.storage.blobstore import S3Config
+
+    s3 = S3Config(bucket="b")
+    static = WorkerConfig(s3=s3, group_id="lhv", group_instance_id="node/1", worker_id="a")
+    again = WorkerConfig(s3=s3, group_id="lhv", group_instance_id="node/1", worker_id="b")
+    assert _gather_topic(static) == _gather_topic(again) == "lhv.replies.gather-lhv-node-1"
+    other_group = WorkerConfig(s3=s3, group_id="g2", group_instance_id="node/1")
+    assert _gather_topic(other_group) != _gather_topic(static)
+    plain = WorkerConfig(s3=s3, group_id="lhv", worker_id="host-1")
+    first, second = _gather_topic(plain), _gather_topic(plain)
+    assert first != second and first.startswith("lhv.replies.gather-host-1-")

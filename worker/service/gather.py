@@ -406,12 +406,15 @@ def _relayed(query: Query, raw: bytes, received: float) -> bytes:
 
 class KafkaRequests:
     """`RequestPort` over aiokafka: its own reply topic (`<reply prefix>gather-<id>`,
-    created on start, deleted on stop), a producer of sub-queries and a group-less reader
-    of the replies."""
+    created on start if missing, deleted on stop unless `keep_topic`: a topic named from
+    a stable identity is kept for the next run), a producer of sub-queries and a
+    group-less reader of the replies (from the topic's end: replies of an earlier run are
+    never read)."""
 
-    def __init__(self, kafka: KafkaConfig, *, reply_topic: str) -> None:
+    def __init__(self, kafka: KafkaConfig, *, reply_topic: str, keep_topic: bool = False) -> None:
         self._kafka = kafka
         self._reply_topic = reply_topic
+        self._keep_topic = keep_topic
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -473,7 +476,7 @@ class KafkaRequests:
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
-        if self._created:
+        if self._created and not self._keep_topic:
             self._created = False
             admin = AIOKafkaAdminClient(**self._kafka.client_kwargs())
             try:

@@ -152,7 +152,11 @@ class Worker:
         self._requests: KafkaRequests | None = None
         gatherer: Gatherer | None = None
         if kafka is None:  # on the real transport: gathers for sharded names and aliases
-            self._requests = KafkaRequests(config.kafka, reply_topic=_gather_topic(config))
+            self._requests = KafkaRequests(
+                config.kafka,
+                reply_topic=_gather_topic(config),
+                keep_topic=config.group_instance_id is not None,
+            )
             gatherer = Gatherer(
                 search_topic=config.topics.search,
                 requests=self._requests,
@@ -522,7 +526,22 @@ class Worker:
 
 
 def _gather_topic(config: WorkerConfig) -> str:
-    """This worker's reply topic for gathers: under the reply pattern, unique per run."""
+    """This worker's reply topic for gathers, under the reply pattern.
+
+    A static member (`group_instance_id`) has a stable identity, so its topic is named
+    from it (with the group): a restart, even after kill -9, reuses the same topic instead
+    of leaving one behind per run. Replies left in it from an earlier run are never taken
+    for new ones: the reader starts at the topic's end and correlation ids are random per
+    gather. Without one the name is unique per run (and the topic deleted at stop)."""
     prefix = config.topics.reply_pattern.split("*", 1)[0]
-    worker = re.sub(r"[^A-Za-z0-9._-]", "-", config.worker_id)[:64]
+    if config.group_instance_id:
+        group = _topic_part(config.group_id)[:96]
+        member = _topic_part(config.group_instance_id)[:96]
+        return f"{prefix}gather-{group}-{member}"
+    worker = _topic_part(config.worker_id)[:64]
     return f"{prefix}gather-{worker}-{uuid.uuid4().hex[:8]}"
+
+
+def _topic_part(text: str) -> str:
+    """`text` with every character a topic name may not hold replaced by `-`."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", text)
