@@ -233,3 +233,35 @@ def test_a_static_member_names_its_gather_topic_from_its_identity_others_per_run
     plain = WorkerConfig(s3=s3, group_id="lhv", worker_id="host-1")
     first, second = _gather_topic(plain), _gather_topic(plain)
     assert first != second and first.startswith("lhv.replies.gather-host-1-")
+
+
+async def test_a_relayed_query_whose_old_target_is_gone_is_relayed_to_the_switched_target() -> None:
+    worker, server, loop = _rig()
+    _members(worker.partitions[0], ITEMS)
+    where = {"moved": GatherTarget("gone", alias="moved")}
+
+    def targets(part: Partition, name: str) -> GatherTarget | None:
+        return where.get(name) or _targets(part, name)
+
+    assert server._gatherer is not None
+    server._gatherer._targets = targets
+    send = loop.send
+
+    async def switch_then_send(topic: str, *, key: bytes, value: bytes, headers: Any) -> None:
+        if key == b"gone":  # switched (and "gone" dropped) while this query is on its way
+            where["moved"] = GatherTarget("big", alias="moved")
+        await send(topic, key=key, value=value, headers=headers)
+
+    loop.send = switch_then_send  # type: ignore[method-assign]
+    server.submit(0, [_ask(1, b"moved", "moved", vector=[0.0, 0.0], k=3)])
+    await worker.replies.wait_for([b"moved"])
+    moved = worker.replies.sent[b"moved"][0]
+    assert moved["status"] == "ok" and moved["index"] == "moved", moved
+    assert [(h["distance"], h["id"]) for h in moved["hits"]] == _exact([0.0, 0.0], 3)
+    assert [b["index"] for b in loop.sent if b.get("via_alias") == "moved"] == ["gone", "big"]
+    # an alias whose target is simply missing still says so
+    where["nowhere"] = GatherTarget("missing", alias="nowhere")
+    server.submit(0, [_ask(3, b"missing", "nowhere", vector=[0.0, 0.0], k=3)])
+    await worker.replies.wait_for([b"missing"])
+    missing = worker.replies.sent[b"missing"][0]
+    assert missing["error"]["code"] == "index_not_found", missing

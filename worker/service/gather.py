@@ -39,7 +39,14 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from lhv_index.errors import DeadlineExceeded, Internal, InvalidRequest, LhvError, NotReady
+from lhv_index.errors import (
+    DeadlineExceeded,
+    IndexNotFound,
+    Internal,
+    InvalidRequest,
+    LhvError,
+    NotReady,
+)
 from worker.kafka.admin import create_topics
 from worker.kafka.config import KafkaConfig
 from worker.service.config import QueryPolicy
@@ -148,9 +155,19 @@ class Gatherer:
         return self._targets(part, name)
 
     async def answer(
-        self, query: Query, target: GatherTarget, partition: int, received: float
+        self,
+        query: Query,
+        target: GatherTarget,
+        partition: int,
+        received: float,
+        *,
+        home: Partition | None = None,
     ) -> bytes:
         """The one reply value to `query` (the members' answers merged).
+
+        A query relayed by an alias whose target answers `index_not_found` is relayed once
+        more when the alias, on its `home` partition, names another target by then (the
+        alias was switched and its old target dropped while the query was on its way).
 
         Raises:
             NotReady: too many gathers waiting (retriable).
@@ -173,7 +190,19 @@ class Gatherer:
         self._waiting[partition] = here + 1
         self.waiting += 1
         try:
-            return await self._answer(query, target, received)
+            try:
+                return await self._answer(query, target, received)
+            except IndexNotFound:
+                again = None if home is None else self._targets(home, query.index)
+                if target.alias is None or again is None or again == target:
+                    raise
+                log.info(
+                    "alias %s moved from %s to %s while a query was relayed: relayed again",
+                    target.alias,
+                    target.index,
+                    again.index,
+                )
+                return await self._answer(query, again, received)
         finally:
             self.waiting -= 1
             left = self._waiting[partition] - 1

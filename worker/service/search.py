@@ -538,7 +538,9 @@ class SearchServer:
                         else self._gather_target(part, query.index)
                     )
                     if target is not None and self._gatherer is not None:
-                        value = await self._gatherer.answer(query, target, partition, received)
+                        value = await self._gatherer.answer(
+                            query, target, partition, received, home=part
+                        )
                         await self._send(reply_to, value)
                         self._metrics.observe_search(
                             _op(query), "ok", time.monotonic() - received, _count(query)
