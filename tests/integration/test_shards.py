@@ -29,6 +29,8 @@ from workerkit import (
 )
 
 from lhv_index import Index
+from lhv_index.errors import InvalidRequest
+from worker.client import LhvClient
 from worker.ops.tools import replay_verify
 from worker.service import Worker
 from worker.storage.blobstore import S3BlobStore, S3Config
@@ -248,3 +250,78 @@ def _npy(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
+
+
+async def test_bad_input_gets_its_error_code_and_a_dlq_record_and_loses_nothing(
+    lhv: Stack,
+) -> None:
+    """Each mistake: an error ack naming it, its record in the DLQ; a good write after
+    each is applied, and the sharded index ends equal to the good writes, id for id."""
+    env, name, shards = lhv.env, "guarded", 3
+    assert (await lhv.command(name, _create(shards)))["status"] == "ok"
+    assert (await lhv.command("guarded-live", {"op": "alias", "target": name}))["status"] == "ok"
+    oracle = OracleIndex({})
+    good = 0
+
+    async def good_write() -> None:
+        nonlocal good
+        good += 1
+        ids = [f"g{good}-{i}" for i in range(20)] + [f"g{good - 1}-{i}" for i in range(5)]
+        body = {"op": "add", "items": _items(ids, good)}
+        ack = await lhv.command(name, body)
+        assert ack["status"] == "ok", ack
+        oracle.add(body, ack["offset"])
+
+    mine = next(f"x{i}" for i in range(100) if shard_of(f"x{i}", shards) == 0)
+    theirs = next(f"x{i}" for i in range(100) if shard_of(f"x{i}", shards) == 1)
+    mistakes: list[tuple[str, dict[str, Any], str]] = [
+        ("guarded-zero", _create(0), "invalid_request"),
+        ("guarded-negative", _create(-2), "invalid_request"),
+        ("guarded-huge", _create(1025), "invalid_request"),
+        (name, _create(4), "index_exists"),  # the same name with another shard count
+        (f"{name}#0", {"op": "add", "items": _items([mine, theirs], 7)}, "wrong_partition"),
+        (name, {"op": "alias", "target": "elsewhere"}, "index_exists"),  # shadowing an index
+        ("guarded-live", _create(1), "index_exists"),  # an index shadowing an alias
+        ("guarded-live", {"op": "drop"}, "invalid_request"),
+    ]
+    for key, body, code in mistakes:
+        ack = await lhv.command(key, body)
+        assert ack["status"] == "error" and ack["error"]["code"] == code, (key, body, ack)
+        await good_write()
+    await wait_caught_up([lhv.worker], env.bootstrap, env.topics.commands)
+    dlq = await dlq_records(env)
+    for key, body, code in mistakes:
+        mine_dlq = [
+            r
+            for r in dlq
+            if r.key == key.encode() and orjson.loads(r.value or b"{}").get("op") == body["op"]
+        ]
+        assert [header(r, "lhv_error_code") for r in mine_dlq][-1:] == [code.encode()], key
+    assert not any(n.startswith("guarded-") for n in lhv.indexes())
+
+    # an alias loop: a -> b, b -> a; a write by either reaches the other alias and is
+    # refused there ("alias chain"); a query by either is refused; nothing is created
+    for a, b in (("loop-a", "loop-b"), ("loop-b", "loop-a")):
+        assert (await lhv.command(a, {"op": "alias", "target": b}))["status"] == "ok"
+    for a, b in (("loop-a", "loop-b"), ("loop-b", "loop-a")):
+        ack = await lhv.command(a, {"op": "add", "items": _items([f"{a}-1"], 3)})
+        assert ack["status"] == "ok" and list(ack["forwarded"]) == [b], ack
+        await good_write()
+    await wait_caught_up([lhv.worker], env.bootstrap, env.topics.commands)
+    dlq = await dlq_records(env)
+    for a, b in (("loop-a", "loop-b"), ("loop-b", "loop-a")):
+        chained = [r for r in dlq if r.key == b.encode() and f"{a}-1".encode() in (r.value or b"")]
+        assert len(chained) == 1, a
+        assert header(chained[0], "lhv_error_code") == b"invalid_request"
+        assert b"alias chain" in (header(chained[0], "lhv_error_message") or b"")
+    async with LhvClient(env.bootstrap, topics=env.topics, timeout_s=30) as c:
+        with pytest.raises(InvalidRequest, match="alias chain"):
+            await c.search("loop-a", np.ones(DIM, dtype=np.float32), k=1)
+    assert not any(n.startswith("loop-") for n in lhv.indexes())
+
+    expected = {
+        id_: (vec.astype(np.float32).tobytes(), meta or None, clock[0])
+        for id_, (vec, meta, clock) in oracle.live.items()
+    }
+    assert _members_live(lhv, name, shards) == expected
+    await _replay_consistent(lhv)
