@@ -110,6 +110,9 @@ class Outcome:
     its ack (`sharding.Forwarder`)"""
     forwarded: dict[str, int] | None = None
     """record key -> offset of each forward, once produced (the ack carries it)"""
+    ack_passed_on: bool = False
+    """the forward carries the requester's reply headers and is acked where it is
+    applied; this record's own ack is sent only if forwarding it fails"""
 
 
 @dataclass(slots=True)
@@ -317,6 +320,7 @@ def apply_records(
                         home.applied,
                         home.skipped,
                     )
+                    out.ack_passed_on = home.ack_passed_on
                     continue
             if isinstance(cmd, AddCommand | DeleteCommand):
                 index = partition.indexes.get(cmd.index)

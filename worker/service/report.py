@@ -69,7 +69,7 @@ class Reporter:
         aside). `timestamps` (offset -> record timestamp, ms) lets acks of stale replayed
         records be skipped."""
         for out in outcomes:
-            if out.error is None and out.reply_to is None:
+            if out.error is None and (out.reply_to is None or out.ack_passed_on):
                 self._metrics.command_applied(out.op, out.applied)
                 continue
             with log_context(partition=partition.number, offset=out.offset):

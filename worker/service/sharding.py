@@ -68,6 +68,7 @@ from worker.wire.commands import (
     UnaliasCommand,
     forward_value,
 )
+from worker.wire.headers import ReplyTo, request_headers
 from worker.wire.shards import parse_shard_name, shard_key, shard_of, split_by_shard
 from worker.wire.topics import home_partition
 
@@ -110,6 +111,9 @@ class HomeStep:
     forwards: list[Forward] = field(default_factory=list)
     applied: int = 0
     skipped: int = 0
+    ack_passed_on: bool = False
+    """the one forward carries the requester's reply headers: the partition that applies
+    (or rejects) it acks, so the home sends no ack of its own (a write by alias)"""
 
 
 # -- forwarded records: admission -------------------------------------------------------------
@@ -301,6 +305,7 @@ class _Signer:
         positions: Sequence[int] | None = None,
         shards: int | None = None,
         via_alias: str | None = None,
+        reply_to: ReplyTo | None = None,
     ) -> Forward:
         value = forward_value(
             cmd, index=key, origin=origin, positions=positions, shards=shards, via_alias=via_alias
@@ -315,6 +320,8 @@ class _Signer:
         # record is unsigned: nothing sends it, and a partition would refuse it.
         auth = self.auth
         headers = (auth.header(raw, value),) if auth is not None and auth.can_sign else ()
+        if reply_to is not None:
+            headers = (*headers, *request_headers(reply_to))
         return Forward(
             key=key,
             value=value,
@@ -470,8 +477,13 @@ def _via_alias(
     if not isinstance(cmd, AddCommand | DeleteCommand | ImportCommand | MergeCommand):
         raise InvalidRequest(f"{cmd.op}: {cmd.index!r} is an alias; {cmd.op} needs an index")
     origin = Origin(partition.number, offset, 0)
-    forward = sign.forward(cmd, key=entry.target, origin=origin, via_alias=cmd.index)
-    return HomeStep(forwards=[forward])
+    # The requester's ack comes from the target's home, which applies the write or refuses
+    # it (e.g. an alias chain, or no such target): an ack of "forwarded" here would say ok
+    # of a write that is then refused where nobody hears of it.
+    forward = sign.forward(
+        cmd, key=entry.target, origin=origin, via_alias=cmd.index, reply_to=cmd.reply_to
+    )
+    return HomeStep(forwards=[forward], ack_passed_on=cmd.reply_to is not None)
 
 
 # -- describe -----------------------------------------------------------------------------------

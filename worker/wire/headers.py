@@ -34,6 +34,7 @@ __all__ = [
     "dlq_headers",
     "reply_key",
     "reply_to_from_headers",
+    "request_headers",
 ]
 
 # -- header names: the wire contract (DESIGN section 2, schemas/dlq_headers.schema.json) ------
@@ -188,6 +189,15 @@ DLQ_MESSAGE_MAX_BYTES = 4096
 def build_reply_headers(reply_to: ReplyTo) -> list[tuple[str, bytes]]:
     """Headers of a reply or ack record: `kafka_correlationId`, the request's bytes."""
     return [(CORRELATION_ID, reply_to.correlation_id)]
+
+
+def request_headers(reply_to: ReplyTo) -> list[tuple[str, bytes]]:
+    """The request headers that ask for a reply to `reply_to` (the inverse of
+    `reply_to_from_headers`): a record passed on for its requester carries them."""
+    out = [(REPLY_TOPIC, reply_to.topic.encode("utf-8")), (CORRELATION_ID, reply_to.correlation_id)]
+    if reply_to.partition is not None:
+        out.append((REPLY_PARTITION, reply_to.partition.to_bytes(4, "big", signed=True)))
+    return out
 
 
 def reply_key(reply_to: ReplyTo) -> bytes:
