@@ -272,6 +272,7 @@ _INT_SETTINGS = {
     "max_batch_bytes": "LHV_MAX_BATCH_BYTES",
     "max_inflated_batch_bytes": "LHV_MAX_INFLATED_BATCH_BYTES",
     "query_wait_ms": "LHV_QUERY_WAIT_MS",
+    "standby_replicas": "LHV_STANDBY_REPLICAS",
 }
 
 
@@ -325,10 +326,16 @@ class WorkerConfig:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     stall_timeout_s: float = 60.0
+    #: warm read-only copies of each partition kept on other workers, so that a takeover
+    #: replays a few records instead of downloading snapshots (README, "Warm
+    #: standbys"); 0 keeps none and uses Kafka's range assignor, as before
+    standby_replicas: int = 0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {self.role!r}")
+        if self.standby_replicas < 0:
+            raise ValueError("standby_replicas (LHV_STANDBY_REPLICAS) must be >= 0")
         if self.max_inflated_batch_bytes < self.limits.max_message_bytes + 64 * 1024:
             raise ValueError(
                 f"max_inflated_batch_bytes ({self.max_inflated_batch_bytes}) must exceed "

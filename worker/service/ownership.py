@@ -1,14 +1,18 @@
 """Partition ownership: restore on assignment, checkpoint on revoke, fencing.
 
 The consumer group decides which worker owns partition p of the commands topic (and,
-with the range assignor and equal partition counts, the same p of the search topic).
+with a co-partitioning assignor and equal partition counts, the same p of the search
+topic).
 This module turns those decisions into state:
 
 - assigned: pause p, read its manifest, load its snapshots, claim the manifest (a
   conditional write with a higher generation, which fences any older owner), seek to
   `manifest.offset + 1`, resume, and serve once the replay reaches the log end seen at
   assignment. If the log no longer holds `manifest.offset + 1`, refuse p loudly unless
-  the worker was told to accept data loss.
+  the worker was told to accept data loss. When this worker keeps a warm standby copy of
+  p (standby.py), the copy is promoted instead of loading the snapshots: the manifest is
+  claimed all the same, the copy's indexes are kept, and the replay starts at the copy's
+  applied offset + 1.
 - checkpoint at offset O (the runner's policy, a revoke, a stop): two parts.
   1. The capture, between two batches, while the runner waits (`begin_checkpoint`): each
      dirty index is captured under its lock in a thread (a delta of what changed since
@@ -66,11 +70,14 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from lhv_index import Base, Delta, Index
 from lhv_index.errors import LhvError
 from worker.service import failpoints
+from worker.service.apply import Outcome
 from worker.service.catalog import catalog_from_wire, catalog_to_wire
 from worker.service.config import CheckpointPolicy
 from worker.service.observer import IndexObserver
 from worker.service.partition import Partition, PartitionStatus
 from worker.service.ports import KafkaPort, PartitionRegistry, SearchPartitions, TaskOwner
+from worker.service.standby import Standbys
+from worker.service.warm import Warm, changed_since
 from worker.storage.snapshots import Fenced, IndexEntry, Manifest, SegmentKind, SnapshotStore
 from worker.telemetry.logs import log_context
 from worker.telemetry.metrics import Metrics
@@ -141,6 +148,9 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         policy: CheckpointPolicy,
         accept_data_loss: bool = False,
         rebalance_timeout_ms: int = 120_000,
+        standbys: Standbys | None = None,
+        standby_plan: Callable[[], frozenset[int] | None] | None = None,
+        report: Callable[[Partition, list[Outcome], dict[int, int]], Awaitable[None]] | None = None,
     ) -> None:
         self._topics = topics
         self._registry = registry
@@ -154,7 +164,12 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         self._policy = policy
         self._accept_data_loss = accept_data_loss
         self._rebalance_timeout_ms = rebalance_timeout_ms
+        self._standbys = standbys
+        self._standby_plan = standby_plan
+        self._report = report
         self._parked: dict[int, Partition] = {}
+        self._warm: dict[int, Warm] = {}
+        """standby copies taken for a restore in progress"""
         self._restores: dict[int, asyncio.Task[Any]] = {}
 
     # -- rebalance callbacks -------------------------------------------------------------
@@ -178,6 +193,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         )
         numbers = sorted({tp.partition for tp in assigned if tp.topic == self._topics.commands})
         log.info("partitions assigned: %s", numbers)
+        self._reconcile_standbys(numbers)
         for p in list(self._parked):
             if p not in numbers:
                 del self._parked[p]
@@ -186,6 +202,33 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             partition = Partition(number=p)
             self._registry.partitions[p] = partition
             self._restores[p] = self._tasks.start(self._restore(partition), name=f"restore-{p}")
+
+    def _reconcile_standbys(self, numbers: list[int]) -> None:
+        """Keep the standby copies the assignment names (none when the group used another
+        protocol); a partition this worker owned until now and keeps as a standby goes on
+        from its parked state."""
+        if self._standbys is None:
+            return
+        plan = self._standby_plan() if self._standby_plan is not None else None
+        wanted = sorted(set(plan or ()) - set(numbers))
+        seeds = {
+            p: Warm(p, dict(part.indexes), part.applied_offset)
+            for p in wanted
+            if (part := self._parked.get(p)) is not None
+            and part.checkpoint_offset == part.applied_offset
+        }
+        if wanted or plan is not None:
+            log.info("standby partitions: %s", wanted)
+        self._standbys.reconcile(wanted, keep=numbers, seeds=seeds)
+
+    def held(self) -> dict[int, int]:
+        """Partition -> applied offset of what this worker owns or parked (its report to
+        the group, with its standby copies)."""
+        out = {p: part.applied_offset for p, part in self._parked.items()}
+        for p, part in self._registry.partitions.items():
+            if part.status in (PartitionStatus.SERVING, PartitionStatus.RESTORING):
+                out[p] = max(part.applied_offset, out.get(p, -1))
+        return out
 
     # -- restore -------------------------------------------------------------------------
 
@@ -226,6 +269,16 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 self._drop(partition)
             finally:
                 self._restores.pop(p, None)
+                self._warm.pop(p, None)
+
+    async def _take_warm(self, p: int) -> Warm | None:
+        """p's standby copy here, taken from its follower (kept across the attempts of
+        one restore)."""
+        if p not in self._warm and self._standbys is not None:
+            warm = await self._standbys.promote(p)
+            if warm is not None:
+                self._warm[p] = warm
+        return self._warm.get(p)
 
     async def _load(self, partition: Partition) -> int | None:
         """Load p's checkpoint and claim p; returns the snapshot bytes read from S3 (None
@@ -234,12 +287,36 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         store = self._store
         manifest, etag = await store.read_manifest(p)
         parked = self._parked.pop(p, None)
+        warm = await self._take_warm(p)
+        tp = self._commands_tp(p)
+        log_start = (await self._kafka.beginning_offsets([tp]))[tp]
+        log_end = (await self._kafka.end_offsets([tp]))[tp]
+        covered = manifest.offset if manifest else -1
         nbytes = None
         if parked is not None and etag is not None and parked.etag == etag:
             partition.indexes = parked.indexes
             partition.persisted = parked.persisted
             partition.history = parked.history
             log.info("reusing in-memory state of partition (manifest unchanged)")
+            start, source = covered + 1, "parked"
+        elif warm is not None and warm.offset + 1 >= log_start:
+            # The warm copy is the state at warm.offset: go on from there (before or past
+            # the manifest, replaying from warm.offset + 1 is correct either way). What
+            # differs from the manifest's entries is dirty; nothing is a delta on them.
+            names = manifest.indexes if manifest else {}
+            partition.indexes = warm.indexes
+            partition.persisted = {}
+            partition.history = []
+            partition.dirty = changed_since(warm, covered, names)
+            partition.dropped = bool(set(names) - set(warm.indexes))
+            start, source = warm.offset + 1, "standby"
+            log.info(
+                "partition %d promoted from standby at offset %d (manifest %d): no snapshot "
+                "download",
+                p,
+                warm.offset,
+                covered,
+            )
         elif manifest is not None:
             indexes = {}
             for name, entry in manifest.indexes.items():
@@ -249,14 +326,16 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             partition.persisted = dict(indexes)
             partition.history = []
             nbytes = sum(e.bytes + e.delta_bytes for e in manifest.indexes.values())
-        if manifest is not None:
+            start, source = covered + 1, "snapshot"
+        else:
+            start, source = 0, "empty"
+        if manifest is not None and source != "standby":
+            # a warm copy holds no sharded state: it goes cold at anything that makes some
             partition.catalog = catalog_from_wire(manifest.catalog)
             partition.forwarded = dict(manifest.forwarded)
             partition.members = dict(manifest.members)
-        start = manifest.offset + 1 if manifest else 0
-        tp = self._commands_tp(p)
-        log_start = (await self._kafka.beginning_offsets([tp]))[tp]
-        log_end = (await self._kafka.end_offsets([tp]))[tp]
+        if warm is not None and source != "standby":
+            log.info("standby copy of partition %d at offset %d not used", p, warm.offset)
         if start < log_start:
             reason = (
                 f"the log starts at offset {log_start} but the checkpoint covers only up to "
@@ -281,11 +360,23 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             generation=(manifest.generation if manifest else 0) + 1,
         )
         partition.manifest, partition.etag = await store.write_manifest(claim, etag=etag)
+        self._warm.pop(p, None)
+        self._metrics.restored(source)
         if manifest is not None:
             partition.durable(manifest.written_at, manifest.offset)
         partition.applied_offset = start - 1
         partition.ready_offset = log_end - 1
         partition.last_checkpoint = time.monotonic()
+        if source == "standby" and warm is not None and self._report is not None:
+            # What the copy applied past the checkpoint, the old owner may never have
+            # acknowledged or dead-lettered: sent now, as a replay from the checkpoint
+            # would (acks of records older than the replay bound are skipped).
+            late = [(o, ts) for o, ts in warm.unreported if o.offset > covered]
+            if late:
+                self._tasks.spawn(
+                    self._report(partition, [o for o, _ in late], {o.offset: ts for o, ts in late}),
+                    name=f"report-{p}",
+                )
         return nbytes
 
     # -- checkpoint ----------------------------------------------------------------------

@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.structs import OffsetAndTimestamp
 
+from worker.kafka.assignor import StandbyAssignor
 from worker.service.config import WorkerConfig
 from worker.service.intake import Intake
 from worker.service.outbox import ReplyProducer
@@ -27,9 +28,12 @@ class AiokafkaTransport:
     """`KafkaTransport` over aiokafka (module docstring). `start()` connects; `stop()`
     closes the intake's client, the consumer (leaving the group), then the producer."""
 
-    def __init__(self, config: WorkerConfig, metrics: Metrics) -> None:
+    def __init__(
+        self, config: WorkerConfig, metrics: Metrics, *, assignor: StandbyAssignor | None = None
+    ) -> None:
         self._config = config
         self._metrics = metrics
+        self._assignor = assignor
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._intake: Intake | None = None
@@ -53,7 +57,13 @@ class AiokafkaTransport:
             # used only when a position is out of range: commands partitions are
             # sought by `Ownership`, search partitions by `SearchServer.assign`
             auto_offset_reset="latest",
-            partition_assignment_strategy=(RangePartitionAssignor,),
+            # the standby assignor first when standbys are kept; the range assignor is
+            # what the group falls back to while a member lists only it (older workers)
+            partition_assignment_strategy=(
+                (self._assignor, RangePartitionAssignor)
+                if self._assignor is not None
+                else (RangePartitionAssignor,)
+            ),
             session_timeout_ms=config.session_timeout_ms,
             heartbeat_interval_ms=max(1000, config.session_timeout_ms // 10),
             rebalance_timeout_ms=config.rebalance_timeout_ms,

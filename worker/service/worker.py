@@ -4,8 +4,11 @@
         await worker.run()                 # until stop() or a fatal error
     # stop(): finish batches, checkpoint owned partitions, leave the group, close
 
-One consumer reads both topics in one group with the range assignor, so partition p of
-`lhv.commands` and of `lhv.search` belong to the same worker. The poll loop only routes:
+One consumer reads both topics in one group with a co-partitioning assignor (Kafka's
+range assignor; with `LHV_STANDBY_REPLICAS` > 0, `kafka/assignor.py` first), so
+partition p of `lhv.commands` and of `lhv.search` belong to the same worker. With
+standbys, the worker also keeps warm read-only copies of the partitions its assignment
+names (`standby.py`), and takes an assigned partition over from its copy. The poll loop only routes:
 command records go to the partition's runner (`runner.py`: a task that applies them in
 a thread and checkpoints between batches), query records to the search server. A
 partition whose runner falls behind is paused until it catches up (backpressure), so
@@ -35,8 +38,10 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from lhv_index.errors import Internal
+from worker.kafka.assignor import Held, Role, StandbyAssignor
 from worker.kafka.errors import map_kafka_errors
 from worker.service import inflate
+from worker.service.apply import Outcome
 from worker.service.catalog import Alias, Sharded
 from worker.service.config import WorkerConfig
 from worker.service.follower import Follower, FollowPolicy
@@ -52,8 +57,10 @@ from worker.service.report import Reporter
 from worker.service.runner import Runner, RunnerLimits
 from worker.service.search import SearchServer
 from worker.service.sharding import Forwarder
+from worker.service.standby import Standbys
 from worker.service.tasks import Supervisor
 from worker.service.transport import AiokafkaTransport
+from worker.service.warm import KafkaLogReader, LogReader
 from worker.storage.blobstore import BlobStore, S3BlobStore
 from worker.storage.snapshots import SnapshotStore
 from worker.telemetry.logs import log_context
@@ -123,7 +130,13 @@ class Worker:
                 own.topics.dlq,
             },
         )
-        self._kafka: KafkaTransport = kafka or AiokafkaTransport(config, self.metrics)
+        self.assignor: StandbyAssignor | None = None
+        """the group's assignor when standbys are kept (`LHV_STANDBY_REPLICAS` > 0)"""
+        if config.standby_replicas > 0 and kafka is None and not config.replica:
+            self.assignor = StandbyAssignor(replicas=config.standby_replicas, held=self._held)
+        self._kafka: KafkaTransport = kafka or AiokafkaTransport(
+            config, self.metrics, assignor=self.assignor
+        )
         self.outbox = Outbox(
             config.kafka, config.delivery, self.metrics, producer=self._kafka.reply_producer()
         )
@@ -140,6 +153,17 @@ class Worker:
             index_limits=config.index_limits,
             policy=config.checkpoint.deltas,
         )
+        self.standbys: Standbys | None = None
+        if self.assignor is not None:
+            self.standbys = Standbys.over(
+                store=self.store,
+                reader=self._standby_reader,
+                num_partitions=lambda: self.num_partitions,
+                metrics=self.metrics,
+                limits=config.limits,
+                index_limits=config.index_limits,
+                max_records=config.max_poll_records,
+            )
         self.reporter = Reporter(
             topics=self.topics,
             limits=config.limits,
@@ -230,6 +254,9 @@ class Worker:
                 policy=config.checkpoint,
                 accept_data_loss=config.accept_data_loss,
                 rebalance_timeout_ms=config.rebalance_timeout_ms,
+                standbys=self.standbys,
+                standby_plan=(self.assignor.take_standbys if self.assignor is not None else None),
+                report=self._report_promoted,
             )
 
         self.forwarder: Forwarder | None = None
@@ -450,6 +477,8 @@ class Worker:
             if self._connected:
                 for p in list(self.partitions):
                     await lifecycle.release(p, park=False)
+            if self.standbys is not None:
+                await self.standbys.stop()
             await self.search.stop()
             if self._requests is not None:
                 await self._requests.stop()
@@ -518,6 +547,30 @@ class Worker:
         """Wait for the protocol records and the DLQ records, acks and replies sent so far."""
         await self._kafka.flush()
         await self.outbox.flush()
+
+    # -- standbys -----------------------------------------------------------------------
+
+    def _held(self) -> dict[int, Held]:
+        """This worker's report to the group: what it owns or parked, and its warm
+        standby copies, each with its applied offset."""
+        held = {}
+        if self.standbys is not None:
+            held = {p: Held(Role.STANDBY, off) for p, off in self.standbys.held().items()}
+        for p, off in self.ownership.held().items():
+            held[p] = Held(Role.ACTIVE, off)
+        return held
+
+    async def _report_promoted(
+        self, partition: Partition, outcomes: list[Outcome], timestamps: dict[int, int]
+    ) -> None:
+        await self.reporter.report(partition, outcomes, timestamps=timestamps)
+
+    def _standby_reader(self, p: int) -> LogReader:
+        return KafkaLogReader(
+            self.config.kafka,
+            self.commands_tp(p),
+            max_fetch_bytes=max(self.config.limits.max_message_bytes, 1048576),
+        )
 
     # -- HealthSource --------------------------------------------------------------------
 

@@ -331,6 +331,17 @@ class Metrics:
         self.restore_failures = Counter(
             "lhv_restore_failures", "Partition restores that failed", registry=r
         )
+        self.restores = Counter(
+            "lhv_restores",
+            "Partitions taken over, by where their state came from: snapshot (downloaded "
+            "from S3), standby (a warm copy kept here), parked (this worker's own, kept "
+            "through a rebalance), empty (no checkpoint yet)",
+            ["source"],
+            registry=r,
+        )
+        self.standby_partitions = Gauge(
+            "lhv_standby_partitions", "Partitions this worker keeps a standby copy of", registry=r
+        )
 
     # -- partitions ----------------------------------------------------------------------
 
@@ -510,6 +521,14 @@ class Metrics:
     def restore_failed(self, partition: int) -> None:
         del partition
         self.restore_failures.inc()
+
+    def restored(self, source: str) -> None:
+        """A partition was taken over from `source` (`snapshot`, `standby`, `parked`,
+        `empty`)."""
+        self.restores.labels(source).inc()
+
+    def set_standbys(self, partitions: list[int]) -> None:
+        self.standby_partitions.set(len(partitions))
 
     # -- exposition ----------------------------------------------------------------------
 

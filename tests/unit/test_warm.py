@@ -1,0 +1,238 @@
+"""A standby's warm copy: loads the owner's checkpoint, tails the log, writes
+nothing, goes cold at what it cannot apply read-only, and hands over its state."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from aiokafka import TopicPartition
+
+from lhv_index import Index, IndexParams, Limits
+from worker.service.memory_kafka import MemoryKafka
+from worker.service.warm import Warm, WarmCopy, changed_since
+from worker.storage.blobstore import MemoryBlobStore
+from worker.storage.snapshots import Manifest, SnapshotStore
+from worker.wire.limits import MessageLimits
+
+pytestmark = pytest.mark.asyncio
+
+TOPIC = "lhv.commands"
+TP = TopicPartition(TOPIC, 0)
+
+
+class _Reader:
+    """`LogReader` over `MemoryKafka`."""
+
+    def __init__(self, broker: MemoryKafka) -> None:
+        self._broker = broker
+        self._position = 0
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def bounds(self) -> tuple[int, int]:
+        return self._broker.log_start(TP), self._broker.log_end(TP)
+
+    def seek(self, offset: int) -> None:
+        self._position = offset
+
+    async def read(self, *, timeout_ms: int, max_records: int) -> Sequence[Any]:
+        records = self._broker.read(TP, self._position, max_records)
+        if not records:
+            await asyncio.sleep(min(timeout_ms, 20) / 1000)
+            return []
+        self._position = records[-1].offset + 1
+        return records
+
+
+def _add(broker: MemoryKafka, index: str, ids: list[str], *, ack: bool = False) -> int:
+    vectors = np.random.default_rng(len(ids)).random((len(ids), 4)).tolist()
+    body = {
+        "op": "add",
+        "index": index,
+        "items": [{"id": i, "vector": v} for i, v in zip(ids, vectors, strict=True)],
+    }
+    headers = [("kafka_replyTopic", b"lhv.replies.t"), ("kafka_correlationId", b"c")] if ack else []
+    return broker.produce(TOPIC, index.encode(), orjson.dumps(body), headers=headers).offset
+
+
+async def _checkpoint(store: SnapshotStore, index: Index, offset: int) -> None:
+    """What an owner's checkpoint leaves: a base of `index` and a manifest at `offset`."""
+    entry = await store.save_index(0, index, offset=offset)
+    manifest, etag = await store.read_manifest(0)
+    base = manifest or Manifest(topic=TOPIC, partition=0)
+    await store.write_manifest(
+        Manifest(
+            topic=TOPIC,
+            partition=0,
+            offset=offset,
+            generation=base.generation,
+            indexes={index.name: entry},
+        ),
+        etag=etag,
+    )
+
+
+async def _eventually(check: Any, what: str) -> None:
+    for _ in range(1000):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out: {what}")
+
+
+async def _setup() -> tuple[MemoryKafka, MemoryBlobStore, SnapshotStore]:
+    broker = MemoryKafka({TOPIC: 1})
+    blobs = MemoryBlobStore()
+    await blobs.start()
+    store = SnapshotStore(blobs, topic=TOPIC, worker_id="owner")
+    broker.produce(TOPIC, b"docs", orjson.dumps({"op": "create", "index": "docs", "dim": 4}))
+    _add(broker, "docs", ["a", "b"])
+    return broker, blobs, store
+
+
+def _follower(broker: MemoryKafka, store: SnapshotStore, **kw: Any) -> WarmCopy:
+    return WarmCopy(
+        0,
+        store=store,
+        reader=_Reader(broker),
+        num_partitions=1,
+        limits=MessageLimits(),
+        index_limits=Limits(),
+        retry_s=0.02,
+        manifest_poll_s=0.02,
+        **kw,
+    )
+
+
+async def _owner_state(broker: MemoryKafka, upto: int) -> Index:
+    """The owner's index after applying the log up to `upto` (a follower of its own)."""
+    from worker.service.apply import apply_records
+    from worker.service.partition import Partition
+
+    partition = Partition(number=0)
+    apply_records(
+        partition,
+        broker.read(TP, 0, upto + 1),
+        num_partitions=1,
+        limits=MessageLimits(),
+        index_limits=Limits(),
+    )
+    return partition.indexes["docs"]
+
+
+async def test_a_follower_loads_the_checkpoint_tails_the_log_and_writes_nothing() -> None:
+    broker, blobs, store = await _setup()
+    await _checkpoint(store, await _owner_state(broker, 1), 1)
+    _add(broker, "docs", ["c", "d", "e"])
+    written = {k: (await blobs.get(k))[1] for k in await blobs.list()}
+    follower = _follower(broker, store)
+    follower.start()
+    try:
+        end = broker.log_end(TP) - 1
+        await _eventually(lambda: follower.offset == end, "caught up")
+    finally:
+        warm = await follower.handover()
+    assert warm is not None and warm.offset == end
+    assert len(warm.indexes["docs"]) == 5
+    assert warm.changed == {"docs": end}  # changed here past the checkpoint
+    assert {k: (await blobs.get(k))[1] for k in await blobs.list()} == written
+
+
+async def test_records_past_the_checkpoint_that_asked_for_acks_are_handed_over() -> None:
+    broker, _, store = await _setup()
+    await _checkpoint(store, await _owner_state(broker, 1), 1)
+    acked = _add(broker, "docs", ["c"], ack=True)
+    follower = _follower(broker, store)
+    follower.start()
+    try:
+        await _eventually(lambda: follower.offset == acked, "caught up")
+    finally:
+        warm = await follower.handover()
+    assert warm is not None
+    assert [o.offset for o, _ in warm.unreported] == [acked]
+    assert warm.unreported[0][0].reply_to is not None
+
+
+async def test_a_barrier_it_cannot_apply_read_only_makes_the_copy_cold_until_a_checkpoint_covers_it() -> (
+    None
+):
+    broker, _, store = await _setup()
+    await _checkpoint(store, await _owner_state(broker, 1), 1)
+    follower = _follower(broker, store)
+    follower.start()
+    try:
+        await _eventually(lambda: follower.offset == 1, "loaded")
+        merge = broker.produce(
+            TOPIC, b"docs", orjson.dumps({"op": "merge", "index": "docs", "dest": "other"})
+        ).offset
+        await _eventually(lambda: follower.offset is None, "cold at the merge")
+        after = _add(broker, "docs", ["z"])
+        await asyncio.sleep(0.1)
+        assert follower.offset is None  # no checkpoint covers the merge yet
+        await _checkpoint(store, await _owner_state(broker, after), after)
+        await _eventually(lambda: follower.offset == after, "warm again")
+        assert merge < after
+    finally:
+        await follower.stop()
+
+
+async def test_a_snapshot_gone_under_the_follower_is_loaded_again_from_the_new_manifest() -> None:
+    broker, blobs, store = await _setup()
+    await _checkpoint(store, await _owner_state(broker, 1), 1)
+    manifest, _ = await store.read_manifest(0)
+    assert manifest is not None
+    await blobs.delete(manifest.indexes["docs"].base.key)  # the owner's GC won the race
+    follower = _follower(broker, store)
+    follower.start()
+    try:
+        await asyncio.sleep(0.1)
+        assert follower.offset is None
+        last = _add(broker, "docs", ["q"])
+        await _checkpoint(store, await _owner_state(broker, last), last)
+        await _eventually(lambda: follower.offset == last, "loaded the new checkpoint")
+    finally:
+        warm = await follower.handover()
+    assert warm is not None and len(warm.indexes["docs"]) == 3
+
+
+async def test_a_seeded_follower_goes_on_from_the_state_it_was_given() -> None:
+    broker, _, store = await _setup()
+    seed = Warm(0, {"docs": await _owner_state(broker, 1)}, 1)
+    last = _add(broker, "docs", ["s"])
+    follower = _follower(broker, store, seed=seed)
+    follower.start()
+    try:
+        await _eventually(lambda: follower.offset == last, "caught up")
+    finally:
+        warm = await follower.handover()
+    assert warm is not None and len(warm.indexes["docs"]) == 3
+
+
+async def test_what_differs_from_a_manifest_is_what_changed_past_it_or_is_not_in_it() -> None:
+    idx = {n: Index(n, IndexParams(dim=2)) for n in ("old", "new", "touched")}
+    warm = Warm(0, idx, 50, changed={"old": 10, "touched": 40})
+    assert changed_since(warm, 30, {"old": None, "touched": None}) == {"new", "touched"}
+    assert changed_since(warm, 50, {"old": None, "touched": None, "new": None}) == set()
+
+
+async def test_a_sharded_create_makes_the_copy_cold() -> None:
+    broker, _, store = await _setup()
+    await _checkpoint(store, await _owner_state(broker, 1), 1)
+    copy = _follower(broker, store)
+    copy.start()
+    try:
+        await _eventually(lambda: copy.offset == 1, "loaded")
+        body = {"op": "create", "index": "wide", "dim": 4, "shards": 2}
+        broker.produce(TOPIC, b"wide", orjson.dumps(body))
+        await _eventually(lambda: copy.offset is None, "cold at the sharded create")
+    finally:
+        await copy.stop()
