@@ -10,7 +10,7 @@ VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.lhv-installed
 
-.PHONY: setup test test-unit demo up down bench bench-large bench-shards bench-replicas lint
+.PHONY: setup test test-unit demo up down bench bench-large bench-shards bench-replicas bench-standby lint
 
 setup: $(STAMP)   ## create .venv (unless one is active) and install LHV with its test tools
 
@@ -56,6 +56,9 @@ bench-replicas: $(STAMP)   ## one index with 0, 1, 2 read replicas against raw h
 
 bench-large: $(STAMP)   ## one large index (1M x 128) on one worker: checkpoints, kill -9, memory, churn
 	"$(PYTHON)" bench/bench_large.py
+
+bench-standby: $(STAMP)   ## kill -9 of an owner to the first answer, with and without a warm standby (BENCH_ARGS="--quick", or "--n 1000000")
+	"$(PYTHON)" bench/standby.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	"$(VENV)/bin/ruff" check . && "$(VENV)/bin/ruff" format --check . && "$(VENV)/bin/mypy"
