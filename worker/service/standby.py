@@ -17,9 +17,11 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
 
+from lhv_index import Limits as IndexLimits
 from worker.service.warm import LogReader, Warm, WarmCopy
 from worker.storage.snapshots import SnapshotStore
 from worker.telemetry.metrics import Metrics
+from worker.wire.limits import MessageLimits
 
 __all__ = ["Standbys"]
 
@@ -48,9 +50,11 @@ class Standbys:
         reader: Callable[[int], LogReader],
         num_partitions: Callable[[], int],
         metrics: Metrics,
-        **limits: object,
+        limits: MessageLimits,
+        index_limits: IndexLimits,
+        max_records: int,
     ) -> Standbys:
-        """WarmCopys reading with `reader(p)` and restoring from `store`."""
+        """Copies reading with `reader(p)` and restoring from `store`."""
 
         def make(p: int, seed: Warm | None) -> WarmCopy:
             return WarmCopy(
@@ -58,18 +62,25 @@ class Standbys:
                 store=store,
                 reader=reader(p),
                 num_partitions=num_partitions(),
+                limits=limits,
+                index_limits=index_limits,
                 seed=seed,
-                **limits,  # type: ignore[arg-type]
+                max_records=max_records,
             )
 
         return cls(make, metrics)
 
     def reconcile(
-        self, wanted: Iterable[int], *, keep: Iterable[int] = (), seeds: Mapping[int, Warm] = {}
+        self,
+        wanted: Iterable[int],
+        *,
+        keep: Iterable[int] = (),
+        seeds: Mapping[int, Warm] | None = None,
     ) -> None:
         """Hold copies of exactly `wanted` (plus `keep`: partitions just assigned here,
         whose copies are about to be promoted); start from `seeds` where given."""
         wanted = set(wanted)
+        seeds = seeds or {}
         keep = set(keep) | wanted
         for p in sorted(set(self._copies) - keep):
             self._stop(p)
