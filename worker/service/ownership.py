@@ -272,7 +272,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 self._warm.pop(p, None)
 
     async def _take_warm(self, p: int) -> Warm | None:
-        """p's standby copy here, taken from its follower (kept across the attempts of
+        """p's standby copy here, taken from `Standbys` (kept across the attempts of
         one restore)."""
         if p not in self._warm and self._standbys is not None:
             warm = await self._standbys.promote(p)
