@@ -205,3 +205,12 @@ def test_a_failing_report_still_joins() -> None:
 
     metadata = StandbyAssignor(replicas=1, held=broken).metadata(TOPICS)
     assert decode_subscription(metadata.user_data) == {}
+
+
+def test_a_fresh_group_spreads_consecutive_partitions_over_every_member() -> None:
+    # the members of a sharded index sit on consecutive partitions: on different workers
+    out = plan(range(9), {"m0": {}, "m1": {}, "m2": {}}, replicas=0)
+    owner = {p: m for m, mp in out.items() for p in mp.partitions}
+    for start in range(9):
+        run = [owner[(start + s) % 9] for s in range(3)]
+        assert len(set(run)) == 3, (start, run)
