@@ -214,3 +214,25 @@ def test_a_fresh_group_spreads_consecutive_partitions_over_every_member() -> Non
     for start in range(9):
         run = [owner[(start + s) % 9] for s in range(3)]
         assert len(set(run)) == 3, (start, run)
+
+
+def test_after_a_member_leaves_and_another_joins_consecutive_partitions_spread_again() -> None:
+    members = [f"m{i:02d}" for i in range(8)]
+    first = plan(range(32), {m: {} for m in members}, replicas=0)
+    held = {m: {p: Held(Role.ACTIVE, 10) for p in mp.partitions} for m, mp in first.items()}
+    del held["m03"]
+    second = plan(range(32), held, replicas=0)
+    moved = [
+        p
+        for p in range(32)
+        if p not in first["m03"].partitions
+        and not any(p in second[m].partitions and p in first[m].partitions for m in second)
+    ]
+    assert moved == [], "only the leaver's partitions move"
+    held = {m: {p: Held(Role.ACTIVE, 10) for p in mp.partitions} for m, mp in second.items()}
+    held["new"] = {}
+    third = plan(range(32), held, replicas=0)
+    owner = {p: m for m, mp in third.items() for p in mp.partitions}
+    for start in range(32):
+        run = {owner[(start + s) % 32] for s in range(8)}
+        assert len(run) == 8, (start, sorted(run))

@@ -10,10 +10,13 @@ which partitions to keep as standbys. The model is Kafka Streams' standby tasks 
 1. co-partitioned: partition p of every subscribed topic goes to one member (the owner of
    p of `lhv.commands` also gets p of `lhv.search`);
 2. balanced: every member owns `floor(P / M)` or `ceil(P / M)` partitions;
-3. sticky: a member keeps what it reported active, within its share;
+3. sticky: a member keeps what it reported active, within its share (giving up first
+   what another member holds warm, then what its own partitions crowd);
 4. warm first: a partition whose owner left (or had to give it up) goes to the member
    that reports it warm with the highest applied offset, within its share;
-5. the rest go to the least loaded members;
+5. the rest go to the least loaded members, each to the one owning the fewest partitions
+   near it (a fresh group gets partition p on the (p mod M)-th member): the members of a
+   sharded index sit on consecutive partitions, so they land on different workers;
 6. standbys: `replicas` copies of each partition on members other than its owner,
    preferring members that already hold it warm, then the least loaded.
 
@@ -182,16 +185,37 @@ def plan(
     load: dict[str, int] = dict.fromkeys(members, 0)
     owner: dict[int, str] = {}
 
+    at_ceil = [0]  # members holding floor + 1
+
     def can_take(m: str) -> bool:
-        at_ceil = sum(1 for n in members if load[n] > floor)
-        return load[m] < floor or (load[m] == floor and at_ceil < extra)
+        return load[m] < floor or (load[m] == floor and at_ceil[0] < extra)
 
     def give(p: int, m: str) -> None:
         owner[p] = m
         load[m] += 1
+        if load[m] == floor + 1:
+            at_ceil[0] += 1
+        owned_by[m].add(p)
 
     def warm_elsewhere(p: int, m: str) -> bool:
         return any(p in held[n] for n in members if n != m)
+
+    # The members of a sharded index sit on consecutive partitions: a member should own
+    # partitions far apart, so any run of up to M partitions spreads over M members.
+    span = min(len(members), len(parts), 33) - 1  # bounded: the leader's work per join
+    n_parts = len(parts)
+    index_of = {p: i for i, p in enumerate(parts)}
+    owned_by: dict[str, set[int]] = {m: set() for m in members}
+
+    def crowding(p: int, own: set[int]) -> int:
+        """How many of `own` lie within `span` positions of p (around the ring)."""
+        i = index_of[p]
+        return sum(
+            1
+            for d in range(1, span + 1)
+            for j in ((i + d) % n_parts, (i - d) % n_parts)
+            if parts[j] in own and parts[j] != p
+        )
 
     # 1. sticky: each member keeps what it owned, within its share; when a member must
     #    give some up, it first gives those another member holds warm. Two members
@@ -207,7 +231,10 @@ def plan(
             best = min(claims[p], key=lambda c: (-c[0], c[1]))
             keep[best[1]].append(p)
     for m in members:
-        for p in sorted(keep[m], key=lambda p: (warm_elsewhere(p, m), p)):
+        kept = set(keep[m])
+        # what a member gives up first: partitions another member holds warm, then those
+        # crowded by its own neighbours (the spread of consecutive partitions)
+        for p in sorted(kept, key=lambda p: (warm_elsewhere(p, m), crowding(p, kept), p)):
             if can_take(m):
                 give(p, m)
     # 2. warm first: the member holding it warm with the highest applied offset
@@ -219,10 +246,16 @@ def plan(
             if can_take(m):
                 give(p, m)
                 break
-    # 3. the rest: the least loaded member
+    # 3. the rest: the least loaded member, then the one owning fewest near it (a fresh
+    #    group gets partition p on the (p mod M)-th member)
     for p in parts:
         if p not in owner:
-            m = min((m for m in members if can_take(m)), key=lambda m: (load[m], m))
+            able = [m for m in members if can_take(m)]
+            least = min(load[m] for m in able)
+            m = min(
+                (m for m in able if load[m] == least),
+                key=lambda m: (crowding(p, owned_by[m]), m),
+            )
             give(p, m)
     # 4. standbys: on members other than the owner, warm ones first, then the least loaded
     standbys: dict[str, list[int]] = defaultdict(list)
