@@ -1,5 +1,6 @@
-"""A standby's warm copy: loads the owner's checkpoint, tails the log, writes
-nothing, goes cold at what it cannot apply read-only, and hands over its state."""
+"""A standby's warm copy: loads the owner's checkpoint, tails the log, applies every
+command kind read-only (sharded creates and their forwards, aliases, merges), writes
+nothing, and hands over its state."""
 
 from __future__ import annotations
 
@@ -13,11 +14,17 @@ import pytest
 from aiokafka import TopicPartition
 
 from lhv_index import Index, IndexParams, Limits
+from worker.service.apply import apply_records
+from worker.service.config import ImportPolicy
+from worker.service.follower import ReadOnlyWrites
 from worker.service.memory_kafka import MemoryKafka
+from worker.service.merge import MergeProtocol
+from worker.service.partition import Partition
 from worker.service.warm import Warm, WarmCopy, changed_since
-from worker.storage.blobstore import MemoryBlobStore
+from worker.storage.blobstore import MemoryBlobStore, S3Config
 from worker.storage.snapshots import Manifest, SnapshotStore
 from worker.wire.limits import MessageLimits
+from worker.wire.topics import TopicsConfig
 
 pytestmark = pytest.mark.asyncio
 
@@ -99,7 +106,33 @@ async def _setup() -> tuple[MemoryKafka, MemoryBlobStore, SnapshotStore]:
     return broker, blobs, store
 
 
-def _follower(broker: MemoryKafka, store: SnapshotStore, **kw: Any) -> WarmCopy:
+class _OnePartition:
+    """The registry a copy's barrier steps read: one partition, none owned."""
+
+    num_partitions = 1
+    partitions: dict[int, Any] = {}
+
+
+async def _steps(store: SnapshotStore) -> MergeProtocol:
+    """The read-only barrier steps a worker gives its copies (`ReadOnlyWrites`; no step
+    here reads an export, so their bucket is empty)."""
+    steps = MergeProtocol(
+        topics=TopicsConfig(commands=TOPIC),
+        registry=_OnePartition(),  # type: ignore[arg-type]
+        kafka=None,  # type: ignore[arg-type]  # a read-only copy produces nothing
+        blobs=MemoryBlobStore(),
+        tasks=None,  # type: ignore[arg-type]  # and runs no sweeper
+        imports=ImportPolicy(),
+        s3=S3Config(),
+        internal_key="unit-test-internal-key-0123456789abcdef",
+        checkpoint_every_records=1000,
+        writes=ReadOnlyWrites(store),
+    )
+    await steps.start()
+    return steps
+
+
+async def _follower(broker: MemoryKafka, store: SnapshotStore, **kw: Any) -> WarmCopy:
     return WarmCopy(
         0,
         store=store,
@@ -107,6 +140,7 @@ def _follower(broker: MemoryKafka, store: SnapshotStore, **kw: Any) -> WarmCopy:
         num_partitions=1,
         limits=MessageLimits(),
         index_limits=Limits(),
+        steps=await _steps(store),
         retry_s=0.02,
         manifest_poll_s=0.02,
         **kw,
@@ -115,9 +149,6 @@ def _follower(broker: MemoryKafka, store: SnapshotStore, **kw: Any) -> WarmCopy:
 
 async def _owner_state(broker: MemoryKafka, upto: int) -> Index:
     """The owner's index after applying the log up to `upto` (a follower of its own)."""
-    from worker.service.apply import apply_records
-    from worker.service.partition import Partition
-
     partition = Partition(number=0)
     apply_records(
         partition,
@@ -134,7 +165,7 @@ async def test_a_follower_loads_the_checkpoint_tails_the_log_and_writes_nothing(
     await _checkpoint(store, await _owner_state(broker, 1), 1)
     _add(broker, "docs", ["c", "d", "e"])
     written = {k: (await blobs.get(k))[1] for k in await blobs.list()}
-    follower = _follower(broker, store)
+    follower = await _follower(broker, store)
     follower.start()
     try:
         end = broker.log_end(TP) - 1
@@ -151,7 +182,7 @@ async def test_records_past_the_checkpoint_that_asked_for_acks_are_handed_over()
     broker, _, store = await _setup()
     await _checkpoint(store, await _owner_state(broker, 1), 1)
     acked = _add(broker, "docs", ["c"], ack=True)
-    follower = _follower(broker, store)
+    follower = await _follower(broker, store)
     follower.start()
     try:
         await _eventually(lambda: follower.offset == acked, "caught up")
@@ -162,27 +193,37 @@ async def test_records_past_the_checkpoint_that_asked_for_acks_are_handed_over()
     assert warm.unreported[0][0].reply_to is not None
 
 
-async def test_a_barrier_it_cannot_apply_read_only_makes_the_copy_cold_until_a_checkpoint_covers_it() -> (
-    None
-):
-    broker, _, store = await _setup()
+async def test_a_merge_within_the_partition_keeps_the_copy_warm_with_the_owners_state() -> None:
+    broker, blobs, store = await _setup()
     await _checkpoint(store, await _owner_state(broker, 1), 1)
-    follower = _follower(broker, store)
-    follower.start()
+    broker.produce(TOPIC, b"other", orjson.dumps({"op": "create", "index": "other", "dim": 4}))
+    written = {k: (await blobs.get(k))[1] for k in await blobs.list()}
+    copy = await _follower(broker, store)
+    copy.start()
     try:
-        await _eventually(lambda: follower.offset == 1, "loaded")
-        merge = broker.produce(
-            TOPIC, b"docs", orjson.dumps({"op": "merge", "index": "docs", "dest": "other"})
-        ).offset
-        await _eventually(lambda: follower.offset is None, "cold at the merge")
+        await _eventually(lambda: copy.offset == 2, "loaded and tailing")
+        body = {"op": "merge", "index": "docs", "dest": "other", "clear_source": True}
+        merge = broker.produce(TOPIC, b"docs", orjson.dumps(body)).offset
         after = _add(broker, "docs", ["z"])
-        await asyncio.sleep(0.1)
-        assert follower.offset is None  # no checkpoint covers the merge yet
-        await _checkpoint(store, await _owner_state(broker, after), after)
-        await _eventually(lambda: follower.offset == after, "warm again")
-        assert merge < after
+        await _eventually(lambda: copy.offset == after, "applied the merge and past it")
     finally:
-        await follower.stop()
+        warm = await copy.handover()
+    assert warm is not None and merge < after
+    owner = Partition(number=0)
+    apply_records(
+        owner,
+        broker.read(TP, 0, after + 1),
+        num_partitions=1,
+        limits=MessageLimits(),
+        index_limits=Limits(),
+        barrier=await _steps(store),
+    )
+    assert {n: i.logical_state() for n, i in warm.indexes.items()} == {
+        n: i.logical_state() for n, i in owner.indexes.items()
+    }
+    assert len(warm.indexes["other"]) == 2 and len(warm.indexes["docs"]) == 1
+    assert warm.owner_steps_at == -1  # nothing only an owner does: promotable
+    assert {k: (await blobs.get(k))[1] for k in await blobs.list()} == written
 
 
 async def test_a_snapshot_gone_under_the_follower_is_loaded_again_from_the_new_manifest() -> None:
@@ -191,7 +232,7 @@ async def test_a_snapshot_gone_under_the_follower_is_loaded_again_from_the_new_m
     manifest, _ = await store.read_manifest(0)
     assert manifest is not None
     await blobs.delete(manifest.indexes["docs"].base.key)  # the owner's GC won the race
-    follower = _follower(broker, store)
+    follower = await _follower(broker, store)
     follower.start()
     try:
         await asyncio.sleep(0.1)
@@ -208,7 +249,7 @@ async def test_a_seeded_follower_goes_on_from_the_state_it_was_given() -> None:
     broker, _, store = await _setup()
     seed = Warm(0, {"docs": await _owner_state(broker, 1)}, 1)
     last = _add(broker, "docs", ["s"])
-    follower = _follower(broker, store, seed=seed)
+    follower = await _follower(broker, store, seed=seed)
     follower.start()
     try:
         await _eventually(lambda: follower.offset == last, "caught up")
@@ -224,15 +265,27 @@ async def test_what_differs_from_a_manifest_is_what_changed_past_it_or_is_not_in
     assert changed_since(warm, 50, {"old": None, "touched": None, "new": None}) == set()
 
 
-async def test_a_sharded_create_makes_the_copy_cold() -> None:
+async def test_a_sharded_index_and_an_alias_keep_the_copy_warm_and_their_forwards_are_handed_over() -> (
+    None
+):
     broker, _, store = await _setup()
     await _checkpoint(store, await _owner_state(broker, 1), 1)
-    copy = _follower(broker, store)
+    copy = await _follower(broker, store)
     copy.start()
     try:
         await _eventually(lambda: copy.offset == 1, "loaded")
         body = {"op": "create", "index": "wide", "dim": 4, "shards": 2}
         broker.produce(TOPIC, b"wide", orjson.dumps(body))
-        await _eventually(lambda: copy.offset is None, "cold at the sharded create")
+        broker.produce(
+            TOPIC, b"cur", orjson.dumps({"op": "alias", "index": "cur", "target": "wide"})
+        )
+        last = _add(broker, "wide", ["p", "q", "r"], ack=True)
+        await _eventually(lambda: copy.offset == last, "applied the sharded records")
     finally:
-        await copy.stop()
+        warm = await copy.handover()
+    assert warm is not None
+    assert set(warm.catalog) == {"wide", "cur"}
+    assert warm.members == {}  # the members' creates are forwarded records, applied later
+    forwards = [f for o, _ in warm.unreported for f in o.forwards]
+    assert forwards, "what the home forwards is handed over for the new owner to produce"
+    assert broker.log_end(TP) == last + 1, "the copy produced nothing"

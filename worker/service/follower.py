@@ -45,7 +45,6 @@ from aiokafka.errors import KafkaError
 from lhv_index import Index
 from lhv_index.errors import Internal, LhvError
 from worker.service.apply import Outcome, RestoreNeeded
-from worker.service.catalog import catalog_from_wire
 from worker.service.observer import IndexObserver
 from worker.service.partition import Partition, PartitionStatus
 from worker.service.ports import KafkaPort, PartitionRegistry, SearchPartitions, TaskOwner
@@ -272,10 +271,7 @@ class Follower(ConsumerRebalanceListener):  # type: ignore[misc]
                     log.warning("accepting data loss on partition %d: %s", p, reason)
                     start = log_start
                 partition.indexes = indexes
-                # the partition's state beside its indexes, as the owner restores it
-                partition.catalog = catalog_from_wire(manifest.catalog) if manifest else {}
-                partition.forwarded = dict(manifest.forwarded) if manifest else {}
-                partition.members = dict(manifest.members) if manifest else {}
+                partition.take_manifest_state(manifest)  # as the owner restores it
                 partition.manifest = manifest
                 partition.etag = None
                 partition.dirty.clear()

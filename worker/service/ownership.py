@@ -71,7 +71,6 @@ from lhv_index import Base, Delta, Index
 from lhv_index.errors import LhvError
 from worker.service import failpoints
 from worker.service.apply import Outcome
-from worker.service.catalog import catalog_from_wire, catalog_to_wire
 from worker.service.config import CheckpointPolicy
 from worker.service.observer import IndexObserver
 from worker.service.partition import Partition, PartitionStatus
@@ -131,6 +130,8 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             the steps run after a checkpoint are best effort.
         accept_data_loss: serve a partition whose log lost records past its checkpoint.
         rebalance_timeout_ms: a checkpoint on revoke takes at most half of it.
+        report: produces the forwards, then the acks and DLQ records, of what a promoted
+            standby copy applied past the manifest (awaited before the runner starts).
     """
 
     def __init__(
@@ -170,6 +171,8 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         self._parked: dict[int, Partition] = {}
         self._warm: dict[int, Warm] = {}
         """standby copies taken for a restore in progress"""
+        self._late: dict[int, list[tuple[Outcome, int]]] = {}
+        """what a promoted copy applied past the manifest, to forward and report first"""
         self._restores: dict[int, asyncio.Task[Any]] = {}
 
     # -- rebalance callbacks -------------------------------------------------------------
@@ -212,7 +215,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         plan = self._standby_plan() if self._standby_plan is not None else None
         wanted = sorted(set(plan or ()) - set(numbers))
         seeds = {
-            p: Warm(p, dict(part.indexes), part.applied_offset)
+            p: Warm.of(part)
             for p in wanted
             if (part := self._parked.get(p)) is not None
             and part.checkpoint_offset == part.applied_offset
@@ -246,6 +249,13 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 if partition.status is PartitionStatus.REFUSED:
                     await partition.notify()
                     return
+                late = self._late.pop(p, None)
+                if late and self._report is not None:
+                    # before any record is applied: the forwards of the records the copy
+                    # applied go first, in origin order, ahead of the runner's own
+                    await self._report(
+                        partition, [o for o, _ in late], {o.offset: ts for o, ts in late}
+                    )
                 self._registry.start_runner(partition)
                 self._kafka.seek(tp, partition.applied_offset + 1)
                 self._kafka.resume(tp)
@@ -270,6 +280,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             finally:
                 self._restores.pop(p, None)
                 self._warm.pop(p, None)
+                self._late.pop(p, None)
 
     async def _take_warm(self, p: int) -> Warm | None:
         """p's standby copy here, taken from `Standbys` (kept across the attempts of
@@ -299,12 +310,16 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             partition.history = parked.history
             log.info("reusing in-memory state of partition (manifest unchanged)")
             start, source = covered + 1, "parked"
-        elif warm is not None and warm.offset + 1 >= log_start:
+        elif warm is not None and warm.offset + 1 >= log_start and warm.owner_steps_at <= covered:
             # The warm copy is the state at warm.offset: go on from there (before or past
             # the manifest, replaying from warm.offset + 1 is correct either way). What
             # differs from the manifest's entries is dirty; nothing is a delta on them.
+            # The catalog, marks and members are the copy's (a checkpoint writes them).
             names = manifest.indexes if manifest else {}
             partition.indexes = warm.indexes
+            partition.catalog = dict(warm.catalog)
+            partition.forwarded = dict(warm.forwarded)
+            partition.members = dict(warm.members)
             partition.persisted = {}
             partition.history = []
             partition.dirty = changed_since(warm, covered, names)
@@ -329,13 +344,16 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             start, source = covered + 1, "snapshot"
         else:
             start, source = 0, "empty"
-        if manifest is not None and source != "standby":
-            # a warm copy holds no sharded state: it goes cold at anything that makes some
-            partition.catalog = catalog_from_wire(manifest.catalog)
-            partition.forwarded = dict(manifest.forwarded)
-            partition.members = dict(manifest.members)
+        if source != "standby":
+            partition.take_manifest_state(manifest)
         if warm is not None and source != "standby":
-            log.info("standby copy of partition %d at offset %d not used", p, warm.offset)
+            log.info(
+                "standby copy of partition %d at offset %d not used (its owner-only steps "
+                "at offset %d are past the manifest, or the log moved on)",
+                p,
+                warm.offset,
+                warm.owner_steps_at,
+            )
         if start < log_start:
             reason = (
                 f"the log starts at offset {log_start} but the checkpoint covers only up to "
@@ -367,16 +385,13 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         partition.applied_offset = start - 1
         partition.ready_offset = log_end - 1
         partition.last_checkpoint = time.monotonic()
-        if source == "standby" and warm is not None and self._report is not None:
+        if source == "standby" and warm is not None:
             # What the copy applied past the checkpoint, the old owner may never have
-            # acknowledged or dead-lettered: sent now, as a replay from the checkpoint
-            # would (acks of records older than the replay bound are skipped).
-            late = [(o, ts) for o, ts in warm.unreported if o.offset > covered]
-            if late:
-                self._tasks.spawn(
-                    self._report(partition, [o for o, _ in late], {o.offset: ts for o, ts in late}),
-                    name=f"report-{p}",
-                )
+            # forwarded, acknowledged or dead-lettered: produced before the runner starts
+            # (`_restore`), as a replay from the checkpoint would (a forward the old owner
+            # did produce is skipped as a duplicate by its origin; acks of records older
+            # than the replay bound are skipped).
+            self._late[p] = [(o, ts) for o, ts in warm.unreported if o.offset > covered]
         return nbytes
 
     # -- checkpoint ----------------------------------------------------------------------
@@ -539,11 +554,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             snapshots=snapshots,
             dropped=partition.dropped,
             horizon=horizon,
-            sharded={
-                "catalog": catalog_to_wire(partition.catalog),
-                "forwarded": dict(partition.forwarded),
-                "members": dict(partition.members),
-            },
+            sharded=partition.manifest_state(),
         )
         partition.dirty.difference_update(s.name for s in snapshots)
         partition.dropped = False

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lhv_index import Index
-from worker.service.catalog import CatalogEntry
+from worker.service.catalog import CatalogEntry, catalog_from_wire, catalog_to_wire
 from worker.service.pacing import Pace
 from worker.storage.snapshots import Manifest
 
@@ -86,6 +86,23 @@ class Partition:
     """the partition's latest checkpoint: its capture was taken between two batches, its
     uploads, manifest and commit run in the background; at most one is in flight"""
     _advanced: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    def take_manifest_state(self, manifest: Manifest | None) -> None:
+        """Take the state a manifest holds beside the indexes: the catalog, the forwarding
+        marks and the members (none without a manifest). The one restore of it, for an
+        owner, a read replica and a standby copy alike."""
+        self.catalog = catalog_from_wire(manifest.catalog) if manifest is not None else {}
+        self.forwarded = dict(manifest.forwarded) if manifest is not None else {}
+        self.members = dict(manifest.members) if manifest is not None else {}
+
+    def manifest_state(self) -> dict[str, Any]:
+        """The state beside the indexes as a manifest holds it (`Manifest`'s `catalog`,
+        `forwarded`, `members`): what `take_manifest_state` reads back."""
+        return {
+            "catalog": catalog_to_wire(self.catalog),
+            "forwarded": dict(self.forwarded),
+            "members": dict(self.members),
+        }
 
     @property
     def checkpoint_in_flight(self) -> bool:

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 
 from lhv_index import Limits as IndexLimits
+from worker.service.apply import BarrierSteps
 from worker.service.warm import LogReader, Warm, WarmCopy
 from worker.storage.snapshots import SnapshotStore
 from worker.telemetry.metrics import Metrics
@@ -52,9 +53,11 @@ class Standbys:
         metrics: Metrics,
         limits: MessageLimits,
         index_limits: IndexLimits,
+        steps: BarrierSteps,
         max_records: int,
     ) -> Standbys:
-        """Copies reading with `reader(p)` and restoring from `store`."""
+        """Copies reading with `reader(p)`, restoring from `store` and taking the barrier
+        steps read-only with `steps` (a `MergeProtocol` over `follower.ReadOnlyWrites`)."""
 
         def make(p: int, seed: Warm | None) -> WarmCopy:
             return WarmCopy(
@@ -64,6 +67,7 @@ class Standbys:
                 num_partitions=num_partitions(),
                 limits=limits,
                 index_limits=index_limits,
+                steps=steps,
                 seed=seed,
                 max_records=max_records,
             )

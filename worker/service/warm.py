@@ -1,23 +1,33 @@
 """A warm standby's copy of one partition: restored from the owner's manifest, kept warm
 by tailing the commands topic with a consumer of its own.
 
-This is the smallest read-only copy a standby needs, beside the read replicas'
-`Follower` (follower.py), which runs copies on the worker's own group consumer and
-runners and so cannot sit inside an owner next to the partitions it owns. A `WarmCopy`
-never writes anything: no manifest, snapshot, commit, ack, DLQ record or
-protocol record. It reads the partition's manifest and loads the snapshots it names (a
-segment gone under it, garbage-collected by the owner, means the manifest moved on: it
-reads the manifest again and starts over), then reads the commands partition with a
-consumer of its own (manually assigned, no group, no commits) and applies each batch
-with the worker's own `apply_records`, so its state is what the owner's is at the same
-offset.
+A read replica's `Follower` (follower.py) runs its copies on the worker's own group
+consumer and runners, so it cannot sit inside an owner next to the partitions that owner
+holds; a `WarmCopy` has a consumer of its own. What it applies, and how, is the same: it
+reads the partition's manifest, takes its state (`Partition.take_manifest_state`: the
+catalog, forwarding marks and members) and loads the snapshots it names (a segment gone
+under it, garbage-collected by the owner, means the manifest moved on: it reads the
+manifest again and starts over), then reads the commands partition (manually assigned,
+no group, no commits) and applies each batch with the worker's own `apply_records` and
+the replicas' read-only barrier steps (`MergeProtocol` over `follower.ReadOnlyWrites`):
+every command kind, sharded creates, plain-name writes split at the home, forwarded
+records, aliases, merge steps and imports. It writes nothing: no manifest, snapshot,
+commit, ack, DLQ record, forwarded or protocol record, export or marker. So its state is
+what the owner's is at the same offset.
 
-Barriers that move items through S3 or Kafka (`merge`, `merge_in`, `merge_done`,
-`import`) and anything of sharded indexes (a sharded create, an alias, a forwarded
-record) are not applied here: at such a record the copy goes cold, and it is loaded
-again from the owner's manifest once one covers that offset. A partition whose manifest
-holds sharded state is not followed at all (checked again at each load). A cold copy is
-not reported, so the group never prefers it and the partition restores from S3.
+A step that cannot be taken read-only (an export or import object gone, and a manifest
+past the step's record: its owner finished it, `RestoreNeeded`) makes the copy load the
+newest manifest again, as a replica restores again. While it loads, the copy is cold: not
+reported, so the group never prefers it.
+
+What only an owner produces for a record is handed over with the state: the records it
+forwards (the home of a sharded index or alias) and the outcomes that ask for an ack or
+are rejected, past the owner's last checkpoint seen (`Warm.unreported`); the new owner
+produces them before it applies anything. What cannot be handed over (an export written
+and a `merge_in` produced by a merge to another partition, a merge marker written by a
+`merge_in`, or forwards dropped past `max_unreported`) is named by
+`Warm.owner_steps_at`: a promotion from a manifest older than that offset restores from
+the manifest instead, whose replay takes those steps again.
 
 `handover()` stops the tail between two batches and gives the state to the caller (a
 promotion: the partition was just assigned to this worker); it is what the worker's
@@ -40,26 +50,22 @@ from aiokafka.errors import KafkaError
 
 from lhv_index import Index
 from lhv_index import Limits as IndexLimits
-from lhv_index.errors import Internal, LhvError
+from lhv_index.errors import LhvError
 from worker.kafka.config import KafkaConfig
-from worker.service.apply import Outcome, apply_records, decode_records
+from worker.service.apply import (
+    BarrierSteps,
+    Outcome,
+    RestoreNeeded,
+    apply_records,
+    decode_records,
+)
+from worker.service.catalog import CatalogEntry
 from worker.service.partition import Partition
-from worker.service.protocol_auth import ProtocolAuth
 from worker.storage.snapshots import SnapshotGone, SnapshotStore
 from worker.telemetry.logs import log_context
-from worker.wire.commands import (
-    AliasCommand,
-    Command,
-    CreateCommand,
-    DropCommand,
-    ImportCommand,
-    MergeCommand,
-    MergeDoneCommand,
-    MergeInCommand,
-    UnaliasCommand,
-)
+from worker.wire.commands import MergeCommand, MergeInCommand
 from worker.wire.limits import MessageLimits
-from worker.wire.shards import SHARD_SEPARATOR
+from worker.wire.topics import home_partition
 
 __all__ = ["KafkaLogReader", "LogReader", "Warm", "WarmCopy", "changed_since"]
 
@@ -79,8 +85,28 @@ class Warm:
     since the follower loaded them are absent)"""
     unreported: list[tuple[Outcome, int]] = field(default_factory=list)
     """(outcome, record timestamp in ms) of the records applied here past the owner's
-    last checkpoint seen that asked for an ack or were rejected: the old owner may not
-    have reported them, a new owner does"""
+    last checkpoint seen that forward records, asked for an ack or were rejected: the
+    old owner may not have produced or reported them, a new owner does"""
+    catalog: dict[str, CatalogEntry] = field(default_factory=dict)
+    forwarded: dict[int, tuple[int, int]] = field(default_factory=dict)
+    members: dict[str, int] = field(default_factory=dict)
+    """the partition's state beside its indexes (`Partition`), at `offset`"""
+    owner_steps_at: int = -1
+    """the newest offset applied here whose owner-only steps are not handed over (module
+    docstring): a promotion from a manifest before it restores from the manifest"""
+
+    @classmethod
+    def of(cls, partition: Partition, **kw: Any) -> Warm:
+        """`partition`'s state at its applied offset."""
+        return cls(
+            partition.number,
+            dict(partition.indexes),
+            partition.applied_offset,
+            catalog=dict(partition.catalog),
+            forwarded=dict(partition.forwarded),
+            members=dict(partition.members),
+            **kw,
+        )
 
 
 class LogReader(Protocol):
@@ -140,35 +166,6 @@ class KafkaLogReader:
         return records
 
 
-class _Resync(Internal):
-    """A barrier a read-only copy cannot apply: load again from a manifest past it."""
-
-
-class _ReadOnlySteps:
-    """The copy's `BarrierSteps`: every step that moves items through S3 or Kafka makes
-    the copy cold instead (module docstring); records that need the workers' key are
-    screened out before they are applied (`_cold`)."""
-
-    @property
-    def auth(self) -> ProtocolAuth:
-        raise _Resync("signed records are not applied by a standby copy")
-
-    def check_import(self, cmd: ImportCommand, index: Index, offset: int) -> None:
-        raise _Resync("import")
-
-    def merge(self, partition: Partition, cmd: MergeCommand, out: Outcome) -> None:
-        raise _Resync("merge")
-
-    def merge_in(self, partition: Partition, cmd: MergeInCommand, out: Outcome) -> None:
-        raise _Resync("merge_in")
-
-    def merge_done(self, partition: Partition, cmd: MergeDoneCommand, out: Outcome) -> None:
-        raise _Resync("merge_done")
-
-    def import_(self, partition: Partition, cmd: ImportCommand, out: Outcome) -> None:
-        raise _Resync("import")
-
-
 class WarmCopy:
     """A read-only, warm copy of partition `number` (module docstring).
 
@@ -176,10 +173,12 @@ class WarmCopy:
         store: the owner's manifests and snapshots (read only).
         reader: the commands partition, read without a group.
         num_partitions: partitions of the commands topic (home-partition checks).
+        steps: the read-only barrier steps (merge, import; the workers' key for forwarded
+            and protocol records): a `MergeProtocol` over `follower.ReadOnlyWrites`.
         seed: a state to go on from instead of loading the manifest (this worker owned
             the partition until this rebalance and checkpointed it).
         retry_s: wait between attempts when S3 or Kafka fail, or while no manifest covers
-            the record that made the copy cold.
+            the record that made the copy reload.
     """
 
     def __init__(
@@ -191,6 +190,7 @@ class WarmCopy:
         num_partitions: int,
         limits: MessageLimits,
         index_limits: IndexLimits,
+        steps: BarrierSteps,
         seed: Warm | None = None,
         max_records: int = 5_000,
         retry_s: float = 1.0,
@@ -203,6 +203,7 @@ class WarmCopy:
         self._num_partitions = num_partitions
         self._limits = limits
         self._index_limits = index_limits
+        self._steps = steps
         self._max_records = max_records
         self._retry_s = retry_s
         self._manifest_poll_s = manifest_poll_s
@@ -211,17 +212,27 @@ class WarmCopy:
         self._polled = 0.0
         self._state: Partition | None = None
         self._changed: dict[str, int] = {}
+        self._owner_steps_at = -1
         self._cold_at = -1
-        """a barrier at this offset made the copy cold: a manifest must cover it"""
+        """a step at this offset could not be taken read-only: a manifest must cover it"""
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
         """set once the loop applies nothing more (before the reader is closed)"""
         self._task: asyncio.Task[None] | None = None
         if seed is not None:
-            self._state = Partition(number=number, indexes=seed.indexes)
+            self._state = Partition(
+                number=number,
+                indexes=seed.indexes,
+                catalog=dict(seed.catalog),
+                forwarded=dict(seed.forwarded),
+                members=dict(seed.members),
+            )
             self._state.applied_offset = seed.offset
             self._changed = dict(seed.changed)
+            self._owner_steps_at = seed.owner_steps_at
         self._seeded = seed is not None
+        self.loads = 0
+        """manifests loaded (the first one, and again after a step needed a newer one)"""
 
     @property
     def offset(self) -> int | None:
@@ -261,12 +272,11 @@ class WarmCopy:
         state, self._state = self._state, None
         if state is None:
             return None
-        return Warm(
-            self.number,
-            state.indexes,
-            state.applied_offset,
-            dict(self._changed),
-            list(self._unreported),
+        return Warm.of(
+            state,
+            changed=dict(self._changed),
+            unreported=list(self._unreported),
+            owner_steps_at=self._owner_steps_at,
         )
 
     async def _run(self) -> None:
@@ -307,9 +317,6 @@ class WarmCopy:
         if offset < self._cold_at:
             log.debug("standby copy waits for a checkpoint past offset %d", self._cold_at)
             return False
-        if manifest is not None and manifest.sharded:
-            log.debug("the partition holds sharded indexes: no standby copy of it")
-            return False
         indexes = {}
         try:
             for name, entry in (manifest.indexes if manifest else {}).items():
@@ -326,11 +333,13 @@ class WarmCopy:
             )
             return False
         state = Partition(number=self.number, indexes=indexes)
+        state.take_manifest_state(manifest)
         state.applied_offset = offset
-        self._state, self._changed = state, {}
+        self._state, self._changed, self._owner_steps_at = state, {}, -1
         self._unreported.clear()
         self._polled = time.monotonic()
         self._reader.seek(offset + 1)
+        self.loads += 1
         log.info(
             "standby copy loaded: %d indexes at offset %d in %.2fs",
             len(indexes),
@@ -340,7 +349,7 @@ class WarmCopy:
         return True
 
     async def _tail(self) -> None:
-        """Apply records until stopped or the copy goes cold."""
+        """Apply records until stopped or a step needs the newest manifest."""
         state = self._state
         assert state is not None
         if self._seeded:
@@ -369,27 +378,24 @@ class WarmCopy:
                 num_partitions=self._num_partitions,
                 limits=self._limits,
             )
-            stop = next((i for i, d in enumerate(decoded) if d.command and _cold(d.command)), None)
-            outcomes = await asyncio.to_thread(
-                apply_records,
-                state,
-                records[:stop],
-                num_partitions=self._num_partitions,
-                limits=self._limits,
-                index_limits=self._index_limits,
-                barrier=_ReadOnlySteps(),
-                decoded=decoded[:stop],
-            )
-            cold = [o.offset for o in outcomes if isinstance(o.error, _Resync)]
-            if stop is not None:
-                cold.append(records[stop].offset)
-            if cold:
-                self._cold_at = min(cold)
+            try:
+                outcomes = await asyncio.to_thread(
+                    apply_records,
+                    state,
+                    records,
+                    num_partitions=self._num_partitions,
+                    limits=self._limits,
+                    index_limits=self._index_limits,
+                    barrier=self._steps,
+                    decoded=decoded,
+                )
+            except RestoreNeeded as exc:
+                self._cold_at = exc.offset
                 self._state = None
                 log.info(
-                    "standby copy cold at offset %d (not applied read-only); it reloads "
-                    "from a checkpoint past it",
-                    self._cold_at,
+                    "standby copy reloads from the newest manifest: %s",
+                    exc,
+                    extra={"offset": exc.offset},
                 )
                 return
             last = records[-1].offset
@@ -398,13 +404,30 @@ class WarmCopy:
             state.dirty.clear()
             stamps = {r.offset: r.timestamp for r in records}
             for out in outcomes:
-                if out.error is not None or out.reply_to is not None:
-                    out.command = None  # kept for its ack or DLQ record, not its vectors
+                if self._owner_only(out):
+                    self._owner_steps_at = out.offset
+                if out.error is not None or out.reply_to is not None or out.forwards:
+                    out.command = None  # kept for its forwards, ack or DLQ record
                     if out.error is None:
                         out.value = None
                     self._unreported.append((out, stamps.get(out.offset, 0)))
             while len(self._unreported) > self._max_unreported:
-                self._unreported.popleft()
+                out, _ = self._unreported.popleft()
+                if out.forwards:
+                    self._owner_steps_at = max(self._owner_steps_at, out.offset)
+
+    def _owner_only(self, out: Outcome) -> bool:
+        """Whether `out`'s record had steps only its owner takes and a promotion cannot
+        take later: an export written and `merge_in` produced (a merge to another
+        partition), a marker written (a `merge_in` applied)."""
+        cmd = out.command
+        if isinstance(cmd, MergeInCommand):
+            return True  # applied, refused or a duplicate: its marker may be unwritten
+        return (
+            out.error is None
+            and isinstance(cmd, MergeCommand)
+            and home_partition(cmd.dest.encode(), self._num_partitions) != self.number
+        )
 
     async def _prune(self) -> None:
         """Forget the outcomes a checkpoint of the owner covers (its owner reported them,
@@ -414,21 +437,6 @@ class WarmCopy:
         covered = manifest.offset if manifest is not None else -1
         while self._unreported and self._unreported[0][0].offset <= covered:
             self._unreported.popleft()
-
-
-def _cold(cmd: Command) -> bool:
-    """Whether a copy goes cold at `cmd`: a barrier that moves items through S3 or Kafka,
-    or anything the sharding step must see (as `apply._may_shard`, or a forwarded
-    record)."""
-    if cmd.origin is not None:
-        return True
-    if isinstance(cmd, MergeCommand | MergeInCommand | MergeDoneCommand | ImportCommand):
-        return True
-    if isinstance(cmd, AliasCommand | UnaliasCommand):
-        return True
-    if isinstance(cmd, CreateCommand):
-        return cmd.shards > 1 or SHARD_SEPARATOR in cmd.index
-    return isinstance(cmd, DropCommand) and SHARD_SEPARATOR in cmd.index
 
 
 def changed_since(warm: Warm, offset: int, manifest_names: Mapping[str, Any]) -> set[str]:

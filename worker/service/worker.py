@@ -44,7 +44,7 @@ from worker.service import inflate
 from worker.service.apply import Outcome
 from worker.service.catalog import Alias, Sharded
 from worker.service.config import WorkerConfig
-from worker.service.follower import Follower, FollowPolicy
+from worker.service.follower import Follower, FollowPolicy, ReadOnlyWrites
 from worker.service.gather import Gatherer, GatherTarget, KafkaRequests
 from worker.service.merge import MergeProtocol
 from worker.service.observer import IndexObserver
@@ -156,17 +156,6 @@ class Worker:
             index_limits=config.index_limits,
             policy=config.checkpoint.deltas,
         )
-        self.standbys: Standbys | None = None
-        if self.assignor is not None and config.standby_replicas > 0:
-            self.standbys = Standbys.over(
-                store=self.store,
-                reader=self._standby_reader,
-                num_partitions=lambda: self.num_partitions,
-                metrics=self.metrics,
-                limits=config.limits,
-                index_limits=config.index_limits,
-                max_records=config.max_poll_records,
-            )
         self.reporter = Reporter(
             topics=self.topics,
             limits=config.limits,
@@ -242,6 +231,32 @@ class Worker:
             checkpoint_every_records=config.checkpoint.every_records,
             writes=self.follower.writes if self.follower is not None else None,
         )
+        self.standbys: Standbys | None = None
+        self.standby_steps: MergeProtocol | None = None
+        if self.assignor is not None and config.standby_replicas > 0 and self.follower is None:
+            # the standby copies' barrier steps: a replica's, writing nothing
+            self.standby_steps = MergeProtocol(
+                topics=self.topics,
+                registry=self,
+                kafka=self._kafka,
+                blobs=self._blobs,
+                tasks=self.tasks,
+                imports=config.imports,
+                s3=config.s3,
+                internal_key=config.internal_key,
+                checkpoint_every_records=config.checkpoint.every_records,
+                writes=ReadOnlyWrites(self.store),
+            )
+            self.standbys = Standbys.over(
+                store=self.store,
+                reader=self._standby_reader,
+                num_partitions=lambda: self.num_partitions,
+                metrics=self.metrics,
+                limits=config.limits,
+                index_limits=config.index_limits,
+                steps=self.standby_steps,
+                max_records=config.max_poll_records,
+            )
         self._ownership: Ownership | None = None
         if self.follower is None:
             self._ownership = Ownership(
@@ -335,6 +350,8 @@ class Worker:
                 await self._metrics_server.start()
             await self.search.start()
             await self.barrier.start()
+            if self.standby_steps is not None:  # after the owner's: the key exists
+                await self.standby_steps.start()
             self._state = "started"
             log.info(
                 "worker started (%s): group %s, topics %s/%s, %d partitions",
@@ -570,6 +587,10 @@ class Worker:
     async def _report_promoted(
         self, partition: Partition, outcomes: list[Outcome], timestamps: dict[int, int]
     ) -> None:
+        """What a promoted standby copy applied past the manifest: its forwards first (as
+        a runner's batch), then its acks and DLQ records."""
+        if self.forwarder is not None:
+            await self.forwarder.send(outcomes)
         await self.reporter.report(partition, outcomes, timestamps=timestamps)
 
     def _standby_reader(self, p: int) -> LogReader:
