@@ -1,7 +1,9 @@
 """Read-only copies of partitions: restore from the owner's manifest, then tail the log.
 
 A `Follower` keeps a copy of partition p that nobody else depends on: a read replica's
-(`lhv worker --replica`), or a warm standby's inside an owner. It never writes: no
+(`lhv worker --replica`). A warm standby inside an owner (warm.py) applies records with
+the same apply step and the same read-only ports (`ReadOnlyWrites`), on a consumer of
+its own. It never writes: no
 manifest, snapshot, DLQ record, ack, merge object or protocol record, and it commits
 no command offset (a copy always starts again from the manifest, so its position is
 worth nothing to anyone).

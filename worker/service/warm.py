@@ -213,7 +213,7 @@ class WarmCopy:
         self._state: Partition | None = None
         self._changed: dict[str, int] = {}
         self._owner_steps_at = -1
-        self._cold_at = -1
+        self._reload_at = -1
         """a step at this offset could not be taken read-only: a manifest must cover it"""
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
@@ -314,8 +314,8 @@ class WarmCopy:
         started = time.monotonic()
         manifest, _ = await self._store.read_manifest(self.number)
         offset = manifest.offset if manifest is not None else -1
-        if offset < self._cold_at:
-            log.debug("standby copy waits for a checkpoint past offset %d", self._cold_at)
+        if offset < self._reload_at:
+            log.debug("standby copy waits for a checkpoint past offset %d", self._reload_at)
             return False
         indexes = {}
         try:
@@ -390,7 +390,7 @@ class WarmCopy:
                     decoded=decoded,
                 )
             except RestoreNeeded as exc:
-                self._cold_at = exc.offset
+                self._reload_at = exc.offset
                 self._state = None
                 log.info(
                     "standby copy reloads from the newest manifest: %s",
