@@ -6,16 +6,19 @@ checkpoint that covers what the copy applied past the manifest."""
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pytest
 from aiokafka import TopicPartition
 from servicekit import TOPICS, Cluster, _Shared, caught_up, eventually
 from workerkit import all_indexes, assert_state_matches, oracle_from_records
 
 from lhv_index import Limits
 from worker.service import Worker
+from worker.service import merge as merge_module
 from worker.service.config import ImportPolicy
 from worker.service.follower import ReadOnlyWrites
 from worker.service.memory_kafka import MemoryClient, MemoryKafka
@@ -387,3 +390,57 @@ async def test_a_copy_past_a_merge_its_dead_owner_may_not_have_exported_restores
         dest_part = survivor.partitions[home_partition(dest.encode(), 2)]
         assert len(dest_part.indexes[dest]) == 3
         await standbys.stop()
+
+
+async def test_standbys_follow_imports_and_reload_when_an_import_source_is_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    objects: dict[str, bytes] = {}  # the import sources' bucket
+
+    async def read_object(s3: S3Config, bucket: str, key: str, max_bytes: int) -> bytes | None:
+        return objects.get(key)
+
+    monkeypatch.setattr(merge_module, "read_object", read_object)
+    prefix = f"s3://{S3Config().bucket}/{S3Config().key_prefix}imports/"
+
+    def upload(name: str, rows: int, seed: int) -> str:
+        out = io.BytesIO()
+        np.save(out, np.random.default_rng(seed).random((rows, 2)).astype(np.float32))
+        objects[f"{S3Config().key_prefix}imports/{name}"] = out.getvalue()
+        return prefix + name
+
+    cluster = Cluster(partitions=1)
+    cluster.command("docs", {"op": "create", "dim": 2, "space": "l2", "engine": "exact"})
+    async with (
+        cluster.worker("owner") as (owner, owner_kafka, _),
+        cluster.worker("survivor") as (survivor, client, _),
+    ):
+        await owner_kafka.assign([0])
+        await eventually(caught_up(cluster, owner), "the owner applies the log")
+        assert await owner.ownership.checkpoint(owner.partitions[0], reason="test")
+        copies = _Copies(cluster, survivor, client)
+        await copies.steps.start()
+        copies.standbys.reconcile([0])
+        await eventually(lambda: 0 in copies.standbys.held(), "the copy loaded")
+        cluster.command("docs", {"op": "import", "source": upload("a.npy", 40, 1)}, reply=b"a")
+        await eventually(lambda: b"a" in cluster.replies(), "the import's ack")
+        assert cluster.replies()[b"a"]["status"] == "ok"
+        await eventually(lambda: copies.standbys.held() == {0: cluster.end(0) - 1}, "followed")
+        assert copies.copies[0].loads == 1, "the import kept the copy warm"
+
+        copies.readers[0].held.clear()  # the copy falls behind
+        cluster.command("docs", {"op": "import", "source": upload("b.npy", 30, 2)}, reply=b"b")
+        await eventually(lambda: b"b" in cluster.replies(), "the second import's ack")
+        await eventually(caught_up(cluster, owner), "the owner applied it")
+        assert await owner.ownership.checkpoint(owner.partitions[0], reason="test")
+        objects.clear()  # the sources removed once a checkpoint covers the imports
+        copies.readers[0].held.set()
+        await eventually(lambda: copies.standbys.held() == {0: cluster.end(0) - 1}, "caught up")
+        assert copies.copies[0].loads == 2, "reloaded from the manifest past the import"
+        warm = await copies.standbys.promote(0)
+        assert warm is not None
+        assert {n: i.logical_state() for n, i in warm.indexes.items()} == {
+            n: i.logical_state() for n, i in owner.partitions[0].indexes.items()
+        }
+        assert len(warm.indexes["docs"]) == 40  # rows 0..29 imported again
+        await copies.standbys.stop()
