@@ -58,6 +58,9 @@ class _Reader:
     def seek(self, offset: int) -> None:
         self._position = offset
 
+    def highwater(self) -> int | None:
+        return self._broker.log_end(self._tp if hasattr(self, "_tp") else TP)
+
     async def read(self, *, timeout_ms: int, max_records: int) -> Sequence[Any]:
         if not self.held.is_set():
             await asyncio.sleep(0.01)

@@ -51,6 +51,9 @@ class _Reader:
     def seek(self, offset: int) -> None:
         self._position = offset
 
+    def highwater(self) -> int | None:
+        return self._broker.log_end(self._tp if hasattr(self, "_tp") else TP)
+
     async def read(self, *, timeout_ms: int, max_records: int) -> Sequence[Any]:
         records = self._broker.read(TP, self._position, max_records)
         if not records:
@@ -166,10 +169,12 @@ async def test_a_follower_loads_the_checkpoint_tails_the_log_and_writes_nothing(
     _add(broker, "docs", ["c", "d", "e"])
     written = {k: (await blobs.get(k))[1] for k in await blobs.list()}
     follower = await _follower(broker, store)
+    assert follower.lag is None  # nothing loaded yet
     follower.start()
     try:
         end = broker.log_end(TP) - 1
         await _eventually(lambda: follower.offset == end, "caught up")
+        assert follower.lag == 0
     finally:
         warm = await follower.handover()
     assert warm is not None and warm.offset == end

@@ -99,6 +99,10 @@ class Standbys:
             )
         self._metrics.set_standbys(sorted(self._copies))
 
+    def lags(self) -> dict[int, int]:
+        """Partition -> records of the log not yet applied by its warm copy."""
+        return {p: lag for p, f in self._copies.items() if (lag := f.lag) is not None}
+
     def held(self) -> dict[int, int]:
         """Partition -> applied offset of each warm copy (cold ones are left out)."""
         return {p: off for p, f in self._copies.items() if (off := f.offset) is not None}

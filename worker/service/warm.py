@@ -124,6 +124,10 @@ class LogReader(Protocol):
 
     async def read(self, *, timeout_ms: int, max_records: int) -> Sequence[Any]: ...
 
+    def highwater(self) -> int | None:
+        """The log end as of the last read (None before one)."""
+        ...
+
 
 class KafkaLogReader:
     """`LogReader` over an aiokafka consumer with no group: assigned by hand, never
@@ -164,6 +168,10 @@ class KafkaLogReader:
         )
         records: list[Any] = data.get(self._tp, [])
         return records
+
+    def highwater(self) -> int | None:
+        hw = self._consumer.highwater(self._tp)
+        return int(hw) if hw is not None else None
 
 
 class WarmCopy:
@@ -238,6 +246,15 @@ class WarmCopy:
     def offset(self) -> int | None:
         """The applied offset of the warm copy; None while it is cold or loading."""
         return self._state.applied_offset if self._state is not None else None
+
+    @property
+    def lag(self) -> int | None:
+        """Records up to the log end (as of the last read) not yet applied here; None
+        while cold, loading or before the first read."""
+        hw = self._reader.highwater()
+        if self._state is None or hw is None:
+            return None
+        return max(0, hw - 1 - self._state.applied_offset)
 
     def start(self) -> None:
         assert self._task is None, "a follower starts once"

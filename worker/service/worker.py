@@ -470,6 +470,9 @@ class Worker:
                 lag,
             )
 
+        if self.standbys is not None:
+            self.metrics.set_standby_lags(self.standbys.lags())
+
     def _check_stalled(self) -> None:
         """Exit (non-zero, for the supervisor) when partitions lag without progress.
 

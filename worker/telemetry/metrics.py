@@ -133,6 +133,13 @@ class Metrics:
             ["partition"],
             registry=r,
         )
+        self._standby_lag_partitions: set[int] = set()
+        self.standby_lag = Gauge(
+            "lhv_standby_lag_records",
+            "Warm standby copy: records of the commands topic up to the log end not yet applied",
+            ["partition"],
+            registry=r,
+        )
         self.applied_offset = Gauge(
             "lhv_applied_offset",
             "Offset of the last applied command record",
@@ -369,6 +376,14 @@ class Metrics:
 
     def set_replica_lag(self, partition: int, lag: int) -> None:
         self.replica_lag.labels(str(partition)).set(lag)
+
+    def set_standby_lags(self, lags: dict[int, int]) -> None:
+        """The lag of every warm copy held; copies no longer held are removed."""
+        for p in self._standby_lag_partitions - lags.keys():
+            self.standby_lag.remove(str(p))
+        for p, lag in lags.items():
+            self.standby_lag.labels(str(p)).set(lag)
+        self._standby_lag_partitions = set(lags)
 
     def set_applied_offset(self, partition: int, offset: int) -> None:
         self.applied_offset.labels(str(partition)).set(offset)
