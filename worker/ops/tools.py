@@ -60,9 +60,13 @@ from worker.service.merge import (
     apply_import,
     check_merge_done,
     check_merge_in,
+    export_params,
     export_source,
     finish_merge,
+    finish_merge_shard,
+    home_merge_in,
     merge_locally,
+    merges_locally,
     receive_export,
     validate_import,
 )
@@ -71,7 +75,6 @@ from worker.service.protocol_auth import ProtocolAuth, load_protocol_auth
 from worker.storage.blobstore import BlobNotFound, BlobStore, BlobStoreError, S3BlobStore
 from worker.storage.snapshots import IndexEntry, Manifest, Segment, SnapshotStore
 from worker.wire.commands import ImportCommand, MergeCommand, MergeDoneCommand, MergeInCommand
-from worker.wire.topics import home_partition
 
 __all__ = [
     "IndexDiff",
@@ -501,8 +504,9 @@ class _Run:
     received: dict[tuple[int, int], Any] = field(default_factory=dict)
     """(source partition, merge offset) -> export bytes, None (no export there) or
     `_UNAVAILABLE`, fetched before the `merge_in` that names it is applied"""
-    merged_in: set[str] = field(default_factory=set)
-    """merge ids whose first `merge_in` this run applied (later ones are duplicates)"""
+    merged_in: set[tuple[str, str]] = field(default_factory=set)
+    """(merge id, destination) of each first `merge_in` this run applied (later ones are
+    duplicates; members of one sharded destination may share a partition)"""
 
 
 class _Replay:
@@ -744,8 +748,7 @@ class _Barriers:
         validate_import(cmd, index, self._fetch, self._config.imports, offset=offset)
 
     def merge(self, partition: Partition, cmd: MergeCommand, out: Outcome) -> None:
-        dest = home_partition(cmd.dest.encode(), self._replay.num_partitions)
-        if dest == partition.number:
+        if merges_locally(partition, cmd, self._replay.num_partitions):
             merge_locally(partition, cmd, out)
             return
         data, _ = export_source(partition, cmd, self._config.topics.commands, out)
@@ -763,16 +766,37 @@ class _Barriers:
         if export is None:
             return
         result = MergeResult(cmd.applied, cmd.skipped, cmd.error)
+        if cmd.dest_shards is not None:
+            # one shard of a sharded destination: clearing it again finds nothing
+            finish_merge_shard(partition, cmd, out, export, result)
+            return
         finish_merge(partition, cmd, out, export, result)
 
     def merge_in(self, partition: Partition, command: MergeInCommand, outcome: Outcome) -> None:
         self._replay.auth.verify(outcome.key, outcome.value, outcome.headers, "merge_in")
         check_merge_in(self._config.topics.commands, command)
-        if command.merge_id in self._run.merged_in:
+        if (command.merge_id, command.index) in self._run.merged_in:
             outcome.skipped = 1  # the worker's marker names an earlier merge_in
             return
         source = (command.origin_partition, command.origin_offset)
         data = self._run.received.get(source, _UNAVAILABLE)
+        entry = partition.catalog.get(command.index)
+        if entry is not None:  # the home of a sharded destination (or an alias)
+            self._run.merged_in.add((command.merge_id, command.index))
+            if data is _UNAVAILABLE and (command.dim is None or command.space is None):
+                raise _NotReplayable(f"merge_in: the export of {source} could not be rebuilt")
+            params = None if data is None or data is _UNAVAILABLE else export_params(data)
+            home_merge_in(
+                partition,
+                command,
+                outcome,
+                entry,
+                auth=None,
+                num_partitions=self._replay.num_partitions,
+                max_record_bytes=self._config.limits.max_message_bytes,
+                source_params=lambda: params,
+            )
+            return
         if data is _UNAVAILABLE:
             raise _NotReplayable(
                 f"merge_in: the export of partition {command.origin_partition} offset "
@@ -781,7 +805,7 @@ class _Barriers:
         if data is None:
             outcome.skipped = 1  # no export: the worker skips it too
             return
-        self._run.merged_in.add(command.merge_id)
+        self._run.merged_in.add((command.merge_id, command.index))
         receive_export(partition, command, outcome, data)
 
     def _fetch(self, uri: str, field: str) -> bytes:

@@ -125,6 +125,7 @@ from lhv_index import (
     Delete,
     EngineKind,
     Index,
+    IndexParams,
     Item,
     Upsert,
     Write,
@@ -142,6 +143,7 @@ from lhv_index.errors import (
 )
 from worker.service import failpoints
 from worker.service.apply import Outcome
+from worker.service.catalog import Alias, CatalogEntry
 from worker.service.config import ImportPolicy
 from worker.service.importsource import (
     SourcePolicy,
@@ -154,7 +156,7 @@ from worker.service.importsource import (
 from worker.service.partition import Partition, PartitionStatus
 from worker.service.ports import KafkaPort, PartitionRegistry, TaskOwner
 from worker.service.protocol_auth import ProtocolAuth, load_protocol_auth
-from worker.service.sharding import member_shard
+from worker.service.sharding import forward_merge_in, member_shard
 from worker.storage.blobstore import (
     BlobNotFound,
     BlobStore,
@@ -166,8 +168,8 @@ from worker.telemetry.logs import log_context
 from worker.wire.arrays import ID_KINDS, VECTOR_KINDS, VECTOR_MEMBERS, ArrayFileError, ids_of
 from worker.wire.commands import ImportCommand, MergeCommand, MergeDoneCommand, MergeInCommand
 from worker.wire.headers import ReplyTo
-from worker.wire.replies import ErrorInfo
-from worker.wire.shards import shard_of
+from worker.wire.replies import Ack, ErrorInfo
+from worker.wire.shards import parse_shard_name, shard_key, shard_of
 from worker.wire.topics import TopicsConfig, home_partition
 
 __all__ = [
@@ -183,10 +185,13 @@ __all__ = [
     "export_key",
     "export_source",
     "finish_merge",
+    "finish_merge_shard",
+    "home_merge_in",
     "import_fetcher",
     "marker_key",
     "merge_id_of",
     "merge_locally",
+    "merges_locally",
     "receive_export",
     "validate_import",
 ]
@@ -218,19 +223,57 @@ def export_key(topic: str, partition: int, offset: int) -> str:
     return f"merges/{topic}/exports/{partition:05d}/{offset:020d}.lhv"
 
 
-def marker_key(topic: str, dest_partition: int, merge_id: str) -> str:
-    """Key of the marker saying that dest's partition applied `merge_in` of `merge_id`."""
-    return f"merges/{topic}/applied/{dest_partition:05d}/{merge_id}.json"
+def marker_key(topic: str, dest_partition: int, merge_id: str, shard: int | None = None) -> str:
+    """Key of the marker saying that dest's partition applied `merge_in` of `merge_id`
+    (with `shard`: that member `DEST#shard` of a sharded destination applied its shard;
+    two members of one destination may share a partition)."""
+    name = merge_id if shard is None else f"{merge_id}-s{shard}"
+    return f"merges/{topic}/applied/{dest_partition:05d}/{name}.json"
+
+
+def done_key(topic: str, src_partition: int, merge_id: str, shard: int) -> str:
+    """Key of the fact that the source's partition finished (cleared, durably: written
+    once a checkpoint covers the `merge_done`) destination shard `shard` of `merge_id`."""
+    return f"{done_prefix(topic, src_partition, merge_id)}{shard}.json"
+
+
+def done_prefix(topic: str, src_partition: int, merge_id: str) -> str:
+    return f"merges/{topic}/done/{src_partition:05d}/{merge_id}/"
 
 
 def _merge_source(partition: Partition, cmd: MergeCommand) -> tuple[Index, list[Item]]:
     """The source index of a merge and its live items (sorted by id), or the error."""
+    member = parse_shard_name(cmd.index)
+    if cmd.dest == cmd.index or (member is not None and member.base == cmd.dest):
+        raise InvalidRequest(f"merge: index {cmd.dest!r} cannot be merged into itself")
     src = partition.indexes.get(cmd.index)
     if src is None:
         raise IndexNotFound(f"merge: source index {cmd.index!r} does not exist")
-    if cmd.dest == cmd.index:
-        raise InvalidRequest(f"merge: index {cmd.index!r} cannot be merged into itself")
     return src, _sorted_live(src)
+
+
+def merges_locally(partition: Partition, cmd: MergeCommand, num_partitions: int) -> bool:
+    """Whether the merge of `cmd` is applied in one step on `partition` (its destination is
+    an index of this partition); False: across partitions (`merge_in` to the destination's
+    home, which may be this partition when it holds the destination's catalog entry: a
+    sharded destination's members get it from there).
+
+    Raises:
+        InvalidRequest: the destination is an alias (homed here).
+    """
+    entry = partition.catalog.get(cmd.dest)
+    if isinstance(entry, Alias):
+        raise _alias_dest(cmd.dest, entry)
+    if entry is not None:
+        return False
+    return home_partition(cmd.dest.encode(), num_partitions) == partition.number
+
+
+def _alias_dest(name: str, entry: Alias) -> InvalidRequest:
+    return InvalidRequest(
+        f"merge: the destination {name!r} is an alias (of {entry.target!r}): merge into "
+        f"{entry.target!r} (a merge's destination is not resolved through an alias)"
+    )
 
 
 def merge_locally(partition: Partition, cmd: MergeCommand, out: Outcome) -> None:
@@ -410,6 +453,12 @@ def check_merge_done(topic: str, partition: int, cmd: MergeDoneCommand) -> int:
         raise InvalidRequest(
             f"merge_done: {cmd.merge_id!r} and {cmd.export!r} name no merge of this partition"
         )
+    if (cmd.dest_shard is None) != (cmd.dest_shards is None) or (
+        cmd.dest_shards is not None
+        and cmd.dest_shard is not None
+        and not 0 <= cmd.dest_shard < cmd.dest_shards
+    ):
+        raise InvalidRequest("merge_done: dest_shard and dest_shards name no member")
     return int(origin[2])
 
 
@@ -424,9 +473,11 @@ def receive_export(
         Internal: the export's envelope does not describe this merge (nothing applied).
     """
     info = ExportInfo.of(data)
+    member = member_shard(partition, cmd.index)
+    dest = cmd.index if member is None else member[0]
     if (info.index, info.dest, info.partition, info.offset) != (
         cmd.source_index,
-        cmd.index,
+        dest,
         cmd.origin_partition,
         cmd.origin_offset,
     ):
@@ -434,14 +485,18 @@ def receive_export(
     done = MergeDoneCommand(
         index=cmd.source_index,
         request_id=cmd.request_id,
-        dest=cmd.index,
+        dest=dest,
         export=cmd.export,
         merge_id=cmd.merge_id,
         clear_source=info.clear_source,
         reply=info.reply,
+        dest_shard=None if member is None else member[1],
+        dest_shards=None if member is None else member[2],
     )
     try:
         items = _read_export(data, dest=partition.indexes.get(cmd.index), name=cmd.index)
+        if member is not None:  # a member of a sharded destination takes its shard's items
+            items = [it for it in items if shard_of(it.id, member[2]) == member[1]]
         applied = _merge_into(partition.indexes[cmd.index], items, out.offset)
     except LhvError as exc:
         out.skipped = 1
@@ -509,6 +564,138 @@ def finish_merge(
         len(exported),
         cmd.index,
     )
+
+
+def finish_merge_shard(
+    partition: Partition, cmd: MergeDoneCommand, out: Outcome, data: bytes, result: MergeResult
+) -> ExportInfo:
+    """Source side of a `merge_done` from member `dest_shard` of a sharded destination:
+    when the export's envelope says `clear_source` (and the member applied), delete the
+    exported items of that shard (`shard_of(id, dest_shards) == dest_shard`) whose clock
+    is still the exported one. Idempotent per shard: a second time finds nothing to
+    delete. The requester is acknowledged once every shard is done (`MergeProtocol`), so
+    `out` gets no reply; returns the export's envelope.
+
+    Raises:
+        Internal: the export does not describe this merge.
+    """
+    info = ExportInfo.of(data)
+    if (info.index, info.dest, info.partition) != (cmd.index, cmd.dest, partition.number):
+        raise Internal(f"merge {cmd.merge_id}: the export object describes another merge")
+    shard, shards = cmd.dest_shard, cmd.dest_shards
+    assert shard is not None and shards is not None
+    out.op = "merge"
+    out.reply_to = None
+    if result.error is not None:
+        out.skipped = 1
+        log.warning(
+            "merge %s: shard %d of %s failed: %s",
+            cmd.merge_id,
+            shard,
+            cmd.dest,
+            result.error.message,
+        )
+        return info
+    out.applied, out.skipped = result.applied, result.skipped
+    src = partition.indexes.get(cmd.index)
+    if not info.clear_source or src is None:
+        return info
+    exported = [it for it in _read_export(data) if shard_of(it.id, shards) == shard]
+    cleared = _clear(src, exported, out.offset)
+    if cleared:
+        partition.dirty.add(cmd.index)
+    log.info(
+        "merge %s: shard %d of %s done (%d applied); cleared %d of its %d exported from %s",
+        cmd.merge_id,
+        shard,
+        cmd.dest,
+        result.applied,
+        cleared,
+        len(exported),
+        cmd.index,
+    )
+    return info
+
+
+def home_merge_in(
+    partition: Partition,
+    cmd: MergeInCommand,
+    out: Outcome,
+    entry: CatalogEntry,
+    *,
+    auth: ProtocolAuth | None,
+    num_partitions: int,
+    max_record_bytes: int,
+    source_params: Callable[[], tuple[int, str] | None],
+) -> MergeDoneCommand | None:
+    """The home of a sharded destination (or an alias) at a `merge_in`: check the source's
+    dim and space against the catalog's (from the record; `source_params()` reads them
+    from the export when it lacks them, None: export gone) and set `out.forwards` to a
+    signed `merge_in` (origin: this record, part s) for every member `DEST#s`. Returns the
+    `merge_done` carrying the error instead when the merge is refused (an alias, another
+    dim or space), so every member refuses or none does; None when forwarded (or, export
+    gone, a duplicate: skipped).
+    """
+    done = MergeDoneCommand(
+        index=cmd.source_index,
+        request_id=cmd.request_id,
+        dest=cmd.index,
+        export=cmd.export,
+        merge_id=cmd.merge_id,
+        clear_source=cmd.clear_source,
+        reply=cmd.reply,
+    )
+    try:
+        if isinstance(entry, Alias):
+            raise _alias_dest(cmd.index, entry)
+        if cmd.dim is not None and cmd.space is not None:
+            dim, space = cmd.dim, cmd.space
+        else:
+            found = source_params()
+            if found is None:
+                out.skipped = 1
+                log.warning("merge %s: export is gone (duplicate skipped)", cmd.merge_id)
+                return None
+            dim, space = found
+        params = IndexParams.from_dict(entry.params)
+        if dim != params.dim:
+            raise DimMismatch(
+                f"merge: {cmd.source_index!r} has dim {dim}, {cmd.index!r} has {params.dim}"
+            )
+        if space != params.space.value:
+            raise InvalidRequest(
+                f"merge: {cmd.source_index!r} has space {space}, {cmd.index!r} has "
+                f"{params.space.value}"
+            )
+        out.forwards = forward_merge_in(
+            partition,
+            cmd,
+            entry,
+            offset=out.offset,
+            auth=auth,
+            num_partitions=num_partitions,
+            max_record_bytes=max_record_bytes,
+        )
+    except LhvError as exc:
+        out.skipped = 1
+        log.warning("merge %s refused by the destination's home: %s", cmd.merge_id, exc.message)
+        return replace(done, error=ErrorInfo.of(exc))
+    log.info(
+        "merge %s: merge_in forwarded to the %d members of %s",
+        cmd.merge_id,
+        len(out.forwards),
+        cmd.index,
+    )
+    return None
+
+
+def export_params(data: bytes) -> tuple[int, str]:
+    """(dim, space) of the index an export object holds."""
+    try:
+        export, _ = read_snapshot(data)
+    except LhvError as exc:
+        raise Internal(f"merge: unreadable export object: {exc.message}") from exc
+    return export.params.dim, export.params.space.value
 
 
 def import_fetcher(
@@ -748,6 +935,9 @@ class MergeProtocol:
             this, so its runner checkpoints right after the batch.
         writes: what the steps write (`ProtocolWrites`); default the owner's
             (`OwnerWrites`); a read replica passes its read-only one.
+        max_record_bytes: bound of a forwarded `merge_in` (`max_message_bytes`).
+        acks: sends an acknowledgement (reply headers, value): the requester of a merge
+            into a sharded index is acknowledged once every shard is done.
     """
 
     def __init__(
@@ -763,6 +953,8 @@ class MergeProtocol:
         internal_key: str | None,
         checkpoint_every_records: int,
         writes: ProtocolWrites | None = None,
+        max_record_bytes: int = 1 << 20,
+        acks: Callable[[ReplyTo, bytes], Awaitable[object]] | None = None,
     ) -> None:
         self._topics = topics
         self._registry = registry
@@ -779,6 +971,10 @@ class MergeProtocol:
         self._writes: ProtocolWrites = writes or OwnerWrites(
             blobs, kafka, every_records=checkpoint_every_records
         )
+        self._max_record_bytes = max_record_bytes
+        self._acks = acks
+        self._finishing: dict[str, asyncio.Lock] = {}
+        """merge id -> held while one of its shards is finished (after a checkpoint)"""
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -828,7 +1024,7 @@ class MergeProtocol:
 
     def merge(self, partition: Partition, cmd: MergeCommand, out: Outcome) -> None:
         dest_partition = home_partition(cmd.dest.encode(), self._registry.num_partitions)
-        if dest_partition == partition.number:
+        if merges_locally(partition, cmd, self._registry.num_partitions):
             merge_locally(partition, cmd, out)
             return
         topic = self._topics.commands
@@ -847,6 +1043,8 @@ class MergeProtocol:
             origin_offset=out.offset,
             clear_source=cmd.clear_source,
             reply=cmd.reply_to,
+            dim=partition.indexes[cmd.index].params.dim,
+            space=partition.indexes[cmd.index].params.space.value,
         )
         try:
             self._wait(self._produce(*merge_in.encode()))
@@ -870,6 +1068,9 @@ class MergeProtocol:
         self.auth.verify(out.key, out.value, out.headers, "merge_done")
         check_merge_done(topic, partition.number, cmd)
         out.op = "merge"
+        if cmd.dest_shards is not None:
+            self._merge_done_shard(partition, cmd, out)
+            return
         dest_partition = home_partition(cmd.dest.encode(), self._registry.num_partitions)
         marker = marker_key(topic, dest_partition, cmd.merge_id)
         self._writes.after_checkpoint(
@@ -891,6 +1092,96 @@ class MergeProtocol:
         finish_merge(partition, cmd, out, data, result)
         failpoints.hit("merge_done_applied")
 
+    def _merge_done_shard(self, partition: Partition, cmd: MergeDoneCommand, out: Outcome) -> None:
+        """`merge_done` of one member of a sharded destination: clear that shard's
+        exported ids; once a checkpoint covers it, `_shard_done` records the shard done
+        and, when it was the last, acknowledges the requester and removes the objects."""
+        assert cmd.dest_shard is not None and cmd.dest_shards is not None
+        topic = self._topics.commands
+        shard, shards = cmd.dest_shard, cmd.dest_shards
+        member = shard_key(cmd.dest, shard, shards)
+        where = home_partition(member.encode(), self._registry.num_partitions)
+        marker = marker_key(topic, where, cmd.merge_id, shard)
+        out.reply_to = None
+        data = self._wait(self._get(cmd.export))
+        if data is None:
+            out.skipped = 1
+            log.info("merge %s: already completed (export removed)", cmd.merge_id)
+            return
+        seen = self._wait(self._get(marker))
+        if seen is None:
+            # removed only once this partition recorded the shard done: a duplicate
+            out.skipped = 1
+            log.info("merge %s: shard %d already done", cmd.merge_id, shard)
+            return
+        result = MergeResult.of_body(orjson.loads(_marker_value(orjson.loads(seen))))
+        info = finish_merge_shard(partition, cmd, out, data, result)
+        del data
+        failpoints.hit("merge_done_applied")
+        home = home_partition(cmd.dest.encode(), self._registry.num_partitions)
+        step = _ShardDone(
+            partition=partition.number,
+            cmd=cmd,
+            info=info,
+            result=result,
+            marker=marker,
+            home_marker=marker_key(topic, home, cmd.merge_id),
+        )
+        self._writes.after_checkpoint(partition, out.offset, lambda: self._shard_done(step))
+
+    async def _shard_done(self, step: _ShardDone) -> None:
+        """After a checkpoint covers a shard's `merge_done`: record the shard done (an
+        object: a durable fact now), remove its member's marker; when every shard is
+        done, acknowledge the requester, then remove the export, the home's marker and
+        the facts (the export last of what a duplicate step reads)."""
+        cmd = step.cmd
+        topic = self._topics.commands
+        assert cmd.dest_shard is not None and cmd.dest_shards is not None
+        lock = self._finishing.setdefault(cmd.merge_id, asyncio.Lock())
+        async with lock:
+            failpoints.hit("merge_cleanup_pending")
+            body: dict[str, Any] = {"applied": step.result.applied, "skipped": step.result.skipped}
+            if step.result.error is not None:
+                body["error"] = step.result.error.to_wire()
+            key = done_key(topic, step.partition, cmd.merge_id, cmd.dest_shard)
+            await self._put(key, orjson.dumps(body))
+            await self._writes.delete(step.marker)
+            prefix = done_prefix(topic, step.partition, cmd.merge_id)
+            facts = await self._blobs.list(prefix)
+            if len(facts) < cmd.dest_shards:
+                return
+            if await self._get(cmd.export) is None:
+                return  # finished by an earlier run
+            applied = skipped = 0
+            errors: list[ErrorInfo] = []
+            for fact in sorted(facts):
+                seen = await self._get(fact)
+                if seen is None:
+                    continue
+                result = MergeResult.of_body(orjson.loads(seen))
+                applied, skipped = applied + result.applied, skipped + result.skipped
+                if result.error is not None:
+                    errors.append(result.error)
+            if step.info.reply is not None and self._acks is not None:
+                ack = Ack(
+                    reply_to=step.info.reply,
+                    offset=step.info.offset,
+                    index=cmd.index,
+                    op="merge",
+                    request_id=cmd.request_id,
+                    applied=applied,
+                    skipped=skipped,
+                    error=None if not errors else _shards_failed(cmd, errors),
+                    partition=step.partition,
+                )
+                await self._acks(step.info.reply, ack.encode())
+            for done in (cmd.export, step.home_marker, *facts):
+                await self._writes.delete(done)
+            self._finishing.pop(cmd.merge_id, None)
+        log.info(
+            "merge %s complete: every shard of %s done, objects removed", cmd.merge_id, cmd.dest
+        )
+
     async def _cleanup(self, merge_id: str, export: str, marker: str) -> None:
         failpoints.hit("merge_cleanup_pending")
         for key in (export, marker):
@@ -903,11 +1194,18 @@ class MergeProtocol:
         topic = self._topics.commands
         self.auth.verify(out.key, out.value, out.headers, "merge_in")
         check_merge_in(topic, cmd)
-        marker = marker_key(topic, partition.number, cmd.merge_id)
+        member = member_shard(partition, cmd.index)
+        marker = marker_key(
+            topic, partition.number, cmd.merge_id, None if member is None else member[1]
+        )
         seen = self._wait(self._get(marker))
         if seen is not None and int(orjson.loads(seen)["offset"]) < out.offset:
             out.skipped = 1
             log.info("merge %s: duplicate merge_in skipped", cmd.merge_id)
+            return
+        entry = partition.catalog.get(cmd.index)
+        if entry is not None:
+            self._merge_in_home(partition, cmd, out, entry, marker)
             return
         data = self._wait(self._get(cmd.export))
         if data is None:
@@ -924,11 +1222,52 @@ class MergeProtocol:
         body = {"offset": out.offset, "key": key.decode(), "value": value.decode()}
         self._wait(self._put(marker, orjson.dumps(body)))
         failpoints.hit("merge_in_applied")
+        name = marker.rsplit("/", 1)[-1].removesuffix(".json")
+        self._writes.after_checkpoint(
+            partition, out.offset, lambda: self._send_done(name, key, value, first=True)
+        )
+
+    def _merge_in_home(
+        self,
+        partition: Partition,
+        cmd: MergeInCommand,
+        out: Outcome,
+        entry: CatalogEntry,
+        marker: str,
+    ) -> None:
+        """`merge_in` at the home of a sharded destination (or an alias): forward it to
+        every member (`home_merge_in`), or send the refusal back as `merge_done`. The
+        marker dedups a `merge_in` produced again by a source that replayed its merge
+        (the members dedup forwarded ones by origin); kept until the merge completes."""
+        if cmd.dim is None or cmd.space is None:
+            data = self._wait(self._get(cmd.export))
+            params = None if data is None else export_params(data)
+        else:
+            params = (cmd.dim, cmd.space)
+        done = home_merge_in(
+            partition,
+            cmd,
+            out,
+            entry,
+            auth=self.auth,
+            num_partitions=self._registry.num_partitions,
+            max_record_bytes=self._max_record_bytes,
+            source_params=lambda: params,
+        )
+        if done is None:
+            if out.forwards:
+                forwarded = {"offset": out.offset, "forwarded": len(out.forwards)}
+                self._wait(self._put(marker, orjson.dumps(forwarded)))
+            return
+        key, value = done.encode()
+        body = {"offset": out.offset, "key": key.decode(), "value": value.decode()}
+        self._wait(self._put(marker, orjson.dumps(body)))
         self._writes.after_checkpoint(
             partition, out.offset, lambda: self._send_done(cmd.merge_id, key, value, first=True)
         )
 
     async def _send_done(self, merge_id: str, key: bytes, value: bytes, *, first: bool) -> None:
+        """`merge_id`: the marker's name (a merge id, with `-s<shard>` for a member)."""
         if first:
             failpoints.hit("merge_done_pending")
         await self._produce(key, value)
@@ -966,6 +1305,8 @@ class MergeProtocol:
                 except BlobNotFound:
                     continue
                 body = orjson.loads(data)
+                if "key" not in body:
+                    continue  # a sharded destination's home: its members answer
                 if int(body["offset"]) > partition.checkpoint_offset:
                     continue  # the partition's own after-checkpoint step sends it
                 with log_context(partition=p):
@@ -1031,6 +1372,29 @@ class MergeProtocol:
 
 
 # -- helpers (apply thread) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _ShardDone:
+    """What `_shard_done` needs of one shard's `merge_done`, taken at its apply."""
+
+    partition: int
+    cmd: MergeDoneCommand
+    info: ExportInfo
+    result: MergeResult
+    marker: str
+    """the member's marker"""
+    home_marker: str
+    """the marker of the destination's home (dedup of `merge_in` there)"""
+
+
+def _shards_failed(cmd: MergeDoneCommand, errors: Sequence[ErrorInfo]) -> LhvError:
+    """The requester's error when members refused their shard (the others applied)."""
+    first = errors[0].to_error()
+    return type(first)(
+        f"merge into {cmd.dest!r}: {len(errors)} of {cmd.dest_shards} shards failed "
+        f"(the others applied): {first.message}"
+    )
 
 
 def _marker_value(body: Mapping[str, Any]) -> bytes:

@@ -16,8 +16,11 @@ Home side (the partition of NAME, holding NAME's catalog entry):
 - `import` NAME: checked whole (its objects read and validated), then forwarded to every
   member; each member imports its shard's rows.
 - `merge` NAME into DEST: forwarded to every member; each member merges its items into
-  DEST with the merge protocol (a merge into a sharded index is not supported: the
-  destination's home finds no index of that name and the requester gets that error).
+  DEST with the merge protocol.
+- `merge_in` keyed NAME (a merge into the sharded NAME): checked against the catalog's
+  dim and space, then forwarded to every member (`forward_merge_in`, called from the
+  merge protocol's step); each member applies the exported items of its shard and
+  answers its own `merge_done` (`merge.py`).
 - A write keyed by an alias is forwarded whole to the alias's target (`via_alias`).
 
 Forwarded records carry `origin: {partition, offset, part}` and the protocol MAC
@@ -80,6 +83,7 @@ __all__ = [
     "at_home",
     "check_member_writes",
     "describe",
+    "forward_merge_in",
     "member_shard",
 ]
 
@@ -260,8 +264,8 @@ def at_home(
     if isinstance(cmd, AliasCommand | UnaliasCommand):
         return _alias(partition, cmd, entry, offset)
     if entry is None or isinstance(cmd, MergeInCommand | MergeDoneCommand):
-        # a merge step keyed by a catalog name goes the usual way: a merge into a sharded
-        # index or an alias finds no index there and says so to the merge's requester
+        # a merge step keyed by a catalog name is the merge protocol's (`merge.py`): it
+        # forwards a merge_in to a sharded destination's members, or refuses it
         return None
     if isinstance(entry, Alias):
         return _via_alias(partition, cmd, entry, offset, sign)
@@ -455,6 +459,33 @@ def _to_members(
         origin = Origin(partition.number, offset, s)
         step.forwards.append(sign.forward(cmd, key=key, origin=origin))
     return step
+
+
+def forward_merge_in(
+    partition: Partition,
+    cmd: MergeInCommand,
+    entry: Sharded,
+    *,
+    offset: int,
+    auth: ProtocolAuth | None,
+    num_partitions: int,
+    max_record_bytes: int,
+) -> list[Forward]:
+    """The signed `merge_in` for each member `NAME#s` of the sharded destination
+    `cmd.index` (origin: this record at `offset`, part s).
+
+    Raises:
+        InvalidRequest: a forwarded record would be over `max_record_bytes`.
+    """
+    sign = _Signer(auth, num_partitions, max_record_bytes)
+    return [
+        sign.forward(
+            cmd,
+            key=shard_key(cmd.index, s, entry.shards),
+            origin=Origin(partition.number, offset, s),
+        )
+        for s in range(entry.shards)
+    ]
 
 
 def _via_alias(

@@ -230,6 +230,8 @@ class Worker:
             internal_key=config.internal_key,
             checkpoint_every_records=config.checkpoint.every_records,
             writes=self.follower.writes if self.follower is not None else None,
+            max_record_bytes=config.limits.max_message_bytes,
+            acks=lambda reply_to, value: self.replies.send(reply_to, value, kind="ack"),
         )
         self.standbys: Standbys | None = None
         self.standby_steps: MergeProtocol | None = None

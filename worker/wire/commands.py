@@ -169,9 +169,17 @@ class MergeInCommand(_Base):
     origin_offset: int
     clear_source: bool = False
     reply: ReplyTo | None = None
+    dim: int | None = None
+    """the source's dim (the home of a sharded destination checks it before forwarding)"""
+    space: str | None = None
+    """the source's space, checked like `dim`"""
 
     def encode(self) -> tuple[bytes, bytes]:
         """(key, value) of the record to produce to the commands topic."""
+        return self.index.encode("utf-8"), orjson.dumps(self.body())
+
+    def body(self) -> dict[str, Any]:
+        """The record's JSON body (without `origin`)."""
         body: dict[str, Any] = {
             "op": self.op,
             "index": self.index,
@@ -186,7 +194,11 @@ class MergeInCommand(_Base):
             body["request_id"] = self.request_id
         if self.reply is not None:
             body["reply"] = self.reply.to_wire()
-        return self.index.encode("utf-8"), orjson.dumps(body)
+        if self.dim is not None:
+            body["dim"] = self.dim
+        if self.space is not None:
+            body["space"] = self.space
+        return body
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -195,6 +207,8 @@ class MergeDoneCommand(_Base):
 
     `applied` items of `export` went into `dest` (or `error` says why none did); with
     `clear_source` the source deletes exactly the exported items, then acks to `reply`.
+    From a member of a sharded destination, `dest_shard` of `dest_shards` names the member
+    and the source clears only the exported ids of that shard.
     """
 
     op: ClassVar[str] = "merge_done"
@@ -206,6 +220,8 @@ class MergeDoneCommand(_Base):
     clear_source: bool = False
     error: ErrorInfo | None = None
     reply: ReplyTo | None = None
+    dest_shard: int | None = None
+    dest_shards: int | None = None
 
     def encode(self) -> tuple[bytes, bytes]:
         """(key, value) of the record to produce to the commands topic."""
@@ -225,6 +241,9 @@ class MergeDoneCommand(_Base):
             body["error"] = self.error.to_wire()
         if self.reply is not None:
             body["reply"] = self.reply.to_wire()
+        if self.dest_shard is not None and self.dest_shards is not None:
+            body["dest_shard"] = self.dest_shard
+            body["dest_shards"] = self.dest_shards
         return self.index.encode("utf-8"), orjson.dumps(body)
 
 
@@ -376,6 +395,8 @@ def forward_value(
     elif isinstance(cmd, MergeCommand):
         body["dest"] = cmd.dest
         body["clear_source"] = cmd.clear_source
+    elif isinstance(cmd, MergeInCommand):
+        body = {**cmd.body(), "index": index, "origin": origin.to_wire()}
     elif not isinstance(cmd, DropCommand):
         raise ValueError(f"{cmd.op} records are not forwarded")
     return orjson.dumps(body)
@@ -541,6 +562,9 @@ def _command(
             origin_offset=int(body["origin_offset"]),
             clear_source=bool(body.get("clear_source", False)),
             reply=None if reply is None else ReplyTo.from_wire(reply),
+            origin=origin,
+            dim=_opt_int(body.get("dim")),
+            space=body.get("space"),
         )
     error = body.get("error")
     return MergeDoneCommand(
@@ -557,4 +581,6 @@ def _command(
         if error is None
         else ErrorInfo(error["code"], error["message"], _opt_int(error.get("item"))),
         reply=None if reply is None else ReplyTo.from_wire(reply),
+        dest_shard=_opt_int(body.get("dest_shard")),
+        dest_shards=_opt_int(body.get("dest_shards")),
     )
