@@ -6,6 +6,7 @@ checkpoints replay."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import time
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from mergekit import ack_headers, dlq_records, header, wait_ack
+from mergekit import ack_headers, dlq_records, header, wait_ack, wait_no_merge_objects
 from workerkit import (
     Env,
     OracleIndex,
@@ -31,7 +32,7 @@ from workerkit import (
 from lhv_index import Index
 from lhv_index.errors import InvalidRequest
 from worker.client import LhvClient
-from worker.ops.tools import replay_verify
+from worker.ops.tools import ReplayReport, replay_verify
 from worker.service import Worker
 from worker.storage.blobstore import S3BlobStore, S3Config
 from worker.wire.shards import shard_key, shard_of
@@ -144,7 +145,7 @@ async def test_plain_name_writes_equal_the_unsharded_oracle_id_for_id(lhv: Stack
     await _replay_consistent(lhv)
 
 
-async def _replay_consistent(s: Stack) -> None:
+async def _replay_consistent(s: Stack) -> ReplayReport:
     """Once every partition's checkpoint covers what it applied, `lhv replay --verify`
     agrees with the checkpoints (catalog, members and forwarding marks included)."""
     deadline = time.monotonic() + 60
@@ -156,6 +157,7 @@ async def _replay_consistent(s: Stack) -> None:
         report = await replay_verify(s.env.config(), blobs)
     assert report.consistent, (report.diffs, report.errors)
     assert report.compared
+    return report
 
 
 async def test_an_item_of_another_shard_written_to_a_member_goes_to_the_dlq(lhv: Stack) -> None:
@@ -331,3 +333,63 @@ async def test_bad_input_gets_its_error_code_and_a_dlq_record_and_loses_nothing(
     }
     assert _members_live(lhv, name, shards) == expected
     await _replay_consistent(lhv)
+
+
+# -- merges into sharded indexes ----------------------------------------------------------------
+
+
+def _state(items: list[dict[str, Any]]) -> dict[str, tuple[bytes, Any, int]]:
+    """id -> (vector bytes, metadata, client version) of `_items` written once each."""
+    return {
+        it["id"]: (base64.b64decode(it["vector_b64"]), it.get("metadata"), it.get("version", 0))
+        for it in items
+    }
+
+
+async def _until(check: Any, what: str, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting: {what}"
+        await asyncio.sleep(0.2)
+
+
+async def test_a_sharded_index_merged_into_one_of_other_shards_equals_the_oracle(
+    lhv: Stack,
+) -> None:
+    env, src, dest = lhv.env, "merge-src-3", "merge-dest-2"
+    assert (await lhv.command(src, _create(3)))["status"] == "ok"
+    assert (await lhv.command(dest, _create(2)))["status"] == "ok"
+    src_items = _items([f"m-{i}" for i in range(2400)], 11)
+    dest_items = _items([f"m-{i}" for i in range(2000, 2600)], 12)
+    commands = [(src, {"op": "add", "items": src_items[i : i + 300]}) for i in range(0, 2400, 300)]
+    commands += [(dest, {"op": "add", "items": dest_items[i : i + 300]}) for i in (0, 300)]
+    await produce(env.bootstrap, env.topics.commands, commands)
+    await wait_caught_up([lhv.worker], env.bootstrap, env.topics.commands)
+    ack = await lhv.command(src, {"op": "merge", "dest": dest, "clear_source": True})
+    assert ack["status"] == "ok" and len(ack["forwarded"]) == 3, ack
+    expected = {**_state(src_items), **_state(dest_items)}  # the destination's items win
+
+    def merged() -> bool:
+        return not _members_live(lhv, src, 3) and _members_live(lhv, dest, 2) == expected
+
+    await _until(merged, "the destination equals the oracle and the source is empty")
+    assert _members_live(lhv, dest, 2) == expected
+    await wait_no_merge_objects(env)
+    report = await _replay_consistent(lhv)
+    members = {shard_key(dest, s, 2) for s in range(2)} | {shard_key(src, s, 3) for s in range(3)}
+    assert members <= set(report.compared), "the replay rebuilt every member of both"
+    assert not members & set(report.not_replayable)
+
+
+async def test_a_merge_into_a_sharded_index_is_acknowledged_once_every_shard_took_its_items(
+    lhv: Stack,
+) -> None:
+    env, src, dest = lhv.env, "merge-plain-src", "merge-dest-3"
+    assert (await lhv.command(src, _create(1)))["status"] == "ok"
+    assert (await lhv.command(dest, _create(3)))["status"] == "ok"
+    items = _items([f"p-{i}" for i in range(500)], 21)
+    assert (await lhv.command(src, {"op": "add", "items": items}))["status"] == "ok"
+    ack = await lhv.command(src, {"op": "merge", "dest": dest})
+    assert ack["status"] == "ok" and (ack["applied"], ack["skipped"]) == (500, 0), ack
+    assert _members_live(lhv, dest, 3) == _state(items)
+    await wait_no_merge_objects(env)

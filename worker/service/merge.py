@@ -1172,7 +1172,6 @@ class MergeProtocol:
                     applied=applied,
                     skipped=skipped,
                     error=None if not errors else _shards_failed(cmd, errors),
-                    partition=step.partition,
                 )
                 await self._acks(step.info.reply, ack.encode())
             for done in (cmd.export, step.home_marker, *facts):
