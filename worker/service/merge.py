@@ -29,6 +29,16 @@ Merge of `src` into `dest` (the `merge` record is keyed by `src`):
      headers travel in the `reply` field). Once a checkpoint covers `merge_done`, the
      export object and the marker are deleted.
 
+Into a sharded index DEST (S members): step 2 happens at DEST's home, which checks the
+source's dim and space (carried by `merge_in`) against its catalog and forwards the
+`merge_in` (signed, `origin`) to every member `DEST#s`, or refuses it with one
+`merge_done` (an alias, another dim or space: nothing applied anywhere). Each member
+applies the exported items of its shard and answers its own `merge_done` (`dest_shard`,
+`dest_shards`; marker `<merge id>-s<s>.json`). The source clears that shard's exported
+ids; once a checkpoint covers it, it writes the fact `merges/<topic>/done/<p>/<merge
+id>/<s>.json` and removes the member's marker; the step that finds every shard's fact
+acknowledges the requester and removes the export, the home's marker and the facts.
+
 Every step is idempotent, so a crash anywhere followed by replay converges to one merge:
 a replayed `merge` rewrites the same export and produces a duplicate `merge_in`; a
 `merge_in` whose marker names an earlier offset, or whose export object is already gone,
