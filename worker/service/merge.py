@@ -1160,7 +1160,9 @@ class MergeProtocol:
             facts = await self._blobs.list(prefix)
             if len(facts) < cmd.dest_shards:
                 return
-            if await self._get(cmd.export) is None:
+            try:
+                await self._blobs.head(cmd.export)
+            except BlobNotFound:
                 return  # finished by an earlier run
             applied = skipped = 0
             errors: list[ErrorInfo] = []
