@@ -15,6 +15,7 @@ import pytest
 from servicekit import REPLIES, TOPICS, Cluster, caught_up, eventually
 
 from worker.service import Worker, merge
+from worker.storage.blobstore import BlobStoreError
 from worker.wire.shards import shard_key
 from worker.wire.topics import home_partition
 
@@ -205,13 +206,11 @@ async def test_refused_merges_into_a_sharded_index_change_nothing() -> None:
 
 
 def _layout() -> tuple[str, str]:
-    """An unsharded source and a destination of two shards, on four distinct partitions."""
-    for src in _names("s"):
-        for dest in _names("d"):
-            parts = [_home(src), _home(dest), *sorted(_parts(dest, 2))]
-            if len(set(parts)) == 4:
-                return src, dest
-    raise AssertionError("no layout")
+    """An unsharded source apart from a destination of three shards (member s is s
+    partitions after the home, so member 0 shares the home's partition)."""
+    dest = "dest"
+    src = next(s for s in _names("s") if _home(s) not in _parts(dest, 3) | {_home(dest)})
+    return src, dest
 
 
 def _ops(cluster: Cluster, p: int, op: str) -> int:
@@ -230,13 +229,13 @@ async def test_a_crash_of_each_party_between_the_steps_converges_to_the_oracle(
     cluster = Cluster(partitions=P)
     src, dest = _layout()
     _create(cluster, src, 1)
-    _create(cluster, dest, 2)
+    _create(cluster, dest, 3)
     src_ids = [f"id{i}" for i in range(80)]
     dest_ids = [f"id{i}" for i in range(70, 90)]
     _add(cluster, src, src_ids, 1.0)
     _add(cluster, dest, dest_ids, 9.0)
     cluster.command(src, {"op": "merge", "dest": dest, "clear_source": True}, reply=b"m")
-    members = sorted(_parts(dest, 2))
+    members = sorted(_parts(dest, 3) - {_home(dest)})  # member 0 crashes with the home
     crashing = {
         "source": [_home(src)],
         "home": [_home(dest)],
@@ -272,7 +271,7 @@ async def test_a_crash_of_each_party_between_the_steps_converges_to_the_oracle(
             await eventually(
                 lambda: (
                     _all(cluster, [r, b])()
-                    and _live([r, b], dest, 2) == expected
+                    and _live([r, b], dest, 3) == expected
                     and not _live([r, b], src, 1)
                     and not _objects(cluster)
                 ),
@@ -282,3 +281,45 @@ async def test_a_crash_of_each_party_between_the_steps_converges_to_the_oracle(
             acks = _acks(cluster, b"m")
             assert acks and all(a["status"] == "ok" for a in acks), acks
             assert (acks[0]["applied"], acks[0]["skipped"]) == (70, 10)
+
+
+@pytest.mark.parametrize("when", ["a shard before the last", "the last, export removed"])
+async def test_a_failed_cleanup_step_is_finished_by_the_members_sweeper(
+    when: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(merge, "RESEND_AFTER_S", 0.5)
+    cluster = Cluster(partitions=P)
+    _create(cluster, "from", 1)
+    _create(cluster, "to", 3)
+    ids = [f"f{i}" for i in range(30)]
+    _add(cluster, "from", ids, 1.0)
+    cluster.command("from", {"op": "merge", "dest": "to", "clear_source": True}, reply=b"m")
+    store = cluster.blobs
+    real_delete = store.delete
+    failed: list[str] = []
+
+    async def delete(key: str) -> None:
+        member_marker = "/applied/" in key and "-s" in key.rsplit("/", 1)[-1]
+        export_gone = not any("/exports/" in k for k in store.objects)
+        wanted = export_gone if when.startswith("the last") else not export_gone
+        if member_marker and wanted and not failed:
+            failed.append(key)
+            raise BlobStoreError(f"injected failure deleting {key}")
+        await real_delete(key)
+
+    monkeypatch.setattr(store, "delete", delete)
+    async with cluster.worker("a") as (w, client, _):
+        await client.assign(range(P))
+        await eventually(
+            lambda: (
+                bool(failed)
+                and not _objects(cluster)
+                and _all(cluster, [w])()
+                and sorted(_live([w], "to", 3)) == sorted(ids)
+                and not _live([w], "from", 1)
+            ),
+            "the merge completed and every object was removed",
+            timeout_s=60,
+        )
+        acks = _acks(cluster, b"m")
+        assert acks and all(a["status"] == "ok" and a["applied"] == 30 for a in acks), acks

@@ -1111,16 +1111,27 @@ class MergeProtocol:
         shard, shards = cmd.dest_shard, cmd.dest_shards
         member = shard_key(cmd.dest, shard, shards)
         where = home_partition(member.encode(), self._registry.num_partitions)
-        marker = marker_key(topic, where, cmd.merge_id, shard)
+        home = home_partition(cmd.dest.encode(), self._registry.num_partitions)
+        step = _ShardDone(
+            partition=partition.number,
+            cmd=cmd,
+            marker=marker_key(topic, where, cmd.merge_id, shard),
+            home_marker=marker_key(topic, home, cmd.merge_id),
+        )
         out.reply_to = None
         data = self._wait(self._get(cmd.export))
         if data is None:
+            # The merge completed; a marker left by a step that failed midway brings the
+            # member's sweeper back here: remove what is left once this is covered.
+            self._wait(self._writes.gone(partition, out.offset, cmd.export))
             out.skipped = 1
             log.info("merge %s: already completed (export removed)", cmd.merge_id)
+            self._writes.after_checkpoint(partition, out.offset, lambda: self._leftovers(step))
             return
-        seen = self._wait(self._get(marker))
+        seen = self._wait(self._get(step.marker))
         if seen is None:
             # removed only once this partition recorded the shard done: a duplicate
+            self._wait(self._writes.gone(partition, out.offset, step.marker))
             out.skipped = 1
             log.info("merge %s: shard %d already done", cmd.merge_id, shard)
             return
@@ -1128,56 +1139,53 @@ class MergeProtocol:
         info = finish_merge_shard(partition, cmd, out, data, result)
         del data
         failpoints.hit("merge_done_applied")
-        home = home_partition(cmd.dest.encode(), self._registry.num_partitions)
-        step = _ShardDone(
-            partition=partition.number,
-            cmd=cmd,
-            info=info,
-            result=result,
-            marker=marker,
-            home_marker=marker_key(topic, home, cmd.merge_id),
-        )
+        step = replace(step, info=info, result=result)
         self._writes.after_checkpoint(partition, out.offset, lambda: self._shard_done(step))
 
     async def _shard_done(self, step: _ShardDone) -> None:
         """After a checkpoint covers a shard's `merge_done`: record the shard done (an
-        object: a durable fact now), remove its member's marker; when every shard is
-        done, acknowledge the requester, then remove the export, the home's marker and
-        the facts (the export last of what a duplicate step reads)."""
-        cmd = step.cmd
-        topic = self._topics.commands
+        object: a durable fact now) and remove its member's marker; when every shard is
+        done instead, acknowledge the requester, then remove the export, the home's
+        marker, the facts and this shard's marker.
+
+        The member's marker goes last: while it stays, the member's sweeper produces
+        `merge_done` again and this step is redone (or, export gone, `_leftovers`), so a
+        step that failed midway is finished by a later one."""
+        cmd, info, result = step.cmd, step.info, step.result
         assert cmd.dest_shard is not None and cmd.dest_shards is not None
+        assert info is not None and result is not None
+        topic = self._topics.commands
         lock = self._finishing.setdefault(cmd.merge_id, asyncio.Lock())
         async with lock:
             failpoints.hit("merge_cleanup_pending")
-            body: dict[str, Any] = {"applied": step.result.applied, "skipped": step.result.skipped}
-            if step.result.error is not None:
-                body["error"] = step.result.error.to_wire()
-            key = done_key(topic, step.partition, cmd.merge_id, cmd.dest_shard)
-            await self._put(key, orjson.dumps(body))
-            await self._writes.delete(step.marker)
-            prefix = done_prefix(topic, step.partition, cmd.merge_id)
-            facts = await self._blobs.list(prefix)
-            if len(facts) < cmd.dest_shards:
-                return
             try:
                 await self._blobs.head(cmd.export)
-            except BlobNotFound:
-                return  # finished by an earlier run
+            except BlobNotFound:  # completed by an earlier step: leave no fact behind
+                await self._leftovers(step)
+                return
+            body: dict[str, Any] = {"applied": result.applied, "skipped": result.skipped}
+            if result.error is not None:
+                body["error"] = result.error.to_wire()
+            fact = done_key(topic, step.partition, cmd.merge_id, cmd.dest_shard)
+            await self._put(fact, orjson.dumps(body))
+            facts = await self._blobs.list(done_prefix(topic, step.partition, cmd.merge_id))
+            if len(facts) < cmd.dest_shards:
+                await self._delete_quietly(step.marker)
+                return
             applied = skipped = 0
             errors: list[ErrorInfo] = []
-            for fact in sorted(facts):
-                seen = await self._get(fact)
+            for key in sorted(facts):
+                seen = await self._get(key)
                 if seen is None:
                     continue
-                result = MergeResult.of_body(orjson.loads(seen))
-                applied, skipped = applied + result.applied, skipped + result.skipped
-                if result.error is not None:
-                    errors.append(result.error)
-            if step.info.reply is not None and self._acks is not None:
+                done = MergeResult.of_body(orjson.loads(seen))
+                applied, skipped = applied + done.applied, skipped + done.skipped
+                if done.error is not None:
+                    errors.append(done.error)
+            if info.reply is not None and self._acks is not None:
                 ack = Ack(
-                    reply_to=step.info.reply,
-                    offset=step.info.offset,
+                    reply_to=info.reply,
+                    offset=info.offset,
                     index=cmd.index,
                     op="merge",
                     request_id=cmd.request_id,
@@ -1185,13 +1193,21 @@ class MergeProtocol:
                     skipped=skipped,
                     error=None if not errors else _shards_failed(cmd, errors),
                 )
-                await self._acks(step.info.reply, ack.encode())
-            for done in (cmd.export, step.home_marker, *facts):
-                await self._writes.delete(done)
+                await self._acks(info.reply, ack.encode())
+            for key in (cmd.export, step.home_marker, *facts, step.marker):
+                await self._writes.delete(key)
             self._finishing.pop(cmd.merge_id, None)
         log.info(
             "merge %s complete: every shard of %s done, objects removed", cmd.merge_id, cmd.dest
         )
+
+    async def _leftovers(self, step: _ShardDone) -> None:
+        """Remove what a completed merge into a sharded index left behind (its export is
+        gone): the home's marker, the facts, this shard's marker."""
+        cmd = step.cmd
+        prefix = done_prefix(self._topics.commands, step.partition, cmd.merge_id)
+        for key in (step.home_marker, *await self._blobs.list(prefix), step.marker):
+            await self._writes.delete(key)
 
     async def _cleanup(self, merge_id: str, export: str, marker: str) -> None:
         failpoints.hit("merge_cleanup_pending")
@@ -1252,6 +1268,8 @@ class MergeProtocol:
         (the members dedup forwarded ones by origin); kept until the merge completes."""
         if cmd.dim is None or cmd.space is None:
             data = self._wait(self._get(cmd.export))
+            if data is None:
+                self._wait(self._writes.gone(partition, out.offset, cmd.export))
             params = None if data is None else export_params(data)
         else:
             params = (cmd.dim, cmd.space)
@@ -1391,12 +1409,12 @@ class _ShardDone:
 
     partition: int
     cmd: MergeDoneCommand
-    info: ExportInfo
-    result: MergeResult
     marker: str
     """the member's marker"""
     home_marker: str
     """the marker of the destination's home (dedup of `merge_in` there)"""
+    info: ExportInfo | None = None
+    result: MergeResult | None = None
 
 
 def _shards_failed(cmd: MergeDoneCommand, errors: Sequence[ErrorInfo]) -> LhvError:
