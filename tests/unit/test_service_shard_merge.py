@@ -221,11 +221,14 @@ def _ops(cluster: Cluster, p: int, op: str) -> int:
     )
 
 
-@pytest.mark.parametrize("party", ["source", "home", "members", "source-at-merge-done"])
+@pytest.mark.parametrize(
+    "party", ["source", "home", "members", "source-at-merge-done", "home-after-completion"]
+)
 async def test_a_crash_of_each_party_between_the_steps_converges_to_the_oracle(
     party: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(merge, "RESEND_AFTER_S", 1.0)
+    monkeypatch.setattr(merge, "SWEEP_INTERVAL_S", 0.2)
     cluster = Cluster(partitions=P)
     src, dest = _layout()
     _create(cluster, src, 1)
@@ -241,6 +244,7 @@ async def test_a_crash_of_each_party_between_the_steps_converges_to_the_oracle(
         "home": [_home(dest)],
         "members": members,
         "source-at-merge-done": [_home(src)],
+        "home-after-completion": [_home(dest)],
     }[party]
     first: list[Worker] = []
     # the step whose record shows the crashing party got that far
@@ -251,6 +255,8 @@ async def test_a_crash_of_each_party_between_the_steps_converges_to_the_oracle(
         "source-at-merge-done": lambda: (
             _ops(cluster, _home(src), "merge_done") >= 2 and caught_up(cluster, first[0])()
         ),
+        # the home replays its merge_in (never checkpointed) after the merge completed
+        "home-after-completion": lambda: bool(_acks(cluster, b"m")) and not _objects(cluster),
     }[party]
     rest = [p for p in range(P) if p not in crashing]
     async with cluster.worker("rest") as (r, client_r, _):
@@ -323,3 +329,24 @@ async def test_a_failed_cleanup_step_is_finished_by_the_members_sweeper(
         )
         acks = _acks(cluster, b"m")
         assert acks and all(a["status"] == "ok" and a["applied"] == 30 for a in acks), acks
+
+
+async def test_the_sweeper_removes_a_home_marker_whose_merge_completed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(merge, "SWEEP_INTERVAL_S", 0.1)
+    cluster = Cluster(partitions=P)
+    _create(cluster, "dest", 3)
+    topic = TOPICS.commands
+    home = _home("dest")
+    left = merge.marker_key(topic, home, merge.merge_id_of(5, 7))
+    live = merge.marker_key(topic, home, merge.merge_id_of(5, 8))
+    for key, offset in ((left, 7), (live, 8)):
+        export = merge.export_key(topic, 5, offset)
+        body = {"offset": 0, "forwarded": 3, "export": export}
+        await cluster.blobs.put(key, orjson.dumps(body))
+    await cluster.blobs.put(merge.export_key(topic, 5, 8), b"in flight")
+    async with cluster.worker("a") as (_w, client, _):
+        await client.assign(range(P))
+        await eventually(lambda: left not in cluster.blobs.objects, "the stale marker removed")
+        assert live in cluster.blobs.objects, "a merge in flight keeps its marker"

@@ -1285,7 +1285,11 @@ class MergeProtocol:
         )
         if done is None:
             if out.forwards:
-                forwarded = {"offset": out.offset, "forwarded": len(out.forwards)}
+                forwarded = {
+                    "offset": out.offset,
+                    "forwarded": len(out.forwards),
+                    "export": cmd.export,
+                }
                 self._wait(self._put(marker, orjson.dumps(forwarded)))
             return
         key, value = done.encode()
@@ -1334,8 +1338,9 @@ class MergeProtocol:
                 except BlobNotFound:
                     continue
                 body = orjson.loads(data)
-                if "key" not in body:
-                    continue  # a sharded destination's home: its members answer
+                if "key" not in body:  # a sharded destination's home: its members answer
+                    await self._forgotten_home_marker(key, body)
+                    continue
                 if int(body["offset"]) > partition.checkpoint_offset:
                     continue  # the partition's own after-checkpoint step sends it
                 with log_context(partition=p):
@@ -1345,6 +1350,19 @@ class MergeProtocol:
                     )
                 sent += 1
         return sent
+
+    async def _forgotten_home_marker(self, key: str, body: Mapping[str, Any]) -> None:
+        """Remove the marker of a sharded destination's home whose merge completed: the
+        source removes it, but a home that replayed the `merge_in` after that (its
+        checkpoint did not cover it yet) wrote it again."""
+        export = body.get("export")
+        if not isinstance(export, str):
+            return
+        try:
+            await self._blobs.head(export)
+        except BlobNotFound:
+            log.info("%s: its merge completed, marker removed", key)
+            await self._writes.delete(key)
 
     # -- import ---------------------------------------------------------------------------
 
