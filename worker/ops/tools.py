@@ -122,7 +122,7 @@ def envelope_ids(data: bytes, frame: Frame) -> list[str]:
         ends = np.cumsum(lens, dtype=np.int64).tolist()
         if (ends[-1] if ends else 0) != len(blob):
             raise SnapshotError("ids sections do not match their lengths")
-        starts = [0, *ends[:-1]]
+        starts = [0, *ends[:-1]] if ends else []  # an empty index has no ids
         return [blob[a:b].decode("utf-8") for a, b in zip(starts, ends, strict=True)]
     if frame.format == 2:
         return [i for i in env.get("IDs") or [] if i is not None]
