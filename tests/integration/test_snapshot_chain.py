@@ -97,17 +97,27 @@ async def test_a_worker_killed_after_delta_checkpoints_restarts_to_the_replayed_
         LHV_MAX_DELTA_SHARE="10",
     )
     stream = command_stream(3_000, partitions=1, n_indexes=2, seed=21)
+    # an index the stream never drops: its chain grows whatever the stream's drops and
+    # creates reset and however the worker batches and paces its checkpoints
+    steady = [("steady", {"op": "create", "dim": 4, "space": "l2"})]
     first = WorkerProcess(child, tmp_path / "first.log")
     try:
+        await produce(env.bootstrap, env.topics.commands, steady)
         for start in range(0, 2_000, 250):
             await produce(env.bootstrap, env.topics.commands, stream[start : start + 250])
             await asyncio.sleep(0.5)
         deadline = time.monotonic() + 120
+        n = 0
         while True:  # a checkpoint whose chains hold at least two deltas
             m = (await _manifests(env))[0]
             if m is not None and max((len(e.deltas) for e in m.indexes.values()), default=0) >= 2:
                 break
             assert time.monotonic() < deadline, first.log_text()[-3000:]
+            n += 1
+            item = {"id": f"s{n}", "vector": [1.0, float(n), 0.0, 0.5]}
+            await produce(
+                env.bootstrap, env.topics.commands, [("steady", {"op": "add", "items": [item]})]
+            )
             await asyncio.sleep(0.3)
     finally:
         first.kill9()
