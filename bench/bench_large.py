@@ -54,6 +54,7 @@ from bench.bench_e2e import _cpu_s, _CpuMeter, _proc_status, _Worker  # noqa: E4
 from bench.data import chunks, clustered, queries  # noqa: E402
 from bench.stackenv import stack_env, worker_env, write_results  # noqa: E402
 from lhv_index import write_snapshot  # noqa: E402
+from lhv_index.errors import DeadlineExceeded  # noqa: E402
 from worker.client import LhvClient  # noqa: E402
 from worker.dev.demo import until_answered  # noqa: E402
 from worker.storage.blobstore import S3BlobStore  # noqa: E402
@@ -247,6 +248,20 @@ class _Sampler:
 # -- LHV: ingest, writes, kill -9 ------------------------------------------------------------
 
 
+async def _applied(client: LhvClient, name: str, probe: Any, after: Any, timeout_s: float) -> None:
+    """Until the worker has applied `after` (a write position): a search that waits for
+    it, asked again while the worker's own bound on one wait (`deadline_exceeded`) ends
+    first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await client.search(name, probe, k=1, after=after, timeout_s=120)
+            return
+        except DeadlineExceeded:
+            if time.monotonic() > deadline:
+                raise
+
+
 async def _lhv(env: dict[str, str], args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
     n, dim = args.n, args.dim
     topics, s3, child = await worker_env(env, "large")
@@ -288,7 +303,7 @@ async def _lhv(env: dict[str, str], args: argparse.Namespace, logdir: Path) -> d
                     ids = [f"doc-{i:08d}" for i in range(start, min(n, start + _SLICE))]
                     part = data[start : start + _SLICE]
                     last = await client.add(name, ids, part, batch_size=args.record_items)
-                await client.search(name, probe, k=1, after=last, timeout_s=3600)
+                await _applied(client, name, probe, last, 3600)
                 out["ingest_s"] = time.perf_counter() - t0
                 out["ingest_cpu_s"] = cpu.stop()
                 out["ingest_records"] = last.offset + 1
@@ -307,7 +322,7 @@ async def _lhv(env: dict[str, str], args: argparse.Namespace, logdir: Path) -> d
                 new = _data(args.writes, dim, start=2**30)
                 new_ids = [f"new-{i:08d}" for i in range(args.writes)]
                 wrote = await client.add(name, new_ids, new, batch_size=args.record_items)
-                await client.search(name, probe, k=1, after=wrote, timeout_s=600)
+                await _applied(client, name, probe, wrote, 600)
                 done = await _wait_checkpoint(log, wrote.offset, 120 + args.tail_wait_s)
                 covering = [c for c in done if full < c["offset"]]
                 out["writes_checkpoints"] = covering
@@ -321,7 +336,7 @@ async def _lhv(env: dict[str, str], args: argparse.Namespace, logdir: Path) -> d
                 tail = _data(args.tail, dim, start=2**31 + r)
                 tail_ids = [f"tail-{r}-{i:08d}" for i in range(args.tail)]
                 wrote = await client.add(name, tail_ids, tail, batch_size=args.record_items)
-                await client.search(name, probe, k=1, after=wrote, timeout_s=600)
+                await _applied(client, name, probe, wrote, 600)
                 killed, killed_epoch = time.monotonic(), time.time()
                 worker.kill9()
                 log = logdir / f"large-{r + 2}.log"
@@ -382,12 +397,12 @@ async def _churn(env: dict[str, str], args: argparse.Namespace, logdir: Path) ->
                     "churn", add_ids, pool[picked], batch_size=args.record_items
                 )
                 live.update(zip(add_ids, picked.tolist(), strict=True))
-            await client.search("churn", pool[0], k=1, after=wrote, timeout_s=600)
+            await _applied(client, "churn", pool[0], wrote, 600)
             keys = sorted(live)
             plain = await client.add(
                 "plain", keys, pool[[live[k] for k in keys]], batch_size=args.record_items
             )
-            await client.search("plain", pool[0], k=1, after=plain, timeout_s=600)
+            await _applied(client, "plain", pool[0], plain, 600)
             # past the horizon: a checkpoint over a second old, then two more that drop
             # the tombstones below it
             for touch in range(2):

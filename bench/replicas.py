@@ -12,6 +12,12 @@ the worker processes together (owner + replicas). Raw hnswlib `knn_query` on the
 vectors and parameters, in batches of `--concurrency` queries (the most the workers can
 batch with that many requesters), gives QPS and CPU per query for the ratios.
 
+Then, with the replicas still up, the owner is killed with SIGKILL under `--kill-requesters`
+(32) closed-loop requesters in a hedging client (`hedge_after_ms`, `--hedge-ms`): every
+query must still get exactly one answer; prints how many ran in the `--kill-window-s`
+after the kill, how many failed, and the worst and p99 wait (the hedge bound plus a
+replica's answer, not a timeout).
+
 The machine's cores bound what replicas can add: on 2 cores the owner, the replicas,
 Kafka, S3 and the client share them, so the ratios say more than the absolutes.
 
@@ -28,6 +34,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -121,9 +129,72 @@ async def _run(
     return {"qps": args.queries / elapsed, "cpu_ms_per_query": 1000 * cpu / args.queries}
 
 
+async def _kill_under_load(
+    bootstrap: str,
+    topics: Any,
+    replica_topics: list[str],
+    name: str,
+    q: np.ndarray,
+    owner: _Worker,
+    args: argparse.Namespace,
+) -> dict[str, float]:
+    """Kill the owner under load from a hedging client; the waits of the queries that
+    overlap the kill."""
+    waits: list[float] = []
+    failed = 0
+    async with LhvClient(
+        bootstrap,
+        topics=topics,
+        timeout_s=30,
+        replicas=True,
+        replica_topics=replica_topics,
+        hedge_after_ms=args.hedge_ms,
+    ) as client:
+        await client.search(name, q[0], k=args.k, ef=args.ef)
+        stop = asyncio.Event()
+        killed: list[float] = []
+
+        async def requester(j: int) -> None:
+            nonlocal failed
+            i = j
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    await client.search(name, q[i % len(q)], k=args.k, ef=args.ef)
+                except Exception:
+                    failed += 1
+                if killed and t0 >= killed[0] - 1.0:
+                    waits.append(time.perf_counter() - t0)
+                i += args.kill_requesters
+
+        tasks = [asyncio.create_task(requester(j)) for j in range(args.kill_requesters)]
+        await asyncio.sleep(2.0)
+        killed.append(time.perf_counter())
+        os.kill(owner.proc.pid, signal.SIGKILL)
+        await asyncio.sleep(args.kill_window_s)
+        stop.set()
+        await asyncio.gather(*tasks)
+    waits.sort()
+    out = {
+        "queries": float(len(waits)),
+        "failed": float(failed),
+        "worst_wait_s": waits[-1] if waits else 0.0,
+        "p99_wait_s": waits[int(0.99 * (len(waits) - 1))] if waits else 0.0,
+        "median_wait_s": waits[len(waits) // 2] if waits else 0.0,
+    }
+    print(
+        f"  owner killed under {args.kill_requesters} requesters, {len(replica_topics)} "
+        f"replicas, hedge {args.hedge_ms} ms: {len(waits)} queries in {args.kill_window_s:g} s, "
+        f"{failed} failed, wait median {out['median_wait_s'] * 1000:.1f} ms, p99 "
+        f"{out['p99_wait_s'] * 1000:.1f} ms, worst {out['worst_wait_s'] * 1000:.1f} ms",
+        flush=True,
+    )
+    return out
+
+
 async def _lhv(
     env: dict[str, str], data: np.ndarray, q: np.ndarray, args: argparse.Namespace, logdir: Path
-) -> dict[int, dict[str, float]]:
+) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
     bootstrap = env["LHV_BOOTSTRAP_SERVERS"]
     topics, _s3, child = await worker_env(env, "replicas")
     copies = [f"{topics.search}.replicas{i}" for i in range(1, 3)]
@@ -156,11 +227,12 @@ async def _lhv(
                 f"{out[count]['cpu_ms_per_query']:.3f} CPU ms/query",
                 flush=True,
             )
+        kill = await _kill_under_load(bootstrap, topics, copies, name, q, owner, args)
     finally:
         for worker in (*replicas, owner):
             with contextlib.suppress(Exception):
                 worker.stop(timeout_s=60)
-    return out
+    return out, kill
 
 
 def _report(raw: dict[str, float], lhv: dict[int, dict[str, float]]) -> dict[str, Any]:
@@ -194,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--concurrency", type=int, default=64, help="closed-loop requesters")
     ap.add_argument("--queries", type=int, default=20_000, help="searches per run")
+    ap.add_argument("--kill-requesters", type=int, default=32, help="requesters during the kill")
+    ap.add_argument("--hedge-ms", type=int, default=200, help="the client's hedge_after_ms")
+    ap.add_argument("--kill-window-s", type=float, default=15.0, help="measured after the kill")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     if args.quick:
@@ -203,8 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"replicas: {args.n} x {args.dim}, {args.concurrency} requesters", flush=True)
     raw = _raw(data, q, args)
     with stack_env() as env, tempfile.TemporaryDirectory(prefix="lhv-bench-replicas-") as tmp:
-        lhv = asyncio.run(_lhv(env, data, q, args, Path(tmp)))
-    doc = {"n": args.n, "dim": args.dim, "concurrency": args.concurrency, **_report(raw, lhv)}
+        lhv, kill = asyncio.run(_lhv(env, data, q, args, Path(tmp)))
+    doc = {
+        "n": args.n,
+        "dim": args.dim,
+        "concurrency": args.concurrency,
+        **_report(raw, lhv),
+        "owner_killed": kill,
+    }
     write_results(doc, args.json)
     return 0
 
