@@ -181,3 +181,26 @@ def test_the_delta_and_tombstone_settings_come_from_the_environment() -> None:
     part.durable(140.0, 9)
     assert part.horizon(50.0, 160.0) == 8 and part.history == [(100.0, 7), (140.0, 9)]
     assert part.horizon(10.0, 160.0) == 10 and part.history == [(140.0, 9)]
+
+
+async def test_a_chain_past_half_the_replay_budget_is_cut_by_a_new_base() -> None:
+    # a restore inserts every delta's items again: with a budget far below what even one
+    # delta takes to apply, the second delta of the chain becomes a base instead
+    from dataclasses import replace
+
+    tight = replace(POLICY, max_replay_s=1e-6)
+    cluster = Cluster(partitions=1)
+    _seed(cluster)
+    async with cluster.worker("a", checkpoint=tight) as (a, client, _):
+        await client.assign([0])
+        first = (await _checkpoint(cluster, a)).manifest.indexes[NAME]  # type: ignore[union-attr]
+        _add(cluster, 10_000, 50)
+        one = (await _checkpoint(cluster, a)).manifest.indexes[NAME]  # type: ignore[union-attr]
+        assert one.key == first.key and len(one.deltas) == 1  # no chain yet: a delta
+        _add(cluster, 20_000, 50)
+        two = (await _checkpoint(cluster, a)).manifest.indexes[NAME]  # type: ignore[union-attr]
+        assert two.key != first.key and two.deltas == ()  # the chain was cut by a base
+    async with cluster.worker("b", checkpoint=tight) as (b, client_b, _):
+        await client_b.assign([0])
+        await eventually(caught_up(cluster, b), "b restores the new base")
+        assert_state_matches(all_indexes([b]), _oracle(cluster))

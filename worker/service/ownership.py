@@ -521,10 +521,22 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 self._tasks.spawn(step(), name=f"after_checkpoint-{p}")
         return True
 
+    def _chain_too_long(self, partition: Partition, entry: IndexEntry) -> bool:
+        """A restore applies a base, then inserts every delta's items again: a chain
+        whose estimated insert time (`Pace.chain_s`) has passed half the replay budget
+        (`CheckpointPolicy.max_replay_s`; the other half is the log's tail) gets a new
+        base, so a restart stays within the budget however cheap deltas are to write."""
+        budget = self._policy.max_replay_s
+        if budget <= 0 or not entry.deltas:
+            return False
+        chain = partition.pace.chain_s(entry.delta_bytes)
+        return chain is not None and chain > budget / 2
+
     async def _capture(self, partition: Partition, offset: int) -> _Capture:
         """Capture every dirty index at `offset`, each under its lock in a thread: a delta
-        when the manifest's entry holds this very index (`Partition.persisted`) and the
-        store's `DeltaPolicy` allows one, else a base; tombstones below the horizon are
+        when the manifest's entry holds this very index (`Partition.persisted`), the
+        store's `DeltaPolicy` allows one and the chain is within its restore budget
+        (`_chain_too_long`), else a base; tombstones below the horizon are
         dropped by the capture. Then the dirty set, the drop flag and the policy counters
         start again from `offset` (an index changed from now on is dirty again)."""
         assert partition.manifest is not None
@@ -542,6 +554,12 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             if partition.persisted.pop(name, None) is not index:
                 entry = None  # never saved, or replaced, or a capture of it was lost: a base
             kind = self._store.next_kind(entry)
+            if (
+                kind is SegmentKind.DELTA
+                and entry is not None
+                and self._chain_too_long(partition, entry)
+            ):
+                kind = SegmentKind.BASE
             data: Base | Delta
             if kind is SegmentKind.DELTA and entry is not None:
                 data = await asyncio.to_thread(index.capture_delta, compact_before=horizon)

@@ -84,6 +84,20 @@ class Pace:
         return int(self._bytes / self._seconds * max_replay_s * BATCH_SHARE)
 
     @property
+    def bytes_rate(self) -> float | None:
+        """Smoothed record bytes per second of apply time; None before any was measured."""
+        if self._seconds <= 0 or self._bytes <= 0:
+            return None
+        return self._bytes / self._seconds
+
+    def chain_s(self, delta_bytes: int) -> float | None:
+        """Estimated seconds a restore spends applying `delta_bytes` of deltas after the
+        base: a delta's items are inserted into the engine again, at about the rate the
+        partition applies records of the same bytes (None: nothing measured)."""
+        rate = self.bytes_rate
+        return None if rate is None else delta_bytes / rate
+
+    @property
     def rate(self) -> float | None:
         """Smoothed units per second of apply time; None before any was measured."""
         if self._seconds <= 0 or self._units <= 0:
