@@ -804,6 +804,48 @@ def _cmd_drop(args: argparse.Namespace) -> int:
     return _report_write(args, f"dropped {args.index}", result)
 
 
+def _args_alias(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", help="the alias: a name that is no index")
+    parser.add_argument("target", help="the index (or sharded index) it names")
+    _args_json(parser)
+    _args_connection(parser)
+
+
+def _cmd_alias(args: argparse.Namespace) -> int:
+    result = _with_client(args, lambda c: c.alias(args.index, args.target))
+    return _report_write(args, f"{args.index} now names {args.target}", result)
+
+
+def _args_unalias(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", help="the alias to remove (its target stays)")
+    _args_json(parser)
+    _args_connection(parser)
+
+
+def _cmd_unalias(args: argparse.Namespace) -> int:
+    result = _with_client(args, lambda c: c.unalias(args.index))
+    return _report_write(args, f"removed the alias {args.index}", result)
+
+
+def _args_describe(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", help="an index, a sharded index, an alias or a member NAME#s")
+    _args_json(parser, "the answer")
+    _args_connection(parser)
+
+
+def _cmd_describe(args: argparse.Namespace) -> int:
+    answer = dict(_with_client(args, lambda c: c.describe(args.index)))
+    for key in ("correlation_id", "status", "op", "took_ms"):
+        answer.pop(key, None)
+    if args.json:
+        _json_out(answer)
+        return EXIT_OK
+    for key, value in answer.items():
+        text = json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else value
+        print(f"{key:18} {text}")
+    return EXIT_OK
+
+
 def _args_add(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("index")
     parser.add_argument("id", help="the item's id (an existing id is replaced)")
@@ -1259,6 +1301,14 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command("create", "create an index (acknowledged)", _args_create, _cmd_create),
     Command("drop", "drop an index and, after a checkpoint, its snapshots", _args_drop, _cmd_drop),
+    Command("alias", "point a name at an index, switched in one step", _args_alias, _cmd_alias),
+    Command("unalias", "remove an alias (its target stays)", _args_unalias, _cmd_unalias),
+    Command(
+        "describe",
+        "what a name is: an index, a sharded index (its shards) or an alias (its target)",
+        _args_describe,
+        _cmd_describe,
+    ),
     Command("add", "add or replace one item (acknowledged)", _args_add, _cmd_add),
     Command("load", "load vectors from a file into an index (acknowledged)", _args_load, _cmd_load),
     Command("delete", "delete items by id (acknowledged)", _args_delete, _cmd_delete),

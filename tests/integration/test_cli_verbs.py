@@ -150,3 +150,19 @@ async def test_a_sharded_index_from_the_command_line_create_load_search_stats(
         assert sum(s["count"] for s in stats["shards"]) == 40
         done = await lhv(env, "stats", "docs")
         assert done.returncode == EXIT_OK and "checkpoint_offset" in done.stdout
+        # an alias names it; describe says what each name is; unalias removes the alias
+        done = await lhv(env, "alias", "docs-live", "docs")
+        assert done.returncode == EXIT_OK, done.stderr
+        assert "docs-live now names docs" in done.stdout
+        done = await lhv(env, "describe", "docs-live", "--json")
+        assert json.loads(done.stdout)["target"] == "docs", done.stdout
+        done = await lhv(env, "describe", "docs", "--json")
+        assert json.loads(done.stdout)["shards"] == 3, done.stdout
+        done = await lhv(
+            env, "search", "docs-live", "--vector", "[3, 0.5, 0.5, 0.5]", "-k", "1", "--json"
+        )
+        assert [h["id"] for h in json.loads(done.stdout)["hits"]] == ["d2"], done.stdout
+        done = await lhv(env, "unalias", "docs-live")
+        assert done.returncode == EXIT_OK and "removed the alias docs-live" in done.stdout
+        done = await lhv(env, "describe", "docs-live")
+        assert done.returncode != EXIT_OK and "index_not_found" in done.stderr + done.stdout
