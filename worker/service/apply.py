@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lhv_index import (
-    Clock,
-    Delete,
     Index,
     IndexParams,
     Limits,
@@ -328,7 +326,7 @@ def apply_records(
                     raise IndexNotFound(f"index {cmd.index!r} does not exist")
                 if partition.members:
                     sharding.check_member_writes(partition, cmd)
-                writes = _writes(cmd, rec.offset)
+                writes = sharding.command_writes(cmd, rec.offset)
                 checked = index.validate(writes)  # the one validation pass of these writes
                 pending = groups.get(cmd.index)
                 if pending and len(pending.writes) + len(writes) > index_limits.max_batch_items:
@@ -386,22 +384,6 @@ def _touched(cmd: Any) -> list[str]:
         if isinstance(other, str):
             names.append(other)
     return names
-
-
-def _writes(cmd: AddCommand | DeleteCommand, offset: int) -> list[Write]:
-    if isinstance(cmd, AddCommand):
-        return [
-            Upsert(
-                id=item.id,
-                vector=item.vector,
-                metadata=item.metadata,
-                clock=Clock(item.version, offset, pos),
-            )
-            for pos, item in enumerate(cmd.items)
-        ]
-    return [
-        Delete(id=id_, clock=Clock(cmd.version, offset, pos)) for pos, id_ in enumerate(cmd.ids)
-    ]
 
 
 def _apply_group(partition: Partition, name: str, group: _Group) -> None:

@@ -82,6 +82,7 @@ __all__ = [
     "admit_forwarded",
     "at_home",
     "check_member_writes",
+    "command_writes",
     "describe",
     "forward_merge_in",
     "member_shard",
@@ -411,7 +412,10 @@ def _validator(partition: Partition, name: str, entry: Sharded, limits: Limits) 
     return index
 
 
-def _writes(cmd: AddCommand | DeleteCommand, offset: int) -> list[Write]:
+def command_writes(cmd: AddCommand | DeleteCommand, offset: int) -> list[Write]:
+    """The library writes of an `add` or `delete` at `offset`: each item's clock is
+    (version, offset, position in the record). The apply path and the home's check of a
+    plain-name record use this one conversion."""
     if isinstance(cmd, AddCommand):
         return [
             Upsert(
@@ -436,7 +440,9 @@ def _split(
     limits: Limits,
 ) -> HomeStep:
     validator = _validator(partition, cmd.index, entry, limits)
-    validator.validate(_writes(cmd, offset))  # the whole record, before anything is forwarded
+    validator.validate(
+        command_writes(cmd, offset)
+    )  # the whole record, before anything is forwarded
     ids = [item.id for item in cmd.items] if isinstance(cmd, AddCommand) else cmd.ids
     step = HomeStep()
     for part, (shard, positions) in enumerate(sorted(split_by_shard(ids, entry.shards).items())):
