@@ -219,25 +219,11 @@ class Worker:
                     accept_data_loss=config.accept_data_loss,
                 ),
             )
-        self.barrier = MergeProtocol(
-            topics=self.topics,
-            registry=self,
-            kafka=self._kafka,
-            blobs=self._blobs,
-            tasks=self.tasks,
-            imports=config.imports,
-            s3=config.s3,
-            internal_key=config.internal_key,
-            checkpoint_every_records=config.checkpoint.every_records,
-            writes=self.follower.writes if self.follower is not None else None,
-            max_record_bytes=config.limits.max_message_bytes,
-            acks=lambda reply_to, value: self.replies.send(reply_to, value, kind="ack"),
-        )
-        self.standbys: Standbys | None = None
-        self.standby_steps: MergeProtocol | None = None
-        if self.assignor is not None and config.standby_replicas > 0 and self.follower is None:
-            # the standby copies' barrier steps: a replica's, writing nothing
-            self.standby_steps = MergeProtocol(
+
+        def merge_protocol(**kw: Any) -> MergeProtocol:
+            """The merge and import steps over this worker's S3, Kafka and partitions;
+            `kw` says whose writes they make (the owner's, or a read-only copy's)."""
+            return MergeProtocol(
                 topics=self.topics,
                 registry=self,
                 kafka=self._kafka,
@@ -247,8 +233,19 @@ class Worker:
                 s3=config.s3,
                 internal_key=config.internal_key,
                 checkpoint_every_records=config.checkpoint.every_records,
-                writes=ReadOnlyWrites(self.store),
+                **kw,
             )
+
+        self.barrier = merge_protocol(
+            writes=self.follower.writes if self.follower is not None else None,
+            max_record_bytes=config.limits.max_message_bytes,
+            acks=lambda reply_to, value: self.replies.send(reply_to, value, kind="ack"),
+        )
+        self.standbys: Standbys | None = None
+        self.standby_steps: MergeProtocol | None = None
+        if self.assignor is not None and config.standby_replicas > 0 and self.follower is None:
+            # the standby copies' barrier steps: a replica's, writing nothing
+            self.standby_steps = merge_protocol(writes=ReadOnlyWrites(self.store))
             self.standbys = Standbys.over(
                 store=self.store,
                 reader=self._standby_reader,
