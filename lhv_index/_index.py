@@ -31,7 +31,15 @@ import orjson
 from lhv_index._capture import Base, Delta
 from lhv_index._clock import Clock, ClockTable
 from lhv_index._distance import TopK, merge_topk, topk
-from lhv_index._engines import Engine, ExactEngine, ShortResult, make_engine, metric_of
+from lhv_index._engines import (
+    DeferredEngine,
+    Engine,
+    ExactEngine,
+    HnswEngine,
+    ShortResult,
+    make_engine,
+    metric_of,
+)
 from lhv_index._filter import compile_filter, filter_key
 from lhv_index._ids import LabelMap
 from lhv_index._locks import RWLock
@@ -332,6 +340,53 @@ class Index:
         self._map.bind([i for i in ids if i is not None], list(range(n)), n)
         self._clocks = clocks
         self._engine = engine
+
+    # -- deferred inserts -----------------------------------------------------------------
+
+    def defer_inserts(self, on: bool = True) -> None:
+        """While on, the engine's inserts are deferred: an added vector is kept in a
+        buffer searched exactly (merged with the engine's results) and inserted later by
+        `settle`. For restores: delta segments and a replayed tail become searchable at
+        the cost of a copy, not of an HNSW insert each (hnsw engine only; a no-op for
+        the others, whose adds are cheap). Off: new adds go to the engine again; what is
+        buffered stays searchable until settled."""
+        with self._lock.exclusive():
+            engine = self._engine
+            if isinstance(engine, DeferredEngine):
+                engine.deferring = on
+            elif on and isinstance(engine, HnswEngine):
+                self._engine = DeferredEngine(engine)
+
+    @property
+    def pending_inserts(self) -> int:
+        """Items added but not yet inserted into the engine (see `defer_inserts`)."""
+        engine = self._engine
+        return len(engine) if isinstance(engine, DeferredEngine) else 0
+
+    def settle(self, max_items: int = 1024) -> int:
+        """Insert up to `max_items` deferred items into the engine, under the exclusive
+        lock (searches wait for one call: keep `max_items` small); returns how many are
+        still deferred. Once none are and deferral is off, the buffer is gone.
+
+        Raises:
+            EngineError: the engine failed; the index refuses further use.
+        """
+        with self._lock.exclusive():
+            engine = self._engine
+            if not isinstance(engine, DeferredEngine):
+                return 0
+            self._check_usable()
+            try:
+                left = engine.settle(max_items)
+            except Exception as exc:
+                self._broken = f"engine failed while inserting deferred items: {exc}"
+                log.error("index %s: %s", self.name, self._broken)
+                if isinstance(exc, EngineError):
+                    raise
+                raise EngineError(self._broken) from exc
+            if not left and not engine.deferring:
+                self._engine = engine.inner
+            return left
 
     # -- tombstones and captures ---------------------------------------------------------
 
@@ -762,7 +817,7 @@ class Index:
     def stats(self) -> dict[str, Any]:
         """`count` (live), `deleted` (tombstones kept), `version_floor` (see the class
         docstring), `dim`, `space`, `engine`, `params`, and the engine's `slots` (live +
-        free), `free_slots`, `capacity`."""
+        free), `free_slots`, `capacity`, `pending_inserts` (see `defer_inserts`)."""
         with self._lock.shared():
             return {
                 "count": len(self._map),
@@ -775,6 +830,7 @@ class Index:
                 "slots": self._map.next_label,
                 "free_slots": len(self._map.free),
                 "capacity": self._engine.capacity,
+                "pending_inserts": self.pending_inserts,
             }
 
     def logical_state(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from lhv_index._distance import Metric
 from lhv_index._engines.annoy import AnnoyEngine
 from lhv_index._engines.base import Engine, ShortResult
+from lhv_index._engines.deferred import DeferredEngine
 from lhv_index._engines.exact import ExactEngine
 from lhv_index._engines.hnsw import HnswEngine
 from lhv_index._params import EngineKind, IndexParams, Space
@@ -12,6 +13,7 @@ from lhv_index.errors import InvalidRequest
 
 __all__ = [
     "AnnoyEngine",
+    "DeferredEngine",
     "Engine",
     "ExactEngine",
     "HnswEngine",
