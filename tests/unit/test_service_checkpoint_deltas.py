@@ -5,6 +5,8 @@ that index a base, and tombstones past the horizon are dropped at a checkpoint."
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from servicekit import Cluster, caught_up, eventually
 from workerkit import all_indexes, assert_state_matches, oracle_from_records
@@ -183,12 +185,13 @@ def test_the_delta_and_tombstone_settings_come_from_the_environment() -> None:
     assert part.horizon(10.0, 160.0) == 10 and part.history == [(140.0, 9)]
 
 
-async def test_a_chain_past_half_the_replay_budget_is_cut_by_a_new_base() -> None:
-    # a restore inserts every delta's items again: with a budget far below what even one
-    # delta takes to apply, the second delta of the chain becomes a base instead
+async def test_a_chain_past_the_deferred_insert_budget_is_cut_by_a_new_base() -> None:
+    # a restore inserts every delta's items again, in the background: with a budget far
+    # below what even one delta takes to apply, the second delta of the chain becomes a
+    # base instead
     from dataclasses import replace
 
-    tight = replace(POLICY, max_replay_s=1e-6)
+    tight = replace(POLICY, max_deferred_s=1e-6)
     cluster = Cluster(partitions=1)
     _seed(cluster)
     async with cluster.worker("a", checkpoint=tight) as (a, client, _):
@@ -204,3 +207,35 @@ async def test_a_chain_past_half_the_replay_budget_is_cut_by_a_new_base() -> Non
         await client_b.assign([0])
         await eventually(caught_up(cluster, b), "b restores the new base")
         assert_state_matches(all_indexes([b]), _oracle(cluster))
+
+
+async def test_a_restore_serves_the_chain_and_tail_before_inserting_them(caplog) -> None:  # type: ignore[no-untyped-def]
+    # the new owner's index holds the deltas' items and the replayed tail in its buffer
+    # of deferred inserts when it starts serving (searchable, state equal to the log), and
+    # inserts them into its engine in the background; a checkpoint meanwhile is a delta
+    cluster = Cluster(partitions=1)
+    _seed(cluster)
+    async with cluster.worker("a", checkpoint=POLICY) as (a, client, _):
+        await client.assign([0])
+        await _checkpoint(cluster, a)
+        _add(cluster, 10_000, 1_500)
+        cluster.command(NAME, {"op": "delete", "ids": ["v3", "v10001"]})
+        await _checkpoint(cluster, a)
+    _add(cluster, 20_000, 1_500)  # the tail: replayed by the next owner
+    _add(cluster, 5, 10, version=1)  # rewrites of base items
+    caplog.set_level("INFO", logger="worker.service.ownership")
+    async with cluster.worker("b", checkpoint=POLICY) as (b, client_b, _):
+        await client_b.assign([0])
+        await eventually(caught_up(cluster, b), "b replays the tail")
+        assert_state_matches(all_indexes([b]), _oracle(cluster))
+        index = b.partitions[0].indexes[NAME]
+        tail = np.random.default_rng(20_000).normal(size=(1_500, DIM))
+        assert index.search(tail[7], 1)[0][0].id == "v20007"  # replayed, found at once
+        await eventually(lambda: index.pending_inserts == 0, "the deferred items are inserted")
+        assert "deferred items inserted" in caplog.text
+        deferred = re.search(r"inserting (\d+) items deferred by the restore", caplog.text)
+        assert deferred is not None and int(deferred.group(1)) == 1_499 + 1_510
+        assert_state_matches(all_indexes([b]), _oracle(cluster))
+        chain = np.random.default_rng(10_000).normal(size=(1_500, DIM))
+        assert index.search(chain[2], 1)[0][0].id == "v10002"
+        assert index.search(chain[1], 1)[0][0].id != "v10001"  # deleted

@@ -62,6 +62,12 @@ class CheckpointPolicy:
     """no checkpoint for the replay budget while recent checkpoints took more than this
     share of the wall time, unless the estimate is twice the budget
     (`LHV_CHECKPOINT_MAX_TIME_SHARE`; 1: no cap)"""
+    max_deferred_s: float = 60.0
+    """an index's delta chain is cut by a new base once inserting its items would take
+    more than this, in seconds of apply at the partition's measured throughput: a restore
+    answers before the chain's items are inserted into HNSW, searching them exactly while
+    they are inserted in the background, so this bounds how long that lasts
+    (`LHV_CHECKPOINT_MAX_DEFERRED_S`; 0: chains are bounded by `deltas` alone)"""
     retry_backoff_s: float = 1.0
     retry_backoff_max_s: float = 30.0
     deltas: DeltaPolicy = field(default_factory=DeltaPolicy)
@@ -82,6 +88,8 @@ class CheckpointPolicy:
             raise ValueError(
                 "checkpoint policy needs max_replay_s >= 0 and 0 < max_time_share <= 1"
             )
+        if self.max_deferred_s < 0:
+            raise ValueError("checkpoint policy needs max_deferred_s >= 0")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -379,6 +387,7 @@ class WorkerConfig:
                 tombstone_retention_ms=int(_env(env, "LHV_TOMBSTONE_RETENTION_MS", "0") or 0),
                 max_replay_s=float(_env(env, "LHV_CHECKPOINT_MAX_REPLAY_S", "4") or 4),
                 max_time_share=float(_env(env, "LHV_CHECKPOINT_MAX_TIME_SHARE", "0.1") or 0.1),
+                max_deferred_s=float(_env(env, "LHV_CHECKPOINT_MAX_DEFERRED_S", "60") or 0),
             ),
             "limits": limits_from_env(MessageLimits, env),
             "index_limits": limits_from_env(IndexLimits, env),

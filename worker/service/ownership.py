@@ -88,6 +88,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: deferred items inserted per call after a restore (the index's lock is held for one)
+DEFERRED_CHUNK = 512
+
 
 @dataclass(slots=True)
 class _Snapshot:
@@ -272,6 +275,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 if partition.mark_ready_if_caught_up():
                     log.info("partition serving at offset %d", partition.applied_offset)
                 await partition.notify()
+                self._tasks.spawn(self._insert_deferred(partition), name=f"settle-{p}")
             except asyncio.CancelledError:
                 raise
             except Fenced as exc:
@@ -281,6 +285,41 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 self._restores.pop(p, None)
                 self._warm.pop(p, None)
                 self._late.pop(p, None)
+
+    async def _insert_deferred(self, partition: Partition) -> None:
+        """Once `partition` serves, end the deferral its restore turned on
+        (`SnapshotStore.load_index`) and insert the deferred items of each index into
+        its engine, a chunk per call (`DEFERRED_CHUNK`) so that searches and the runner's
+        writes interleave with it. Stops when the partition is revoked."""
+        p = partition.number
+        with log_context(partition=p):
+            while not partition.serves(None):
+                if partition.status in (PartitionStatus.REVOKED, PartitionStatus.REFUSED):
+                    return
+                await partition.wait_for(None, timeout_s=5.0)
+            for name, index in list(partition.indexes.items()):
+                await asyncio.to_thread(index.defer_inserts, False)
+                total = index.pending_inserts
+                if not total:
+                    continue
+                started = time.monotonic()
+                log.info(
+                    "index %s: inserting %d items deferred by the restore, in the background",
+                    name,
+                    total,
+                    extra={"index": name},
+                )
+                left = total
+                while left and not partition.revoked and partition.indexes.get(name) is index:
+                    left = await asyncio.to_thread(index.settle, DEFERRED_CHUNK)
+                if not left:
+                    log.info(
+                        "index %s: %d deferred items inserted in %.1fs",
+                        name,
+                        total,
+                        time.monotonic() - started,
+                        extra={"index": name},
+                    )
 
     async def _take_warm(self, p: int) -> Warm | None:
         """p's standby copy here, taken from `Standbys` (kept across the attempts of
@@ -336,7 +375,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             indexes = {}
             for name, entry in manifest.indexes.items():
                 with log_context(index=name, offset=entry.offset):
-                    indexes[name] = await store.load_index(name, entry)
+                    indexes[name] = await store.load_index(name, entry, defer=True)
             partition.indexes = indexes
             partition.persisted = dict(indexes)
             partition.history = []
@@ -522,15 +561,16 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
         return True
 
     def _chain_too_long(self, partition: Partition, entry: IndexEntry) -> bool:
-        """A restore applies a base, then inserts every delta's items again: a chain
-        whose estimated insert time (`Pace.chain_s`) has passed half the replay budget
-        (`CheckpointPolicy.max_replay_s`; the other half is the log's tail) gets a new
-        base, so a restart stays within the budget however cheap deltas are to write."""
-        budget = self._policy.max_replay_s
+        """A restore loads a base, then takes every delta's items into a buffer searched
+        exactly and inserts them into HNSW in the background (`load_index(defer=True)`):
+        a chain whose estimated insert time (`Pace.chain_s`) has passed
+        `CheckpointPolicy.max_deferred_s` gets a new base, so that background work and
+        the exact scan beside it stay bounded however cheap deltas are to write."""
+        budget = self._policy.max_deferred_s
         if budget <= 0 or not entry.deltas:
             return False
         chain = partition.pace.chain_s(entry.delta_bytes)
-        return chain is not None and chain > budget / 2
+        return chain is not None and chain > budget
 
     async def _capture(self, partition: Partition, offset: int) -> _Capture:
         """Capture every dirty index at `offset`, each under its lock in a thread: a delta
@@ -560,6 +600,10 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 and self._chain_too_long(partition, entry)
             ):
                 kind = SegmentKind.BASE
+            if kind is SegmentKind.BASE and entry is not None and index.pending_inserts:
+                # a base would insert every deferred item under the index's lock first:
+                # extend the chain until they are inserted in the background
+                kind = SegmentKind.DELTA
             data: Base | Delta
             if kind is SegmentKind.DELTA and entry is not None:
                 data = await asyncio.to_thread(index.capture_delta, compact_before=horizon)

@@ -515,8 +515,14 @@ class SnapshotStore:
 
     # -- reading --------------------------------------------------------------------------
 
-    async def load_index(self, name: str, entry: IndexEntry) -> Index:
+    async def load_index(self, name: str, entry: IndexEntry, *, defer: bool = False) -> Index:
         """Restore one index a manifest names: its base, then each delta in order.
+
+        `defer`: the index is returned with its inserts deferred (`Index.defer_inserts`),
+        turned on before the deltas: their items are searchable at once (an exact scan)
+        and inserted into the engine later (`Index.settle`), so a chain costs its bytes,
+        not an HNSW insert per item, before the index can answer. The caller turns
+        deferral off and settles.
 
         Each segment is downloaded to a temporary file and decoded from it a section at a
         time, so no segment is held whole in memory next to the index; the deltas are
@@ -539,6 +545,8 @@ class SnapshotStore:
                 index = await self._decode(name, entry.base, base_file, _read_base, expect)
             finally:
                 base_file.close()
+            if defer:
+                index.defer_inserts()
             for segment, f in zip(entry.deltas, await fetching, strict=True):
                 try:
                     await self._decode(name, segment, f, _apply_delta, index)
