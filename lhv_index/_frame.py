@@ -32,7 +32,7 @@ from typing import IO, Any, BinaryIO
 import numpy as np
 import orjson
 
-from lhv_index._capture import EnginePiece
+from lhv_index._capture import EnginePiece, FilePiece
 from lhv_index._crc import crc32, crc32_combine
 from lhv_index.errors import InvalidRequest, SnapshotError
 
@@ -77,20 +77,31 @@ Section = tuple[str, list[EnginePiece]]
 """(section name, pieces): the section's bytes are the pieces concatenated"""
 
 
-def _as_bytes(piece: EnginePiece) -> memoryview:
-    """A flat byte view of a piece (an array must be C-contiguous)."""
+def _as_bytes(piece: bytes | memoryview | np.ndarray[Any, Any]) -> memoryview:
+    """A flat byte view of an in-memory piece (an array must be C-contiguous)."""
     if isinstance(piece, np.ndarray):
         piece = piece.reshape(-1).view(np.uint8)
     view = memoryview(piece)  # type: ignore[arg-type]
     return view if view.format == "B" else view.cast("B")
 
 
+def _views(piece: EnginePiece) -> Iterator[memoryview]:
+    """The bytes of a piece as flat views: the piece itself when in memory, else its file
+    in chunks (`FilePiece.chunks`), never whole in memory."""
+    if isinstance(piece, FilePiece):
+        for chunk in piece.chunks():
+            yield memoryview(chunk)
+        return
+    with _as_bytes(piece) as view:
+        yield view
+
+
 def _section_entry(name: str, pieces: list[EnginePiece]) -> dict[str, Any]:
     """The envelope entry of a section: its length and crc32 over all its pieces (large
-    pieces checksummed in two threads, see `_crc`)."""
+    buffers checksummed in two threads, see `_crc`)."""
     length, crc = 0, 0
     for piece in pieces:
-        with _as_bytes(piece) as view:
+        for view in _views(piece):
             crc = crc32_combine(crc, crc32(view), len(view)) if length else crc32(view)
             length += len(view)
     return {"name": name, "length": length, "crc32": crc}
@@ -103,8 +114,13 @@ def write_frame(
     length and crc32 of each section, computed here), then the sections; returns the
     bytes written.
 
+    A piece held in a file (`FilePiece`) is read twice, in chunks: once for its checksum,
+    once to write it.
+
     Raises:
         InvalidRequest: the envelope is not valid JSON (e.g. a caller's `source`).
+        ValueError: a file piece was closed (its base was closed before being written).
+        OSError: a file piece is shorter than it says, or `out` failed.
     """
     entries = [_section_entry(name, pieces) for name, pieces in sections]
     try:
@@ -115,7 +131,7 @@ def write_frame(
     written = HEADER.size + len(env)
     for _, pieces in sections:
         for piece in pieces:
-            with _as_bytes(piece) as view:
+            for view in _views(piece):
                 _write_all(out, view)
                 written += len(view)
     return written

@@ -7,8 +7,9 @@ tombstone (id -> clock), so an older add arriving later is ignored; `compact_tom
 drops the tombstones below a horizon (see `Index`).
 
 Every id written (upserted, deleted, or whose tombstone was dropped) since the last
-capture is tracked, so `capture_delta` copies those ids only; `capture_base` copies
-everything a full snapshot needs. Both copy under the lock and encode nothing.
+capture is tracked, so `capture_delta` copies those ids only; `capture_base` takes
+everything a full snapshot needs (the engine's part as its own saved file). Both run under
+the lock and encode nothing.
 
 Locking: `search`, `get`, `stats`, `logical_state`, `live_items` and `clock_of` share the
 lock; `apply`, `compact_tombstones`, the captures and delta application hold it alone
@@ -468,9 +469,12 @@ class Index:
             )
 
     def capture_base(self, *, compact_before: int | None = None) -> Base:
-        """Copy everything a full snapshot holds (the engine through its in-memory
-        serialization), and start tracking changes anew. Under the exclusive lock; the
-        copy is encoded later by `write_snapshot`, outside it.
+        """Take everything a full snapshot holds, and start tracking changes anew. Under
+        the exclusive lock: copies of ids, clocks, metadata, norms and tombstones, and the
+        engine's own saved bytes (hnsw: hnswlib's `save_index`) in an unlinked temporary
+        file, so the process never holds a second copy of the engine. `write_snapshot`
+        encodes the base later, outside the lock; close it (`Base.close`, or `with`) once
+        written.
 
         `compact_before`: as in `capture_delta`.
 
@@ -481,7 +485,6 @@ class Index:
             self._check_usable()
             if compact_before is not None:
                 self._compact_tombstones(compact_before)
-            engine_state, engine = self._engine.capture()
             by_label = self._map.ids
             if self._map.free:
                 live_ids = [i for i in by_label if i is not None]
@@ -490,19 +493,24 @@ class Index:
                 live_ids = list(by_label)  # type: ignore[arg-type]
                 labels = np.arange(len(by_label), dtype=np.intp)
             meta_lens, meta_json = self._meta.take(labels)
+            clocks = self._clocks.take(labels)
+            norms = self._norms[labels] if self._cosine else None
             tombs = list(self._tombs.items())
+            tomb_clocks = np.array([c for _, c in tombs], dtype=np.int64).reshape(len(tombs), 3)
+            # last: nothing that can fail comes after it, so its files always have an owner
+            engine_state, engine = self._engine.capture()
             self._changed = set()
             return Base(
                 name=self.name,
                 params=self.params,
                 labels=labels,
                 ids=live_ids,
-                clocks=self._clocks.take(labels),
+                clocks=clocks,
                 meta_lens=meta_lens,
                 meta_json=meta_json,
-                norms=self._norms[labels] if self._cosine else None,
+                norms=norms,
                 tomb_ids=[i for i, _ in tombs],
-                tomb_clocks=np.array([c for _, c in tombs], dtype=np.int64).reshape(len(tombs), 3),
+                tomb_clocks=tomb_clocks,
                 slots=self._map.next_label,
                 version_floor=self._version_floor,
                 engine_state=engine_state,

@@ -64,11 +64,16 @@ In both, the engine's labels must be exactly `0 .. element_count-1`.
 
 How the bytes move:
 
-- Encoding: `Index.capture_base` copies everything under the index's exclusive lock
-  (hnsw: hnswlib's in-memory serialization, laid out as the exact bytes `save_index`
-  writes; exact and annoy: their dumped files read back). The lock is then released:
-  ids are encoded, sections checksummed (large buffers in two threads, see `_crc`) and
-  written to `out` while the index takes writes again.
+- Encoding: `Index.capture_base` takes everything under the index's exclusive lock: ids,
+  clocks, metadata and norms are copied; the engine writes its own bytes (hnsw: hnswlib's
+  `save_index`; exact and annoy: their dumped files) to unlinked temporary files (`FilePiece`), a
+  write to the page cache that takes about as long as a copy would. The lock is then
+  released: ids are encoded, sections checksummed (large buffers in two threads, see
+  `_crc`) and written to `out` while the index takes writes again; the engine's files are
+  read back in chunks (8 MiB, `os.pread`), once for the checksum and once to write, and
+  never whole in memory. Why: a copy of the engine in process memory would double the
+  peak of a large index while it is checkpointed; page cache is not process memory, and
+  the kernel reclaims it. The base is closed (its files released) once written.
 - Decoding: a frame given as bytes or a `BytesIO` is read in place: small sections are
   checked and copied out, and each engine section is written to its temporary file and
   checksummed in two background threads while the ids are decoded. Any other binary file
@@ -164,7 +169,8 @@ def write_snapshot(
     """Write an index, or a base captured from one (`Index.capture_base`), as one LHV1
     frame (envelope v3) to `out`; returns the bytes written.
 
-    Given an `Index`, captures it first (which restarts its change tracking). Only the
+    Given an `Index`, captures it first (which restarts its change tracking) and closes
+    the capture once written; a given base stays open (its caller closes it). Only the
     capture holds the index's lock; encoding and writing happen outside it.
 
     `source` (e.g. `{"topic": "lhv.commands", "partition": 3, "offset": 1234}`) is stored
@@ -176,7 +182,10 @@ def write_snapshot(
     """
     if not isinstance(source, dict):
         raise InvalidRequest("source must be a JSON object")
-    base = index.capture_base() if isinstance(index, Index) else index
+    if isinstance(index, Index):
+        with index.capture_base() as base:
+            return write_snapshot(base, out, source=source)
+    base = index
     envelope: dict[str, Any] = {
         "format": ENVELOPE_VERSION,
         "kind": KIND_BASE,

@@ -5,7 +5,7 @@ which label is live belong to `Index`, whose bookkeeping is the truth. Engines s
 metrics, `l2` and `ip`; cosine is `ip` over vectors the index normalized itself.
 
 Calls never overlap with a write: `Index` holds its exclusive lock for `reserve`, `add`,
-`mark_deleted` and `dump`, and its shared lock for `get` and `query`. An engine that works
+`mark_deleted`, `dump` and `capture`, and its shared lock for `get` and `query`. An engine that works
 in the background (annoy's forest rebuilds) guards its own state against that work.
 """
 
@@ -14,14 +14,16 @@ from __future__ import annotations
 import importlib
 import os
 import tempfile
-from typing import Any, Protocol
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any, Protocol
 
-from lhv_index._capture import EnginePiece
+from lhv_index._capture import EnginePiece, FilePiece
 from lhv_index._distance import Metric, TopK
 from lhv_index._types import Labels, Vectors
 from lhv_index.errors import EngineError
 
-__all__ = ["Engine", "EngineCapture", "ShortResult", "capture_by_dump"]
+__all__ = ["Engine", "EngineCapture", "ShortResult", "capture_by_dump", "capture_to_file"]
 
 #: what `Engine.capture` returns: the state `dump` returns, and (section name, pieces) of
 #: each of the engine's sections, `engine` first, then `engine.<part>` per part
@@ -82,8 +84,15 @@ class Engine(Protocol):
         ...
 
     def capture(self) -> EngineCapture:
-        """An in-memory copy of what `dump` would write, for encoding later (the caller
-        holds the index's exclusive lock; the copy shares nothing the engine mutates)."""
+        """What `dump` would write, for encoding later: buffers in memory, or files
+        (`FilePiece`: an engine's own dump to an unlinked temporary file, see
+        `capture_to_file` and `capture_by_dump`) that the caller owns and closes
+        (`Base.close`). The caller holds the index's exclusive lock; the capture shares
+        nothing the engine mutates.
+
+        Raises:
+            EngineError: the engine failed to serialize.
+        """
         ...
 
     def slots(self) -> int:
@@ -92,19 +101,70 @@ class Engine(Protocol):
 
 
 def capture_by_dump(engine: Engine) -> EngineCapture:
-    """`Engine.capture` for engines that can only save to files: dump to a temporary
-    directory and read the files back."""
-    with tempfile.TemporaryDirectory(prefix="lhv-capture-") as tmpdir:
-        path = os.path.join(tmpdir, "engine")
-        state = engine.dump(path)
-        names = [("engine", path)] + [
-            (f"engine.{p}", f"{path}.{p}") for p in state.get("parts", ())
-        ]
-        sections: list[tuple[str, list[EnginePiece]]] = []
-        for name, file in names:
-            with open(file, "rb") as f:
-                sections.append((name, [f.read()]))
+    """`Engine.capture` for engines whose `dump` writes several files: dump to a private
+    temporary directory, open every file and remove the directory, so each section is an
+    unlinked file (`FilePiece`) the caller closes.
+
+    Raises:
+        EngineError: a file could not be written or opened.
+    """
+    files: list[IO[bytes]] = []
+    try:
+        with _capture_errors(), tempfile.TemporaryDirectory(prefix="lhv-capture-") as tmpdir:
+            path = os.path.join(tmpdir, "engine")
+            state = engine.dump(path)
+            names = [("engine", path)] + [
+                (f"engine.{p}", f"{path}.{p}") for p in state.get("parts", ())
+            ]
+            sections: list[tuple[str, list[EnginePiece]]] = []
+            for name, file in names:
+                files.append(open(file, "rb"))  # noqa: SIM115 - the capture owns it
+                sections.append((name, [_piece(files[-1])]))
+    except BaseException:
+        for f in files:
+            f.close()
+        raise
     return state, sections
+
+
+def capture_to_file(engine: Engine) -> EngineCapture:
+    """`Engine.capture` for engines whose `dump` writes one file: dump into an anonymous
+    temporary file (`tempfile.TemporaryFile`, through its `/proc/self/fd` path), which has
+    no name even while it is written, so it vanishes when closed or when the process dies.
+    Without `/proc`, `capture_by_dump`.
+
+    Raises:
+        EngineError: the file could not be written.
+    """
+    if not os.path.isdir(_PROC_FD):
+        return capture_by_dump(engine)
+    with _capture_errors():
+        f = tempfile.TemporaryFile(prefix="lhv-capture-")  # noqa: SIM115 - the capture owns it
+    try:
+        with _capture_errors():
+            state = engine.dump(f"{_PROC_FD}/{f.fileno()}")
+            piece = _piece(f)
+    except BaseException:
+        f.close()
+        raise
+    return state, [("engine", [piece])]
+
+
+#: the directory of this process's open files, by descriptor (Linux)
+_PROC_FD = "/proc/self/fd"
+
+
+def _piece(f: IO[bytes]) -> FilePiece:
+    return FilePiece(f, os.fstat(f.fileno()).st_size)
+
+
+@contextmanager
+def _capture_errors() -> Iterator[None]:
+    """A capture's file that cannot be written or read is the engine failing to serialize."""
+    try:
+        yield
+    except OSError as exc:
+        raise EngineError(f"could not write the engine's capture: {exc}") from exc
 
 
 def engine_library(module: str, engine: str) -> Any:

@@ -8,7 +8,7 @@ import numpy as np
 import numpy.typing as npt
 
 from lhv_index._distance import Metric, TopK, merge_topk, topk
-from lhv_index._engines.base import EngineCapture
+from lhv_index._engines.base import EngineCapture, capture_to_file
 from lhv_index._types import Labels, Vectors
 from lhv_index.errors import SnapshotError
 
@@ -76,7 +76,9 @@ class ExactEngine:
         return best
 
     def capture(self) -> EngineCapture:
-        return {"slots": self._slots}, [("engine", [self._data[: self._slots].astype("<f4")])]
+        """`dump` to an anonymous temporary file (`capture_to_file`): no second copy of the
+        matrix in memory."""
+        return capture_to_file(self)
 
     def dump(self, path: str) -> dict[str, Any]:
         with open(path, "wb") as f:

@@ -10,6 +10,7 @@ at the same time (`_EfGate`); its `RuntimeError`s become `EngineError`.
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 from collections.abc import Iterator
@@ -18,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lhv_index._capture import EnginePiece
+from lhv_index._capture import FilePiece
 from lhv_index._distance import Metric, TopK
-from lhv_index._engines.base import EngineCapture, ShortResult, engine_library
+from lhv_index._engines.base import EngineCapture, ShortResult, capture_to_file, engine_library
 from lhv_index._types import Labels, Vectors
 from lhv_index.errors import EngineError, SnapshotError
 
@@ -196,47 +197,23 @@ class HnswEngine:
         raise ShortResult(f"hnswlib returned fewer than {k} results")
 
     def capture(self) -> EngineCapture:
-        """The bytes `save_index` would write, from hnswlib's in-memory serialization
-        (`__getstate__`: one copy of the graph, no file): header, level-0 data, then per
-        element its upper-level links prefixed by their byte length (u32)."""
-        with hnsw_errors():
-            state = self._index.__getstate__()[0]
-        count = int(state["cur_element_count"])
-        header = _HEADER.pack(
-            *(
-                int(state[k])
-                for k in (
-                    "offset_level0",
-                    "max_elements",
-                    "cur_element_count",
-                    "size_data_per_element",
-                    "label_offset",
-                    "offset_data",
-                    "max_level",
-                )
-            ),
-            int(state["enterpoint_node"]) & 0xFFFFFFFF,
-            int(state["max_M"]),
-            int(state["max_M0"]),
-            int(state["M"]),
-            float(state["mult"]),
-            int(state["ef_construction"]),
-        )
-        level0 = state["data_level0"].view(np.uint8)
-        levels = state["element_levels"][:count].astype(np.int64)
-        # sizes are multiples of 4 (links are u32), so the tail is a u32 array: for each
-        # element its byte size, then its links
-        sizes = np.where(levels > 0, levels * int(state["size_links_per_element"]), 0)
-        words = 1 + sizes // 4
-        tail = np.zeros(int(words.sum()), dtype="<u4")
-        heads = np.cumsum(words) - words
-        tail[heads] = sizes
-        body = np.ones(tail.size, dtype=np.bool_)
-        body[heads] = False
-        tail[body] = state["link_lists"].view("<u4")
-        del state
-        pieces: list[EnginePiece] = [header, level0, tail]
-        return {"hnswlib_space": self.metric, "allow_replace_deleted": False}, [("engine", pieces)]
+        """hnswlib's own `save_index`, written to an anonymous temporary file
+        (`capture_to_file`): no copy of the graph in memory, and the lock is held for about
+        as long as a copy would take (a write to the page cache). Its header is checked, as
+        hnswlib reports no failed write.
+
+        Raises:
+            EngineError: the file could not be written, or came out short.
+        """
+        state, sections = capture_to_file(self)
+        piece = sections[0][1][0]
+        assert isinstance(piece, FilePiece)
+        try:
+            read_hnsw_header(os.pread(piece.file.fileno(), _HEADER.size, 0), piece.length, self.dim)
+        except (OSError, SnapshotError) as exc:
+            piece.close()
+            raise EngineError(f"hnswlib wrote an unusable index: {exc}") from exc
+        return state, sections
 
     def dump(self, path: str) -> dict[str, Any]:
         with hnsw_errors():

@@ -89,7 +89,7 @@ def test_base_plus_deltas_equals_state_at_last_capture(
     deltas: list[bytes] = []
     for offset, (record, capture) in enumerate(records):
         if offset == base_at:  # the base restarts change tracking: deltas follow it
-            write_snapshot(index.capture_base(), base, source={"offset": offset - 1})
+            write_snapshot(index, base, source={"offset": offset - 1})
             deltas = []  # restore starts from the newest base
             state, floor = index.logical_state(), index.version_floor
         _apply(index, _writes(record, offset, versioned))
@@ -242,7 +242,7 @@ def test_deltas_rewriting_live_ids_restore_the_state_and_the_new_vectors(
         ]
     )
     base = io.BytesIO()
-    write_snapshot(index.capture_base(), base, source={"offset": 0})
+    write_snapshot(index, base, source={"offset": 0})
     replaced: list[np.ndarray] = []
     deltas: list[bytes] = []
     for offset, choice in enumerate(rounds, start=1):

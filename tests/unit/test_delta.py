@@ -24,6 +24,7 @@ from lhv_index import (
     write_delta,
     write_snapshot,
 )
+from lhv_index._capture import FilePiece
 from lhv_index._engines import HnswEngine
 from lhv_index.errors import SnapshotError
 
@@ -49,17 +50,19 @@ def test_hnsw_capture_gives_the_bytes_save_index_writes(tmp_path: Path) -> None:
     assert isinstance(engine, HnswEngine)
     _, sections = engine.capture()
     engine.raw.save_index(str(tmp_path / "raw"))
-    got = b"".join(
-        bytes(memoryview(p).cast("B")) if not isinstance(p, bytes) else p for p in sections[0][1]
-    )
-    assert got == (tmp_path / "raw").read_bytes()
+    ((name, (piece,)),) = sections
+    assert name == "engine" and isinstance(piece, FilePiece)
+    try:
+        assert b"".join(piece.chunks(size=4096)) == (tmp_path / "raw").read_bytes()
+    finally:
+        piece.close()
 
 
 @pytest.mark.parametrize("engine", ["hnsw", "exact", "annoy"])
 def test_base_and_deltas_round_trip_through_files(engine: str, tmp_path: Path) -> None:
     index = _filled(300, engine=engine)
-    with open(tmp_path / "base", "wb") as f:
-        write_snapshot(index.capture_base(), f, source={"offset": 1})
+    with open(tmp_path / "base", "wb") as f, index.capture_base() as captured:
+        write_snapshot(captured, f, source={"offset": 1})
     index.apply([Delete(id="i3", clock=Clock(4, 2, 0))])
     index.apply([Upsert(id="new", vector=np.ones(DIM), metadata=None, clock=Clock(0, 3, 0))])
     index.apply([Upsert(id="i5", vector=np.ones(DIM), metadata={}, clock=Clock(0, 3, 1))])
@@ -80,7 +83,7 @@ def test_base_and_deltas_round_trip_through_files(engine: str, tmp_path: Path) -
 
 def test_delta_bytes_follow_the_changed_ids_not_the_index() -> None:
     index = _filled(5000)
-    index.capture_base()
+    index.capture_base().close()
     index.apply([Upsert(id="i1", vector=np.ones(DIM), metadata=None, clock=Clock(0, 2, 0))])
     out = io.BytesIO()
     size = write_delta(index.capture_delta(), out, source={})
@@ -158,7 +161,7 @@ def test_delta_rewriting_existing_ids_restores_them_at_their_new_vectors(engine:
     index = _filled(2000, engine=engine, space="l2")
     old = _stored(index, range(300))
     base = io.BytesIO()
-    write_snapshot(index.capture_base(), base, source={"offset": 1})
+    write_snapshot(index, base, source={"offset": 1})
     new = _rewrite(index, range(300), offset=2, vectors=True)
     _rewrite(index, range(300, 400), offset=2, vectors=False)
     delta = io.BytesIO()
@@ -183,7 +186,7 @@ def test_delta_rewriting_existing_ids_restores_them_at_their_new_vectors(engine:
 def test_delta_rewriting_most_ids_reclaims_the_freed_slots(engine: str) -> None:
     index = _filled(2000, engine=engine, space="l2")
     base = io.BytesIO()
-    write_snapshot(index.capture_base(), base, source={"offset": 1})
+    write_snapshot(index, base, source={"offset": 1})
     new = _rewrite(index, range(1200), offset=2, vectors=True)
     delta = io.BytesIO()
     write_delta(index.capture_delta(), delta, source={"offset": 2})

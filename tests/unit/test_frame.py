@@ -57,7 +57,7 @@ def test_a_sound_snapshot_reads_with_its_envelope_and_contiguous_sections() -> N
 
 def test_a_delta_frame_reads_as_a_delta() -> None:
     idx = _index()
-    idx.capture_base()
+    idx.capture_base().close()
     idx.apply([Delete("d1", Clock(0, 2, 0))])
     buf = io.BytesIO()
     write_delta(idx.capture_delta(), buf, source={"offset": 2})

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import io
+import os
+import warnings
 import zlib
 from pathlib import Path
 
@@ -19,10 +22,14 @@ from lhv_index import (
     IndexParams,
     Space,
     Upsert,
+    read_frame,
     read_snapshot,
     write_snapshot,
 )
+from lhv_index import _capture as capture_module
+from lhv_index._capture import FilePiece
 from lhv_index._crc import PARALLEL_BYTES, crc32, crc32_combine
+from lhv_index._engines import HnswEngine
 from lhv_index._frame import ENVELOPE_VERSION, HEADER, MAGIC
 from lhv_index.errors import SnapshotError
 
@@ -347,3 +354,93 @@ def test_legacy_engine_of_other_dim_is_rejected(tmp_path: Path) -> None:
     )
     with pytest.raises(SnapshotError):
         read_snapshot(data)
+
+
+# -- bases captured to files ----------------------------------------------------------
+
+
+def _fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("space", ["cosine", "l2", "ip"])
+def test_hnsw_base_holds_the_state_at_capture_not_later_writes(space: str) -> None:
+    idx = build("hnsw", space)
+    at_capture = idx.logical_state()
+    q = np.random.default_rng(5).normal(size=(4, DIM)).astype(np.float32)
+    hits_at_capture = idx.search(q, 5, ef=100)
+    with idx.capture_base() as base:
+        # written after the capture, before it is encoded: new ids (enough to grow the
+        # engine), a delete, and a rewrite of a live id
+        X = np.random.default_rng(6).normal(size=(500, DIM)).astype(np.float32)
+        idx.apply([Upsert(f"late-{i}", X[i], None, Clock(0, 5, i)) for i in range(500)])
+        idx.apply([Delete("doc-1", Clock(9, 6, 0))])
+        idx.apply([Upsert("doc-2", -X[0], {"late": True}, Clock(9, 6, 1))])
+        buf = io.BytesIO()
+        write_snapshot(base, buf, source={"offset": 3})
+    back, _ = read_snapshot(buf.getvalue(), expect=idx.params)
+    assert back.logical_state() == at_capture
+    assert back.search(q, 5, ef=100) == hits_at_capture
+    assert idx.logical_state() != at_capture
+
+
+def test_hnsw_base_engine_section_is_save_index_at_capture(tmp_path: Path) -> None:
+    idx = build("hnsw", "l2")
+    engine = idx._engine
+    assert isinstance(engine, HnswEngine)
+    with idx.capture_base() as base:
+        engine.raw.save_index(str(tmp_path / "raw"))
+        X = np.random.default_rng(7).normal(size=(300, DIM)).astype(np.float32)
+        idx.apply([Upsert(f"late-{i}", X[i], None, Clock(0, 5, i)) for i in range(300)])
+        data = encode(base)
+    frame = read_frame(data)
+    section = frame.section("engine")
+    assert section is not None
+    assert data[section.start : section.end] == (tmp_path / "raw").read_bytes()
+
+
+@pytest.mark.parametrize("engine", ["hnsw", "exact", "annoy"])
+def test_base_frame_does_not_depend_on_the_read_chunk_size(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    idx = build(engine, "l2", n=400)
+    with idx.capture_base() as base:
+        whole = encode(base)
+        monkeypatch.setattr(capture_module, "READ_CHUNK_BYTES", 1000)
+        chunked = encode(base)
+    assert chunked == whole
+    read_frame(chunked)  # every section's crc32 matches
+
+
+@pytest.mark.parametrize("engine", ["hnsw", "exact", "annoy"])
+def test_a_closed_base_has_released_its_engine_files(engine: str) -> None:
+    idx = build(engine, "l2")
+    base = idx.capture_base()
+    pieces = [p for _, ps in base.engine for p in ps]
+    assert pieces and all(isinstance(p, FilePiece) and not p.closed for p in pieces)
+    base.close()
+    base.close()  # idempotent
+    assert all(isinstance(p, FilePiece) and p.closed for p in pieces)
+    with pytest.raises(ValueError, match="closed"):
+        encode(base)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
+def test_capturing_and_writing_many_times_leaks_no_file_descriptors() -> None:
+    idx = build("hnsw", "cosine")
+    encode(idx)  # first use: imports and lazily opened files are not the capture's
+    before = _fd_count()
+    # a capture's file left to the garbage collector would warn as it is finalized
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for i in range(40):
+            one = np.ones(DIM, dtype=np.float32)
+            idx.apply([Upsert(f"more-{i}", one, None, Clock(0, 9, i))])
+            if i % 2:
+                encode(idx)  # captures and closes
+            else:
+                with idx.capture_base() as base:
+                    encode(base)
+        gc.collect()
+    assert _fd_count() == before
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
