@@ -6,6 +6,7 @@ losing nothing either way."""
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import numpy as np
 import orjson
@@ -13,6 +14,8 @@ from aiokafka import TopicPartition
 from servicekit import TOPICS, Cluster, caught_up, eventually
 from workerkit import all_indexes, assert_state_matches, oracle_from_records
 
+from lhv_index import Base
+from lhv_index._capture import FilePiece
 from worker.service.config import CheckpointPolicy
 from worker.storage.blobstore import BlobData, MemoryBlobStore, StoreUnavailable
 from worker.storage.snapshots import DeltaPolicy
@@ -234,3 +237,49 @@ async def test_each_capture_is_released_once_uploaded_not_with_the_checkpoint() 
         part = w.partitions[0]
         await eventually(lambda: part.checkpoint_offset == 4, "the checkpoint ends")
         assert set(part.manifest.indexes) == {"a", "b"}  # type: ignore[union-attr]
+
+
+def _held_base_files(worker_indexes: object) -> list[FilePiece]:
+    """The engine files of the base being uploaded (found among live objects)."""
+    from worker.service.ownership import _Snapshot
+
+    (snap,) = [
+        o
+        for o in gc.get_objects()
+        if isinstance(o, _Snapshot) and o.index in worker_indexes and o.data is not None  # type: ignore[operator]
+    ]
+    assert isinstance(snap.data, Base)
+    files = [p for _, pieces in snap.data.engine for p in pieces if isinstance(p, FilePiece)]
+    assert files and not any(f.closed for f in files)
+    return files
+
+
+async def test_a_base_whose_upload_fails_has_its_engine_files_closed() -> None:
+    cluster = Cluster(partitions=1)
+    held = _HeldUploads(cluster.blobs, fail=StoreUnavailable("S3 is down"))
+    _seed(cluster)
+    async with cluster.worker("a", checkpoint=POLICY) as (a, client, _):
+        await client.assign([0])
+        part = a.partitions[0]
+        async with asyncio.timeout(20):
+            await held.entered.wait()
+        files = _held_base_files(part.indexes.values())
+        held.release()
+        await eventually(lambda: not part.checkpoint_in_flight, "the upload fails")
+        assert NAME in part.dirty, "the checkpoint failed"
+        assert all(f.closed for f in files)
+
+
+async def test_a_base_whose_upload_is_cancelled_by_a_revoke_has_its_engine_files_closed() -> None:
+    cluster = Cluster(partitions=1)
+    held = _HeldUploads(cluster.blobs)
+    _seed(cluster)
+    async with cluster.worker("a", checkpoint=POLICY, rebalance_timeout_ms=200) as (a, client, _):
+        await client.assign([0])
+        async with asyncio.timeout(20):
+            await held.entered.wait()
+        files = _held_base_files(a.partitions[0].indexes.values())
+        async with asyncio.timeout(20):
+            await client.assign([])  # the checkpoint on revoke times out: cancelled
+        held.release()
+        assert all(f.closed for f in files)

@@ -42,7 +42,7 @@ def _index(engine: str = "hnsw", space: str = "cosine") -> Index:
 
 async def _chain(store: SnapshotStore, index: Index) -> IndexEntry:
     """A base at offset 1, then two deltas: upserts, deletes, re-adds, a dropped tombstone."""
-    entry = await store.save_base(0, index.capture_base(), offset=1)
+    entry = await store.save_index(0, index, offset=1)
     index.apply(_upserts(range(150, 260), 2, seed=1))
     index.apply([Delete(id=f"i{k}", clock=Clock(0, 3, k)) for k in range(0, 40)])
     index.apply([Delete(id="i120", clock=Clock(2, 3, 99))])  # raises the floor when dropped
@@ -75,7 +75,7 @@ async def test_a_manifest_with_deltas_is_format_2_and_without_them_format_1() ->
     async with MemoryBlobStore() as blobs:
         store = SnapshotStore(blobs, topic="cmd", worker_id="a")
         index = _index()
-        base = await store.save_base(0, index.capture_base(), offset=1)
+        base = await store.save_index(0, index, offset=1)
         single = Manifest(topic="cmd", partition=0, offset=1, indexes={"docs": base})
         body = orjson.loads(single.encode())
         assert body["format"] == 1
@@ -161,7 +161,7 @@ async def test_garbage_collection_keeps_the_chain_and_deletes_replaced_objects()
         index = _index()
         old = await _chain(store, index)
         index.apply(_upserts(range(3), 6))
-        new = await store.save_base(0, index.capture_base(), offset=6)
+        new = await store.save_index(0, index, offset=6)
         index.apply(_upserts(range(3, 6), 7))
         new = new.with_delta(await store.save_delta(0, index.capture_delta(), offset=7))
         index.apply(_upserts(range(6, 9), 9))
@@ -206,7 +206,7 @@ async def test_a_delta_replaced_by_another_of_the_same_size_is_refused() -> None
     async with MemoryBlobStore() as blobs:
         store = SnapshotStore(blobs, topic="cmd", worker_id="a")
         index = _index()
-        entry = await store.save_base(0, index.capture_base(), offset=1)
+        entry = await store.save_index(0, index, offset=1)
         index.apply(_upserts(range(5), 2))
         first = await store.save_delta(0, index.capture_delta(), offset=2)
         index.apply(_upserts(range(5), 3, seed=9))  # the same ids, other vectors
@@ -221,7 +221,7 @@ async def test_a_lone_base_rewritten_in_place_still_loads_as_before_deltas() -> 
     async with MemoryBlobStore() as blobs:
         store = SnapshotStore(blobs, topic="cmd", worker_id="a")
         index = _index()
-        entry = await store.save_base(0, index.capture_base(), offset=1)
+        entry = await store.save_index(0, index, offset=1)
         index.apply([Delete(id="i1", clock=Clock(0, 2, 0))])
         out = io.BytesIO()
         write_snapshot(index, out, source={})

@@ -33,11 +33,13 @@ This module turns those decisions into state:
   once it ended; `checkpoint` (revoke, stop, tests) waits for the one in flight, then takes
   its own and waits for it. A memory note: all dirty indexes of O are captured before the
   first upload (the manifest names one offset for all, and only the runner's wait keeps
-  the indexes at O), so a checkpoint holds their copies together at first; each copy is
-  released as soon as its upload ends, not with the checkpoint. `Fenced` (the manifest
-  write) means the partition is someone else's now: its state is dropped (cancelling a
-  checkpoint in flight) and the next owner replays; a failed commit after the manifest
-  is only logged (restores start from the manifest).
+  the indexes at O), so a checkpoint holds their captures together at first (a base's
+  engine part is an unlinked temporary file, page cache rather than process memory; the
+  rest are copies); each capture is released (its files closed) as soon as its upload
+  ends, not with the checkpoint, and at once when the checkpoint fails, is fenced or is
+  cancelled. `Fenced` (the manifest write) means the partition is someone else's now: its
+  state is dropped (cancelling a checkpoint in flight) and the next owner replays; a
+  failed commit after the manifest is only logged (restores start from the manifest).
 - revoked: finish the batch in flight, wait for the checkpoint in flight, checkpoint,
   commit the search offset, and park the state (past half the rebalance timeout, the
   checkpoint in flight is cancelled and awaited: no manifest is written by a worker that
@@ -62,6 +64,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, TypeVar
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -77,7 +80,14 @@ from worker.service.partition import Partition, PartitionStatus
 from worker.service.ports import KafkaPort, PartitionRegistry, SearchPartitions, TaskOwner
 from worker.service.standby import Standbys
 from worker.service.warm import Warm, changed_since
-from worker.storage.snapshots import Fenced, IndexEntry, Manifest, SegmentKind, SnapshotStore
+from worker.storage.snapshots import (
+    Fenced,
+    IndexEntry,
+    Manifest,
+    SegmentKind,
+    SnapshotStore,
+    capture_in_thread,
+)
 from worker.telemetry.logs import log_context
 from worker.telemetry.metrics import Metrics
 from worker.wire.topics import TopicsConfig
@@ -103,7 +113,13 @@ class _Snapshot:
     entry: IndexEntry | None
     """the manifest entry a delta extends; None for a base"""
     data: Base | Delta | None
-    """the capture; None once uploaded (released: a base copies the whole index)"""
+    """the capture; None once uploaded or abandoned (`release`)"""
+
+    def release(self) -> None:
+        """Drop the capture, closing a base's engine files (idempotent)."""
+        if isinstance(self.data, Base):
+            self.data.close()
+        self.data = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,7 +539,7 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 for snap in capture.snapshots:
                     with log_context(index=snap.name):
                         entries[snap.name] = await self._upload(partition, snap, offset)
-                    snap.data = None  # its copy goes now, not with the last upload
+                    snap.release()  # now, not with the last upload
                     failpoints.hit("mid_snapshot")
                 assert partition.manifest is not None
                 manifest = replace(
@@ -544,6 +560,9 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 self._undo(partition, capture)
                 partition.pace.ended(started, time.monotonic() - started, durable=False)
                 raise
+            finally:
+                for snap in capture.snapshots:  # the captures not uploaded: abandoned
+                    snap.release()
             self._done(partition, capture, reason, time.monotonic() - started)
             partition.pace.ended(started, time.monotonic() - started, durable=True)
             failpoints.hit("after_manifest")
@@ -587,30 +606,39 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
             if name in partition.indexes and name not in partition.dirty
         }
         horizon = partition.horizon(self._policy.tombstone_retention_ms / 1000, time.time())
-        snapshots = []
-        for name in sorted(partition.dirty):
-            index = partition.indexes[name]
-            entry = manifest.indexes.get(name)
-            if partition.persisted.pop(name, None) is not index:
-                entry = None  # never saved, or replaced, or a capture of it was lost: a base
-            kind = self._store.next_kind(entry)
-            if (
-                kind is SegmentKind.DELTA
-                and entry is not None
-                and self._chain_too_long(partition, entry)
-            ):
-                kind = SegmentKind.BASE
-            if kind is SegmentKind.BASE and entry is not None and index.pending_inserts:
-                # a base would insert every deferred item under the index's lock first:
-                # extend the chain until they are inserted in the background
-                kind = SegmentKind.DELTA
-            data: Base | Delta
-            if kind is SegmentKind.DELTA and entry is not None:
-                data = await asyncio.to_thread(index.capture_delta, compact_before=horizon)
-            else:
-                data = await asyncio.to_thread(index.capture_base, compact_before=horizon)
-                entry = None
-            snapshots.append(_Snapshot(name, index, entry, data))
+        snapshots: list[_Snapshot] = []
+        try:
+            for name in sorted(partition.dirty):
+                index = partition.indexes[name]
+                entry = manifest.indexes.get(name)
+                if partition.persisted.pop(name, None) is not index:
+                    entry = None  # never saved, or replaced, or a capture of it was lost: a base
+                kind = self._store.next_kind(entry)
+                if (
+                    kind is SegmentKind.DELTA
+                    and entry is not None
+                    and self._chain_too_long(partition, entry)
+                ):
+                    kind = SegmentKind.BASE
+                if kind is SegmentKind.BASE and entry is not None and index.pending_inserts:
+                    # a base would insert every deferred item under the index's lock first:
+                    # extend the chain until they are inserted in the background
+                    kind = SegmentKind.DELTA
+                data: Base | Delta
+                if kind is SegmentKind.DELTA and entry is not None:
+                    data = await capture_in_thread(
+                        partial(index.capture_delta, compact_before=horizon)
+                    )
+                else:
+                    data = await capture_in_thread(
+                        partial(index.capture_base, compact_before=horizon)
+                    )
+                    entry = None
+                snapshots.append(_Snapshot(name, index, entry, data))
+        except BaseException:  # failed or cancelled: what it took so far is released
+            for snap in snapshots:
+                snap.release()
+            raise
         capture = _Capture(
             entries=entries,
             snapshots=snapshots,

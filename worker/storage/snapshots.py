@@ -111,6 +111,7 @@ __all__ = [
     "SegmentKind",
     "SnapshotGone",
     "SnapshotStore",
+    "capture_in_thread",
 ]
 
 log = logging.getLogger(__name__)
@@ -466,7 +467,8 @@ class SnapshotStore:
     async def save_base(self, partition: int, base: Base, *, offset: int) -> IndexEntry:
         """Encode a captured base (`Index.capture_base`, taken by the caller) in a thread,
         spool it and upload it; returns its manifest entry (no deltas yet). The index's
-        lock is not needed: the capture is a copy.
+        lock is not needed: the capture shares nothing with the index. The base stays
+        open: the caller closes it (`Base.close`), uploaded or not.
 
         Raises:
             StoreUnavailable, BlobStoreError: the upload failed (nothing is named by any
@@ -491,9 +493,11 @@ class SnapshotStore:
         return Segment(key=key, offset=offset, bytes=size, crc32=crc)
 
     async def save_index(self, partition: int, index: Index, *, offset: int) -> IndexEntry:
-        """Capture a base of `index` (under its lock, in a thread) and `save_base` it."""
-        base = await asyncio.to_thread(index.capture_base)
-        return await self.save_base(partition, base, offset=offset)
+        """Capture a base of `index` (under its lock, in a thread), `save_base` it and close
+        it."""
+        base = await capture_in_thread(index.capture_base)
+        with base:
+            return await self.save_base(partition, base, offset=offset)
 
     def _source(self, partition: int, offset: int) -> dict[str, Any]:
         return {"topic": self._topic, "partition": partition, "offset": offset}
@@ -689,6 +693,26 @@ class SnapshotStore:
 
 
 # -- in threads ---------------------------------------------------------------------------
+
+
+C = TypeVar("C", Base, Delta)
+
+
+async def capture_in_thread(capture: Callable[[], C]) -> C:
+    """`capture()` (`Index.capture_base` or `capture_delta`, which take the index's lock)
+    in a thread. Cancelled, the thread still runs to its end; a base it returns then is
+    closed, so its files are not left to the garbage collector."""
+    task = asyncio.ensure_future(asyncio.to_thread(capture))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_close_abandoned)
+        raise
+
+
+def _close_abandoned(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is None and isinstance(task.result(), Base):
+        task.result().close()
 
 
 def _encode_base(base: Base, out: BinaryIO, source: dict[str, Any]) -> tuple[int, int]:
