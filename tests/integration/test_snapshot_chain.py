@@ -48,7 +48,7 @@ async def test_a_chain_saved_to_s3_restores_in_a_fresh_store_and_gc_drops_the_ol
         index.apply(_upserts(start, 10_000, 1))
     writer = SnapshotStore(blobstore, topic="cmd", worker_id="a")
     assert writer.next_kind(None) is SegmentKind.BASE
-    entry = await writer.save_base(4, index.capture_base(), offset=1)
+    entry = await writer.save_index(4, index, offset=1)
     assert entry.bytes > blobstore.config.multipart_threshold_bytes
     for offset in (2, 3):
         index.apply(_upserts(BASE_ITEMS + offset * 1000, 1000, offset))
@@ -66,7 +66,7 @@ async def test_a_chain_saved_to_s3_restores_in_a_fresh_store_and_gc_drops_the_ol
         loaded = await reader.load_index("big", read.indexes["big"])
         assert loaded.logical_state() == index.logical_state()
 
-    rebased = await writer.save_base(4, index.capture_base(), offset=4)
+    rebased = await writer.save_index(4, index, offset=4)
     manifest, _ = await writer.write_manifest(
         Manifest(topic="cmd", partition=4, offset=4, indexes={"big": rebased}), etag=etag
     )
