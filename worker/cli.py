@@ -606,6 +606,7 @@ def _worker_config(args: argparse.Namespace) -> WorkerConfig:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from worker.kafka import logs as aiokafka_logs
     from worker.service import Worker
+    from worker.service.malloc import tune_malloc
     from worker.service.processes import parse_processes
 
     try:
@@ -615,6 +616,11 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     config = _worker_config(args)
     if processes > 1:
         return _supervise_workers(args, processes)
+    # before the event loop and its threads: arenas are bound as threads first allocate
+    tune_malloc(
+        arena_max=config.malloc_arena_max,
+        mmap_threshold_bytes=config.malloc_mmap_threshold_bytes,
+    )
     aiokafka_logs.install(config.topics.reply_pattern)
 
     async def run() -> int:

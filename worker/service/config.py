@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 from lhv_index import Limits as IndexLimits
 from worker._environ import _env
 from worker.kafka.config import KafkaConfig
+from worker.service.malloc import MAX_MMAP_THRESHOLD_BYTES
 from worker.storage.blobstore import S3Config
 from worker.storage.snapshots import DeltaPolicy
 from worker.wire.limits import MessageLimits
@@ -281,6 +282,8 @@ _INT_SETTINGS = {
     "max_inflated_batch_bytes": "LHV_MAX_INFLATED_BATCH_BYTES",
     "query_wait_ms": "LHV_QUERY_WAIT_MS",
     "standby_replicas": "LHV_STANDBY_REPLICAS",
+    "malloc_arena_max": "LHV_MALLOC_ARENA_MAX",
+    "malloc_mmap_threshold_bytes": "LHV_MALLOC_MMAP_THRESHOLD_BYTES",
 }
 
 
@@ -338,12 +341,27 @@ class WorkerConfig:
     #: replays a few records instead of downloading snapshots (README, "Warm
     #: standbys"); 0 keeps none and uses Kafka's range assignor, as before
     standby_replicas: int = 0
+    #: glibc malloc arenas of the worker process, set when `lhv worker` starts
+    #: (worker/service/malloc.py): each arena keeps what was freed in it, and glibc's
+    #: default is 8 per core; 0 leaves glibc's default
+    malloc_arena_max: int = 2
+    #: blocks of at least this many bytes (record values, decoded batches, checkpoint
+    #: copies) are mapped on their own and given back to the kernel when freed; 0 leaves
+    #: glibc's adaptive threshold, which rises up to 32 MiB and keeps such blocks resident
+    malloc_mmap_threshold_bytes: int = 128 * 1024
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {self.role!r}")
         if self.standby_replicas < 0:
             raise ValueError("standby_replicas (LHV_STANDBY_REPLICAS) must be >= 0")
+        if self.malloc_arena_max < 0:
+            raise ValueError("malloc_arena_max (LHV_MALLOC_ARENA_MAX) must be >= 0")
+        if not 0 <= self.malloc_mmap_threshold_bytes <= MAX_MMAP_THRESHOLD_BYTES:
+            raise ValueError(
+                "malloc_mmap_threshold_bytes (LHV_MALLOC_MMAP_THRESHOLD_BYTES) must be within "
+                f"0..{MAX_MMAP_THRESHOLD_BYTES}"
+            )
         if self.max_inflated_batch_bytes < self.limits.max_message_bytes + 64 * 1024:
             raise ValueError(
                 f"max_inflated_batch_bytes ({self.max_inflated_batch_bytes}) must exceed "
