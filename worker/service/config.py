@@ -279,6 +279,7 @@ _INT_SETTINGS = {
     "max_poll_records": "LHV_MAX_POLL_RECORDS",
     "max_pending_bytes": "LHV_MAX_PENDING_BYTES",
     "max_batch_bytes": "LHV_MAX_BATCH_BYTES",
+    "max_read_ahead_bytes": "LHV_MAX_READ_AHEAD_BYTES",
     "max_inflated_batch_bytes": "LHV_MAX_INFLATED_BATCH_BYTES",
     "query_wait_ms": "LHV_QUERY_WAIT_MS",
     "standby_replicas": "LHV_STANDBY_REPLICAS",
@@ -323,6 +324,11 @@ class WorkerConfig:
     #: record bytes (values) buffered per partition before it is paused: bounds the
     #: worker's read-ahead when records are large (a 1 000-vector `add` is ~0.7 MB)
     max_pending_bytes: int = 64 * 1024 * 1024
+    #: record bytes buffered by all partitions of the worker together: past it the
+    #: partitions a poll filled are paused (and sought back to the first record left)
+    #: until half is applied; with `max_pending_bytes`, what the worker reads ahead of
+    #: its apply threads whatever the number of partitions it owns
+    max_read_ahead_bytes: int = 128 * 1024 * 1024
     #: record bytes applied in one batch (at least one poll's records): bounds what is
     #: decoded at once
     max_batch_bytes: int = 16 * 1024 * 1024
@@ -355,6 +361,12 @@ class WorkerConfig:
             raise ValueError(f"role must be one of {ROLES}, not {self.role!r}")
         if self.standby_replicas < 0:
             raise ValueError("standby_replicas (LHV_STANDBY_REPLICAS) must be >= 0")
+        if min(self.max_pending_bytes, self.max_read_ahead_bytes, self.max_batch_bytes) < 1:
+            raise ValueError(
+                "max_pending_bytes, max_read_ahead_bytes and max_batch_bytes "
+                "(LHV_MAX_PENDING_BYTES, LHV_MAX_READ_AHEAD_BYTES, LHV_MAX_BATCH_BYTES) must "
+                "be at least 1"
+            )
         if self.malloc_arena_max < 0:
             raise ValueError("malloc_arena_max (LHV_MALLOC_ARENA_MAX) must be >= 0")
         if not 0 <= self.malloc_mmap_threshold_bytes <= MAX_MMAP_THRESHOLD_BYTES:

@@ -7,7 +7,10 @@ runner takes a batch (pieces queued behind each other, within `max_poll_records`
 applies), applies it in a thread (`apply_records`), reports acks and DLQ records, moves
 the applied offset and wakes waiting queries. Past `max_pending_records` or
 `max_pending_bytes` buffered, the poll loop pauses the partition; the runner resumes it
-once half is applied. By the checkpoint policy (the replay budget and the time share
+once half is applied. The worker's runners together hold at most `max_read_ahead_bytes`
+(`ReadAhead`): the poll loop queues a poll's records only within both byte bounds, seeks
+the partition back to the first record it left and pauses it; a paused partition
+resumes once its own queue and the worker's are both at half. By the checkpoint policy (the replay budget and the time share
 within the records and seconds bounds, worker/service/pacing.py; backoff after a failed
 one) it starts a checkpoint between batches (`Ownership.begin_checkpoint`): it waits only
 while the dirty indexes are captured, and goes on applying while the captures are
@@ -24,7 +27,7 @@ import asyncio
 import logging
 import time
 from asyncio import FIRST_COMPLETED
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -52,7 +55,7 @@ from worker.telemetry.logs import log_context
 from worker.telemetry.metrics import HealthTracker, Metrics
 from worker.wire.limits import MessageLimits
 
-__all__ = ["Runner", "RunnerLimits"]
+__all__ = ["ReadAhead", "Runner", "RunnerLimits", "records_within"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,42 @@ class RunnerLimits:
             limits=config.limits,
             index_limits=config.index_limits,
         )
+
+
+class ReadAhead:
+    """The record bytes queued by all runners of a worker, against `limit_bytes`
+    (`LHV_MAX_READ_AHEAD_BYTES`): what a worker reads ahead of its apply threads, however
+    many partitions it owns. `runners` is the worker's live map (a runner that ends
+    leaves it, and its bytes with it)."""
+
+    def __init__(self, limit_bytes: int, runners: Mapping[int, Runner]) -> None:
+        self.limit_bytes = limit_bytes
+        self._runners = runners
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.pending_bytes for r in self._runners.values())
+
+    def room(self, runner: Runner) -> int:
+        """Record bytes `runner` may queue now: within its partition's bound and the
+        worker's."""
+        own = runner.limits.max_pending_bytes - runner.pending_bytes
+        return min(own, self.limit_bytes - self.nbytes)
+
+    @property
+    def under_half(self) -> bool:
+        return self.nbytes <= self.limit_bytes // 2
+
+
+def records_within(records: Sequence[Any], room: int, *, at_least_one: bool) -> int:
+    """How many of `records`, from the first, fit in `room` bytes of values; at least one
+    when `at_least_one` (a record larger than every bound must still pass, alone)."""
+    size = 0
+    for i, rec in enumerate(records):
+        size += len(rec.value) if rec.value is not None else 0
+        if size > room:
+            return max(i, 1) if at_least_one else i
+    return len(records)
 
 
 class _Piece(NamedTuple):
@@ -148,8 +187,10 @@ class Runner:
         tasks: TaskOwner,
         forwarder: Forwarder | None = None,
         restore_again: Callable[[Partition, RestoreNeeded], None] | None = None,
+        read_ahead: ReadAhead | None = None,
     ) -> None:
         self.partition = partition
+        self._budget = read_ahead
         self._forwarder = forwarder
         self._tp = tp
         self._num_partitions = num_partitions
@@ -207,15 +248,26 @@ class Runner:
     def over_limit(self) -> bool:
         """Enough is buffered: the partition's fetching is paused until half is applied."""
         s = self._settings
-        return self.pending >= s.max_pending_records or self.pending_bytes >= s.max_pending_bytes
+        ahead = self._budget
+        return (
+            self.pending >= s.max_pending_records
+            or self.pending_bytes >= s.max_pending_bytes
+            or (ahead is not None and ahead.nbytes >= ahead.limit_bytes)
+        )
 
     @property
     def under_half(self) -> bool:
+        """Half is applied: its own queue and the worker's (`ReadAhead`)."""
         s = self._settings
         return (
             self.pending <= s.max_pending_records // 2
             and self.pending_bytes <= s.max_pending_bytes // 2
+            and (self._budget is None or self._budget.under_half)
         )
+
+    @property
+    def limits(self) -> RunnerLimits:
+        return self._settings
 
     async def stop(self) -> None:
         """Finish the batch in flight and what is queued before the stop marker."""

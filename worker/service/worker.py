@@ -54,7 +54,7 @@ from worker.service.partition import Partition, PartitionStatus
 from worker.service.ports import KafkaTransport
 from worker.service.replies import ReplySender
 from worker.service.report import Reporter
-from worker.service.runner import Runner, RunnerLimits
+from worker.service.runner import ReadAhead, Runner, RunnerLimits, records_within
 from worker.service.search import SearchServer
 from worker.service.sharding import Forwarder
 from worker.service.standby import Standbys
@@ -182,6 +182,7 @@ class Worker:
             )
         self._runner_limits = RunnerLimits.of(config)
         self._runners: dict[int, Runner] = {}
+        self._read_ahead = ReadAhead(config.max_read_ahead_bytes, self._runners)
         self._state = "unopened"
         self._connected = False
         self._stopping = asyncio.Event()
@@ -430,17 +431,35 @@ class Worker:
                     self._route_commands(tp, records)
                 else:
                     self.search.submit(tp.partition, records)
+            self._resume_runners()
             self._update_lag()
             self._check_stalled()
 
     def _route_commands(self, tp: TopicPartition, records: list[Any]) -> None:
+        """Queue what fits of a poll's records within the read-ahead bounds (`ReadAhead`;
+        one record at least when the partition has nothing queued and the worker's queue
+        is at half, so a record larger than a bound passes alone); the partition is sought
+        back to the first record left, and paused once over a bound."""
         runner = self._runners.get(tp.partition)
         if runner is None:
             return  # not ours any more (or not restored): the owner reads them again
-        runner.enqueue(records)
-        if not runner.paused and runner.over_limit:
+        ahead = self._read_ahead
+        first = runner.pending_bytes == 0 and ahead.under_half  # never starved by the others
+        take = records_within(records, ahead.room(runner), at_least_one=first)
+        if take < len(records):
+            self._kafka.seek(tp, records[take].offset)  # read again once resumed
+        runner.enqueue(records[:take])
+        if not runner.paused and (take < len(records) or runner.over_limit):
             runner.paused = True
             self._kafka.pause(tp)
+
+    def _resume_runners(self) -> None:
+        """Resume the partitions paused while other partitions filled the worker's
+        read-ahead (a runner with nothing queued has no batch after which to resume)."""
+        for runner in self._runners.values():
+            if runner.paused and runner.under_half:
+                runner.paused = False
+                self._kafka.resume(self.commands_tp(runner.partition.number))
 
     def _update_lag(self) -> None:
         """Lag = records up to the log end not yet applied (see worker/metrics.py).
@@ -549,6 +568,7 @@ class Worker:
             tasks=self.tasks,
             forwarder=self.forwarder,  # None for a replica: it forwards nothing
             restore_again=follower.restore_again if follower else None,
+            read_ahead=self._read_ahead,
         )
 
     async def _policy_checkpoint(self, partition: Partition, reason: str) -> bool:
