@@ -41,6 +41,11 @@ class DeferredEngine:
         self.replace_in_place = inner.replace_in_place
         self.deferring = True
         """whether adds go to the buffer (else to the inner engine, as without a wrapper)"""
+        # the labels the inner engine holds (live or deleted): every label below
+        # `_below` (an index adds each label it hands out at once, so at the wrap those
+        # are exactly 0 .. slots-1) and those added to it since (`_above`)
+        self._below = inner.slots()
+        self._above: set[int] = set()
         self._rows: dict[int, int] = {}
         self._labels = np.empty(0, dtype=np.uint64)
         self._vectors = np.empty((0, inner.dim), dtype=np.float32)
@@ -64,7 +69,7 @@ class DeferredEngine:
             return
         if not self.deferring:
             self._forget(labels)
-            self.inner.add(labels, vectors)
+            self._add_inner(labels, vectors)
             return
         n = len(self._rows)
         new = [lb for lb in labels.tolist() if lb not in self._rows]
@@ -114,7 +119,7 @@ class DeferredEngine:
         if take:
             start = n - take
             labels = self._labels[start:n].copy()
-            self.inner.add(labels, np.ascontiguousarray(self._vectors[start:n]))
+            self._add_inner(labels, np.ascontiguousarray(self._vectors[start:n]))
             for label in labels.tolist():
                 del self._rows[label]
         return n - take
@@ -154,9 +159,16 @@ class DeferredEngine:
                 self._vectors[row] = self._vectors[last]
                 self._rows[moved] = row
 
+    def _add_inner(self, labels: Labels, vectors: Vectors) -> None:
+        self.inner.add(labels, vectors)
+        self._above.update(lb for lb in labels.tolist() if lb >= self._below)
+
     def _hide(self, labels: Labels) -> None:
         """Mark deleted in the inner engine those of `labels` live there (the others are
         new to it, or deleted already)."""
+        below, above = self._below, self._above
         for label in labels.tolist():
-            with suppress(EngineError):  # not live in the inner engine: nothing to hide
+            if label >= below and label not in above:
+                continue  # never added to the inner engine
+            with suppress(EngineError):  # deleted there already: nothing to hide
                 self.inner.mark_deleted(np.array([label], dtype=np.uint64))

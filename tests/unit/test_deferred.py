@@ -149,3 +149,27 @@ def test_deltas_applied_while_deferred_restore_the_same_state() -> None:
     got, want = restored.search(q, 5), source.search(q, 5)
     same = [len({h.id for h in g} & {h.id for h in w}) for g, w in zip(got, want, strict=True)]
     assert sum(same) >= 0.95 * 5 * len(q)
+
+
+def test_items_settled_while_deferring_are_hidden_when_written_again() -> None:
+    # new ids are buffered, part of them inserted while deferral is still on, then
+    # rewritten (buffered again): the engine's copy must never answer beside the new one
+    plain, index = _index(Space.L2), _index(Space.L2)
+    index.defer_inserts()
+    first = _upserts(range(5000, 5600), _vectors(600, 50), 20)
+    again = _upserts(range(5000, 5600), _vectors(600, 51), 21)
+    for target in (plain, index):
+        target.apply(first)
+    assert index.settle(400) == 200  # 400 of them in the engine now, deferral still on
+    for target in (plain, index):
+        target.apply(again)
+    assert index.logical_state() == plain.logical_state()
+    newer = _vectors(600, 51)
+    for n in (0, 150, 599):
+        hits = index.search(newer[n], 5)[0]
+        assert hits[0].id == f"i{5000 + n}"
+        assert len({h.id for h in hits}) == 5
+    old = _vectors(600, 50)
+    for n in (0, 150, 599):  # the first vectors are gone from every answer
+        hit = index.search(old[n], 1)[0][0]
+        assert hit.id != f"i{5000 + n}" or hit.distance > 1e-3
