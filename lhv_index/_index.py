@@ -46,6 +46,7 @@ from lhv_index._ids import LabelMap
 from lhv_index._locks import RWLock
 from lhv_index._metadata import MetaStore
 from lhv_index._params import EF_MAX, IndexParams, Limits, Space
+from lhv_index._recent import RecentVectors
 from lhv_index._types import Columns, Hit, Item, Labels, Metadata, Vectors
 from lhv_index._validate import (
     META_CLEAR,
@@ -154,6 +155,8 @@ class Index:
         self._broken: str | None = None
         #: ids written since the last capture (upserted, deleted, tombstone dropped)
         self._changed: set[str] = set()
+        #: the vectors those writes gave the engine, for `capture_delta`
+        self._recent = RecentVectors()
         #: highest client version of a dropped tombstone (see the class docstring)
         self._version_floor = 0
 
@@ -263,6 +266,7 @@ class Index:
             if delete_labels.size:
                 self._engine.mark_deleted(delete_labels)
         except Exception as exc:
+            self._recent.clear()
             self._broken = f"engine failed during apply: {exc}"
             log.error("index %s: %s", self.name, self._broken)
             if isinstance(exc, EngineError):
@@ -270,6 +274,7 @@ class Index:
             raise EngineError(self._broken) from exc
 
         # bookkeeping: pure Python and numpy from here on
+        self._recent.record(up_labels, vectors)
         self._map.bind(new_ids, new_labels, fresh)
         meta = self._meta
         for blob, label in zip(update_meta + new_meta, up_labels.tolist(), strict=True):
@@ -341,6 +346,7 @@ class Index:
         self._map.bind([i for i in ids if i is not None], list(range(n)), n)
         self._clocks = clocks
         self._engine = engine
+        self._recent.clear()  # every label changed
 
     # -- deferred inserts -----------------------------------------------------------------
 
@@ -458,7 +464,7 @@ class Index:
                 params=self.params,
                 ids=live,
                 clocks=self._clocks.take(labels),
-                vectors=self._engine.get(labels.astype(np.uint64)),
+                vectors=self._changed_vectors(labels.astype(np.uint64)),
                 norms=self._norms[labels] if self._cosine else None,
                 meta_lens=meta_lens,
                 meta_json=meta_json,
@@ -467,6 +473,20 @@ class Index:
                 gone=gone,
                 version_floor=self._version_floor,
             )
+
+    def _changed_vectors(self, labels: Labels) -> Vectors:
+        """The engine's vectors of `labels`, from `_recent` where it kept them (a copy)
+        and from the engine for the rest; `_recent` starts again."""
+        found, kept = self._recent.take(labels)
+        self._recent.clear()
+        if labels.size and found.all():
+            return kept
+        out = np.empty((labels.size, self.params.dim), dtype=np.float32)
+        if found.any():
+            out[found] = kept
+        if not found.all():
+            out[~found] = self._engine.get(labels[~found])
+        return out
 
     def capture_base(self, *, compact_before: int | None = None) -> Base:
         """Take everything a full snapshot holds, and start tracking changes anew. Under
@@ -500,6 +520,7 @@ class Index:
             # last: nothing that can fail comes after it, so its files always have an owner
             engine_state, engine = self._engine.capture()
             self._changed = set()
+            self._recent.clear()
             return Base(
                 name=self.name,
                 params=self.params,
@@ -580,6 +601,7 @@ class Index:
         gone = [i for i in delta.gone if i in self._tombs]
         if not (rewrite or keep or new or drop_ids or tomb_changes or gone):
             return 0
+        self._recent.clear()  # labels change hands untracked: read the engine next time
         new_ids = [delta.ids[k] for k in new]
         new_labels, fresh = self._map.allocate(len(new))
         # moved ids take the labels after the new ids' fresh ones (`LabelMap.move`)
