@@ -97,8 +97,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from lhv_index import Hit
 from lhv_index.errors import (
@@ -109,9 +107,11 @@ from lhv_index.errors import (
     NotReady,
     error_for_code,
 )
-from worker.kafka.admin import TopicCreationFailed, create_topics
+from worker.kafka.admin import TopicCreationFailed
 from worker.kafka.config import KafkaConfig
 from worker.kafka.errors import map_kafka_errors
+from worker.kafka.requests import ReplyChannel, ReplyRecord
+from worker.kafka.requests import stop_consumer as stop_consumer
 from worker.wire.gather import (
     ShardsMissing,
     merge_get_items,
@@ -383,16 +383,15 @@ def _column_hits(result: Mapping[str, Any]) -> list[Hit]:
     return list(map(_make_hit, zip(result["ids"], result["distances"], metadata, strict=False)))
 
 
-async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
-    """Stop a group-less consumer. aiokafka's no-group coordinator can raise
-    CancelledError from close() when its task was cancelled before it first ran; only a
-    cancellation of the calling task propagates."""
+def _decode_reply(rec: ReplyRecord) -> dict[str, Any]:
+    """A reply's JSON object (run by the reply reader for a call waiting for it)."""
     try:
-        await consumer.stop()
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise
+        body = orjson.loads(rec.value)  # type: ignore[arg-type]  # None: undecodable
+    except orjson.JSONDecodeError as exc:
+        raise Internal(f"undecodable reply: {exc}") from exc
+    if not isinstance(body, dict):
+        raise Internal("a reply must be a JSON object")
+    return body
 
 
 class LhvClient:
@@ -456,12 +455,21 @@ class LhvClient:
         self.reply_topic = reply_topic or f"{prefix}{uuid.uuid4().hex[:12]}"
         self.timeout_s = timeout_s
         self.reply_grace_s = reply_grace_s
-        self._created_reply_topic = False
-        self._producer: AIOKafkaProducer | None = None
-        self._consumer: AIOKafkaConsumer | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._reader_error: BaseException | None = None
-        self._waiting: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
+        self._replies: ReplyChannel[dict[str, Any]] = ReplyChannel(
+            self._kafka,
+            self.reply_topic,
+            decode=_decode_reply,
+            producer_options={
+                "acks": "all",
+                "enable_idempotence": True,
+                # a member NAME#s goes to its partition, not murmur2's
+                "partitioner": partitioner,
+                "linger_ms": 0,  # a linger adds ~2.5 ms to every query's round trip
+                "max_request_size": 16 * 1024 * 1024,
+            },
+            on_reply=self._count_late,
+            name="lhv-client-replies",
+        )
         self.coalesce_searches = coalesce_searches
         self.max_search_batch = max_search_batch
         self._batches: dict[tuple[Any, ...], _SearchBatch] = {}
@@ -514,129 +522,54 @@ class LhvClient:
         """
         if self._state != "unopened":
             raise RuntimeError(f"client cannot start: it is {self._state}")
-        self._state = "opened"
+        self._state = "starting"
         try:
             with map_kafka_errors(self._kafka):
-                await self._start()
+                try:
+                    await self._replies.start()
+                except TopicCreationFailed as exc:
+                    raise Internal(f"cannot create the reply topic: {exc}") from exc
         except BaseException:
             await self.stop()
             raise
-
-    async def _start(self) -> None:
-        kw = self._kafka.client_kwargs()
-        await self._ensure_reply_topic(kw)
-        self._producer = AIOKafkaProducer(
-            **kw,
-            acks="all",
-            enable_idempotence=True,
-            partitioner=partitioner,  # a member NAME#s goes to its partition, not murmur2's
-            linger_ms=0,  # a linger adds ~2.5 ms to every query's round trip
-            max_request_size=16 * 1024 * 1024,
-        )
-        await self._producer.start()
-        self._consumer = AIOKafkaConsumer(
-            **kw, enable_auto_commit=False, auto_offset_reset="latest"
-        )
-        await self._consumer.start()
-        # waits until the metadata of a topic just created is known
-        async with asyncio.timeout(self._kafka.request_timeout_ms / 1000):
-            parts = await self._producer.partitions_for(self.reply_topic)
-        tps = [TopicPartition(self.reply_topic, p) for p in sorted(parts)]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_end(*tps)
-        for tp in tps:  # fixes the position before any request is sent
-            await self._consumer.position(tp)
-        self._reader = asyncio.create_task(self._read_replies(), name="lhv-client-replies")
-
-    async def _ensure_reply_topic(self, kw: dict[str, Any]) -> None:
-        admin = AIOKafkaAdminClient(**kw)
-        await admin.start()
-        try:
-            existing = await admin.list_topics()
-            if self.reply_topic not in existing:
-                try:
-                    created = await create_topics(admin, {self.reply_topic: 1})
-                except TopicCreationFailed as exc:
-                    raise Internal(f"cannot create the reply topic: {exc}") from exc
-                self._created_reply_topic = self.reply_topic in created
-        finally:
-            await admin.close()
+        self._state = "opened"
 
     async def stop(self) -> None:
         """Close. Calls still waiting raise `ClientClosed`. Idempotent."""
-        if self._state != "opened":
+        if self._state not in ("starting", "opened"):
             self._state = "closed"
             return
         self._state = "closed"
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
         closed = ClientClosed("the client was stopped while waiting for a reply")
-        self._fail_waiting(closed)
+        await self._replies.stop_reading(closed)
         batches, self._batches = list(self._batches.values()), {}
         for batch in batches:
             _fail_all(batch.waiters, closed)
         if self._batch_tasks:
             await asyncio.gather(*self._batch_tasks, return_exceptions=True)
-        if self._consumer is not None:
-            await stop_consumer(self._consumer)
-        if self._producer is not None:
-            await self._producer.stop()
-        if self._created_reply_topic:
-            admin = AIOKafkaAdminClient(**self._kafka.client_kwargs())
-            try:
-                await admin.start()
-                await admin.delete_topics([self.reply_topic])
-            except Exception as exc:
-                log.debug("could not delete reply topic %s: %s", self.reply_topic, exc)
-            finally:
-                await admin.close()
+        await self._replies.stop(closed)
 
-    def _fail_waiting(self, exc: BaseException) -> None:
-        waiting, self._waiting = self._waiting, {}
-        _fail_all(waiting.values(), exc)
+    @property
+    def _waiting(self) -> dict[bytes, asyncio.Future[dict[str, Any]]]:
+        """correlation id -> the call waiting for that reply"""
+        return self._replies.waiting
 
-    async def _read_replies(self) -> None:
-        assert self._consumer is not None
-        try:
-            while True:
-                batches = await self._consumer.getmany(timeout_ms=500)
-                for records in batches.values():
-                    for rec in records:
-                        self._deliver(rec)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("the reply reader of %s failed", self.reply_topic)
-            self._reader_error = exc
-            self._fail_waiting(Internal(f"the reply reader failed: {exc!r}"))
+    def _deliver(self, rec: ReplyRecord) -> None:
+        """Hand one reply to the call waiting for it (what the reply reader does)."""
+        self._replies.deliver(rec)
 
-    def _deliver(self, rec: Any) -> None:
-        cid = dict(rec.headers or ()).get(CORRELATION_ID, rec.key)
-        fut = self._waiting.pop(cid, None) if cid is not None else None
-        if cid is not None and cid in self._losers:
+    def _count_late(self, cid: bytes) -> None:
+        """A reply arrived: if its request was hedged out, count it as a late answer."""
+        if cid in self._losers:
             self._losers.discard(cid)
             self.late_answers += 1
-        if fut is None or fut.done():
-            return  # a reply nobody waits for any more (timed out), or not ours
-        try:
-            body = orjson.loads(rec.value)
-        except orjson.JSONDecodeError as exc:
-            fut.set_exception(Internal(f"undecodable reply: {exc}"))
-            return
-        if not isinstance(body, dict):
-            fut.set_exception(Internal("a reply must be a JSON object"))
-            return
-        fut.set_result(body)
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def _check_open(self) -> AIOKafkaProducer:
-        if self._state != "opened" or self._producer is None:
+    def _check_open(self) -> None:
+        if self._state != "opened":
             raise ClientClosed(f"client is {self._state}")
-        if self._reader_error is not None:
-            raise Internal(f"the reply reader failed: {self._reader_error!r}")
-        return self._producer
+        self._replies.check()
 
     async def _send(
         self, topic: str, index: str, body: dict[str, Any], *, reply: bool, batch: bool = False
@@ -645,14 +578,13 @@ class LhvClient:
 
         On failure nothing stays registered.
         """
-        producer = self._check_open()
+        self._check_open()
         headers: list[tuple[str, bytes]] = []
         cid: bytes | None = None
         fut: asyncio.Future[dict[str, Any]] | None = None
         if reply:
             cid = uuid.uuid4().hex.encode()
-            fut = asyncio.get_running_loop().create_future()
-            self._waiting[cid] = fut
+            fut = self._replies.expect(cid)
             if batch:
                 self._batch_cids.add(cid)
             headers = [
@@ -660,7 +592,7 @@ class LhvClient:
                 (CORRELATION_ID, cid),
             ]
         try:
-            delivery = await producer.send(
+            delivery = await self._replies.send(
                 topic,
                 key=index.encode(),
                 value=orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
@@ -675,9 +607,7 @@ class LhvClient:
         if cid is None:
             return
         self._batch_cids.discard(cid)
-        fut = self._waiting.pop(cid, None)
-        if fut is not None and not fut.done():
-            fut.cancel()
+        self._replies.forget(cid)
 
     async def _finish(self, sent: _Sent, timeout_s: float) -> tuple[Any, dict[str, Any] | None]:
         """Await delivery and the reply (if any) within `timeout_s`; raise the reply's

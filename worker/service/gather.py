@@ -36,8 +36,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from lhv_index.errors import (
     DeadlineExceeded,
@@ -47,8 +45,8 @@ from lhv_index.errors import (
     LhvError,
     NotReady,
 )
-from worker.kafka.admin import create_topics
 from worker.kafka.config import KafkaConfig
+from worker.kafka.requests import ReplyChannel, ReplyRecord
 from worker.service.config import QueryPolicy
 from worker.service.partition import Partition
 from worker.wire.gather import (
@@ -433,131 +431,54 @@ def _relayed(query: Query, raw: bytes, received: float) -> bytes:
     return orjson.dumps(body)
 
 
+def _reply_value(rec: ReplyRecord) -> bytes:
+    """A member's reply, raw (decoded by the gather, in a thread when it is large)."""
+    if rec.value is None:
+        raise Internal("an empty reply")
+    return rec.value
+
+
 class KafkaRequests:
-    """`RequestPort` over aiokafka: its own reply topic (`<reply prefix>gather-<id>`,
-    created on start if missing, deleted on stop unless `keep_topic`: a topic named from
-    a stable identity is kept for the next run), a producer of sub-queries and a
-    group-less reader of the replies (from the topic's end: replies of an earlier run are
-    never read)."""
+    """`RequestPort` over a `ReplyChannel`: its own reply topic (`<reply
+    prefix>gather-<id>`, created on start if missing, deleted on stop unless `keep_topic`:
+    a topic named from a stable identity is kept for the next run), a producer of
+    sub-queries and a group-less reader of the replies (from the topic's end: replies of
+    an earlier run are never read)."""
 
     def __init__(self, kafka: KafkaConfig, *, reply_topic: str, keep_topic: bool = False) -> None:
-        self._kafka = kafka
-        self._reply_topic = reply_topic
-        self._keep_topic = keep_topic
-        self._producer: AIOKafkaProducer | None = None
-        self._consumer: AIOKafkaConsumer | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._waiting: dict[bytes, asyncio.Future[bytes]] = {}
-        self._created = False
-        self._broken: BaseException | None = None
+        self._channel: ReplyChannel[bytes] = ReplyChannel(
+            kafka,
+            reply_topic,
+            decode=_reply_value,
+            producer_options={
+                "acks": "all",
+                "partitioner": partitioner,  # sub-queries to members NAME#s
+                "linger_ms": 0,
+                "max_request_size": 16 * 1024 * 1024,
+            },
+            keep_topic=keep_topic,
+            name="gather-replies",
+        )
 
     @property
     def reply_topic(self) -> str:
-        return self._reply_topic
+        return self._channel.reply_topic
 
     async def start(self) -> None:
-        kw = self._kafka.client_kwargs()
-        admin = AIOKafkaAdminClient(**kw)
-        await admin.start()
-        try:
-            self._created = self._reply_topic in await create_topics(admin, {self._reply_topic: 1})
-        finally:
-            await admin.close()
-        self._producer = AIOKafkaProducer(
-            **kw,
-            acks="all",
-            partitioner=partitioner,  # sub-queries to members NAME#s
-            linger_ms=0,
-            max_request_size=16 * 1024 * 1024,
-        )
-        await self._producer.start()
-        self._consumer = AIOKafkaConsumer(
-            **kw, enable_auto_commit=False, auto_offset_reset="latest"
-        )
-        await self._consumer.start()
-        async with asyncio.timeout(self._kafka.request_timeout_ms / 1000):
-            parts = await self._producer.partitions_for(self._reply_topic)
-        tps = [TopicPartition(self._reply_topic, p) for p in sorted(parts)]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_end(*tps)
-        for tp in tps:
-            await self._consumer.position(tp)
-        self._reader = asyncio.create_task(self._read(), name="gather-replies")
+        await self._channel.start()
 
     async def stop(self) -> None:
         """Close; gathers still waiting see their members as missing. Idempotent."""
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-        waiting, self._waiting = self._waiting, {}
-        for fut in waiting.values():
-            if not fut.done():
-                fut.cancel()
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            try:
-                await consumer.stop()
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            await producer.stop()
-        if self._created and not self._keep_topic:
-            self._created = False
-            admin = AIOKafkaAdminClient(**self._kafka.client_kwargs())
-            try:
-                await admin.start()
-                await admin.delete_topics([self._reply_topic])
-            except Exception as exc:
-                log.info("gather reply topic %s not deleted: %s", self._reply_topic, exc)
-            finally:
-                await admin.close()
+        await self._channel.stop()
 
     def expect(self, correlation_id: bytes) -> asyncio.Future[bytes]:
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._waiting[correlation_id] = fut
-        return fut
+        return self._channel.expect(correlation_id)
 
     def forget(self, correlation_id: bytes) -> None:
-        fut = self._waiting.pop(correlation_id, None)
-        if fut is not None and not fut.done():
-            fut.cancel()
+        self._channel.forget(correlation_id)
 
     async def send(
         self, topic: str, *, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
     ) -> None:
-        if self._producer is None:
-            raise NotReady("the gather requester is not started")
-        if self._broken is not None:
-            raise Internal(f"the gather reply reader failed: {self._broken!r}")
-        await self._producer.send_and_wait(topic, key=key, value=value, headers=list(headers))
-
-    async def _read(self) -> None:
-        assert self._consumer is not None
-        try:
-            while True:
-                batches = await self._consumer.getmany(timeout_ms=500)
-                for records in batches.values():
-                    for rec in records:
-                        self._deliver(rec.headers or (), rec.key, rec.value)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            # gathers waiting see their members as missing; later ones are refused
-            log.exception("the gather reply reader of %s failed", self._reply_topic)
-            self._broken = exc
-            waiting, self._waiting = self._waiting, {}
-            for fut in waiting.values():
-                if not fut.done():
-                    fut.cancel()
-
-    def _deliver(
-        self, headers: Sequence[tuple[str, bytes]], key: bytes | None, value: bytes | None
-    ) -> None:
-        cid = dict(headers).get(CORRELATION_ID, key)
-        fut = self._waiting.pop(cid, None) if cid is not None else None
-        if fut is not None and not fut.done() and value is not None:
-            fut.set_result(value)
+        delivery = await self._channel.send(topic, key=key, value=value, headers=headers)
+        await delivery
