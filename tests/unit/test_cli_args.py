@@ -176,3 +176,21 @@ def test_reply_topic_gone_and_coordinator_starting_are_not_errors() -> None:
     )
     assert quiet.filter(other) and quiet.filter(fatal)
     assert other.levelno == fatal.levelno == logging.ERROR
+
+
+def test_a_connection_error_left_in_an_unread_future_is_not_a_second_error() -> None:
+    import ssl
+
+    quiet = NormalSituations("lhv.replies.*")
+
+    def unread(exc: BaseException) -> logging.LogRecord:
+        record = _record("asyncio", "Future exception was never retrieved\nfuture: <Future>")
+        record.exc_info = (type(exc), exc, None)
+        return record
+
+    refused = unread(ssl.SSLError(1, "[SSL: SSLV3_ALERT_BAD_CERTIFICATE] sslv3 alert"))
+    quiet.filter(refused)
+    assert refused.levelno == logging.DEBUG
+    # any other unread exception is still an ERROR
+    bug = unread(ValueError("a bug"))
+    assert quiet.filter(bug) and bug.levelno == logging.ERROR

@@ -10,7 +10,14 @@ aiokafka logs ERROR for two things every LHV deployment sees all the time:
   (`aiokafka.consumer.group_coordinator`) while the broker loads its group coordinator,
   e.g. right after it starts; aiokafka retries by itself.
 
-`install(reply_pattern)` adds a filter to exactly those two loggers that turns exactly
+And asyncio logs ERROR `Future exception was never retrieved` (`asyncio`) when a future
+of a connection aiokafka gave up on is garbage-collected with its connection error
+(`OSError`, e.g. `ssl.SSLError` for a refused client certificate, or
+`KafkaConnectionError`): the error itself has been raised to the caller already, which
+reports it (the command line in one line), so the second report is noise whose
+appearance depends on when the collector runs.
+
+`install(reply_pattern)` adds a filter to exactly those loggers that turns exactly
 those records into DEBUG records (kept with `--log-level DEBUG`, dropped otherwise). Every
 other aiokafka line keeps its level: a missing topic that is not a reply topic, or a
 coordinator error that is not retriable, is still an ERROR.
@@ -23,6 +30,7 @@ import logging
 from aiokafka.errors import (
     CoordinatorLoadInProgressError,
     GroupCoordinatorNotAvailableError,
+    KafkaConnectionError,
     NodeNotReadyError,
 )
 
@@ -38,8 +46,9 @@ _STARTING_COORDINATOR = (
     CoordinatorLoadInProgressError,
     NodeNotReadyError,
 )
+_NEVER_RETRIEVED = "Future exception was never retrieved"
 #: the loggers whose records the filter looks at
-LOGGERS = ("aiokafka.cluster", "aiokafka.consumer.group_coordinator")
+LOGGERS = ("aiokafka.cluster", "aiokafka.consumer.group_coordinator", "asyncio")
 
 
 class NormalSituations(logging.Filter):
@@ -56,6 +65,9 @@ class NormalSituations(logging.Filter):
             return self._replies.allows(str(record.args[0]))
         if record.msg == _COORDINATOR_FAILED and record.args:
             return isinstance(record.args[0], _STARTING_COORDINATOR)
+        if isinstance(record.msg, str) and record.msg.startswith(_NEVER_RETRIEVED):
+            exc = record.exc_info[1] if record.exc_info else None
+            return isinstance(exc, OSError | KafkaConnectionError)
         return False
 
     def filter(self, record: logging.LogRecord) -> bool:
