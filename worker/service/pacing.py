@@ -91,9 +91,10 @@ class Pace:
         return self._bytes / self._seconds
 
     def chain_s(self, delta_bytes: int) -> float | None:
-        """Estimated seconds a restore spends applying `delta_bytes` of deltas after the
-        base: a delta's items are inserted into the engine again, at about the rate the
-        partition applies records of the same bytes (None: nothing measured)."""
+        """Estimated seconds of inserts `delta_bytes` of deltas leave a restore: their
+        items are inserted into the engine again (in the background, once the partition
+        serves), at about the rate the partition applies records of the same bytes
+        (None: nothing measured)."""
         rate = self.bytes_rate
         return None if rate is None else delta_bytes / rate
 
