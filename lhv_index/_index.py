@@ -23,6 +23,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -261,17 +262,10 @@ class Index:
             vectors = np.ascontiguousarray(vectors / norms[:, None], dtype=np.float32)
         delete_ids = [ids[p] for p in delete_pos]
         delete_labels = np.array([labels_of[i] for i in delete_ids], dtype=np.uint64)
-        try:
+        with self._engine_call("during apply"):
             self._engine.add(up_labels, vectors)
             if delete_labels.size:
                 self._engine.mark_deleted(delete_labels)
-        except Exception as exc:
-            self._recent.clear()
-            self._broken = f"engine failed during apply: {exc}"
-            log.error("index %s: %s", self.name, self._broken)
-            if isinstance(exc, EngineError):
-                raise
-            raise EngineError(self._broken) from exc
 
         # bookkeeping: pure Python and numpy from here on
         self._recent.record(up_labels, vectors)
@@ -383,14 +377,8 @@ class Index:
             if not isinstance(engine, DeferredEngine):
                 return 0
             self._check_usable()
-            try:
+            with self._engine_call("while inserting deferred items"):
                 left = engine.settle(max_items)
-            except Exception as exc:
-                self._broken = f"engine failed while inserting deferred items: {exc}"
-                log.error("index %s: %s", self.name, self._broken)
-                if isinstance(exc, EngineError):
-                    raise
-                raise EngineError(self._broken) from exc
             if not left and not engine.deferring:
                 self._engine = engine.inner
             return left
@@ -615,16 +603,10 @@ class Index:
         drop_labels = np.array(
             [labels_of[i] for i in drop_ids] + [old[k] for k in move], dtype=np.uint64
         )
-        try:
+        with self._engine_call("while applying a delta"):
             self._engine.add(add_labels, np.ascontiguousarray(delta.vectors[add_rows]))
             if drop_labels.size:
                 self._engine.mark_deleted(drop_labels)
-        except Exception as exc:
-            self._broken = f"engine failed while applying a delta: {exc}"
-            log.error("index %s: %s", self.name, self._broken)
-            if isinstance(exc, EngineError):
-                raise
-            raise EngineError(self._broken) from exc
         self._map.bind(new_ids, new_labels, fresh)
         freed, moved = self._map.move([delta.ids[k] for k in move])
         assert moved == moved_labels
@@ -885,6 +867,19 @@ class Index:
             f"Index(name={self.name!r}, dim={self.params.dim}, space={self.params.space.value},"
             f" engine={self.params.engine.value}, count={len(self._map)})"
         )
+
+    @contextmanager
+    def _engine_call(self, what: str) -> Iterator[None]:
+        """Engine writes that leave the engine in an unknown state if they fail: the index
+        then refuses further use (logged), and the failure is raised as `EngineError`."""
+        try:
+            yield
+        except Exception as exc:
+            self._broken = f"engine failed {what}: {exc}"
+            log.error("index %s: %s", self.name, self._broken)
+            if isinstance(exc, EngineError):
+                raise
+            raise EngineError(self._broken) from exc
 
     def _check_usable(self) -> None:
         if self._broken is not None:
