@@ -46,8 +46,8 @@ from lhv_index._filter import compile_filter, filter_key
 from lhv_index._ids import LabelMap
 from lhv_index._locks import RWLock
 from lhv_index._metadata import MetaStore
-from lhv_index._params import EF_MAX, IndexParams, Limits, Space
-from lhv_index._recent import RecentVectors
+from lhv_index._params import EF_MAX, EngineKind, IndexParams, Limits, Space
+from lhv_index._recent import RECENT_MAX_BYTES, RecentVectors
 from lhv_index._types import Columns, Hit, Item, Labels, Metadata, Vectors
 from lhv_index._validate import (
     META_CLEAR,
@@ -156,8 +156,11 @@ class Index:
         self._broken: str | None = None
         #: ids written since the last capture (upserted, deleted, tombstone dropped)
         self._changed: set[str] = set()
-        #: the vectors those writes gave the engine, for `capture_delta`
-        self._recent = RecentVectors()
+        #: the vectors those writes gave the engine, for `capture_delta` (hnsw only: the
+        #: other engines read vectors back as cheaply)
+        self._recent = RecentVectors(
+            params.dim, RECENT_MAX_BYTES if params.engine is EngineKind.HNSW else 0
+        )
         #: highest client version of a dropped tombstone (see the class docstring)
         self._version_floor = 0
 
@@ -467,13 +470,11 @@ class Index:
         and from the engine for the rest; `_recent` starts again."""
         found, kept = self._recent.take(labels)
         self._recent.clear()
-        if labels.size and found.all():
+        if found.all():
             return kept
         out = np.empty((labels.size, self.params.dim), dtype=np.float32)
-        if found.any():
-            out[found] = kept
-        if not found.all():
-            out[~found] = self._engine.get(labels[~found])
+        out[found] = kept
+        out[~found] = self._engine.get(labels[~found])
         return out
 
     def capture_base(self, *, compact_before: int | None = None) -> Base:

@@ -5,7 +5,9 @@ back from hnswlib (`get_items`) builds a Python float per component under the GI
 8 us an item, 0.4 s for a 50 000-item delta, all of it with the index's lock held and the
 partition's writes waiting. `RecentVectors` keeps a copy of what each write gave the
 engine instead, so `Index.capture_delta` copies rows. It is bounded by `max_bytes`: past
-it the oldest writes are forgotten, and a capture reads those ids from the engine.
+it the oldest writes are forgotten, and a capture reads those ids from the engine. An
+index whose engine reads vectors back cheaply (exact, annoy: a slice of their matrix)
+keeps none (`max_bytes` 0), so its writes copy nothing more.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ RECENT_MAX_BYTES = 64 * 1024 * 1024
 class RecentVectors:
     """Labels and the vectors the engine was given for them, in write order."""
 
-    def __init__(self, max_bytes: int = RECENT_MAX_BYTES) -> None:
+    def __init__(self, dim: int, max_bytes: int = RECENT_MAX_BYTES) -> None:
+        self.dim = dim
         self.max_bytes = max_bytes
         self._chunks: deque[tuple[Labels, Vectors]] = deque()
         self._bytes = 0
@@ -34,7 +37,7 @@ class RecentVectors:
     def record(self, labels: Labels, vectors: Vectors) -> None:
         """`labels` were given `vectors` (as the engine holds them), after every earlier
         record."""
-        if not labels.size:
+        if not labels.size or self.max_bytes <= 0:
             return
         vectors = np.array(vectors, dtype=np.float32, copy=True)
         self._chunks.append((labels.astype(np.uint64, copy=True), vectors))
@@ -50,10 +53,10 @@ class RecentVectors:
 
     def take(self, labels: Labels) -> tuple[npt.NDArray[np.bool_], Vectors]:
         """For each of `labels`, whether its newest vector is kept, and those vectors
-        (in the order of `labels`, found ones only)."""
-        dim = self._chunks[0][1].shape[1] if self._chunks else 0
+        (in the order of `labels`, found ones only: (found, dim))."""
         if not self._chunks or not labels.size:
-            return np.zeros(labels.size, dtype=np.bool_), np.empty((0, dim), dtype=np.float32)
+            empty = np.empty((0, self.dim), dtype=np.float32)
+            return np.zeros(labels.size, dtype=np.bool_), empty
         kept = np.concatenate([lb for lb, _ in self._chunks])
         # the newest row of each label: its first occurrence in the reversed order
         uniq, first = np.unique(kept[::-1], return_index=True)

@@ -10,7 +10,7 @@ from lhv_index._recent import RecentVectors
 
 
 def test_the_newest_vector_of_each_label_wins_and_forgotten_ones_are_not_found() -> None:
-    recent = RecentVectors(max_bytes=3 * 2 * 4 * 2)  # three chunks of two 2-d vectors
+    recent = RecentVectors(2, max_bytes=3 * 2 * 4 * 2)  # three chunks of two 2-d vectors
     for k in range(4):
         recent.record(np.array([k, 10 + k % 2], dtype=np.uint64), np.full((2, 2), k, np.float32))
     # the first chunk is forgotten: label 0 is not found; 10 and 11 have their newest rows
