@@ -77,7 +77,7 @@ class DeferredEngine:
         for row, label in enumerate(new, start=n):
             self._rows[label] = row
             self._labels[row] = label
-        self._hide(np.array(new, dtype=np.uint64))
+        self._hide(new)
         rows = np.fromiter((self._rows[lb] for lb in labels.tolist()), np.intp, labels.size)
         self._vectors[rows] = vectors
 
@@ -163,11 +163,11 @@ class DeferredEngine:
         self.inner.add(labels, vectors)
         self._above.update(lb for lb in labels.tolist() if lb >= self._below)
 
-    def _hide(self, labels: Labels) -> None:
+    def _hide(self, labels: list[int]) -> None:
         """Mark deleted in the inner engine those of `labels` live there (the others are
         new to it, or deleted already)."""
         below, above = self._below, self._above
-        for label in labels.tolist():
+        for label in labels:
             if label >= below and label not in above:
                 continue  # never added to the inner engine
             with suppress(EngineError):  # deleted there already: nothing to hide
