@@ -614,26 +614,25 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 if partition.persisted.pop(name, None) is not index:
                     entry = None  # never saved, or replaced, or a capture of it was lost: a base
                 kind = self._store.next_kind(entry)
-                if (
-                    kind is SegmentKind.DELTA
-                    and entry is not None
-                    and self._chain_too_long(partition, entry)
-                ):
+                if entry is None:
                     kind = SegmentKind.BASE
-                if kind is SegmentKind.BASE and entry is not None and index.pending_inserts:
+                elif index.pending_inserts:
                     # a base would insert every deferred item under the index's lock first:
                     # extend the chain until they are inserted in the background
                     kind = SegmentKind.DELTA
+                elif kind is SegmentKind.DELTA and self._chain_too_long(partition, entry):
+                    kind = SegmentKind.BASE
+                if kind is SegmentKind.BASE:
+                    entry = None
                 data: Base | Delta
-                if kind is SegmentKind.DELTA and entry is not None:
-                    data = await capture_in_thread(
-                        partial(index.capture_delta, compact_before=horizon)
-                    )
-                else:
+                if entry is None:
                     data = await capture_in_thread(
                         partial(index.capture_base, compact_before=horizon)
                     )
-                    entry = None
+                else:
+                    data = await capture_in_thread(
+                        partial(index.capture_delta, compact_before=horizon)
+                    )
                 snapshots.append(_Snapshot(name, index, entry, data))
         except BaseException:  # failed or cancelled: what it took so far is released
             for snap in snapshots:
