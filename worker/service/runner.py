@@ -265,6 +265,20 @@ class Runner:
             and (self._budget is None or self._budget.under_half)
         )
 
+    def pause(self) -> None:
+        """Stop fetching the partition (backpressure: enough is buffered) until
+        `resume_if_drained`."""
+        if not self.paused:
+            self.paused = True
+            self._kafka.pause(self._tp)
+
+    def resume_if_drained(self) -> None:
+        """Fetch the partition again once half of what was buffered is applied (its own
+        queue and the worker's, `under_half`)."""
+        if self.paused and self.under_half:
+            self.paused = False
+            self._kafka.resume(self._tp)
+
     @property
     def limits(self) -> RunnerLimits:
         return self._settings
@@ -403,9 +417,7 @@ class Runner:
             log.info("partition serving at offset %d", p.applied_offset)
         self._health.progress(p.number, p.applied_offset)
         await p.notify()
-        if self.paused and self.under_half:
-            self.paused = False
-            self._kafka.resume(self._tp)
+        self.resume_if_drained()
 
     def _apply_in_thread(self, batch: list[Any], decoded: list[Decoded]) -> list[Outcome]:
         """Apply one batch, then publish the sizes and drift of the indexes it touched."""

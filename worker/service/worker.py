@@ -449,17 +449,14 @@ class Worker:
         if take < len(records):
             self._kafka.seek(tp, records[take].offset)  # read again once resumed
         runner.enqueue(records[:take])
-        if not runner.paused and (take < len(records) or runner.over_limit):
-            runner.paused = True
-            self._kafka.pause(tp)
+        if take < len(records) or runner.over_limit:
+            runner.pause()
 
     def _resume_runners(self) -> None:
         """Resume the partitions paused while other partitions filled the worker's
         read-ahead (a runner with nothing queued has no batch after which to resume)."""
         for runner in self._runners.values():
-            if runner.paused and runner.under_half:
-                runner.paused = False
-                self._kafka.resume(self.commands_tp(runner.partition.number))
+            runner.resume_if_drained()
 
     def _update_lag(self) -> None:
         """Lag = records up to the log end not yet applied (see worker/metrics.py).
