@@ -79,9 +79,10 @@ class Pace:
         """Record bytes one batch may hold so that it applies in about `BATCH_SHARE` of
         the replay budget (checkpoints start between batches: a batch is what the
         replay may overshoot the budget by); None: no budget, or nothing measured."""
-        if max_replay_s <= 0 or self._seconds <= 0 or self._bytes <= 0:
+        rate = self.bytes_rate
+        if max_replay_s <= 0 or rate is None:
             return None
-        return int(self._bytes / self._seconds * max_replay_s * BATCH_SHARE)
+        return int(rate * max_replay_s * BATCH_SHARE)
 
     @property
     def bytes_rate(self) -> float | None:
