@@ -4,6 +4,7 @@ delta segments and replayed tail are searchable before they are inserted into HN
 from __future__ import annotations
 
 import io
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from lhv_index import (
     write_delta,
     write_snapshot,
 )
+from lhv_index._engines import deferred as deferred_engine
 
 DIM = 16
 
@@ -50,6 +52,14 @@ def _writes(step: int) -> list[Upsert | Delete]:
         for k in [*range(1500 + step * 40, 1540 + step * 40), 2000 + 300 * (step - 1), 999_999]
     ]
     return [*new, *rewritten, *deletes]
+
+
+@pytest.fixture(autouse=True, params=["one block", "small blocks"])
+def _blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs with the buffer in one block and in blocks of 64 rows, so that
+    adds, rewrites, deletes and settles cross block boundaries."""
+    if request.param == "small blocks":
+        monkeypatch.setattr(deferred_engine, "BLOCK_BYTES", 64 * 4 * DIM)
 
 
 def _index(space: Space) -> Index:
@@ -173,3 +183,33 @@ def test_items_settled_while_deferring_are_hidden_when_written_again() -> None:
     for n in (0, 150, 599):  # the first vectors are gone from every answer
         hit = index.search(old[n], 1)[0][0]
         assert hit.id != f"i{5000 + n}" or hit.distance > 1e-3
+
+
+def test_the_buffer_gives_its_memory_back_as_it_settles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore's buffer shrinks while it is inserted (so the engine's growth and the
+    buffer never peak together): half settled, about half its memory is gone."""
+    monkeypatch.setattr(deferred_engine, "BLOCK_BYTES", 256 * 4 * DIM)
+    index = _index(Space.L2)
+    index.defer_inserts()
+    vecs = _vectors(20_000, 5)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        index.apply(_upserts(range(10_000, 30_000), vecs, 2))
+        held = tracemalloc.get_traced_memory()[0] - before
+        index.defer_inserts(False)
+        engine_before = tracemalloc.get_traced_memory()[0]
+        index.settle(10_000)
+        assert index.pending_inserts == 10_000
+        half = tracemalloc.get_traced_memory()[0]
+        while index.settle(1000):
+            pass
+        done = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    vector_bytes = vecs.nbytes
+    assert held >= vector_bytes  # the buffer held the vectors ...
+    # ... and settling half of them freed about half (hnswlib's own memory is not traced)
+    assert engine_before - half >= 0.4 * vector_bytes
+    assert engine_before - done >= 0.9 * vector_bytes
+    assert index.logical_state()["live"].keys() >= {f"i{k}" for k in range(10_000, 30_000)}
