@@ -25,6 +25,7 @@ from typing import IO, Any
 import numpy as np
 import numpy.typing as npt
 
+from lhv_index._packed import Strings
 from lhv_index._params import IndexParams
 
 __all__ = ["READ_CHUNK_BYTES", "Base", "Delta", "EnginePiece", "FilePiece"]
@@ -83,7 +84,7 @@ class Base:
     params: IndexParams
     labels: npt.NDArray[np.intp]
     """the live labels, ascending"""
-    ids: list[str]
+    ids: Strings
     """the id of each live label, in the order of `labels`"""
     clocks: npt.NDArray[np.int64]
     """(n, 3): version, offset, position"""

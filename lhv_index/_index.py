@@ -329,7 +329,7 @@ class Index:
             log.error("index %s: rebuild failed, keeping the old engine: %s", self.name, exc)
             return
         idx = old.astype(np.intp)
-        ids = [self._map.ids[i] for i in idx.tolist()]
+        ids = self._map.ids.strings(idx)
         clocks = ClockTable(capacity)
         clocks.version[:n] = self._clocks.version[idx]
         clocks.offset[:n] = self._clocks.offset[idx]
@@ -340,7 +340,7 @@ class Index:
             self._norms = norms
         self._meta.permute(idx, capacity)
         self._map = LabelMap()
-        self._map.bind([i for i in ids if i is not None], list(range(n)), n)
+        self._map.bind(ids, list(range(n)), n)
         self._clocks = clocks
         self._engine = engine
         self._recent.clear()  # every label changed
@@ -494,13 +494,8 @@ class Index:
             self._check_usable()
             if compact_before is not None:
                 self._compact_tombstones(compact_before)
-            by_label = self._map.ids
-            if self._map.free:
-                live_ids = [i for i in by_label if i is not None]
-                labels = np.flatnonzero([i is not None for i in by_label]).astype(np.intp)
-            else:  # every label is live: the list is already in label order
-                live_ids = list(by_label)  # type: ignore[arg-type]
-                labels = np.arange(len(by_label), dtype=np.intp)
+            labels = self._map.ids.labels()
+            live_ids = self._map.ids.take(labels)
             meta_lens, meta_json = self._meta.take(labels)
             clocks = self._clocks.take(labels)
             norms = self._norms[labels] if self._cosine else None
@@ -772,12 +767,12 @@ class Index:
     def _columns(
         self, labels: Labels, dists: npt.NDArray[np.float32], with_meta: bool
     ) -> list[Columns]:
-        ids = self._map.ids
+        id_of = self._map.ids.live_id
         meta = self._meta
         out: list[Columns] = []
         for row_l, row_d in zip(labels.tolist(), dists.tolist(), strict=True):
             metas = [_load(meta.get(lb)) for lb in row_l] if with_meta else None
-            out.append(Columns([ids[lb] for lb in row_l], row_d, metas))
+            out.append(Columns([id_of(lb) for lb in row_l], row_d, metas))
         return out
 
     def _vectors(self, labels: Labels) -> Vectors:

@@ -113,6 +113,7 @@ from lhv_index._frame import (
 )
 from lhv_index._ids import LabelMap
 from lhv_index._index import Index
+from lhv_index._packed import Strings, pack_strings, unpack_strings
 from lhv_index._params import EngineKind, IndexParams, Limits, Space
 from lhv_index._validate import check_id
 from lhv_index.errors import InvalidRequest, LhvError, SnapshotError
@@ -128,13 +129,10 @@ _PART_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 # -- encoding ---------------------------------------------------------------------------
 
 
-def _strings(values: list[str]) -> tuple[bytes, bytes]:
-    joined = "".join(values)
-    if joined.isascii():  # one encode; byte lengths equal character lengths
-        lens = np.fromiter(map(len, values), dtype="<u4", count=len(values))
-        return lens.tobytes(), joined.encode("ascii")
-    encoded = [v.encode("utf-8") for v in values]
-    return np.array([len(e) for e in encoded], dtype="<u4").tobytes(), b"".join(encoded)
+def _strings(values: list[str] | Strings) -> tuple[bytes, bytes]:
+    """The `.len` and `.utf8` sections of a list of strings."""
+    packed = values if isinstance(values, Strings) else pack_strings(values)
+    return packed.lens.astype("<u4").tobytes(), packed.blob
 
 
 def _clock_bytes(clocks: npt.NDArray[np.int64]) -> bytes:
@@ -193,7 +191,7 @@ def write_snapshot(
         "engine": base.params.engine.value,
         "params": base.params.to_dict(),
         "engine_state": base.engine_state,
-        "count": len(base.ids),
+        "count": int(base.labels.size),
         "tombstones": len(base.tomb_ids),
         "slots": base.slots,
         "version_floor": base.version_floor,
@@ -285,18 +283,7 @@ def _decode_strings(lengths: bytes, blob: bytes, n: int, what: str) -> list[str]
     lens = np.frombuffer(lengths, dtype="<u4")
     if lens.size != n or int(lens.sum(dtype=np.int64)) != len(blob):
         raise SnapshotError(f"section {what} does not match its lengths")
-    if n == 0:
-        return []
-    if blob.isascii():  # one decode; character offsets equal byte offsets
-        text = blob.decode("ascii")
-        if int(lens.min()) == int(lens.max()) > 0:  # ids of one length: no offsets
-            width = int(lens[0])
-            return [text[a : a + width] for a in range(0, len(text), width)]
-        ends = np.cumsum(lens, dtype=np.int64).tolist()
-        return [text[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
-    ends = np.cumsum(lens, dtype=np.int64).tolist()
-    starts = [0, *ends[:-1]]
-    return [blob[a:b].decode("utf-8") for a, b in zip(starts, ends, strict=True)]
+    return unpack_strings(lens, blob)
 
 
 def _read_v3(
@@ -371,7 +358,8 @@ def _read_v3(
     floor = envelope.get("version_floor", 0)
     if type(floor) is not int or floor < 0:
         raise SnapshotError("envelope version_floor is malformed")
-    label_map = _label_map((ids, id_bytes), labels, slots, tombs, limits)
+    label_map = _label_map((ids, id_bytes, data.pop("ids.utf8")), labels, slots, tombs, limits)
+    del ids  # the map keeps the ids packed: the strings go before the engine is loaded
     for written in writes:
         written.wait()
     engine = _load_engine(params, engine_path, slots=slots, live=labels, state=state)
@@ -440,7 +428,7 @@ def _load_engine(
 
 
 def _label_map(
-    ids: tuple[list[str], npt.NDArray[np.uint32]],
+    ids: tuple[list[str], npt.NDArray[np.uint32], bytes],
     labels: npt.NDArray[np.uint64],
     slots: int,
     tombs: dict[str, Clock],
@@ -449,9 +437,9 @@ def _label_map(
     """The id <-> label map of the live items (built before the engine is loaded, while
     its bytes are still being written); every cross-check fails as SnapshotError.
 
-    `ids`: the ids and their UTF-8 byte lengths, in the order of `labels`.
+    `ids`: the ids, their UTF-8 byte lengths and their bytes, in the order of `labels`.
     """
-    id_list, id_bytes = ids
+    id_list, id_bytes = ids[0], ids[1]
     n = len(id_list)
     max_id_bytes = (limits if limits is not None else Limits()).max_id_bytes
     if not labels.size == n == id_bytes.size:
@@ -466,19 +454,7 @@ def _label_map(
         raise SnapshotError("ids repeat")
     if tombs and not tombs.keys().isdisjoint(id_list):
         raise SnapshotError("an id is both live and tombstoned")
-    label_arr = labels.astype(np.intp)
-    m = LabelMap()
-    if n == slots and np.array_equal(label_arr, np.arange(n)):
-        m.ids = list(id_list)
-        m.free = []
-    else:
-        by_label: list[str | None] = [None] * slots
-        for id_, label in zip(id_list, label_arr.tolist(), strict=True):
-            by_label[label] = id_
-        m.ids = by_label
-        m.free = [lb for lb in range(slots - 1, -1, -1) if by_label[lb] is None]
-    m.labels.bulk_load(id_list, label_arr, hashes=hashes)
-    return m
+    return LabelMap.load(ids, labels.astype(np.intp), slots, hashes)
 
 
 def _build(
@@ -598,13 +574,13 @@ def _read_legacy(
         if not isinstance(id_, str) or check_id(id_, Limits(max_id_bytes=2**31)) is not None:
             raise SnapshotError(f"bad id {id_!r} in snapshot")
     blobs = [metas[i] or b"" for i in ids]
-    id_bytes = np.array([len(i.encode("utf-8")) for i in ids], dtype=np.uint32)
+    packed = pack_strings(ids)
     return _build(
         name,
         params,
         limits,
         engine,
-        _label_map((ids, id_bytes), labels, slots, tombs, limits),
+        _label_map((ids, packed.lens, packed.blob), labels, slots, tombs, limits),
         labels,
         clock_rows,
         (np.array([len(b) for b in blobs], dtype=np.uint32), b"".join(blobs)),

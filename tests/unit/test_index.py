@@ -568,24 +568,20 @@ def test_batch_equals_one_by_one_when_versions_arrive_out_of_order(engine: str) 
     assert one.get(["a"])[0].metadata == {"s": 1}
 
 
-def test_metadata_churn_keeps_latest_values(engine: str) -> None:
-    import lhv_index._metadata as meta_mod
+def test_metadata_churn_keeps_latest_values(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lhv_index._packed as packed
 
     idx = make(engine)
     fill(idx, 200, meta=lambda i: {"i": i})
-    old = meta_mod._COMPACT_MIN_BYTES
-    meta_mod._COMPACT_MIN_BYTES = 100  # compact the arena often
-    try:
-        for r in range(1, 30):
-            idx.apply(
-                [
-                    up(f"id{i}", i, {"i": i, "r": r, "pad": "x" * (r % 7)}, o=r, p=i)
-                    for i in range(0, 200, 3)
-                ]
-            )
-            idx.apply([up(f"id{i}", i, {}, o=r, p=1000 + i) for i in range(1, 200, 5)])
-    finally:
-        meta_mod._COMPACT_MIN_BYTES = old
+    monkeypatch.setattr(packed, "_COMPACT_MIN_BYTES", 100)  # compact the arenas often
+    for r in range(1, 30):
+        idx.apply(
+            [
+                up(f"id{i}", i, {"i": i, "r": r, "pad": "x" * (r % 7)}, o=r, p=i)
+                for i in range(0, 200, 3)
+            ]
+        )
+        idx.apply([up(f"id{i}", i, {}, o=r, p=1000 + i) for i in range(1, 200, 5)])
     items = {i.id: i.metadata for i in idx.live_items()}
     assert items["id0"] == {"i": 0, "r": 29, "pad": "x" * (29 % 7)}
     assert items["id1"] is None and items["id2"] == {"i": 2}
