@@ -323,7 +323,7 @@ class WorkerConfig:
     max_pending_records: int = 20_000
     #: record bytes (values) buffered per partition before it is paused: bounds the
     #: worker's read-ahead when records are large (a 1 000-vector `add` is ~0.7 MB)
-    max_pending_bytes: int = 64 * 1024 * 1024
+    max_pending_bytes: int = 32 * 1024 * 1024
     #: record bytes buffered by all partitions of the worker together: past it the
     #: partitions a poll filled are paused (and sought back to the first record left)
     #: until half is applied; with `max_pending_bytes`, what the worker reads ahead of

@@ -126,7 +126,7 @@ MANIFEST_FORMAT = 2
 #: the format written when none has: readers of the one-snapshot layout read it too
 MANIFEST_FORMAT_SINGLE = 1
 #: snapshots at or under this size are encoded in memory; larger ones spill to a temp file
-SPOOL_BYTES = 64 * 1024 * 1024
+SPOOL_BYTES = 8 * 1024 * 1024
 #: reads of a segment that came back shorter or longer than the manifest says, before
 #: `StoreUnavailable` (the object itself has the right size: the reads were cut)
 FETCH_ATTEMPTS = 3
