@@ -218,7 +218,7 @@ async def _wait_checkpoint(path: Path, offset: int, limit_s: float) -> list[dict
 class _Sampler:
     """The worker's applied offset and RSS every `every_s` (epoch seconds)."""
 
-    def __init__(self, worker: _Worker, every_s: float = 0.25) -> None:
+    def __init__(self, worker: _Worker, every_s: float = 1.0) -> None:
         self.worker, self.every_s = worker, every_s
         self.samples: list[tuple[float, float, int]] = []
         self._task: asyncio.Task[None] | None = None
@@ -501,6 +501,13 @@ def _report(res: dict[str, Any]) -> None:
         lhv["restored_peak_rss"] / MIB, 0)  # fmt: skip
     row("  worker RSS after restore (MiB)", raw["index_bytes"] / MIB,
         lhv["restored_rss"] / MIB, 0)  # fmt: skip
+    # the restored index holds the new writes and the tails too: against raw hnswlib's
+    # memory per item times that count (hnswlib's memory is linear in its items)
+    items = res["n"] + res["writes"] + res["repeats"] * res["tail"]
+    same = raw["index_bytes"] * items / res["n"] / MIB
+    row(f"  raw index of the restored {items:,} items vs worker peak RSS after restore (MiB)",
+        same, lhv["restored_peak_rss"] / MIB, 0)  # fmt: skip
+    row("  same vs worker RSS after restore (MiB)", same, lhv["restored_rss"] / MIB, 0)
     row("  worker RSS before any index (MiB)", None, lhv["worker_idle_rss"] / MIB, 0)
     row(
         "  worker peak RSS during ingest minus before any index (MiB)",
