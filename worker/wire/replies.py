@@ -67,6 +67,29 @@ def _ms(took_ms: float) -> float:
     return round(float(took_ms), 3)
 
 
+def _ok_body(
+    reply_to: ReplyTo,
+    op: str,
+    index: str,
+    fields: Mapping[str, Any],
+    took_ms: float,
+    request_id: str | None,
+) -> bytes:
+    """A `status: ok` query reply: the correlation, op and index, `fields`, then the time
+    taken and the request id when there is one."""
+    body: dict[str, Any] = {
+        "correlation_id": correlation_text(reply_to.correlation_id),
+        "status": "ok",
+        "op": op,
+        "index": index,
+    }
+    body.update(fields)
+    body["took_ms"] = _ms(took_ms)
+    if request_id is not None:
+        body["request_id"] = request_id
+    return _dumps(body)
+
+
 class _HitLike(Protocol):
     @property
     def id(self) -> str: ...
@@ -111,26 +134,18 @@ class SearchReply:
         return [{"id": h.id, "distance": float(h.distance)} for h in hits]
 
     def encode(self) -> bytes:
-        body: dict[str, Any] = {
-            "correlation_id": correlation_text(self.reply_to.correlation_id),
-            "status": "ok",
-            "op": "search",
-            "index": self.index,
-        }
+        fields: dict[str, Any] = {}
         if self.results is None:
-            body["hits"] = self._hits(self.hits)
+            fields["hits"] = self._hits(self.hits)
         elif self.include_metadata:
-            body["results"] = [
+            fields["results"] = [
                 {"ids": c.ids, "distances": c.distances, "metadata": c.metadata}
                 for c in self.results
             ]
         else:
-            body["results"] = [{"ids": c.ids, "distances": c.distances} for c in self.results]
-        body["applied_offset"] = self.applied_offset
-        body["took_ms"] = _ms(self.took_ms)
-        if self.request_id is not None:
-            body["request_id"] = self.request_id
-        return _dumps(body)
+            fields["results"] = [{"ids": c.ids, "distances": c.distances} for c in self.results]
+        fields["applied_offset"] = self.applied_offset
+        return _ok_body(self.reply_to, "search", self.index, fields, self.took_ms, self.request_id)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -164,18 +179,8 @@ class GetReply:
             if clock is not None:
                 entry["version"] = int(clock[0])
             out.append(entry)
-        body: dict[str, Any] = {
-            "correlation_id": correlation_text(self.reply_to.correlation_id),
-            "status": "ok",
-            "op": "get",
-            "index": self.index,
-            "items": out,
-            "applied_offset": self.applied_offset,
-            "took_ms": _ms(self.took_ms),
-        }
-        if self.request_id is not None:
-            body["request_id"] = self.request_id
-        return _dumps(body)
+        fields = {"items": out, "applied_offset": self.applied_offset}
+        return _ok_body(self.reply_to, "get", self.index, fields, self.took_ms, self.request_id)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -190,17 +195,9 @@ class StatsReply:
     request_id: str | None = None
 
     def encode(self) -> bytes:
-        body: dict[str, Any] = {
-            "correlation_id": correlation_text(self.reply_to.correlation_id),
-            "status": "ok",
-            "op": "stats",
-            "index": self.index,
-        }
-        body.update(self.stats)
-        body["took_ms"] = _ms(self.took_ms)
-        if self.request_id is not None:
-            body["request_id"] = self.request_id
-        return _dumps(body)
+        return _ok_body(
+            self.reply_to, "stats", self.index, self.stats, self.took_ms, self.request_id
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -215,17 +212,9 @@ class DescribeReply:
     request_id: str | None = None
 
     def encode(self) -> bytes:
-        body: dict[str, Any] = {
-            "correlation_id": correlation_text(self.reply_to.correlation_id),
-            "status": "ok",
-            "op": "describe",
-            "index": self.index,
-        }
-        body.update(self.description)
-        body["took_ms"] = _ms(self.took_ms)
-        if self.request_id is not None:
-            body["request_id"] = self.request_id
-        return _dumps(body)
+        return _ok_body(
+            self.reply_to, "describe", self.index, self.description, self.took_ms, self.request_id
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
