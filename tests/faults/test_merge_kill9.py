@@ -13,11 +13,6 @@ requester must have its ack, and the export objects must be gone.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import subprocess
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -26,26 +21,15 @@ from mergekit import (
     MergeOracle,
     ack_headers,
     add_records,
-    merge_objects,
+    die_at_each,
+    finish_merge,
     names_on,
     protocol_auth,
-    wait_ack,
 )
-from workerkit import (
-    Env,
-    WorkerProcess,
-    assert_index_matches,
-    create_topics,
-    end_offsets,
-    make_env,
-    produce,
-    read_all,
-)
+from workerkit import assert_index_matches, create_topics, make_env, produce, read_all
 
-from lhv_index import Index
 from worker.ops.tools import replay_verify
 from worker.storage.blobstore import S3BlobStore, S3Config
-from worker.storage.snapshots import SnapshotStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -57,35 +41,6 @@ STEPS = [
     "merge_done_applied",
     "merge_cleanup_pending",
 ]
-
-
-def _worker(env: Env, log: Path, **extra: str) -> WorkerProcess:
-    # A group of its own per process: the dead one's session need not expire first
-    # (fencing by manifest generation keeps a late old owner out anyway).
-    return WorkerProcess(env.child_env(LHV_GROUP_ID=f"g{uuid.uuid4().hex[:8]}", **extra), log)
-
-
-async def _checkpointed(env: Env, *, timeout_s: float = 90.0) -> dict[str, Index]:
-    """Once the merge objects are gone, wait for checkpoints to cover the log end."""
-    deadline = time.monotonic() + timeout_s
-    while await merge_objects(env):
-        assert time.monotonic() < deadline, f"merge never completed: {await merge_objects(env)}"
-        await asyncio.sleep(0.5)
-    ends = await end_offsets(env.bootstrap, env.topics.commands)
-    async with S3BlobStore(env.s3) as blobs:
-        store = SnapshotStore(blobs, topic=env.topics.commands, worker_id="test")
-        while True:
-            manifests = {p: (await store.read_manifest(p))[0] for p in range(env.partitions)}
-            if all(m is not None and m.offset >= ends[p] - 1 for p, m in manifests.items()):
-                break
-            assert time.monotonic() < deadline, "checkpoints did not reach the log end"
-            await asyncio.sleep(0.5)
-        return {
-            name: await store.load_index(name, entry)
-            for m in manifests.values()
-            if m is not None
-            for name, entry in m.indexes.items()
-        }
 
 
 async def test_kill9_at_every_merge_step_completes_the_merge_once(
@@ -115,23 +70,8 @@ async def test_kill9_at_every_merge_step_completes_the_merge_once(
         env.bootstrap, env.topics.commands, add_records(src, later, rng.normal(size=(25, 8)))
     )
 
-    for i, point in enumerate(STEPS):
-        proc = _worker(env, tmp_path / f"w{i}.log", LHV_FAILPOINTS=point)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            await asyncio.to_thread(proc.proc.wait, 180)
-        code = proc.proc.poll()
-        log = proc.log_text()
-        proc.kill9()
-        assert code == -9, f"worker did not die at {point} (exit {code}):\n{log[-3000:]}"
-        assert f"failpoint {point} reached" in log
-
-    proc = _worker(env, tmp_path / "last.log")
-    try:
-        indexes = await _checkpointed(env)
-        ack = await wait_ack(env.bootstrap, reply_topic, b"k9-merge", timeout_s=30)
-    finally:
-        code = proc.terminate()
-    assert code == 0, proc.log_text()[-3000:]
+    await die_at_each(env, STEPS, tmp_path)
+    indexes, ack = await finish_merge(env, tmp_path, reply_topic, b"k9-merge", timeout_s=90)
     assert ack["status"] == "ok" and ack["applied"] == n - n // 10, ack
 
     records = await read_all(env.bootstrap, env.topics.commands)
