@@ -143,6 +143,28 @@ def test_snapshot_reads_the_same_from_bytes_streams_and_files(tmp_path: Path) ->
         assert f.tell() == 4 + size
 
 
+@pytest.mark.parametrize("damage", ["flipped", "cut", "trailing"])
+def test_damaged_engine_section_in_a_file_is_never_loaded(tmp_path: Path, damage: str) -> None:
+    """A downloaded snapshot is read from its file: the engine's section is copied to
+    its own file by the kernel and checksummed from the page cache; a flipped byte in
+    it, a file cut inside it, or bytes after the frame are all refused."""
+    data = encode(build("hnsw", "l2"))
+    section = next(s for s in read_frame(data).sections if s.name == "engine")
+    bad = bytearray(data)
+    if damage == "flipped":
+        bad[section.start + section.length // 2] ^= 0x01
+    elif damage == "cut":
+        del bad[section.start + section.length // 2 :]
+    else:
+        bad += b"x"
+    path = tmp_path / "snap.lhv"
+    path.write_bytes(bad)
+    with path.open("rb") as f, pytest.raises(SnapshotError) as err:
+        read_snapshot(f)
+    want = {"flipped": "checksum mismatch", "cut": "truncated", "trailing": "after its last"}
+    assert want[damage] in str(err.value)
+
+
 def test_damaged_snapshot_from_a_plain_stream_is_never_loaded() -> None:
     data = encode(build())
     bad = bytearray(data)
