@@ -14,10 +14,7 @@ carry the workers' MAC (a forged one).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import subprocess
 import time
-import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -30,8 +27,8 @@ from workerkit import (
     Clock,
     Env,
     OracleIndex,
-    WorkerProcess,
-    end_offsets,
+    checkpoints_at_log_end,
+    own_group_worker,
     read_all,
     stop_quietly,
     vec_b64,
@@ -41,7 +38,6 @@ from lhv_index import Index
 from lhv_index.errors import LhvError
 from worker.service.protocol_auth import ProtocolAuth, load_protocol_auth
 from worker.storage.blobstore import S3BlobStore
-from worker.storage.snapshots import SnapshotStore
 from worker.wire.headers import CORRELATION_ID, REPLY_TOPIC
 from worker.wire.topics import home_partition
 
@@ -144,24 +140,12 @@ async def wait_no_merge_objects(env: Env, *, timeout_s: float = 60.0) -> None:
 # -- kill -9 at every step ----------------------------------------------------------------------
 
 
-def own_group_worker(env: Env, log: Path, **extra: str) -> WorkerProcess:
-    """A worker in a group of its own: a dead predecessor's session need not expire first
-    (fencing by manifest generation keeps a late old owner out anyway)."""
-    return WorkerProcess(env.child_env(LHV_GROUP_ID=f"g{uuid.uuid4().hex[:8]}", **extra), log)
-
-
 async def die_at_each(env: Env, steps: Sequence[str], logs: Path) -> None:
     """One worker per failpoint of `steps`, in order, each armed with it: each must die
     there (kill -9 from inside), its successor replaying from the last checkpoint."""
     for i, point in enumerate(steps):
         proc = own_group_worker(env, logs / f"w{i}.log", LHV_FAILPOINTS=point)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            await asyncio.to_thread(proc.proc.wait, 180)
-        code = proc.proc.poll()
-        log = proc.log_text()
-        proc.kill9()
-        assert code == -9, f"worker did not die at {point} (exit {code}):\n{log[-3000:]}"
-        assert f"failpoint {point} reached" in log
+        await proc.dies_at(point, timeout_s=180)
 
 
 async def merged_checkpoints(env: Env, *, timeout_s: float) -> dict[str, Index]:
@@ -171,21 +155,7 @@ async def merged_checkpoints(env: Env, *, timeout_s: float) -> dict[str, Index]:
     while await merge_objects(env):
         assert time.monotonic() < deadline, f"merge never completed: {await merge_objects(env)}"
         await asyncio.sleep(0.5)
-    ends = await end_offsets(env.bootstrap, env.topics.commands)
-    async with S3BlobStore(env.s3) as blobs:
-        store = SnapshotStore(blobs, topic=env.topics.commands, worker_id="test")
-        while True:
-            manifests = {p: (await store.read_manifest(p))[0] for p in range(env.partitions)}
-            if all(m is not None and m.offset >= ends[p] - 1 for p, m in manifests.items()):
-                break
-            assert time.monotonic() < deadline, "checkpoints did not reach the log end"
-            await asyncio.sleep(0.5)
-        return {
-            name: await store.load_index(name, entry)
-            for m in manifests.values()
-            if m is not None
-            for name, entry in m.indexes.items()
-        }
+    return await checkpoints_at_log_end(env, timeout_s=max(1.0, deadline - time.monotonic()))
 
 
 async def finish_merge(

@@ -32,7 +32,8 @@ from worker.kafka import admin as kafka_admin
 from worker.kafka.config import KafkaConfig
 from worker.service import Worker
 from worker.service.config import CheckpointPolicy, WorkerConfig
-from worker.storage.blobstore import S3Config
+from worker.storage.blobstore import S3BlobStore, S3Config
+from worker.storage.snapshots import SnapshotStore
 from worker.wire.topics import TopicsConfig, home_partition, partitioner
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -428,6 +429,28 @@ async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
         await stop_quietly(consumer)
 
 
+async def checkpoints_at_log_end(env: Env, *, timeout_s: float) -> dict[str, Index]:
+    """Once every partition's manifest covers its log end (read again while waiting: a
+    worker may still be producing, e.g. forwarding): every index the manifests name,
+    restored."""
+    deadline = time.monotonic() + timeout_s
+    async with S3BlobStore(env.s3) as blobs:
+        store = SnapshotStore(blobs, topic=env.topics.commands, worker_id="test")
+        while True:
+            ends = await end_offsets(env.bootstrap, env.topics.commands)
+            manifests = {p: (await store.read_manifest(p))[0] for p in range(env.partitions)}
+            if all(m is not None and m.offset >= ends[p] - 1 for p, m in manifests.items()):
+                break
+            assert time.monotonic() < deadline, "checkpoints did not reach the log end"
+            await asyncio.sleep(0.5)
+        return {
+            name: await store.load_index(name, entry)
+            for m in manifests.values()
+            if m is not None
+            for name, entry in m.indexes.items()
+        }
+
+
 async def wait_caught_up(
     workers: list[Worker], bootstrap: str, topic: str, *, timeout_s: float = 120.0
 ) -> None:
@@ -495,8 +518,25 @@ class WorkerProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    async def dies_at(self, point: str, *, timeout_s: float) -> None:
+        """Wait for a worker armed with failpoint `point` (`name` or `name@n`) to kill
+        itself there (-9), within `timeout_s`; fails, with its log, if it did not."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await asyncio.to_thread(self.proc.wait, timeout_s)
+        code = self.proc.poll()
+        log = self.log_text()
+        self.kill9()
+        assert code == -9, f"worker did not die at {point} (exit {code}):\n{log[-3000:]}"
+        assert f"failpoint {point.split('@')[0]} reached" in log
+
 
 # -- hand-made record batches ------------------------------------------------------------------
+
+
+def own_group_worker(env: Env, log: Path, **extra: str) -> WorkerProcess:
+    """A worker in a group of its own: a dead predecessor's session need not expire first
+    (fencing by manifest generation keeps a late old owner out anyway)."""
+    return WorkerProcess(env.child_env(LHV_GROUP_ID=f"g{uuid.uuid4().hex[:8]}", **extra), log)
 
 
 @dataclass(frozen=True)

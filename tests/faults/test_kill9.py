@@ -10,8 +10,6 @@ checkpoints in S3 must equal the oracle built from the topic.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import subprocess
 import time
 from pathlib import Path
 
@@ -87,13 +85,7 @@ async def test_kill9_at_every_step_loses_nothing(
             env.bootstrap, env.topics.commands, stream[sent : sent + chunk], headers=ack_headers
         )
         sent += chunk
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            await asyncio.to_thread(proc.proc.wait, 90)
-        code = proc.proc.poll()
-        log = proc.log_text()
-        proc.kill9()
-        assert code == -9, f"worker did not die at {point} (exit {code}):\n{log[-3000:]}"
-        assert f"failpoint {point.split('@')[0]} reached" in log
+        await proc.dies_at(point, timeout_s=90)
     # One kill from outside, at whatever moment it lands.
     proc = WorkerProcess(env.child_env(), tmp_path / "outside.log")
     await produce(

@@ -5,11 +5,6 @@ members apply every write exactly once (the duplicates are skipped by their orig
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import subprocess
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -17,50 +12,23 @@ import orjson
 import pytest
 from mergekit import ack_headers, wait_ack
 from workerkit import (
-    Env,
     OracleIndex,
-    WorkerProcess,
+    checkpoints_at_log_end,
     create_topics,
-    end_offsets,
     make_env,
+    own_group_worker,
     produce,
     read_all,
     vec_b64,
 )
 
-from lhv_index import Index
 from worker.ops.tools import replay_verify
 from worker.storage.blobstore import S3BlobStore, S3Config
-from worker.storage.snapshots import SnapshotStore
 from worker.wire.shards import shard_key, shard_of
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 NAME, SHARDS, DIM = "k9-sharded", 3, 8
-
-
-def _worker(env: Env, log: Path, **extra: str) -> WorkerProcess:
-    return WorkerProcess(env.child_env(LHV_GROUP_ID=f"g{uuid.uuid4().hex[:8]}", **extra), log)
-
-
-async def _checkpointed(env: Env, *, timeout_s: float = 90.0) -> dict[str, Index]:
-    deadline = time.monotonic() + timeout_s
-    ends = await end_offsets(env.bootstrap, env.topics.commands)
-    async with S3BlobStore(env.s3) as blobs:
-        store = SnapshotStore(blobs, topic=env.topics.commands, worker_id="test")
-        while True:
-            manifests = {p: (await store.read_manifest(p))[0] for p in range(env.partitions)}
-            if all(m is not None and m.offset >= ends[p] - 1 for p, m in manifests.items()):
-                break
-            assert time.monotonic() < deadline, "checkpoints did not reach the log end"
-            await asyncio.sleep(0.5)
-            ends = await end_offsets(env.bootstrap, env.topics.commands)
-        return {
-            name: await store.load_index(name, entry)
-            for m in manifests.values()
-            if m is not None
-            for name, entry in m.indexes.items()
-        }
 
 
 async def test_kill9_after_forwarding_applies_every_plain_name_write_once(
@@ -81,13 +49,10 @@ async def test_kill9_after_forwarding_applies_every_plain_name_write_once(
 
     # small batches: each process dies after its n-th batch that forwarded something
     for i, point in enumerate(["forwarded", "forwarded@3", "forwarded@5"]):
-        proc = _worker(env, tmp_path / f"w{i}.log", LHV_FAILPOINTS=point, LHV_MAX_POLL_RECORDS="3")
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            await asyncio.to_thread(proc.proc.wait, 180)
-        code = proc.proc.poll()
-        log = proc.log_text()
-        proc.kill9()
-        assert code == -9, f"worker did not die at {point} (exit {code}):\n{log[-3000:]}"
+        proc = own_group_worker(
+            env, tmp_path / f"w{i}.log", LHV_FAILPOINTS=point, LHV_MAX_POLL_RECORDS="3"
+        )
+        await proc.dies_at(point, timeout_s=180)
 
     await produce(
         env.bootstrap,
@@ -95,10 +60,10 @@ async def test_kill9_after_forwarding_applies_every_plain_name_write_once(
         [(NAME, {"op": "add", "items": [{"id": "last", "vector": [1.0] * DIM}]})],
         headers=ack_headers(reply_topic, b"last"),
     )
-    proc = _worker(env, tmp_path / "last.log")
+    proc = own_group_worker(env, tmp_path / "last.log")
     try:
         ack = await wait_ack(env.bootstrap, reply_topic, b"last", timeout_s=120)
-        indexes = await _checkpointed(env)
+        indexes = await checkpoints_at_log_end(env, timeout_s=90)
     finally:
         code = proc.terminate()
     assert code == 0, proc.log_text()[-3000:]
