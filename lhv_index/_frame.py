@@ -320,12 +320,17 @@ def _file_descriptor(src: BinaryIO | IO[bytes]) -> int | None:
 def _copy_range(src: int, dst: int, start: int, length: int, errors: list[BaseException]) -> None:
     """Copy `length` bytes of `src` from `start` to the end of `dst` (a thread's target:
     the error, if any, goes to `errors`)."""
+    kernel_copy = getattr(os, "copy_file_range", None)  # Linux only
     try:
         done = 0
         while done < length:
-            try:
-                n = os.copy_file_range(src, dst, length - done, start + done)
-            except OSError:  # not supported between these files: through user space
+            n = 0
+            if kernel_copy is not None:
+                try:
+                    n = kernel_copy(src, dst, length - done, start + done)
+                except OSError:  # not between these files: through user space from now on
+                    kernel_copy = None
+            if kernel_copy is None:
                 n = os.write(dst, os.pread(src, min(_COPY_CHUNK, length - done), start + done))
             if n == 0:
                 raise SnapshotError("snapshot file ended inside a section")

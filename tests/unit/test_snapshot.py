@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import io
 import os
@@ -163,6 +164,27 @@ def test_damaged_engine_section_in_a_file_is_never_loaded(tmp_path: Path, damage
         read_snapshot(f)
     want = {"flipped": "checksum mismatch", "cut": "truncated", "trailing": "after its last"}
     assert want[damage] in str(err.value)
+
+
+@pytest.mark.parametrize("copy", ["missing", "failing"])
+def test_a_file_snapshot_reads_where_the_kernel_cannot_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, copy: str
+) -> None:
+    """Without `os.copy_file_range` (not Linux), or where it fails between two files,
+    the engine's section is copied through user space."""
+    if copy == "missing":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    else:
+
+        def refuse(*_args: object) -> int:
+            raise OSError(errno.EXDEV, "cross-device")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    idx = build("hnsw", "l2")
+    path = tmp_path / "snap.lhv"
+    path.write_bytes(encode(idx))
+    with path.open("rb") as f:
+        assert read_snapshot(f)[0].logical_state() == idx.logical_state()
 
 
 def test_damaged_snapshot_from_a_plain_stream_is_never_loaded() -> None:
