@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from workerkit import Env, WorkerProcess, create_topics, make_env
 
 from lhv_index import Clock, Delete, EngineKind, Index, IndexParams, Space, Upsert
+from lhv_index.errors import IndexNotFound
 from worker.client import LhvClient, ShardsMissing, WriteResult
 from worker.client.client import stop_consumer
 from worker.wire.headers import CORRELATION_ID, REPLY_TOPIC
@@ -61,14 +62,19 @@ async def _workers(env: Env, tmp_path: Path, n: int = 2, **extra: str) -> Any:
 
 
 async def _owners_once_both_serve(c: LhvClient, *, timeout_s: float = 60.0) -> dict[int, str]:
-    """The worker serving each member, once both workers serve some (the group settled)."""
+    """The worker serving each member, once both workers serve some (the group settled).
+
+    A sharded create is acknowledged once its home has forwarded the members' creates to
+    their partitions, not once each member's owner applied its own: until then a member
+    answers `index_not_found`, and is asked again."""
     deadline = time.monotonic() + timeout_s
     while True:
         owner = {}
         for s in range(SHARDS):
-            member = await c.query(shard_key(NAME, s, SHARDS), {"op": "stats"})
-            owner[s] = str(member["worker"])
-        if set(owner.values()) == {"w0", "w1"}:
+            with contextlib.suppress(IndexNotFound):
+                member = await c.query(shard_key(NAME, s, SHARDS), {"op": "stats"})
+                owner[s] = str(member["worker"])
+        if len(owner) == SHARDS and set(owner.values()) == {"w0", "w1"}:
             return owner
         assert time.monotonic() < deadline, f"the workers did not share the members: {owner}"
         await asyncio.sleep(0.5)
