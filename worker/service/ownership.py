@@ -613,17 +613,12 @@ class Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
                 entry = manifest.indexes.get(name)
                 if partition.persisted.pop(name, None) is not index:
                     entry = None  # never saved, or replaced, or a capture of it was lost: a base
-                kind = self._store.next_kind(entry)
-                if entry is None:
-                    kind = SegmentKind.BASE
-                elif index.pending_inserts:
-                    # a base would insert every deferred item under the index's lock first:
-                    # extend the chain until they are inserted in the background
-                    kind = SegmentKind.DELTA
-                elif kind is SegmentKind.DELTA and self._chain_too_long(partition, entry):
-                    kind = SegmentKind.BASE
-                if kind is SegmentKind.BASE:
-                    entry = None
+                # a base would insert every deferred item under the index's lock first:
+                # while there are any, the chain is extended (they go in the background)
+                if entry is not None and not index.pending_inserts:
+                    past_bound = self._store.next_kind(entry) is SegmentKind.BASE
+                    if past_bound or self._chain_too_long(partition, entry):
+                        entry = None  # the chain is past a bound: a base
                 data: Base | Delta
                 if entry is None:
                     data = await capture_in_thread(
