@@ -25,6 +25,8 @@ __all__ = ["PackedBytes", "Strings", "pack_strings", "unpack_strings"]
 _COMPACT_MIN_BYTES = 1 << 20
 #: `take` copies contiguous runs one by one when there are fewer than this many
 _RUNS_MAX = 256
+#: ... else gathers the bytes of this many pieces at a time
+_GATHER_PIECES = 1 << 16
 
 
 class Strings(NamedTuple):
@@ -175,22 +177,20 @@ class PackedBytes:
             with memoryview(self._buf) as view:
                 blob = b"".join([view[a:b] for a, b in spans])
             return Strings(lens.astype(np.uint32), blob)
-        out = bytearray(total)
-        done = 0
         # byte positions: each piece's offset repeated over its length, plus 0, 1, 2, ...
-        # (a chunk of pieces at a time, so the positions stay small next to the bytes)
-        for lo in range(0, labels.size, 1 << 16):
-            c_lens, c_offs = lens[lo : lo + (1 << 16)], offs[lo : lo + (1 << 16)]
-            size = int(c_lens.sum())
-            within = np.arange(size, dtype=np.int64) - np.repeat(np.cumsum(c_lens) - c_lens, c_lens)
-            where = np.repeat(c_offs, c_lens) + within
-            arena = np.frombuffer(self._buf, dtype=np.uint8)
-            try:
-                out[done : done + size] = arena[where].tobytes()
-            finally:
-                del arena  # release the export, or the bytearray cannot grow again
-            done += size
-        return Strings(lens.astype(np.uint32), bytes(out))
+        # (`_GATHER_PIECES` pieces at a time, so the positions stay small next to the bytes)
+        parts: list[bytes] = []
+        arena = np.frombuffer(self._buf, dtype=np.uint8)
+        try:
+            for lo in range(0, labels.size, _GATHER_PIECES):
+                c_lens = lens[lo : lo + _GATHER_PIECES]
+                c_offs = offs[lo : lo + _GATHER_PIECES]
+                starts = np.repeat(np.cumsum(c_lens) - c_lens, c_lens)
+                within = np.arange(int(c_lens.sum()), dtype=np.int64) - starts
+                parts.append(arena[np.repeat(c_offs, c_lens) + within].tobytes())
+        finally:
+            del arena  # release the export, or the bytearray cannot grow again
+        return Strings(lens.astype(np.uint32), b"".join(parts))
 
     def load(self, labels: npt.NDArray[np.intp], lens: npt.NDArray[np.uint32], blob: bytes) -> None:
         """Replace the content: `labels[i]` gets the i-th of the concatenated `blob` pieces

@@ -85,3 +85,25 @@ def test_ids_cost_their_bytes_not_an_object_each() -> None:
         tracemalloc.stop()
     assert len(m) == n and m.labels["doc-00123456"] == 123_456
     assert held / n < 60  # 12 bytes, an offset, a length, table slots, growth headroom
+
+
+@pytest.mark.parametrize("gather", [1 << 16, 100])
+def test_packed_bytes_are_taken_back_in_any_order_after_churn(
+    gather: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`take` of labels scattered over an arena rewritten many times (more runs than it
+    copies one by one, so it gathers bytes, `gather` pieces at a time) gives each label's
+    latest bytes, in the order asked."""
+    monkeypatch.setattr(packed, "_GATHER_PIECES", gather)
+    rng = random.Random(7)
+    store, want = packed.PackedBytes(5000), {}
+    for _ in range(20_000):
+        label = rng.randrange(5000)
+        blob = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 9)))
+        store.set(label, blob)
+        want[label] = blob
+    labels = np.array(rng.sample(range(5000), 3000), dtype=np.intp)
+    lens, blob = store.take(labels)
+    expected = [want.get(lb, b"") for lb in labels.tolist()]
+    assert lens.tolist() == [len(e) for e in expected]
+    assert blob == b"".join(expected)
