@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from lhv_index import Clock, Index, IndexParams, Upsert
-from worker.storage.blobstore import MemoryBlobStore
+from worker.storage.blobstore import MIB, MemoryBlobStore, S3Config, _chunks_of_file
 from worker.storage.snapshots import Fenced, Manifest, SnapshotStore
 
 
@@ -69,3 +70,34 @@ async def test_a_corrupted_snapshot_is_never_loaded() -> None:
         await blobs.put(entry.key, bytes(broken))
         with pytest.raises(Internal):
             await store.load_index("docs", entry)
+
+
+class _ShortReads(io.RawIOBase):
+    """A file whose reads return at most `most` bytes: what a pipe or a socket may do."""
+
+    def __init__(self, data: bytes, most: int) -> None:
+        self._data, self._pos, self._most = data, 0, most
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        size = len(self._data) if size < 0 else size
+        out = self._data[self._pos : self._pos + min(size, self._most)]
+        self._pos += len(out)
+        return out
+
+
+@pytest.mark.parametrize("extra", [0, 1, 3 * MIB])
+@pytest.mark.parametrize("most", [None, 3 * MIB + 7])
+async def test_a_file_is_uploaded_in_whole_parts_whatever_its_reads_return(
+    extra: int, most: int | None
+) -> None:
+    cfg = S3Config(bucket="b", part_size_bytes=5 * MIB, multipart_threshold_bytes=11 * MIB)
+    data = np.random.default_rng(1).integers(0, 256, 23 * MIB + extra, dtype=np.uint8).tobytes()
+    f: io.RawIOBase | io.BytesIO = io.BytesIO(data) if most is None else _ShortReads(data, most)
+    first = f.read(cfg.multipart_threshold_bytes + 1)
+    parts = [part async for part in _chunks_of_file(first, f, cfg)]  # type: ignore[arg-type]
+    assert b"".join(parts) == data
+    assert [len(p) for p in parts[:-1]] == [cfg.part_size_bytes] * (len(parts) - 1)
+    assert 0 < len(parts[-1]) <= cfg.part_size_bytes

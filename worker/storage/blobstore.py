@@ -858,15 +858,22 @@ async def _chunks_of_bytes(
 
 
 async def _chunks_of_file(first: bytes, f: BinaryIO, cfg: S3Config) -> AsyncIterator[bytes]:
+    """`first` (read already) and the rest of `f`, in parts of `part_size_bytes` (the last
+    may be shorter). Each part is read from the file as one object and passed on as it
+    is: a part of an encoded snapshot is copied once on its way to the socket, not
+    through a growing buffer on the event loop."""
     size = cfg.part_size_bytes
-    buf = bytearray(first)
+    whole = len(first) - len(first) % size
+    for i in range(0, whole, size):
+        yield first[i : i + size]
+    part = first[whole:]
     while True:
-        while len(buf) >= size:
-            yield bytes(buf[:size])
-            del buf[:size]
-        more = await asyncio.to_thread(f.read, size)
+        more = await asyncio.to_thread(f.read, size - len(part))
         if not more:
             break
-        buf += more
-    if buf:
-        yield bytes(buf)
+        part = part + more if part else more
+        if len(part) == size:
+            yield part
+            part = b""
+    if part:
+        yield part
