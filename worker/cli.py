@@ -606,6 +606,7 @@ def _worker_config(args: argparse.Namespace) -> WorkerConfig:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from worker.kafka import logs as aiokafka_logs
     from worker.service import Worker
+    from worker.service.collector import settle_collector
     from worker.service.malloc import tune_malloc
     from worker.service.processes import parse_processes
 
@@ -631,6 +632,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         # a failed start (S3 or Kafka unreachable, credentials) is the user's to fix:
         # main() says so in one line; a failure while running is logged with its traceback
         await worker.start()
+        settle_collector()  # what the start made lives as long as the process
         try:
             await worker.run()
         except Exception:
