@@ -209,7 +209,10 @@ class DriftMonitor:
         elif arr.ndim != 2:
             raise ValueError(f"vectors must be 1-D or 2-D, got shape {arr.shape}")
         # float64 accumulation: a float32 sum of squares overflows for large components
-        norms = np.sqrt(np.einsum("ij,ij->i", arr, arr, dtype=np.float64))
+        self.observe_norms(np.sqrt(np.einsum("ij,ij->i", arr, arr, dtype=np.float64)))
+
+    def observe_norms(self, norms: npt.ArrayLike) -> None:
+        """Record L2 norms computed already (one per vector, 1-D)."""
         self._observe("norms", norms)
 
     def observe_distances(self, distances: npt.ArrayLike) -> None:

@@ -216,6 +216,11 @@ class ValidatedWrites:
     def __len__(self) -> int:
         return len(self._prep.ids)
 
+    @property
+    def norms(self) -> npt.NDArray[np.float32]:
+        """The euclidean norm of each upsert's vector, in the order of the writes."""
+        return self._prep.norms
+
     def prepared_for(self, params: IndexParams, limits: Limits) -> Prepared:
         """The columns, for an index with `params` and `limits`.
 

@@ -201,7 +201,7 @@ def test_the_applied_offset_never_runs_ahead_of_the_writes_in_the_index() -> Non
     _apply(part, _records([{"op": "create", "dim": 2, "space": "l2"}]))
     seen: list[int] = []
 
-    def on_vectors(_name: str, _vectors: list[object]) -> None:
+    def on_norms(_name: str, _norms: object) -> None:
         seen.append(part.applied_offset)  # called right after each group reaches the index
 
     recs = [Rec(i + 1, r.key, r.value, r.headers) for i, r in enumerate(
@@ -213,7 +213,7 @@ def test_the_applied_offset_never_runs_ahead_of_the_writes_in_the_index() -> Non
         num_partitions=P,
         limits=MessageLimits(),
         index_limits=Limits(),
-        on_vectors=on_vectors,
+        on_norms=on_norms,
     )
     assert seen and all(offset < recs[0].offset for offset in seen)
     assert part.applied_offset == recs[-1].offset

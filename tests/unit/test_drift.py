@@ -198,6 +198,20 @@ def test_norms_come_from_vector_rows() -> None:
     assert mon.report()["norms"]["current_n"] == 200
 
 
+def test_norms_given_as_computed_drift_as_the_vectors_they_come_from() -> None:
+    """The worker passes the norms its validation computed; the report is the same as
+    for the vectors themselves."""
+    rng = np.random.default_rng(12)
+    rows = rng.normal(size=(400, 16)).astype(np.float32) * np.linspace(1, 3, 400)[:, None]
+    by_rows, by_norms = DriftMonitor(window=200), DriftMonitor(window=200)
+    for part in (rows[:200], rows[200:]):
+        by_rows.observe_vectors(part)
+        by_norms.observe_norms(np.linalg.norm(part.astype(np.float64), axis=1))
+    got, want = by_norms.report()["norms"], by_rows.report()["norms"]
+    assert got["psi"] == pytest.approx(want["psi"])
+    assert got["verdict"] == want["verdict"] == "major"  # norms grew threefold
+
+
 def test_large_components_do_not_overflow_norms() -> None:
     mon = DriftMonitor(window=2, min_current=1)
     mon.observe_vectors(np.full((3, 4), 1e30, dtype=np.float32))

@@ -20,11 +20,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 from lhv_index import (
     Index,
     IndexParams,
     Limits,
-    Upsert,
     ValidatedWrites,
     Write,
 )
@@ -242,15 +244,16 @@ def apply_records(
     limits: MessageLimits,
     index_limits: Limits,
     barrier: BarrierSteps | None = None,
-    on_vectors: Callable[[str, list[Any]], None] | None = None,
+    on_norms: Callable[[str, npt.NDArray[np.float32]], None] | None = None,
     decoded: Sequence[Decoded] | None = None,
 ) -> list[Outcome]:
     """Apply `records` (consumer records of one partition, in offset order).
 
     Mutates `partition` (its indexes, dirty set and applied offset). Never raises for bad
     input: each record's fate is in its `Outcome`. `barrier` runs the steps of `merge`,
-    `merge_in`, `merge_done` and `import` (`run_barrier`). `on_vectors(index, vectors)` sees the
-    upserted vectors of each applied group (drift monitoring). `decoded` is
+    `merge_in`, `merge_done` and `import` (`run_barrier`). `on_norms(index, norms)` sees the
+    norms of the upserted vectors of each applied group, as their validation computed them
+    (drift monitoring). `decoded` is
     `decode_records` of `records`, when it was done ahead.
     """
     if decoded is None:
@@ -274,8 +277,8 @@ def apply_records(
         group = groups.pop(name, None)
         if group is not None and group.writes:
             _apply_group(partition, name, group)
-            if on_vectors is not None:
-                on_vectors(name, [w.vector for w in group.writes if isinstance(w, Upsert)])
+            if on_norms is not None:
+                on_norms(name, np.concatenate([b.norms for b in group.batches]))
 
     for rec, pre in zip(records, decoded, strict=True):
         out = Outcome(offset=rec.offset, key=rec.key, value=rec.value, headers=rec.headers or ())

@@ -50,10 +50,11 @@ class IndexObserver:
             monitor = self._drift.setdefault(index, DriftMonitor())
         return monitor
 
-    def observe_vectors(self, index: str, vectors: list[Any]) -> None:
-        """Feed upserted vectors to the index's drift monitor (called in apply threads)."""
-        if vectors:
-            self._drift_of(index).observe_vectors(np.stack(vectors))
+    def observe_norms(self, index: str, norms: np.ndarray) -> None:
+        """Feed the norms of upserted vectors to the index's drift monitor (called in apply
+        threads, with the norms the index's validation computed)."""
+        if norms.size:
+            self._drift_of(index).observe_norms(norms)
 
     def observe_distances(self, index: str, distances: np.ndarray) -> None:
         """Feed the nearest distances of answered queries."""

@@ -430,7 +430,7 @@ class Runner:
             limits=s.limits,
             index_limits=s.index_limits,
             barrier=self._barrier,
-            on_vectors=self._observer.observe_vectors,
+            on_norms=self._observer.observe_norms,
         )
         self._observer.observe_indexes(self.partition, {o.index for o in outcomes if o.index})
         return outcomes
