@@ -81,6 +81,32 @@ def _median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
+def _busy() -> tuple[int, int]:
+    """The machine's (busy, total) clock ticks so far, all CPUs (`/proc/stat`)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+def _cores_busy(start: tuple[int, int]) -> float:
+    """Cores busy on average since `start` (`_busy()`), over the whole machine."""
+    busy, total = _busy()
+    return (os.cpu_count() or 1) * (busy - start[0]) / max(1, total - start[1])
+
+
+def _threads_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by the threads of `pid` alive now. Between two engine calls
+    these are the worker's own threads (event loop, decode, apply, checkpoints): hnswlib
+    starts its insert threads for each `add_items` and joins them before it returns."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _data(n: int, dim: int, *, start: int = 0) -> np.ndarray:
     if start:
         return clustered(n, dim, start=start)
@@ -99,13 +125,14 @@ def raw_child(n: int, dim: int, M: int, efc: int, chunk: int, repeats: int) -> N
     rss0 = _proc_status("self", "VmRSS")
     index = hnswlib.Index(space=SPACE, dim=dim)
     index.init_index(max_elements=n, M=M, ef_construction=efc)
-    cpu0, t0 = _cpu_s("self"), time.perf_counter()
+    cpu0, busy0, t0 = _cpu_s("self"), _busy(), time.perf_counter()
     for start in range(0, n, chunk):
         part = data[start : start + chunk]
         index.add_items(part, np.arange(start, start + len(part)))
     out: dict[str, Any] = {
         "build_s": time.perf_counter() - t0,
         "build_cpu_s": _cpu_s("self") - cpu0,
+        "build_cores_busy": _cores_busy(busy0),
         "index_bytes": _proc_status("self", "VmRSS") - rss0,
         "peak_rss": _proc_status("self", "VmHWM"),
     }
@@ -298,6 +325,7 @@ async def _lhv(env: dict[str, str], args: argparse.Namespace, logdir: Path) -> d
             with _Sampler(worker) as sampler:
                 # -- ingest under the default checkpoint policy --
                 cpu.start()
+                busy0, own0 = _busy(), _threads_cpu_s(worker.proc.pid)
                 t0 = time.perf_counter()
                 for start in range(0, n, _SLICE):  # bounds what the client holds at once
                     ids = [f"doc-{i:08d}" for i in range(start, min(n, start + _SLICE))]
@@ -306,6 +334,8 @@ async def _lhv(env: dict[str, str], args: argparse.Namespace, logdir: Path) -> d
                 await _applied(client, name, probe, last, 3600)
                 out["ingest_s"] = time.perf_counter() - t0
                 out["ingest_cpu_s"] = cpu.stop()
+                out["ingest_worker_threads_cpu_s"] = _threads_cpu_s(worker.proc.pid) - own0
+                out["ingest_cores_busy"] = _cores_busy(busy0)
                 out["ingest_records"] = last.offset + 1
                 print(f"  ingest: {out['ingest_s']:.1f} s", flush=True)
                 done = await _wait_checkpoint(log, last.offset, 120 + args.tail_wait_s)
@@ -457,6 +487,16 @@ def _report(res: dict[str, Any]) -> None:
     row("ingest / build (s)", raw["build_s"], lhv["ingest_s"], 1)
     row("  CPU s (lhv: worker + client + Kafka + S3)", raw["build_cpu_s"], sum(cpu.values()), 1)
     row("  lhv worker CPU s", None, cpu.get("worker"), 1)
+    own = lhv.get("ingest_worker_threads_cpu_s")
+    if own is not None and "worker" in cpu:
+        row("    hnswlib's insert threads (raw: the whole build)", raw["build_cpu_s"],
+            cpu["worker"] - own, 1)  # fmt: skip
+        row("    the worker's own threads: event loop, decode, apply, checkpoints", None,
+            own, 1)  # fmt: skip
+    for name in ("s3", "kafka", "client"):
+        row(f"  {name} CPU s", None, cpu.get(name), 1)
+    row("  cores busy on average, whole machine", raw.get("build_cores_busy"),
+        lhv.get("ingest_cores_busy"), 2)  # fmt: skip
     ck = lhv["checkpoints_ingest"]
     row("checkpoints during ingest (count)", None, len(ck), 0)
     if ck:
