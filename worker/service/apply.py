@@ -253,8 +253,7 @@ def apply_records(
     input: each record's fate is in its `Outcome`. `barrier` runs the steps of `merge`,
     `merge_in`, `merge_done` and `import` (`run_barrier`). `on_norms(index, norms)` sees the
     norms of the upserted vectors of each applied group, as their validation computed them
-    (drift monitoring). `decoded` is
-    `decode_records` of `records`, when it was done ahead.
+    (drift monitoring). `decoded` is `decode_records` of `records`, when it was done ahead.
     """
     if decoded is None:
         decoded = decode_records(
