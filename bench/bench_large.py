@@ -99,12 +99,11 @@ def _threads_cpu_s(pid: int) -> float:
     """CPU seconds used so far by the threads of `pid` alive now. Between two engine calls
     these are the worker's own threads (event loop, decode, apply, checkpoints): hnswlib
     starts its insert threads for each `add_items` and joins them before it returns."""
-    total = 0
+    total = 0.0
     for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+        with contextlib.suppress(OSError):  # the thread ended since the listing
+            total += _cpu_s(f"{pid}/task/{tid}")
+    return total
 
 
 def _data(n: int, dim: int, *, start: int = 0) -> np.ndarray:
