@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.structs import OffsetAndTimestamp
 
+from worker.kafka import joingroup
 from worker.kafka.assignor import StandbyAssignor
 from worker.service.config import WorkerConfig
 from worker.service.intake import Intake
@@ -49,6 +50,8 @@ class AiokafkaTransport:
             max_request_size=max(config.limits.max_message_bytes * 2, 1048576),
         )
         await self._producer.start()
+        if self._assignor is not None:
+            joingroup.install()  # two assignors listed: one JoinGroup per join
         self._consumer = AIOKafkaConsumer(
             **kw,
             group_id=config.group_id,
