@@ -345,7 +345,7 @@ class WorkerConfig:
     stall_timeout_s: float = 60.0
     #: warm read-only copies of each partition kept on other workers, so that a takeover
     #: replays a few records instead of downloading snapshots (README, "Warm
-    #: standbys"); 0 keeps none and uses Kafka's range assignor, as before
+    #: standbys"); 0 keeps none
     standby_replicas: int = 0
     #: glibc malloc arenas of the worker process, set when `lhv worker` starts
     #: (worker/service/malloc.py): each arena keeps what was freed in it, and glibc's

@@ -60,8 +60,8 @@ class AiokafkaTransport:
             # used only when a position is out of range: commands partitions are
             # sought by `Ownership`, search partitions by `SearchServer.assign`
             auto_offset_reset="latest",
-            # the standby assignor first when standbys are kept; the range assignor is
-            # what the group falls back to while a member lists only it
+            # LHV's assignor first; the range assignor is what the group falls back to
+            # while a member lists only it (an older worker)
             partition_assignment_strategy=(
                 (self._assignor, RangePartitionAssignor)
                 if self._assignor is not None

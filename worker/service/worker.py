@@ -4,8 +4,8 @@
         await worker.run()                 # until stop() or a fatal error
     # stop(): finish batches, checkpoint owned partitions, leave the group, close
 
-One consumer reads both topics in one group with a co-partitioning assignor (Kafka's
-range assignor; with `LHV_STANDBY_REPLICAS` > 0, `kafka/assignor.py` first), so
+One consumer reads both topics in one group with a co-partitioning assignor
+(`kafka/assignor.py`, then Kafka's range assignor for groups with older members), so
 partition p of `lhv.commands` and of `lhv.search` belong to the same worker. With
 standbys, the worker also keeps warm read-only copies of the partitions its assignment
 names (`standby.py`), and takes an assigned partition over from its copy. The poll loop only routes:
@@ -131,11 +131,12 @@ class Worker:
             },
         )
         self.assignor: StandbyAssignor | None = None
-        """the group's assignor when standbys are kept (`LHV_STANDBY_REPLICAS` > 0,
-        `kafka/assignor.py`): co-partitioned, sticky, partitions spread member by member
-        (so the members of a sharded index, on consecutive partitions, land on different
-        workers), warm copies first; else Kafka's range assignor"""
-        if config.standby_replicas > 0 and kafka is None and not config.replica:
+        """the group's assignor (`kafka/assignor.py`): co-partitioned, sticky, partitions
+        spread member by member (so the members of a sharded index, on consecutive
+        partitions, land on different workers), warm copies first, and
+        `LHV_STANDBY_REPLICAS` standbys; None for a read replica (a group of its own)
+        and for an injected transport"""
+        if kafka is None and not config.replica:
             self.assignor = StandbyAssignor(replicas=config.standby_replicas, held=self._held)
         self._kafka: KafkaTransport = kafka or AiokafkaTransport(
             config, self.metrics, assignor=self.assignor
