@@ -53,7 +53,8 @@ class RecentVectors:
 
     def take(self, labels: Labels) -> tuple[npt.NDArray[np.bool_], Vectors]:
         """For each of `labels`, whether its newest vector is kept, and those vectors
-        (in the order of `labels`, found ones only: (found, dim))."""
+        (in the order of `labels`, found ones only: (found, dim)). The rows are copied
+        from each kept chunk into the result: no copy of everything kept is made."""
         if not self._chunks or not labels.size:
             empty = np.empty((0, self.dim), dtype=np.float32)
             return np.zeros(labels.size, dtype=np.bool_), empty
@@ -64,5 +65,14 @@ class RecentVectors:
         pos = np.minimum(np.searchsorted(uniq, labels), uniq.size - 1)
         found = uniq[pos] == labels
         rows = newest[pos[found]]
-        vectors = np.concatenate([v for _, v in self._chunks])[rows]
-        return found, vectors
+        # rows by chunk: chunk i holds rows starts[i] .. starts[i + 1] - 1
+        starts = np.cumsum([0, *(v.shape[0] for _, v in self._chunks)])
+        order = np.argsort(rows, kind="stable")
+        by_row = rows[order]
+        bounds = np.searchsorted(by_row, starts)
+        out = np.empty((rows.size, self.dim), dtype=np.float32)
+        for i, (_, vectors) in enumerate(self._chunks):
+            lo, hi = bounds[i], bounds[i + 1]
+            if lo < hi:
+                out[order[lo:hi]] = vectors[by_row[lo:hi] - starts[i]]
+        return found, out

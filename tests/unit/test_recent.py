@@ -19,6 +19,22 @@ def test_the_newest_vector_of_each_label_wins_and_forgotten_ones_are_not_found()
     assert vectors[:, 0].tolist() == [3.0, 3.0, 2.0]
 
 
+def test_take_finds_the_newest_row_of_each_label_across_many_chunks() -> None:
+    rng = np.random.default_rng(11)
+    recent = RecentVectors(3, max_bytes=1 << 20)
+    newest: dict[int, np.ndarray] = {}
+    for _ in range(40):  # chunks of 1 to 30 rows, labels written again across chunks
+        labels = rng.choice(200, size=int(rng.integers(1, 31)), replace=False).astype(np.uint64)
+        vectors = rng.normal(size=(labels.size, 3)).astype(np.float32)
+        recent.record(labels, vectors)
+        newest.update(zip(labels.tolist(), vectors, strict=True))
+    asked = rng.permutation(260).astype(np.uint64)  # some were never written
+    found, vectors = recent.take(asked)
+    assert found.tolist() == [int(lb) in newest for lb in asked]
+    want = np.array([newest[int(lb)] for lb in asked[found]], dtype=np.float32)
+    assert np.array_equal(vectors, want)
+
+
 def test_a_delta_holds_the_vectors_the_engine_holds_across_rewrites_deletes_and_reuse() -> None:
     rng = np.random.default_rng(3)
     index = Index("r", IndexParams(dim=8, space=Space.COSINE))
