@@ -29,6 +29,8 @@ from aiokafka.protocol.group import JoinGroupRequest
 __all__ = ["install", "installed"]
 
 log = logging.getLogger(__name__)
+#: the copied method logs as aiokafka's own did (kept at WARNING by the worker's logging)
+_aiokafka_log = group_coordinator.log
 
 #: the aiokafka versions whose `perform_group_join` sends a JoinGroup per assignor
 AFFECTED = frozenset({"0.14.0"})
@@ -58,7 +60,7 @@ async def _perform_group_join(self: Any) -> tuple[str, bytes] | None:
     """aiokafka 0.14.0's `perform_group_join`, with the JoinGroup request (and its
     KIP-394 retry with the member id the coordinator assigns) sent once, listing every
     assignor, after the loop that collects their metadata."""
-    log.info("(Re-)joining group %s", self.group_id)
+    _aiokafka_log.info("(Re-)joining group %s", self.group_id)
 
     topics = self._subscription.topics
     metadata_list = []
@@ -80,7 +82,9 @@ async def _perform_group_join(self: Any) -> tuple[str, bytes] | None:
             ConsumerProtocol.PROTOCOL_TYPE,
             metadata_list,
         )
-        log.debug("Sending JoinGroup (%s) to coordinator %s", request, self.coordinator_id)
+        _aiokafka_log.debug(
+            "Sending JoinGroup (%s) to coordinator %s", request, self.coordinator_id
+        )
         try:
             response = await self._coordinator._send_req(request)
         except Errors.KafkaError:
@@ -95,18 +99,20 @@ async def _perform_group_join(self: Any) -> tuple[str, bytes] | None:
             try_join = True
 
     if error_type is Errors.NoError:
-        log.debug("Join group response %s", response)
+        _aiokafka_log.debug("Join group response %s", response)
         self._coordinator.member_id = response.member_id
         self._coordinator.generation = response.generation_id
         protocol = response.group_protocol
-        log.info(
+        _aiokafka_log.info(
             "Joined group '%s' (generation %s) with member_id %s",
             self.group_id,
             response.generation_id,
             response.member_id,
         )
         if response.leader_id == response.member_id:
-            log.info("Elected group leader -- performing partition assignments using %s", protocol)
+            _aiokafka_log.info(
+                "Elected group leader -- performing partition assignments using %s", protocol
+            )
             assignment_bytes = await self._on_join_leader(response)
         else:
             assignment_bytes = await self._on_join_follower()
@@ -114,7 +120,7 @@ async def _perform_group_join(self: Any) -> tuple[str, bytes] | None:
             return None
         return (protocol, assignment_bytes)
     if error_type is Errors.GroupLoadInProgressError:
-        log.debug(
+        _aiokafka_log.debug(
             "Attempt to join group %s rejected since coordinator %s is loading the group.",
             self.group_id,
             self.coordinator_id,
@@ -122,14 +128,16 @@ async def _perform_group_join(self: Any) -> tuple[str, bytes] | None:
         await asyncio.sleep(self._retry_backoff_ms / 1000)
     elif error_type is Errors.UnknownMemberIdError:
         self._coordinator.reset_generation()
-        log.debug("Attempt to join group %s failed due to unknown member id", self.group_id)
+        _aiokafka_log.debug(
+            "Attempt to join group %s failed due to unknown member id", self.group_id
+        )
     elif error_type in (
         Errors.GroupCoordinatorNotAvailableError,
         Errors.NotCoordinatorForGroupError,
     ):
         err = error_type()
         self._coordinator.coordinator_dead()
-        log.debug(
+        _aiokafka_log.debug(
             "Attempt to join group %s failed due to obsolete coordinator information: %s",
             self.group_id,
             err,
@@ -140,12 +148,12 @@ async def _perform_group_join(self: Any) -> tuple[str, bytes] | None:
         Errors.InvalidGroupIdError,
     ):
         err = error_type()
-        log.error("Attempt to join group failed due to fatal error: %s", err)
+        _aiokafka_log.error("Attempt to join group failed due to fatal error: %s", err)
         raise err
     elif error_type is Errors.GroupAuthorizationFailedError:
         raise error_type(self.group_id)
     else:
         err = error_type()
-        log.error("Unexpected error in join group '%s' response: %s", self.group_id, err)
+        _aiokafka_log.error("Unexpected error in join group '%s' response: %s", self.group_id, err)
         raise Errors.KafkaError(repr(err))
     return None
