@@ -350,3 +350,40 @@ async def test_the_sweeper_removes_a_home_marker_whose_merge_completed(
         await client.assign(range(P))
         await eventually(lambda: left not in cluster.blobs.objects, "the stale marker removed")
         assert live in cluster.blobs.objects, "a merge in flight keeps its marker"
+
+
+async def test_a_member_marker_cut_short_counts_as_absent_and_is_written_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An empty object where a member's marker goes (what SeaweedFS keeps of a PutObject
+    whose writer was killed) neither fails the member's `merge_in` nor stops the sweeper:
+    the step applies and writes the marker anew, and the merge completes."""
+    monkeypatch.setattr(merge, "SWEEP_INTERVAL_S", 0.1)
+    cluster = Cluster(partitions=P)
+    src, dest = _layout()
+    _create(cluster, src, 1)
+    _create(cluster, dest, 3)
+    src_ids = [f"id{i}" for i in range(40)]
+    _add(cluster, src, src_ids, 1.0)
+    merge_id = merge.merge_id_of(
+        _home(src), len(cluster.broker.records(TOPICS.commands, _home(src)))
+    )
+    member = shard_key(dest, 2, 3)
+    cut = merge.marker_key(TOPICS.commands, _home(member), merge_id, 2)
+    await cluster.blobs.put(cut, b"")
+    cluster.command(src, {"op": "merge", "dest": dest, "clear_source": True}, reply=b"m")
+    async with cluster.worker("a") as (w, client, _):
+        await client.assign(range(P))
+        await eventually(
+            lambda: (
+                _all(cluster, [w])()
+                and sorted(_live([w], dest, 3)) == sorted(src_ids)
+                and not _live([w], src, 1)
+                and not _objects(cluster)
+            ),
+            "the merge completed and its objects were collected",
+            timeout_s=30,
+        )
+        acks = _acks(cluster, b"m")
+        assert acks and all(a["status"] == "ok" for a in acks), acks
+        assert (acks[0]["applied"], acks[0]["skipped"]) == (40, 0)

@@ -1225,8 +1225,8 @@ class MergeProtocol:
         marker = marker_key(
             topic, partition.number, cmd.merge_id, None if member is None else member[1]
         )
-        seen = self._wait(self._get(marker))
-        if seen is not None and int(orjson.loads(seen)["offset"]) < out.offset:
+        seen = _read_marker(marker, self._wait(self._get(marker)))
+        if seen is not None and int(seen["offset"]) < out.offset:
             out.skipped = 1
             log.info("merge %s: duplicate merge_in skipped", cmd.merge_id)
             return
@@ -1337,7 +1337,9 @@ class MergeProtocol:
                     data, _ = await blobs.get(key)
                 except BlobNotFound:
                     continue
-                body = orjson.loads(data)
+                body = _read_marker(key, data)
+                if body is None:
+                    continue
                 if "key" not in body:  # a sharded destination's home: its members answer
                     await self._forgotten_home_marker(key, body)
                     continue
@@ -1442,6 +1444,29 @@ def _shards_failed(cmd: MergeDoneCommand, errors: Sequence[ErrorInfo]) -> LhvErr
         f"merge into {cmd.dest!r}: {len(errors)} of {cmd.dest_shards} shards failed "
         f"(the others applied): {first.message}"
     )
+
+
+def _read_marker(key: str, data: bytes | None) -> dict[str, Any] | None:
+    """A marker's body; None when there is none, or when its bytes are not a marker
+    (logged). Such bytes are what a write cut short leaves on some S3 servers (SeaweedFS
+    keeps an empty object when the writer is killed mid-PutObject): the step that wrote
+    it did not finish, no checkpoint covers it, so it runs again on replay and writes
+    the marker anew; until then the marker counts as absent."""
+    if data is None:
+        return None
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("offset"), int):
+        return body
+    log.warning(
+        "%s: not a merge marker (%d bytes: a write cut short?); taken as absent until its "
+        "step runs again",
+        key,
+        len(data),
+    )
+    return None
 
 
 def _marker_value(body: Mapping[str, Any]) -> bytes:
