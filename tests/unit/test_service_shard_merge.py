@@ -81,6 +81,25 @@ def _oracle(src: dict[str, list[float]], dest: dict[str, list[float]]) -> dict[s
     return {**src, **dest}
 
 
+def _merged(
+    cluster: Cluster, workers: list[Worker], src: str, dest: str, expected: dict[str, list[float]]
+) -> Callable[[], bool]:
+    """The merge of unsharded `src` into `dest` (3 shards) is done: the workers caught up,
+    `dest` holds `expected`, `src` is empty, and no merge object is left."""
+    return lambda: (
+        _all(cluster, workers)()
+        and _live(workers, dest, 3) == expected
+        and not _live(workers, src, 1)
+        and not _objects(cluster)
+    )
+
+
+def _assert_acked(cluster: Cluster, applied: int, skipped: int) -> None:
+    acks = _acks(cluster, b"m")
+    assert acks and all(a["status"] == "ok" for a in acks), acks
+    assert (acks[0]["applied"], acks[0]["skipped"]) == (applied, skipped)
+
+
 # -- shard counts -----------------------------------------------------------------------------
 
 
@@ -213,6 +232,15 @@ def _layout() -> tuple[str, str]:
     return src, dest
 
 
+def _layout_created() -> tuple[Cluster, str, str]:
+    """A cluster with `_layout()`'s source (unsharded) and destination (3 shards) created."""
+    cluster = Cluster(partitions=P)
+    src, dest = _layout()
+    _create(cluster, src, 1)
+    _create(cluster, dest, 3)
+    return cluster, src, dest
+
+
 def _ops(cluster: Cluster, p: int, op: str) -> int:
     return sum(
         1
@@ -229,10 +257,7 @@ async def test_a_crash_of_each_party_between_the_steps_converges_to_the_oracle(
 ) -> None:
     monkeypatch.setattr(merge, "RESEND_AFTER_S", 1.0)
     monkeypatch.setattr(merge, "SWEEP_INTERVAL_S", 0.2)
-    cluster = Cluster(partitions=P)
-    src, dest = _layout()
-    _create(cluster, src, 1)
-    _create(cluster, dest, 3)
+    cluster, src, dest = _layout_created()
     src_ids = [f"id{i}" for i in range(80)]
     dest_ids = [f"id{i}" for i in range(70, 90)]
     _add(cluster, src, src_ids, 1.0)
@@ -275,18 +300,11 @@ async def test_a_crash_of_each_party_between_the_steps_converges_to_the_oracle(
                 {i: [9.0, float(n)] for n, i in enumerate(dest_ids)},
             )
             await eventually(
-                lambda: (
-                    _all(cluster, [r, b])()
-                    and _live([r, b], dest, 3) == expected
-                    and not _live([r, b], src, 1)
-                    and not _objects(cluster)
-                ),
+                _merged(cluster, [r, b], src, dest, expected),
                 "the merge converged to the oracle and its objects are collected",
                 timeout_s=60,
             )
-            acks = _acks(cluster, b"m")
-            assert acks and all(a["status"] == "ok" for a in acks), acks
-            assert (acks[0]["applied"], acks[0]["skipped"]) == (70, 10)
+            _assert_acked(cluster, 70, 10)
 
 
 @pytest.mark.parametrize("when", ["a shard before the last", "the last, export removed"])
@@ -359,10 +377,7 @@ async def test_a_member_marker_cut_short_counts_as_absent_and_is_written_again(
     whose writer was killed) neither fails the member's `merge_in` nor stops the sweeper:
     the step applies and writes the marker anew, and the merge completes."""
     monkeypatch.setattr(merge, "SWEEP_INTERVAL_S", 0.1)
-    cluster = Cluster(partitions=P)
-    src, dest = _layout()
-    _create(cluster, src, 1)
-    _create(cluster, dest, 3)
+    cluster, src, dest = _layout_created()
     src_ids = [f"id{i}" for i in range(40)]
     _add(cluster, src, src_ids, 1.0)
     merge_id = merge.merge_id_of(
@@ -374,16 +389,10 @@ async def test_a_member_marker_cut_short_counts_as_absent_and_is_written_again(
     cluster.command(src, {"op": "merge", "dest": dest, "clear_source": True}, reply=b"m")
     async with cluster.worker("a") as (w, client, _):
         await client.assign(range(P))
+        expected = _oracle({i: [1.0, float(n)] for n, i in enumerate(src_ids)}, {})
         await eventually(
-            lambda: (
-                _all(cluster, [w])()
-                and sorted(_live([w], dest, 3)) == sorted(src_ids)
-                and not _live([w], src, 1)
-                and not _objects(cluster)
-            ),
+            _merged(cluster, [w], src, dest, expected),
             "the merge completed and its objects were collected",
             timeout_s=30,
         )
-        acks = _acks(cluster, b"m")
-        assert acks and all(a["status"] == "ok" for a in acks), acks
-        assert (acks[0]["applied"], acks[0]["skipped"]) == (40, 0)
+        _assert_acked(cluster, 40, 0)
