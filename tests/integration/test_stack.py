@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -379,3 +382,36 @@ def test_cli_stack_up_status_down(tmp_path: Path) -> None:
     assert not any(_proc_running(pid) for pid in pids)
     assert not env_file.exists()
     assert not Path(values["LHV_STACK_DIR"]).exists()
+
+
+def _send_headers_then_close(request: Any) -> None:
+    """What a writer killed between a request's headers and its body leaves on the wire:
+    the headers (with their Content-Length), then a closed connection. Without botocore's
+    `Expect: 100-continue`, which some clients and proxies drop: the server then starts
+    on the body at once (SeaweedFS keeps an empty object unless `Content-MD5` says what
+    the body must be)."""
+    url = urllib.parse.urlsplit(request.url)
+    target = url.path + (f"?{url.query}" if url.query else "")
+    lines = [f"{request.method} {target} HTTP/1.1", f"Host: {url.netloc}"]
+    for name, value in request.headers.items():
+        if name.lower() not in ("host", "expect"):
+            lines.append(f"{name}: {value.decode() if isinstance(value, bytes) else value}")
+    with socket.create_connection((url.hostname, url.port), timeout=5) as conn:
+        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        time.sleep(0.2)
+
+
+async def test_a_put_cut_off_after_its_headers_leaves_no_object(blobstore: S3BlobStore) -> None:
+    sent: list[Any] = []
+    blobstore._live_client().meta.events.register(
+        "before-send.s3.PutObject", lambda request, **_: sent.append(request)
+    )
+    body = b'{"offset": 7, "key": "m", "value": "{}"}'
+    await blobstore.put("markers/m.json", body)
+    await blobstore.delete("markers/m.json")
+    # the same signed request again, cut off before its body, as by a kill -9
+    await asyncio.to_thread(_send_headers_then_close, sent[-1])
+    await asyncio.sleep(1.0)
+    with pytest.raises(BlobNotFound):
+        await blobstore.get("markers/m.json")
+    assert sent[-1].headers["Content-MD5"]  # what makes the server drop it
