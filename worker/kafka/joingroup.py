@@ -26,7 +26,7 @@ from aiokafka.consumer import group_coordinator
 from aiokafka.coordinator.protocol import ConsumerProtocol
 from aiokafka.protocol.group import JoinGroupRequest
 
-__all__ = ["install", "installed"]
+__all__ = ["install"]
 
 log = logging.getLogger(__name__)
 #: the copied method logs as aiokafka's own did (kept at WARNING by the worker's logging)
@@ -35,23 +35,16 @@ _aiokafka_log = group_coordinator.log
 #: the aiokafka versions whose `perform_group_join` sends a JoinGroup per assignor
 AFFECTED = frozenset({"0.14.0"})
 
-_state = {"installed": False}
-
-
-def installed() -> bool:
-    """Whether `install()` replaced aiokafka's method in this process."""
-    return _state["installed"]
-
 
 def install() -> bool:
     """Patch `CoordinatorGroupRebalance.perform_group_join` on an affected aiokafka
     (idempotent); returns whether the fixed method is in place."""
-    if _state["installed"]:
+    rebalance = group_coordinator.CoordinatorGroupRebalance
+    if rebalance.perform_group_join is _perform_group_join:
         return True
     if aiokafka.__version__ not in AFFECTED:
         return False
-    group_coordinator.CoordinatorGroupRebalance.perform_group_join = _perform_group_join
-    _state["installed"] = True
+    rebalance.perform_group_join = _perform_group_join
     log.debug("aiokafka %s: one JoinGroup per join (aio-libs/aiokafka#1168)", aiokafka.__version__)
     return True
 

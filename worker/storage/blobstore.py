@@ -268,8 +268,13 @@ def _md5(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.md5(data, usedforsecurity=False).digest()
 
 
+def _etag_of(digest: bytes) -> str:
+    """The ETag S3 gives a single PutObject whose body has this MD5 `digest`."""
+    return f'"{digest.hex()}"'
+
+
 def _md5_etag(data: bytes | bytearray | memoryview) -> str:
-    return f'"{_md5(data).hex()}"'
+    return _etag_of(_md5(data))
 
 
 #: a PutObject body up to this size has its MD5 taken on the event loop (about 1 ms)
@@ -774,7 +779,7 @@ class S3BlobStore:
         except PreconditionFailed:
             if attempts > 1:
                 # An earlier attempt may have landed before its reply was lost.
-                mine = f'"{digest.hex()}"'
+                mine = _etag_of(digest)
                 with contextlib.suppress(BlobNotFound):
                     if (await self.head(key)).etag == mine:
                         log.info("conditional put of %s had landed on an earlier attempt", key)
