@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -294,6 +295,17 @@ def _object_problem(value: Any) -> str | None:
     return None if isinstance(value, dict) else "not a JSON object"
 
 
+def seconds(text: str) -> float:
+    """An argparse `type` for a wait in seconds: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds above 0")
+    return value
+
+
 JSON_VECTOR = _json_arg("a JSON array of numbers, e.g. [0.1, 0.2, 0.3]", _vector_problem)
 JSON_OBJECT = _json_arg('a JSON object, e.g. {"lang": "en"}', _object_problem)
 
@@ -349,7 +361,7 @@ def _args_stack(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("LHV_KAFKA_VERSION") or stack.KAFKA_VERSION,
         help="Kafka release ($LHV_KAFKA_VERSION)",
     )
-    up.add_argument("--timeout", type=float, default=60.0, help="seconds per server to be ready")
+    up.add_argument("--timeout", type=seconds, default=60.0, help="seconds per server to be ready")
     up.add_argument(
         "--sasl", action="store_true", help="require SASL (PLAIN, SCRAM-SHA-256; also over TLS)"
     )
@@ -692,7 +704,7 @@ def _args_connection(parser: argparse.ArgumentParser, *, timeout_s: float = 30.0
         help="reply topics the workers accept ($LHV_REPLY_PATTERN)",
     )
     group.add_argument(
-        "--timeout", type=float, default=timeout_s, help="seconds to wait for each reply"
+        "--timeout", type=seconds, default=timeout_s, help="seconds to wait for each reply"
     )
 
 
@@ -997,7 +1009,7 @@ def _args_load(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-flight", type=int, default=8, help="batches awaiting acks at once")
     parser.add_argument(
         "--check-timeout",
-        type=float,
+        type=seconds,
         default=10.0,
         help="seconds to wait for a worker to answer the check before sending",
     )
@@ -1280,7 +1292,7 @@ def _args_replay(parser: argparse.ArgumentParser) -> None:
         help="rebuild every partition from the log and compare with its snapshots",
     )
     parser.add_argument("--partition", type=int, action="append", default=None)
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per partition")
+    parser.add_argument("--timeout", type=seconds, default=600.0, help="seconds per partition")
     _args_tools_common(parser)
 
 
@@ -1387,7 +1399,12 @@ def _setup_logging(args: argparse.Namespace) -> None:
     setup_logging(str(args.log_level), json=bool(json_logs))
     if args.command != "worker" and logging.getLevelName(str(args.log_level)) > logging.DEBUG:
         logging.getLogger("worker.storage.blobstore").setLevel(logging.WARNING)
-    aiokafka_logs.install(getattr(args, "reply_pattern", None) or TopicsConfig().reply_pattern)
+    # a client verb reports a missing commands or search topic in its one line
+    reported = [getattr(args, name, None) for name in ("commands_topic", "search_topic")]
+    aiokafka_logs.install(
+        getattr(args, "reply_pattern", None) or TopicsConfig().reply_pattern,
+        reported=[t for t in reported if t and args.command != "worker"],
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

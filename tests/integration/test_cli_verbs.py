@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from workerkit import ROOT, Env, end_offsets, make_env, running
 
-from worker.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE
+from worker.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE
 from worker.storage.blobstore import S3Config
 
 
@@ -23,10 +23,10 @@ async def env(bootstrap_servers: str, s3_config: S3Config) -> Env:
     return await make_env(bootstrap_servers, s3_config, partitions=2)
 
 
-def _lhv_sync(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
+def _lhv_sync(env: Env, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "worker.cli", *args],
-        env=env.child_env(),
+        env=env.child_env(**extra),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -34,8 +34,9 @@ def _lhv_sync(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-async def lhv(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(_lhv_sync, env, *args)
+async def lhv(env: Env, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    """`lhv ARGS` with the env's settings, and `extra` variables over them."""
+    return await asyncio.to_thread(_lhv_sync, env, *args, **extra)
 
 
 def _one_line(done: subprocess.CompletedProcess[str]) -> str:
@@ -63,6 +64,30 @@ async def test_load_with_no_worker_running_says_so_and_sends_nothing(
     assert "no worker answered" in line and "nothing was sent" in line
     ends = await end_offsets(env.bootstrap, env.topics.commands)
     assert set(ends.values()) == {0}
+
+
+async def test_a_topic_that_does_not_exist_is_one_line_naming_it_for_verbs_and_worker(
+    env: Env,
+) -> None:
+    typo = f"{env.topics.search}-typo"
+    verb, worker = await asyncio.gather(
+        lhv(env, "stats", "docs", "--timeout", "5", LHV_SEARCH_TOPIC=typo),
+        lhv(env, "worker", LHV_COMMANDS_TOPIC=typo),
+    )
+    assert verb.returncode == EXIT_USAGE, verb.stderr
+    line = _one_line(verb)
+    assert f"topic {typo!r} does not exist" in line and "LHV_SEARCH_TOPIC" in line
+    assert worker.returncode == EXIT_USAGE, worker.stderr
+    assert "Traceback" not in worker.stderr
+    last = worker.stderr.strip().splitlines()[-1]
+    assert last.startswith("lhv worker: ") and f"topic {typo!r} must exist" in last
+
+
+async def test_a_timeout_that_is_not_positive_is_a_usage_error(env: Env) -> None:
+    for value in ("0", "-1", "nan"):
+        done = await lhv(env, "stats", "docs", "--timeout", value)
+        assert done.returncode == EXIT_USAGE, done.stderr
+        assert "--timeout" in _one_line(done)
 
 
 async def test_snapshot_ls_before_any_checkpoint_says_there_is_none_yet(env: Env) -> None:

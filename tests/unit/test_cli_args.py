@@ -5,6 +5,7 @@ traceback, and the exit code of its kind (worker.cli's table)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.cli import EXIT_INPUT, EXIT_USAGE, build_parser, main
+from worker.cli import EXIT_INPUT, EXIT_USAGE, build_parser, main, seconds
 from worker.client.files import LoadError, open_vectors
 from worker.kafka.logs import NormalSituations
 
@@ -176,6 +177,22 @@ def test_reply_topic_gone_and_coordinator_starting_are_not_errors() -> None:
     )
     assert quiet.filter(other) and quiet.filter(fatal)
     assert other.levelno == fatal.levelno == logging.ERROR
+
+
+def test_a_missing_topic_the_command_reports_itself_is_not_logged_at_each_retry() -> None:
+    quiet = NormalSituations("lhv.replies.*", reported=["lhv.search"])
+    retry = _record("aiokafka.cluster", "Topic %s not found in cluster metadata", "lhv.search")
+    quiet.filter(retry)
+    assert retry.levelno == logging.DEBUG
+    other = _record("aiokafka.cluster", "Topic %s not found in cluster metadata", "lhv.commands")
+    assert quiet.filter(other) and other.levelno == logging.ERROR
+
+
+def test_a_timeout_is_a_positive_number_of_seconds() -> None:
+    assert seconds("2.5") == 2.5
+    for text in ("0", "-1", "nan", "inf", "soon"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            seconds(text)
 
 
 def test_a_connection_error_left_in_an_unread_future_is_not_a_second_error() -> None:

@@ -11,6 +11,7 @@ that one line and exits with the class's `exit_code` (the traceback only at DEBU
 
     KafkaSetupError                   exit  Kafka cannot be used as configured
     ├── KafkaSettingsError (ValueError)  2  a setting is invalid (found before connecting)
+    ├── KafkaTopicError                  2  a topic named by the settings is missing or unusable
     └── KafkaConnectError                3  no connection (nothing listening, no answer)
         └── KafkaRefused                 4  the broker refused this connection's settings
             ├── KafkaAuthFailed          4  SASL user, password or mechanism refused
@@ -47,6 +48,7 @@ __all__ = [
     "KafkaSettingsError",
     "KafkaSetupError",
     "KafkaTlsFailed",
+    "KafkaTopicError",
     "map_kafka_errors",
     "translate",
 ]
@@ -62,6 +64,13 @@ class KafkaSetupError(Exception):
 
 class KafkaSettingsError(KafkaSetupError, ValueError):
     """A Kafka setting is invalid; raised by `KafkaConfig` before anything connects."""
+
+    exit_code = 2
+
+
+class KafkaTopicError(KafkaSetupError):
+    """A topic the settings name does not exist on the cluster (a typo, or topics not
+    created yet), or the command and search topics differ in partitions."""
 
     exit_code = 2
 

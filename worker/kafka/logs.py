@@ -17,15 +17,19 @@ of a connection aiokafka gave up on is garbage-collected with its connection err
 reports it (the command line in one line), so the second report is noise whose
 appearance depends on when the collector runs.
 
-`install(reply_pattern)` adds a filter to exactly those loggers that turns exactly
-those records into DEBUG records (kept with `--log-level DEBUG`, dropped otherwise). Every
-other aiokafka line keeps its level: a missing topic that is not a reply topic, or a
+`install(reply_pattern, reported=...)` adds a filter to exactly those loggers that turns
+exactly those records into DEBUG records (kept with `--log-level DEBUG`, dropped
+otherwise). `reported` names topics whose absence the caller reports by itself (the `lhv`
+client verbs: the commands and search topics, in their one line of error), so aiokafka's
+line, repeated at every metadata retry while it waits, is DEBUG too. Every other aiokafka
+line keeps its level: a missing topic that is neither a reply topic nor reported, or a
 coordinator error that is not retriable, is still an ERROR.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from aiokafka.errors import (
     CoordinatorLoadInProgressError,
@@ -54,15 +58,19 @@ LOGGERS = ("aiokafka.cluster", "aiokafka.consumer.group_coordinator", "asyncio")
 class NormalSituations(logging.Filter):
     """Demotes the records of the module docstring to DEBUG; leaves the others alone."""
 
-    def __init__(self, reply_pattern: str = DEFAULT_REPLY_PATTERN) -> None:
+    def __init__(
+        self, reply_pattern: str = DEFAULT_REPLY_PATTERN, *, reported: Iterable[str] = ()
+    ) -> None:
         super().__init__()
         self._replies = ReplyTopicPolicy(reply_pattern, forbidden=())
+        self._reported = frozenset(reported)
 
     def normal(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING or not isinstance(record.args, tuple):
             return False
         if record.msg == _TOPIC_NOT_FOUND and record.args:
-            return self._replies.allows(str(record.args[0]))
+            topic = str(record.args[0])
+            return topic in self._reported or self._replies.allows(topic)
         if record.msg == _COORDINATOR_FAILED and record.args:
             return isinstance(record.args[0], _STARTING_COORDINATOR)
         if isinstance(record.msg, str) and record.msg.startswith(_NEVER_RETRIEVED):
@@ -78,10 +86,12 @@ class NormalSituations(logging.Filter):
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
-def install(reply_pattern: str = DEFAULT_REPLY_PATTERN) -> None:
-    """Filter the aiokafka loggers (replacing a filter installed before)."""
+def install(reply_pattern: str = DEFAULT_REPLY_PATTERN, *, reported: Iterable[str] = ()) -> None:
+    """Filter the aiokafka loggers (replacing a filter installed before); `reported`:
+    topics whose absence the caller reports itself (module docstring)."""
+    reported = tuple(reported)
     for name in LOGGERS:
         logger = logging.getLogger(name)
         for old in [f for f in logger.filters if isinstance(f, NormalSituations)]:
             logger.removeFilter(old)
-        logger.addFilter(NormalSituations(reply_pattern))
+        logger.addFilter(NormalSituations(reply_pattern, reported=reported))

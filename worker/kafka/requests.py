@@ -28,10 +28,12 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import UnknownTopicOrPartitionError
 
 from lhv_index.errors import Internal, NotReady
 from worker.kafka.admin import create_topics
 from worker.kafka.config import KafkaConfig
+from worker.kafka.errors import KafkaTopicError
 from worker.wire.headers import CORRELATION_ID
 
 __all__ = ["ReplyChannel", "ReplyRecord", "stop_consumer"]
@@ -225,14 +227,22 @@ class ReplyChannel(Generic[R]):
         Raises:
             NotReady: the channel is not started (or stopped).
             Internal: the reader failed.
+            KafkaTopicError: `topic` does not exist.
         """
         producer = self._producer
         if producer is None:
             raise NotReady(f"the reply channel of {self.reply_topic} is not started")
         self.check()
-        delivery: asyncio.Future[Any] = await producer.send(
-            topic, key=key, value=value, headers=list(headers), partition=partition
-        )
+        try:
+            delivery: asyncio.Future[Any] = await producer.send(
+                topic, key=key, value=value, headers=list(headers), partition=partition
+            )
+        except UnknownTopicOrPartitionError as exc:
+            raise KafkaTopicError(
+                f"topic {topic!r} does not exist on Kafka: check LHV_COMMANDS_TOPIC and "
+                "LHV_SEARCH_TOPIC (--commands-topic, --search-topic), or create the topics "
+                "(`lhv stack up` does)"
+            ) from exc
         return delivery
 
     async def _read(self) -> None:

@@ -39,7 +39,7 @@ from aiokafka.errors import KafkaError
 
 from lhv_index.errors import Internal
 from worker.kafka.assignor import Held, Role, StandbyAssignor
-from worker.kafka.errors import map_kafka_errors
+from worker.kafka.errors import KafkaTopicError, map_kafka_errors
 from worker.service import inflate
 from worker.service.apply import Outcome
 from worker.service.catalog import Alias, Sharded
@@ -386,13 +386,13 @@ class Worker:
                 async with asyncio.timeout(30):
                     counts.append(len(await self._kafka.partitions_for(topic)))
             except (TimeoutError, KafkaError) as exc:
-                raise Internal(
+                raise KafkaTopicError(
                     f"topic {topic!r} must exist (create it with `lhv stack up`, or your usual "
-                    f"tooling): {exc!r}"
+                    f"tooling; check LHV_COMMANDS_TOPIC and LHV_SEARCH_TOPIC): {exc!r}"
                 ) from exc
         n_cmd, n_search = counts
         if n_cmd != n_search:
-            raise Internal(
+            raise KafkaTopicError(
                 f"{self.topics.commands} has {n_cmd} partitions and {self.topics.search} has "
                 f"{n_search}: they must be equal so that both are co-partitioned"
             )
