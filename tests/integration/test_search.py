@@ -517,6 +517,45 @@ async def test_a_multi_vector_request_gets_one_result_per_vector_in_order(
         assert reply["error"]["code"] == "dim_mismatch"
 
 
+async def test_include_vectors_returns_the_stored_vector_of_each_hit_sharded_or_not(
+    served: Served,
+) -> None:
+    env = served.env
+    data = vecs(60, 8, 31)
+    ids = [f"v{i}" for i in range(60)]
+    topic = await reply_topic(env.bootstrap)
+    async with RawRequester(env.bootstrap, topic) as raw:
+        for name, shards in (("withvec", 1), ("withvec-sh", 3)):
+            await served.client.create(name, dim=8, space="l2", shards=shards)
+            w = await served.client.add(name, ids, data)
+            await served.client.search(name, data[0], k=1, after=w)  # applied everywhere
+            body = {"index": name, "vector": data[5].tolist(), "k": 3, "include_vectors": True}
+            reply = await raw.ask(env.topics.search, name.encode(), body, f"{name}-1".encode())
+            assert reply["status"] == "ok", reply
+            assert reply["hits"][0]["id"] == "v5"
+            for hit in reply["hits"]:
+                assert hit["vector"] == pytest.approx(data[int(hit["id"][1:])].tolist())
+            multi = {"index": name, "vectors": data[[5, 7]].tolist(), "k": 2}
+            reply = await raw.ask(
+                env.topics.search,
+                name.encode(),
+                {**multi, "include_vectors": True},
+                f"{name}-2".encode(),
+            )
+            assert [r["ids"][0] for r in reply["results"]] == ["v5", "v7"], reply
+            for r in reply["results"]:
+                for id_, vector in zip(r["ids"], r["vectors"], strict=True):
+                    assert vector == pytest.approx(data[int(id_[1:])].tolist())
+            # without the flag, no vectors
+            reply = await raw.ask(env.topics.search, name.encode(), multi, f"{name}-3".encode())
+            assert "vectors" not in reply["results"][0], reply
+        # vectors a reply would carry are bounded as a get's are
+        over = {"index": "withvec", "vector": data[0].tolist(), "k": 1001, "include_vectors": True}
+        reply = await raw.ask(env.topics.search, b"withvec", over, b"withvec-4")
+        assert reply["error"]["code"] == "invalid_request"
+        assert "max_get_vectors" in reply["error"]["message"]
+
+
 async def test_concurrent_client_searches_share_requests_and_each_gets_its_own_hits(
     served: Served,
 ) -> None:

@@ -334,6 +334,8 @@ def _members(query: Query, target: GatherTarget, deadline_ms: int) -> list[_Memb
     shards: dict[int, dict[str, Any]] = {}
     if isinstance(query, SearchQuery):
         base.update(k=query.k, include_metadata=query.include_metadata)
+        if query.include_vectors:
+            base["include_vectors"] = True
         if query.ef is not None:
             base["ef"] = query.ef
         if query.filter:
@@ -398,6 +400,7 @@ def _merged(
             k=query.k,
             multi=query.multi,
             include_metadata=query.include_metadata,
+            include_vectors=query.include_vectors,
             missing=missing,
             queries=len(query.vectors),
         )

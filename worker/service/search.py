@@ -62,7 +62,7 @@ import orjson
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
-from lhv_index import Columns
+from lhv_index import Columns, Index
 from lhv_index.errors import (
     DeadlineExceeded,
     DimMismatch,
@@ -747,11 +747,11 @@ class SearchServer:
             )
         except orjson.JSONEncodeError:
             filter_key = pending  # not comparable: searched alone
-        return (id(pending.part), q.ef, filter_key, q.include_metadata)
+        return (id(pending.part), q.ef, filter_key, q.include_metadata, q.include_vectors)
 
     async def _search_group(self, index_name: str, group: list[_Pending]) -> None:
-        """One engine call for `group` (same partition, ef, filter and metadata flag), then
-        a reply per request: the rows of its vectors."""
+        """One engine call for `group` (same partition, ef, filter and flags), then a reply
+        per request: the rows of its vectors (and, asked for, the hits' stored vectors)."""
         q0 = group[0].query
         part = group[0].part
         index = part.indexes.get(index_name)
@@ -762,13 +762,15 @@ class SearchServer:
         self.engine_calls += 1
         self.searched += len(vectors)
         try:
-            found = await asyncio.to_thread(
-                index.search_columns,
+            found, stored = await asyncio.to_thread(
+                _search_columns,
+                index,
                 vectors,
                 k,
                 ef=q0.ef,
                 filter=q0.filter,
                 include_metadata=q0.include_metadata,
+                include_vectors=q0.include_vectors,
             )
         except LhvError as exc:
             await self._answer_all(group, index_name, exc)
@@ -781,7 +783,7 @@ class SearchServer:
             q = pending.query
             rows = found[start : start + len(q.vectors)]
             start += len(q.vectors)
-            sends.append(self._answer(pending, index_name, rows, applied, len(vectors)))
+            sends.append(self._answer(pending, index_name, rows, applied, len(vectors), stored))
         await asyncio.gather(*sends)
 
     async def _answer(
@@ -791,13 +793,18 @@ class SearchServer:
         rows: list[Columns],
         applied: int,
         batch_size: int,
+        stored: dict[str, np.ndarray] | None = None,
     ) -> None:
         """The reply to one search of a group; `internal` if it cannot be built."""
         q = pending.query
         took_ms = (time.monotonic() - pending.received) * 1000
         try:
             value = encode_search_results(
-                q, [_first(c, q.k) for c in rows], applied_offset=applied, took_ms=took_ms
+                q,
+                [_first(c, q.k) for c in rows],
+                applied_offset=applied,
+                took_ms=took_ms,
+                vectors=stored,
             )
         except Exception as exc:
             self._failed(
@@ -950,6 +957,28 @@ def _reply_to(headers: Sequence[tuple[str, bytes]]) -> ReplyTo | None:
         return reply_to_from_headers(headers)
     except Exception:
         return None
+
+
+def _search_columns(
+    index: Index,
+    vectors: np.ndarray,
+    k: int,
+    *,
+    ef: int | None,
+    filter: dict[str, Any] | None,
+    include_metadata: bool,
+    include_vectors: bool,
+) -> tuple[list[Columns], dict[str, np.ndarray] | None]:
+    """`index.search_columns` and, when `include_vectors`, the stored vectors of the ids
+    found (read right after the search: an id deleted in between has none)."""
+    found = index.search_columns(
+        vectors, k, ef=ef, filter=filter, include_metadata=include_metadata
+    )
+    if not include_vectors:
+        return found, None
+    ids = dict.fromkeys(id_ for c in found for id_ in c.ids)
+    items = index.get(ids, include_vectors=True, include_metadata=False)
+    return found, {item.id: item.vector for item in items if item.vector is not None}
 
 
 def _first(columns: Columns, k: int) -> Columns:

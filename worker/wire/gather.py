@@ -81,6 +81,19 @@ def hit_rows(body: Mapping[str, Any]) -> list[list[HitRow]]:
     return out
 
 
+def _hit_vectors(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """id -> stored vector of the hits of a search reply body asked with include_vectors,
+    one dict per query vector (as `hit_rows`)."""
+    results = body.get("results")
+    if results is None:
+        return [{h["id"]: h.get("vector") for h in body["hits"]}]
+    out = []
+    for r in results:
+        vectors = r.get("vectors") or [None] * len(r["ids"])
+        out.append(dict(zip(r["ids"], vectors, strict=False)))
+    return out
+
+
 def partial_fields(missing: Sequence[int]) -> dict[str, Any]:
     """What a merged reply adds about members that did not answer (nothing when all did)."""
     if not missing:
@@ -134,34 +147,46 @@ def merge_search_reply(
     k: int,
     multi: bool,
     include_metadata: bool,
+    include_vectors: bool = False,
     missing: Sequence[int] = (),
     queries: int = 1,
 ) -> dict[str, Any]:
     """The body (without `correlation_id`, `took_ms`, `request_id`) of the one reply to a
     search of `queries` vectors of sharded `name`, from its members' `status: ok` replies
     (a multi-vector search gets one `results` entry per vector, empty when no member
-    answered).
+    answered). With `include_vectors`, each hit keeps the vector its member sent.
 
     `applied_offsets` names each member's applied offset; `applied_offset` is the lowest
     of them (-1 when no member answered)."""
     per_member = [hit_rows(body) for _, body in answers]
     n = max(queries, *(len(rows) for rows in per_member)) if per_member else queries
     merged = [merge_hits((rows[i] for rows in per_member if i < len(rows)), k) for i in range(n)]
+    stored: list[dict[str, Any]] = [{} for _ in range(n)]
+    if include_vectors:
+        for _, body in answers:  # an id lives on one member: the dicts never overlap
+            for i, found in enumerate(_hit_vectors(body)[:n]):
+                stored[i].update(found)
     out: dict[str, Any] = {"status": "ok", "op": "search", "index": name}
     if multi:
         results = []
-        for rows in merged:
+        for i, rows in enumerate(merged):
             entry: dict[str, Any] = {"ids": [r[0] for r in rows], "distances": [r[1] for r in rows]}
             if include_metadata:
                 entry["metadata"] = [r[2] for r in rows]
+            if include_vectors:
+                entry["vectors"] = [stored[i].get(r[0]) for r in rows]
             results.append(entry)
         out["results"] = results
     else:
         rows = merged[0] if merged else []
+        hits: list[dict[str, Any]] = [{"id": r[0], "distance": r[1]} for r in rows]
         if include_metadata:
-            out["hits"] = [{"id": r[0], "distance": r[1], "metadata": r[2]} for r in rows]
-        else:
-            out["hits"] = [{"id": r[0], "distance": r[1]} for r in rows]
+            for hit, r in zip(hits, rows, strict=True):
+                hit["metadata"] = r[2]
+        if include_vectors:
+            for hit in hits:
+                hit["vector"] = stored[0].get(hit["id"]) if stored else None
+        out["hits"] = hits
     applied = _applied(name, shards, answers)
     out["applied_offset"] = min(applied.values(), default=-1)
     out["applied_offsets"] = applied

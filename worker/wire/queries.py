@@ -61,6 +61,7 @@ class SearchQuery(_QueryBase):
     """equality on metadata fields; None or {}: no filter"""
     include_metadata: bool = False
     include_vectors: bool = False
+    """each hit carries its stored vector (`vector`; `vectors` in `results`)"""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,6 +155,13 @@ def _query(
         if k > limits.max_k:
             raise InvalidRequest(f"search: k {k} is over the limit {limits.max_k}")
         vectors, multi = _search_vectors(body, limits)
+        include_vectors = bool(body.get("include_vectors", False))
+        if include_vectors and k * len(vectors) > limits.max_get_vectors:
+            raise InvalidRequest(
+                f"search: k {k} times {len(vectors)} query vectors with include_vectors is "
+                f"over the limit {limits.max_get_vectors} (max_get_vectors): ask for a "
+                "smaller k, or without vectors and get the hits' vectors by id"
+            )
         return SearchQuery(
             index=index,
             reply_to=reply_to,
@@ -167,7 +175,7 @@ def _query(
             ef=_opt_int(body.get("ef")),
             filter=_check_filter(body.get("filter"), limits),
             include_metadata=bool(body.get("include_metadata", False)),
-            include_vectors=bool(body.get("include_vectors", False)),
+            include_vectors=include_vectors,
         )
     if op == "get":
         ids = _check_ids(body["ids"], limits, op)

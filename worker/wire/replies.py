@@ -125,25 +125,39 @@ class SearchReply:
     results: Sequence[Columns] | None = None
     """the hits of each vector of a multi-vector search, as columns (then `hits` is not
     sent)"""
+    vectors: Mapping[str, np.ndarray] | None = None
+    """include_vectors: the stored vector of each hit's id (a hit whose id is not here,
+    deleted between the search and the read of the vectors, gets null)"""
+
+    def _vector(self, id_: str) -> list[float] | None:
+        assert self.vectors is not None
+        vec = self.vectors.get(id_)
+        return None if vec is None else np.asarray(vec, dtype="<f4").reshape(-1).tolist()
 
     def _hits(self, hits: Sequence[_HitLike]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [{"id": h.id, "distance": float(h.distance)} for h in hits]
         if self.include_metadata:
-            return [
-                {"id": h.id, "distance": float(h.distance), "metadata": h.metadata} for h in hits
-            ]
-        return [{"id": h.id, "distance": float(h.distance)} for h in hits]
+            for entry, h in zip(out, hits, strict=True):
+                entry["metadata"] = h.metadata
+        if self.vectors is not None:
+            for entry, h in zip(out, hits, strict=True):
+                entry["vector"] = self._vector(h.id)
+        return out
+
+    def _columns(self, c: Columns) -> dict[str, Any]:
+        out: dict[str, Any] = {"ids": c.ids, "distances": c.distances}
+        if self.include_metadata:
+            out["metadata"] = c.metadata
+        if self.vectors is not None:
+            out["vectors"] = [self._vector(id_) for id_ in c.ids]
+        return out
 
     def encode(self) -> bytes:
         fields: dict[str, Any] = {}
         if self.results is None:
             fields["hits"] = self._hits(self.hits)
-        elif self.include_metadata:
-            fields["results"] = [
-                {"ids": c.ids, "distances": c.distances, "metadata": c.metadata}
-                for c in self.results
-            ]
         else:
-            fields["results"] = [{"ids": c.ids, "distances": c.distances} for c in self.results]
+            fields["results"] = [self._columns(c) for c in self.results]
         fields["applied_offset"] = self.applied_offset
         return _ok_body(self.reply_to, "search", self.index, fields, self.took_ms, self.request_id)
 
@@ -294,14 +308,17 @@ def encode_search_reply(
     applied_offset: int,
     took_ms: float,
     results: Sequence[Columns] | None = None,
+    vectors: Mapping[str, np.ndarray] | None = None,
 ) -> bytes:
     """`SearchReply` of a one-vector `query`; `hits` are `lhv_index.Hit`s (id, distance,
-    metadata). With `results` (a multi-vector query), those are sent instead of `hits`."""
+    metadata). With `results` (a multi-vector query), those are sent instead of `hits`.
+    `vectors`: the hits' stored vectors by id, sent when the query asked for them."""
     return SearchReply(
         reply_to=query.reply_to,
         index=query.index,
         hits=hits,
         results=results,
+        vectors=vectors if query.include_vectors else None,
         include_metadata=query.include_metadata,
         applied_offset=applied_offset,
         took_ms=took_ms,
@@ -310,16 +327,27 @@ def encode_search_reply(
 
 
 def encode_search_results(
-    query: SearchQuery, rows: Sequence[Columns], *, applied_offset: int, took_ms: float
+    query: SearchQuery,
+    rows: Sequence[Columns],
+    *,
+    applied_offset: int,
+    took_ms: float,
+    vectors: Mapping[str, np.ndarray] | None = None,
 ) -> bytes:
     """`SearchReply` of `query` from the `lhv_index.Columns` of each of its vectors:
-    `results` for a multi-vector search, `hits` (of the one row) otherwise."""
+    `results` for a multi-vector search, `hits` (of the one row) otherwise; `vectors` as
+    `encode_search_reply`."""
     if query.multi:
         return encode_search_reply(
-            query, (), applied_offset=applied_offset, took_ms=took_ms, results=rows
+            query,
+            (),
+            applied_offset=applied_offset,
+            took_ms=took_ms,
+            results=rows,
+            vectors=vectors,
         )
     return encode_search_reply(
-        query, rows[0].hits(), applied_offset=applied_offset, took_ms=took_ms
+        query, rows[0].hits(), applied_offset=applied_offset, took_ms=took_ms, vectors=vectors
     )
 
 
