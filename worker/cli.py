@@ -1400,10 +1400,14 @@ def _setup_logging(args: argparse.Namespace) -> None:
     if args.command != "worker" and logging.getLevelName(str(args.log_level)) > logging.DEBUG:
         logging.getLogger("worker.storage.blobstore").setLevel(logging.WARNING)
     # a client verb reports a missing commands or search topic in its one line
-    reported = [getattr(args, name, None) for name in ("commands_topic", "search_topic")]
+    topics = TopicsConfig.from_env()
+    reported = [
+        getattr(args, "commands_topic", None) or topics.commands,
+        getattr(args, "search_topic", None) or topics.search,
+    ]
     aiokafka_logs.install(
-        getattr(args, "reply_pattern", None) or TopicsConfig().reply_pattern,
-        reported=[t for t in reported if t and args.command != "worker"],
+        getattr(args, "reply_pattern", None) or topics.reply_pattern,
+        reported=reported if args.command != "worker" else (),
     )
 
 

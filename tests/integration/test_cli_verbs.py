@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from workerkit import ROOT, Env, end_offsets, make_env, running
 
-from worker.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE
+from worker.cli import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE
 from worker.storage.blobstore import S3Config
 
 
@@ -88,6 +88,14 @@ async def test_a_timeout_that_is_not_positive_is_a_usage_error(env: Env) -> None
         done = await lhv(env, "stats", "docs", "--timeout", value)
         assert done.returncode == EXIT_USAGE, done.stderr
         assert "--timeout" in _one_line(done)
+
+
+async def test_replay_of_a_partition_the_topic_does_not_have_fails_naming_it(env: Env) -> None:
+    done = await lhv(env, "replay", "--verify", "--partition", "7")
+    assert done.returncode == EXIT_FAILED, done.stdout + done.stderr
+    assert "--partition 7" in done.stdout + done.stderr
+    assert "has partitions 0 to 1" in done.stdout + done.stderr
+    assert "consistent:" not in done.stdout
 
 
 async def test_snapshot_ls_before_any_checkpoint_says_there_is_none_yet(env: Env) -> None:

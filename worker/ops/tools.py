@@ -458,6 +458,13 @@ async def replay_verify(
     if not numbers:
         replay.report.errors.append(f"topic {config.topics.commands!r} does not exist")
         return replay.report
+    unknown = sorted(set(partitions or ()) - set(numbers))
+    if unknown:
+        replay.report.errors.append(
+            f"--partition {', '.join(map(str, unknown))}: topic {config.topics.commands!r} "
+            f"has partitions 0 to {len(numbers) - 1}"
+        )
+        return replay.report
     await replay.run(numbers, set(partitions) if partitions is not None else set(numbers))
     return replay.report
 
