@@ -214,7 +214,7 @@ def _map_refusals(exc: BaseException, args: argparse.Namespace) -> CliError | No
     if not isinstance(exc, LhvError) or args.command == "worker":
         return None
     hint = ""
-    if isinstance(exc, IndexNotFound):
+    if isinstance(exc, IndexNotFound) and args.command != "unalias":
         hint = ": create it with `lhv create INDEX --dim N`"
     elif isinstance(exc, IndexExists):
         hint = ": drop it first, or create it again with the same parameters"
@@ -1017,13 +1017,26 @@ def _args_load(parser: argparse.ArgumentParser) -> None:
     _args_connection(parser)
 
 
-async def _check_load_target(client: LhvClient, args: argparse.Namespace, dim: int) -> None:
+def _check_cosine_rows(args: argparse.Namespace, space: str, zero_row: str | None) -> None:
+    """Raises InputFileError when the index is under cosine and the file has a zero row."""
+    if space == "cosine" and zero_row is not None:
+        raise InputFileError(
+            f"{args.file} {zero_row}: zero vector (or norm out of range), which index "
+            f"{args.index!r} under cosine refuses; nothing was sent"
+        )
+
+
+async def _check_load_target(
+    client: LhvClient, args: argparse.Namespace, dim: int, zero_row: str | None = None
+) -> None:
     """Before anything is sent: a worker answers for the index, the index exists (or is
-    created with --create) and has the file's dimension.
+    created with --create), has the file's dimension and, under cosine, the file has no
+    zero row (`zero_row`, from `VectorFile.check`).
 
     Raises:
         Unreachable: no worker answered within --check-timeout.
         Refused: no such index (without --create), or another dimension.
+        InputFileError: a zero row for an index under cosine.
     """
     from lhv_index.errors import DeadlineExceeded, IndexNotFound, NotReady
 
@@ -1035,6 +1048,7 @@ async def _check_load_target(client: LhvClient, args: argparse.Namespace, dim: i
                 f"index {args.index!r} does not exist: add --create, or `lhv create "
                 f"{args.index} --dim {dim}` first; nothing was sent"
             ) from None
+        _check_cosine_rows(args, args.space, zero_row)
         await client.create(
             args.index, dim=dim, space=args.space, engine=args.engine, shards=args.shards
         )
@@ -1060,6 +1074,7 @@ async def _check_load_target(client: LhvClient, args: argparse.Namespace, dim: i
             f"{args.file} has {dim}-dim vectors but index {args.index!r} has dim "
             f"{stats['dim']}; nothing was sent"
         )
+    _check_cosine_rows(args, str(stats.get("space")), zero_row)
 
 
 def _cmd_load(args: argparse.Namespace) -> int:
@@ -1073,7 +1088,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
     vectors.check()  # every row, before anything is sent
 
     async def run(client: LhvClient) -> LoadReport:
-        await _check_load_target(client, args, vectors.dim)
+        await _check_load_target(client, args, vectors.dim, vectors.zero_row)
         with tqdm(
             total=vectors.rows, unit="rows", desc=args.index, disable=args.no_progress
         ) as bar:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from workerkit import ROOT, Env, end_offsets, make_env, running
 
-from worker.cli import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE
+from worker.cli import EXIT_FAILED, EXIT_INPUT, EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE
 from worker.storage.blobstore import S3Config
 
 
@@ -159,6 +159,26 @@ async def test_quickstart_verbs_create_load_search_get_delete_stats_drop(
         done = await lhv(env, "stats", "docs")
         assert done.returncode == EXIT_REFUSED
         assert "index_not_found" in _one_line(done)
+
+
+async def test_load_refuses_a_zero_row_for_an_index_under_cosine_before_sending(
+    env: Env, tmp_path: Path
+) -> None:
+    data = tmp_path / "v.jsonl"
+    data.write_text('{"id": "a", "vector": [1, 0]}\n\n{"id": "z", "vector": [0, 0]}\n')
+    async with running(env.config()):
+        for args in (["--create"], []):  # created by the load, then existing
+            done = await lhv(env, "load", "docs", str(data), *args)
+            assert done.returncode == EXIT_INPUT, done.stderr
+            line = _one_line(done)
+            assert "row 1 (id 'z')" in line and "cosine" in line and "nothing was sent" in line
+            if not args:
+                break
+            assert (await lhv(env, "create", "docs", "--dim", "2")).returncode == EXIT_OK
+        ends = await end_offsets(env.bootstrap, env.topics.commands)
+        assert sum(ends.values()) == 1  # the create alone
+        done = await lhv(env, "load", "flat", str(data), "--create", "--space", "l2")
+        assert done.returncode == EXIT_OK, done.stderr
 
 
 async def test_a_sharded_index_from_the_command_line_create_load_search_stats(

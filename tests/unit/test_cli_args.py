@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.cli import EXIT_INPUT, EXIT_USAGE, build_parser, main, seconds
+from worker.cli import EXIT_INPUT, EXIT_USAGE, build_parser, main, seconds, user_error
 from worker.client.files import LoadError, open_vectors
 from worker.kafka.logs import NormalSituations
 
@@ -177,6 +177,30 @@ def test_reply_topic_gone_and_coordinator_starting_are_not_errors() -> None:
     )
     assert quiet.filter(other) and quiet.filter(fatal)
     assert other.levelno == fatal.levelno == logging.ERROR
+
+
+def test_a_zero_row_is_found_by_the_check_and_named_by_row_and_id(tmp_path: Path) -> None:
+    path = tmp_path / "v.jsonl"
+    rows = [{"id": "a", "vector": [1, 0]}, {"id": "z", "vector": [0, 0]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    vectors = open_vectors(path)
+    vectors.check()
+    assert vectors.zero_row == "row 1 (id 'z')"
+    path.write_text(json.dumps(rows[0]) + "\n")
+    vectors = open_vectors(path)
+    vectors.check()
+    assert vectors.zero_row is None
+
+
+def test_unalias_of_a_name_that_is_no_alias_does_not_suggest_creating_an_index() -> None:
+    from lhv_index.errors import IndexNotFound
+
+    error = user_error(
+        IndexNotFound("unalias: 'x' is not an alias"), argparse.Namespace(command="unalias")
+    )
+    assert error is not None and "lhv create" not in str(error)
+    error = user_error(IndexNotFound("index 'x' does not exist"), argparse.Namespace(command="get"))
+    assert error is not None and "lhv create" in str(error)
 
 
 def test_a_missing_topic_the_command_reports_itself_is_not_logged_at_each_retry() -> None:

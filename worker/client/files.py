@@ -106,6 +106,9 @@ class VectorFile:
     dim: int
     _vectors: Any = None
     _ids: list[str] | None = None
+    zero_row: str | None = None
+    """after `check`: the first row whose norm is zero (or out of range), which an index
+    under cosine refuses, as "row N (id X)"; None when there is none"""
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         """Consecutive batches of at most `batch_size` rows."""
@@ -126,8 +129,15 @@ class VectorFile:
         Raises:
             LoadError: the first bad row.
         """
-        for _batch in self.batches(batch_size):
-            pass
+        self.zero_row = None
+        for batch in self.batches(batch_size):
+            if self.zero_row is not None:
+                continue
+            norms = np.sqrt(np.einsum("ij,ij->i", batch.vectors, batch.vectors, dtype=np.float64))
+            bad = np.flatnonzero(~(norms > 1e-30) | ~np.isfinite(norms))  # as lhv_index
+            if len(bad):
+                n = int(bad[0])
+                self.zero_row = f"row {batch.start + n} (id {batch.ids[n]!r})"
 
 
 def _finite_f32(values: Any, path: Path, first_row: int) -> np.ndarray:
