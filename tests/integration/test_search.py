@@ -714,11 +714,12 @@ async def test_cli_load_exits_non_zero_naming_the_batches_that_failed(
 ) -> None:
     env = served.env
     data = vecs(50, 4, 12)
-    data[23] = 0.0  # a zero vector under cosine: its batch is rejected whole
-    data[41] = 0.0
+    # an id over the worker's limit (LHV_MAX_ID_BYTES), which only the worker checks:
+    # its batch is rejected whole
+    ids = [f"r{i}" if i not in (23, 41) else "x" * 600 for i in range(50)]
     with (tmp_path / "bad.jsonl").open("w") as f:
-        for i, row in enumerate(data):
-            f.write(json.dumps({"id": f"r{i}", "vector": row.tolist()}) + "\n")
+        for id_, row in zip(ids, data, strict=True):
+            f.write(json.dumps({"id": id_, "vector": row.tolist()}) + "\n")
     argv = ["load", "bad", str(tmp_path / "bad.jsonl"), "--create", "--space", "cosine",
             "--batch-size", "10", "--no-progress", "--bootstrap-servers", env.bootstrap,
             *_conn(env)]  # fmt: skip

@@ -495,6 +495,7 @@ BAD_QUERIES: list[tuple[str, Any, str]] = [
     ("filter too large", {"index": "docs", "vector": [1.0], "filter": {"t": "x" * 20_000}}, "filter of 20008 bytes is over the limit 16384 (max_filter_bytes)"),
     ("ef over its bound", {"index": "docs", "vector": [1.0], "ef": 100_001}, "ef must be smaller than or equal to 100000"),
     ("get too many vectors", {"op": "get", "index": "docs", "ids": ["a"] * 1_001}, "1001 ids with include_vectors is over the limit 1000 (max_get_vectors)"),
+    ("search too many vectors", {"index": "docs", "vectors": [[1.0]] * 3, "k": 400, "include_vectors": True}, "k 400 times 3 query vectors with include_vectors is over the limit 1000 (max_get_vectors)"),
 ]  # fmt: skip
 
 
