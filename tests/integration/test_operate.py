@@ -277,6 +277,16 @@ async def test_snapshot_and_replay_tools_catch_rewritten_and_corrupted_snapshots
         assert "consistent" in done.stdout
         done = await asyncio.to_thread(_lhv, env, "snapshot", "verify")
         assert done.returncode == 0, done.stdout + done.stderr
+        # a partition with no manifest is not "ok": nothing of it was checked
+        done = await asyncio.to_thread(_lhv, env, "snapshot", "verify", "--partition", "999")
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "partition 999: no manifest" in done.stdout
+        assert "0 snapshots checked: ok" not in done.stdout
+        # an index no manifest names: one line naming it, no traceback
+        done = await asyncio.to_thread(_lhv, env, "snapshot", "inspect", "no-such-index")
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "'no-such-index'" in done.stderr and "snapshot ls" in done.stderr
+        assert "Traceback" not in done.stderr
         done = await asyncio.to_thread(_lhv, env, "snapshot", "ls")
         assert done.returncode == 0 and all(n in done.stdout for n in names)
 

@@ -267,10 +267,12 @@ class Problem:
 class VerifyReport:
     checked: int = 0
     problems: list[Problem] = field(default_factory=list)
+    absent: list[int] = field(default_factory=list)
+    """partitions asked for by number that have no manifest: nothing there was checked"""
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.absent
 
 
 async def verify_snapshots(
@@ -279,9 +281,14 @@ async def verify_snapshots(
     """Check every snapshot the manifests name: it exists with the size the manifest
     says, its sections' checksums hold, it loads (graph included) as the index the manifest
     names, with the parameters and source offset the manifest says, and the loaded index
-    holds exactly the ids its envelope declares and answers a search with them."""
+    holds exactly the ids its envelope declares and answers a search with them.
+    A partition asked for in `partitions` that has no manifest is reported `absent`."""
     report = VerifyReport()
     cps = _Checkpoints(blobs, topic)
+    if partitions is not None:
+        partitions = set(partitions)
+        have = {cp.partition for cp in await cps.listing() if cp.manifest is not None}
+        report.absent = sorted(partitions - have)
     for p, name, entry, manifest in await cps.named(partitions):
         before = len(report.problems)
         for segment in (entry.base, *entry.deltas):
@@ -975,12 +982,24 @@ def run_snapshot(args: argparse.Namespace) -> int:
                 return 0
             report = await verify_snapshots(blobs, topic, partitions=args.partition)
             if args.json:
-                body = {"checked": report.checked, "problems": [str(p) for p in report.problems]}
+                body = {
+                    "checked": report.checked,
+                    "problems": [str(p) for p in report.problems],
+                    "absent_partitions": report.absent,
+                }
                 print(json.dumps(body, indent=2))
             else:
                 for problem in report.problems:
                     print(f"BAD {problem}")
+                where = f"s3://{config.s3.bucket}/{config.s3.key_prefix}"
+                for p in report.absent:
+                    print(
+                        f"NONE partition {p}: no manifest under {where} (no checkpoint yet, "
+                        f"or {topic} has no partition {p}): nothing checked"
+                    )
                 verdict = "ok" if report.ok else f"{len(report.problems)} problems"
+                if report.absent and not report.problems:
+                    verdict = f"{len(report.absent)} partitions without a manifest"
                 print(f"{report.checked} snapshots checked: {verdict}")
             return 0 if report.ok else 1
 
@@ -989,7 +1008,7 @@ def run_snapshot(args: argparse.Namespace) -> int:
     except BlobStoreError as exc:
         if not isinstance(exc, BlobNotFound) or exc.key is None:
             raise  # S3 unreachable, credentials: `lhv` says what to do, in one line
-        print(f"lhv snapshot: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"lhv snapshot: {exc} (`lhv snapshot ls` lists what there is)", file=sys.stderr)
         return 1
     except (LhvError, SnapshotError) as exc:
         print(f"lhv snapshot: {type(exc).__name__}: {exc}", file=sys.stderr)
