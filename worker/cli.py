@@ -1403,8 +1403,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup_logging(args: argparse.Namespace) -> None:
     """One logging setup for every command (worker.logs: the libraries at WARNING); the
-    client commands also keep the S3 store's INFO line to themselves, and aiokafka's lines
-    about normal situations are DEBUG (worker.kafka.logs)."""
+    client commands also keep the S3 store's INFO line to themselves, `replay` and
+    `snapshot` the service's, and aiokafka's lines about normal situations are DEBUG
+    (worker.kafka.logs)."""
     from worker.kafka import logs as aiokafka_logs
     from worker.telemetry.logs import setup_logging
 
@@ -1414,6 +1415,11 @@ def _setup_logging(args: argparse.Namespace) -> None:
     setup_logging(str(args.log_level), json=bool(json_logs))
     if args.command != "worker" and logging.getLevelName(str(args.log_level)) > logging.DEBUG:
         logging.getLogger("worker.storage.blobstore").setLevel(logging.WARNING)
+        if args.command in ("replay", "snapshot"):
+            # they rebuild indexes with the service's own parts: its INFO lines (index
+            # created, checkpoint planned) describe the rebuild, not the operator's cluster
+            for name in ("worker.service", "worker.storage", "lhv_index"):
+                logging.getLogger(name).setLevel(logging.WARNING)
     # a client verb reports a missing commands or search topic in its one line
     topics = TopicsConfig.from_env()
     reported = [

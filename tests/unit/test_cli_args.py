@@ -235,3 +235,32 @@ def test_a_connection_error_left_in_an_unread_future_is_not_a_second_error() -> 
     # any other unread exception is still an ERROR
     bug = unread(ValueError("a bug"))
     assert quiet.filter(bug) and bug.levelno == logging.ERROR
+
+
+@pytest.mark.parametrize(
+    ("argv", "service_info"),
+    [
+        (["replay", "--verify"], False),
+        (["snapshot", "ls"], False),
+        (["--log-level", "DEBUG", "replay", "--verify"], True),
+        (["worker"], True),
+    ],
+)
+def test_replay_and_snapshot_keep_the_rebuilds_info_lines_to_themselves(
+    argv: list[str], service_info: bool
+) -> None:
+    from worker.cli import _setup_logging
+
+    names = ("worker.service", "worker.storage", "worker.storage.blobstore", "lhv_index")
+    levels = {name: logging.getLogger(name).level for name in names}
+    root = logging.getLogger()
+    handlers, root_level = list(root.handlers), root.level
+    try:
+        _setup_logging(build_parser().parse_args(argv))
+        assert logging.getLogger("worker.service.apply").isEnabledFor(logging.INFO) is service_info
+        assert logging.getLogger("worker.service.apply").isEnabledFor(logging.WARNING)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        root.handlers[:] = handlers
+        root.setLevel(root_level)
