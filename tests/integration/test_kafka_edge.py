@@ -305,6 +305,28 @@ async def test_an_ack_to_a_reply_partition_that_does_not_exist_is_dropped(env: E
         still_up(task)
 
 
+async def test_acks_to_many_missing_reply_topics_do_not_hold_the_partition(env: Env) -> None:
+    """Forty commands, each asking for its ack on a reply topic of its own that does not
+    exist: the batch waits for their metadata once, not forty times 5 s, so a command
+    after them is applied and acked while its producer still waits (60 s)."""
+    name, home = one_index(env)
+    records = [RawRecord(name.encode(), cmd(name, op="create", dim=4, space="l2"))]
+    records += [
+        RawRecord(
+            name.encode(),
+            add(name, f"i{i}"),
+            reply_headers(f"lhv.replies.never-{uuid.uuid4().hex}", b"c%d" % i),
+        )
+        for i in range(40)
+    ]
+    async with up(env.config()) as (worker, task):
+        await produce_batch(env.bootstrap, env.topics.commands, home, records)
+        await acked_add(env, name, "after")
+        assert metric(worker, "lhv_replies_dropped_total") == 40
+        await state_matches_oracle(env, worker)
+        still_up(task)
+
+
 async def test_a_command_inflating_past_the_limits_is_dead_lettered_cut_to_fit(env: Env) -> None:
     """~20 KB of gzip on the wire that inflates to 20 MiB: rejected, and its DLQ record is
     cut to the outgoing bound with the original size and hash."""

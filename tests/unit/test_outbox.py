@@ -5,6 +5,7 @@ stand-in for the outbox's producer side."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Any
 
@@ -161,3 +162,42 @@ def test_edge_limits_come_from_the_environment() -> None:
     assert config.delivery.max_record_bytes == 500_000
     assert config.delivery.ack_replay_max_age_ms == 1000
     assert config.delivery.max_missing_reply_topics == 7
+
+
+class HangingOutbox(FakeOutbox):
+    """Metadata of a topic that does not exist never comes (the broker does not answer
+    for it): a lookup waits until it is cancelled."""
+
+    def __init__(self, topics: dict[str, int]) -> None:
+        super().__init__(topics)
+        self.lookups = 0
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        self.lookups += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if topic not in self.topics:
+                await asyncio.Event().wait()
+            return set(range(self.topics[topic]))
+        finally:
+            self.in_flight -= 1
+
+
+async def test_the_reply_topics_of_a_batch_are_looked_up_together() -> None:
+    """Acks to 200 distinct topics that do not exist cost one metadata wait together,
+    then none each: a producer naming many missing topics cannot hold a partition for
+    200 waits."""
+    outbox = HangingOutbox({"lhv.replies.here": 1})
+    sender = ReplySender(outbox, wait_s=0.05)  # type: ignore[arg-type]
+    gone = [f"lhv.replies.gone-{i}" for i in range(200)]
+    await sender.look_up([*gone, "lhv.replies.here", *gone])
+    assert outbox.lookups == 201 and outbox.most_in_flight == 201 and outbox.in_flight == 0
+    assert sender.missing_topics == 200
+    for topic in gone:
+        assert not await sender.send(ReplyTo(topic, None, b"c"), b"{}", kind="ack")
+    assert await sender.send(ReplyTo("lhv.replies.here", None, b"c"), b"{}", kind="ack")
+    assert outbox.lookups == 202  # the topic that exists, once more; the missing ones not
+    assert outbox.drops == [("ack", "missing_topic")] * 200

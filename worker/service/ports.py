@@ -132,6 +132,11 @@ class KafkaTransport(KafkaPort, Protocol):
 class ReplyPort(Protocol):
     """Sends one reply or ack to a requester (`ReplySender`). Never raises."""
 
+    async def look_up(self, topics: Iterable[str]) -> None:
+        """Look up the reply topics of a batch of acks together, so that sending them
+        waits for missing topics once, not once each. Never raises."""
+        ...
+
     async def send(
         self,
         reply_to: ReplyTo,

@@ -11,7 +11,9 @@ A reply topic that does not exist (its client stopped and deleted it: replays re
 acks, and a late query may outlive its requester) must never stall or stop a partition:
 `ReplySender` waits for its metadata at most a few seconds, then drops what goes there
 with a warning and remembers the topic as missing for a minute (at most
-`max_missing` topics, least recently used forgotten first). A `kafka_replyPartition` that
+`max_missing` topics, least recently used forgotten first). The reply topics of one
+batch of acks are looked up together first (`look_up`), so however many distinct
+missing topics a batch names, it waits for them once, not once each. A `kafka_replyPartition` that
 the topic does not have drops the reply with a warning, and a reply too large to send is
 replaced by a small `invalid_request` error reply; records go out through the worker's
 `Outbox` (`worker/outbox.py`), which bounds their size and confines any failure to the
@@ -30,7 +32,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from aiokafka.errors import KafkaError
 
@@ -73,6 +75,28 @@ class ReplySender:
         self._missing: OrderedDict[str, float] = OrderedDict()
         """topic -> monotonic time until which it is taken as missing; oldest use first"""
 
+    async def look_up(self, topics: Iterable[str]) -> None:
+        """Look up the metadata of `topics` at once, within one wait of `wait_s`: those
+        without it by then are remembered as missing (logged, as `send` does), so the
+        `send`s that follow find every topic known or missing and wait no more. Without
+        this, acks sent one after another would wait `wait_s` for each distinct missing
+        topic in turn, and a producer naming many could hold its partition for as long.
+        Never raises (cancellation aside)."""
+        unknown = [t for t in dict.fromkeys(topics) if not self._is_missing(t)]
+        if not unknown:
+            return
+        lookups = {t: asyncio.ensure_future(self.outbox.partitions_for(t)) for t in unknown}
+        await asyncio.wait(lookups.values(), timeout=self.wait_s)
+        for topic, lookup in lookups.items():
+            if not lookup.done():
+                lookup.cancel()
+                failed: BaseException | None = TimeoutError()
+            else:
+                failed = lookup.exception()
+            if isinstance(failed, TimeoutError | KafkaError):
+                self._missing_now(topic, failed)
+        await asyncio.gather(*lookups.values(), return_exceptions=True)
+
     async def send(
         self,
         reply_to: ReplyTo,
@@ -99,14 +123,8 @@ class ReplySender:
             async with asyncio.timeout(self.wait_s):
                 partitions = await self.outbox.partitions_for(topic)
         except (TimeoutError, KafkaError) as exc:
-            self._remember_missing(topic)
+            self._missing_now(topic, exc)
             self._on_drop()
-            log.warning(
-                "reply topic %r is missing or unreachable (%s): its replies are dropped for %.0f s",
-                topic,
-                type(exc).__name__,
-                self.forget_after_s,
-            )
             self.outbox.dropped(kind, "missing_topic", topic, where, "missing", quiet=True)
             return False
         except Exception as exc:  # anything else stays with this reply
@@ -157,6 +175,15 @@ class ReplySender:
             return True
         del self._missing[topic]
         return False
+
+    def _missing_now(self, topic: str, exc: BaseException) -> None:
+        self._remember_missing(topic)
+        log.warning(
+            "reply topic %r is missing or unreachable (%s): its replies are dropped for %.0f s",
+            topic,
+            type(exc).__name__,
+            self.forget_after_s,
+        )
 
     def _remember_missing(self, topic: str) -> None:
         self._missing[topic] = time.monotonic() + self.forget_after_s

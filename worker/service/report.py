@@ -2,7 +2,8 @@
 dead-letter record per rejected record.
 
 Acks go through the `ReplyPort` to the requester's reply topic (checked against the
-reply-topic policy); DLQ records through the `Outbox`, cut to its size bound. A failure
+reply-topic policy; the reply topics of a batch are looked up together first, so a batch
+waits at most once for the topics that do not exist); DLQ records through the `Outbox`, cut to its size bound. A failure
 while sending for one record is logged with its partition and offset and counted; it
 never ends the runner. An ack of a record replayed after a restore and older than
 `DeliveryConfig.ack_replay_max_age_ms` is skipped: its requester stopped waiting.
@@ -68,13 +69,22 @@ class Reporter:
         """Send acks and DLQ records for one applied batch. Never raises (cancellation
         aside). `timestamps` (offset -> record timestamp, ms) lets acks of stale replayed
         records be skipped."""
+        stamps = timestamps or {}
+        await self._replies.look_up(
+            out.reply_to.topic
+            for out in outcomes
+            if out.reply_to is not None
+            and not (out.error is None and out.ack_passed_on)
+            and self._reply_policy.allows(out.reply_to.topic)
+            and not self._stale_replay(partition, out.offset, stamps.get(out.offset))
+        )
         for out in outcomes:
             if out.error is None and (out.reply_to is None or out.ack_passed_on):
                 self._metrics.command_applied(out.op, out.applied)
                 continue
             with log_context(partition=partition.number, offset=out.offset):
                 try:
-                    await self._report_one(partition, out, (timestamps or {}).get(out.offset))
+                    await self._report_one(partition, out, stamps.get(out.offset))
                 except asyncio.CancelledError:
                     raise
                 except Exception:
