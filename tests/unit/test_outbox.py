@@ -201,3 +201,19 @@ async def test_the_reply_topics_of_a_batch_are_looked_up_together() -> None:
     assert await sender.send(ReplyTo("lhv.replies.here", None, b"c"), b"{}", kind="ack")
     assert outbox.lookups == 202  # the topic that exists, once more; the missing ones not
     assert outbox.drops == [("ack", "missing_topic")] * 200
+
+
+def test_original_headers_named_like_the_dlq_headers_are_left_out() -> None:
+    """A record sent back from the DLQ (or a producer's own `lhv_error_*`) and rejected
+    again: its DLQ record names this rejection only, not an item or a cut of another."""
+    stale = [
+        ("lhv_error_code", b"index_not_found"),
+        ("lhv_error_item", b"7"),
+        ("lhv_source_offset", b"1"),
+        ("lhv_value_truncated", b"true"),
+        ("lhv_original_value_bytes", b"99"),
+        ("kafka_replyTopic", b"lhv.replies.x"),
+    ]
+    rec = fit(b"{}", stale)
+    assert rec.headers == [("kafka_replyTopic", b"lhv.replies.x"), *ERRORS]
+    assert not rec.truncated

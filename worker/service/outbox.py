@@ -46,6 +46,7 @@ from worker.kafka.config import KafkaConfig
 from worker.service.config import DeliveryConfig
 from worker.telemetry.metrics import Metrics
 from worker.wire.headers import (
+    DLQ_HEADER_NAMES,
     ORIGINAL_HEADERS_DROPPED,
     ORIGINAL_KEY_BYTES,
     ORIGINAL_VALUE_BYTES,
@@ -96,7 +97,9 @@ def fit_dlq_record(
     headers, cut to fit `max_record_bytes` (`schemas/dlq_headers.schema.json`).
 
     - Original headers are kept in order up to `max_headers` of them and
-      `max_header_bytes` in all; `lhv_original_headers_dropped` counts the rest.
+      `max_header_bytes` in all; `lhv_original_headers_dropped` counts the rest. Those
+      named like the headers added here (`DLQ_HEADER_NAMES`) are left out: they would
+      describe another rejection (a record sent back from the DLQ) or none.
     - A key over 1 KiB is cut; `lhv_original_key_bytes` gives its size.
     - A value that does not fit is cut to what does (possibly nothing), with
       `lhv_value_truncated: true`, `lhv_original_value_bytes` and
@@ -108,6 +111,8 @@ def fit_dlq_record(
     headers: Headers = []
     total = dropped = 0
     for hkey, hvalue in original_headers:
+        if hkey in DLQ_HEADER_NAMES:
+            continue
         size = len(hkey.encode("utf-8", "backslashreplace")) + len(hvalue or b"")
         if len(headers) >= max_headers or total + size > max_header_bytes:
             dropped += 1

@@ -12,6 +12,7 @@ from worker.wire.limits import _DEFAULT_LIMITS, MessageLimits
 
 __all__ = [
     "CORRELATION_ID",
+    "DLQ_HEADER_NAMES",
     "DLQ_MESSAGE_MAX_BYTES",
     "ERROR_CODE",
     "ERROR_ITEM",
@@ -56,6 +57,25 @@ ORIGINAL_VALUE_BYTES = "lhv_original_value_bytes"
 ORIGINAL_VALUE_SHA256 = "lhv_original_value_sha256"
 ORIGINAL_KEY_BYTES = "lhv_original_key_bytes"
 ORIGINAL_HEADERS_DROPPED = "lhv_original_headers_dropped"
+#: every header the worker adds to a DLQ record: an original header of one of these names
+#: is not kept (a record sent back from the DLQ and rejected again, or a producer's own
+#: headers of these names, would otherwise carry a reason, an item or a cut that is not
+#: this rejection's)
+DLQ_HEADER_NAMES = frozenset(
+    {
+        ERROR_CODE,
+        ERROR_MESSAGE,
+        ERROR_ITEM,
+        SOURCE_TOPIC,
+        SOURCE_PARTITION,
+        SOURCE_OFFSET,
+        VALUE_TRUNCATED,
+        ORIGINAL_VALUE_BYTES,
+        ORIGINAL_VALUE_SHA256,
+        ORIGINAL_KEY_BYTES,
+        ORIGINAL_HEADERS_DROPPED,
+    }
+)
 #: the HMAC of an internal protocol record (`merge_in`, `merge_done`)
 PROTOCOL_MAC = "lhv_internal_mac"
 
