@@ -143,8 +143,6 @@ def admit_forwarded(
     """
     origin = cmd.origin
     if origin is None:
-        if cmd.via_alias is not None:
-            raise InvalidRequest(f"{cmd.op}: via_alias is set only on forwarded records (origin)")
         member = parse_shard_name(cmd.index)
         if member is not None and isinstance(cmd, CreateCommand | DropCommand):
             raise InvalidRequest(

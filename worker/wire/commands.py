@@ -467,6 +467,9 @@ def _command(
         )
     )
     via_alias = body.get("via_alias")
+    if via_alias is not None and origin is None:
+        # only a worker forwarding a write keyed by an alias sets it, with origin (signed)
+        raise InvalidRequest(f"{op}: via_alias is set only on forwarded records (origin)")
     if op == "add":
         return AddCommand(
             index=index,
