@@ -80,6 +80,10 @@ class FakeOutbox:
         self.max_record_bytes = max_record_bytes
         self.sent: list[tuple[str, Any]] = []
         self.drops: list[tuple[str, str]] = []
+        self.forgotten: list[str] = []
+
+    def forget_topic(self, topic: str) -> None:
+        self.forgotten.append(topic)
 
     async def partitions_for(self, topic: str) -> set[int]:
         if topic not in self.topics:
@@ -201,6 +205,7 @@ async def test_the_reply_topics_of_a_batch_are_looked_up_together() -> None:
     assert await sender.send(ReplyTo("lhv.replies.here", None, b"c"), b"{}", kind="ack")
     assert outbox.lookups == 202  # the topic that exists, once more; the missing ones not
     assert outbox.drops == [("ack", "missing_topic")] * 200
+    assert sorted(outbox.forgotten) == sorted(gone)  # the producer stops tracking them
 
 
 def test_original_headers_named_like_the_dlq_headers_are_left_out() -> None:

@@ -286,6 +286,18 @@ class Outbox:
         if self._in_flight:
             await asyncio.wait(set(self._in_flight), timeout=timeout_s)
 
+    def forget_topic(self, topic: str) -> None:
+        """Stop keeping the metadata of `topic` (a reply topic found missing).
+
+        aiokafka's producer adds every topic it is asked about to the set its client
+        refreshes, for good, and asks the broker about all of them at each refresh: made-up
+        reply topic names would grow that set, and every metadata request, without bound.
+        """
+        client = getattr(self._producer, "client", None)
+        tracked = getattr(client, "_topics", None)
+        if isinstance(tracked, set):
+            tracked.discard(topic)
+
     def _live(self) -> ReplyProducer | AIOKafkaProducer:
         if self._producer is None or self._closed:
             raise RuntimeError("outbox not started, or stopped")

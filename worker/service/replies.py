@@ -11,7 +11,8 @@ A reply topic that does not exist (its client stopped and deleted it: replays re
 acks, and a late query may outlive its requester) must never stall or stop a partition:
 `ReplySender` waits for its metadata at most a few seconds, then drops what goes there
 with a warning and remembers the topic as missing for a minute (at most
-`max_missing` topics, least recently used forgotten first). The reply topics of one
+`max_missing` topics, least recently used forgotten first), and has the outbox's
+producer stop asking the broker about it. The reply topics of one
 batch of acks are looked up together first (`look_up`), so however many distinct
 missing topics a batch names, it waits for them once, not once each. A `kafka_replyPartition` that
 the topic does not have drops the reply with a warning, and a reply too large to send is
@@ -178,6 +179,7 @@ class ReplySender:
 
     def _missing_now(self, topic: str, exc: BaseException) -> None:
         self._remember_missing(topic)
+        self.outbox.forget_topic(topic)  # the producer's metadata stays bounded too
         log.warning(
             "reply topic %r is missing or unreachable (%s): its replies are dropped for %.0f s",
             topic,
