@@ -217,3 +217,47 @@ def test_the_applied_offset_never_runs_ahead_of_the_writes_in_the_index() -> Non
     )
     assert seen and all(offset < recs[0].offset for offset in seen)
     assert part.applied_offset == recs[-1].offset
+
+
+def test_a_create_past_the_indexes_a_partition_may_hold_is_refused() -> None:
+    """Every index holds memory however empty (hnswlib's locks): a partition holds at
+    most `max_indexes`; a create past it is invalid_request and creates nothing, while
+    re-creating an existing one stays a no-op and a drop makes room."""
+    part = Partition(0)
+    names = [n for n in (f"ix{i}" for i in range(200)) if home_partition(n.encode(), P) == 0][:3]
+
+    offsets = iter(range(100))
+
+    def record(name: str, **body: object) -> Rec:
+        value = orjson.dumps({"index": name, **body})
+        return Rec(next(offsets), name.encode(), value, [])
+
+    def create(name: str) -> Rec:
+        return record(name, op="create", dim=2)
+
+    def apply(recs: list[Rec]) -> list:
+        return apply_records(
+            part,
+            recs,
+            num_partitions=P,
+            limits=MessageLimits(),
+            index_limits=Limits(),
+            max_indexes=2,
+        )
+
+    first, second, third, again = apply([create(n) for n in (*names, names[0])])
+    assert (first.applied, second.applied, again.skipped) == (1, 1, 1)
+    assert third.error is not None and third.error.code == "invalid_request"
+    assert "LHV_MAX_INDEXES_PER_PARTITION" in third.error.message
+    assert set(part.indexes) == set(names[:2])
+    dropped, created = apply([record(names[0], op="drop"), create(names[2])])
+    assert dropped.applied == 1 and created.applied == 1
+    assert set(part.indexes) == {names[1], names[2]}
+
+
+def test_the_indexes_a_partition_may_hold_come_from_the_environment() -> None:
+    from worker.service.config import WorkerConfig
+
+    assert WorkerConfig.from_env({}).max_indexes_per_partition == 1000
+    config = WorkerConfig.from_env({"LHV_MAX_INDEXES_PER_PARTITION": "7"})
+    assert config.max_indexes_per_partition == 7

@@ -34,6 +34,7 @@ from lhv_index.errors import (
     IndexExists,
     IndexNotFound,
     Internal,
+    InvalidRequest,
     LhvError,
     WrongPartition,
 )
@@ -198,15 +199,17 @@ def run_barrier(
     *,
     steps: BarrierSteps | None,
     index_limits: Limits,
+    max_indexes: int | None = None,
 ) -> None:
     """Apply one barrier command (one of `BARRIERS`) in its place: `create` and `drop`
     here, the others through `steps`; the one dispatch of the worker and of `lhv replay`.
+    A `create` of a new index is refused when the partition holds `max_indexes`.
 
     Raises:
         LhvError: the command is rejected; nothing changed.
     """
     if isinstance(cmd, CreateCommand):
-        _create(partition, cmd, out, index_limits)
+        _create(partition, cmd, out, index_limits, max_indexes)
         return
     if isinstance(cmd, DropCommand):
         _drop(partition, cmd, out)
@@ -243,6 +246,7 @@ def apply_records(
     num_partitions: int,
     limits: MessageLimits,
     index_limits: Limits,
+    max_indexes: int | None = None,
     barrier: BarrierSteps | None = None,
     on_norms: Callable[[str, npt.NDArray[np.float32]], None] | None = None,
     decoded: Sequence[Decoded] | None = None,
@@ -254,6 +258,7 @@ def apply_records(
     `merge_in`, `merge_done` and `import` (`run_barrier`). `on_norms(index, norms)` sees the
     norms of the upserted vectors of each applied group, as their validation computed them
     (drift monitoring). `decoded` is `decode_records` of `records`, when it was done ahead.
+    `max_indexes`: the indexes the partition may hold (None: no bound).
     """
     if decoded is None:
         decoded = decode_records(
@@ -340,7 +345,14 @@ def apply_records(
             elif isinstance(cmd, BARRIERS):
                 for name in _touched(cmd):
                     flush(name)
-                run_barrier(partition, cmd, out, steps=barrier, index_limits=index_limits)
+                run_barrier(
+                    partition,
+                    cmd,
+                    out,
+                    steps=barrier,
+                    index_limits=index_limits,
+                    max_indexes=max_indexes,
+                )
             else:
                 raise Internal(f"op {out.op!r} is not supported by this worker")
         except RestoreNeeded:
@@ -415,7 +427,13 @@ def _apply_group(partition: Partition, name: str, group: _Group) -> None:
         out.skipped = count - out.applied
 
 
-def _create(partition: Partition, cmd: CreateCommand, out: Outcome, index_limits: Limits) -> None:
+def _create(
+    partition: Partition,
+    cmd: CreateCommand,
+    out: Outcome,
+    index_limits: Limits,
+    max_indexes: int | None,
+) -> None:
     params = IndexParams.from_dict(cmd.params)
     sharding.check_member_create(partition, cmd)
     existing = partition.indexes.get(cmd.index)
@@ -425,6 +443,11 @@ def _create(partition: Partition, cmd: CreateCommand, out: Outcome, index_limits
             return
         raise IndexExists(
             f"index {cmd.index!r} exists with other parameters: {existing.params.to_dict()}"
+        )
+    if max_indexes is not None and len(partition.indexes) >= max_indexes:
+        raise InvalidRequest(
+            f"create: partition {partition.number} holds {len(partition.indexes)} indexes, "
+            f"the limit (LHV_MAX_INDEXES_PER_PARTITION {max_indexes}): drop one first"
         )
     partition.indexes[cmd.index] = Index(cmd.index, params, limits=index_limits)
     sharding.created_member(partition, cmd)

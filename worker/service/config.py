@@ -283,6 +283,7 @@ _INT_SETTINGS = {
     "max_inflated_batch_bytes": "LHV_MAX_INFLATED_BATCH_BYTES",
     "query_wait_ms": "LHV_QUERY_WAIT_MS",
     "standby_replicas": "LHV_STANDBY_REPLICAS",
+    "max_indexes_per_partition": "LHV_MAX_INDEXES_PER_PARTITION",
     "malloc_arena_max": "LHV_MALLOC_ARENA_MAX",
     "malloc_mmap_threshold_bytes": "LHV_MALLOC_MMAP_THRESHOLD_BYTES",
 }
@@ -347,6 +348,11 @@ class WorkerConfig:
     #: replays a few records instead of downloading snapshots (README, "Warm
     #: standbys"); 0 keeps none
     standby_replicas: int = 0
+    #: indexes one partition may hold (`LHV_MAX_INDEXES_PER_PARTITION`): an hnsw index
+    #: holds about 2.6 MB however few items it has (hnswlib's 65536 locks per index), so
+    #: creates of ever more names would otherwise grow a worker without bound; a create
+    #: past it is refused `invalid_request`
+    max_indexes_per_partition: int = 1000
     #: glibc malloc arenas of the worker process, set when `lhv worker` starts
     #: (worker/service/malloc.py): each arena keeps what was freed in it, and glibc's
     #: default is 8 per core; 0 leaves glibc's default
@@ -361,6 +367,10 @@ class WorkerConfig:
             raise ValueError(f"role must be one of {ROLES}, not {self.role!r}")
         if self.standby_replicas < 0:
             raise ValueError("standby_replicas (LHV_STANDBY_REPLICAS) must be >= 0")
+        if self.max_indexes_per_partition < 1:
+            raise ValueError(
+                "max_indexes_per_partition (LHV_MAX_INDEXES_PER_PARTITION) must be >= 1"
+            )
         if min(self.max_pending_bytes, self.max_read_ahead_bytes, self.max_batch_bytes) < 1:
             raise ValueError(
                 "max_pending_bytes, max_read_ahead_bytes and max_batch_bytes "

@@ -81,6 +81,8 @@ class RunnerLimits:
     checkpoint: CheckpointPolicy
     limits: MessageLimits
     index_limits: IndexLimits
+    max_indexes: int | None = None
+    """indexes one partition may hold (None: no bound)"""
 
     @classmethod
     def of(cls, config: WorkerConfig) -> RunnerLimits:
@@ -92,6 +94,7 @@ class RunnerLimits:
             checkpoint=config.checkpoint,
             limits=config.limits,
             index_limits=config.index_limits,
+            max_indexes=config.max_indexes_per_partition,
         )
 
 
@@ -429,6 +432,7 @@ class Runner:
             num_partitions=self._num_partitions,
             limits=s.limits,
             index_limits=s.index_limits,
+            max_indexes=s.max_indexes,
             barrier=self._barrier,
             on_norms=self._observer.observe_norms,
         )
