@@ -113,6 +113,35 @@ async def test_a_sharded_create_makes_each_member_and_acks_with_the_forwarded_of
         assert other["error"]["code"] == "index_exists"
 
 
+async def test_a_sharded_create_is_weighed_at_its_home_and_its_members_always_get_room() -> None:
+    """With LHV_MAX_INDEXES_PER_PARTITION, a sharded index counts at its home as its
+    members' share of one partition (ceil(S / P)) and is refused there whole; the members
+    the home creates are never refused for room (that would leave it half-created), even
+    on a partition that is full."""
+    cluster = Cluster(partitions=P)
+    name = "docs"
+    home = home_partition(name.encode(), P)
+    full = home_partition(shard_key(name, 1, P).encode(), P)
+    fillers = [n for n in (f"f{i}" for i in range(500)) if home_partition(n.encode(), P) == full]
+    for n in fillers[:2]:
+        cluster.command(n, {"op": "create", "dim": 2})
+    _create(cluster, name, P, reply=b"fits")  # share 1 at its home
+    _create(cluster, "docs2", 3 * P, reply=b"big")  # share 3: over 2 wherever its home is
+    async with cluster.worker("a", max_indexes_per_partition=2) as (w, client, _):
+        await client.assign(range(P))
+        await eventually(lambda: b"big" in cluster.replies(), "the creates' acks")
+        await eventually(_all_caught_up(cluster, [w]), "members applied")
+        fits, big = cluster.replies()[b"fits"], cluster.replies()[b"big"]
+        assert fits["status"] == "ok" and len(fits["forwarded"]) == P, fits
+        assert all(index is not None for index in _members([w], name, P).values())
+        assert len(w.partitions[full].indexes) > 2  # the full partition took its member
+        assert big["error"]["code"] == "invalid_request", big
+        assert "LHV_MAX_INDEXES_PER_PARTITION" in big["error"]["message"]
+        assert "docs2" not in w.partitions[home_partition(b"docs2", P)].catalog
+        assert not any("docs2#" in i for part in w.partitions.values() for i in part.indexes)
+        assert isinstance(w.partitions[home].catalog[name], Sharded)
+
+
 async def test_describe_answers_from_the_homes_catalog() -> None:
     cluster = Cluster(partitions=P)
     name = _name_apart(2)

@@ -674,6 +674,7 @@ class _Replay:
                 num_partitions=self.num_partitions,
                 limits=self.config.limits,
                 index_limits=self.config.index_limits,
+                max_indexes=self.config.max_indexes_per_partition,
                 barrier=barriers,
                 decoded=decoded[start:stop],
             )

@@ -34,7 +34,6 @@ from lhv_index.errors import (
     IndexExists,
     IndexNotFound,
     Internal,
-    InvalidRequest,
     LhvError,
     WrongPartition,
 )
@@ -200,16 +199,18 @@ def run_barrier(
     steps: BarrierSteps | None,
     index_limits: Limits,
     max_indexes: int | None = None,
+    num_partitions: int = 1,
 ) -> None:
     """Apply one barrier command (one of `BARRIERS`) in its place: `create` and `drop`
     here, the others through `steps`; the one dispatch of the worker and of `lhv replay`.
-    A `create` of a new index is refused when the partition holds `max_indexes`.
+    A `create` of a new index is refused when the partition holds `max_indexes`
+    (`sharding.check_room`).
 
     Raises:
         LhvError: the command is rejected; nothing changed.
     """
     if isinstance(cmd, CreateCommand):
-        _create(partition, cmd, out, index_limits, max_indexes)
+        _create(partition, cmd, out, index_limits, max_indexes, num_partitions)
         return
     if isinstance(cmd, DropCommand):
         _drop(partition, cmd, out)
@@ -317,6 +318,7 @@ def apply_records(
                     auth=auth(),
                     index_limits=index_limits,
                     max_record_bytes=limits.max_message_bytes,
+                    max_indexes=max_indexes,
                     check_import=None if barrier is None else barrier.check_import,
                 )
                 if home is not None:
@@ -352,6 +354,7 @@ def apply_records(
                     steps=barrier,
                     index_limits=index_limits,
                     max_indexes=max_indexes,
+                    num_partitions=num_partitions,
                 )
             else:
                 raise Internal(f"op {out.op!r} is not supported by this worker")
@@ -433,6 +436,7 @@ def _create(
     out: Outcome,
     index_limits: Limits,
     max_indexes: int | None,
+    num_partitions: int,
 ) -> None:
     params = IndexParams.from_dict(cmd.params)
     sharding.check_member_create(partition, cmd)
@@ -444,11 +448,7 @@ def _create(
         raise IndexExists(
             f"index {cmd.index!r} exists with other parameters: {existing.params.to_dict()}"
         )
-    if max_indexes is not None and len(partition.indexes) >= max_indexes:
-        raise InvalidRequest(
-            f"create: partition {partition.number} holds {len(partition.indexes)} indexes, "
-            f"the limit (LHV_MAX_INDEXES_PER_PARTITION {max_indexes}): drop one first"
-        )
+    sharding.check_room(partition, cmd, max_indexes=max_indexes, num_partitions=num_partitions)
     partition.indexes[cmd.index] = Index(cmd.index, params, limits=index_limits)
     sharding.created_member(partition, cmd)
     partition.dirty.add(cmd.index)

@@ -217,6 +217,39 @@ def created_member(partition: Partition, cmd: CreateCommand) -> None:
         partition.members[cmd.index] = cmd.shards
 
 
+def check_room(
+    partition: Partition, cmd: CreateCommand, *, max_indexes: int | None, num_partitions: int
+) -> None:
+    """Refuse a `create` of a new index or sharded index that would take `partition` past
+    `max_indexes` (`LHV_MAX_INDEXES_PER_PARTITION`; None: no bound). A partition counts
+    the indexes it holds (members included) and, for each sharded index whose home it is,
+    its members' share of one partition: ceil(S / P). A sharded create is weighed the
+    same way here, at its home, where it is refused whole; its members' creates, signed by
+    the home, are never refused for room (a refused member would leave the index
+    half-created).
+
+    Raises:
+        InvalidRequest: no room; nothing changed.
+    """
+    if max_indexes is None or parse_shard_name(cmd.index) is not None:
+        return
+
+    def share(shards: int) -> int:
+        return -(-shards // max(1, num_partitions))
+
+    held = len(partition.indexes) + sum(
+        share(e.shards) for e in partition.catalog.values() if isinstance(e, Sharded)
+    )
+    adding = share(cmd.shards) if cmd.shards > 1 else 1
+    if held + adding > max_indexes:
+        what = f"{cmd.shards} shards over {num_partitions} partitions" if cmd.shards > 1 else ""
+        raise InvalidRequest(
+            f"create: partition {partition.number} holds {held} indexes"
+            + (f" and {cmd.index!r} ({what}) would add {adding}" if what else "")
+            + f", the limit is {max_indexes} (LHV_MAX_INDEXES_PER_PARTITION): drop one first"
+        )
+
+
 def check_member_create(partition: Partition, cmd: CreateCommand) -> None:
     """A member that exists already must have the same S (its params are checked by the
     ordinary create).
@@ -243,6 +276,7 @@ def at_home(
     auth: ProtocolAuth | None,
     index_limits: Limits,
     max_record_bytes: int,
+    max_indexes: int | None = None,
     check_import: Callable[[ImportCommand, Index, int], None] | None = None,
 ) -> HomeStep | None:
     """The home's step for a record keyed by a name of this partition's catalog, or for a
@@ -259,7 +293,7 @@ def at_home(
     if isinstance(cmd, CreateCommand):
         if entry is None and cmd.shards <= 1:
             return None
-        return _create(partition, cmd, entry, offset, sign, index_limits)
+        return _create(partition, cmd, entry, offset, sign, index_limits, max_indexes)
     if isinstance(cmd, AliasCommand | UnaliasCommand):
         return _alias(partition, cmd, entry, offset)
     if entry is None or isinstance(cmd, MergeInCommand | MergeDoneCommand):
@@ -340,6 +374,7 @@ def _create(
     offset: int,
     sign: _Signer,
     index_limits: Limits,
+    max_indexes: int | None,
 ) -> HomeStep:
     name = cmd.index
     if cmd.via_alias is not None or isinstance(entry, Alias):
@@ -357,6 +392,7 @@ def _create(
         )
     if name in partition.indexes:
         raise IndexExists(f"index {name!r} exists unsharded: drop it first to shard it")
+    check_room(partition, cmd, max_indexes=max_indexes, num_partitions=sign.num_partitions)
     partition.catalog[name] = Sharded(cmd.shards, params.to_dict())
     step = HomeStep(applied=1)
     for s in range(cmd.shards):
