@@ -15,7 +15,7 @@ from lhv_index._frame import Frame, FrameSection, read_frame
 from lhv_index._index import Index
 from lhv_index._params import EngineKind, IndexParams, Limits, Space
 from lhv_index._snapshot import read_snapshot, write_snapshot
-from lhv_index._types import Columns, Hit, Item
+from lhv_index._types import Columns, Hit, Item, MetadataJson
 from lhv_index._validate import ValidatedWrites
 from lhv_index._writes import ApplyResult, Delete, Upsert, Write
 
@@ -34,6 +34,7 @@ __all__ = [
     "IndexParams",
     "Item",
     "Limits",
+    "MetadataJson",
     "Space",
     "Upsert",
     "ValidatedWrites",
@@ -62,6 +63,7 @@ for _obj in (
     IndexParams,
     Item,
     Limits,
+    MetadataJson,
     Space,
     Upsert,
     ValidatedWrites,

@@ -8,10 +8,21 @@ from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from lhv_index._clock import Clock
 
-__all__ = ["Columns", "Hit", "Item", "ItemId", "Labels", "Metadata", "Vector", "Vectors"]
+__all__ = [
+    "Columns",
+    "Hit",
+    "Item",
+    "ItemId",
+    "Labels",
+    "Metadata",
+    "MetadataJson",
+    "Vector",
+    "Vectors",
+]
 
 Vector: TypeAlias = npt.NDArray[np.float32]
 """One vector: float32, shape (dim,)."""
@@ -24,6 +35,24 @@ Labels: TypeAlias = npt.NDArray[np.uint64]
 
 Metadata: TypeAlias = dict[str, Any]
 """An opaque JSON object stored per id."""
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataJson:
+    """A metadata object already encoded as compact JSON (what the index stores), for a
+    caller that parsed it from a message and checked its size: an `Upsert` carrying it
+    holds its bytes, not a tree of Python objects that can weigh 20 times more. The index
+    still checks that it is an object within the size limit; it is trusted to be valid
+    JSON (make it with `MetadataJson.of`)."""
+
+    json: bytes
+
+    @classmethod
+    def of(cls, metadata: Metadata) -> MetadataJson:
+        """`metadata` as compact JSON (orjson; TypeError or orjson.JSONEncodeError when it
+        cannot be encoded), in a `bytes` of its own size (orjson's output buffer is larger)."""
+        return cls(bytes(memoryview(orjson.dumps(metadata))))
+
 
 ItemId: TypeAlias = str
 """A client id: a non-empty string of at most `Limits.max_id_bytes` UTF-8 bytes."""

@@ -18,7 +18,7 @@ import orjson
 
 from lhv_index._clock import CLOCK_MAX, CLOCK_MIN, Clock
 from lhv_index._params import IndexParams, Limits, Space, _brief
-from lhv_index._types import Vectors
+from lhv_index._types import MetadataJson, Vectors
 from lhv_index._writes import Delete, Upsert, Write
 from lhv_index.errors import DimMismatch, InvalidRequest
 
@@ -101,6 +101,17 @@ def encode_metadata(metadata: object, limits: Limits) -> bytes:
     Raises:
         InvalidRequest: not a JSON object, not serializable, or over the size limit.
     """
+    if isinstance(metadata, MetadataJson):  # encoded by a caller that parsed it
+        blob = metadata.json
+        if blob[:1] != b"{" or blob[-1:] != b"}":
+            raise InvalidRequest("metadata must be a JSON object")
+        if blob == b"{}":
+            return META_CLEAR
+        if len(blob) > limits.max_metadata_bytes:
+            raise InvalidRequest(
+                f"metadata is {len(blob)} bytes, over the limit of {limits.max_metadata_bytes}"
+            )
+        return blob
     if not isinstance(metadata, dict):
         raise InvalidRequest(f"metadata must be a JSON object, got {type(metadata).__name__}")
     if not metadata:

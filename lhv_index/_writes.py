@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from lhv_index._clock import Clock
-from lhv_index._types import Metadata
+from lhv_index._types import Metadata, MetadataJson
 
 __all__ = ["ApplyResult", "Delete", "Upsert", "Write"]
 
@@ -18,12 +18,13 @@ __all__ = ["ApplyResult", "Delete", "Upsert", "Write"]
 class Upsert:
     """Insert or replace `id`.
 
-    `metadata=None` keeps the stored metadata, `{}` clears it, an object replaces it.
+    `metadata=None` keeps the stored metadata, `{}` clears it, an object replaces it (a
+    dict, or `MetadataJson`: the object already encoded).
     """
 
     id: str
     vector: npt.NDArray[np.floating] | list[float]
-    metadata: Metadata | None
+    metadata: Metadata | MetadataJson | None
     clock: Clock
 
 

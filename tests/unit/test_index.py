@@ -17,6 +17,7 @@ from lhv_index import (
     Index,
     IndexParams,
     Limits,
+    MetadataJson,
     Space,
     Upsert,
 )
@@ -149,6 +150,15 @@ def test_metadata_object_replaces_whole(engine: str) -> None:
     assert idx.get(["a"])[0].metadata == {"z": 3}
 
 
+def test_metadata_given_as_its_json_is_stored_as_the_object_would_be(engine: str) -> None:
+    idx = make(engine)
+    idx.apply([up("a", 1, {"x": 1}, o=1), up("b", 2, {"x": 1}, o=1, p=1)])
+    idx.apply([Upsert("a", vec(1), MetadataJson.of({"z": [3, {}]}), Clock(0, 2, 0))])
+    idx.apply([Upsert("b", vec(2), MetadataJson(b"{}"), Clock(0, 2, 1))])  # clears, as {}
+    a, b = idx.get(["a", "b"])
+    assert a.metadata == {"z": [3, {}]} and b.metadata is None
+
+
 # -- validation --------------------------------------------------------------------------------
 
 
@@ -162,6 +172,16 @@ def test_metadata_object_replaces_whole(engine: str) -> None:
         (Upsert("", np.ones(DIM, np.float32), None, Clock(0, 0, 1)), InvalidRequest),
         (Upsert("bad", np.ones(DIM, np.float32), {"m": "x" * 200}, Clock(0, 0, 1)), InvalidRequest),
         (Upsert("bad", np.ones(DIM, np.float32), [1, 2], Clock(0, 0, 1)), InvalidRequest),  # type: ignore[arg-type]
+        (
+            Upsert("bad", np.ones(DIM, np.float32), MetadataJson(b"[1,2]"), Clock(0, 0, 1)),
+            InvalidRequest,
+        ),
+        (
+            Upsert(
+                "bad", np.ones(DIM, np.float32), MetadataJson.of({"m": "x" * 200}), Clock(0, 0, 1)
+            ),
+            InvalidRequest,
+        ),
         (Upsert("bad", np.ones(DIM, np.float32), None, Clock(0, 2**64, 1)), InvalidRequest),
         (Delete("x" * 65, Clock(0, 0, 1)), InvalidRequest),
     ],

@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 import pytest
 
-from lhv_index import Hit, Item
+from lhv_index import Hit, Item, MetadataJson
 from lhv_index.errors import (
     DeadlineExceeded,
     DimMismatch,
@@ -146,7 +146,7 @@ def test_add_decodes_json_and_b64_vectors_metadata_and_versions() -> None:
     assert c.items[0].vector.dtype == np.float32
     np.testing.assert_array_equal(c.items[0].vector, [1, 2, 3])
     np.testing.assert_array_equal(c.items[1].vector, [0.5, 0.25, -1])
-    assert c.items[0].metadata == {"k": "v"} and c.items[0].version == 4
+    assert c.items[0].metadata == MetadataJson(b'{"k":"v"}') and c.items[0].version == 4
     assert c.items[1].metadata is None and c.items[1].version == 0
     assert c.items[2].metadata is None
     assert c.reply_to == ReplyTo("lhv.replies.me", None, b"cid-1")
