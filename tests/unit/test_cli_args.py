@@ -15,7 +15,7 @@ import pytest
 
 from worker.cli import EXIT_INPUT, EXIT_USAGE, build_parser, main, seconds, user_error
 from worker.client.files import LoadError, open_vectors
-from worker.kafka.logs import NormalSituations
+from worker.kafka.logs import NormalSituations, Repeats
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -152,6 +152,30 @@ def test_worker_flags_win_over_variables(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def _record(name: str, msg: str, *args: object) -> logging.LogRecord:
     return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, args, None)
+
+
+def test_a_line_aiokafka_repeats_at_every_retry_is_logged_once_per_window_with_a_count() -> None:
+    """While a broker is down aiokafka logs a fetch failure some 20 times a second: one
+    per window keeps its level and says how many were held back (DEBUG) since."""
+    now = [0.0]
+    msg = "Failed fetch messages from %s: %s"
+    repeats = Repeats(msg, window_s=10.0, clock=lambda: now[0])
+    seen = []
+    for t in (0.0, 0.1, 0.2, 5.0, 10.5, 11.0):
+        now[0] = t
+        record = _record("aiokafka.consumer.fetcher", msg, 1, "NodeNotReadyError")
+        repeats.filter(record)
+        seen.append(record)
+    assert [r.levelno for r in seen] == [
+        logging.ERROR,
+        *[logging.DEBUG] * 3,
+        logging.ERROR,
+        logging.DEBUG,
+    ]
+    assert "3 more like it held back" in seen[4].getMessage()
+    assert "NodeNotReadyError" in seen[4].getMessage()
+    other = _record("aiokafka.consumer.fetcher", "Unexpected error in fetcher routine")
+    assert repeats.filter(other) and other.levelno == logging.ERROR
 
 
 def test_reply_topic_gone_and_coordinator_starting_are_not_errors() -> None:

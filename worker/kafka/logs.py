@@ -17,6 +17,11 @@ of a connection aiokafka gave up on is garbage-collected with its connection err
 reports it (the command line in one line), so the second report is noise whose
 appearance depends on when the collector runs.
 
+While a broker is unreachable, aiokafka logs ERROR `Unable to update metadata from ...`
+(`aiokafka`) and `Failed fetch messages from ...` (`aiokafka.consumer.fetcher`) at every
+retry: some 40 lines a second. `Repeats` passes one of each every `window_s` (10 s) at
+its level, saying how many it held back since; those are DEBUG records.
+
 `install(reply_pattern, reported=...)` adds a filter to exactly those loggers that turns
 exactly those records into DEBUG records (kept with `--log-level DEBUG`, dropped
 otherwise). `reported` names topics whose absence the caller reports by itself (the `lhv`
@@ -29,7 +34,8 @@ coordinator error that is not retriable, is still an ERROR.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 from aiokafka.errors import (
     CoordinatorLoadInProgressError,
@@ -40,7 +46,7 @@ from aiokafka.errors import (
 
 from worker.wire.topics import DEFAULT_REPLY_PATTERN, ReplyTopicPolicy
 
-__all__ = ["NormalSituations", "install"]
+__all__ = ["NormalSituations", "Repeats", "install"]
 
 _TOPIC_NOT_FOUND = "Topic %s not found in cluster metadata"
 _COORDINATOR_FAILED = "Group Coordinator Request failed: %s"
@@ -53,6 +59,11 @@ _STARTING_COORDINATOR = (
 _NEVER_RETRIEVED = "Future exception was never retrieved"
 #: the loggers whose records the filter looks at
 LOGGERS = ("aiokafka.cluster", "aiokafka.consumer.group_coordinator", "asyncio")
+#: logger -> the line it repeats at every retry while a broker is unreachable
+_RETRY_LINES = {
+    "aiokafka": "Unable to update metadata from %s",
+    "aiokafka.consumer.fetcher": "Failed fetch messages from %s: %s",
+}
 
 
 class NormalSituations(logging.Filter):
@@ -86,12 +97,49 @@ class NormalSituations(logging.Filter):
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
+class Repeats(logging.Filter):
+    """One record of `msg` per `window_s` at its level; the others in between are DEBUG
+    records, counted in the next one passed ("held back since")."""
+
+    def __init__(
+        self, msg: str, *, window_s: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__()
+        self._msg = msg
+        self._window_s = window_s
+        self._clock = clock
+        self._last: float | None = None
+        self._held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != self._msg or record.levelno < logging.WARNING:
+            return True
+        now = self._clock()
+        if self._last is None or now - self._last >= self._window_s:
+            self._last = now
+            if self._held:
+                record.msg = (
+                    f"{record.msg} ({self._held} more like it held back since the last one, "
+                    "at DEBUG)"
+                )
+                self._held = 0
+            return True
+        self._held += 1
+        record.levelno = logging.DEBUG
+        record.levelname = logging.getLevelName(logging.DEBUG)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
 def install(reply_pattern: str = DEFAULT_REPLY_PATTERN, *, reported: Iterable[str] = ()) -> None:
     """Filter the aiokafka loggers (replacing a filter installed before); `reported`:
     topics whose absence the caller reports itself (module docstring)."""
     reported = tuple(reported)
-    for name in LOGGERS:
+    filters: list[tuple[str, logging.Filter]] = [
+        (name, NormalSituations(reply_pattern, reported=reported)) for name in LOGGERS
+    ]
+    filters += [(name, Repeats(msg)) for name, msg in _RETRY_LINES.items()]
+    for name, new in filters:
         logger = logging.getLogger(name)
-        for old in [f for f in logger.filters if isinstance(f, NormalSituations)]:
+        for old in [f for f in logger.filters if type(f) is type(new)]:
             logger.removeFilter(old)
-        logger.addFilter(NormalSituations(reply_pattern, reported=reported))
+        logger.addFilter(new)
