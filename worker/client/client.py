@@ -111,7 +111,7 @@ from worker.kafka.admin import TopicCreationFailed
 from worker.kafka.config import KafkaConfig
 from worker.kafka.errors import map_kafka_errors
 from worker.kafka.requests import ReplyChannel, ReplyRecord
-from worker.kafka.requests import stop_consumer as stop_consumer
+from worker.kafka.shutdown import stop_consumer as stop_consumer
 from worker.wire.gather import (
     ShardsMissing,
     merge_get_items,

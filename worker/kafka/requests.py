@@ -34,9 +34,10 @@ from lhv_index.errors import Internal, NotReady
 from worker.kafka.admin import create_topics
 from worker.kafka.config import KafkaConfig
 from worker.kafka.errors import KafkaTopicError
+from worker.kafka.shutdown import stop_consumer
 from worker.wire.headers import CORRELATION_ID
 
-__all__ = ["ReplyChannel", "ReplyRecord", "stop_consumer"]
+__all__ = ["ReplyChannel", "ReplyRecord"]
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +55,6 @@ class ReplyRecord(Protocol):
 
     @property
     def headers(self) -> Sequence[tuple[str, bytes]]: ...
-
-
-async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
-    """Stop a group-less consumer. aiokafka's no-group coordinator can raise
-    CancelledError from close() when its task was cancelled before it first ran; only a
-    cancellation of the calling task propagates."""
-    try:
-        await consumer.stop()
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise
 
 
 def _fail_all(futures: Sequence[asyncio.Future[Any]], exc: BaseException | None) -> None:

@@ -17,6 +17,7 @@ from aiokafka.structs import OffsetAndTimestamp
 
 from worker.kafka import joingroup
 from worker.kafka.assignor import StandbyAssignor
+from worker.kafka.shutdown import stop_consumer
 from worker.service.config import WorkerConfig
 from worker.service.intake import Intake
 from worker.service.outbox import ReplyProducer
@@ -92,7 +93,7 @@ class AiokafkaTransport:
             await intake.stop()
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
-            await consumer.stop()
+            await stop_consumer(consumer)  # also when the broker is unreachable
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()

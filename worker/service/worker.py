@@ -421,20 +421,49 @@ class Worker:
                 raise failed.exceptions[0]  # noqa: B904 (the group adds nothing)
 
     async def _poll_loop(self) -> None:
-        kafka = self._kafka
-        while not self._stopping.is_set():
-            self.tasks.raise_failure()
-            data = await kafka.poll(timeout_ms=200, max_records=self.config.max_poll_records)
-            if data:
-                self.metrics.observe_poll(sum(len(records) for records in data.values()))
-            for tp, records in data.items():
-                if tp.topic == self.topics.commands:
-                    self._route_commands(tp, records)
-                else:
-                    self.search.submit(tp.partition, records)
-            self._resume_runners()
-            self._update_lag()
-            self._check_stalled()
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while not self._stopping.is_set():
+                self.tasks.raise_failure()
+                data = await self._poll_unless_stopped(stop)
+                if data is None:
+                    return
+                self._take(data)
+        finally:
+            stop.cancel()
+
+    async def _poll_unless_stopped(
+        self, stop: asyncio.Future[Any]
+    ) -> dict[TopicPartition, list[Any]] | None:
+        """One poll, or None once a stop is requested. aiokafka's `getmany` waits without
+        bound for a rebalance to finish (past its timeout): a broker lost in the middle of
+        a join would otherwise keep a stop request (SIGTERM) from ever being seen. A poll
+        cut short by the stop loses nothing: offsets are committed from what was applied
+        and answered, so the next owner reads what it had taken."""
+        poll = asyncio.ensure_future(
+            self._kafka.poll(timeout_ms=200, max_records=self.config.max_poll_records)
+        )
+        await asyncio.wait({poll, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if poll.done():
+            return poll.result()
+        poll.cancel()
+        await asyncio.gather(poll, return_exceptions=True)
+        log.info("stop requested while the consumer waited for its group's rebalance")
+        return None
+
+    def _take(self, data: dict[TopicPartition, list[Any]]) -> None:
+        """One poll's records to the runners and the search server, then the checks
+        every poll makes."""
+        if data:
+            self.metrics.observe_poll(sum(len(records) for records in data.values()))
+        for tp, records in data.items():
+            if tp.topic == self.topics.commands:
+                self._route_commands(tp, records)
+            else:
+                self.search.submit(tp.partition, records)
+        self._resume_runners()
+        self._update_lag()
+        self._check_stalled()
 
     def _route_commands(self, tp: TopicPartition, records: list[Any]) -> None:
         """Queue what fits of a poll's records within the read-ahead bounds (`ReadAhead`;
