@@ -254,6 +254,12 @@ async def test_a_plain_requester_gets_the_merged_answer_and_a_member_down_is_nam
         assert [h["id"] for h in reply["hits"]] == [h.id for h in mine]
         stats = await _plain_request(env, {"op": "stats", "index": NAME}, b"plain-2")
         assert stats["count"] == 400 and len(stats["shards"]) == SHARDS
+        # a vector of another dimension: refused at the home, naming the index
+        wrong = {**body, "vector": [*q.tolist(), 1.0]}
+        refused = await _plain_request(env, wrong, b"plain-3")
+        assert refused["error"]["code"] == "dim_mismatch", refused
+        assert f"{NAME!r} has {DIM}" in refused["error"]["message"]
+        assert "#" not in refused["error"]["message"]
         # one of the two workers killed: the members it served do not answer
         owner = await _owners_once_both_serve(c)
         home = home_partition(NAME.encode(), PARTITIONS)

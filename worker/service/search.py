@@ -73,6 +73,7 @@ from lhv_index.errors import (
     NotReady,
     WrongPartition,
 )
+from worker.service.catalog import Sharded
 from worker.service.config import QueryPolicy
 from worker.service.gather import Gatherer, GatherTarget
 from worker.service.observer import IndexObserver
@@ -538,6 +539,7 @@ class SearchServer:
                         else self._gather_target(part, query.index)
                     )
                     if target is not None and self._gatherer is not None:
+                        _check_sharded_dim(part, query)
                         value = await self._gatherer.answer(
                             query, target, partition, received, home=part
                         )
@@ -957,6 +959,24 @@ def _reply_to(headers: Sequence[tuple[str, bytes]]) -> ReplyTo | None:
         return reply_to_from_headers(headers)
     except Exception:
         return None
+
+
+def _check_sharded_dim(part: Partition, query: Query) -> None:
+    """A search of a sharded index whose vectors do not have its dimension, refused at
+    its home naming the index (its members would each refuse it, naming themselves).
+
+    Raises:
+        DimMismatch: the query's vectors do not have the index's dimension.
+    """
+    entry = part.catalog.get(query.index)
+    if not isinstance(query, SearchQuery) or not isinstance(entry, Sharded):
+        return
+    dim = int(entry.params.get("dim", 0))
+    if dim and query.vectors.shape[1] != dim:
+        raise DimMismatch(
+            f"query vectors have {query.vectors.shape[1]} dimensions, index "
+            f"{query.index!r} has {dim}"
+        )
 
 
 def _search_columns(
