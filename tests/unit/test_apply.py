@@ -124,6 +124,16 @@ def test_records_for_an_index_homed_elsewhere_are_wrong_partition() -> None:
     assert not part.indexes
 
 
+def test_a_record_key_that_is_not_utf8_is_an_invalid_request_on_any_partition() -> None:
+    value = orjson.dumps({"op": "create", "index": NAME, "dim": 2})
+    for number in range(P):
+        part = Partition(number=number)
+        outs = _apply(part, [Rec(0, b"docs\xff", value, [])])
+        assert outs[0].error is not None and outs[0].error.code == "invalid_request"
+        assert "not UTF-8" in outs[0].error.message
+        assert not part.indexes
+
+
 def test_unknown_index_and_bad_create_are_rejected() -> None:
     part = Partition(number=HOME)
     outs = _apply(

@@ -34,6 +34,7 @@ from lhv_index.errors import (
     IndexExists,
     IndexNotFound,
     Internal,
+    InvalidRequest,
     LhvError,
     WrongPartition,
 )
@@ -138,6 +139,8 @@ def decode_records(
         item = Decoded(reply_to)
         out.append(item)
         try:
+            if rec.key is not None and not _utf8(rec.key):
+                raise InvalidRequest("the record key is not UTF-8: it must be the index name")
             if rec.key is not None and home_partition(rec.key, num_partitions) != partition:
                 raise WrongPartition(
                     f"index {rec.key[:128].decode(errors='replace')!r} lives on partition "
@@ -150,6 +153,14 @@ def decode_records(
             log.exception("record failed to decode", extra={"offset": rec.offset})
             item.error = Internal(f"{type(exc).__name__}: {exc}")
     return out
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 #: the commands that are barriers: the pending writes of every index they touch are
