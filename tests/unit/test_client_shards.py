@@ -236,3 +236,16 @@ async def test_hits_of_an_ordinary_index_are_a_plain_list_of_hits() -> None:
     await c.add("plain", ["a"], [[1.0, 0.0]])
     hits = await c.search("plain", [1.0, 0.0])
     assert hits == [Hit("a", 0.0)] and not hits.partial
+
+
+@pytest.mark.parametrize("coalesce", [True, False])
+async def test_numpy_numbers_are_taken_wherever_the_client_takes_numbers(coalesce: bool) -> None:
+    c = _Workers({"plain": {"kind": "index", "shards": 1}}, coalesce_searches=coalesce)
+    meta: list[dict[str, Any]] = [{"n": np.int64(1), "score": np.float32(0.5)}, {"n": np.int64(2)}]
+    await c.add("plain", ["a", "b"], np.eye(2), meta)
+    k: Any = np.int64(2)  # e.g. min(10, array.size)
+    ef: Any = np.int32(8)
+    hits = await c.search("plain", [1.0, 0.0], k=k, ef=ef)
+    assert [h.id for h in hits] == ["a", "b"]
+    hits = await c.search("plain", [1.0, 0.0], k=2, filter={"n": np.int64(2)})
+    assert [h.id for h in hits] == ["b"]

@@ -142,6 +142,9 @@ T = TypeVar("T")
 DEFAULT_HEDGE_AFTER_MS = 200
 #: correlation ids of hedged-out requests remembered to count their late answers
 _MAX_LOSERS = 10_000
+#: JSON of records and of a coalesced search's kind: numpy numbers are numbers
+_JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+_KIND_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY
 
 
 class ClientClosed(RuntimeError):
@@ -303,7 +306,7 @@ def _chunks(
             item["metadata"] = metadata[i]
         if version is not None:
             item["version"] = version
-        item_bytes = len(orjson.dumps(item)) + 1
+        item_bytes = len(orjson.dumps(item, option=_JSON_OPTIONS)) + 1
         if items and (len(items) >= max_items or size + item_bytes > max_bytes):
             yield items
             items, size = [], 0
@@ -595,7 +598,7 @@ class LhvClient:
             delivery = await self._replies.send(
                 topic,
                 key=index.encode(),
-                value=orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+                value=orjson.dumps(body, option=_JSON_OPTIONS),
                 headers=headers,
             )
         except BaseException:
@@ -1133,7 +1136,7 @@ class LhvClient:
         event-loop turn, or now when it is full."""
         loop = asyncio.get_running_loop()
         # the vector's length is part of the kind: a wrong-length vector fails alone
-        key = (index, len(vector), orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+        key = (index, len(vector), orjson.dumps(body, option=_KIND_OPTIONS))
         batch = self._batches.get(key)
         if batch is None:
             batch = self._batches[key] = _SearchBatch(index, body)
