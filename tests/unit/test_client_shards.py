@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 
 from lhv_index import Hit
 from lhv_index.errors import IndexNotFound
-from worker.client import LhvClient, ShardsMissing
+from worker.client import LhvClient, NotAcknowledged, ShardsMissing
 from worker.client.client import _Sent
 from worker.wire.shards import parse_shard_name, shard_key, shard_of
 from worker.wire.topics import TopicsConfig
@@ -236,6 +237,41 @@ async def test_hits_of_an_ordinary_index_are_a_plain_list_of_hits() -> None:
     await c.add("plain", ["a"], [[1.0, 0.0]])
     hits = await c.search("plain", [1.0, 0.0])
     assert hits == [Hit("a", 0.0)] and not hits.partial
+
+
+@pytest.mark.parametrize("coalesce", [True, False])
+async def test_a_query_nobody_answers_gives_up_within_its_own_timeout_name_lookup_included(
+    coalesce: bool,
+) -> None:
+    c = _Workers({"plain": {"kind": "index", "shards": 1}}, coalesce_searches=coalesce)
+    c.down.add("plain")  # no worker: neither `describe` nor the search is answered
+    called_ms = time.time() * 1000
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: c.search("plain", [1.0, 0.0], timeout_s=0.2),
+        lambda: c.get("plain", ["a"], timeout_s=0.2),
+        lambda: c.stats("plain", timeout_s=0.2),
+    ]
+    for call in calls:
+        with pytest.raises(TimeoutError):
+            await call()
+        asked = [body["deadline_ms"] for _, _, body in c.records]
+        assert c.records[0][2]["op"] == "describe"
+        # every request of the call, the name's lookup too, is due by the call's deadline
+        assert max(asked) <= called_ms + 200 + 1
+        c.records.clear()
+        called_ms = time.time() * 1000
+    assert c.pending == 0
+
+
+async def test_a_write_nobody_acknowledges_raises_not_acknowledged_after_the_name_lookup() -> None:
+    c = _Workers({"plain": {"kind": "index", "shards": 1}})
+    c.down.add("plain")
+    called_ms = time.time() * 1000
+    with pytest.raises(NotAcknowledged):
+        await c.add("plain", ["a"], [[1.0, 0.0]], ack=True, timeout_s=0.2)
+    [(_, describe)], [(_, add)] = c.sent("describe"), c.sent("add")
+    assert describe["deadline_ms"] <= called_ms + 200 + 1
+    assert [i["id"] for i in add["items"]] == ["a"]
 
 
 @pytest.mark.parametrize("coalesce", [True, False])

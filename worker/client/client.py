@@ -66,8 +66,10 @@ Request/reply
     client made it) and hands each reply to the call waiting for its correlation id.
 
 Timeouts and errors
-    Every call waits at most `timeout_s` (the client default, or the call's own). Queries
-    also carry `deadline_ms = now + timeout_s`, so the worker drops a request nobody waits
+    Every call waits at most `timeout_s` (the client default, or the call's own), the
+    lookup of a sharded name or alias included (it gets at most half of that time, see
+    `resolve_timeout_s`). Queries also carry `deadline_ms`, the call's own deadline
+    (`now + timeout_s` at the call's start), so the worker drops a request nobody waits
     for and answers `not_ready` / `deadline_exceeded` in time for the caller to see it; the
     client itself gives up `reply_grace_s` later with the builtin `TimeoutError`. A call
     that times out or is cancelled leaves nothing behind (`pending` counts the calls
@@ -145,6 +147,8 @@ _MAX_LOSERS = 10_000
 #: JSON of records and of a coalesced search's kind: numpy numbers are numbers
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 _KIND_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY
+#: the least a step of a call waits when the call's time is up (it then gives up at once)
+_MIN_WAIT_S = 0.001
 
 
 class ClientClosed(RuntimeError):
@@ -417,7 +421,8 @@ class LhvClient:
         resolve_names: find out with `describe` whether a name is sharded or an alias, and
             talk to the members (module docstring). Off: every name is sent as given.
         name_ttl_s: how long what a name resolved to is kept before it is asked again.
-        resolve_timeout_s: the longest a call waits for `describe`; past it (no worker
+        resolve_timeout_s: the longest a call waits for `describe` (and never more than
+            half the call's own timeout, which covers both); past it (no worker
             answers, the home is restoring) the name is sent as given, which is always
             right (the index's home forwards writes and gathers queries), only slower.
         replicas: spread queries over the owners and the read replicas, and hedge (see
@@ -639,6 +644,16 @@ class LhvClient:
     def _timeout(self, timeout_s: float | None) -> float:
         return timeout_s if timeout_s is not None else self.timeout_s
 
+    def _deadline(self, timeout_s: float | None) -> float:
+        """When a call given `timeout_s` is up, in the loop's clock: the name's lookup and
+        the requests it makes share that time."""
+        return asyncio.get_running_loop().time() + self._timeout(timeout_s)
+
+    @staticmethod
+    def _left(deadline: float) -> float:
+        """The seconds left until `deadline` (at least `_MIN_WAIT_S`)."""
+        return max(deadline - asyncio.get_running_loop().time(), _MIN_WAIT_S)
+
     async def command(
         self, index: str, body: dict[str, Any], *, ack: bool, timeout_s: float | None = None
     ) -> WriteResult:
@@ -735,6 +750,8 @@ class LhvClient:
         position inside that record.
         """
 
+        deadline = self._deadline(timeout_s)
+
         async def attempt() -> WriteResult:
             pending = await self.start_add(
                 index,
@@ -745,11 +762,11 @@ class LhvClient:
                 batch_size=batch_size,
                 max_record_bytes=max_record_bytes,
                 ack=ack,
-                timeout_s=timeout_s,
+                timeout_s=self._left(deadline),
             )
             return await pending
 
-        return await self._retry_renamed(index, timeout_s, attempt)
+        return await self._retry_renamed(index, deadline, attempt)
 
     async def start_add(
         self,
@@ -775,7 +792,8 @@ class LhvClient:
             raise ValueError("metadata must have one entry per id")
         if not len(ids):
             raise ValueError("nothing to add")
-        name = await self._resolve(index, timeout_s)
+        deadline = self._deadline(timeout_s)
+        name = await self._resolve(index, deadline)
         groups: list[tuple[str, Sequence[str], np.ndarray, Any]] = []
         if not name.sharded:
             groups.append((name.index, ids, vecs, metadata))
@@ -802,7 +820,7 @@ class LhvClient:
             for _, s in sent:
                 self._forget(s.cid)
             raise
-        return self._finish_writes(sent, self._timeout(timeout_s), sharded=name.sharded)
+        return self._finish_writes(sent, self._left(deadline), sharded=name.sharded)
 
     async def _finish_writes(
         self, sent: list[tuple[str, _Sent]], timeout_s: float, *, sharded: bool
@@ -844,14 +862,15 @@ class LhvClient:
         """Tombstone `ids` (absent ids too: an older add arriving later stays deleted).
         For a sharded index, one record per member that holds any of `ids`."""
         asked = list(ids)
+        deadline = self._deadline(timeout_s)
 
         async def attempt() -> WriteResult:
-            name = await self._resolve(index, timeout_s)
+            name = await self._resolve(index, deadline)
             if not name.sharded:
                 body: dict[str, Any] = {"op": "delete", "ids": asked}
                 if version is not None:
                     body["version"] = version
-                return await self.command(name.index, body, ack=ack, timeout_s=timeout_s)
+                return await self.command(name.index, body, ack=ack, timeout_s=self._left(deadline))
             sent: list[tuple[str, _Sent]] = []
             try:
                 for shard, positions in sorted(split_by_shard(asked, name.shards).items()):
@@ -870,9 +889,9 @@ class LhvClient:
                 key = shard_key(name.index, 0, name.shards)
                 body = {"op": "delete", "index": key, "ids": []}
                 sent.append((key, await self._send(self._topics.commands, key, body, reply=ack)))
-            return await self._finish_writes(sent, self._timeout(timeout_s), sharded=True)
+            return await self._finish_writes(sent, self._left(deadline), sharded=True)
 
-        return await self._retry_renamed(index, timeout_s, attempt)
+        return await self._retry_renamed(index, deadline, attempt)
 
     async def merge(
         self,
@@ -931,24 +950,28 @@ class LhvClient:
         expires = asyncio.get_running_loop().time() + self.name_ttl_s
         self._names[index] = _Name(name.index, name.shards, expires)
 
-    async def _resolve(self, index: str, timeout_s: float | None) -> _Name:
+    async def _resolve(self, index: str, deadline: float) -> _Name:
         """What `index` names now (cached for `name_ttl_s`): itself, unsharded, unless
-        `describe` says it is sharded or an alias (followed one hop)."""
+        `describe` says it is sharded or an alias (followed one hop).
+
+        The lookup takes at most `resolve_timeout_s` and half the time left before the
+        call's `deadline` (no `reply_grace_s`): the other half is the call's own."""
         if not self.resolve_names or parse_shard_name(index) is not None:
             return _Name(index)
         now = asyncio.get_running_loop().time()
         known = self._names.get(index)
         if known is not None and known.expires > now:
             return known
-        wait_s = min(self._timeout(timeout_s), self.resolve_timeout_s)
+        wait_s = min(self._left(deadline) / 2, self.resolve_timeout_s)
         try:
-            described = await self.describe(index, timeout_s=wait_s)
-            if described.get("kind") == "alias":
-                target = str(described["target"])
-                described = await self.describe(target, timeout_s=wait_s)
-                name = _Name(target, _shards(described))
-            else:
-                name = _Name(index, _shards(described))
+            async with asyncio.timeout(wait_s):
+                described = await self.describe(index, timeout_s=wait_s)
+                if described.get("kind") == "alias":
+                    target = str(described["target"])
+                    described = await self.describe(target, timeout_s=wait_s)
+                    name = _Name(target, _shards(described))
+                else:
+                    name = _Name(index, _shards(described))
         except IndexNotFound:
             return _Name(index)  # not cached: the command or query itself says what it is
         except (TimeoutError, NotReady, DeadlineExceeded) as exc:
@@ -960,17 +983,18 @@ class LhvClient:
         return name
 
     async def _retry_renamed(
-        self, index: str, timeout_s: float | None, call: Callable[[], Awaitable[T]]
+        self, index: str, deadline: float, call: Callable[[], Awaitable[T]]
     ) -> T:
         """`call()`; on `index_not_found`, once more if `index` now resolves to something
-        else (an alias switched, an index re-created sharded or not)."""
+        else (an alias switched, an index re-created sharded or not), within the same
+        `deadline`."""
         try:
             return await call()
         except IndexNotFound:
             before = self._names.pop(index, None)
             if not self.resolve_names:
                 raise
-            after = await self._resolve(index, timeout_s)
+            after = await self._resolve(index, deadline)
             if before is None or after.same(before):
                 raise
             return await call()
@@ -1089,29 +1113,33 @@ class LhvClient:
         if include_metadata:
             body["include_metadata"] = True
         vector_b64 = encode_vector(vector)
+        deadline = self._deadline(timeout_s)
 
         async def attempt() -> Hits:
-            name = await self._resolve(index, timeout_s)
+            name = await self._resolve(index, deadline)
             if not name.sharded:
                 member = dict(body)
                 _read_after(member, after, min_offset, name.index)
-                return Hits(await self._search_key(name.index, member, vector_b64, timeout_s))
+                return Hits(
+                    await self._search_key(name.index, member, vector_b64, self._left(deadline))
+                )
             if min_offset is not None:
                 raise ValueError(
                     f"index {index!r} is sharded: min_offset names one partition, pass after="
                 )
             keys = shard_names(name.index, name.shards)
             calls = []
+            left = self._left(deadline)
             for key in keys:
                 member = dict(body)
                 _read_after(member, after, None, key)
-                calls.append(self._search_key(key, member, vector_b64, timeout_s))
+                calls.append(self._search_key(key, member, vector_b64, left))
             answers, missing = _gathered(await asyncio.gather(*calls, return_exceptions=True))
             if missing and not allow_partial:
                 raise missing_error(name.index, missing, name.shards)
             return Hits(merge_hits((hits for _, hits in answers), k), missing)
 
-        return await self._retry_renamed(index, timeout_s, attempt)
+        return await self._retry_renamed(index, deadline, attempt)
 
     async def _search_key(
         self, key: str, body: dict[str, Any], vector_b64: str, timeout_s: float | None
@@ -1254,10 +1282,13 @@ class LhvClient:
                 "include_metadata": include_metadata,
             }
 
+        deadline = self._deadline(timeout_s)
+
         async def attempt() -> Items:
-            name = await self._resolve(index, timeout_s)
+            name = await self._resolve(index, deadline)
+            left = self._left(deadline)
             if not name.sharded:
-                reply = await self.query(name.index, body(asked), after=after, timeout_s=timeout_s)
+                reply = await self.query(name.index, body(asked), after=after, timeout_s=left)
                 return Items(reply["items"])
             shards: list[int] = []
             calls = []
@@ -1266,7 +1297,7 @@ class LhvClient:
                 shards.append(shard)
                 calls.append(
                     self.query(
-                        key, body([asked[p] for p in positions]), after=after, timeout_s=timeout_s
+                        key, body([asked[p] for p in positions]), after=after, timeout_s=left
                     )
                 )
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
@@ -1276,7 +1307,7 @@ class LhvClient:
             items = merge_get_items(asked, (reply.get("items") or () for _, reply in answers))
             return Items((dict(item) for item in items), missing)
 
-        return await self._retry_renamed(index, timeout_s, attempt)
+        return await self._retry_renamed(index, deadline, attempt)
 
     async def stats(
         self,
@@ -1292,14 +1323,15 @@ class LhvClient:
         one entry per member (`shard`, `partition`, `count`, `deleted`, `applied_offset`,
         `checkpoint_offset`)."""
 
+        deadline = self._deadline(timeout_s)
+
         async def attempt() -> dict[str, Any]:
-            name = await self._resolve(index, timeout_s)
+            name = await self._resolve(index, deadline)
+            left = self._left(deadline)
             if not name.sharded:
-                return await self.query(
-                    name.index, {"op": "stats"}, after=after, timeout_s=timeout_s
-                )
+                return await self.query(name.index, {"op": "stats"}, after=after, timeout_s=left)
             calls = [
-                self.query(key, {"op": "stats"}, after=after, timeout_s=timeout_s)
+                self.query(key, {"op": "stats"}, after=after, timeout_s=left)
                 for key in shard_names(name.index, name.shards)
             ]
             answers, missing = _gathered(await asyncio.gather(*calls, return_exceptions=True))
@@ -1309,7 +1341,7 @@ class LhvClient:
             merged["index"] = index
             return merged
 
-        return await self._retry_renamed(index, timeout_s, attempt)
+        return await self._retry_renamed(index, deadline, attempt)
 
 
 def _gathered(
