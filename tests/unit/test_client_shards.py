@@ -285,3 +285,13 @@ async def test_numpy_numbers_are_taken_wherever_the_client_takes_numbers(coalesc
     assert [h.id for h in hits] == ["a", "b"]
     hits = await c.search("plain", [1.0, 0.0], k=2, filter={"n": np.int64(2)})
     assert [h.id for h in hits] == ["b"]
+
+
+@pytest.mark.parametrize("catalog", [SHARDED, {"docs": {"kind": "index", "shards": 1}}])
+async def test_deleting_no_ids_is_refused_before_anything_is_written(
+    catalog: dict[str, dict[str, Any]],
+) -> None:
+    c = _Workers(dict(catalog))
+    with pytest.raises(ValueError, match="nothing to delete"):
+        await c.delete("docs", [])
+    assert c.sent("delete") == []

@@ -860,8 +860,14 @@ class LhvClient:
         timeout_s: float | None = None,
     ) -> WriteResult:
         """Tombstone `ids` (absent ids too: an older add arriving later stays deleted).
-        For a sharded index, one record per member that holds any of `ids`."""
+        For a sharded index, one record per member that holds any of `ids`.
+
+        Raises:
+            ValueError: `ids` is empty (nothing is written: the record would be refused).
+        """
         asked = list(ids)
+        if not asked:
+            raise ValueError("nothing to delete")
         deadline = self._deadline(timeout_s)
 
         async def attempt() -> WriteResult:
@@ -885,10 +891,6 @@ class LhvClient:
                 for _, s in sent:
                     self._forget(s.cid)
                 raise
-            if not sent:  # nothing to delete: an empty record to the first member
-                key = shard_key(name.index, 0, name.shards)
-                body = {"op": "delete", "index": key, "ids": []}
-                sent.append((key, await self._send(self._topics.commands, key, body, reply=ack)))
             return await self._finish_writes(sent, self._left(deadline), sharded=True)
 
         return await self._retry_renamed(index, deadline, attempt)
