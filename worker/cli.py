@@ -720,9 +720,14 @@ def _client(args: argparse.Namespace) -> LhvClient:
     ):
         if value:
             env[name] = value
-    return LhvClient(
-        kafka=KafkaConfig.from_env(env), topics=TopicsConfig.from_env(env), timeout_s=args.timeout
-    )
+    try:
+        return LhvClient(
+            kafka=KafkaConfig.from_env(env),
+            topics=TopicsConfig.from_env(env),
+            timeout_s=args.timeout,
+        )
+    except ValueError as exc:  # a setting the client refuses (timeout, reply pattern)
+        raise UsageError(str(exc)) from exc
 
 
 def _with_client(args: argparse.Namespace, call: Callable[[LhvClient], Awaitable[T]]) -> T:

@@ -295,3 +295,13 @@ async def test_deleting_no_ids_is_refused_before_anything_is_written(
     with pytest.raises(ValueError, match="nothing to delete"):
         await c.delete("docs", [])
     assert c.sent("delete") == []
+
+
+@pytest.mark.parametrize("topic", ["other.replies", "lhv.commands", "lhv.replies.bad name"])
+def test_a_reply_topic_no_worker_would_answer_on_is_refused_when_the_client_is_made(
+    topic: str,
+) -> None:
+    with pytest.raises(ValueError, match=r"matching .lhv\.replies\.\*."):
+        LhvClient("127.0.0.1:1", reply_topic=topic)
+    LhvClient("127.0.0.1:1", reply_topic="lhv.replies.mine")
+    LhvClient("127.0.0.1:1", reply_topic="x.mine", topics=TopicsConfig(reply_pattern="x.*"))

@@ -123,7 +123,7 @@ from worker.wire.gather import (
 )
 from worker.wire.headers import CORRELATION_ID, REPLY_TOPIC
 from worker.wire.shards import parse_shard_name, shard_key, shard_names, split_by_shard
-from worker.wire.topics import TopicsConfig, partitioner
+from worker.wire.topics import ReplyTopicPolicy, TopicsConfig, partitioner
 
 __all__ = [
     "ClientClosed",
@@ -409,7 +409,8 @@ class LhvClient:
         kafka: full connection settings (SASL/SSL).
         topics: topic names and the reply-topic pattern (must match the workers').
         reply_topic: where replies come; default `<pattern prefix><random>`, created on
-            start and deleted on stop.
+            start and deleted on stop. It must match `topics.reply_pattern`, as workers
+            reply nowhere else (`ValueError` otherwise).
         timeout_s: default wait for a reply, in seconds.
         reply_grace_s: how much longer than a query's deadline the client waits, so the
             worker's `not_ready` / `deadline_exceeded` reply arrives before the local timeout.
@@ -461,6 +462,20 @@ class LhvClient:
         self._topics = topics or TopicsConfig()
         prefix = self._topics.reply_pattern.split("*", 1)[0]
         self.reply_topic = reply_topic or f"{prefix}{uuid.uuid4().hex[:12]}"
+        policy = ReplyTopicPolicy(
+            self._topics.reply_pattern,
+            forbidden={
+                self._topics.commands,
+                self._topics.search,
+                self._topics.replica_search,
+                self._topics.dlq,
+            },
+        )
+        if not policy.allows(self.reply_topic):  # workers would never answer there
+            raise ValueError(
+                f"reply topic {self.reply_topic!r} is not allowed: workers reply only to "
+                f"topics matching {self._topics.reply_pattern!r} (TopicsConfig.reply_pattern)"
+            )
         self.timeout_s = timeout_s
         self.reply_grace_s = reply_grace_s
         self._replies: ReplyChannel[dict[str, Any]] = ReplyChannel(
