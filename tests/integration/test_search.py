@@ -26,7 +26,15 @@ import orjson
 import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from workerkit import Env, create_topics, end_offsets, make_env, running, stop_quietly
+from workerkit import (
+    Env,
+    create_topics,
+    end_offsets,
+    make_env,
+    read_all,
+    running,
+    stop_quietly,
+)
 
 from lhv_index.errors import DeadlineExceeded, DimMismatch, IndexNotFound, NotReady
 from worker import cli
@@ -646,6 +654,21 @@ async def test_client_timeouts_and_cancellations_leave_nothing_pending(served: S
     with pytest.raises(ClientClosed):
         await c.search("x", [1.0])
     await c.stop()  # idempotent
+
+
+async def test_a_query_nobody_answers_is_due_within_its_own_timeout_name_lookup_included(
+    served: Served,
+) -> None:
+    env = served.env
+    orphan = await make_env(env.bootstrap, env.s3, partitions=1)  # no worker serves it
+    async with LhvClient(env.bootstrap, topics=orphan.topics, timeout_s=1.0) as c:
+        called_ms = time.time() * 1000
+        with pytest.raises(TimeoutError):
+            await c.search("x", [1.0])
+    asked = [orjson.loads(r.value) for r in await read_all(env.bootstrap, orphan.topics.search)]
+    assert [q["op"] for q in asked] == ["describe", "search"]
+    # the lookup of the name and the search share the call's second: the worker is told so
+    assert all(q["deadline_ms"] <= called_ms + 1000 + 1 for q in asked), asked
 
 
 # -- the CLI ------------------------------------------------------------------------------------
