@@ -21,6 +21,7 @@ Exit codes (the README's table; 2, 3 and 4 are also those of `worker.kafka_error
 | 5 | the worker refused the request: `index_not_found`, `index_exists`, `dim_mismatch`, `invalid_request`, ... (the code is in the message) |
 | 6 | an input file is missing, unreadable or malformed (the message names the file and the row or line) |
 | 130 | interrupted (Ctrl-C) |
+| 141 | the reader of its output went away (`lhv snapshot ls` piped to `head`): it stops quietly |
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COMMANDS",
+    "EXIT_BROKEN_PIPE",
     "EXIT_DENIED",
     "EXIT_FAILED",
     "EXIT_INPUT",
@@ -83,6 +85,8 @@ EXIT_DENIED = 4
 EXIT_REFUSED = 5
 EXIT_INPUT = 6
 EXIT_INTERRUPTED = 130
+#: what a command killed by SIGPIPE returns in a shell (128 + 13)
+EXIT_BROKEN_PIPE = 141
 
 
 # --------------------------------------------------------------------------------------
@@ -1441,8 +1445,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run `lhv` with `argv` (default: sys.argv[1:]); returns the exit code.
 
     The user's mistakes end as one line on stderr and their exit code (module docstring);
-    with `--log-level DEBUG` their traceback is logged first.
+    with `--log-level DEBUG` their traceback is logged first. A reader of the output that
+    goes away (`lhv snapshot ls | head`) ends the command quietly with `EXIT_BROKEN_PIPE`.
     """
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, not at exit, where a broken pipe cannot be caught
+    except BrokenPipeError:
+        # what is left to print goes nowhere, as it would for a command SIGPIPE ended
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args)
     try:

@@ -8,12 +8,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from worker.cli import EXIT_INPUT, EXIT_USAGE, build_parser, main, seconds, user_error
+from worker.cli import (
+    EXIT_BROKEN_PIPE,
+    EXIT_INPUT,
+    EXIT_USAGE,
+    build_parser,
+    main,
+    seconds,
+    user_error,
+)
 from worker.client.files import LoadError, open_vectors
 from worker.kafka.logs import NormalSituations, Repeats
 
@@ -288,3 +299,32 @@ def test_replay_and_snapshot_keep_the_rebuilds_info_lines_to_themselves(
             logging.getLogger(name).setLevel(level)
         root.handlers[:] = handlers
         root.setLevel(root_level)
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`lhv ... | head` whose reader stops early: no traceback, SIGPIPE's exit code; a
+    mistake is still one line on stderr with its own exit code."""
+    env_file = tmp_path / "env"  # a stack that does not answer: `status` prints its rows
+    env_file.write_text(
+        "export LHV_BOOTSTRAP_SERVERS=127.0.0.1:1\nexport LHV_S3_ENDPOINT_URL=http://127.0.0.1:1\n"
+    )
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader went away before anything was written
+        try:
+            return subprocess.run(
+                [sys.executable, "-m", "worker.cli", *argv],
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+        finally:
+            os.close(write_end)
+
+    done = run("stack", "status", "--env-file", str(env_file))
+    assert (done.returncode, done.stderr) == (EXIT_BROKEN_PIPE, "")
+    done = run("search", "docs", "--vector", "[1,")
+    assert done.returncode == EXIT_USAGE and "--vector" in _one_line(done.stderr)
