@@ -214,17 +214,24 @@ def test_reply_topic_gone_and_coordinator_starting_are_not_errors() -> None:
     assert other.levelno == fatal.levelno == logging.ERROR
 
 
-def test_a_zero_row_is_found_by_the_check_and_named_by_row_and_id(tmp_path: Path) -> None:
-    path = tmp_path / "v.jsonl"
+def test_a_zero_row_is_found_by_the_check_and_named_by_its_line_or_row_and_id(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v.jsonl"  # a blank line between the rows: lines as an editor counts
     rows = [{"id": "a", "vector": [1, 0]}, {"id": "z", "vector": [0, 0]}]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    path.write_text("\n\n".join(json.dumps(r) for r in rows) + "\n")
     vectors = open_vectors(path)
     vectors.check()
-    assert vectors.zero_row == "row 1 (id 'z')"
+    assert vectors.zero_row == "line 3 (id 'z')"
     path.write_text(json.dumps(rows[0]) + "\n")
     vectors = open_vectors(path)
     vectors.check()
     assert vectors.zero_row is None
+    npy = tmp_path / "v.npy"  # a file of rows: the row, from 0, and its id (the row number)
+    np.save(npy, np.array([[1.0, 0.0], [0.0, 0.0]], dtype="f4"))
+    vectors = open_vectors(npy)
+    vectors.check()
+    assert vectors.zero_row == "row 1 (id '1')"
 
 
 def test_unalias_of_a_name_that_is_no_alias_does_not_suggest_creating_an_index() -> None:

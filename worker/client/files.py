@@ -88,6 +88,15 @@ class Batch:
     metadata: list[dict[str, Any] | None] | None = None
     lines: tuple[int, int] | None = None
     """`.jsonl`: the first and last line (1-based) of the batch's rows"""
+    row_lines: tuple[int, ...] = ()
+    """`.jsonl`: the line (1-based) of each row, as an editor counts them"""
+
+    def row(self, n: int) -> str:
+        """Row `n` of the batch as a message names it: `line L` of a `.jsonl`, else
+        `row R` of the file."""
+        if self.row_lines:
+            return f"line {self.row_lines[n]}"
+        return f"row {self.start + n}"
 
     @property
     def where(self) -> str:
@@ -108,7 +117,8 @@ class VectorFile:
     _ids: list[str] | None = None
     zero_row: str | None = None
     """after `check`: the first row whose norm is zero (or out of range), which an index
-    under cosine refuses, as "row N (id X)"; None when there is none"""
+    under cosine refuses, as "row N (id X)" ("line L (id X)" in a `.jsonl`); None when
+    there is none"""
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         """Consecutive batches of at most `batch_size` rows."""
@@ -137,7 +147,7 @@ class VectorFile:
             bad = np.flatnonzero(~(norms > 1e-30) | ~np.isfinite(norms))  # as lhv_index
             if len(bad):
                 n = int(bad[0])
-                self.zero_row = f"row {batch.start + n} (id {batch.ids[n]!r})"
+                self.zero_row = f"{batch.row(n)} (id {batch.ids[n]!r})"
 
 
 def _finite_f32(values: Any, path: Path, first_row: int) -> np.ndarray:
@@ -335,6 +345,7 @@ def _jsonl_batch(
         arr,
         metas if any(m is not None for m in metas) else None,
         lines=(lines[0], lines[-1]),
+        row_lines=tuple(lines),
     )
 
 
