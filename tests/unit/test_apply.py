@@ -119,9 +119,34 @@ def test_acked_records_report_which_items_won() -> None:
 
 def test_records_for_an_index_homed_elsewhere_are_wrong_partition() -> None:
     part = Partition(number=(HOME + 1) % P)
-    outs = _apply(part, _records([{"op": "create", "dim": 2}]))
+    outs = _apply(part, _records([{"op": "create", "dim": 2, "request_id": "r-1"}]))
     assert outs[0].error is not None and outs[0].error.code == "wrong_partition"
+    assert (outs[0].op, outs[0].index, outs[0].request_id) == ("create", NAME, "r-1")
     assert not part.indexes
+
+
+def test_a_refused_record_is_acked_naming_its_op_and_index_when_they_can_be_read() -> None:
+    part = Partition(number=HOME)
+    outs = _apply(
+        part,
+        _records(
+            [
+                {"op": "merge", "dest": NAME},  # into itself
+                {"op": "add", "items": [{"id": "a"}]},  # no vector
+                {"op": "nope"},
+                b"not json",
+                orjson.dumps({"op": "add", "index": "x" * 5000}),
+            ]
+        ),
+    )
+    named = [(o.op, o.index, o.error.code if o.error else None) for o in outs]
+    assert named == [
+        ("merge", NAME, "invalid_request"),
+        ("add", NAME, "invalid_request"),
+        ("", NAME, "invalid_request"),
+        ("", "", "invalid_request"),
+        ("add", "", "invalid_request"),
+    ]
 
 
 def test_a_record_key_that_is_not_utf8_is_an_invalid_request_on_any_partition() -> None:

@@ -55,6 +55,7 @@ from worker.wire.commands import (
     MergeDoneCommand,
     MergeInCommand,
     UnaliasCommand,
+    command_names,
     decode_command,
 )
 from worker.wire.headers import ReplyTo, reply_to_from_headers
@@ -123,6 +124,8 @@ class Decoded:
     reply_to: ReplyTo | None
     command: Command | None = None
     error: LhvError | None = None
+    named: tuple[str, str, str | None] = ("", "", None)
+    """a refused record's (op, index, request_id), as far as they could be read"""
 
 
 def decode_records(
@@ -152,6 +155,8 @@ def decode_records(
         except Exception as exc:  # a bug, not bad input: reject the record, keep going
             log.exception("record failed to decode", extra={"offset": rec.offset})
             item.error = Internal(f"{type(exc).__name__}: {exc}")
+        if item.error is not None:
+            item.named = command_names(rec.value, limits)
     return out
 
 
@@ -302,6 +307,7 @@ def apply_records(
         outcomes.append(out)
         try:
             if pre.error is not None:
+                out.op, out.index, out.request_id = pre.named
                 raise pre.error
             cmd = pre.command
             assert cmd is not None

@@ -42,6 +42,7 @@ __all__ = [
     "MergeInCommand",
     "Origin",
     "UnaliasCommand",
+    "command_names",
     "decode_command",
     "forward_value",
 ]
@@ -427,6 +428,32 @@ def _item_wire(item: AddItem) -> dict[str, Any]:
     if item.version:
         out["version"] = item.version
     return out
+
+
+def command_names(value: bytes | None, limits: MessageLimits) -> tuple[str, str, str | None]:
+    """(op, index, request_id) of a record refused before or while it was decoded, read as
+    far as it can be (each '' or None when it cannot): an ack or DLQ record then names
+    what the refused command was, as every reply does."""
+    if not value or len(value) > limits.max_message_bytes:
+        return "", "", None
+    try:
+        body = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return "", "", None
+    if not isinstance(body, dict):
+        return "", "", None
+
+    def text(field: str, longest: int) -> str | None:
+        got = body.get(field)
+        ok = isinstance(got, str) and 0 < len(got) <= longest and got.isprintable()
+        return got if ok else None
+
+    op = body.get("op")
+    return (
+        op if isinstance(op, str) and op in COMMAND_OPS else "",
+        text("index", 160) or "",
+        text("request_id", 256),
+    )
 
 
 def decode_command(
