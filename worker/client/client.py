@@ -649,7 +649,14 @@ class LhvClient:
             ):
                 written = delivery.result()
                 raise NotAcknowledged(written.partition, written.offset) from None
-            raise
+            if not delivery.done():
+                raise TimeoutError(
+                    f"the broker did not take the request within {timeout_s:.3g} s"
+                ) from None
+            raise TimeoutError(
+                f"no reply within {timeout_s:.3g} s: is a worker running and "
+                "serving the index's partition?"
+            ) from None
         finally:
             self._forget(sent.cid)
         if reply is not None:
