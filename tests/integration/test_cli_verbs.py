@@ -171,7 +171,7 @@ async def test_load_refuses_a_zero_row_for_an_index_under_cosine_before_sending(
             done = await lhv(env, "load", "docs", str(data), *args)
             assert done.returncode == EXIT_INPUT, done.stderr
             line = _one_line(done)
-            assert "row 1 (id 'z')" in line and "cosine" in line and "nothing was sent" in line
+            assert "line 3 (id 'z')" in line and "cosine" in line and "nothing was sent" in line
             if not args:
                 break
             assert (await lhv(env, "create", "docs", "--dim", "2")).returncode == EXIT_OK
