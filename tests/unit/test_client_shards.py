@@ -252,7 +252,7 @@ async def test_a_query_nobody_answers_gives_up_within_its_own_timeout_name_looku
         lambda: c.stats("plain", timeout_s=0.2),
     ]
     for call in calls:
-        with pytest.raises(TimeoutError, match="no (search )?reply within"):
+        with pytest.raises(TimeoutError, match=r"no (search )?reply within"):
             await call()
         asked = [body["deadline_ms"] for _, _, body in c.records]
         assert c.records[0][2]["op"] == "describe"

@@ -443,13 +443,17 @@ class Worker:
         poll = asyncio.ensure_future(
             self._kafka.poll(timeout_ms=200, max_records=self.config.max_poll_records)
         )
-        await asyncio.wait({poll, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if poll.done():
-            return poll.result()
-        poll.cancel()
-        await asyncio.gather(poll, return_exceptions=True)
-        log.info("stop requested while the consumer waited for its group's rebalance")
-        return None
+        try:
+            await asyncio.wait({poll, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this loop is cancelled: no poll left running on its own
+            if not poll.done():
+                poll.cancel()
+                await asyncio.gather(poll, return_exceptions=True)
+                if stop.done():
+                    log.info("stop requested while the consumer waited for a rebalance")
+        if poll.cancelled():
+            return None
+        return poll.result()
 
     def _take(self, data: dict[TopicPartition, list[Any]]) -> None:
         """One poll's records to the runners and the search server, then the checks
