@@ -123,7 +123,7 @@ from worker.wire.gather import (
 )
 from worker.wire.headers import CORRELATION_ID, REPLY_TOPIC
 from worker.wire.shards import parse_shard_name, shard_key, shard_names, split_by_shard
-from worker.wire.topics import ReplyTopicPolicy, TopicsConfig, partitioner
+from worker.wire.topics import TopicsConfig, partitioner
 
 __all__ = [
     "ClientClosed",
@@ -462,16 +462,9 @@ class LhvClient:
         self._topics = topics or TopicsConfig()
         prefix = self._topics.reply_pattern.split("*", 1)[0]
         self.reply_topic = reply_topic or f"{prefix}{uuid.uuid4().hex[:12]}"
-        policy = ReplyTopicPolicy(
-            self._topics.reply_pattern,
-            forbidden={
-                self._topics.commands,
-                self._topics.search,
-                self._topics.replica_search,
-                self._topics.dlq,
-            },
-        )
-        if not policy.allows(self.reply_topic):  # workers would never answer there
+        if not self._topics.reply_policy().allows(
+            self.reply_topic
+        ):  # workers would never answer there
             raise ValueError(
                 f"reply topic {self.reply_topic!r} is not allowed: workers reply only to "
                 f"topics matching {self._topics.reply_pattern!r} (TopicsConfig.reply_pattern)"

@@ -65,7 +65,7 @@ from worker.storage.blobstore import BlobStore, S3BlobStore
 from worker.storage.snapshots import SnapshotStore
 from worker.telemetry.logs import log_context
 from worker.telemetry.metrics import HealthTracker, Metrics, MetricsServer
-from worker.wire.topics import ReplyTopicPolicy, TopicsConfig
+from worker.wire.topics import TopicsConfig
 
 __all__ = ["Worker"]
 
@@ -121,15 +121,7 @@ class Worker:
         )
         self.tasks = Supervisor(self.metrics)
         self.observer = IndexObserver(self.metrics)
-        self.reply_policy = ReplyTopicPolicy(
-            config.topics.reply_pattern,
-            forbidden={
-                own.topics.commands,
-                own.topics.search,
-                own.topics.replica_search,
-                own.topics.dlq,
-            },
-        )
+        self.reply_policy = own.topics.reply_policy()  # the owners' search topic too
         self.assignor: StandbyAssignor | None = None
         """the group's assignor (`kafka/assignor.py`): co-partitioned, sticky, partitions
         spread member by member (so the members of a sharded index, on consecutive

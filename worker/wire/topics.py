@@ -88,6 +88,14 @@ class TopicsConfig:
             reply_pattern=_env(env, "LHV_REPLY_PATTERN", d.reply_pattern) or d.reply_pattern,
         )
 
+    def reply_policy(self) -> ReplyTopicPolicy:
+        """Where replies and acks may go: topics matching `reply_pattern`, never these
+        command, search (owners' and replicas') or dead-letter topics."""
+        return ReplyTopicPolicy(
+            self.reply_pattern,
+            forbidden={self.commands, self.search, self.replica_search, self.dlq},
+        )
+
 
 #: the default command, search (owners' and replicas') and dead-letter topics: never a
 #: reply topic
