@@ -34,7 +34,6 @@ from lhv_index.errors import (
     IndexExists,
     IndexNotFound,
     Internal,
-    InvalidRequest,
     LhvError,
     WrongPartition,
 )
@@ -57,6 +56,7 @@ from worker.wire.commands import (
     UnaliasCommand,
     command_names,
     decode_command,
+    record_key_text,
 )
 from worker.wire.headers import ReplyTo, reply_to_from_headers
 from worker.wire.limits import MessageLimits
@@ -142,13 +142,14 @@ def decode_records(
         item = Decoded(reply_to)
         out.append(item)
         try:
-            if rec.key is not None and not _utf8(rec.key):
-                raise InvalidRequest("the record key is not UTF-8: it must be the index name")
-            if rec.key is not None and home_partition(rec.key, num_partitions) != partition:
-                raise WrongPartition(
-                    f"index {rec.key[:128].decode(errors='replace')!r} lives on partition "
-                    f"{home_partition(rec.key, num_partitions)}, record came on {partition}"
-                )
+            if rec.key is not None:
+                name = record_key_text(rec.key)  # not UTF-8: no index's, wherever it came
+                home = home_partition(rec.key, num_partitions)
+                if home != partition:
+                    raise WrongPartition(
+                        f"index {name[:128]!r} lives on partition {home}, "
+                        f"record came on {partition}"
+                    )
             item.command = decode_command(rec.key, rec.value, rec.headers or (), limits=limits)
         except LhvError as exc:
             item.error = exc
@@ -158,14 +159,6 @@ def decode_records(
         if item.error is not None:
             item.named = command_names(rec.value, limits)
     return out
-
-
-def _utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 #: the commands that are barriers: the pending writes of every index they touch are

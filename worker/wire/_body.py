@@ -123,15 +123,24 @@ def _json_type(value: Any) -> str:
     return "an object"
 
 
-def _check_key(key: bytes | None, index: str) -> None:
-    if key is None:
-        raise InvalidRequest("the record has no key: the key must be the index name")
+def _key_text(key: bytes) -> str:
+    """A record key as text.
+
+    Raises:
+        InvalidRequest: the key is not UTF-8 (so it names no index).
+    """
     try:
-        key_s = bytes(key).decode("utf-8")
+        return bytes(key).decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRequest(
             "the record key is not UTF-8: the key must be the index name"
         ) from None
+
+
+def _check_key(key: bytes | None, index: str) -> None:
+    if key is None:
+        raise InvalidRequest("the record has no key: the key must be the index name")
+    key_s = _key_text(key)
     if index != key_s:
         raise InvalidRequest(f"index {index!r} differs from the record key {_brief(key_s, 140)}")
 

@@ -17,6 +17,7 @@ from worker.wire._body import (
     _check_ids,
     _check_key,
     _int,
+    _key_text,
     _opt_int,
     _parse,
     _request_faults,
@@ -45,7 +46,12 @@ __all__ = [
     "command_names",
     "decode_command",
     "forward_value",
+    "record_key_text",
 ]
+
+#: a command record's key as text (InvalidRequest when it is not UTF-8), for the checks
+#: made before its value is decoded (its partition)
+record_key_text = _key_text
 
 
 # -- commands -----------------------------------------------------------------------------
