@@ -178,12 +178,15 @@ class _Checkpoints:
         return [parts[p] for p in sorted(parts)]
 
     async def named(
-        self, partitions: Iterable[int] | None = None
+        self,
+        partitions: Iterable[int] | None = None,
+        listings: list[PartitionListing] | None = None,
     ) -> list[tuple[int, str, IndexEntry, Manifest]]:
-        """(partition, index, entry, manifest) of every snapshot a manifest names."""
+        """(partition, index, entry, manifest) of every snapshot a manifest names (in
+        `listings`, when the caller has read them already)."""
         out = []
         wanted = set(partitions) if partitions is not None else None
-        for listing in await self.listing():
+        for listing in listings if listings is not None else await self.listing():
             if listing.manifest is None or (wanted is not None and listing.partition not in wanted):
                 continue
             for name, entry in sorted(listing.manifest.indexes.items()):
@@ -285,11 +288,12 @@ async def verify_snapshots(
     A partition asked for in `partitions` that has no manifest is reported `absent`."""
     report = VerifyReport()
     cps = _Checkpoints(blobs, topic)
+    listings = await cps.listing()
     if partitions is not None:
         partitions = set(partitions)
-        have = {cp.partition for cp in await cps.listing() if cp.manifest is not None}
+        have = {cp.partition for cp in listings if cp.manifest is not None}
         report.absent = sorted(partitions - have)
-    for p, name, entry, manifest in await cps.named(partitions):
+    for p, name, entry, manifest in await cps.named(partitions, listings):
         before = len(report.problems)
         for segment in (entry.base, *entry.deltas):
             report.checked += 1
