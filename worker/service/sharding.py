@@ -242,11 +242,15 @@ def check_room(
     )
     adding = share(cmd.shards) if cmd.shards > 1 else 1
     if held + adding > max_indexes:
-        what = f"{cmd.shards} shards over {num_partitions} partitions" if cmd.shards > 1 else ""
+        sharded = (
+            f" and {cmd.index!r} ({cmd.shards} shards over {num_partitions} partitions) "
+            f"would add {adding}"
+            if cmd.shards > 1
+            else ""
+        )
         raise InvalidRequest(
-            f"create: partition {partition.number} holds {held} indexes"
-            + (f" and {cmd.index!r} ({what}) would add {adding}" if what else "")
-            + f", the limit is {max_indexes} (LHV_MAX_INDEXES_PER_PARTITION): drop one first"
+            f"create: partition {partition.number} holds {held} indexes{sharded}, the limit "
+            f"is {max_indexes} (LHV_MAX_INDEXES_PER_PARTITION): drop one first"
         )
 
 

@@ -185,7 +185,7 @@ def merge_search_reply(
                 hit["metadata"] = r[2]
         if include_vectors:
             for hit in hits:
-                hit["vector"] = stored[0].get(hit["id"]) if stored else None
+                hit["vector"] = stored[0].get(hit["id"])  # n >= queries >= 1
         out["hits"] = hits
     applied = _applied(name, shards, answers)
     out["applied_offset"] = min(applied.values(), default=-1)
