@@ -100,8 +100,13 @@ def test_merged_stats_sum_counts_and_list_each_member() -> None:
         (1, {**member, "count": 5, "deleted": 1, "partition": 3, "applied_offset": 9}),
         (0, {**member, "count": 2, "deleted": 0, "partition": 0, "applied_offset": 2}),
     ]
+    answers[0][1]["checkpoint_offset"] = 8
+    answers[1][1]["checkpoint_offset"] = 1
     body = merge_stats_reply("docs", 2, answers)
     assert (body["count"], body["deleted"], body["dim"], body["space"]) == (7, 1, 4, "l2")
+    # the top-level offsets every stats reply carries: the lowest of the members'
+    assert (body["applied_offset"], body["checkpoint_offset"]) == (2, 1)
+    assert body["applied_offsets"] == {"docs#0": 2, "docs#1": 9}
     assert [s["shard"] for s in body["shards"]] == [0, 1]
     assert body["shards"][1] == {
         "shard": 1,
@@ -109,6 +114,7 @@ def test_merged_stats_sum_counts_and_list_each_member() -> None:
         "count": 5,
         "deleted": 1,
         "applied_offset": 9,
+        "checkpoint_offset": 8,
     }
 
 

@@ -36,6 +36,7 @@ from worker.wire.commands import (
     decode_command,
     forward_value,
 )
+from worker.wire.gather import merge_search_reply, merge_stats_reply
 from worker.wire.headers import ReplyTo, correlation_text, reply_to_from_headers
 from worker.wire.limits import COMMAND_OPS, QUERY_OPS, MessageLimits
 from worker.wire.queries import GetQuery, SearchQuery, StatsQuery, decode_query
@@ -799,6 +800,55 @@ def test_error_reply_carries_the_code_of_the_error_class(error: LhvError) -> Non
 def test_reply_schema_requires_an_error_on_error_status() -> None:
     with pytest.raises(fastjsonschema.JsonSchemaValueException):
         REPLY_SCHEMA({"correlation_id": "c", "status": "error", "index": "d", "took_ms": 1})
+
+
+@pytest.mark.parametrize(
+    ("op", "fields", "needed"),
+    [
+        ("search", {"hits": [], "applied_offset": 3}, ("hits", "applied_offset")),
+        ("get", {"items": [], "applied_offset": 3}, ("items", "applied_offset")),
+        (
+            "stats",
+            {
+                "count": 1,
+                "deleted": 0,
+                "dim": 2,
+                "space": "l2",
+                "engine": "hnsw",
+                "params": {},
+                "applied_offset": 3,
+                "checkpoint_offset": -1,
+            },
+            ("count", "deleted", "dim", "params", "applied_offset", "checkpoint_offset"),
+        ),
+    ],
+)
+def test_reply_schema_requires_the_fields_design_names_for_each_ok_reply(
+    op: str, fields: dict[str, Any], needed: tuple[str, ...]
+) -> None:
+    body = {"correlation_id": "c", "status": "ok", "op": op, "index": "d", "took_ms": 1}
+    REPLY_SCHEMA({**body, **fields})
+    for name in needed:
+        with pytest.raises(fastjsonschema.JsonSchemaValueException):
+            REPLY_SCHEMA({**body, **{k: v for k, v in fields.items() if k != name}})
+
+
+def test_merged_replies_of_a_sharded_index_are_schema_valid() -> None:
+    member = {"dim": 2, "space": "l2", "engine": "hnsw", "params": {"M": 16}}
+    answers = [
+        (0, {**member, "count": 2, "deleted": 0, "applied_offset": 4, "checkpoint_offset": 3}),
+        (1, {**member, "count": 1, "deleted": 1, "applied_offset": 9, "checkpoint_offset": -1}),
+    ]
+    stats = merge_stats_reply("docs", 2, answers)
+    REPLY_SCHEMA({"correlation_id": "c", "took_ms": 1, **stats})
+    assert (stats["applied_offset"], stats["checkpoint_offset"]) == (4, -1)
+    nobody = merge_stats_reply("docs", 2, [], missing=[0, 1])
+    REPLY_SCHEMA({"correlation_id": "c", "took_ms": 1, **nobody})
+    hits = {"hits": [{"id": "a", "distance": 0.5}], "applied_offset": 4}
+    search = merge_search_reply(
+        "docs", 2, [(0, hits)], k=3, multi=False, include_metadata=False, missing=[1]
+    )
+    REPLY_SCHEMA({"correlation_id": "c", "took_ms": 1, **search})
 
 
 def test_acks_are_schema_valid() -> None:

@@ -233,7 +233,10 @@ def merge_stats_reply(
 ) -> dict[str, Any]:
     """The body of the one reply to stats of sharded `name`: `count` and `deleted` summed,
     the index's parameters (from any member), and `shards`: each member's `shard`,
-    `partition`, `count`, `deleted`, `applied_offset`, `checkpoint_offset`."""
+    `partition`, `count`, `deleted`, `applied_offset`, `checkpoint_offset`.
+
+    `applied_offset` and `checkpoint_offset` at the top are the lowest of the members'
+    (-1 when no member answered), `applied_offsets` each member's, as a search's."""
     ordered = sorted(answers, key=lambda a: a[0])
     out: dict[str, Any] = {"status": "ok", "op": "stats", "index": name}
     if ordered:
@@ -250,5 +253,12 @@ def merge_stats_reply(
         row.update({key: body[key] for key in _SHARD_STATS if key in body})
         breakdown.append(row)
     out["shards"] = breakdown
+    applied = _applied(name, shards, answers)
+    out["applied_offset"] = min(applied.values(), default=-1)
+    out["applied_offsets"] = applied
+    checkpoints = [
+        b["checkpoint_offset"] for _, b in ordered if type(b.get("checkpoint_offset")) is int
+    ]
+    out["checkpoint_offset"] = min(checkpoints, default=-1)
     out.update(partial_fields(missing))
     return out
