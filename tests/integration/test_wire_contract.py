@@ -26,7 +26,7 @@ from worker.service import Worker
 from worker.service.partition import PartitionStatus
 from worker.storage.blobstore import S3BlobStore, S3Config
 from worker.storage.snapshots import Manifest, SnapshotStore
-from worker.wire.headers import CORRELATION_ID, REPLY_TOPIC
+from worker.wire.headers import CORRELATION_ID, REPLY_PARTITION, REPLY_TOPIC
 from worker.wire.topics import home_partition
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -46,33 +46,56 @@ class Wire:
     async def start(self) -> None:
         await self.producer.start()
         await self.consumer.start()
-        tp = TopicPartition(self.reply_topic, 0)
-        self.consumer.assign([tp])
-        await self.consumer.seek_to_beginning(tp)
+        parts = await self.producer.partitions_for(self.reply_topic)
+        tps = [TopicPartition(self.reply_topic, p) for p in sorted(parts)]
+        self.consumer.assign(tps)
+        await self.consumer.seek_to_beginning(*tps)
 
     async def stop(self) -> None:
         await self.producer.stop()
         await stop_quietly(self.consumer)
 
-    async def _ask(self, topic: str, index: str, body: dict[str, Any], key: str | None) -> Any:
+    async def _ask(
+        self,
+        topic: str,
+        index: str,
+        body: dict[str, Any],
+        key: str | None,
+        partition: int | None = None,
+        reply_partition: int | None = None,
+    ) -> Any:
         cid = uuid.uuid4().hex.encode()
         headers = [(REPLY_TOPIC, self.reply_topic.encode()), (CORRELATION_ID, cid)]
+        if reply_partition is not None:
+            headers.append((REPLY_PARTITION, struct.pack(">i", reply_partition)))
         meta = await self.producer.send_and_wait(
             topic,
             key=(index if key is None else key).encode(),
             value=orjson.dumps({"index": index, **body}),
             headers=headers,
+            partition=partition,
         )
         rec = await self.reply(cid)
         assert rec.key == cid and dict(rec.headers)[CORRELATION_ID] == cid
+        if reply_partition is not None:
+            assert rec.partition == reply_partition
         reply = orjson.loads(rec.value)
         assert reply["correlation_id"] == cid.decode()
         return meta.offset, reply
 
-    async def command(self, index: str, body: dict[str, Any], *, key: str | None = None) -> Any:
+    async def command(
+        self,
+        index: str,
+        body: dict[str, Any],
+        *,
+        key: str | None = None,
+        partition: int | None = None,
+        reply_partition: int | None = None,
+    ) -> Any:
         """The ack of `body` on the commands topic; its `offset` checked against the
         record's own."""
-        offset, ack = await self._ask(self.env.topics.commands, index, body, key)
+        topic = self.env.topics.commands
+        offset, ack = await self._ask(topic, index, body, key, partition, reply_partition)
         assert ack["offset"] == offset
         return ack
 
@@ -94,7 +117,7 @@ class Wire:
 async def wire(bootstrap_servers: str, s3_config: S3Config) -> AsyncIterator[Wire]:
     env = await make_env(bootstrap_servers, s3_config, partitions=2)
     topic = f"lhv.replies.contract-{uuid.uuid4().hex[:10]}"
-    await create_topics(bootstrap_servers, [topic], 1)
+    await create_topics(bootstrap_servers, [topic], 2)
     async with running(env.config(query_wait_ms=5_000)) as worker:
         await _serving(worker, env.partitions)
         w = Wire(env, topic)
@@ -209,6 +232,43 @@ async def test_a_command_whose_index_differs_from_its_key_is_invalid(wire: Wire)
     assert ack["status"] == "error" and ack["error"]["code"] == "invalid_request"
     stats = await wire.query(name, {"op": "stats", "min_offset": ack["offset"]})
     assert stats["status"] == "ok"
+
+
+async def test_a_command_on_another_partition_than_its_index_home_is_refused_wrong_partition(
+    wire: Wire,
+) -> None:
+    name = fresh("home")
+    home = home_partition(name.encode(), wire.env.partitions)
+    await wire.command(name, {"op": "create", "dim": 2, "space": "l2"})
+    item = {"id": "a", "vector": [1, 0]}
+    ack = await wire.command(name, {"op": "add", "items": [item]}, partition=1 - home)
+    assert ack["status"] == "error" and ack["error"]["code"] == "wrong_partition"
+    got = await wire.query(name, {"op": "get", "ids": ["a"]})
+    assert got["status"] == "ok" and got["items"] == []
+
+
+async def test_acks_go_to_the_reply_partition_the_command_names(wire: Wire) -> None:
+    name = fresh("rp")
+    for partition in (1, 0):
+        ack = await wire.command(
+            name, {"op": "create", "dim": 2, "space": "l2"}, reply_partition=partition
+        )
+        assert ack["status"] == "ok"
+
+
+async def test_index_names_and_dims_past_the_limits_are_invalid_requests(wire: Wire) -> None:
+    longest = "n" + uuid.uuid4().hex + "x" * 95  # 128 characters
+    assert len(longest) == 128
+    ok = await wire.command(longest, {"op": "create", "dim": 2, "space": "l2"})
+    assert ok["status"] == "ok", ok
+    too_long = longest + "y"
+    refused = await wire.command(too_long, {"op": "create", "dim": 2, "space": "l2"})
+    assert refused["status"] == "error" and refused["error"]["code"] == "invalid_request"
+    for bad in ("-leading-dash", "has/slash", "ünïcode"):
+        ack = await wire.command(bad, {"op": "create", "dim": 2})
+        assert ack["error"]["code"] == "invalid_request", bad
+    huge = await wire.command(fresh("dim"), {"op": "create", "dim": 1_000_000})
+    assert huge["error"]["code"] == "invalid_request"
 
 
 async def test_drop_removes_the_index_and_a_new_create_starts_empty(wire: Wire) -> None:
