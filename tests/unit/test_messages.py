@@ -340,6 +340,31 @@ def test_search_defaults_and_options() -> None:
     assert query({"index": "docs", "vector": [1], "filter": {}}).filter is None
 
 
+def test_null_optional_fields_decode_as_if_absent_and_the_schemas_accept_them() -> None:
+    nulls = dict.fromkeys(
+        ("k", "ef", "filter", "include_metadata", "include_vectors", "min_offset", "deadline_ms")
+    )
+    body = {"index": "docs", "vector": [1, 0], "request_id": None}
+    assert repr(query({**body, **nulls})) == repr(query(body))  # numpy rows: no ==
+    published("search")({**body, **nulls})
+    get = {"op": "get", "index": "docs", "ids": ["a"]}
+    flags = dict.fromkeys(("include_vectors", "include_metadata", "vector_encoding"))
+    assert query({**get, **flags}) == query(get)
+    published("get")({**get, **flags})
+    create = {"op": "create", "index": "docs", "dim": 4}
+    params = dict.fromkeys(("space", "engine", "M", "ef_construction", "ef_search", "shards"))
+    assert command({**create, **params}) == command(create)
+    published("create")({**create, **params})
+    item = {"id": "a", "vector": [1.0, 0.0], "metadata": None}
+    add = command({"op": "add", "index": "docs", "items": [{**item, "version": None}]})
+    assert add.items[0].version == 0 and add.items[0].metadata is None
+    delete = {"op": "delete", "index": "docs", "ids": ["a"]}
+    assert command({**delete, "version": None}) == command(delete)
+    published("delete")({**delete, "version": None})
+    with pytest.raises(InvalidRequest, match="vector"):  # required ones stay required
+        query({"index": "docs", "vector": None})
+
+
 def test_get_and_stats_decode() -> None:
     g = query({"op": "get", "index": "docs", "ids": ["a", "b"], "vector_encoding": "b64"})
     assert isinstance(g, GetQuery) and g.ids == ["a", "b"] and g.vector_encoding == "b64"

@@ -100,7 +100,33 @@ _VALIDATORS: dict[str, Callable[[Any], Any]] = {
 """runtime validators by op; `use_default=False`: decoding never injects schema defaults"""
 
 
+def _null_means_absent(schema: dict[str, Any]) -> frozenset[str]:
+    """The optional top-level fields the schema lets be null: null there means absent."""
+    required = set(schema.get("required", ()))
+    out = set()
+    for name, prop in schema["properties"].items():
+        types = prop.get("type", ())
+        if name not in required and ("null" in types or None in prop.get("enum", ())):
+            out.add(name)
+    return frozenset(out)
+
+
+_NULLABLE: dict[str, frozenset[str]] = {
+    op: _null_means_absent(load_schema(op)) for op in (*COMMAND_OPS, *QUERY_OPS)
+}
+"""by op, the optional fields whose null `_check` removes before validating"""
+
+
 def _check(op: str, body: dict[str, Any]) -> None:
+    """Validate `body` against the schema of `op`, after removing the optional fields
+    that are null (null there means absent, so the decoders see only their defaults).
+
+    Raises:
+        InvalidRequest: naming the field the schema refused.
+    """
+    for name in _NULLABLE[op].intersection(body):
+        if body[name] is None:
+            del body[name]
     try:
         _VALIDATORS[op](body)
     except fastjsonschema.JsonSchemaValueException as exc:
