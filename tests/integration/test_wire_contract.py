@@ -527,3 +527,21 @@ async def test_query_errors_use_the_contract_codes(wire: Wire) -> None:
     assert too_many["error"]["code"] == "invalid_request"
     bad_name = await wire.query("../escape", {"vector": [1, 0]})
     assert bad_name["error"]["code"] == "invalid_request"
+
+
+async def test_optional_fields_sent_as_null_are_read_as_absent(wire: Wire) -> None:
+    name = fresh("nulls")
+    created = await wire.command(
+        name, {"op": "create", "dim": 2, "space": "l2", "M": None, "request_id": None}
+    )
+    assert created["status"] == "ok", created
+    item = {"id": "a", "vector": [1, 0], "metadata": None, "version": None}
+    ack = await wire.command(name, {"op": "add", "items": [item]})
+    assert (ack["status"], ack["applied"]) == ("ok", 1)
+    nulls = dict.fromkeys(("k", "ef", "filter", "include_metadata", "include_vectors"))
+    reply = await wire.query(name, {"vector": [1, 0], "min_offset": ack["offset"], **nulls})
+    assert reply["status"] == "ok" and reply["hits"] == [{"id": "a", "distance": 0.0}]
+    got = await wire.query(name, {"op": "get", "ids": ["a"], "vector_encoding": None})
+    assert got["items"] == [{"id": "a", "vector": [1.0, 0.0], "metadata": None, "version": 0}]
+    deleted = await wire.command(name, {"op": "delete", "ids": ["a"], "version": None})
+    assert (deleted["status"], deleted["applied"]) == ("ok", 1)
