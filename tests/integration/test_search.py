@@ -8,6 +8,7 @@ One worker (and one client) serve the whole module; each test uses its own index
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -557,6 +558,19 @@ async def test_include_vectors_returns_the_stored_vector_of_each_hit_sharded_or_
             # without the flag, no vectors
             reply = await raw.ask(env.topics.search, name.encode(), multi, f"{name}-3".encode())
             assert "vectors" not in reply["results"][0], reply
+            # vector_encoding b64: the same vectors as base64 of little-endian float32
+            packed = {**body, "vector_encoding": "b64"}
+            reply = await raw.ask(env.topics.search, name.encode(), packed, f"{name}-5".encode())
+            assert reply["hits"][0]["id"] == "v5" and "vector" not in reply["hits"][0], reply
+            for hit in reply["hits"]:
+                got = np.frombuffer(base64.b64decode(hit["vector_b64"]), "<f4")
+                assert got.tolist() == data[int(hit["id"][1:])].tolist()
+            packed = {**multi, "include_vectors": True, "vector_encoding": "b64"}
+            reply = await raw.ask(env.topics.search, name.encode(), packed, f"{name}-6".encode())
+            for r in reply["results"]:
+                for id_, text in zip(r["ids"], r["vectors_b64"], strict=True):
+                    got = np.frombuffer(base64.b64decode(text), "<f4")
+                    assert got.tolist() == data[int(id_[1:])].tolist()
         # vectors a reply would carry are bounded as a get's are
         over = {"index": "withvec", "vector": data[0].tolist(), "k": 1001, "include_vectors": True}
         reply = await raw.ask(env.topics.search, b"withvec", over, b"withvec-4")

@@ -709,6 +709,46 @@ def test_multi_vector_search_reply_has_one_result_per_vector() -> None:
     assert "results" not in body and [h["id"] for h in body["hits"]] == ["a", "b"]
 
 
+def test_search_vectors_come_as_b64_when_the_query_asks_vector_encoding_b64() -> None:
+    stored = {"a": np.array([1.5, -2.0], dtype=np.float32)}
+    one = query({"index": "docs", "vector": [1, 0], "include_vectors": True})
+    assert one.vector_encoding == "json"
+    packed = query(
+        {"index": "docs", "vector": [1, 0], "include_vectors": True, "vector_encoding": "b64"}
+    )
+    rows = [Columns(["a", "gone"], [0.0, 0.5])]
+    body = orjson.loads(
+        encode_search_results(packed, rows, applied_offset=1, took_ms=0, vectors=stored)
+    )
+    REPLY_SCHEMA(body)
+    assert [set(h) for h in body["hits"]] == [{"id", "distance", "vector_b64"}] * 2
+    assert np.frombuffer(base64.b64decode(body["hits"][0]["vector_b64"]), "<f4").tolist() == [
+        1.5,
+        -2.0,
+    ]
+    assert body["hits"][1]["vector_b64"] is None  # deleted between the search and the read
+    multi = query(
+        {"index": "docs", "vectors": [[1, 0]], "include_vectors": True, "vector_encoding": "b64"}
+    )
+    body = orjson.loads(
+        encode_search_results(multi, rows, applied_offset=1, took_ms=0, vectors=stored)
+    )
+    REPLY_SCHEMA(body)
+    assert body["results"][0]["vectors_b64"] == [b64(stored["a"]), None]
+    assert "vectors" not in body["results"][0]
+    merged = merge_search_reply(
+        "docs",
+        2,
+        [(0, {"hits": [{"id": "a", "distance": 0.0, "vector": [1.5, -2.0]}], "applied_offset": 3})],
+        k=2,
+        multi=False,
+        include_metadata=False,
+        include_vectors=True,
+        vector_encoding="b64",
+    )
+    assert merged["hits"] == [{"id": "a", "distance": 0.0, "vector_b64": b64(stored["a"])}]
+
+
 def test_correlation_ids_are_text_when_utf8_else_hex() -> None:
     assert correlation_text(b"corr-1") == "corr-1"
     assert correlation_text("é".encode()) == "é"

@@ -403,6 +403,7 @@ def _merged(
             include_vectors=query.include_vectors,
             missing=missing,
             queries=len(query.vectors),
+            vector_encoding=query.vector_encoding,
         )
     elif isinstance(query, GetQuery):
         body = merge_get_reply(target.index, target.shards, query.ids, answers, missing=missing)

@@ -19,9 +19,12 @@ never silently short.
 
 from __future__ import annotations
 
+import base64
 import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeAlias, TypeVar
+
+import numpy as np
 
 from lhv_index.errors import DeadlineExceeded, LhvError, error_for_code
 from worker.wire.shards import shard_key
@@ -94,6 +97,12 @@ def _hit_vectors(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _b64_or_none(vector: Sequence[float] | None) -> str | None:
+    if vector is None:
+        return None
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
 def partial_fields(missing: Sequence[int]) -> dict[str, Any]:
     """What a merged reply adds about members that did not answer (nothing when all did)."""
     if not missing:
@@ -150,11 +159,13 @@ def merge_search_reply(
     include_vectors: bool = False,
     missing: Sequence[int] = (),
     queries: int = 1,
+    vector_encoding: str = "json",
 ) -> dict[str, Any]:
     """The body (without `correlation_id`, `took_ms`, `request_id`) of the one reply to a
     search of `queries` vectors of sharded `name`, from its members' `status: ok` replies
     (a multi-vector search gets one `results` entry per vector, empty when no member
-    answered). With `include_vectors`, each hit keeps the vector its member sent.
+    answered). With `include_vectors`, each hit keeps the vector its member sent (as JSON
+    floats), sent as base64 of little-endian float32 when `vector_encoding` is "b64".
 
     `applied_offsets` names each member's applied offset; `applied_offset` is the lowest
     of them (-1 when no member answered)."""
@@ -166,6 +177,9 @@ def merge_search_reply(
         for _, body in answers:  # an id lives on one member: the dicts never overlap
             for i, found in enumerate(_hit_vectors(body)[:n]):
                 stored[i].update(found)
+    suffix = "_b64" if vector_encoding == "b64" else ""
+    if suffix:
+        stored = [{id_: _b64_or_none(vec) for id_, vec in row.items()} for row in stored]
     out: dict[str, Any] = {"status": "ok", "op": "search", "index": name}
     if multi:
         results = []
@@ -174,7 +188,7 @@ def merge_search_reply(
             if include_metadata:
                 entry["metadata"] = [r[2] for r in rows]
             if include_vectors:
-                entry["vectors"] = [stored[i].get(r[0]) for r in rows]
+                entry["vectors" + suffix] = [stored[i].get(r[0]) for r in rows]
             results.append(entry)
         out["results"] = results
     else:
@@ -185,7 +199,7 @@ def merge_search_reply(
                 hit["metadata"] = r[2]
         if include_vectors:
             for hit in hits:
-                hit["vector"] = stored[0].get(hit["id"])  # n >= queries >= 1
+                hit["vector" + suffix] = stored[0].get(hit["id"])  # n >= queries >= 1
         out["hits"] = hits
     applied = _applied(name, shards, answers)
     out["applied_offset"] = min(applied.values(), default=-1)

@@ -62,6 +62,9 @@ class SearchQuery(_QueryBase):
     include_metadata: bool = False
     include_vectors: bool = False
     """each hit carries its stored vector (`vector`; `vectors` in `results`)"""
+    vector_encoding: Literal["json", "b64"] = "json"
+    """with include_vectors: JSON floats, or base64 of little-endian float32 (`vector_b64`;
+    `vectors_b64` in `results`)"""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -176,6 +179,7 @@ def _query(
             filter=_check_filter(body.get("filter"), limits),
             include_metadata=bool(body.get("include_metadata", False)),
             include_vectors=include_vectors,
+            vector_encoding=body.get("vector_encoding", "json"),
         )
     if op == "get":
         ids = _check_ids(body["ids"], limits, op)

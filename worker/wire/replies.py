@@ -128,11 +128,23 @@ class SearchReply:
     vectors: Mapping[str, np.ndarray] | None = None
     """include_vectors: the stored vector of each hit's id (a hit whose id is not here,
     deleted between the search and the read of the vectors, gets null)"""
+    vector_encoding: Literal["json", "b64"] = "json"
+    """how `vectors` are sent: JSON floats (`vector`), or base64 of little-endian float32
+    (`vector_b64`)"""
 
-    def _vector(self, id_: str) -> list[float] | None:
+    def _vector(self, id_: str) -> list[float] | str | None:
         assert self.vectors is not None
         vec = self.vectors.get(id_)
-        return None if vec is None else np.asarray(vec, dtype="<f4").reshape(-1).tolist()
+        if vec is None:
+            return None
+        row = np.asarray(vec, dtype="<f4").reshape(-1)
+        if self.vector_encoding == "b64":
+            return base64.b64encode(row.tobytes()).decode("ascii")
+        return row.tolist()
+
+    @property
+    def _suffix(self) -> str:
+        return "_b64" if self.vector_encoding == "b64" else ""
 
     def _hits(self, hits: Sequence[_HitLike]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = [{"id": h.id, "distance": float(h.distance)} for h in hits]
@@ -141,7 +153,7 @@ class SearchReply:
                 entry["metadata"] = h.metadata
         if self.vectors is not None:
             for entry, h in zip(out, hits, strict=True):
-                entry["vector"] = self._vector(h.id)
+                entry["vector" + self._suffix] = self._vector(h.id)
         return out
 
     def _columns(self, c: Columns) -> dict[str, Any]:
@@ -149,7 +161,7 @@ class SearchReply:
         if self.include_metadata:
             out["metadata"] = c.metadata
         if self.vectors is not None:
-            out["vectors"] = [self._vector(id_) for id_ in c.ids]
+            out["vectors" + self._suffix] = [self._vector(id_) for id_ in c.ids]
         return out
 
     def encode(self) -> bytes:
@@ -319,6 +331,7 @@ def encode_search_reply(
         hits=hits,
         results=results,
         vectors=vectors if query.include_vectors else None,
+        vector_encoding=query.vector_encoding,
         include_metadata=query.include_metadata,
         applied_offset=applied_offset,
         took_ms=took_ms,
