@@ -20,7 +20,7 @@ import orjson
 import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from workerkit import Env, create_topics, make_env, running, stop_quietly
+from workerkit import Env, create_topics, end_offsets, make_env, running, stop_quietly
 
 from worker.service import Worker
 from worker.service.partition import PartitionStatus
@@ -545,3 +545,26 @@ async def test_optional_fields_sent_as_null_are_read_as_absent(wire: Wire) -> No
     assert got["items"] == [{"id": "a", "vector": [1.0, 0.0], "metadata": None, "version": 0}]
     deleted = await wire.command(name, {"op": "delete", "ids": ["a"], "version": None})
     assert (deleted["status"], deleted["applied"]) == ("ok", 1)
+
+
+async def test_a_command_asking_its_ack_on_a_non_reply_topic_is_applied_and_nothing_is_written_there(
+    wire: Wire,
+) -> None:
+    env = wire.env
+    name = fresh("noack")
+    await wire.command(name, {"op": "create", "dim": 2, "space": "l2"})
+    before = await end_offsets(env.bootstrap, env.topics.commands)
+    headers = [(REPLY_TOPIC, env.topics.commands.encode()), (CORRELATION_ID, b"loop")]
+    item = {"id": "a", "vector": [1, 0]}
+    meta = await wire.producer.send_and_wait(
+        env.topics.commands,
+        key=name.encode(),
+        value=orjson.dumps({"op": "add", "index": name, "items": [item]}),
+        headers=headers,
+    )
+    assert await get_one(wire, name, "a", meta.offset) is not None
+    marker = await wire.command(name, {"op": "delete", "ids": ["zz"]})  # acked after it
+    assert marker["offset"] == meta.offset + 1
+    after = await end_offsets(env.bootstrap, env.topics.commands)
+    before[meta.partition] += 2  # the add and the marker, nothing else
+    assert after == before
