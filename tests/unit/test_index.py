@@ -21,6 +21,7 @@ from lhv_index import (
     Space,
     Upsert,
 )
+from lhv_index._index import BESIDE_MIN_ITEMS
 from lhv_index._params import EF_MAX, ELEMENTS_HINT_MAX, M_MAX, N_TREES_MAX, SEARCH_K_MAX
 from lhv_index.errors import DimMismatch, EngineError, InvalidRequest
 
@@ -520,6 +521,41 @@ def test_engine_failure_makes_index_refuse_use() -> None:
         idx.apply([up("x", 1, o=1)])
     with pytest.raises(EngineError):
         idx.search(vec(0), 1)
+
+
+def test_engine_failure_during_a_large_apply_makes_index_refuse_use() -> None:
+    # a batch this large inserts in a thread of its own beside the bookkeeping
+    idx = make()
+    fill(idx, 10)
+
+    def boom(*_: object) -> None:
+        raise RuntimeError("simulated")
+
+    idx._engine.add = boom  # type: ignore[method-assign]
+    with pytest.raises(EngineError, match="simulated"):
+        idx.apply([up(f"n{i}", i, o=1, p=i) for i in range(BESIDE_MIN_ITEMS * 2)])
+    with pytest.raises(EngineError):
+        idx.search(vec(0), 1)
+
+
+def test_a_large_batch_of_upserts_updates_and_deletes_leaves_what_one_by_one_would() -> None:
+    n = BESIDE_MIN_ITEMS * 4
+    batched, single = make(), make()
+    first = [up(f"id{i}", i, o=1, p=i) for i in range(n)]
+    second = [
+        up(f"id{i}", i + 1, o=2, p=i) if i % 3 else rm(f"id{i}", o=2, p=i) for i in range(n)
+    ] + [up(f"new{i}", 10 * n + i, o=2, p=n + i) for i in range(n)]
+    for writes in (first, second):
+        batched.apply(writes)
+        for w in writes:
+            single.apply([w])
+    assert len(batched) == len(single) == n - len(range(0, n, 3)) + n
+    ids = [f"id{i}" for i in range(n)] + [f"new{i}" for i in range(n)]
+    for a, b in zip(batched.get(ids), single.get(ids), strict=True):
+        assert a.id == b.id
+        np.testing.assert_array_equal(a.vector, b.vector)
+    for i in (1, 2, n - 1):
+        assert batched.search(vec(i + 1), 1)[0][0].id == single.search(vec(i + 1), 1)[0][0].id
 
 
 def test_every_engine_kind_makes_an_index() -> None:
