@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 from aiokafka import TopicPartition
 
+from lhv_index import Index
 from lhv_index import Limits as IndexLimits
 from lhv_index.errors import Internal
 from worker.service import failpoints
@@ -377,8 +378,9 @@ class Runner:
 
     def _read_ahead(self) -> None:
         """Take the next batch now, if one is queued, and decode it in a thread while the
-        current one is applied (decoding reads no index state; the engine releases the
-        GIL, so both cores work)."""
+        current one is applied (decoding reads only which indexes exist, to validate
+        writes ahead for them; the apply checks that the index it finds is the same kind.
+        The engine releases the GIL, so both cores work)."""
         if self._carry is None and self.queue.empty():
             return
         item, self._carry = self._carry, None
@@ -396,6 +398,7 @@ class Runner:
             partition=self.partition.number,
             num_partitions=self._num_partitions,
             limits=self._settings.limits,
+            indexes=self.partition.indexes,
         )
 
     async def _apply(self, batch: _Batch, decoded: list[Decoded]) -> None:
@@ -441,12 +444,21 @@ class Runner:
 
 
 def _decode_or_reject(
-    records: list[Any], *, partition: int, num_partitions: int, limits: MessageLimits
+    records: list[Any],
+    *,
+    partition: int,
+    num_partitions: int,
+    limits: MessageLimits,
+    indexes: Mapping[str, Index],
 ) -> list[Decoded]:
     """`decode_records`, except that a record refused at intake (`RejectedRecord`: the
     Kafka client could not read it) keeps its error, whatever its value holds."""
     decoded = decode_records(
-        records, partition=partition, num_partitions=num_partitions, limits=limits
+        records,
+        partition=partition,
+        num_partitions=num_partitions,
+        limits=limits,
+        indexes=indexes,
     )
     for i, rec in enumerate(records):
         if isinstance(rec, RejectedRecord):
