@@ -167,7 +167,7 @@ def decode_records(
                     )
             item.command = decode_command(rec.key, rec.value, rec.headers or (), limits=limits)
             if indexes is not None:
-                _check_ahead(item, rec.offset, len(rec.value or b""), indexes)
+                _check_ahead(item, rec.offset, indexes)
         except LhvError as exc:
             item.error = exc
         except Exception as exc:  # a bug, not bad input: reject the record, keep going
@@ -178,23 +178,9 @@ def decode_records(
     return out
 
 
-#: an add is validated ahead only if its record has at least this many bytes an item:
-#: its writes and their validated columns (about 270 bytes an item beside the vectors)
-#: are then held one batch longer, and weigh less than the record itself
-AHEAD_MIN_RECORD_BYTES_PER_ITEM = 256
-
-
-def _check_ahead(
-    item: Decoded, offset: int, record_bytes: int, indexes: Mapping[str, Index]
-) -> None:
-    """Validate an add's writes for the index of its name, if there is one, and the
-    record weighs enough an item (`AHEAD_MIN_RECORD_BYTES_PER_ITEM`): bulk loads of real
-    vectors, whose validation is worth taking out of the apply. Deletes, and adds of many
-    tiny items, are validated by the apply only."""
+def _check_ahead(item: Decoded, offset: int, indexes: Mapping[str, Index]) -> None:
     cmd = item.command
-    if not isinstance(cmd, AddCommand):
-        return
-    if record_bytes < AHEAD_MIN_RECORD_BYTES_PER_ITEM * len(cmd.items):
+    if not isinstance(cmd, AddCommand | DeleteCommand):
         return
     index = indexes.get(cmd.index)
     if index is None:
