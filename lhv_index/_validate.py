@@ -232,18 +232,13 @@ class ValidatedWrites:
         """The euclidean norm of each upsert's vector, in the order of the writes."""
         return self._prep.norms
 
-    def checked_for(self, params: IndexParams, limits: Limits) -> bool:
-        """Whether these writes were checked for an index of `params` and `limits` (an
-        index of other ones must check them again: `Index.validate`)."""
-        return params == self._params and limits == self._limits
-
     def prepared_for(self, params: IndexParams, limits: Limits) -> Prepared:
         """The columns, for an index with `params` and `limits`.
 
         Raises:
             ValueError: the batch was validated for an index of other parameters or limits.
         """
-        if not self.checked_for(params, limits):
+        if params != self._params or limits != self._limits:
             raise ValueError("writes validated for an index of other parameters or limits")
         return self._prep
 

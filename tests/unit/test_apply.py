@@ -8,7 +8,7 @@ import numpy as np
 import orjson
 
 from lhv_index import Limits
-from worker.service.apply import apply_records, decode_records
+from worker.service.apply import apply_records
 from worker.service.partition import Partition
 from worker.wire.limits import MessageLimits
 from worker.wire.topics import home_partition
@@ -74,67 +74,6 @@ def test_drop_then_create_in_one_poll_starts_empty() -> None:
         ),
     )
     assert sorted(part.indexes[NAME].logical_state()["live"]) == ["b"]
-
-
-def _apply_decoded_ahead(part: Partition, recs: list[Rec]):
-    """As the runner does: the batch is decoded (and its writes validated) while the
-    indexes are as they were before it, then applied."""
-    decoded = decode_records(
-        recs, partition=part.number, num_partitions=P, limits=MessageLimits(), indexes=part.indexes
-    )
-    return apply_records(
-        part,
-        recs,
-        num_partitions=P,
-        limits=MessageLimits(),
-        index_limits=Limits(),
-        decoded=decoded,
-    )
-
-
-def test_writes_validated_ahead_for_an_index_replaced_in_the_batch_are_checked_again() -> None:
-    part = Partition(number=HOME)
-    _apply(part, _records([{"op": "create", "dim": 2, "space": "l2"}]))
-    outs = _apply_decoded_ahead(
-        part,
-        _records(
-            [
-                _add(("a", [1, 0])),  # fits the index as decoded
-                {"op": "drop"},
-                {"op": "create", "dim": 3, "space": "l2"},
-                _add(("b", [1, 0])),  # validated ahead for dim 2: refused for dim 3
-                _add(("c", [1, 0, 0])),  # refused ahead for dim 2: applied to dim 3
-            ]
-        ),
-    )
-    assert [o.error and o.error.code for o in outs] == [
-        None,
-        None,
-        None,
-        "dim_mismatch",
-        None,
-    ]
-    assert sorted(part.indexes[NAME].logical_state()["live"]) == ["c"]
-
-
-def test_writes_validated_ahead_apply_as_validated_at_apply_time() -> None:
-    part = Partition(number=HOME)
-    _apply(part, _records([{"op": "create", "dim": 2, "space": "cosine"}]))
-    recs = _records(
-        [
-            _add(("a", [1, 0]), ("b", [0, 2])),
-            _add(("z", [0, 0])),  # a zero vector under cosine: refused, ahead or not
-            {"op": "delete", "ids": ["b"]},
-        ]
-    )
-    ahead, plain = part, Partition(number=HOME)
-    _apply(plain, _records([{"op": "create", "dim": 2, "space": "cosine"}]))
-    outs = _apply_decoded_ahead(ahead, recs)
-    # b's add is beaten by its delete in the same batch: one write of the first record won
-    expected = [(None, 1), ("invalid_request", 0), (None, 1)]
-    assert [(o.error and o.error.code, o.applied) for o in outs] == expected
-    assert [(o.error and o.error.code, o.applied) for o in _apply(plain, recs)] == expected
-    assert ahead.indexes[NAME].logical_state() == plain.indexes[NAME].logical_state()
 
 
 def test_a_bad_record_is_rejected_whole_and_its_neighbours_apply() -> None:

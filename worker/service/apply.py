@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import suppress
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -127,27 +126,13 @@ class Decoded:
     error: LhvError | None = None
     named: tuple[str, str, str | None] = ("", "", None)
     """a refused record's (op, index, request_id), as far as they could be read"""
-    writes: list[Write] | None = None
-    """an add's or delete's library writes (`sharding.command_writes`), when decoded
-    with the partition's indexes"""
-    checked: ValidatedWrites | None = None
-    """`writes` validated for the index of that name as it was when decoded: the apply
-    takes them if the index it finds has the same parameters, else validates again"""
 
 
 def decode_records(
-    records: Sequence[Any],
-    *,
-    partition: int,
-    num_partitions: int,
-    limits: MessageLimits,
-    indexes: Mapping[str, Index] | None = None,
+    records: Sequence[Any], *, partition: int, num_partitions: int, limits: MessageLimits
 ) -> list[Decoded]:
-    """Decode and validate `records` of `partition`, so the next batch can be decoded
-    while the current one is applied. With `indexes` (the partition's, read while another
-    thread applies), each add and delete to an index there is also validated for it
-    (`Decoded.checked`); nothing else of an index is read, and a record that fails that
-    check is left for the apply to check and refuse against the index as it is then."""
+    """Decode and validate `records` of `partition` on their own (no index state is
+    read), so the next batch can be decoded while the current one is applied."""
     out: list[Decoded] = []
     for rec in records:
         try:
@@ -166,8 +151,6 @@ def decode_records(
                         f"record came on {partition}"
                     )
             item.command = decode_command(rec.key, rec.value, rec.headers or (), limits=limits)
-            if indexes is not None:
-                _check_ahead(item, rec.offset, indexes)
         except LhvError as exc:
             item.error = exc
         except Exception as exc:  # a bug, not bad input: reject the record, keep going
@@ -176,18 +159,6 @@ def decode_records(
         if item.error is not None:
             item.named = command_names(rec.value, limits)
     return out
-
-
-def _check_ahead(item: Decoded, offset: int, indexes: Mapping[str, Index]) -> None:
-    cmd = item.command
-    if not isinstance(cmd, AddCommand | DeleteCommand):
-        return
-    index = indexes.get(cmd.index)
-    if index is None:
-        return
-    item.writes = sharding.command_writes(cmd, offset)
-    with suppress(LhvError):  # refused by the apply, against the index it finds then
-        item.checked = index.validate(item.writes)
 
 
 #: the commands that are barriers: the pending writes of every index they touch are
@@ -374,12 +345,8 @@ def apply_records(
                     raise IndexNotFound(f"index {cmd.index!r} does not exist")
                 if partition.members:
                     sharding.check_member_writes(partition, cmd)
-                writes = pre.writes
-                if writes is None:
-                    writes = sharding.command_writes(cmd, rec.offset)
-                checked = pre.checked
-                if checked is None or not checked.checked_for(index.params, index.limits):
-                    checked = index.validate(writes)  # the one validation pass of these writes
+                writes = sharding.command_writes(cmd, rec.offset)
+                checked = index.validate(writes)  # the one validation pass of these writes
                 pending = groups.get(cmd.index)
                 if pending and len(pending.writes) + len(writes) > index_limits.max_batch_items:
                     flush(cmd.index)  # one engine call stays within the index's batch limit

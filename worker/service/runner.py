@@ -34,7 +34,6 @@ from typing import Any, NamedTuple
 
 from aiokafka import TopicPartition
 
-from lhv_index import Index
 from lhv_index import Limits as IndexLimits
 from lhv_index.errors import Internal
 from worker.service import failpoints
@@ -387,8 +386,7 @@ class Runner:
 
     def _read_ahead(self, *, after: asyncio.Event) -> None:
         """Take the next batch now, if one is queued, and decode it in a thread while the
-        current one is applied (decoding reads only which indexes exist, to validate
-        writes ahead for them; the apply checks that the index it finds is the same kind).
+        current one is applied (decoding reads no index state).
 
         The decoding waits for the apply's head start (`after` set, or a twentieth of
         the last apply's time): both need the GIL, and the apply's Python before its
@@ -417,7 +415,6 @@ class Runner:
             partition=self.partition.number,
             num_partitions=self._num_partitions,
             limits=self._settings.limits,
-            indexes=self.partition.indexes,
         )
 
     async def _apply(self, batch: _Batch, decoded: list[Decoded], applied: asyncio.Event) -> None:
@@ -467,21 +464,12 @@ class Runner:
 
 
 def _decode_or_reject(
-    records: list[Any],
-    *,
-    partition: int,
-    num_partitions: int,
-    limits: MessageLimits,
-    indexes: Mapping[str, Index],
+    records: list[Any], *, partition: int, num_partitions: int, limits: MessageLimits
 ) -> list[Decoded]:
     """`decode_records`, except that a record refused at intake (`RejectedRecord`: the
     Kafka client could not read it) keeps its error, whatever its value holds."""
     decoded = decode_records(
-        records,
-        partition=partition,
-        num_partitions=num_partitions,
-        limits=limits,
-        indexes=indexes,
+        records, partition=partition, num_partitions=num_partitions, limits=limits
     )
     for i, rec in enumerate(records):
         if isinstance(rec, RejectedRecord):
