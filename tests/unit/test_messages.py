@@ -453,7 +453,7 @@ BAD_COMMANDS: list[tuple[str, bytes | None, Any, str, int | None]] = [
     ("create search_k over its bound", b"docs", {"op": "create", "index": "docs", "dim": 2, "search_k": 10**8}, "search_k", None),
     ("create hint over its bound", b"docs", {"op": "create", "index": "docs", "dim": 2, "max_elements_hint": 2**33}, "max_elements_hint", None),
     ("create dim over its bound", b"docs", {"op": "create", "index": "docs", "dim": 2**17}, "dim", None),
-    ("add via_alias without origin", b"docs", {**_add(_ITEM), "via_alias": "live"}, "via_alias is set only on forwarded records", None),
+    ("add via_alias without origin", b"docs", {**_add(_ITEM), "via_alias": "live"}, "missing dependency origin for via_alias", None),
     ("create via_alias without origin", b"docs", {"op": "create", "index": "docs", "dim": 2, "via_alias": "live"}, "via_alias", None),
     ("import via_alias without origin", b"docs", {"op": "import", "index": "docs", "source": "s3://bkt/imports/x.npy", "via_alias": "live"}, "via_alias", None),
 ]  # fmt: skip
