@@ -42,7 +42,7 @@ from referencing import Registry, Resource
 from lhv_index import IndexParams, Limits
 from lhv_index.errors import LhvError, error_for_code
 from worker.wire.commands import decode_command
-from worker.wire.headers import ReplyTo
+from worker.wire.headers import ReplyTo, dlq_headers
 from worker.wire.limits import COMMAND_OPS, QUERY_OPS, MessageLimits
 from worker.wire.queries import decode_query
 from worker.wire.replies import Ack, DescribeReply, ErrorReply, GetReply, SearchReply, StatsReply
@@ -586,8 +586,8 @@ def test_schema_and_decoder_agree_on_every_query(op: str, data: st.DataObject) -
 
 
 @SETTINGS
-@given(body=st.dictionaries(st.sampled_from(["op", "index", "x"]), WRONG, max_size=3))
-def test_schema_and_decoder_agree_on_bodies_of_no_known_op(body: dict[str, Any]) -> None:
+@given(body=st.dictionaries(st.sampled_from(["op", "index", "x"]), WRONG, max_size=3) | WRONG)
+def test_schema_and_decoder_agree_on_bodies_of_no_known_op(body: Any) -> None:
     assert_agree("command", body)
     assert_agree("query", body)
 
@@ -683,7 +683,7 @@ def test_ok_replies_of_every_query_op_validate_against_the_reply_schema() -> Non
 
 
 @pytest.mark.parametrize("code", CODES)
-def test_error_replies_and_acks_of_every_op_and_code_validate_against_their_schemas(
+def test_error_replies_acks_and_dlq_headers_of_every_op_and_code_validate_against_their_schemas(
     code: str,
 ) -> None:
     for op in (*QUERY_OPS, None, "bogus"):
@@ -720,6 +720,12 @@ def test_error_replies_and_acks_of_every_op_and_code_validate_against_their_sche
             body = orjson.loads(raw)
             REFERENCE["ack"].validate(body)
             assert body["status"] == ("ok" if failure is None else "error")
+    for item in (None, 0, 7):
+        error = error_for_code(code, "é" * 5000)
+        error.item = item
+        headers = dlq_headers(error, "lhv.commands", 5, 2**63 - 1)
+        values = {name: value.decode("utf-8") for name, value in headers}
+        REFERENCE["dlq_headers"].validate(values)
 
 
 # -- the documents that once split them -----------------------------------------------------
