@@ -792,7 +792,8 @@ def _nest(depth: int) -> dict[str, Any]:
         # an index name with a final newline: ECMA-262 `$` refuses it, as the worker does
         ("command", {"op": "drop", "index": "docs\n"}, False),
         # limits the schemas leave to their descriptions and the README
-        ("command", {**_ADD, "items": [{"id": "a", "vector": [1], "metadata": _nest(31)}]}, True),
+        ("command", {**_ADD, "items": [{"id": "a", "vector": [1], "metadata": _nest(29)}]}, True),
+        ("command", {**_ADD, "items": [{"id": "a", "vector": [1], "metadata": _nest(30)}]}, True),
         ("command", {**_ADD, "items": [{"id": "a" * 13, "vector": [1]}]}, True),
         ("query", {"index": "docs", "vector": [1.0], "filter": {"a": "x" * 100}}, True),
         ("command", {"op": "merge", "index": "docs", "dest": "docs"}, True),
