@@ -41,7 +41,6 @@ from lhv_index._engines import (
     ShortResult,
     make_engine,
     metric_of,
-    run_beside,
 )
 from lhv_index._filter import compile_filter, filter_key
 from lhv_index._ids import LabelMap
@@ -75,9 +74,6 @@ COMPACT_MIN_SLOTS = 1024
 FILTER_BRUTE_MAX = 20_000
 #: vectors read from the engine at a time by brute force, rebuilds and `live_items`
 CHUNK = 16_384
-#: an apply of at least this many vectors does its bookkeeping while the engine inserts
-#: (`run_beside`); a smaller one does both in turn (a thread costs more than it saves)
-BESIDE_MIN_ITEMS = 256
 #: filters whose matching labels are cached (per index, until the next write)
 FILTER_CACHE_SIZE = 16
 
@@ -269,40 +265,30 @@ class Index:
             vectors = np.ascontiguousarray(vectors / norms[:, None], dtype=np.float32)
         delete_ids = [ids[p] for p in delete_pos]
         delete_labels = np.array([labels_of[i] for i in delete_ids], dtype=np.uint64)
-
-        def insert() -> None:
+        with self._engine_call("during apply"):
             self._engine.add(up_labels, vectors)
             if delete_labels.size:
                 self._engine.mark_deleted(delete_labels)
 
-        def bookkeeping() -> None:  # pure Python and numpy: none of it reads the engine
-            self._recent.record(up_labels, vectors)
-            self._map.bind(new_ids, new_labels, fresh)
-            meta = self._meta
-            for blob, label in zip(update_meta + new_meta, up_labels.tolist(), strict=True):
-                if blob is not META_KEEP:
-                    meta.set(label, blob or None)
-            for id_ in new_ids:
-                self._tombs.pop(id_, None)
-            if up_pos:
-                self._clocks.set(up_labels.astype(np.intp), [clocks[p] for p in up_pos])
-                if self._cosine:
-                    self._norms[up_labels.astype(np.intp)] = norms
-            for label in self._map.release(delete_ids):
-                meta.set(label, None)
-            meta.maybe_compact()
-            for p in delete_pos + tomb_pos:
-                self._tombs[ids[p]] = clocks[p]
-            self._changed.update([ids[p] for p in up_pos + delete_pos + tomb_pos])
-
-        # a failure of either leaves the engine and the bookkeeping apart: the index
-        # refuses further use (`_engine_call`)
-        with self._engine_call("during apply"):
-            if len(up_pos) >= BESIDE_MIN_ITEMS:
-                run_beside(insert, bookkeeping)
-            else:
-                insert()
-                bookkeeping()
+        # bookkeeping: pure Python and numpy from here on
+        self._recent.record(up_labels, vectors)
+        self._map.bind(new_ids, new_labels, fresh)
+        meta = self._meta
+        for blob, label in zip(update_meta + new_meta, up_labels.tolist(), strict=True):
+            if blob is not META_KEEP:
+                meta.set(label, blob or None)
+        for id_ in new_ids:
+            self._tombs.pop(id_, None)
+        if up_pos:
+            self._clocks.set(up_labels.astype(np.intp), [clocks[p] for p in up_pos])
+            if self._cosine:
+                self._norms[up_labels.astype(np.intp)] = norms
+        for label in self._map.release(delete_ids):
+            meta.set(label, None)
+        meta.maybe_compact()
+        for p in delete_pos + tomb_pos:
+            self._tombs[ids[p]] = clocks[p]
+        self._changed.update([ids[p] for p in up_pos + delete_pos + tomb_pos])
         return tuple(sorted(up_pos + delete_pos + tomb_pos))
 
     def _reserve(self, slots: int) -> None:

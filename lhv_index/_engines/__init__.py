@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lhv_index._distance import Metric
 from lhv_index._engines.annoy import AnnoyEngine
-from lhv_index._engines.base import Engine, ShortResult, run_beside
+from lhv_index._engines.base import Engine, ShortResult
 from lhv_index._engines.deferred import DeferredEngine
 from lhv_index._engines.exact import ExactEngine
 from lhv_index._engines.hnsw import HnswEngine
@@ -20,7 +20,6 @@ __all__ = [
     "ShortResult",
     "make_engine",
     "metric_of",
-    "run_beside",
 ]
 
 

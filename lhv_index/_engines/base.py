@@ -14,8 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import tempfile
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any, Protocol
 
@@ -24,14 +23,7 @@ from lhv_index._distance import Metric, TopK
 from lhv_index._types import Labels, Vectors
 from lhv_index.errors import EngineError
 
-__all__ = [
-    "Engine",
-    "EngineCapture",
-    "ShortResult",
-    "capture_by_dump",
-    "capture_to_file",
-    "run_beside",
-]
+__all__ = ["Engine", "EngineCapture", "ShortResult", "capture_by_dump", "capture_to_file"]
 
 #: what `Engine.capture` returns: the state `dump` returns, and (section name, pieces) of
 #: each of the engine's sections, `engine` first, then `engine.<part>` per part
@@ -156,33 +148,6 @@ def capture_to_file(engine: Engine) -> EngineCapture:
         f.close()
         raise
     return state, [("engine", [piece])]
-
-
-def run_beside(engine_work: Callable[[], None], work: Callable[[], None]) -> None:
-    """Run `engine_work` in a thread of its own while this thread runs `work`, then wait
-    for it; `engine_work`'s exception is raised, else `work`'s.
-
-    For an engine call that releases the GIL (hnswlib's `add_items` inserts on every
-    core) beside Python that does not need its result: the Python is done while the
-    engine inserts, instead of leaving cores idle before or after. The caller keeps
-    whatever lock it holds until both are done, so to everyone else this is one call.
-    """
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            engine_work()
-        except BaseException as exc:  # handed to the caller
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, name="lhv-engine", daemon=True)
-    thread.start()
-    try:
-        work()
-    finally:
-        thread.join()
-        if failure:
-            raise failure[0]
 
 
 #: the directory of this process's open files, by descriptor (Linux)

@@ -21,7 +21,6 @@ from lhv_index import (
     Space,
     Upsert,
 )
-from lhv_index._index import BESIDE_MIN_ITEMS
 from lhv_index._params import EF_MAX, ELEMENTS_HINT_MAX, M_MAX, N_TREES_MAX, SEARCH_K_MAX
 from lhv_index.errors import DimMismatch, EngineError, InvalidRequest
 
@@ -524,7 +523,6 @@ def test_engine_failure_makes_index_refuse_use() -> None:
 
 
 def test_engine_failure_during_a_large_apply_makes_index_refuse_use() -> None:
-    # a batch this large inserts in a thread of its own beside the bookkeeping
     idx = make()
     fill(idx, 10)
 
@@ -533,13 +531,13 @@ def test_engine_failure_during_a_large_apply_makes_index_refuse_use() -> None:
 
     idx._engine.add = boom  # type: ignore[method-assign]
     with pytest.raises(EngineError, match="simulated"):
-        idx.apply([up(f"n{i}", i, o=1, p=i) for i in range(BESIDE_MIN_ITEMS * 2)])
+        idx.apply([up(f"n{i}", i, o=1, p=i) for i in range(512)])
     with pytest.raises(EngineError):
         idx.search(vec(0), 1)
 
 
 def test_a_large_batch_of_upserts_updates_and_deletes_leaves_what_one_by_one_would() -> None:
-    n = BESIDE_MIN_ITEMS * 4
+    n = 1024
     batched, single = make(), make()
     first = [up(f"id{i}", i, o=1, p=i) for i in range(n)]
     second = [

@@ -24,7 +24,6 @@ The runner is a long-lived task (`TaskOwner.start`): a crash ends the worker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from asyncio import FIRST_COMPLETED
@@ -67,11 +66,6 @@ _DEFERRED_RECHECK_S = 1.0
 #: the replay budget never makes a batch smaller than this (a record larger than a
 #: batch still goes alone)
 _MIN_BATCH_BYTES = 64 * 1024
-#: the next batch's decoding starts once the batch before it has applied for this share
-#: of the time the last apply took (or has applied, if sooner) ...
-_HEAD_START_SHARE = 0.05
-#: ... and at most this long after
-_HEAD_START_MAX_S = 0.1
 #: ops whose items count in the apply-batch histogram
 _WRITES = frozenset({"add", "delete"})
 
@@ -218,8 +212,6 @@ class Runner:
         self._carry: _Piece | None = None
         #: the next batch, taken and being decoded while the current one applies
         self._ahead: _Batch | None = None
-        #: how long the last batch took to apply (its thread's part)
-        self._last_apply_s = 0.0
         self.paused = False
         self.task: asyncio.Task[Any] = tasks.start(
             self._run(), name=f"partition-{partition.number}"
@@ -322,10 +314,9 @@ class Runner:
                         batch = _Batch() if item is None else self._collect(item)
                     if batch.records:
                         decoded = await (batch.decoding or self._decode(batch.records))
-                        applied = asyncio.Event()
                         if not batch.stop:
-                            self._read_ahead(after=applied)
-                        await self._apply(batch, decoded, applied)
+                            self._read_ahead()
+                        await self._apply(batch, decoded)
                     if batch.stop:
                         return
                     reason = checkpoint_reason(policy, p, time.monotonic())
@@ -384,14 +375,10 @@ class Runner:
                 self._carry = item  # the next batch starts with it
                 return batch
 
-    def _read_ahead(self, *, after: asyncio.Event) -> None:
+    def _read_ahead(self) -> None:
         """Take the next batch now, if one is queued, and decode it in a thread while the
-        current one is applied (decoding reads no index state).
-
-        The decoding waits for the apply's head start (`after` set, or a twentieth of
-        the last apply's time): both need the GIL, and the apply's Python before its
-        engine call, run alone, is shorter than run beside a decode. The engine's
-        inserts release the GIL: that is the time the decoding fills."""
+        current one is applied (decoding reads no index state; the engine releases the
+        GIL, so both cores work)."""
         if self._carry is None and self.queue.empty():
             return
         item, self._carry = self._carry, None
@@ -399,17 +386,11 @@ class Runner:
             item = self.queue.get_nowait()
         batch = self._collect(item)
         if batch.records:
-            batch.decoding = asyncio.ensure_future(self._decode(batch.records, after=after))
+            batch.decoding = asyncio.ensure_future(self._decode(batch.records))
         self._ahead = batch
 
-    async def _decode(
-        self, batch: list[Any], *, after: asyncio.Event | None = None
-    ) -> list[Decoded]:
-        if after is not None and not after.is_set():
-            head_start_s = min(_HEAD_START_MAX_S, _HEAD_START_SHARE * self._last_apply_s)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(after.wait(), head_start_s)
-        return await asyncio.to_thread(
+    def _decode(self, batch: list[Any]) -> Awaitable[list[Decoded]]:
+        return asyncio.to_thread(
             _decode_or_reject,
             batch,
             partition=self.partition.number,
@@ -417,14 +398,10 @@ class Runner:
             limits=self._settings.limits,
         )
 
-    async def _apply(self, batch: _Batch, decoded: list[Decoded], applied: asyncio.Event) -> None:
+    async def _apply(self, batch: _Batch, decoded: list[Decoded]) -> None:
         p = self.partition
         started = time.monotonic()
-        try:
-            outcomes = await asyncio.to_thread(self._apply_in_thread, batch.records, decoded)
-        finally:
-            applied.set()
-        self._last_apply_s = time.monotonic() - started
+        outcomes = await asyncio.to_thread(self._apply_in_thread, batch.records, decoded)
         # before the acks, and before the policy may start a checkpoint covering these
         # records: a checkpoint never covers an origin whose forwards are not taken
         if self._forwarder is not None and await self._forwarder.send(outcomes):
