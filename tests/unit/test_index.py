@@ -508,21 +508,8 @@ def test_capacity_grows_past_hint_in_one_batch() -> None:
     assert len(idx) == 5000 and idx.stats()["capacity"] >= 5000
 
 
-def test_engine_failure_makes_index_refuse_use() -> None:
-    idx = make()
-    fill(idx, 10)
-
-    def boom(*_: object) -> None:
-        raise RuntimeError("simulated")
-
-    idx._engine.add = boom  # type: ignore[method-assign]
-    with pytest.raises(EngineError):
-        idx.apply([up("x", 1, o=1)])
-    with pytest.raises(EngineError):
-        idx.search(vec(0), 1)
-
-
-def test_engine_failure_during_a_large_apply_makes_index_refuse_use() -> None:
+@pytest.mark.parametrize("n", [1, 512])
+def test_engine_failure_makes_index_refuse_use(n: int) -> None:
     idx = make()
     fill(idx, 10)
 
@@ -531,7 +518,7 @@ def test_engine_failure_during_a_large_apply_makes_index_refuse_use() -> None:
 
     idx._engine.add = boom  # type: ignore[method-assign]
     with pytest.raises(EngineError, match="simulated"):
-        idx.apply([up(f"n{i}", i, o=1, p=i) for i in range(512)])
+        idx.apply([up(f"n{i}", i, o=1, p=i) for i in range(n)])
     with pytest.raises(EngineError):
         idx.search(vec(0), 1)
 
