@@ -26,7 +26,6 @@ decoded and merged in a thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 import uuid
@@ -34,7 +33,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import orjson
 
 from lhv_index.errors import (
@@ -61,6 +59,7 @@ from worker.wire.headers import CORRELATION_ID, REPLY_TOPIC, correlation_text
 from worker.wire.queries import GetQuery, Query, SearchQuery
 from worker.wire.shards import shard_key, split_by_shard
 from worker.wire.topics import partitioner
+from worker.wire.vectors import encode_vector_b64
 
 __all__ = ["GatherTarget", "Gatherer", "KafkaRequests", "RequestPort", "TargetLookup"]
 
@@ -324,10 +323,6 @@ async def _run(in_thread: bool, fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-def _b64(row: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(row, dtype="<f4").tobytes()).decode("ascii")
-
-
 def _members(query: Query, target: GatherTarget, deadline_ms: int) -> list[_Member]:
     """The sub-queries of `query`: one per member that has anything to answer."""
     base: dict[str, Any] = {"op": query.op, "deadline_ms": deadline_ms}
@@ -341,9 +336,9 @@ def _members(query: Query, target: GatherTarget, deadline_ms: int) -> list[_Memb
         if query.filter:
             base["filter"] = query.filter
         if query.multi:
-            base["vectors_b64"] = [_b64(row) for row in query.vectors]
+            base["vectors_b64"] = [encode_vector_b64(row) for row in query.vectors]
         else:
-            base["vector_b64"] = _b64(query.vectors[0])
+            base["vector_b64"] = encode_vector_b64(query.vectors[0])
         shards = {s: {} for s in range(target.shards)}
     elif isinstance(query, GetQuery):
         base.update(

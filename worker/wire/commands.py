@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeAlias
@@ -27,7 +26,14 @@ from worker.wire.limits import COMMAND_OPS, MessageLimits
 from worker.wire.replies import ErrorInfo
 from worker.wire.schemas import _check
 from worker.wire.shards import parse_shard_name
-from worker.wire.vectors import _NO_VECTOR, _b64_bytes, _check_finite, _json_rows, _json_vector
+from worker.wire.vectors import (
+    _NO_VECTOR,
+    _b64_bytes,
+    _check_finite,
+    _json_rows,
+    _json_vector,
+    encode_vector_b64,
+)
 
 __all__ = [
     "AddCommand",
@@ -423,9 +429,7 @@ def forward_value(
 def _item_wire(item: AddItem) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": item.id,
-        "vector_b64": base64.b64encode(item.vector.astype("<f4", copy=False).tobytes()).decode(
-            "ascii"
-        ),
+        "vector_b64": encode_vector_b64(item.vector),
     }
     if isinstance(item.metadata, MetadataJson):
         out["metadata"] = orjson.Fragment(item.metadata.json)

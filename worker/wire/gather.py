@@ -19,15 +19,13 @@ never silently short.
 
 from __future__ import annotations
 
-import base64
 import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeAlias, TypeVar
 
-import numpy as np
-
 from lhv_index.errors import DeadlineExceeded, LhvError, error_for_code
 from worker.wire.shards import shard_key
+from worker.wire.vectors import encode_vector_b64, vector_field
 
 __all__ = [
     "HitRow",
@@ -95,12 +93,6 @@ def _hit_vectors(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         vectors = r.get("vectors") or [None] * len(r["ids"])
         out.append(dict(zip(r["ids"], vectors, strict=False)))
     return out
-
-
-def _b64_or_none(vector: Sequence[float] | None) -> str | None:
-    if vector is None:
-        return None
-    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
 
 
 def partial_fields(missing: Sequence[int]) -> dict[str, Any]:
@@ -177,9 +169,11 @@ def merge_search_reply(
         for _, body in answers:  # an id lives on one member: the dicts never overlap
             for i, found in enumerate(_hit_vectors(body)[:n]):
                 stored[i].update(found)
-    suffix = "_b64" if vector_encoding == "b64" else ""
-    if suffix:
-        stored = [{id_: _b64_or_none(vec) for id_, vec in row.items()} for row in stored]
+    if vector_encoding == "b64":
+        stored = [
+            {id_: None if vec is None else encode_vector_b64(vec) for id_, vec in row.items()}
+            for row in stored
+        ]
     out: dict[str, Any] = {"status": "ok", "op": "search", "index": name}
     if multi:
         results = []
@@ -188,7 +182,9 @@ def merge_search_reply(
             if include_metadata:
                 entry["metadata"] = [r[2] for r in rows]
             if include_vectors:
-                entry["vectors" + suffix] = [stored[i].get(r[0]) for r in rows]
+                entry[vector_field("vectors", vector_encoding)] = [
+                    stored[i].get(r[0]) for r in rows
+                ]
             results.append(entry)
         out["results"] = results
     else:
@@ -199,7 +195,8 @@ def merge_search_reply(
                 hit["metadata"] = r[2]
         if include_vectors:
             for hit in hits:
-                hit["vector" + suffix] = stored[0].get(hit["id"])  # n >= queries >= 1
+                # n >= queries >= 1
+                hit[vector_field("vector", vector_encoding)] = stored[0].get(hit["id"])
         out["hits"] = hits
     applied = _applied(name, shards, answers)
     out["applied_offset"] = min(applied.values(), default=-1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -15,6 +14,7 @@ from lhv_index.errors import LhvError, error_for_code
 from worker.wire.headers import ReplyTo, correlation_text
 from worker.wire.limits import QUERY_OPS
 from worker.wire.queries import DescribeQuery, GetQuery, SearchQuery, StatsQuery
+from worker.wire.vectors import encode_vector, vector_field
 
 __all__ = [
     "Ack",
@@ -135,16 +135,7 @@ class SearchReply:
     def _vector(self, id_: str) -> list[float] | str | None:
         assert self.vectors is not None
         vec = self.vectors.get(id_)
-        if vec is None:
-            return None
-        row = np.asarray(vec, dtype="<f4").reshape(-1)
-        if self.vector_encoding == "b64":
-            return base64.b64encode(row.tobytes()).decode("ascii")
-        return row.tolist()
-
-    @property
-    def _suffix(self) -> str:
-        return "_b64" if self.vector_encoding == "b64" else ""
+        return None if vec is None else encode_vector(vec, self.vector_encoding)
 
     def _hits(self, hits: Sequence[_HitLike]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = [{"id": h.id, "distance": float(h.distance)} for h in hits]
@@ -153,7 +144,7 @@ class SearchReply:
                 entry["metadata"] = h.metadata
         if self.vectors is not None:
             for entry, h in zip(out, hits, strict=True):
-                entry["vector" + self._suffix] = self._vector(h.id)
+                entry[vector_field("vector", self.vector_encoding)] = self._vector(h.id)
         return out
 
     def _columns(self, c: Columns) -> dict[str, Any]:
@@ -161,7 +152,9 @@ class SearchReply:
         if self.include_metadata:
             out["metadata"] = c.metadata
         if self.vectors is not None:
-            out["vectors" + self._suffix] = [self._vector(id_) for id_ in c.ids]
+            out[vector_field("vectors", self.vector_encoding)] = [
+                self._vector(id_) for id_ in c.ids
+            ]
         return out
 
     def encode(self) -> bytes:
@@ -194,11 +187,8 @@ class GetReply:
         for item in self.items:
             entry: dict[str, Any] = {"id": item.id}
             if self.include_vectors and item.vector is not None:
-                vec = np.asarray(item.vector, dtype="<f4").reshape(-1)
-                if self.vector_encoding == "b64":
-                    entry["vector_b64"] = base64.b64encode(vec.tobytes()).decode("ascii")
-                else:
-                    entry["vector"] = vec.tolist()
+                field = vector_field("vector", self.vector_encoding)
+                entry[field] = encode_vector(item.vector, self.vector_encoding)
             if self.include_metadata:
                 entry["metadata"] = item.metadata
             clock = getattr(item, "clock", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import binascii
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 from lhv_index.errors import InvalidRequest
 from worker.wire.limits import MessageLimits
 
-__all__ = ["decode_vector_b64"]
+__all__ = ["decode_vector_b64", "encode_vector", "encode_vector_b64", "vector_field"]
 
 
 def decode_vector_b64(text: str, *, max_dim: int) -> np.ndarray:
@@ -23,6 +24,28 @@ def decode_vector_b64(text: str, *, max_dim: int) -> np.ndarray:
     """
     raw = _b64_bytes(text, max_dim, "vector_b64", None)
     return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+
+
+def encode_vector_b64(vector: Any) -> str:
+    """A vector (array or numbers) as base64 of little-endian float32, as
+    `decode_vector_b64` reads it."""
+    row = np.ascontiguousarray(vector, dtype="<f4").reshape(-1)
+    return base64.b64encode(row.tobytes()).decode("ascii")
+
+
+def encode_vector(vector: Any, encoding: str) -> list[float] | str:
+    """A stored vector in a reply: JSON floats, or `encode_vector_b64` when `encoding`
+    is "b64"."""
+    if encoding == "b64":
+        return encode_vector_b64(vector)
+    out: list[float] = np.asarray(vector, dtype="<f4").reshape(-1).tolist()
+    return out
+
+
+def vector_field(name: str, encoding: str) -> str:
+    """The reply field of vectors sent with `encode_vector`: `name` ("vector" or
+    "vectors"), or `name` + "_b64" when `encoding` is "b64"."""
+    return f"{name}_b64" if encoding == "b64" else name
 
 
 def _b64_bytes(text: str, max_dim: int, where: str, item: int | None) -> bytes:
