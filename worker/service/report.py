@@ -70,21 +70,20 @@ class Reporter:
         aside). `timestamps` (offset -> record timestamp, ms) lets acks of stale replayed
         records be skipped."""
         stamps = timestamps or {}
+        # each outcome's ack decided once; their reply topics then looked up together
+        plans = [
+            (out, self._ack_wanted(partition, out, stamps.get(out.offset))) for out in outcomes
+        ]
         await self._replies.look_up(
-            out.reply_to.topic
-            for out in outcomes
-            if out.reply_to is not None
-            and not (out.error is None and out.ack_passed_on)
-            and self._reply_policy.allows(out.reply_to.topic)
-            and not self._stale_replay(partition, out.offset, stamps.get(out.offset))
+            out.reply_to.topic for out, ack in plans if ack and out.reply_to is not None
         )
-        for out in outcomes:
-            if out.error is None and (out.reply_to is None or out.ack_passed_on):
+        for out, ack in plans:
+            if out.error is None and not ack:
                 self._metrics.command_applied(out.op, out.applied)
                 continue
             with log_context(partition=partition.number, offset=out.offset):
                 try:
-                    await self._report_one(partition, out, stamps.get(out.offset))
+                    await self._report_one(partition, out, ack=ack)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
@@ -94,7 +93,35 @@ class Reporter:
                         extra={"partition": partition.number, "offset": out.offset},
                     )
 
-    async def _report_one(self, partition: Partition, out: Outcome, timestamp: int | None) -> None:
+    def _ack_wanted(self, partition: Partition, out: Outcome, timestamp: int | None) -> bool:
+        """Whether `out` gets an ack: it names a reply topic, its ack is not left to the
+        record it was forwarded as, the reply-topic policy allows the topic (else logged),
+        and it is not a stale replay (else counted)."""
+        if out.reply_to is None or (out.error is None and out.ack_passed_on):
+            return False
+        try:
+            self._reply_policy.check(out.reply_to.topic)
+        except LhvError as exc:
+            log.warning(
+                "not acking to %r: %s",
+                out.reply_to.topic,
+                exc,
+                extra={
+                    "offset": out.offset,
+                    "index": out.index or None,
+                    "partition": partition.number,
+                },
+            )
+            return False
+        if self._stale_replay(partition, out.offset, timestamp):
+            # Replayed after a restore and older than the bound: its requester stopped
+            # waiting long ago (and usually deleted its reply topic), so re-sending only
+            # costs a metadata wait and a warning per record.
+            self._metrics.ack_skipped()
+            return False
+        return True
+
+    async def _report_one(self, partition: Partition, out: Outcome, *, ack: bool) -> None:
         where = (partition.number, out.offset)
         if out.error is not None:
             self._metrics.command_rejected(out.op or "unknown", out.error.code)
@@ -112,29 +139,9 @@ class Reporter:
             await self._send_dlq(partition, out)
         else:
             self._metrics.command_applied(out.op, out.applied)
-        if out.reply_to is None:
-            return
-        try:
-            self._reply_policy.check(out.reply_to.topic)
-        except LhvError as exc:
-            log.warning(
-                "not acking to %r: %s",
-                out.reply_to.topic,
-                exc,
-                extra={
-                    "offset": out.offset,
-                    "index": out.index or None,
-                    "partition": partition.number,
-                },
-            )
-            return
-        if self._stale_replay(partition, out.offset, timestamp):
-            # Replayed after a restore and older than the bound: its requester stopped
-            # waiting long ago (and usually deleted its reply topic), so re-sending only
-            # costs a metadata wait and a warning per record.
-            self._metrics.ack_skipped()
-            return
-        await self._replies.send(out.reply_to, encode_ack(out), kind="ack", where=where)
+        if ack:
+            assert out.reply_to is not None
+            await self._replies.send(out.reply_to, encode_ack(out), kind="ack", where=where)
 
     def _stale_replay(self, partition: Partition, offset: int, timestamp: int | None) -> bool:
         """An ack not worth sending: the record was in the log before this worker took
