@@ -516,10 +516,7 @@ def _command(
             int(raw_origin["partition"]), int(raw_origin["offset"]), int(raw_origin["part"])
         )
     )
-    via_alias = body.get("via_alias")
-    if via_alias is not None and origin is None:
-        # only a worker forwarding a write keyed by an alias sets it, with origin (signed)
-        raise InvalidRequest(f"{op}: via_alias is set only on forwarded records (origin)")
+    via_alias = body.get("via_alias")  # the schemas refuse it without origin
     if op == "add":
         return AddCommand(
             index=index,
