@@ -90,11 +90,14 @@ class NormalSituations(logging.Filter):
         return False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self.normal(record):
-            return True
-        record.levelno = logging.DEBUG
-        record.levelname = logging.getLevelName(logging.DEBUG)
-        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return _as_debug(record) if self.normal(record) else True
+
+
+def _as_debug(record: logging.LogRecord) -> bool:
+    """Make `record` a DEBUG record; whether its logger then keeps it."""
+    record.levelno = logging.DEBUG
+    record.levelname = logging.getLevelName(logging.DEBUG)
+    return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
 class Repeats(logging.Filter):
@@ -125,9 +128,7 @@ class Repeats(logging.Filter):
                 self._held = 0
             return True
         self._held += 1
-        record.levelno = logging.DEBUG
-        record.levelname = logging.getLevelName(logging.DEBUG)
-        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return _as_debug(record)
 
 
 def install(reply_pattern: str = DEFAULT_REPLY_PATTERN, *, reported: Iterable[str] = ()) -> None:
