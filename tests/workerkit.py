@@ -550,9 +550,18 @@ class RawRecord:
     timestamp_ms: int | None = None
 
 
-def encode_batch(records: list[RawRecord], *, compression: str | None = None) -> bytes:
+def encode_batch(
+    records: list[RawRecord],
+    *,
+    compression: str | None = None,
+    producer_id: int = -1,
+    transactional: bool = False,
+    control: bool = False,
+) -> bytes:
     """A record batch v2 (magic 2) holding `records` at offset deltas 0..n-1, compressed
-    with `compression` (`gzip` or None); the broker assigns the base offset."""
+    with `compression` (`gzip` or None); the broker assigns the base offset. With
+    `producer_id`, `transactional` and `control`, a transaction's batch or marker as a
+    broker stores it (`control_record`)."""
     import struct
     import zlib
 
@@ -592,6 +601,11 @@ def encode_batch(records: list[RawRecord], *, compression: str | None = None) ->
         codec = DefaultRecordBase.CODEC_GZIP
     elif compression is not None:
         raise ValueError(f"unsupported compression {compression!r}")
+    attributes = codec
+    if transactional:
+        attributes |= DefaultRecordBase.TRANSACTIONAL_MASK
+    if control:
+        attributes |= DefaultRecordBase.CONTROL_MASK
     header = DefaultRecordBase.HEADER_STRUCT
     buf = bytearray(header.size) + body
     header.pack_into(
@@ -602,13 +616,13 @@ def encode_batch(records: list[RawRecord], *, compression: str | None = None) ->
         -1,  # partition leader epoch
         2,  # magic
         0,  # crc, below
-        codec,
+        attributes,
         len(records) - 1,
         first,
         max(stamps),
-        -1,  # producer id: none
-        -1,
-        -1,
+        producer_id,
+        0 if producer_id >= 0 else -1,  # producer epoch
+        0 if producer_id >= 0 else -1,  # base sequence
         len(records),
     )
     struct.pack_into(
@@ -618,6 +632,12 @@ def encode_batch(records: list[RawRecord], *, compression: str | None = None) ->
         calc_crc32c(buf[DefaultRecordBase.ATTRIBUTES_OFFSET :]),
     )
     return bytes(buf)
+
+
+def control_record(*, commit: bool) -> RawRecord:
+    """A transaction marker: key version 0 and type (0 abort, 1 commit), value version 0
+    and coordinator epoch."""
+    return RawRecord(b"\x00\x00\x00" + bytes([int(commit)]), b"\x00\x00\x00\x00\x00\x00")
 
 
 async def produce_batch(

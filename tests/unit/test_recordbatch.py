@@ -9,13 +9,13 @@ import zlib
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.consumer.fetcher import READ_UNCOMMITTED, PartitionRecords
+from aiokafka.consumer.fetcher import READ_COMMITTED, READ_UNCOMMITTED, PartitionRecords
 from aiokafka.record.memory_records import MemoryRecords
 from workerkit import RawRecord as Out
-from workerkit import encode_batch
+from workerkit import control_record, encode_batch
 
 from worker.service.intake import _partition_in_traceback
-from worker.service.recordbatch import RawRecord, UnreadableRecord, read_batches
+from worker.service.recordbatch import RawRecord, UnreadableRecord, drop_aborted, read_batches
 
 LIMIT = 1 << 20
 
@@ -26,11 +26,14 @@ def with_base(batch: bytes, base: int) -> bytes:
 
 
 def aiokafka_records(
-    data: bytes, fetch_offset: int = 0
+    data: bytes, fetch_offset: int = 0, aborted: list[tuple[int, int]] | None = None
 ) -> list[tuple[int, bytes | None, bytes | None, list[tuple[str, bytes]]]]:
+    """What aiokafka's consumer reads of `data`: `read_uncommitted`, or with `aborted`
+    (the fetch response's aborted transactions), `read_committed`."""
     tp = TopicPartition("t", 0)
+    level = READ_UNCOMMITTED if aborted is None else READ_COMMITTED
     parts = PartitionRecords(
-        tp, MemoryRecords(data), [], fetch_offset, None, None, True, READ_UNCOMMITTED
+        tp, MemoryRecords(data), aborted or [], fetch_offset, None, None, True, level
     )
     return [(r.offset, r.key, r.value, list(r.headers)) for r in parts]
 
@@ -134,3 +137,45 @@ def test_garbage_never_raises() -> None:
             data[rng.randrange(len(data))] = rng.randrange(256)
         read_batches(bytes(data), max_inflated_bytes=LIMIT)
     assert zlib  # the gzip path ran
+
+
+def test_aborted_transactions_are_left_out_as_a_read_committed_consumer_does() -> None:
+    """Producers 7 and 8 write transactions side by side: 7 aborts its first and commits
+    its second, 8 commits; a plain producer writes between them. The lenient reader with
+    `drop_aborted` hands on exactly what aiokafka's `read_committed` consumer reads, and
+    keeps every batch's offsets (the consumer's position passes the aborted ones)."""
+
+    def txn(pid: int, *values: bytes) -> bytes:
+        return encode_batch([Out(b"k", v) for v in values], producer_id=pid, transactional=True)
+
+    def marker(pid: int, *, commit: bool) -> bytes:
+        rec = control_record(commit=commit)
+        return encode_batch([rec], producer_id=pid, transactional=True, control=True)
+
+    layout = [
+        (0, txn(7, b"7a", b"7b")),  # aborted below
+        (2, encode_batch([Out(b"k", b"plain")])),
+        (3, txn(8, b"8a")),
+        (4, txn(7, b"7c")),  # still the aborted transaction
+        (5, marker(7, commit=False)),
+        (6, marker(8, commit=True)),
+        (7, txn(7, b"7d")),  # a new transaction of 7, committed
+        (8, marker(7, commit=True)),
+        (9, encode_batch([Out(b"k", b"plain2")])),
+    ]
+    data = b"".join(with_base(batch, base) for base, batch in layout)
+    aborted = [(7, 0)]
+    batches = drop_aborted(read_batches(data, max_inflated_bytes=LIMIT), aborted)
+    ours = [
+        (r.offset, r.key, r.value, [(k.decode(), v) for k, v in r.headers])
+        for b in batches
+        if not b.is_control
+        for r in b.records
+        if isinstance(r, RawRecord)
+    ]
+    assert ours == aiokafka_records(data, 0, aborted)
+    assert [r[2] for r in ours] == [b"plain", b"8a", b"7d", b"plain2"]
+    assert [(b.base_offset, b.next_offset) for b in batches] == [
+        (base, base + (2 if base == 0 else 1)) for base, _ in layout
+    ]
+    assert [b.aborts for b in batches if b.is_control] == [True, False, False]

@@ -58,6 +58,9 @@ class _Reader:
     def seek(self, offset: int) -> None:
         self._position = offset
 
+    async def position(self) -> int | None:
+        return self._position
+
     def highwater(self) -> int | None:
         return self._broker.log_end(self._tp if hasattr(self, "_tp") else TP)
 

@@ -194,6 +194,13 @@ class KafkaConfig:
             kw["ssl_context"] = self.ssl_context()
         return kw
 
+    def consumer_kwargs(self) -> dict[str, Any]:
+        """`client_kwargs` for a consumer of the commands or search topic: it reads
+        committed records only (`read_committed`). A transactional producer's records are
+        read once its transaction commits, and never when it aborts: an aborted `add`
+        is not applied, an aborted query not answered."""
+        return {**self.client_kwargs(), "isolation_level": "read_committed"}
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> KafkaConfig:
         return cls(

@@ -611,7 +611,7 @@ class _Replay:
             return None
         tp = TopicPartition(self.cps.topic, p)
         consumer = AIOKafkaConsumer(
-            **self.config.kafka.client_kwargs(),
+            **self.config.kafka.consumer_kwargs(),
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -637,8 +637,9 @@ class _Replay:
                     return f"read up to {seen} of {upto} in {self.timeout_s:.0f} s"
                 data = await consumer.getmany(tp, timeout_ms=1000, max_records=REPLAY_BATCH)
                 fetched = data.get(tp, [])
-                if fetched:
-                    seen = fetched[-1].offset
+                # the position passes offsets that hold no record too (transaction
+                # markers, aborted transactions' records)
+                seen = await consumer.position(tp) - 1
                 records = [r for r in fetched if r.offset <= upto]
                 if records:
                     deadline += await self._apply(run, partition, records, skipped)

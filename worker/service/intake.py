@@ -15,10 +15,11 @@ same record. `Intake.poll` confines such a failure to the record:
    call, found in aiokafka's traceback; failing that, by draining the assigned
    partitions one at a time with a short wait until one fails again).
 3. The batch at the partition's position is read again with a FetchRequest of our own
-   (a separate `AIOKafkaClient`, started on first use) and parsed by the lenient reader
-   (`worker.recordbatch`). Its readable records are handed on as usual; each record that
-   cannot be read becomes a `RejectedRecord`; then the consumer seeks past the batches
-   read.
+   (a separate `AIOKafkaClient`, started on first use; `read_committed`, as the
+   consumer reads) and parsed by the lenient reader (`worker.recordbatch`), which leaves
+   out aborted transactions' records as the consumer does. Its readable records are
+   handed on as usual; each record that cannot be read becomes a `RejectedRecord`; then
+   the consumer seeks past the batches read.
 4. On the commands topic a `RejectedRecord` flows through the runner like any command
    that fails to decode: to the DLQ (built from its raw key, value and headers, header
    keys escaped) with `invalid_request`, and the applied offset moves past it. On the
@@ -51,7 +52,7 @@ from aiokafka.protocol.fetch import FetchRequest
 
 from lhv_index.errors import InvalidRequest
 from worker.kafka.config import KafkaConfig
-from worker.service.recordbatch import RawRecord, UnreadableRecord, read_batches
+from worker.service.recordbatch import RawRecord, UnreadableRecord, drop_aborted, read_batches
 from worker.telemetry.metrics import Metrics
 from worker.wire.headers import check_headers
 from worker.wire.limits import MessageLimits
@@ -70,7 +71,8 @@ log = logging.getLogger(__name__)
 HEADER_KEYS_NOT_UTF8 = "record header keys are not UTF-8"
 #: how long each partition is waited for while looking for the one at fault
 _PROBE_MS = 1000
-_READ_UNCOMMITTED = 0
+#: the isolation level of the consumers (`KafkaConfig.consumer_kwargs`)
+_READ_COMMITTED = 1
 
 
 def escape_header_key(key: bytes) -> str:
@@ -281,10 +283,11 @@ class Intake:
         """Read the batches at `tp`'s position leniently, hand them on, seek past them."""
         consumer = self._consumer
         position = await consumer.position(tp)
-        data = await self._fetch(tp, position)
+        data, aborted = await self._fetch(tp, position)
         batches = await asyncio.to_thread(
             read_batches, data, max_inflated_bytes=self._max_inflated_bytes
         )
+        batches = drop_aborted(batches, aborted)
         records: list[Any] = []
         end = position
         rejected = 0
@@ -372,8 +375,10 @@ class Intake:
             headers=[(k.decode("utf-8"), v) for k, v in raw.headers],
         )
 
-    async def _fetch(self, tp: TopicPartition, offset: int) -> bytes:
-        """The record set at `offset` of `tp`, as the broker returns it."""
+    async def _fetch(self, tp: TopicPartition, offset: int) -> tuple[bytes, list[tuple[int, int]]]:
+        """The record set at `offset` of `tp` as the broker returns it to a
+        `read_committed` consumer (up to the last stable offset), and the aborted
+        transactions among it (producer id, first offset)."""
         async with asyncio.timeout(self._kafka.request_timeout_ms / 1000 + 5):
             client = await self._raw_client()
             await client.add_topic(tp.topic)
@@ -387,7 +392,7 @@ class Intake:
                 0,  # max wait: the data is there
                 1,
                 self._fetch_max_bytes,
-                _READ_UNCOMMITTED,
+                _READ_COMMITTED,
                 [(tp.topic, [(tp.partition, offset, self._fetch_max_bytes)])],
             )
             response = await client.send(leader, request)
@@ -397,8 +402,8 @@ class Intake:
                     continue
                 if error_code:
                     raise for_code(error_code)(f"re-reading {tp} at {offset}")
-                return bytes(part_data[-1] or b"")
-        return b""
+                return bytes(part_data[-1] or b""), _aborted(response.API_VERSION, part_data)
+        return b"", []
 
     async def _raw_client(self) -> AIOKafkaClient:
         if self._closed:
@@ -429,6 +434,19 @@ class Intake:
                 kept.append(rec)
             data[tp] = kept
         return {tp: recs for tp, recs in data.items() if recs}
+
+
+def _aborted(version: int, part_data: list[Any]) -> list[tuple[int, int]]:
+    """The aborted transactions of a fetch response's partition (producer id, first
+    offset), as aiokafka's fetcher reads them: v11 and later [lso, log start, aborted,
+    preferred replica, records]; v4 to v10 [lso, (log start,) aborted, records]."""
+    if version >= 11:
+        aborted = part_data[2]
+    elif version >= 4:
+        aborted = part_data[-2]
+    else:
+        aborted = None
+    return [(int(pid), int(first)) for pid, first in aborted or ()]
 
 
 def _partition_in_traceback(exc: BaseException) -> TopicPartition | None:

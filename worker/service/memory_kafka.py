@@ -349,6 +349,9 @@ class MemoryClient:
     def highwater(self, partition: TopicPartition) -> int | None:
         return self._highwater.get(partition)
 
+    async def position(self, partition: TopicPartition) -> int | None:
+        return self._positions.get(partition) if partition in self._assigned else None
+
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         await asyncio.sleep(0)
         for tp in offsets:

@@ -64,7 +64,15 @@ class KafkaPort(Protocol):
     def assignment(self) -> set[TopicPartition]: ...
 
     def highwater(self, partition: TopicPartition) -> int | None:
-        """The log end seen by the last fetch of `partition` (None: nothing fetched)."""
+        """The end of what the consumer can read of `partition`, as of its last fetch
+        (None: nothing fetched): the last stable offset, since records of a transaction
+        still open are read once it ends."""
+        ...
+
+    async def position(self, partition: TopicPartition) -> int | None:
+        """The offset the consumer reads `partition` from next, when known now (never
+        waits; None when not known or not assigned). It moves past the offsets that hold
+        no record to read: transaction markers and aborted transactions' records."""
         ...
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:

@@ -21,6 +21,7 @@ a whole.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -33,6 +34,7 @@ __all__ = [
     "RawBatch",
     "RawRecord",
     "UnreadableRecord",
+    "drop_aborted",
     "read_batches",
 ]
 
@@ -43,6 +45,7 @@ _MAGIC_AT = 16
 _CODEC_MASK = DefaultRecordBase.CODEC_MASK
 _CONTROL_MASK = DefaultRecordBase.CONTROL_MASK
 _LOG_APPEND_TIME_MASK = DefaultRecordBase.TIMESTAMP_TYPE_MASK
+_TRANSACTIONAL_MASK = DefaultRecordBase.TRANSACTIONAL_MASK
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,10 @@ class RawBatch:
     """the offset after the batch's last record (compaction may leave gaps)"""
     is_control: bool
     records: list[RawRecord | UnreadableRecord] = field(default_factory=list)
+    producer_id: int = -1
+    is_transactional: bool = False
+    aborts: bool = False
+    """a control batch holding an abort marker (its transaction's records are void)"""
 
 
 class _Cursor:
@@ -159,12 +166,18 @@ def _read_batch(buf: bytes, max_inflated_bytes: int) -> RawBatch:
         last_delta,
         first_ts,
         max_ts,
-        _pid,
+        producer_id,
         _pepoch,
         _seq,
         count,
     ) = _HEADER.unpack_from(buf)
-    batch = RawBatch(base_offset, base_offset + last_delta + 1, bool(attributes & _CONTROL_MASK))
+    batch = RawBatch(
+        base_offset,
+        base_offset + last_delta + 1,
+        bool(attributes & _CONTROL_MASK),
+        producer_id=producer_id,
+        is_transactional=bool(attributes & _TRANSACTIONAL_MASK),
+    )
     if calc_crc32c(buf[_ATTRIBUTES_AT:]) != crc:
         return _unreadable(base_offset, batch.next_offset, buf, "record batch CRC mismatch")
     try:
@@ -207,7 +220,35 @@ def _read_batch(buf: bytes, max_inflated_bytes: int) -> RawBatch:
         else:
             batch.records.append(rec)
         cur.pos = end
+    if batch.is_control:
+        first = batch.records[0] if batch.records else None
+        key = first.key if isinstance(first, RawRecord) else None
+        # a control record's key: version (int16), type (int16; 0 abort, 1 commit)
+        batch.aborts = key is not None and len(key) >= 4 and key[2:4] == b"\x00\x00"
     return batch
+
+
+def drop_aborted(batches: list[RawBatch], aborted: Sequence[tuple[int, int]]) -> list[RawBatch]:
+    """`batches` as a `read_committed` consumer reads them: the records of aborted
+    transactions left out (their batches kept, empty, for their offsets).
+
+    `aborted` is the fetch response's list of aborted transactions, (producer id, first
+    offset). A transactional batch of a producer whose aborted transaction began at or
+    before it is void, up to that producer's abort marker (Kafka's and aiokafka's rule).
+    """
+    pending = sorted(aborted, key=lambda a: a[1])
+    aborting: set[int] = set()
+    out: list[RawBatch] = []
+    for batch in batches:
+        while pending and pending[0][1] <= batch.base_offset:
+            aborting.add(pending.pop(0)[0])
+        if batch.is_control:
+            if batch.aborts:
+                aborting.discard(batch.producer_id)
+        elif batch.is_transactional and batch.producer_id in aborting:
+            batch = RawBatch(batch.base_offset, batch.next_offset, False)
+        out.append(batch)
+    return out
 
 
 def _read_record(

@@ -422,6 +422,26 @@ class Runner:
         await p.notify()
         self.resume_if_drained()
 
+    async def pass_empty(self, position: int) -> None:
+        """The consumer reads `partition` next from `position`: with nothing queued or
+        applying, every offset before it is applied, the ones that hold no record to
+        apply included (transaction markers, aborted transactions' records: the consumer
+        reads past them). Moves the applied offset over those, so that a log ending in
+        them is caught up (serving, lag 0) and a checkpoint covers them."""
+        p = self.partition
+        if self.pending or position - 1 <= p.applied_offset or p.status is PartitionStatus.REVOKED:
+            return
+        log.debug(
+            "offsets %d..%d hold no record to apply (transaction markers or aborted records)",
+            p.applied_offset + 1,
+            position - 1,
+        )
+        p.applied_offset = position - 1
+        if p.mark_ready_if_caught_up():
+            log.info("partition serving at offset %d", p.applied_offset)
+        self._health.progress(p.number, p.applied_offset)
+        await p.notify()
+
     def _apply_in_thread(self, batch: list[Any], decoded: list[Decoded]) -> list[Outcome]:
         """Apply one batch, then publish the sizes and drift of the indexes it touched."""
         s = self._settings

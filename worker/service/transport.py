@@ -8,11 +8,13 @@ not go through this producer but through the `Outbox`, which has its own.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndTimestamp
 
 from worker.kafka import joingroup
@@ -54,7 +56,7 @@ class AiokafkaTransport:
         if self._assignor is not None:
             joingroup.install()  # two assignors listed: one JoinGroup per join
         self._consumer = AIOKafkaConsumer(
-            **kw,
+            **config.kafka.consumer_kwargs(),
             group_id=config.group_id,
             group_instance_id=config.group_instance_id,
             enable_auto_commit=False,
@@ -144,8 +146,23 @@ class AiokafkaTransport:
         return set(self.consumer.assignment())
 
     def highwater(self, partition: TopicPartition) -> int | None:
-        hw: int | None = self.consumer.highwater(partition)
-        return hw
+        consumer = self.consumer
+        end: int | None = consumer.last_stable_offset(partition)
+        if end is None or end < 0:  # nothing fetched yet, or a broker before KIP-98
+            end = consumer.highwater(partition)
+        return end
+
+    async def position(self, partition: TopicPartition) -> int | None:
+        consumer = self.consumer
+        if partition not in consumer.assignment():
+            return None
+        try:
+            # aiokafka answers a known position without suspending; an unknown one it
+            # waits for, which this cuts short at once
+            async with asyncio.timeout(0):
+                return int(await consumer.position(partition))
+        except (TimeoutError, KafkaError):
+            return None
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         await self.consumer.commit(dict(offsets))

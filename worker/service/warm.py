@@ -125,7 +125,13 @@ class LogReader(Protocol):
     async def read(self, *, timeout_ms: int, max_records: int) -> Sequence[Any]: ...
 
     def highwater(self) -> int | None:
-        """The log end as of the last read (None before one)."""
+        """The end of what can be read, as of the last read (None before one): the last
+        stable offset, as `KafkaPort.highwater`."""
+        ...
+
+    async def position(self) -> int | None:
+        """The offset read next, when known now; past transaction markers and aborted
+        transactions' records, as `KafkaPort.position`."""
         ...
 
 
@@ -136,7 +142,7 @@ class KafkaLogReader:
     def __init__(self, kafka: KafkaConfig, tp: TopicPartition, *, max_fetch_bytes: int) -> None:
         self._tp = tp
         self._consumer = AIOKafkaConsumer(
-            **kafka.client_kwargs(),
+            **kafka.consumer_kwargs(),
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -170,8 +176,17 @@ class KafkaLogReader:
         return records
 
     def highwater(self) -> int | None:
-        hw = self._consumer.highwater(self._tp)
-        return int(hw) if hw is not None else None
+        end = self._consumer.last_stable_offset(self._tp)
+        if end is None or end < 0:
+            end = self._consumer.highwater(self._tp)
+        return int(end) if end is not None else None
+
+    async def position(self) -> int | None:
+        try:
+            async with asyncio.timeout(0):  # a known position is answered at once
+                return int(await self._consumer.position(self._tp))
+        except (TimeoutError, KafkaError):
+            return None
 
 
 class WarmCopy:
@@ -387,6 +402,11 @@ class WarmCopy:
                 return
             records = [r for r in reading.result() if r.offset > state.applied_offset]
             if not records:
+                # offsets that hold nothing to apply (transaction markers, aborted
+                # transactions' records) are passed as the owner's runner passes them
+                position = await self._reader.position()
+                if position is not None and position - 1 > state.applied_offset:
+                    state.applied_offset = position - 1
                 continue
             decoded = await asyncio.to_thread(
                 decode_records,

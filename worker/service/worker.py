@@ -421,6 +421,9 @@ class Worker:
                 if data is None:
                     return
                 self._take(data)
+                await self._pass_empty()
+                self._update_lag()
+                self._check_stalled()
         finally:
             stop.cancel()
 
@@ -448,8 +451,7 @@ class Worker:
         return poll.result()
 
     def _take(self, data: dict[TopicPartition, list[Any]]) -> None:
-        """One poll's records to the runners and the search server, then the checks
-        every poll makes."""
+        """One poll's records to the runners and the search server."""
         if data:
             self.metrics.observe_poll(sum(len(records) for records in data.values()))
         for tp, records in data.items():
@@ -458,8 +460,16 @@ class Worker:
             else:
                 self.search.submit(tp.partition, records)
         self._resume_runners()
-        self._update_lag()
-        self._check_stalled()
+
+    async def _pass_empty(self) -> None:
+        """Tell each idle runner where the consumer reads its partition next
+        (`Runner.pass_empty`): a log that ends in a transaction marker or an aborted
+        transaction is then caught up, though no record comes to apply."""
+        for p, runner in list(self._runners.items()):
+            if runner.pending == 0 and not runner.paused:
+                position = await self._kafka.position(self.commands_tp(p))
+                if position is not None and self._runners.get(p) is runner:
+                    await runner.pass_empty(position)
 
     def _route_commands(self, tp: TopicPartition, records: list[Any]) -> None:
         """Queue what fits of a poll's records within the read-ahead bounds (`ReadAhead`;
