@@ -4,8 +4,8 @@ any client with a `transactional.id`): workers read `read_committed`.
 An aborted transaction's writes are never applied or acked; a committed one's are, in log
 order; records behind a transaction still open wait for it without the partition being
 taken for stalled; a log that ends in a transaction marker is caught up (serving after a
-takeover, checkpointed up to the marker, a warm standby without lag), though no record
-comes to apply at that offset.
+takeover and on a read replica, checkpointed up to the marker, a warm standby without
+lag), though no record comes to apply at that offset.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import numpy as np
 import orjson
@@ -147,8 +148,8 @@ async def test_a_log_ending_in_a_transaction_marker_is_caught_up(
 ) -> None:
     """The commit marker takes the last offset, and no record comes to apply at it: the
     worker is caught up all the same, its checkpoint covers the marker, the warm standby
-    on the other worker has no lag, and a worker taking the partition over serves at once
-    (it would otherwise wait for a record past the marker)."""
+    on the other worker has no lag, and a worker taking the partition over, like a read
+    replica, serves at once (it would otherwise wait for a record past the marker)."""
     config = env.config(standby_replicas=1)
     async with (
         running(config) as first,
@@ -165,9 +166,17 @@ async def test_a_log_ending_in_a_transaction_marker_is_caught_up(
         restored = await checkpoints_at_log_end(env, timeout_s=30)
         assert restored["tx"].get(["last"])[0].id == "last"
         await _standby_lag_zero(holder)
-    async with running(env.config()) as taker, LhvClient(env.bootstrap, topics=env.topics) as c:
+    at_replicas = replace(env.topics, search=env.topics.replica_search)
+    async with (
+        running(env.config()) as taker,
+        running(env.config(role="replica")) as replica,
+        LhvClient(env.bootstrap, topics=env.topics) as c,
+        LhvClient(env.bootstrap, topics=at_replicas) as r,
+    ):
         assert await ids_of(c, ["last"]) == ["last"]
         assert taker.partitions[0].applied_offset == end - 1
+        assert await ids_of(r, ["last"]) == ["last"]
+        assert replica.partitions[0].applied_offset == end - 1
 
 
 async def _standby_lag_zero(worker: Worker, timeout_s: float = 30.0) -> None:
