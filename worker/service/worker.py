@@ -497,10 +497,11 @@ class Worker:
     def _update_lag(self) -> None:
         """Lag = records up to the log end not yet applied (see worker/metrics.py).
 
-        The log end is the highwater of the last fetch, or, while a restoring partition is
-        paused and has fetched nothing, the log end seen at assignment (published, but not
-        fed to the stall check: a restore waiting on S3 is not a stalled consumer). A
-        refused partition applies nothing, so it has no lag to make up.
+        The log end is the last stable offset of the last fetch (`KafkaPort.highwater`),
+        or, while a restoring partition is paused and has fetched nothing, the log end seen
+        at assignment (published, but not fed to the stall check: a restore waiting on S3
+        is not a stalled consumer). A refused partition applies nothing, so it has no lag
+        to make up.
         """
         kafka = self._kafka
         for p, partition in self.partitions.items():

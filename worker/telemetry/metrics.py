@@ -18,7 +18,9 @@ methods the worker calls. `MetricsServer` serves it over HTTP:
 
 Lag (`lhv_consumer_lag`, and what `/healthz` calls lagging) is counted against the
 applied offset, not the consumer's fetch position: `log end - 1 - applied offset`, where
-the log end is the highwater of the partition's last fetch. Records already fetched but
+the log end is the last stable offset of the partition's last fetch (the highwater
+without transactions: records behind a transaction still open cannot be read yet, so
+they are not lag). Records already fetched but
 still queued for the partition's runner are lag too; `highwater - position` would call a
 backlog sitting in memory "caught up". While a restoring partition has fetched nothing
 yet, the log end seen at assignment stands in for the highwater (metrics only; the stall
