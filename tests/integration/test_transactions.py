@@ -5,7 +5,8 @@ An aborted transaction's writes are never applied or acked; a committed one's ar
 order; records behind a transaction still open wait for it without the partition being
 taken for stalled; a log that ends in a transaction marker is caught up (serving after a
 takeover and on a read replica, checkpointed up to the marker, a warm standby without
-lag), though no record comes to apply at that offset.
+lag), though no record comes to apply at that offset. `lhv replay` reads the log the same
+way.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from workerkit import (
 )
 
 from worker.client import LhvClient
+from worker.ops.tools import replay_verify
 from worker.service import Worker
-from worker.storage.blobstore import S3Config
+from worker.storage.blobstore import S3BlobStore, S3Config
 from worker.wire.headers import CORRELATION_ID, REPLY_TOPIC
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -119,6 +121,7 @@ async def test_aborted_writes_are_never_applied_or_acked(env: Env, txn: AIOKafka
         await wait_caught_up([worker], env.bootstrap, env.topics.commands, timeout_s=30)
         assert await read_all(env.bootstrap, env.topics.dlq) == []
         assert worker.partitions[0].applied_offset >= plain.offset
+    await _replay_agrees(env)
 
 
 async def test_records_behind_an_open_transaction_wait_without_a_stall(
@@ -177,6 +180,17 @@ async def test_a_log_ending_in_a_transaction_marker_is_caught_up(
         assert taker.partitions[0].applied_offset == end - 1
         assert await ids_of(r, ["last"]) == ["last"]
         assert replica.partitions[0].applied_offset == end - 1
+    await _replay_agrees(env)
+
+
+async def _replay_agrees(env: Env) -> None:
+    """`lhv replay --verify` rebuilds the partition from the log as the worker read it
+    (the aborted writes left out, up to a manifest offset that may be a marker's) and
+    finds the snapshot equal."""
+    async with S3BlobStore(env.s3) as blobs:
+        replay = await replay_verify(env.config(), blobs, timeout_s=20)
+    assert replay.consistent, (replay.diffs, replay.errors)
+    assert replay.compared == ["tx"]
 
 
 async def _standby_lag_zero(worker: Worker, timeout_s: float = 30.0) -> None:
