@@ -44,6 +44,7 @@ class Cluster:
                 TOPICS.commands: partitions,
                 TOPICS.search: partitions,
                 TOPICS.replica_search: partitions,
+                TOPICS.dlq: 1,
             }
         )
         self.broker.create_topic(REPLIES, 1)

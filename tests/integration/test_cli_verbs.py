@@ -70,17 +70,25 @@ async def test_a_topic_that_does_not_exist_is_one_line_naming_it_for_verbs_and_w
     env: Env,
 ) -> None:
     typo = f"{env.topics.search}-typo"
-    verb, worker = await asyncio.gather(
+    dlq_typo = f"{env.topics.dlq}-typo"
+    verb, worker, no_dlq = await asyncio.gather(
         lhv(env, "stats", "docs", "--timeout", "5", LHV_SEARCH_TOPIC=typo),
         lhv(env, "worker", LHV_COMMANDS_TOPIC=typo),
+        # without its DLQ topic, a rejected command's DLQ record would be lost
+        lhv(env, "worker", LHV_DLQ_TOPIC=dlq_typo),
     )
     assert verb.returncode == EXIT_USAGE, verb.stderr
     line = _one_line(verb)
     assert f"topic {typo!r} does not exist" in line and "LHV_SEARCH_TOPIC" in line
-    assert worker.returncode == EXIT_USAGE, worker.stderr
-    assert "Traceback" not in worker.stderr
-    last = worker.stderr.strip().splitlines()[-1]
-    assert last.startswith("lhv worker: ") and f"topic {typo!r} must exist" in last
+    for done, topic, setting in (
+        (worker, typo, "LHV_COMMANDS_TOPIC"),
+        (no_dlq, dlq_typo, "LHV_DLQ_TOPIC"),
+    ):
+        assert done.returncode == EXIT_USAGE, done.stderr
+        assert "Traceback" not in done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("lhv worker: ") and f"topic {topic!r} must exist" in last
+        assert setting in last
 
 
 async def test_a_timeout_that_is_not_positive_is_a_usage_error(env: Env) -> None:

@@ -371,24 +371,31 @@ class Worker:
         return self._kafka
 
     async def _check_topics(self) -> None:
-        """Both topics exist with equal partition counts (co-partitioning needs it)."""
-        counts = []
-        for topic in (self.topics.commands, self.topics.search):
-            try:
-                async with asyncio.timeout(30):
-                    counts.append(len(await self._kafka.partitions_for(topic)))
-            except (TimeoutError, KafkaError) as exc:
-                raise KafkaTopicError(
-                    f"topic {topic!r} must exist (create it with `lhv stack up`, or your usual "
-                    f"tooling; check LHV_COMMANDS_TOPIC and LHV_SEARCH_TOPIC): {exc!r}"
-                ) from exc
-        n_cmd, n_search = counts
+        """The commands and search topics exist with equal partition counts
+        (co-partitioning needs it), and so does the dead-letter topic of an owner: a
+        rejected command's DLQ record would otherwise be lost, after holding its partition
+        back while the producer waited for the topic."""
+        topics = self.topics
+        n_cmd = await self._partition_count(topics.commands, "LHV_COMMANDS_TOPIC")
+        n_search = await self._partition_count(topics.search, "LHV_SEARCH_TOPIC")
+        if self.role != "replica":  # a read replica sends nothing
+            await self._partition_count(topics.dlq, "LHV_DLQ_TOPIC")
         if n_cmd != n_search:
             raise KafkaTopicError(
                 f"{self.topics.commands} has {n_cmd} partitions and {self.topics.search} has "
                 f"{n_search}: they must be equal so that both are co-partitioned"
             )
         self.num_partitions = n_cmd
+
+    async def _partition_count(self, topic: str, setting: str) -> int:
+        try:
+            async with asyncio.timeout(30):
+                return len(await self._kafka.partitions_for(topic))
+        except (TimeoutError, KafkaError) as exc:
+            raise KafkaTopicError(
+                f"topic {topic!r} must exist: workers create no topics (create it with `lhv "
+                f"stack up`, or your usual tooling; check {setting}): {exc!r}"
+            ) from exc
 
     def request_stop(self) -> None:
         """Ask `run()` to return (e.g. from a signal handler); `stop()` does the rest."""
