@@ -125,25 +125,44 @@ async def test_aborted_writes_are_never_applied_or_acked(env: Env, txn: AIOKafka
 
 
 async def test_records_behind_an_open_transaction_wait_without_a_stall(
-    env: Env, txn: AIOKafkaProducer
+    env: Env, txn: AIOKafkaProducer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Kafka holds every record after an open transaction's first one back from a
     `read_committed` consumer (the last stable offset). The partition is not lagging
     meanwhile: with a stall timeout of 1 s, 4 s of an open transaction would otherwise make
-    the worker exit to be restarted."""
+    the worker exit to be restarted. What is held back is a metric, and, past the stall
+    timeout, a warning naming the transaction's first offset."""
     config = env.config(stall_timeout_s=1.0)
     async with running(config) as worker, LhvClient(env.bootstrap, topics=env.topics) as c:
         await c.create("tx", dim=DIM)
         await txn.begin_transaction()
-        await txn.send_and_wait(env.topics.commands, key=b"tx", value=add_value("tx", "in-txn"))
+        first = await txn.send_and_wait(
+            env.topics.commands, key=b"tx", value=add_value("tx", "in-txn")
+        )
         after = await c.add("tx", ["after"], np.ones((1, DIM), np.float32))
         await asyncio.sleep(4)
         assert worker.health.stalled() == {}
         assert await ids_of(c, ["in-txn", "after"]) == []
         assert worker.partitions[0].status.value == "serving"
+        assert held_back(worker) == after.offset - first.offset + 1
+        warned = [r for r in caplog.records if "wait behind a transaction" in r.getMessage()]
+        where = [
+            (r.levelname, getattr(r, "partition", None), getattr(r, "offset", None)) for r in warned
+        ]
+        assert where == [("WARNING", 0, first.offset)]
         await txn.commit_transaction()
         items = await c.get("tx", ["in-txn", "after"], include_vectors=False, after=after)
         assert [it["id"] for it in items] == ["in-txn", "after"]  # the worker polls on
+        await wait_caught_up([worker], env.bootstrap, env.topics.commands, timeout_s=30)
+        deadline = time.monotonic() + 10
+        while held_back(worker) != 0:
+            assert time.monotonic() < deadline, "records still held back after the commit"
+            await asyncio.sleep(0.1)
+
+
+def held_back(worker: Worker) -> float:
+    sample = worker.metrics.registry.get_sample_value("lhv_records_held_back", {"partition": "0"})
+    return sample if sample is not None else -1.0
 
 
 async def test_a_log_ending_in_a_transaction_marker_is_caught_up(

@@ -349,6 +349,9 @@ class MemoryClient:
     def highwater(self, partition: TopicPartition) -> int | None:
         return self._highwater.get(partition)
 
+    def held_back(self, partition: TopicPartition) -> int:
+        return 0  # no transactions here
+
     async def position(self, partition: TopicPartition) -> int | None:
         return self._positions.get(partition) if partition in self._assigned else None
 

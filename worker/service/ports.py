@@ -69,6 +69,11 @@ class KafkaPort(Protocol):
         still open are read once it ends."""
         ...
 
+    def held_back(self, partition: TopicPartition) -> int:
+        """Records past the last stable offset as of the last fetch: written after the
+        first record of a transaction still open, so not readable yet (0 without)."""
+        ...
+
     async def position(self, partition: TopicPartition) -> int | None:
         """The offset the consumer reads `partition` from next, when known now (never
         waits; None when not known or not assigned). It moves past the offsets that hold

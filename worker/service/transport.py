@@ -152,6 +152,13 @@ class AiokafkaTransport:
             end = consumer.highwater(partition)
         return end
 
+    def held_back(self, partition: TopicPartition) -> int:
+        consumer = self.consumer
+        hw, lso = consumer.highwater(partition), consumer.last_stable_offset(partition)
+        if hw is None or lso is None or lso < 0:
+            return 0
+        return max(0, int(hw) - int(lso))
+
     async def position(self, partition: TopicPartition) -> int | None:
         consumer = self.consumer
         if partition not in consumer.assignment():

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -175,6 +176,8 @@ class Worker:
             )
         self._runner_limits = RunnerLimits.of(config)
         self._runners: dict[int, Runner] = {}
+        #: partition -> (since when records are held back by an open transaction, told)
+        self._held_since: dict[int, tuple[float, bool]] = {}
         self._read_ahead = ReadAhead(config.max_read_ahead_bytes, self._runners)
         self._state = "unopened"
         self._connected = False
@@ -528,9 +531,40 @@ class Worker:
                 partition.checkpoint_offset,
                 lag,
             )
+            if hw is not None:
+                self._note_held_back(p, kafka.held_back(self.commands_tp(p)), hw)
 
         if self.standbys is not None:
             self.metrics.set_standby_lags(self.standbys.lags())
+
+    def _note_held_back(self, p: int, held: int, stable_end: int) -> None:
+        """Publish the records held back behind an open transaction, and say so in the
+        log once they have waited `stall_timeout_s` (and again when they are released):
+        they are not lag, so nothing else would tell why they are not applied."""
+        self.metrics.set_held_back(p, held)
+        now = time.monotonic()
+        since, told = self._held_since.get(p, (now, False))
+        if held == 0:
+            if self._held_since.pop(p, None) is not None and told:
+                log.info(
+                    "the transaction holding records back ended after %.0f s",
+                    now - since,
+                    extra={"partition": p, "offset": stable_end},
+                )
+            return
+        if not told and now - since >= self.config.stall_timeout_s:
+            told = True
+            log.warning(
+                "%d records wait behind a transaction open since offset %d for %.0f s: "
+                "Kafka gives them to read_committed consumers once it commits or aborts "
+                "(the producer's transaction.timeout.ms, at most the broker's "
+                "transaction.max.timeout.ms)",
+                held,
+                stable_end,
+                now - since,
+                extra={"partition": p, "offset": stable_end},
+            )
+        self._held_since[p] = (since, told)
 
     def _check_stalled(self) -> None:
         """Exit (non-zero, for the supervisor) when partitions lag without progress.
@@ -629,6 +663,7 @@ class Worker:
         self.search.forget(number)
         self.health.forget(number)
         self.metrics.forget_partition(number)
+        self._held_since.pop(number, None)
 
     async def flush_producer(self) -> None:
         """Wait for the protocol records and the DLQ records, acks and replies sent so far."""

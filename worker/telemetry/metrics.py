@@ -135,6 +135,13 @@ class Metrics:
             ["partition"],
             registry=r,
         )
+        self.held_back = Gauge(
+            "lhv_records_held_back",
+            "Records of the commands topic past the last stable offset: behind a transaction"
+            " still open, read once it commits or aborts",
+            ["partition"],
+            registry=r,
+        )
         self._standby_lag_partitions: set[int] = set()
         self.standby_lag = Gauge(
             "lhv_standby_lag_records",
@@ -376,6 +383,9 @@ class Metrics:
     def set_lag(self, partition: int, lag: int) -> None:
         self.consumer_lag.labels(str(partition)).set(lag)
 
+    def set_held_back(self, partition: int, records: int) -> None:
+        self.held_back.labels(str(partition)).set(records)
+
     def set_replica_lag(self, partition: int, lag: int) -> None:
         self.replica_lag.labels(str(partition)).set(lag)
 
@@ -395,6 +405,7 @@ class Metrics:
         p = str(partition)
         for gauge in (
             self.consumer_lag,
+            self.held_back,
             self.replica_lag,
             self.applied_offset,
             self.checkpoint_offset,
