@@ -93,10 +93,21 @@ class DeferredEngine:
         self._write(rows, labels, vectors)
 
     def mark_deleted(self, labels: Labels) -> None:
-        rest = [lb for lb in labels.tolist() if lb not in self._rows]
+        """Buffered labels leave the buffer. Every label an index hands out must stay in
+        the inner engine, live or deleted (a snapshot's engine holds all its slots, and
+        the index hands the label out again later), so a buffered label the inner
+        engine never held goes in now, with its buffered vector, to be marked deleted
+        there with the labels the buffer did not hold."""
+        listed = labels.tolist()
+        rest = [lb for lb in listed if lb not in self._rows]
+        unheld = [lb for lb in dict.fromkeys(listed) if lb in self._rows and not self._holds(lb)]
+        if unheld:
+            rows = np.array([self._rows[lb] for lb in unheld], dtype=np.intp)
+            self._add_inner(np.array(unheld, dtype=np.uint64), self._read(rows))
         self._forget(labels)
-        if rest:
-            self.inner.mark_deleted(np.array(rest, dtype=np.uint64))
+        dead = rest + unheld
+        if dead:
+            self.inner.mark_deleted(np.array(dead, dtype=np.uint64))
 
     def get(self, labels: Labels) -> Vectors:
         if not self._rows:
@@ -223,12 +234,16 @@ class DeferredEngine:
                 self._above = grown
             self._above[up] = True
 
+    def _holds(self, label: int) -> bool:
+        """Whether the inner engine holds `label` (live or deleted)."""
+        up = label - self._below
+        return up < 0 or (up < self._above.size and bool(self._above[up]))
+
     def _hide(self, labels: list[int]) -> None:
         """Mark deleted in the inner engine those of `labels` live there (the others are
         new to it, or deleted already)."""
-        below, above = self._below, self._above
         for label in labels:
-            if label >= below and not (label - below < above.size and above[label - below]):
+            if not self._holds(label):
                 continue  # never added to the inner engine
             with suppress(EngineError):  # deleted there already: nothing to hide
                 self.inner.mark_deleted(np.array([label], dtype=np.uint64))
