@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaClient, AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.consumer.fetcher import READ_COMMITTED
 from aiokafka.errors import CorruptRecordException, KafkaError, for_code
 from aiokafka.protocol.fetch import FetchRequest
 
@@ -71,8 +72,6 @@ log = logging.getLogger(__name__)
 HEADER_KEYS_NOT_UTF8 = "record header keys are not UTF-8"
 #: how long each partition is waited for while looking for the one at fault
 _PROBE_MS = 1000
-#: the isolation level of the consumers (`KafkaConfig.consumer_kwargs`)
-_READ_COMMITTED = 1
 
 
 def escape_header_key(key: bytes) -> str:
@@ -392,7 +391,7 @@ class Intake:
                 0,  # max wait: the data is there
                 1,
                 self._fetch_max_bytes,
-                _READ_COMMITTED,
+                READ_COMMITTED,  # as the consumers read (`KafkaConfig.consumer_kwargs`)
                 [(tp.topic, [(tp.partition, offset, self._fetch_max_bytes)])],
             )
             response = await client.send(leader, request)

@@ -8,16 +8,14 @@ not go through this producer but through the `Outbox`, which has its own.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndTimestamp
 
-from worker.kafka import joingroup
+from worker.kafka import joingroup, positions
 from worker.kafka.assignor import StandbyAssignor
 from worker.kafka.shutdown import stop_consumer
 from worker.service.config import WorkerConfig
@@ -146,30 +144,13 @@ class AiokafkaTransport:
         return set(self.consumer.assignment())
 
     def highwater(self, partition: TopicPartition) -> int | None:
-        consumer = self.consumer
-        end: int | None = consumer.last_stable_offset(partition)
-        if end is None or end < 0:  # nothing fetched yet, or a broker before KIP-98
-            end = consumer.highwater(partition)
-        return end
+        return positions.readable_end(self.consumer, partition)
 
     def held_back(self, partition: TopicPartition) -> int:
-        consumer = self.consumer
-        hw, lso = consumer.highwater(partition), consumer.last_stable_offset(partition)
-        if hw is None or lso is None or lso < 0:
-            return 0
-        return max(0, int(hw) - int(lso))
+        return positions.held_back(self.consumer, partition)
 
     async def position(self, partition: TopicPartition) -> int | None:
-        consumer = self.consumer
-        if partition not in consumer.assignment():
-            return None
-        try:
-            # aiokafka answers a known position without suspending; an unknown one it
-            # waits for, which this cuts short at once
-            async with asyncio.timeout(0):
-                return int(await consumer.position(partition))
-        except (TimeoutError, KafkaError):
-            return None
+        return await positions.known_position(self.consumer, partition)
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         await self.consumer.commit(dict(offsets))

@@ -51,6 +51,7 @@ from aiokafka.errors import KafkaError
 from lhv_index import Index
 from lhv_index import Limits as IndexLimits
 from lhv_index.errors import LhvError
+from worker.kafka import positions
 from worker.kafka.config import KafkaConfig
 from worker.service.apply import (
     BarrierSteps,
@@ -176,17 +177,10 @@ class KafkaLogReader:
         return records
 
     def highwater(self) -> int | None:
-        end = self._consumer.last_stable_offset(self._tp)
-        if end is None or end < 0:
-            end = self._consumer.highwater(self._tp)
-        return int(end) if end is not None else None
+        return positions.readable_end(self._consumer, self._tp)
 
     async def position(self) -> int | None:
-        try:
-            async with asyncio.timeout(0):  # a known position is answered at once
-                return int(await self._consumer.position(self._tp))
-        except (TimeoutError, KafkaError):
-            return None
+        return await positions.known_position(self._consumer, self._tp)
 
 
 class WarmCopy:
