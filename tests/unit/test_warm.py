@@ -14,13 +14,14 @@ import pytest
 from aiokafka import TopicPartition
 
 from lhv_index import Index, IndexParams, Limits
+from worker.kafka.config import KafkaConfig
 from worker.service.apply import apply_records
 from worker.service.config import ImportPolicy
 from worker.service.follower import ReadOnlyWrites
 from worker.service.memory_kafka import MemoryKafka
 from worker.service.merge import MergeProtocol
 from worker.service.partition import Partition
-from worker.service.warm import Warm, WarmCopy, changed_since
+from worker.service.warm import KafkaLogReader, Warm, WarmCopy, changed_since
 from worker.storage.blobstore import MemoryBlobStore, S3Config
 from worker.storage.snapshots import Manifest, SnapshotStore
 from worker.wire.limits import MessageLimits
@@ -184,6 +185,18 @@ async def test_a_follower_loads_the_checkpoint_tails_the_log_and_writes_nothing(
     assert len(warm.indexes["docs"]) == 5
     assert warm.changed == {"docs": end}  # changed here past the checkpoint
     assert {k: (await blobs.get(k))[1] for k in await blobs.list()} == written
+
+
+async def test_a_reader_still_connecting_has_no_log_end_yet() -> None:
+    """A standby's lag is read for metrics and status while its reader still connects
+    (to a broker that may be down): it reads as unknown, never as an error."""
+    tp = TopicPartition(TOPIC, 0)
+    reader = KafkaLogReader(KafkaConfig(bootstrap_servers="127.0.0.1:1"), tp, max_fetch_bytes=1024)
+    try:
+        assert reader.highwater() is None
+        assert await reader.position() is None
+    finally:
+        await reader.stop()
 
 
 async def test_records_past_the_checkpoint_that_asked_for_acks_are_handed_over() -> None:

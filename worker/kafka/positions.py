@@ -7,6 +7,10 @@ stable offset, not the highwater: the records after the first record of a transa
 still open are held back until it ends. And its position moves past offsets that hold no
 record to hand out (transaction markers, aborted transactions' records), which is how a
 reader learns that it has passed them.
+
+Each reads nothing of a partition the consumer does not hold (yet): a standby's reader is
+read for its lag while it still connects, and the worker's consumer while it rebalances;
+aiokafka asserts on those, and here they read as "nothing fetched".
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ __all__ = ["held_back", "known_position", "readable_end"]
 def readable_end(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
     """The end of what `consumer` can read of `tp` as of its last fetch (None: nothing
     fetched): the last stable offset, or the highwater from a broker without one."""
+    if tp not in consumer.assignment():
+        return None
     end: int | None = consumer.last_stable_offset(tp)
     if end is None or end < 0:
         end = consumer.highwater(tp)
@@ -31,6 +37,8 @@ def readable_end(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
 def held_back(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
     """Records of `tp` past the last stable offset as of the last fetch: behind a
     transaction still open (0 without one, or before a fetch)."""
+    if tp not in consumer.assignment():
+        return 0
     hw, lso = consumer.highwater(tp), consumer.last_stable_offset(tp)
     if hw is None or lso is None or lso < 0:
         return 0

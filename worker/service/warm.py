@@ -149,17 +149,14 @@ class KafkaLogReader:
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=max_fetch_bytes,
         )
-        self._started = False
 
     async def start(self) -> None:
         await self._consumer.start()
-        self._started = True
         self._consumer.assign([self._tp])
 
     async def stop(self) -> None:
-        if self._started:
-            self._started = False
-            await self._consumer.stop()
+        """Close the consumer, started or not (aiokafka's stop is idempotent)."""
+        await self._consumer.stop()
 
     async def bounds(self) -> tuple[int, int]:
         first = (await self._consumer.beginning_offsets([self._tp]))[self._tp]
