@@ -330,9 +330,15 @@ class MemoryClient:
             raise CommitFailedError(f"{tp} is not assigned to this consumer")
 
     def pause(self, *partitions: TopicPartition) -> None:
-        self._paused.update(tp for tp in partitions if tp in self._assigned)
+        for tp in partitions:
+            if tp not in self._assigned:
+                raise IllegalStateError(f"no longer assigned: {tp}")
+        self._paused.update(partitions)
 
     def resume(self, *partitions: TopicPartition) -> None:
+        for tp in partitions:
+            if tp not in self._assigned:
+                raise IllegalStateError(f"no longer assigned: {tp}")
         self._paused.difference_update(partitions)
 
     def paused(self) -> set[TopicPartition]:
