@@ -1462,7 +1462,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        parser.print_help(sys.stderr)  # `lhv` alone: what there is to run, not one line
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
     _setup_logging(args)
     try:
         return int(args._run(args))

@@ -145,6 +145,14 @@ def test_help_shows_defaults_and_every_wire_command_has_a_verb(
     assert "(default: 50000)" in out  # checkpoint records
 
 
+def test_lhv_alone_lists_the_commands_and_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = _run(capsys)
+    assert code == EXIT_USAGE and out == ""
+    assert err.startswith("usage: lhv") and "    worker " in err and "exit codes:" in err
+
+
 def test_bench_help_describes_lhv_bench(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _run(capsys, "bench", "--help")
     assert code == 0
