@@ -329,24 +329,25 @@ class MemoryClient:
         if tp not in self._assigned:
             raise CommitFailedError(f"{tp} is not assigned to this consumer")
 
-    def pause(self, *partitions: TopicPartition) -> None:
+    def _held(self, *partitions: TopicPartition) -> None:
+        """aiokafka's check before pause, resume and seek."""
         for tp in partitions:
             if tp not in self._assigned:
                 raise IllegalStateError(f"no longer assigned: {tp}")
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self._held(*partitions)
         self._paused.update(partitions)
 
     def resume(self, *partitions: TopicPartition) -> None:
-        for tp in partitions:
-            if tp not in self._assigned:
-                raise IllegalStateError(f"no longer assigned: {tp}")
+        self._held(*partitions)
         self._paused.difference_update(partitions)
 
     def paused(self) -> set[TopicPartition]:
         return set(self._paused)
 
     def seek(self, partition: TopicPartition, offset: int) -> None:
-        if partition not in self._assigned:
-            raise IllegalStateError(f"no longer assigned: {partition}")
+        self._held(partition)
         self._positions[partition] = offset
 
     def assignment(self) -> set[TopicPartition]:
