@@ -155,3 +155,16 @@ def test_no_part_of_the_service_imports_the_worker_facade() -> None:
             ):
                 offenders.append(path.name)
     assert not offenders, f"these modules of service/ import the Worker: {offenders}"
+
+
+def test_paths_into_the_checkout_name_files_that_exist() -> None:
+    """The local stack resolves Kafka's jars with `compose/kafka/pom.xml`, `lhv bench`
+    runs `bench/bench_e2e.py`, and the schemas fall back to `schemas/`: each module finds
+    them from where it sits, however deep in `worker/`."""
+    from worker import cli
+    from worker.dev import stack
+    from worker.wire import schemas
+
+    assert stack._POM.is_file(), stack._POM
+    assert cli._BENCH_SCRIPT.is_file(), cli._BENCH_SCRIPT
+    assert (schemas._CHECKOUT_SCHEMAS / "add.schema.json").is_file(), schemas._CHECKOUT_SCHEMAS

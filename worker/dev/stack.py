@@ -106,7 +106,8 @@ MARKER = ".lhv-stack"
 _S3_READY_KEY = f"{MARKER}/ready"
 """File in every stack directory; `stop_from_env_file` removes only directories holding it."""
 
-_REPO = Path(__file__).resolve().parent.parent
+#: the source checkout this module sits in (worker/dev/stack.py)
+_REPO = Path(__file__).resolve().parents[2]
 _POM = _REPO / "compose" / "kafka" / "pom.xml"
 _LOG_TAIL_LINES = 40
 

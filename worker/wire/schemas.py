@@ -22,6 +22,9 @@ __all__ = ["SCHEMA_NAMES", "load_schema"]
 #: every published schema file, `<name>.schema.json`
 SCHEMA_NAMES = (*COMMAND_OPS, *QUERY_OPS, "command", "query", "reply", "ack", "dlq_headers")
 
+#: `schemas/` of the source checkout this module sits in (worker/wire/schemas.py)
+_CHECKOUT_SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
+
 # -- schemas ------------------------------------------------------------------------------
 
 
@@ -46,7 +49,7 @@ def _schema_dir() -> Any:
     for entry in (spec.submodule_search_locations or []) if spec is not None else []:
         if (Path(entry) / "add.schema.json").is_file():
             return Path(entry)
-    return Path(__file__).resolve().parent.parent / "schemas"
+    return _CHECKOUT_SCHEMAS
 
 
 def load_schema(name: str) -> dict[str, Any]:
