@@ -145,6 +145,36 @@ def _map_cli(exc: BaseException, args: argparse.Namespace) -> CliError | None:
     return exc if isinstance(exc, CliError) else None
 
 
+#: modules of the `worker` extra (pyproject.toml): a client install has none of them
+_WORKER_EXTRA = frozenset(
+    {
+        "hnswlib",
+        "annoy",
+        "cramjam",
+        "aioboto3",
+        "aiobotocore",
+        "botocore",
+        "boto3",
+        "fastjsonschema",
+        "prometheus_client",
+    }
+)
+
+
+def _map_missing_extra(exc: BaseException, args: argparse.Namespace) -> CliError | None:
+    """A command of the service (`worker`, `snapshot`, `replay`, ...) run where only the
+    client is installed: which extra to install, not an import traceback."""
+    for cause in _causes(exc):
+        if isinstance(cause, ModuleNotFoundError) and cause.name is not None:
+            top = cause.name.partition(".")[0]
+            if top in _WORKER_EXTRA:
+                return UsageError(
+                    f"needs the service's dependencies ({top} is not installed): "
+                    "pip install 'lhv[worker]'"
+                )
+    return None
+
+
 def _map_kafka(exc: BaseException, args: argparse.Namespace) -> CliError | None:
     """Kafka settings, connection and authentication failures (`worker.kafka_errors`):
     their own line and exit code (2 a setting, 3 no connection, 4 refused)."""
@@ -173,7 +203,10 @@ _S3_REFUSALS = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "
 
 
 def _map_s3(exc: BaseException, args: argparse.Namespace) -> CliError | None:
-    from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    try:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    except ModuleNotFoundError:  # a client install: none of its commands reach S3
+        return None
 
     from worker.storage.blobstore import BlobStoreError
 
@@ -227,7 +260,15 @@ def _map_refusals(exc: BaseException, args: argparse.Namespace) -> CliError | No
 
 #: tried in order; the first that recognises the exception decides its line and code.
 #: Kafka's failures come before the timeouts: they often surface as timeouts too.
-_MAPPERS: list[Mapper] = [_map_cli, _map_kafka, _map_files, _map_s3, _map_timeouts, _map_refusals]
+_MAPPERS: list[Mapper] = [
+    _map_cli,
+    _map_missing_extra,
+    _map_kafka,
+    _map_files,
+    _map_s3,
+    _map_timeouts,
+    _map_refusals,
+]
 
 
 def user_error(exc: BaseException, args: argparse.Namespace) -> CliError | None:

@@ -168,3 +168,13 @@ def test_paths_into_the_checkout_name_files_that_exist() -> None:
     assert stack._POM.is_file(), stack._POM
     assert cli._BENCH_SCRIPT.is_file(), cli._BENCH_SCRIPT
     assert (schemas._CHECKOUT_SCHEMAS / "add.schema.json").is_file(), schemas._CHECKOUT_SCHEMAS
+
+
+@pytest.mark.parametrize("argv", [["worker"], ["snapshot", "ls"], ["replay", "--verify"]])
+def test_a_service_command_on_a_client_install_says_which_extra_to_install(
+    argv: list[str],
+) -> None:
+    done = _without_worker_deps(f"from worker import cli; sys.exit(cli.main({argv!r}))")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().endswith("pip install 'lhv[worker]'"), done.stderr
