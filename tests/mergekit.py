@@ -2,7 +2,7 @@
 helpers to build add records, read acks and list merge objects.
 
 The oracle extends `workerkit`'s plain-dict semantics with `merge`, `merge_in` and
-`merge_done` as DESIGN section 6 and `worker/merge.py` define them: a merge exports the
+`merge_done` as DESIGN section 6 and `worker/service/merge.py` define them: a merge exports the
 source's live items (sorted by id) as of its record; the first `merge_in` of a merge id
 upserts those not live in dest with clock `(version, merge_in offset, position)`; the
 first successful `merge_done` deletes the exported items whose clock is unchanged (when

@@ -5,7 +5,7 @@ Which stack a session uses, in order:
 1. external: `LHV_BOOTSTRAP_SERVERS` and `LHV_S3_ENDPOINT_URL` are set (e.g. CI sourced the
    env file of `lhv stack up`, or a Docker host runs compose/): the tests use it as is;
 2. testcontainers: a Docker engine is reachable: `apache/kafka` and SeaweedFS containers;
-3. local: `worker.stack.LocalStack` (Kafka from Maven Central jars, SeaweedFS `weed mini`).
+3. local: `worker.dev.stack.LocalStack` (Kafka from Maven Central jars, SeaweedFS `weed mini`).
 
 The stack starts lazily, on the first test that asks for it, so unit and property tests
 never start anything. Fixtures:

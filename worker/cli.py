@@ -9,7 +9,7 @@ traceback is logged only with `--log-level DEBUG`. Commands raise; `main()` maps
 exception once (`user_error`, a chain of `_MAPPERS`) to a `CliError`. Anything unmapped is
 a fault of LHV itself and keeps its traceback.
 
-Exit codes (the README's table; 2, 3 and 4 are also those of `worker.kafka_errors`):
+Exit codes (the README's table; 2, 3 and 4 are also those of `worker.kafka.errors`):
 
 | code | meaning |
 | --- | --- |
@@ -176,7 +176,7 @@ def _map_missing_extra(exc: BaseException, args: argparse.Namespace) -> CliError
 
 
 def _map_kafka(exc: BaseException, args: argparse.Namespace) -> CliError | None:
-    """Kafka settings, connection and authentication failures (`worker.kafka_errors`):
+    """Kafka settings, connection and authentication failures (`worker.kafka.errors`):
     their own line and exit code (2 a setting, 3 no connection, 4 refused)."""
     from worker.kafka.errors import KafkaSetupError, translate
 

@@ -3,7 +3,7 @@ completes exactly once in effect.
 
 One `lhv worker` process owns both partitions, so it is the source's owner and the
 destination's owner at once. Each process is armed with the next failpoint of the
-protocol (`worker/merge.py`) and dies there; its successor replays from the last
+protocol (`worker/service/merge.py`) and dies there; its successor replays from the last
 checkpoint, which drives the same merge to the next step (a replayed `merge` exports
 again and produces a duplicate `merge_in`, a `merge_done` lost between the destination's
 checkpoint and its production is produced again by the sweeper). After the last restart

@@ -1,4 +1,4 @@
-"""Bounded inflation of compressed record batches (worker/inflate.py)."""
+"""Bounded inflation of compressed record batches (worker/service/inflate.py)."""
 
 from __future__ import annotations
 

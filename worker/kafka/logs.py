@@ -5,7 +5,7 @@ aiokafka logs ERROR for two things every LHV deployment sees all the time:
 - `Topic lhv.replies.X not found in cluster metadata` (`aiokafka.cluster`): a client
   deletes its reply topic when it stops, and a worker's producer keeps asking for the
   metadata of every topic it ever wrote to. A reply to a missing topic is handled (and
-  logged once, as a warning) by `worker.replies.ReplySender`.
+  logged once, as a warning) by `worker.service.replies.ReplySender`.
 - `Group Coordinator Request failed: [Error 15] CoordinatorNotAvailableError`
   (`aiokafka.consumer.group_coordinator`) while the broker loads its group coordinator,
   e.g. right after it starts; aiokafka retries by itself.

@@ -97,7 +97,7 @@ class CheckpointPolicy:
 class DeliveryConfig:
     """Bounds on what the worker sends back: DLQ records, acks and query replies.
 
-    These go through their own producer (`worker.outbox`), and each record is checked
+    These go through their own producer (`worker.service.outbox`), and each record is checked
     against both bounds below before it is sent, so the broker never rejects one.
     """
 
@@ -156,7 +156,7 @@ def limits_from_env(cls: type[_L], env: Mapping[str, str] = os.environ) -> _L:
 class QueryPolicy:
     """How long queries may wait, how many may wait, and where the search topic starts.
 
-    See worker/search.py for the policy these settings drive.
+    See worker/service/search.py for the policy these settings drive.
     """
 
     max_age_ms: int = 60_000
@@ -206,7 +206,7 @@ class ImportPolicy:
     """Where `import` may read from and how much one import may make a worker hold.
 
     Every bound is checked before the bytes it guards are read or allocated (see
-    `worker/importsource.py`); going over one rejects the import with `invalid_request`
+    `worker/service/importsource.py`); going over one rejects the import with `invalid_request`
     naming the bound and its setting.
     """
 
@@ -303,7 +303,7 @@ class WorkerConfig:
     imports: ImportPolicy = field(default_factory=ImportPolicy)
     #: the key(s) that authenticate internal merge records (`LHV_INTERNAL_KEY`,
     #: comma-separated: the first signs, every one verifies); None: the random key kept
-    #: in the workers' own bucket and prefix (see `worker/protocol_auth.py`)
+    #: in the workers' own bucket and prefix (see `worker/service/protocol_auth.py`)
     internal_key: str | None = field(default=None, repr=False)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     group_id: str = "lhv"
@@ -333,7 +333,7 @@ class WorkerConfig:
     #: record bytes applied in one batch (at least one poll's records): bounds what is
     #: decoded at once
     max_batch_bytes: int = 16 * 1024 * 1024
-    #: a compressed record batch inflates to at most this (worker/inflate.py); a batch
+    #: a compressed record batch inflates to at most this (worker/service/inflate.py); a batch
     #: past it is dead-lettered whole. At least `limits.max_message_bytes` plus framing
     max_inflated_batch_bytes: int = 64 * 1024 * 1024
     session_timeout_ms: int = 30_000

@@ -16,7 +16,7 @@ same record. `Intake.poll` confines such a failure to the record:
    partitions one at a time with a short wait until one fails again).
 3. The batch at the partition's position is read again with a FetchRequest of our own
    (a separate `AIOKafkaClient`, started on first use; `read_committed`, as the
-   consumer reads) and parsed by the lenient reader (`worker.recordbatch`), which leaves
+   consumer reads) and parsed by the lenient reader (`worker.service.recordbatch`), which leaves
    out aborted transactions' records as the consumer does. Its readable records are
    handed on as usual; each record that cannot be read becomes a `RejectedRecord`; then
    the consumer seeks past the batches read.

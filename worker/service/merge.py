@@ -60,7 +60,7 @@ them against user writes on the destination's partition, so moving them to anoth
 would break replay equivalence. Instead:
 
 - Every `merge_in` and `merge_done` a worker produces carries an HMAC-SHA256 of its key
-  and value bytes (`worker/protocol_auth.py`: the key is `LHV_INTERNAL_KEY`, or a random
+  and value bytes (`worker/service/protocol_auth.py`: the key is `LHV_INTERNAL_KEY`, or a random
   one the workers keep in their own bucket, created once with a create-only put). A
   record without a valid MAC is rejected (`invalid_request`, dead-letter queue) before
   anything is read, so a forged one changes nothing, however well it names a real merge.
@@ -86,7 +86,7 @@ and offset) and sends the error ack to the requester.
 
 Import (`import` record keyed by the index) loads `s3://bucket/key` with the worker's S3
 endpoint and credentials, only from the allowed sources and within the bounds of
-`ImportPolicy` (`worker/importsource.py`: `LHV_IMPORT_SOURCES`, default the `imports/`
+`ImportPolicy` (`worker/service/importsource.py`: `LHV_IMPORT_SOURCES`, default the `imports/`
 prefix of the workers' own bucket and prefix; never the workers' own checkpoint, merge or
 key objects):
 
@@ -106,7 +106,7 @@ read); it is then applied `chunk_items` rows per engine call, each
 chunk whole-or-nothing. A replay reads the objects again: keep them unchanged until a
 checkpoint covers the import record.
 
-Failpoints (`worker.failpoints`): `merge_exported` (src: export written, `merge_in` not
+Failpoints (`worker.service.failpoints`): `merge_exported` (src: export written, `merge_in` not
 produced), `merge_in_produced` (src: `merge_in` produced, merge record not
 checkpointed), `merge_in_applied` (dest: items applied and marker written, not
 checkpointed), `merge_done_pending` (dest: checkpoint covers `merge_in`, `merge_done` not
@@ -1401,7 +1401,7 @@ class MergeProtocol:
             await self._writes.delete(key)
 
     async def _produce(self, key: bytes, value: bytes) -> None:
-        """Produce a protocol record, signed (`worker/protocol_auth.py`)."""
+        """Produce a protocol record, signed (`worker/service/protocol_auth.py`)."""
         async with asyncio.timeout(STEP_TIMEOUT_S):
             await self._writes.send(
                 self._topics.commands,

@@ -53,7 +53,7 @@ them during a rebalance.
 
 Partition p of the search topic is positioned by the search server when it is assigned
 (its committed offset, else the first record younger than the maximum query age; see
-worker/search.py), and its offset is committed by the search server on its own cadence:
+worker/service/search.py), and its offset is committed by the search server on its own cadence:
 the checkpoint commits only the commands offset.
 """
 

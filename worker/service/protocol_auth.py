@@ -22,10 +22,10 @@ worker reads back what won, so all of them agree with no configuration: the trus
 the bucket the workers already share for their checkpoints (whoever can write there can
 rewrite the checkpoints anyway). `lhv replay --verify` reads the same key (never creates
 it: with no key, no worker ever signed a record). The key object is never readable by
-`import` (its prefix is refused, `worker/importsource.py`).
+`import` (its prefix is refused, `worker/service/importsource.py`).
 
 A MAC says a worker produced the record; it does not make the record's counts or flags
-the truth. `worker/merge.py` takes those from objects the owners wrote themselves.
+the truth. `worker/service/merge.py` takes those from objects the owners wrote themselves.
 """
 
 from __future__ import annotations

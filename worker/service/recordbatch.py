@@ -6,7 +6,7 @@ that is not UTF-8 makes the whole fetch raise. Kafka itself treats header keys a
 strings but does not check them, so any producer can write such a record. This reader
 parses the same bytes without decoding anything: keys, values and header keys stay
 bytes, and a record whose structure is broken is reported as unreadable instead of
-failing its batch. The worker reads a failed fetch again with it (`worker.intake`).
+failing its batch. The worker reads a failed fetch again with it (`worker.service.intake`).
 
 Format (KIP-98): a batch is a 61-byte header (`DefaultRecordBase.HEADER_STRUCT`, reused
 from aiokafka) then the records, compressed as a whole with the codec in the attributes.
@@ -15,7 +15,7 @@ value and headers, with varint (zigzag) lengths and -1 for null.
 
 Only magic 2 is read; older batches (magic 0/1) never carry headers, so aiokafka reads
 them without this failure. Inflating is bounded with the worker's decoders
-(`worker.inflate`, `max_inflated_bytes`): a batch that inflates past it is unreadable as
+(`worker.service.inflate`, `max_inflated_bytes`): a batch that inflates past it is unreadable as
 a whole.
 """
 

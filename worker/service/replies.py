@@ -17,7 +17,7 @@ batch of acks are looked up together first (`look_up`), so however many distinct
 missing topics a batch names, it waits for them once, not once each. A `kafka_replyPartition` that
 the topic does not have drops the reply with a warning, and a reply too large to send is
 replaced by a small `invalid_request` error reply; records go out through the worker's
-`Outbox` (`worker/outbox.py`), which bounds their size and confines any failure to the
+`Outbox` (`worker/service/outbox.py`), which bounds their size and confines any failure to the
 record.
 
 Pattern syntax: `fnmatch` (shell style, case-sensitive): `*` matches any run of

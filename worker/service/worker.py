@@ -505,7 +505,7 @@ class Worker:
             runner.resume_if_drained()
 
     def _update_lag(self) -> None:
-        """Lag = records up to the log end not yet applied (see worker/metrics.py).
+        """Lag = records up to the log end not yet applied (see worker/telemetry/metrics.py).
 
         The log end is the last stable offset of the last fetch (`KafkaPort.highwater`),
         or, while a restoring partition is paused and has fetched nothing, the log end seen

@@ -418,7 +418,7 @@ def encode_error_reply(
 
 
 def encode_ack(outcome: Any) -> bytes:
-    """The `Ack` of one command record; `outcome` is a `worker.apply.Outcome`.
+    """The `Ack` of one command record; `outcome` is a `worker.service.apply.Outcome`.
 
     Reads `reply_to`, `offset`, `index`, `op`, `request_id`, `applied`, `skipped`,
     `error` and `forwarded` from it.
