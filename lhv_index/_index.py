@@ -767,12 +767,16 @@ class Index:
     def _columns(
         self, labels: Labels, dists: npt.NDArray[np.float32], with_meta: bool
     ) -> list[Columns]:
-        id_of = self._map.ids.live_id
+        k = labels.shape[1]
+        # every hit's id in one gather and one decode, then cut into rows
+        ids = self._map.ids.strings(labels.reshape(-1).astype(np.intp))
+        flat = labels.reshape(-1).tolist() if with_meta else []
         meta = self._meta
         out: list[Columns] = []
-        for row_l, row_d in zip(labels.tolist(), dists.tolist(), strict=True):
-            metas = [_load(meta.get(lb)) for lb in row_l] if with_meta else None
-            out.append(Columns([id_of(lb) for lb in row_l], row_d, metas))
+        for row, row_d in enumerate(dists.tolist()):
+            lo, hi = row * k, row * k + k
+            metas = [_load(meta.get(lb)) for lb in flat[lo:hi]] if with_meta else None
+            out.append(Columns(ids[lo:hi], row_d, metas))
         return out
 
     def _vectors(self, labels: Labels) -> Vectors:
