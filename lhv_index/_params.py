@@ -58,7 +58,11 @@ def _brief(value: object, limit: int = 64) -> str:
     """`repr(value)` cut to about `limit` characters, for error messages (a request's
     value is named, never echoed in full)."""
     text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+    if len(text) <= limit:
+        return text
+    # a string's own length, not its repr's (quotes and escapes are not the user's)
+    size = len(value) if isinstance(value, str) else len(text)
+    return f"{text[:limit]}... ({size} characters)"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -147,8 +147,7 @@ def decode_records(
                 home = home_partition(rec.key, num_partitions)
                 if home != partition:
                     raise WrongPartition(
-                        f"index {name[:128]!r} lives on partition {home}, "
-                        f"record came on {partition}"
+                        f"index {name[:128]!r} lives on partition {home}, not {partition}"
                     )
             item.command = decode_command(rec.key, rec.value, rec.headers or (), limits=limits)
         except LhvError as exc:

@@ -106,7 +106,9 @@ def _brief(value: Any, limit: int = 64, *, quote: bool = True) -> str:
     text = repr(value) if quote else str(value)
     if len(text) <= limit:
         return text
-    return f"{text[:limit]}... ({len(text)} characters)"
+    # a string's own length, not its repr's (quotes and escapes are not the user's)
+    size = len(value) if isinstance(value, str) else len(text)
+    return f"{text[:limit]}... ({size} characters)"
 
 
 def _json_type(value: Any) -> str:
@@ -158,6 +160,9 @@ def _check_ids(ids: list[str], limits: MessageLimits, op: str) -> list[str]:
         raise InvalidRequest(f"{op}: {len(ids)} ids is over the limit {limits.max_ids}")
     max_id = limits.max_id_bytes
     for pos, id_ in enumerate(ids):
-        if len(id_) * 4 > max_id and len(id_.encode("utf-8")) > max_id:
-            raise InvalidRequest(f"{op}: ids[{pos}]: id over {max_id} bytes", item=pos)
+        if len(id_) * 4 > max_id and (size := len(id_.encode("utf-8"))) > max_id:
+            raise InvalidRequest(
+                f"{op}: ids[{pos}]: id of {size} bytes is over the limit {max_id} (max_id_bytes)",
+                item=pos,
+            )
     return ids

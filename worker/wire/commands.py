@@ -314,8 +314,11 @@ def _decode_items(raw_items: list[dict[str, Any]], limits: MessageLimits) -> lis
             )
         (json_pos if has_json else b64_pos).append(pos)
         id_ = raw["id"]
-        if len(id_) * 4 > max_id and len(id_.encode("utf-8")) > max_id:
-            raise InvalidRequest(f"{where(pos)}: id over {max_id} bytes", item=pos)
+        if len(id_) * 4 > max_id and (size := len(id_.encode("utf-8"))) > max_id:
+            raise InvalidRequest(
+                f"{where(pos)}: id of {size} bytes is over the limit {max_id} (max_id_bytes)",
+                item=pos,
+            )
         meta = raw.get("metadata")
         if meta is None:
             continue
@@ -327,7 +330,11 @@ def _decode_items(raw_items: list[dict[str, Any]], limits: MessageLimits) -> lis
         else:  # not an object: the index refuses it, naming what it is
             size = len(orjson.dumps(meta))
         if size > max_meta:
-            raise InvalidRequest(f"{where(pos)}: metadata over {max_meta} bytes", item=pos)
+            raise InvalidRequest(
+                f"{where(pos)}: metadata of {size} bytes is over the limit {max_meta} "
+                "(max_metadata_bytes)",
+                item=pos,
+            )
 
     vectors: list[np.ndarray] = [_NO_VECTOR] * n
     max_dim = limits.max_dim

@@ -147,7 +147,7 @@ def _schema_error(op: str, exc: fastjsonschema.JsonSchemaValueException) -> Inva
     if exc.rule == "additionalProperties" and isinstance(exc.value, dict):
         allowed = (exc.definition or {}).get("properties", {})
         unknown = _brief(
-            ", ".join(repr(k) for k in sorted(exc.value) if k not in allowed), 200, quote=False
+            ", ".join(_brief(k) for k in sorted(exc.value) if k not in allowed), 200, quote=False
         )
         return InvalidRequest(f"{op}: unknown field(s) {unknown} in {label}", item=item)
     message = str(exc.message)
