@@ -609,6 +609,32 @@ async def test_concurrent_client_searches_share_requests_and_each_gets_its_own_h
         assert served.client.pending == 0 and plain.pending == 0
 
 
+async def test_coalesced_searches_too_large_together_are_split_and_each_answered(
+    served: Served,
+) -> None:
+    """Documents with a few KB of metadata: 200 concurrent searches asking for it would
+    coalesce into one reply of about 8 MB, over the worker's 1 MiB per reply record, so
+    the worker refuses it whole; each search alone is small. The client splits the
+    refused request until the replies fit, and every caller gets its own hits."""
+    c = served.client
+    name = "fat-meta"
+    await c.create(name, dim=8, space="l2")
+    n = 300
+    metas = [{"doc": str(i), "text": "x" * 8_000} for i in range(n)]
+    w = await c.add(name, [str(i) for i in range(n)], vecs(n, 8, 41), metadata=metas)
+    qs = vecs(200, 8, 42)
+    await c.search(name, qs[0], k=5, after=w)
+    got = await asyncio.gather(
+        *(c.search(name, q, k=5, include_metadata=True) for q in qs), return_exceptions=True
+    )
+    failed = [r for r in got if isinstance(r, BaseException)]
+    assert not failed, failed[:3]
+    for hits in got:
+        assert isinstance(hits, list) and len(hits) == 5
+        assert all(h.metadata == metas[int(h.id)] for h in hits)
+    assert c.pending == 0
+
+
 # -- the client ---------------------------------------------------------------------------------
 
 

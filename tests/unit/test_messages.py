@@ -528,6 +528,7 @@ BAD_QUERIES: list[tuple[str, Any, str]] = [
     ("ef over its bound", {"index": "docs", "vector": [1.0], "ef": 100_001}, "ef must be smaller than or equal to 100000"),
     ("get too many vectors", {"op": "get", "index": "docs", "ids": ["a"] * 1_001}, "1001 ids with include_vectors is over the limit 1000 (max_get_vectors)"),
     ("search too many vectors", {"index": "docs", "vectors": [[1.0]] * 3, "k": 400, "include_vectors": True}, "k 400 times 3 query vectors with include_vectors is over the limit 1000 (max_get_vectors)"),
+    ("search too many hits", {"index": "docs", "vectors": [[1.0]] * 11, "k": 10_000}, "k 10000 times 11 query vectors is over the limit 100000 (max_hits)"),
 ]  # fmt: skip
 
 
@@ -540,6 +541,11 @@ def test_bad_query_is_invalid_request(value: Any, fragment: str) -> None:
     assert type(err.value) is InvalidRequest and fragment in err.value.message
     # the reply headers alone still say where the error reply goes
     assert reply_to_from_headers(HEADERS) == REPLY_TO
+
+
+def test_a_search_of_max_hits_is_taken() -> None:
+    got = query({"index": "docs", "vectors": [[1.0]] * 10, "k": 10_000})
+    assert isinstance(got, SearchQuery) and got.k * len(got.vectors) == 100_000
 
 
 def _meta(metadata: object) -> object:
@@ -957,12 +963,14 @@ def test_every_limit_is_read_from_its_lhv_variable_and_shared_names_set_both() -
         "LHV_MAX_JSON_DEPTH": "20",
         "LHV_MAX_FILTER_KEYS": "8",
         "LHV_MAX_GET_VECTORS": "50",
+        "LHV_MAX_HITS": "5000",
         "LHV_MAX_DIM": "1024",
         "LHV_MAX_ELEMENTS_HINT": "10000",
     }
     config = WorkerConfig.from_env(env)
     assert (config.limits.max_json_depth, config.limits.max_filter_keys) == (20, 8)
     assert config.limits.max_get_vectors == 50
+    assert config.limits.max_hits == 5000
     assert config.limits.max_dim == config.index_limits.max_dim == 1024
     assert config.index_limits.max_elements_hint == 10_000
     assert WorkerConfig.from_env({}).limits == MessageLimits()

@@ -7,6 +7,8 @@ from __future__ import annotations
 from aiokafka import TopicPartition
 from servicekit import TOPICS, Cluster, caught_up, eventually
 
+from worker.wire.limits import MessageLimits
+
 INDEX = "docs"
 
 
@@ -63,3 +65,33 @@ async def test_answered_search_offsets_are_committed() -> None:
         await eventually(
             lambda: cluster.broker.committed("lhv").get(tp) == 3, "the search offset commit"
         )
+
+
+async def test_queries_batched_together_stay_within_max_hits_per_engine_call() -> None:
+    """One query with a large k among many small ones: the engine is never asked for more
+    than `max_hits` hits at once (the large k is not applied to the small queries' rows),
+    and every query is answered with its own k."""
+    cluster = Cluster(partitions=1)
+    cluster.command(INDEX, {"op": "create", "dim": 2, "space": "l2", "engine": "exact"})
+    items = [{"id": f"i{n}", "vector": [float(n), 0.0]} for n in range(50)]
+    cluster.command(INDEX, {"op": "add", "items": items})
+    async with cluster.worker("a", limits=MessageLimits(max_hits=40)) as (w, client, _):
+        await client.assign([0])
+        await eventually(caught_up(cluster, w), "the index is applied")
+        client.pause(TopicPartition(TOPICS.search, 0))  # all arrive in one poll
+        cluster.query(INDEX, {"vector": [0.0, 0.0], "k": 40}, b"big")
+        small = [b"s%d" % i for i in range(20)]
+        for cid in small:
+            cluster.query(INDEX, {"vector": [0.0, 0.0], "k": 2}, cid)
+        cluster.query(INDEX, {"vector": [0.0, 0.0], "k": 41}, b"over")
+        client.resume(TopicPartition(TOPICS.search, 0))
+        cids = [b"big", b"over", *small]
+        await eventually(lambda: all(c in cluster.replies() for c in cids), "every reply")
+        replies = cluster.replies()
+        assert len(replies[b"big"]["hits"]) == 40
+        assert all([h["id"] for h in replies[c]["hits"]] == ["i0", "i1"] for c in small)
+        assert replies[b"over"]["error"]["code"] == "invalid_request"
+        assert "max_hits" in replies[b"over"]["error"]["message"]
+        # 20 small queries of k 2 in one call (40 hits), the large one in its own
+        assert w.search.searched == 21
+        assert w.search.engine_calls == 2

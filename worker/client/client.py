@@ -122,6 +122,7 @@ from worker.wire.gather import (
     missing_error,
 )
 from worker.wire.headers import CORRELATION_ID, REPLY_TOPIC
+from worker.wire.limits import too_many_together
 from worker.wire.shards import parse_shard_name, shard_key, shard_names, split_by_shard
 from worker.wire.topics import TopicsConfig, partitioner
 
@@ -419,6 +420,10 @@ class LhvClient:
             multi-vector request (at most `max_search_batch` vectors); each call still
             gets its own hits and its own timeout. Off: one request per call.
         max_search_batch: the most vectors in one coalesced request.
+        max_search_hits: the most hits (k times vectors) in one coalesced request: the
+            workers' `max_hits` (`LHV_MAX_HITS`, default 100000). A coalesced request
+            refused for its size as a whole (hits, vectors, a reply too large to send) is
+            split in halves and sent again, so each call gets the answer it would alone.
         resolve_names: find out with `describe` whether a name is sharded or an alias, and
             talk to the members (module docstring). Off: every name is sent as given.
         name_ttl_s: how long what a name resolved to is kept before it is asked again.
@@ -445,6 +450,7 @@ class LhvClient:
         reply_grace_s: float = 2.0,
         coalesce_searches: bool = True,
         max_search_batch: int = 256,
+        max_search_hits: int = 100_000,
         resolve_names: bool = True,
         name_ttl_s: float = 30.0,
         resolve_timeout_s: float = 5.0,
@@ -456,8 +462,8 @@ class LhvClient:
             raise ValueError("timeout_s must be > 0 and reply_grace_s >= 0")
         if hedge_after_ms is not None and hedge_after_ms < 1:
             raise ValueError("hedge_after_ms must be at least 1 (None: no hedging)")
-        if max_search_batch < 1:
-            raise ValueError("max_search_batch must be at least 1")
+        if max_search_batch < 1 or max_search_hits < 1:
+            raise ValueError("max_search_batch and max_search_hits must be at least 1")
         self._kafka = kafka or KafkaConfig(bootstrap_servers=bootstrap_servers or "127.0.0.1:9092")
         self._topics = topics or TopicsConfig()
         prefix = self._topics.reply_pattern.split("*", 1)[0]
@@ -488,6 +494,7 @@ class LhvClient:
         )
         self.coalesce_searches = coalesce_searches
         self.max_search_batch = max_search_batch
+        self.max_search_hits = max_search_hits
         self._batches: dict[tuple[Any, ...], _SearchBatch] = {}
         self._batch_tasks: set[asyncio.Task[None]] = set()
         self._batch_cids: set[bytes] = set()
@@ -1196,7 +1203,8 @@ class LhvClient:
             batch.timer = loop.call_at(deadline, batch.expire)
         batch.open_waiters += 1
         batch.wait_s = max(batch.wait_s, wait_s)
-        if len(batch.waiters) >= self.max_search_batch:
+        room = min(self.max_search_batch, self.max_search_hits // int(body.get("k") or 10))
+        if len(batch.waiters) >= room:
             self._flush_search(key, batch)
         return fut
 
@@ -1212,15 +1220,29 @@ class LhvClient:
         task.add_done_callback(self._batch_tasks.discard)
 
     async def _send_search_batch(self, batch: _SearchBatch) -> None:
-        live = [(v, f) for v, f in zip(batch.vectors, batch.waiters, strict=True) if not f.done()]
-        body = dict(batch.body)
+        live = list(zip(batch.vectors, batch.waiters, strict=True))
+        await self._send_searches(batch.index, batch.body, live, batch.wait_s)
+
+    async def _send_searches(
+        self,
+        index: str,
+        kind: dict[str, Any],
+        searches: list[tuple[str, asyncio.Future[list[Hit]]]],
+        wait_s: float,
+    ) -> None:
+        """One request for `searches` (vector, caller) of one kind; refused for asking
+        too much at once, the two halves are sent again."""
+        live = [(v, f) for v, f in searches if not f.done()]
+        if not live:
+            return
+        body = dict(kind)
         if len(live) == 1:
             body["vector_b64"] = live[0][0]
         else:
             body["vectors_b64"] = [v for v, _ in live]
         waiters = [f for _, f in live]
         try:
-            reply = await self.query(batch.index, body, timeout_s=batch.wait_s, batch=True)
+            reply = await self.query(index, body, timeout_s=wait_s, batch=True)
             results = reply.get("results")
             rows = (
                 [_column_hits(r) for r in results]
@@ -1232,6 +1254,16 @@ class LhvClient:
         except asyncio.CancelledError:
             _fail_all(waiters, ClientClosed("the client was stopped while searching"))
             raise
+        except InvalidRequest as exc:
+            if len(live) > 1 and too_many_together(exc.message):
+                half = len(live) // 2
+                await asyncio.gather(
+                    self._send_searches(index, kind, live[:half], wait_s),
+                    self._send_searches(index, kind, live[half:], wait_s),
+                )
+            else:
+                _fail_all(waiters, exc)
+            return
         except Exception as exc:
             _fail_all(waiters, exc)
             return

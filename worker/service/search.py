@@ -709,9 +709,8 @@ class SearchServer:
                     )
                     error = _internal(exc)
             alone.append(self._answer_error(pending, index_name, error))
-        await asyncio.gather(
-            *alone, *(self._search_group_safely(index_name, g) for g in groups.values())
-        )
+        runs = [r for g in groups.values() for r in _within_hits(g, self._limits.max_hits)]
+        await asyncio.gather(*alone, *(self._search_group_safely(index_name, r) for r in runs))
 
     async def _search_group_safely(self, index_name: str, group: list[_Pending]) -> None:
         """`_search_group`, whose unexpected failure answers that group alone `internal`."""
@@ -999,6 +998,26 @@ def _search_columns(
     ids = dict.fromkeys(id_ for c in found for id_ in c.ids)
     items = index.get(ids, include_vectors=True, include_metadata=False)
     return found, {item.id: item.vector for item in items if item.vector is not None}
+
+
+def _within_hits(group: list[_Pending], max_hits: int) -> list[list[_Pending]]:
+    """`group` cut into runs of one engine call each that returns at most `max_hits` hits
+    (its rows times its largest k), queries of similar k together. A query alone is
+    within the bound (`MessageLimits.max_hits`, checked when it is decoded), so a large
+    k never makes the small queries batched with it cost its k times their rows."""
+    runs: list[list[_Pending]] = []
+    run: list[_Pending] = []
+    rows = k = 0
+    for pending in sorted(group, key=lambda p: p.query.k):
+        n, pk = len(pending.query.vectors), pending.query.k
+        if run and (rows + n) * max(k, pk) > max_hits:
+            runs.append(run)
+            run, rows, k = [], 0, 0
+        run.append(pending)
+        rows, k = rows + n, max(k, pk)
+    if run:
+        runs.append(run)
+    return runs
 
 
 def _first(columns: Columns, k: int) -> Columns:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-__all__ = ["COMMAND_OPS", "QUERY_OPS", "MessageLimits"]
+__all__ = ["COMMAND_OPS", "QUERY_OPS", "REPLY_TOO_LARGE", "MessageLimits", "too_many_together"]
 
 
 COMMAND_OPS = (
@@ -20,6 +20,19 @@ COMMAND_OPS = (
     "unalias",
 )
 QUERY_OPS = ("search", "get", "stats", "describe")
+
+#: what the refusal of a reply too large for one reply record says (`invalid_request`)
+REPLY_TOO_LARGE = "bytes for one reply record"
+#: the refusals of a search for its size as a whole, not for any one of its query vectors
+_TOO_MANY_TOGETHER = ("(max_hits)", "(max_queries)", REPLY_TOO_LARGE)
+
+
+def too_many_together(message: str) -> bool:
+    """Whether an `invalid_request` message refuses a search for asking too much at once
+    (hits, query vectors, reply bytes): the same searches sent in smaller groups can be
+    answered. The client splits its coalesced searches on it."""
+    return any(mark in message for mark in _TOO_MANY_TOGETHER)
+
 
 _INT64_MAX = 2**63 - 1
 #: orjson refuses to write values nested deeper than this (and to read past 1024)
@@ -46,6 +59,11 @@ class MessageLimits:
     """`k` of a search"""
     max_queries: int = 1_024
     """vectors of one multi-vector search (`vectors` / `vectors_b64`)"""
+    max_hits: int = 100_000
+    """hits of one search: `k` times its query vectors. One hit costs the worker over 100
+    bytes while it is answered (its id and distance as objects, then its JSON), and a
+    search's hits are computed before its reply can be found too large to send, so
+    without this bound one small request of 1024 vectors and k 10000 holds over 1 GB"""
     max_ids: int = 10_000
     """ids of one `delete` or `get`"""
     max_get_vectors: int = 1_000

@@ -158,6 +158,12 @@ def _query(
         if k > limits.max_k:
             raise InvalidRequest(f"search: k {k} is over the limit {limits.max_k}")
         vectors, multi = _search_vectors(body, limits)
+        if k * len(vectors) > limits.max_hits:
+            raise InvalidRequest(
+                f"search: k {k} times {len(vectors)} query vectors is over the limit "
+                f"{limits.max_hits} (max_hits): ask for a smaller k, or fewer query "
+                "vectors in one search"
+            )
         include_vectors = bool(body.get("include_vectors", False))
         if include_vectors and k * len(vectors) > limits.max_get_vectors:
             raise InvalidRequest(

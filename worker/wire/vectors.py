@@ -110,7 +110,9 @@ def _search_vectors(body: dict[str, Any], limits: MessageLimits) -> tuple[np.nda
             raise InvalidRequest(f"search: {_NOT_FINITE}")
         return vec.reshape(1, -1), False
     if len(value) > limits.max_queries:
-        raise InvalidRequest(f"search: {len(value)} vectors is over the limit {limits.max_queries}")
+        raise InvalidRequest(
+            f"search: {len(value)} vectors is over the limit {limits.max_queries} (max_queries)"
+        )
 
     def where(pos: int) -> str:
         return f"search: vector {pos}"
