@@ -48,7 +48,7 @@ from lhv_index._locks import RWLock
 from lhv_index._metadata import MetaStore
 from lhv_index._params import EF_MAX, EngineKind, IndexParams, Limits, Space
 from lhv_index._recent import RECENT_MAX_BYTES, RecentVectors
-from lhv_index._types import Columns, Hit, Item, Labels, Metadata, Vectors
+from lhv_index._types import Columns, Hit, Item, Labels, Metadata, MetadataJson, Vectors
 from lhv_index._validate import (
     META_CLEAR,
     META_KEEP,
@@ -58,7 +58,7 @@ from lhv_index._validate import (
     prepare_queries,
 )
 from lhv_index._writes import ApplyResult, Write
-from lhv_index.errors import EngineError, InvalidRequest, SnapshotError
+from lhv_index.errors import EngineError, InvalidRequest, SnapshotError, TooLarge
 
 __all__ = ["COMPACT_DELETED_FRACTION", "COMPACT_MIN_SLOTS", "Index"]
 
@@ -775,7 +775,9 @@ class Index:
         out: list[Columns] = []
         for row, row_d in enumerate(dists.tolist()):
             lo, hi = row * k, row * k + k
-            metas = [_load(meta.get(lb)) for lb in flat[lo:hi]] if with_meta else None
+            metas: list[Metadata | MetadataJson | None] | None = None
+            if with_meta:
+                metas = [_load(meta.get(lb)) for lb in flat[lo:hi]]
             out.append(Columns(ids[lo:hi], row_d, metas))
         return out
 
@@ -806,6 +808,37 @@ class Index:
                 )
                 for n, (id_, lb) in enumerate(pairs)
             ]
+
+    def metadata_json(
+        self, ids: Sequence[str], *, max_bytes: int | None = None
+    ) -> list[MetadataJson | None]:
+        """The stored metadata of `ids` as its compact JSON, in the order asked (None: an
+        id without metadata, or not live), for writing into a larger JSON document without
+        parsing it: parsed, a small object can weigh 20 times its bytes.
+
+        Raises:
+            TooLarge: together they are over `max_bytes`; nothing was copied.
+        """
+        with self._lock.shared():
+            self._check_usable()
+            get = self._map.labels.get
+            labels = [get(i) if isinstance(i, str) else None for i in ids]
+            meta = self._meta
+            if max_bytes is not None:
+                live = np.array([lb for lb in labels if lb is not None], dtype=np.intp)
+                size = meta.total(live)
+                if size > max_bytes:
+                    raise TooLarge(
+                        f"the metadata of {live.size} items is {size} bytes, over the limit "
+                        f"of {max_bytes}",
+                        size=size,
+                        limit=max_bytes,
+                    )
+            out: list[MetadataJson | None] = []
+            for lb in labels:
+                blob = None if lb is None else meta.get(lb)
+                out.append(None if blob is None else MetadataJson(blob))
+            return out
 
     def live_items(self) -> Iterator[Item]:
         """Every live item with vector, metadata and clock, read in chunks.

@@ -90,6 +90,10 @@ class PackedBytes:
         ln[: self._len.shape[0]] = self._len
         self._off, self._len = off, ln
 
+    def total(self, labels: npt.NDArray[np.intp]) -> int:
+        """The bytes of `labels` together."""
+        return int(self._len[labels].sum(dtype=np.int64))
+
     def get(self, label: int) -> bytes | None:
         n = self._len.item(label)
         if not n:

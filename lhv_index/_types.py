@@ -72,8 +72,9 @@ class Columns(NamedTuple):
 
     ids: list[str]
     distances: list[float]
-    metadata: list[Metadata | None] | None = None
-    """per hit, when asked for; None otherwise"""
+    metadata: list[Metadata | MetadataJson | None] | None = None
+    """per hit, when asked for (as its JSON when read with `Index.metadata_json`); None
+    otherwise"""
 
     def hits(self) -> list[Hit]:
         """The same hits as `Hit`s."""

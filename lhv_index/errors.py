@@ -5,7 +5,8 @@ client) can import it without cycles.
 
     LhvError                      code            retriable
     ├── InvalidRequest            invalid_request no
-    │   └── DimMismatch           dim_mismatch    no
+    │   ├── DimMismatch           dim_mismatch    no
+    │   └── TooLarge              invalid_request no   (a result over the caller's bound)
     ├── IndexNotFound             index_not_found no
     ├── IndexExists               index_exists    no
     ├── WrongPartition            wrong_partition no
@@ -32,6 +33,7 @@ __all__ = [
     "LhvError",
     "NotReady",
     "SnapshotError",
+    "TooLarge",
     "WrongPartition",
     "error_for_code",
 ]
@@ -67,6 +69,16 @@ class DimMismatch(InvalidRequest):
     """A vector's length differs from the index's `dim`, or a merge joins different dims."""
 
     code = "dim_mismatch"
+
+
+class TooLarge(InvalidRequest):
+    """A result too large to return whole: `size` bytes, over the caller's `limit`.
+    Nothing was copied; ask for less."""
+
+    def __init__(self, message: str = "", *, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
 
 
 class IndexNotFound(LhvError):

@@ -22,7 +22,7 @@ from lhv_index import (
     Upsert,
 )
 from lhv_index._params import EF_MAX, ELEMENTS_HINT_MAX, M_MAX, N_TREES_MAX, SEARCH_K_MAX
-from lhv_index.errors import DimMismatch, EngineError, InvalidRequest
+from lhv_index.errors import DimMismatch, EngineError, InvalidRequest, TooLarge
 
 DIM = 8
 
@@ -642,3 +642,28 @@ def test_many_ids_survive_id_table_growth_and_deletes() -> None:
     idx.apply([up(f"id{i}", i, o=2, p=i) for i in range(0, n, 4)])
     assert len(idx) == n // 2 + n // 4
     assert idx.clock_of("id4") == Clock(0, 2, 4) and idx.clock_of("id2") == Clock(0, 1, 2)
+
+
+def test_metadata_json_reads_stored_metadata_as_its_json_in_the_order_asked() -> None:
+    idx = make()
+    idx.apply([up("a", 1, {"lang": "en", "n": [1, 2]}), up("b", 2), up("c", 3, {"x": None})])
+    got = idx.metadata_json(["c", "nope", "b", "a", 7])  # type: ignore[list-item]
+    assert [None if m is None else json.loads(m.json) for m in got] == [
+        {"x": None},
+        None,  # not live
+        None,  # no metadata
+        {"lang": "en", "n": [1, 2]},
+        None,  # not an id
+    ]
+    assert all(m is None or isinstance(m, MetadataJson) for m in got)
+
+
+def test_metadata_json_over_max_bytes_is_refused_with_its_size_before_any_copy() -> None:
+    idx = make()
+    meta = {"t": "x" * 1000}  # 1008 bytes as compact JSON
+    idx.apply([up(f"i{n}", n, meta) for n in range(10)])
+    assert len(idx.metadata_json([f"i{n}" for n in range(10)], max_bytes=10_080)) == 10
+    with pytest.raises(TooLarge) as err:
+        idx.metadata_json([f"i{n}" for n in range(10)], max_bytes=10_079)
+    assert (err.value.size, err.value.limit) == (10_080, 10_079)
+    assert err.value.code == "invalid_request" and "10080 bytes" in err.value.message

@@ -95,6 +95,7 @@ class StandInWorker:
             metrics=self.metrics,
             policy=self.config.queries,
             limits=self.config.limits,
+            max_reply_bytes=self.config.delivery.max_record_bytes,
             query_wait_ms=self.config.query_wait_ms,
             worker_id="unit",
         )

@@ -95,3 +95,43 @@ async def test_queries_batched_together_stay_within_max_hits_per_engine_call() -
         # 20 small queries of k 2 in one call (40 hits), the large one in its own
         assert w.search.searched == 21
         assert w.search.engine_calls == 2
+
+
+async def test_stored_metadata_is_sent_as_stored_and_never_parsed_past_a_replys_bytes() -> None:
+    """Metadata made of small objects weighs about 20 times its bytes once parsed: 200
+    items of 30 KB of empty arrays would be over 100 MB of objects for one search of k
+    200. The worker sends metadata as the JSON it stores, and refuses a search or get
+    whose metadata alone is over one reply record's bytes before reading any of it."""
+    import tracemalloc
+
+    cluster = Cluster(partitions=1)
+    cluster.command(INDEX, {"op": "create", "dim": 2, "space": "l2", "engine": "exact"})
+    fat = {"a": [[]] * 10_000}
+    items = [{"id": f"i{n}", "vector": [float(n), 0.0], "metadata": fat} for n in range(200)]
+    cluster.command(INDEX, {"op": "add", "items": items})
+    async with cluster.worker("a") as (w, client, _):
+        await client.assign([0])
+        await eventually(caught_up(cluster, w), "the index is applied")
+        tracemalloc.start()
+        try:
+            cluster.query(INDEX, {"vector": [0.0, 0.0], "k": 200, "include_metadata": True}, b"s")
+            cluster.query(INDEX, {"op": "get", "ids": [f"i{n}" for n in range(200)]}, b"g")
+            await eventually(lambda: {b"s", b"g"} <= cluster.replies().keys(), "both replies")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        replies = cluster.replies()
+        for cid in (b"s", b"g"):
+            error = replies[cid]["error"]
+            assert error["code"] == "invalid_request"
+            assert "bytes for one reply record" in error["message"], error
+        assert peak < 30 * 2**20, f"{peak} bytes traced while refusing"
+        cluster.query(INDEX, {"vector": [0.0, 0.0], "k": 2, "include_metadata": True}, b"s2")
+        cluster.query(INDEX, {"op": "get", "ids": ["i1", "nope"]}, b"g2")
+        await eventually(lambda: {b"s2", b"g2"} <= cluster.replies().keys(), "both replies")
+        replies = cluster.replies()
+        assert [(h["id"], h["metadata"]) for h in replies[b"s2"]["hits"]] == [
+            ("i0", fat),
+            ("i1", fat),
+        ]
+        assert [(it["id"], it["metadata"]) for it in replies[b"g2"]["items"]] == [("i1", fat)]

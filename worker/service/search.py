@@ -55,14 +55,14 @@ import time
 from collections import defaultdict
 from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
-from lhv_index import Columns, Index
+from lhv_index import Clock, Columns, Index, MetadataJson
 from lhv_index.errors import (
     DeadlineExceeded,
     DimMismatch,
@@ -71,6 +71,7 @@ from lhv_index.errors import (
     InvalidRequest,
     LhvError,
     NotReady,
+    TooLarge,
     WrongPartition,
 )
 from worker.service.catalog import Sharded
@@ -83,7 +84,7 @@ from worker.service.sharding import describe
 from worker.telemetry.logs import log_context
 from worker.telemetry.metrics import Metrics
 from worker.wire.headers import ReplyTo, reply_to_from_headers
-from worker.wire.limits import MessageLimits
+from worker.wire.limits import REPLY_TOO_LARGE, MessageLimits
 from worker.wire.queries import (
     DescribeQuery,
     GetQuery,
@@ -194,6 +195,7 @@ class SearchServer:
         metrics: Metrics,
         policy: QueryPolicy,
         limits: MessageLimits,
+        max_reply_bytes: int,
         query_wait_ms: int,
         worker_id: str,
         gatherer: Gatherer | None = None,
@@ -210,6 +212,7 @@ class SearchServer:
         self._metrics = metrics
         self._policy = policy
         self._limits = limits
+        self._max_reply_bytes = max_reply_bytes
         self._query_wait_ms = query_wait_ms
         self._worker_id = worker_id
         self._role = role
@@ -763,15 +766,17 @@ class SearchServer:
         self.engine_calls += 1
         self.searched += len(vectors)
         try:
-            found, stored = await asyncio.to_thread(
+            found, stored, refused = await asyncio.to_thread(
                 _search_columns,
                 index,
                 vectors,
                 k,
                 ef=q0.ef,
                 filter=q0.filter,
-                include_metadata=q0.include_metadata,
                 include_vectors=q0.include_vectors,
+                requests=[(len(p.query.vectors), p.query.k) for p in group],
+                include_metadata=q0.include_metadata,
+                max_metadata_bytes=self._max_reply_bytes,
             )
         except LhvError as exc:
             await self._answer_all(group, index_name, exc)
@@ -780,11 +785,14 @@ class SearchServer:
         self._observe_distances(index_name, found)
         sends = []
         start = 0
-        for pending in group:
+        for pending, error in zip(group, refused, strict=True):
             q = pending.query
             rows = found[start : start + len(q.vectors)]
             start += len(q.vectors)
-            sends.append(self._answer(pending, index_name, rows, applied, len(vectors), stored))
+            if error is not None:
+                sends.append(self._answer_error(pending, index_name, error))
+            else:
+                sends.append(self._answer(pending, index_name, rows, applied, len(vectors), stored))
         await asyncio.gather(*sends)
 
     async def _answer(
@@ -868,11 +876,23 @@ class SearchServer:
         index = part.indexes.get(query.index)
         if index is None:
             raise IndexNotFound(f"index {query.index!r} does not exist")
-        items = index.get(
-            query.ids,
-            include_vectors=query.include_vectors,
-            include_metadata=query.include_metadata,
+        items: list[Any] = index.get(
+            query.ids, include_vectors=query.include_vectors, include_metadata=False
         )
+        if query.include_metadata:  # as stored: JSON never parsed, within a reply's bytes
+            try:
+                metadata = index.metadata_json(
+                    [it.id for it in items], max_bytes=self._max_reply_bytes
+                )
+            except TooLarge as exc:
+                raise InvalidRequest(
+                    f"the items' metadata is {exc.size} bytes, over the limit of {exc.limit} "
+                    f"{REPLY_TOO_LARGE}: ask for fewer ids, or without include_metadata"
+                ) from None
+            items = [
+                _GotItem(it.id, it.vector, meta, it.clock)
+                for it, meta in zip(items, metadata, strict=True)
+            ]
         return encode_get_reply(
             query,
             items,
@@ -985,19 +1005,45 @@ def _search_columns(
     *,
     ef: int | None,
     filter: dict[str, Any] | None,
-    include_metadata: bool,
     include_vectors: bool,
-) -> tuple[list[Columns], dict[str, np.ndarray] | None]:
-    """`index.search_columns` and, when `include_vectors`, the stored vectors of the ids
-    found (read right after the search: an id deleted in between has none)."""
-    found = index.search_columns(
-        vectors, k, ef=ef, filter=filter, include_metadata=include_metadata
-    )
+    include_metadata: bool,
+    requests: list[tuple[int, int]],
+    max_metadata_bytes: int,
+) -> tuple[list[Columns], dict[str, np.ndarray] | None, list[LhvError | None]]:
+    """`index.search_columns` for the batch of `requests` (the rows and k of each, in
+    order); returns the rows, the stored vectors when `include_vectors`, and per request
+    None or its refusal.
+
+    With `include_metadata`, the metadata of each request's hits is read as its stored
+    JSON, never parsed; a request whose hits' metadata alone is over `max_metadata_bytes`
+    (its reply could not be sent) is refused instead. The vectors of the ids found are
+    read right after the search: an id deleted in between has none."""
+    found = index.search_columns(vectors, k, ef=ef, filter=filter)
+    refused: list[LhvError | None] = [None] * len(requests)
+    start = 0
+    for request, (rows, request_k) in enumerate(requests if include_metadata else ()):
+        mine = [_first(c, request_k) for c in found[start : start + rows]]
+        try:
+            metadata: list[Any] = index.metadata_json(
+                [id_ for c in mine for id_ in c.ids], max_bytes=max_metadata_bytes
+            )
+        except TooLarge as exc:
+            refused[request] = InvalidRequest(
+                f"the hits' metadata is {exc.size} bytes, over the limit of {exc.limit} "
+                f"{REPLY_TOO_LARGE}: ask for less (a smaller k, fewer query vectors, or "
+                "without include_metadata)"
+            )
+        else:
+            pos = 0
+            for row, c in enumerate(mine):
+                found[start + row] = c._replace(metadata=metadata[pos : pos + len(c.ids)])
+                pos += len(c.ids)
+        start += rows
     if not include_vectors:
-        return found, None
+        return found, None, refused
     ids = dict.fromkeys(id_ for c in found for id_ in c.ids)
     items = index.get(ids, include_vectors=True, include_metadata=False)
-    return found, {item.id: item.vector for item in items if item.vector is not None}
+    return found, {item.id: item.vector for item in items if item.vector is not None}, refused
 
 
 def _within_hits(group: list[_Pending], max_hits: int) -> list[list[_Pending]]:
@@ -1018,6 +1064,15 @@ def _within_hits(group: list[_Pending], max_hits: int) -> list[list[_Pending]]:
     if run:
         runs.append(run)
     return runs
+
+
+class _GotItem(NamedTuple):
+    """An item of a `get` reply, its metadata as stored (`MetadataJson`)."""
+
+    id: str
+    vector: np.ndarray | None
+    metadata: MetadataJson | None
+    clock: Clock | None
 
 
 def _first(columns: Columns, k: int) -> Columns:

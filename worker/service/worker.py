@@ -194,6 +194,7 @@ class Worker:
             metrics=self.metrics,
             policy=config.queries,
             limits=config.limits,
+            max_reply_bytes=config.delivery.max_record_bytes,
             query_wait_ms=config.query_wait_ms,
             worker_id=config.worker_id,
             gatherer=gatherer,

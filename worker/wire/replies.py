@@ -9,7 +9,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import orjson
 
-from lhv_index import Columns
+from lhv_index import Columns, MetadataJson
 from lhv_index.errors import LhvError, error_for_code
 from worker.wire.headers import ReplyTo, correlation_text
 from worker.wire.limits import QUERY_OPS
@@ -90,13 +90,19 @@ def _ok_body(
     return _dumps(body)
 
 
+def _metadata(value: object) -> object:
+    """A hit's or item's metadata as `orjson` writes it: `MetadataJson` (stored JSON, read
+    without parsing it) goes in as the JSON it holds."""
+    return orjson.Fragment(value.json) if isinstance(value, MetadataJson) else value
+
+
 class _HitLike(Protocol):
     @property
     def id(self) -> str: ...
     @property
     def distance(self) -> float: ...
     @property
-    def metadata(self) -> dict[str, Any] | None: ...
+    def metadata(self) -> object: ...
 
 
 class _ItemLike(Protocol):
@@ -105,7 +111,7 @@ class _ItemLike(Protocol):
     @property
     def vector(self) -> np.ndarray | None: ...
     @property
-    def metadata(self) -> dict[str, Any] | None: ...
+    def metadata(self) -> object: ...  # an object, None, or `MetadataJson`
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,7 +147,7 @@ class SearchReply:
         out: list[dict[str, Any]] = [{"id": h.id, "distance": float(h.distance)} for h in hits]
         if self.include_metadata:
             for entry, h in zip(out, hits, strict=True):
-                entry["metadata"] = h.metadata
+                entry["metadata"] = _metadata(h.metadata)
         if self.vectors is not None:
             for entry, h in zip(out, hits, strict=True):
                 entry[vector_field("vector", self.vector_encoding)] = self._vector(h.id)
@@ -150,7 +156,7 @@ class SearchReply:
     def _columns(self, c: Columns) -> dict[str, Any]:
         out: dict[str, Any] = {"ids": c.ids, "distances": c.distances}
         if self.include_metadata:
-            out["metadata"] = c.metadata
+            out["metadata"] = None if c.metadata is None else list(map(_metadata, c.metadata))
         if self.vectors is not None:
             out[vector_field("vectors", self.vector_encoding)] = [
                 self._vector(id_) for id_ in c.ids
@@ -190,7 +196,7 @@ class GetReply:
                 field = vector_field("vector", self.vector_encoding)
                 entry[field] = encode_vector(item.vector, self.vector_encoding)
             if self.include_metadata:
-                entry["metadata"] = item.metadata
+                entry["metadata"] = _metadata(item.metadata)
             clock = getattr(item, "clock", None)
             if clock is not None:
                 entry["version"] = int(clock[0])
