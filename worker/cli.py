@@ -962,7 +962,9 @@ def _args_merge(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("index", metavar="SOURCE", help="the index copied from")
     parser.add_argument("dest", metavar="DEST", help="the index copied into")
     parser.add_argument(
-        "--clear-source", action="store_true", help="then delete the copied items from SOURCE"
+        "--clear-source",
+        action="store_true",
+        help="then delete from SOURCE every item it exported (those DEST kept are deleted too)",
     )
     _args_json(parser)
     _args_connection(parser, timeout_s=120.0)

@@ -325,6 +325,17 @@ async def test_bad_input_gets_its_error_code_and_a_dlq_record_and_loses_nothing(
     async with LhvClient(env.bootstrap, topics=env.topics, timeout_s=30) as c:
         with pytest.raises(InvalidRequest, match="alias chain"):
             await c.search("loop-a", np.ones(DIM, dtype=np.float32), k=1)
+        # an alias of an alias of an index: the client, which follows one hop, does not
+        # write or search past the second alias either
+        await c.create("chain-flat", dim=DIM, space="l2")
+        await c.alias("chain-live", "chain-flat")
+        await c.alias("chain-2", "chain-live")
+        one = np.ones((1, DIM), dtype=np.float32)
+        with pytest.raises(InvalidRequest, match="alias chain"):
+            await c.add("chain-2", ["c1"], one, ack=True)
+        with pytest.raises(InvalidRequest, match="alias chain"):
+            await c.search("chain-2", one[0], k=1)
+        assert await c.get("chain-flat", ["c1"]) == []
     assert not any(n.startswith("loop-") for n in lhv.indexes())
 
     expected = {

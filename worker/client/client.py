@@ -993,7 +993,10 @@ class LhvClient:
                 if described.get("kind") == "alias":
                     target = str(described["target"])
                     described = await self.describe(target, timeout_s=wait_s)
-                    name = _Name(target, _shards(described))
+                    if described.get("kind") == "alias":  # aliases point at indexes, one
+                        name = _Name(index)  # hop: by its name, its home refuses the chain
+                    else:
+                        name = _Name(target, _shards(described))
                 else:
                     name = _Name(index, _shards(described))
         except IndexNotFound:
