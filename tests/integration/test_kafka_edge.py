@@ -473,9 +473,10 @@ async def test_a_reply_too_large_to_send_becomes_a_small_error_reply(env: Env) -
     async with up(config) as (worker, task), Replies(env.bootstrap, replies_topic) as replies:
         async with LhvClient(env.bootstrap, topics=env.topics) as client:
             await client.create(name, dim=4, space="l2")
-            vectors = [[float(i), 1, 2, 3] for i in range(len(ids))]
-            padding = [{"pad": "p" * 100} for _ in ids]  # the reply: ~150 KB over 64 KiB
-            await client.add(name, ids, vectors, padding, ack=True)
+            # the reply: ~100 KB of ids and vectors as JSON floats, over 64 KiB (metadata
+            # this large would be refused before it is read: test_service_search.py)
+            vectors = [[i + 0.123456789 * j for j in range(4)] for i in range(len(ids))]
+            await client.add(name, ids, vectors, ack=True)
         await produce_batch(
             env.bootstrap,
             env.topics.search,

@@ -887,7 +887,7 @@ class SearchServer:
             except TooLarge as exc:
                 raise InvalidRequest(
                     f"the items' metadata is {exc.size} bytes, over the limit of {exc.limit} "
-                    f"{REPLY_TOO_LARGE}: ask for fewer ids, or without include_metadata"
+                    f"{REPLY_TOO_LARGE}: ask for less (fewer ids, or without include_metadata)"
                 ) from None
             items = [
                 _GotItem(it.id, it.vector, meta, it.clock)
