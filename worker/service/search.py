@@ -719,6 +719,8 @@ class SearchServer:
         """`_search_group`, whose unexpected failure answers that group alone `internal`."""
         try:
             await self._search_group(index_name, group)
+        except LhvError as exc:  # the index was dropped since the group was made, ...
+            await self._answer_all(group, index_name, exc)
         except Exception:
             await self._answer_failed("group", "search group failed", index_name, group)
 
