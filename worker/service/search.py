@@ -767,22 +767,20 @@ class SearchServer:
         k = max(p.query.k for p in group)
         self.engine_calls += 1
         self.searched += len(vectors)
-        try:
-            found, stored, refused = await asyncio.to_thread(
-                _search_columns,
-                index,
-                vectors,
-                k,
-                ef=q0.ef,
-                filter=q0.filter,
-                include_vectors=q0.include_vectors,
-                requests=[(len(p.query.vectors), p.query.k) for p in group],
-                include_metadata=q0.include_metadata,
-                max_metadata_bytes=self._max_reply_bytes,
-            )
-        except LhvError as exc:
-            await self._answer_all(group, index_name, exc)
-            return
+        # an error of the index (dropped since the group was made, ...) answers the whole
+        # group: `_search_group_safely`
+        found, stored, refused = await asyncio.to_thread(
+            _search_columns,
+            index,
+            vectors,
+            k,
+            ef=q0.ef,
+            filter=q0.filter,
+            include_vectors=q0.include_vectors,
+            requests=[(len(p.query.vectors), p.query.k) for p in group],
+            include_metadata=q0.include_metadata,
+            max_metadata_bytes=self._max_reply_bytes,
+        )
         applied = part.applied_offset
         self._observe_distances(index_name, found)
         sends = []
