@@ -38,6 +38,7 @@ from workerkit import (
 )
 
 from lhv_index import Clock, Delete, Upsert, read_snapshot, write_snapshot
+from lhv_index.errors import InvalidRequest
 from worker.client import LhvClient
 from worker.ops.tools import inspect_snapshot, list_checkpoints, replay_verify, verify_snapshots
 from worker.service import Worker
@@ -343,7 +344,9 @@ async def test_replay_rebuilds_imports_from_their_sources_and_names_a_rewritten_
 ) -> None:
     """An index filled by `add` and `import` is compared like any other: the replay reads
     the import's objects from S3 as they are now. A source rewritten since is a diff that
-    names the changed ids; a source deleted since makes the index not replayable."""
+    names the changed ids; a source deleted since makes the index not replayable. An
+    import the worker refused because its source never existed changed nothing, so its
+    index is still compared."""
     rng = np.random.default_rng(3)
     vecs = rng.normal(size=(300, 8)).astype(np.float32)
     key = f"{env.s3.key_prefix}imports/vecs.npy"
@@ -361,11 +364,16 @@ async def test_replay_rebuilds_imports_from_their_sources_and_names_a_rewritten_
             ack = (await c.import_("imp", uri, chunk_items=100)).ack
             assert ack is not None and ack["applied"] == 300
             await c.delete("imp", ["a"])
+            await c.create("never", dim=8, space="l2")
+            await c.add("never", ["x"], vecs[:1])
+            missing = f"s3://{env.s3.bucket}/{env.s3.key_prefix}imports/missing.npy"
+            with pytest.raises(InvalidRequest, match="does not exist"):
+                await c.import_("never", missing)
             await wait_caught_up([w], env.bootstrap, env.topics.commands)
         async with S3BlobStore(env.s3) as blobs:
             replay = await replay_verify(env.config(), blobs)
             assert replay.consistent, (replay.diffs, replay.errors)
-            assert replay.compared == ["imp"] and replay.not_replayable == []
+            assert replay.compared == ["imp", "never"] and replay.not_replayable == []
 
             changed = vecs.copy()
             changed[7] += 1  # the source rewritten after the import: row 7 is "7"
@@ -378,6 +386,7 @@ async def test_replay_rebuilds_imports_from_their_sources_and_names_a_rewritten_
             await root.delete(key)
             replay = await replay_verify(env.config(), blobs)
             assert replay.consistent and replay.not_replayable == ["imp"]
+            assert replay.compared == ["never"]
 
 
 async def test_replay_rebuilds_merges_within_and_across_partitions(env: Env) -> None:

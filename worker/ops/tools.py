@@ -435,7 +435,8 @@ class ReplayReport:
     diffs: list[IndexDiff] = field(default_factory=list)
     not_replayable: list[str] = field(default_factory=list)
     """indexes touched by imports whose source is gone, or by merges from a partition
-    that cannot be rebuilt: not compared"""
+    that cannot be rebuilt, and that differ from their checkpoint without them: not
+    compared"""
     errors: list[str] = field(default_factory=list)
     """partitions that could not be checked (log truncated, unreadable manifest, ...)"""
 
@@ -860,24 +861,34 @@ async def _compare(
     skipped: set[str],
     report: ReplayReport,
 ) -> None:
+    """Compare each index rebuilt from partition `p`'s log with its snapshot.
+
+    An index in `skipped` (a command on it could not be replayed) is still compared: when
+    the rebuild without that command equals the snapshot, the command changed nothing
+    then either (an import refused for the same missing source), and the index counts as
+    compared; any other outcome is `not_replayable`, not a difference.
+    """
     for name in sorted(set(rebuilt) | set(manifest.indexes)):
-        if name in skipped:
-            report.not_replayable.append(name)
-            continue
         entry = manifest.indexes.get(name)
-        if entry is None:
-            report.diffs.append(IndexDiff(p, name, "rebuilt from the log but not in the manifest"))
-            continue
-        if name not in rebuilt:
-            report.diffs.append(IndexDiff(p, name, "in the manifest but not in the log"))
+        if entry is None or name not in rebuilt:
+            if name in skipped:
+                report.not_replayable.append(name)
+            elif entry is None:
+                problem = "rebuilt from the log but not in the manifest"
+                report.diffs.append(IndexDiff(p, name, problem))
+            else:
+                report.diffs.append(IndexDiff(p, name, "in the manifest but not in the log"))
             continue
         try:
             stored = await cps.store.load_index(name, entry)
         except LhvError as exc:
             report.diffs.append(IndexDiff(p, name, f"snapshot {entry.key} does not load: {exc}"))
             continue
-        report.compared.append(name)
         diff = await asyncio.to_thread(_state_diff, rebuilt[name], stored, entry.covered_offset)
+        if diff is not None and name in skipped:
+            report.not_replayable.append(name)
+            continue
+        report.compared.append(name)
         if diff is not None:
             report.diffs.append(IndexDiff(p, name, diff[0], tuple(diff[1])))
 
