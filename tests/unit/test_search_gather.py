@@ -265,3 +265,95 @@ async def test_a_relayed_query_whose_old_target_is_gone_is_relayed_to_the_switch
     await worker.replies.wait_for([b"missing"])
     missing = worker.replies.sent[b"missing"][0]
     assert missing["error"]["code"] == "index_not_found", missing
+
+
+async def test_member_replies_held_by_gathers_are_bounded_and_given_back() -> None:
+    """`max_gather_bytes` bounds the members' replies all gathers hold: a search whose
+    replies alone pass it is refused `invalid_request` naming the setting; one that
+    finds it passed by another gather's replies is answered `not_ready`; every byte is
+    given back when a gather ends."""
+    worker, server, loop = _rig()
+    _members(worker.partitions[0], ITEMS)
+    sizes: list[int] = []
+    deliver = loop.deliver
+
+    def counted(correlation_id: bytes, value: bytes) -> None:
+        sizes.append(len(value))
+        deliver(correlation_id, value)
+
+    loop.deliver = counted  # type: ignore[method-assign]
+    server.submit(0, [_ask(1, b"probe", vector=[0.0, 0.0], k=120, include_metadata=True)])
+    await worker.replies.wait_for([b"probe"])
+    total = sum(sizes)  # the four members' replies to such a search
+
+    worker, server, loop = _rig(QueryPolicy(max_gather_bytes=total - 1))
+    _members(worker.partitions[0], ITEMS)
+    gatherer = server._gatherer
+    assert gatherer is not None
+    server.submit(0, [_ask(1, b"big", vector=[0.0, 0.0], k=120, include_metadata=True)])
+    await worker.replies.wait_for([b"big"])
+    big = worker.replies.sent[b"big"][0]
+    assert big["error"]["code"] == "invalid_request", big
+    assert "LHV_MAX_GATHER_BYTES" in big["error"]["message"]
+    assert "index 'big'" in big["error"]["message"]
+    server.submit(0, [_ask(2, b"small", vector=[0.0, 0.0], k=3)])
+    await worker.replies.wait_for([b"small"])
+    small = worker.replies.sent[b"small"][0]
+    assert [(h["distance"], h["id"]) for h in small["hits"]] == _exact([0.0, 0.0], 3)
+    assert gatherer.held_bytes == 0
+
+    # big#0 never answers: the first gather holds the other three replies until its deadline
+    worker, server, loop = _rig(QueryPolicy(max_gather_bytes=total))
+    _members(worker.partitions[0], ITEMS)
+    gatherer = server._gatherer
+    assert gatherer is not None
+    loop.down.add("big#0")
+    deadline = int(time.time() * 1000) + 1000
+    ask = {"vector": [0.0, 0.0], "k": 120, "include_metadata": True, "allow_partial": True}
+    server.submit(0, [_ask(1, b"first", deadline_ms=deadline, **ask)])
+    for _ in range(100):
+        if gatherer.held_bytes >= total // 2:
+            break
+        await asyncio.sleep(0.01)
+    server.submit(0, [_ask(2, b"second", deadline_ms=deadline, **ask)])
+    await worker.replies.wait_for([b"second"])
+    second = worker.replies.sent[b"second"][0]
+    assert second["error"]["code"] == "not_ready", second
+    assert b"first" not in worker.replies.sent
+    await worker.replies.wait_for([b"first"])
+    first = worker.replies.sent[b"first"][0]
+    assert first["status"] == "ok" and first["missing_shards"] == [0], first
+    assert {h["id"] for h in first["hits"]} == {i for i in ITEMS if shard_of(i, SHARDS) != 0}
+    assert gatherer.held_bytes == 0
+
+
+async def test_a_gathered_search_holds_one_members_parsed_reply_not_all_of_them() -> None:
+    """Metadata of small objects weighs about 20 times its bytes once parsed. The home
+    folds each member's reply into the best hits so far and lets it go, so a search of 16
+    members of 300 KB each holds about one of them parsed (before: all 16, ~100 MB)."""
+    import tracemalloc
+
+    worker, server, _ = _rig()
+    shards = 16
+    fat = {"a": [[]] * 10_000}  # 30 KB of JSON, about 0.6 MB parsed
+    params = IndexParams(dim=2, space=Space.L2, engine=EngineKind.EXACT)
+    members = [Index(f"fat#{s}", params) for s in range(shards)]
+    for n in range(10 * shards):
+        id_ = f"f{n}"
+        member = members[shard_of(id_, shards)]
+        member.apply([Upsert(id=id_, vector=[float(n), 0.0], metadata=fat, clock=Clock(0, 1, n))])
+    for member in members:
+        worker.partitions[0].indexes[member.name] = member
+    assert server._gatherer is not None
+    server._gatherer._targets = lambda part, name: GatherTarget("fat", shards)
+    tracemalloc.start()
+    try:
+        server.submit(0, [_ask(1, b"fat", "fat", vector=[0.0, 0.0], k=10, include_metadata=True)])
+        await worker.replies.wait_for([b"fat"])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    reply = worker.replies.sent[b"fat"][0]
+    assert [h["id"] for h in reply["hits"]] == [f"f{n}" for n in range(10)]
+    assert all(h["metadata"] == fat for h in reply["hits"])
+    assert peak < 40 * 2**20, f"{peak} bytes traced"

@@ -179,6 +179,10 @@ class QueryPolicy:
     partitions); more are answered `not_ready` at once"""
     max_gathers_per_partition: int = 200
     """the same, per home partition"""
+    max_gather_bytes: int = 256 * 1024 * 1024
+    """bytes of members' replies all gathers hold at once; a gather whose replies alone
+    pass it is refused `invalid_request`, one that finds it passed with others' is
+    answered `not_ready`"""
 
     def __post_init__(self) -> None:
         for name in (
@@ -189,6 +193,7 @@ class QueryPolicy:
             "commit_interval_ms",
             "max_gathers",
             "max_gathers_per_partition",
+            "max_gather_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"QueryPolicy.{name} must be at least 1")
@@ -250,6 +255,7 @@ _QUERY_SETTINGS = {
     "commit_interval_ms": "LHV_SEARCH_COMMIT_INTERVAL_MS",
     "max_gathers": "LHV_MAX_GATHERS",
     "max_gathers_per_partition": "LHV_MAX_GATHERS_PER_PARTITION",
+    "max_gather_bytes": "LHV_MAX_GATHER_BYTES",
 }
 
 #: integer settings of `ImportPolicy` read from the environment

@@ -19,13 +19,19 @@ catalog entry (sharded, or an alias: then its target) and hands the query here:
 
 Bounds: at most `QueryPolicy.max_gathers_per_partition` gathers wait per partition and
 `max_gathers` in all; past either a query is answered `not_ready` at once. Each gather
-waits at most until its deadline (capped by `max_wait_ms`). Large bodies are encoded,
-decoded and merged in a thread, never on the event loop.
+waits at most until its deadline (capped by `max_wait_ms`). The members' replies held by
+all gathers together are at most `max_gather_bytes`, counted as each one arrives: a gather
+whose replies alone pass it is refused `invalid_request` (ask for fewer hits, or without
+metadata or vectors), one that finds it passed with others' is answered `not_ready`. A
+search's member replies are decoded and merged one at a time (`SearchMerge`): the gather
+holds one parsed member reply beside the best hits so far, never all of them parsed.
+Large bodies are encoded, decoded and merged in a thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -49,8 +55,8 @@ from worker.service.config import QueryPolicy
 from worker.service.partition import Partition
 from worker.wire.gather import (
     MemberReply,
+    SearchMerge,
     merge_get_reply,
-    merge_search_reply,
     merge_stats_reply,
     missing_error,
     reply_error,
@@ -108,6 +114,58 @@ class RequestPort(Protocol):
         ...
 
 
+class _Held:
+    """Bytes of member replies held by a worker's gathers (`max_gather_bytes`)."""
+
+    __slots__ = ("bytes", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.bytes = 0
+
+
+class _Arrivals:
+    """The replies of one gather's members as they arrive: each counted in `held` at once,
+    and `wait` ended when all are in or `held` passed its limit. `release` gives the
+    gather's bytes back (a reply counted after it is not counted)."""
+
+    def __init__(self, held: _Held, futures: Sequence[asyncio.Future[bytes]]) -> None:
+        self._held = held
+        self._left = len(futures)
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._released = False
+        self.bytes = 0
+        """bytes of this gather's replies"""
+        self.over = False
+        """`held` passed its limit when one of them arrived"""
+        for fut in futures:
+            fut.add_done_callback(self._arrived)
+        self._settle()
+
+    def _arrived(self, fut: asyncio.Future[bytes]) -> None:
+        self._left -= 1
+        if not self._released and not fut.cancelled() and fut.exception() is None:
+            size = len(fut.result())
+            self.bytes += size
+            self._held.bytes += size
+            self.over = self.over or self._held.bytes > self._held.limit
+        self._settle()
+
+    def _settle(self) -> None:
+        if (self.over or self._left <= 0) and not self._done.done():
+            self._done.set_result(None)
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until every reply is in, `held` passed its limit, or `timeout_s` passed."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._done), max(timeout_s, 0))
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._held.bytes -= self.bytes
+
+
 @dataclass(slots=True)
 class _Member:
     shard: int
@@ -146,6 +204,12 @@ class Gatherer:
         self._waiting: dict[int, int] = {}
         self.waiting = 0
         """gathers waiting for members right now"""
+        self._held = _Held(policy.max_gather_bytes)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of member replies the gathers hold right now."""
+        return self._held.bytes
 
     def target(self, part: Partition, name: str) -> GatherTarget | None:
         """The gather target of `name` on its home `part`; None: answered as usual."""
@@ -223,24 +287,49 @@ class Gatherer:
             return await self._relay(query, target, deadline_ms, received)
         big = isinstance(query, SearchQuery) and query.vectors.nbytes > _THREAD_BYTES
         members, values = await _run(big, _prepare, query, target, deadline_ms)
+        arrivals: _Arrivals | None = None
         try:
             await self._send_all(members, values)
-            pending = [m.reply for m in members if m.reply is not None]
-            if pending:
-                await asyncio.wait(pending, timeout=max(deadline_ms / 1000 - time.time(), 0))
-            answers, missing = await self._collect(members)
+            arrivals = _Arrivals(self._held, [m.reply for m in members if m.reply is not None])
+            await arrivals.wait(deadline_ms / 1000 - time.time())
+            if arrivals.over:
+                raise self._over(target, arrivals.bytes)
+            merge = (
+                SearchMerge(
+                    k=query.k, queries=len(query.vectors), include_vectors=query.include_vectors
+                )
+                if isinstance(query, SearchQuery)
+                else None
+            )
+            answers, missing = await self._collect(members, merge)
         finally:
             for m in members:
                 self._requests.forget(m.cid)
+                m.reply = None
+            if arrivals is not None:
+                arrivals.release()
         if missing and not query.allow_partial:
             raise missing_error(target.index, missing, target.shards)
-        rows = len(answers) * (
-            query.k * len(query.vectors) if isinstance(query, SearchQuery) else 1
-        )
+        rows = query.k * len(query.vectors) if isinstance(query, SearchQuery) else len(answers)
         value: bytes = await _run(
-            rows > _THREAD_ROWS, _merged, query, target, answers, missing, received
+            rows > _THREAD_ROWS, _merged, query, target, answers, merge, missing, received
         )
         return value
+
+    def _over(self, target: GatherTarget, mine: int) -> LhvError:
+        """The error of a gather that found `max_gather_bytes` passed when its replies
+        (`mine` bytes of them) arrived."""
+        limit = self._held.limit
+        if mine > limit:
+            return InvalidRequest(
+                f"the replies of the {target.shards} shards of index {target.index!r} "
+                f"together are over {limit} bytes (LHV_MAX_GATHER_BYTES): ask for fewer "
+                "hits, or without metadata or vectors"
+            )
+        return NotReady(
+            f"replies of shards held by this worker's gathers are over {limit} bytes "
+            "(LHV_MAX_GATHER_BYTES): retry later"
+        )
 
     async def _relay(
         self, query: Query, target: GatherTarget, deadline_ms: int, received: float
@@ -287,27 +376,35 @@ class Gatherer:
                 self._requests.forget(m.cid)
                 m.reply = None
 
-    async def _collect(self, members: list[_Member]) -> tuple[list[MemberReply], list[int]]:
+    async def _collect(
+        self, members: list[_Member], merge: SearchMerge | None
+    ) -> tuple[list[MemberReply], list[int]]:
+        """The members' `status: ok` replies (those of a search folded into `merge`
+        instead, each as it is decoded) and the members missing. Raises the first
+        member's error by shard."""
         answers: list[MemberReply] = []
         missing: list[int] = []
         failure: LhvError | None = None
         for m in members:
-            fut = m.reply
+            fut, m.reply = m.reply, None  # the raw reply is let go once decoded
             if fut is None or not fut.done() or fut.cancelled() or fut.exception() is not None:
                 missing.append(m.shard)
                 continue
             raw = fut.result()
+            del fut
             try:
-                body = await _run(len(raw) > _THREAD_BYTES, orjson.loads, raw)
+                body = await _run(len(raw) > _THREAD_BYTES, _decoded, m.shard, raw, merge)
             except orjson.JSONDecodeError:
                 failure = failure or Internal(f"undecodable reply from {m.key}")
                 continue
+            del raw
             if not isinstance(body, dict):
                 failure = failure or Internal(f"a reply from {m.key} is not an object")
                 continue
             error = reply_error(body)
             if error is None:
-                answers.append((m.shard, body))
+                if merge is None:
+                    answers.append((m.shard, body))
             elif error.code in _MISSING_CODES:
                 missing.append(m.shard)
             else:
@@ -315,6 +412,16 @@ class Gatherer:
         if failure is not None:
             raise failure
         return answers, missing
+
+
+def _decoded(shard: int, raw: bytes, merge: SearchMerge | None) -> Any:
+    """Member `shard`'s reply decoded; an ok reply of a search folded into `merge`, and
+    only its status fields kept (its hits are in the merge)."""
+    body = orjson.loads(raw)
+    if merge is None or not isinstance(body, dict) or reply_error(body) is not None:
+        return body
+    merge.add(shard, body)
+    return {"status": body.get("status")}
 
 
 async def _run(in_thread: bool, fn: Callable[..., Any], *args: Any) -> Any:
@@ -384,20 +491,18 @@ def _merged(
     query: Query,
     target: GatherTarget,
     answers: list[MemberReply],
+    merge: SearchMerge | None,
     missing: list[int],
     received: float,
 ) -> bytes:
-    if isinstance(query, SearchQuery):
-        body = merge_search_reply(
+    """The one reply value: a search's `merge`, or the members' `answers` merged."""
+    if isinstance(query, SearchQuery) and merge is not None:
+        body = merge.reply(
             target.index,
             target.shards,
-            answers,
-            k=query.k,
             multi=query.multi,
             include_metadata=query.include_metadata,
-            include_vectors=query.include_vectors,
             missing=missing,
-            queries=len(query.vectors),
             vector_encoding=query.vector_encoding,
         )
     elif isinstance(query, GetQuery):

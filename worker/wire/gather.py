@@ -30,6 +30,7 @@ from worker.wire.vectors import encode_vector_b64, vector_field
 __all__ = [
     "HitRow",
     "MemberReply",
+    "SearchMerge",
     "ShardsMissing",
     "hit_rows",
     "merge_get_items",
@@ -140,6 +141,94 @@ def _applied(name: str, shards: int, answers: Sequence[MemberReply]) -> dict[str
     }
 
 
+class SearchMerge:
+    """The merge of a sharded search's member replies, one member at a time: after each
+    `add`, only the `k` nearest hits of each query vector are kept (with their metadata
+    and vectors), so whoever gathers holds one member's reply beside the answer so far,
+    never every member's at once.
+
+    Arguments:
+        k: hits per query vector.
+        queries: query vectors asked (a member that answered more rows adds rows).
+        include_vectors: keep the vector each member sent with its hits.
+    """
+
+    def __init__(self, *, k: int, queries: int = 1, include_vectors: bool = False) -> None:
+        self._k = k
+        self._include_vectors = include_vectors
+        self._rows: list[list[HitRow]] = [[] for _ in range(queries)]
+        self._vectors: list[dict[str, Any]] = [{} for _ in range(queries)]
+        self._applied: dict[int, int] = {}
+
+    def add(self, shard: int, body: Mapping[str, Any]) -> None:
+        """Fold in member `shard`'s `status: ok` reply body."""
+        rows = hit_rows(body)
+        for _ in range(len(rows) - len(self._rows)):
+            self._rows.append([])
+            self._vectors.append({})
+        for i, part in enumerate(rows):
+            self._rows[i] = merge_hits((self._rows[i], part), self._k)
+        if self._include_vectors:
+            # an id lives on one member: the members' vectors never overlap
+            for i, found in enumerate(_hit_vectors(body)[: len(self._rows)]):
+                kept = {r[0] for r in self._rows[i]}
+                stored = {id_: v for id_, v in self._vectors[i].items() if id_ in kept}
+                stored.update((id_, v) for id_, v in found.items() if id_ in kept)
+                self._vectors[i] = stored
+        if isinstance(body.get("applied_offset"), int):
+            self._applied[shard] = int(body["applied_offset"])
+
+    def reply(
+        self,
+        name: str,
+        shards: int,
+        *,
+        multi: bool,
+        include_metadata: bool,
+        missing: Sequence[int] = (),
+        vector_encoding: str = "json",
+    ) -> dict[str, Any]:
+        """The reply body of what was added (see `merge_search_reply`)."""
+        merged, stored = self._rows, self._vectors
+        include_vectors = self._include_vectors
+        if vector_encoding == "b64":
+            stored = [
+                {id_: None if vec is None else encode_vector_b64(vec) for id_, vec in row.items()}
+                for row in stored
+            ]
+        out: dict[str, Any] = {"status": "ok", "op": "search", "index": name}
+        if multi:
+            results = []
+            for i, rows in enumerate(merged):
+                entry: dict[str, Any] = {
+                    "ids": [r[0] for r in rows],
+                    "distances": [r[1] for r in rows],
+                }
+                if include_metadata:
+                    entry["metadata"] = [r[2] for r in rows]
+                if include_vectors:
+                    entry[vector_field("vectors", vector_encoding)] = [
+                        stored[i].get(r[0]) for r in rows
+                    ]
+                results.append(entry)
+            out["results"] = results
+        else:
+            rows = merged[0] if merged else []
+            hits: list[dict[str, Any]] = [{"id": r[0], "distance": r[1]} for r in rows]
+            if include_metadata:
+                for hit, r in zip(hits, rows, strict=True):
+                    hit["metadata"] = r[2]
+            if include_vectors:
+                for hit in hits:
+                    hit[vector_field("vector", vector_encoding)] = stored[0].get(hit["id"])
+            out["hits"] = hits
+        applied = {shard_key(name, s, shards): o for s, o in sorted(self._applied.items())}
+        out["applied_offset"] = min(applied.values(), default=-1)
+        out["applied_offsets"] = applied
+        out.update(partial_fields(missing))
+        return out
+
+
 def merge_search_reply(
     name: str,
     shards: int,
@@ -160,49 +249,19 @@ def merge_search_reply(
     floats), sent as base64 of little-endian float32 when `vector_encoding` is "b64".
 
     `applied_offsets` names each member's applied offset; `applied_offset` is the lowest
-    of them (-1 when no member answered)."""
-    per_member = [hit_rows(body) for _, body in answers]
-    n = max(queries, *(len(rows) for rows in per_member)) if per_member else queries
-    merged = [merge_hits((rows[i] for rows in per_member if i < len(rows)), k) for i in range(n)]
-    stored: list[dict[str, Any]] = [{} for _ in range(n)]
-    if include_vectors:
-        for _, body in answers:  # an id lives on one member: the dicts never overlap
-            for i, found in enumerate(_hit_vectors(body)[:n]):
-                stored[i].update(found)
-    if vector_encoding == "b64":
-        stored = [
-            {id_: None if vec is None else encode_vector_b64(vec) for id_, vec in row.items()}
-            for row in stored
-        ]
-    out: dict[str, Any] = {"status": "ok", "op": "search", "index": name}
-    if multi:
-        results = []
-        for i, rows in enumerate(merged):
-            entry: dict[str, Any] = {"ids": [r[0] for r in rows], "distances": [r[1] for r in rows]}
-            if include_metadata:
-                entry["metadata"] = [r[2] for r in rows]
-            if include_vectors:
-                entry[vector_field("vectors", vector_encoding)] = [
-                    stored[i].get(r[0]) for r in rows
-                ]
-            results.append(entry)
-        out["results"] = results
-    else:
-        rows = merged[0] if merged else []
-        hits: list[dict[str, Any]] = [{"id": r[0], "distance": r[1]} for r in rows]
-        if include_metadata:
-            for hit, r in zip(hits, rows, strict=True):
-                hit["metadata"] = r[2]
-        if include_vectors:
-            for hit in hits:
-                # n >= queries >= 1
-                hit[vector_field("vector", vector_encoding)] = stored[0].get(hit["id"])
-        out["hits"] = hits
-    applied = _applied(name, shards, answers)
-    out["applied_offset"] = min(applied.values(), default=-1)
-    out["applied_offsets"] = applied
-    out.update(partial_fields(missing))
-    return out
+    of them (-1 when no member answered). The same as adding each answer to a
+    `SearchMerge`."""
+    merge = SearchMerge(k=k, queries=queries, include_vectors=include_vectors)
+    for shard, body in answers:
+        merge.add(shard, body)
+    return merge.reply(
+        name,
+        shards,
+        multi=multi,
+        include_metadata=include_metadata,
+        missing=missing,
+        vector_encoding=vector_encoding,
+    )
 
 
 def merge_get_items(
