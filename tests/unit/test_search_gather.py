@@ -284,9 +284,9 @@ async def test_member_replies_held_by_gathers_are_bounded_and_given_back() -> No
     loop.deliver = counted  # type: ignore[method-assign]
     server.submit(0, [_ask(1, b"probe", vector=[0.0, 0.0], k=120, include_metadata=True)])
     await worker.replies.wait_for([b"probe"])
-    total = sum(sizes)  # the four members' replies to such a search
+    total = sum(sizes)  # the four members' replies to such a search (took_ms varies)
 
-    worker, server, loop = _rig(QueryPolicy(max_gather_bytes=total - 1))
+    worker, server, loop = _rig(QueryPolicy(max_gather_bytes=total // 2))
     _members(worker.partitions[0], ITEMS)
     gatherer = server._gatherer
     assert gatherer is not None
@@ -308,7 +308,7 @@ async def test_member_replies_held_by_gathers_are_bounded_and_given_back() -> No
     gatherer = server._gatherer
     assert gatherer is not None
     loop.down.add("big#0")
-    deadline = int(time.time() * 1000) + 1000
+    deadline = int(time.time() * 1000) + 3000
     ask = {"vector": [0.0, 0.0], "k": 120, "include_metadata": True, "allow_partial": True}
     server.submit(0, [_ask(1, b"first", deadline_ms=deadline, **ask)])
     for _ in range(100):
