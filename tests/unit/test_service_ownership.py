@@ -66,6 +66,32 @@ async def test_a_revoke_mid_batch_loses_nothing() -> None:
             assert_state_matches(all_indexes([a, b]), _oracle(cluster))
 
 
+async def test_an_assignment_that_completes_while_the_worker_stops_is_left_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """aiokafka finishes a join still under way when the consumer stops, so a worker told
+    to stop (SIGTERM) can be assigned partitions after it released its own and stopped
+    its parts. That assignment restores and positions nothing; the revocation before it
+    still releases (checkpoints) what the worker holds."""
+    cluster = Cluster(partitions=2)
+    _produce_stream(cluster, 100)
+    async with cluster.worker("a") as (a, client_a, task):
+        await client_a.assign([0])
+        await eventually(caught_up(cluster, a), "a applies p0")
+        a.request_stop()
+        await task
+        with caplog.at_level("INFO", logger="worker.service.worker"):
+            await client_a.assign([0, 1])  # the join that completes inside stop()
+        assert a.partitions == {}, "nothing restored after the stop request"
+        assert "partitions assigned while stopping" in caplog.text
+        committed = cluster.broker.committed("lhv")
+        assert committed[TopicPartition(TOPICS.commands, 0)] == cluster.end(0)
+    async with cluster.worker("b") as (b, client_b, _):
+        await client_b.assign([0, 1])
+        await eventually(caught_up(cluster, b), "b restores both")
+        assert_state_matches(all_indexes([b]), _oracle(cluster))
+
+
 async def test_a_fenced_owner_drops_the_partition_and_the_new_owner_keeps_it() -> None:
     cluster = Cluster(partitions=1)
     _produce_stream(cluster, 50)

@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from aiokafka import TopicPartition
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from lhv_index.errors import Internal
@@ -335,7 +335,8 @@ class Worker:
                     )
                     await self._requests.stop()
             self._kafka.subscribe(
-                [self.topics.commands, self.topics.search], listener=self._lifecycle
+                [self.topics.commands, self.topics.search],
+                listener=_UntilStopped(self._lifecycle, self._stopping),
             )
             if self.config.metrics_port is not None:
                 self._metrics_server = MetricsServer(
@@ -725,3 +726,28 @@ def _gather_topic(config: WorkerConfig) -> str:
 def _topic_part(text: str) -> str:
     """`text` with every character a topic name may not hold replaced by `-`."""
     return re.sub(r"[^A-Za-z0-9._-]", "-", text)
+
+
+class _UntilStopped(ConsumerRebalanceListener):  # type: ignore[misc]
+    """The worker's rebalance callbacks, but no assignment once it is stopping. A join
+    still under way when the worker stops is finished by the consumer while it leaves
+    the group (aiokafka's `stop()` lets its coordination task end), after the worker
+    released its partitions and stopped its parts: that late assignment is logged and
+    left to the next owner, so nothing is restored or positioned on a closing transport.
+    Revocations always go through: a partition is released before another owner takes it."""
+
+    def __init__(self, listener: ConsumerRebalanceListener, stopping: asyncio.Event) -> None:
+        self._listener = listener
+        self._stopping = stopping
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self._listener.on_partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        if self._stopping.is_set():
+            log.info(
+                "partitions assigned while stopping, left to the next owner: %s",
+                ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)),
+            )
+            return
+        await self._listener.on_partitions_assigned(assigned)
