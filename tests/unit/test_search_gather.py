@@ -95,7 +95,9 @@ def _targets(part: Partition, name: str) -> GatherTarget | None:
     }.get(name)
 
 
-def _rig(policy: QueryPolicy | None = None) -> tuple[StandInWorker, SearchServer, Loopback]:
+def _rig(
+    policy: QueryPolicy | None = None, *, max_reply_bytes: int | None = None
+) -> tuple[StandInWorker, SearchServer, Loopback]:
     from test_search_server import real_index
 
     worker = StandInWorker(real_index(), queries=policy)
@@ -107,6 +109,7 @@ def _rig(policy: QueryPolicy | None = None) -> tuple[StandInWorker, SearchServer
         targets=_targets,
         policy=worker.config.queries,
         query_wait_ms=worker.config.query_wait_ms,
+        max_reply_bytes=max_reply_bytes,
     )
     server = worker.server()
     server._gatherer = gatherer
@@ -357,3 +360,20 @@ async def test_a_gathered_search_holds_one_members_parsed_reply_not_all_of_them(
     assert [h["id"] for h in reply["hits"]] == [f"f{n}" for n in range(10)]
     assert all(h["metadata"] == fat for h in reply["hits"])
     assert peak < 40 * 2**20, f"{peak} bytes traced"
+
+
+async def test_a_gathered_get_whose_items_are_over_one_reply_is_refused_before_decoding() -> None:
+    """The merged reply of a `get` holds every member's items, so members' items over one
+    reply record are refused as the unsharded `get` refuses them, naming the size."""
+    worker, server, _ = _rig(max_reply_bytes=2000)
+    _members(worker.partitions[0], ITEMS)
+    every = sorted(ITEMS)
+    server.submit(0, [_ask(1, b"all", op="get", ids=every, include_vectors=True)])
+    server.submit(0, [_ask(2, b"two", op="get", ids=["id001", "id100"])])
+    await worker.replies.wait_for([b"all", b"two"])
+    refused = worker.replies.sent[b"all"][0]["error"]
+    assert refused["code"] == "invalid_request"
+    assert "bytes for one reply record" in refused["message"], refused
+    assert "ask for less" in refused["message"]
+    two = worker.replies.sent[b"two"][0]
+    assert [item["id"] for item in two["items"]] == ["id001", "id100"]

@@ -62,6 +62,7 @@ from worker.wire.gather import (
     reply_error,
 )
 from worker.wire.headers import CORRELATION_ID, REPLY_TOPIC, correlation_text
+from worker.wire.limits import REPLY_TOO_LARGE
 from worker.wire.queries import GetQuery, Query, SearchQuery
 from worker.wire.shards import shard_key, split_by_shard
 from worker.wire.topics import partitioner
@@ -75,6 +76,9 @@ log = logging.getLogger(__name__)
 _THREAD_BYTES = 64 * 1024
 #: merges of more hit rows than this run in a thread
 _THREAD_ROWS = 4096
+#: bytes of a member's reply that are not its items (status, op, index, offsets, ids of
+#: the request), allowed for each member before a `get` is found too large
+_ENVELOPE_BYTES = 512
 #: member error codes that count the member as missing, not as the answer
 _MISSING_CODES = frozenset({DeadlineExceeded.code, NotReady.code})
 
@@ -183,8 +187,11 @@ class Gatherer:
         topics_search: the search topic sub-queries go to.
         requests: where they go and how their replies come back.
         targets: the gather target of a name at its home partition.
-        policy: `max_gathers`, `max_gathers_per_partition`, `max_wait_ms`.
+        policy: `max_gathers`, `max_gathers_per_partition`, `max_wait_ms`,
+            `max_gather_bytes`.
         query_wait_ms: the wait of a query without a deadline.
+        max_reply_bytes: the largest reply record; a `get` whose members' items alone
+            are over it is refused before any of them is decoded (its reply would be).
     """
 
     def __init__(
@@ -195,12 +202,14 @@ class Gatherer:
         targets: TargetLookup,
         policy: QueryPolicy,
         query_wait_ms: int,
+        max_reply_bytes: int | None = None,
     ) -> None:
         self._search_topic = search_topic
         self._requests = requests
         self._targets = targets
         self._policy = policy
         self._query_wait_ms = query_wait_ms
+        self._max_reply_bytes = max_reply_bytes
         self._waiting: dict[int, int] = {}
         self.waiting = 0
         """gathers waiting for members right now"""
@@ -294,6 +303,8 @@ class Gatherer:
             await arrivals.wait(deadline_ms / 1000 - time.time())
             if arrivals.over:
                 raise self._over(target, arrivals.bytes)
+            if isinstance(query, GetQuery):
+                self._check_items(arrivals.bytes - _ENVELOPE_BYTES * len(members))
             merge = (
                 SearchMerge(
                     k=query.k, queries=len(query.vectors), include_vectors=query.include_vectors
@@ -315,6 +326,16 @@ class Gatherer:
             rows > _THREAD_ROWS, _merged, query, target, answers, merge, missing, received
         )
         return value
+
+    def _check_items(self, size: int) -> None:
+        """Refuse a `get` whose members' items, `size` bytes, are over one reply record:
+        its merged reply holds them all."""
+        limit = self._max_reply_bytes
+        if limit is not None and size > limit:
+            raise InvalidRequest(
+                f"the items are {size} bytes, over the limit of {limit} {REPLY_TOO_LARGE}: "
+                "ask for less (fewer ids, or without include_metadata or include_vectors)"
+            )
 
     def _over(self, target: GatherTarget, mine: int) -> LhvError:
         """The error of a gather that found `max_gather_bytes` passed when its replies

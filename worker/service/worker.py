@@ -173,6 +173,7 @@ class Worker:
                 targets=self._gather_target,
                 policy=config.queries,
                 query_wait_ms=config.query_wait_ms,
+                max_reply_bytes=config.delivery.max_record_bytes,
             )
         self._runner_limits = RunnerLimits.of(config)
         self._runners: dict[int, Runner] = {}
