@@ -62,7 +62,7 @@ from worker.wire.gather import (
     reply_error,
 )
 from worker.wire.headers import CORRELATION_ID, REPLY_TOPIC, correlation_text
-from worker.wire.limits import REPLY_TOO_LARGE
+from worker.wire.limits import reply_too_large
 from worker.wire.queries import GetQuery, Query, SearchQuery
 from worker.wire.shards import shard_key, split_by_shard
 from worker.wire.topics import partitioner
@@ -332,9 +332,11 @@ class Gatherer:
         its merged reply holds them all."""
         limit = self._max_reply_bytes
         if limit is not None and size > limit:
-            raise InvalidRequest(
-                f"the items are {size} bytes, over the limit of {limit} {REPLY_TOO_LARGE}: "
-                "ask for less (fewer ids, or without include_metadata or include_vectors)"
+            raise reply_too_large(
+                "the items are",
+                size,
+                limit,
+                ask="fewer ids, or without include_metadata or include_vectors",
             )
 
     def _over(self, target: GatherTarget, mine: int) -> LhvError:

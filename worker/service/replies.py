@@ -37,10 +37,9 @@ from collections.abc import Callable, Iterable
 
 from aiokafka.errors import KafkaError
 
-from lhv_index.errors import InvalidRequest
 from worker.service.outbox import Kind, Outbox, record_size
 from worker.wire.headers import REPLY_PARTITION, ReplyTo, build_reply_headers
-from worker.wire.limits import REPLY_TOO_LARGE
+from worker.wire.limits import reply_too_large
 from worker.wire.replies import encode_error_reply
 
 __all__ = ["ReplySender"]
@@ -210,10 +209,12 @@ def _error_instead(reply_to: ReplyTo, value: bytes, size: int, limit: int) -> by
     fields: dict[str, str] = {}
     for m in _REPLY_FIELDS.finditer(value[:16384]):  # the first of each: the reply's own
         fields.setdefault(m.group(1).decode(), m.group(2).decode())
-    error = InvalidRequest(
-        f"the reply is {size} bytes, over the limit of {limit} {REPLY_TOO_LARGE}: "
-        "ask for less (a smaller k, fewer ids or query vectors, or without include_vectors "
-        "and include_metadata)"
+    error = reply_too_large(
+        "the reply is",
+        size,
+        limit,
+        ask="a smaller k, fewer ids or query vectors, or without include_vectors and "
+        "include_metadata",
     )
     return encode_error_reply(
         reply_to, fields.get("index", ""), error, took_ms=0.0, op=fields.get("op")

@@ -84,7 +84,7 @@ from worker.service.sharding import describe
 from worker.telemetry.logs import log_context
 from worker.telemetry.metrics import Metrics
 from worker.wire.headers import ReplyTo, reply_to_from_headers
-from worker.wire.limits import REPLY_TOO_LARGE, MessageLimits
+from worker.wire.limits import MessageLimits, reply_too_large
 from worker.wire.queries import (
     DescribeQuery,
     GetQuery,
@@ -885,9 +885,11 @@ class SearchServer:
                     [it.id for it in items], max_bytes=self._max_reply_bytes
                 )
             except TooLarge as exc:
-                raise InvalidRequest(
-                    f"the items' metadata is {exc.size} bytes, over the limit of {exc.limit} "
-                    f"{REPLY_TOO_LARGE}: ask for less (fewer ids, or without include_metadata)"
+                raise reply_too_large(
+                    "the items' metadata is",
+                    exc.size,
+                    exc.limit,
+                    ask="fewer ids, or without include_metadata",
                 ) from None
             items = [
                 _GotItem(it.id, it.vector, meta, it.clock)
@@ -1028,10 +1030,11 @@ def _search_columns(
                 [id_ for c in mine for id_ in c.ids], max_bytes=max_metadata_bytes
             )
         except TooLarge as exc:
-            refused[request] = InvalidRequest(
-                f"the hits' metadata is {exc.size} bytes, over the limit of {exc.limit} "
-                f"{REPLY_TOO_LARGE}: ask for less (a smaller k, fewer query vectors, or "
-                "without include_metadata)"
+            refused[request] = reply_too_large(
+                "the hits' metadata is",
+                exc.size,
+                exc.limit,
+                ask="a smaller k, fewer query vectors, or without include_metadata",
             )
         else:
             pos = 0

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-__all__ = ["COMMAND_OPS", "QUERY_OPS", "REPLY_TOO_LARGE", "MessageLimits", "too_many_together"]
+from lhv_index.errors import InvalidRequest
+
+__all__ = [
+    "COMMAND_OPS",
+    "QUERY_OPS",
+    "REPLY_TOO_LARGE",
+    "MessageLimits",
+    "reply_too_large",
+    "too_many_together",
+]
 
 
 COMMAND_OPS = (
@@ -25,6 +34,14 @@ QUERY_OPS = ("search", "get", "stats", "describe")
 REPLY_TOO_LARGE = "bytes for one reply record"
 #: the refusals of a search for its size as a whole, not for any one of its query vectors
 _TOO_MANY_TOGETHER = ("(max_hits)", "(max_queries)", REPLY_TOO_LARGE)
+
+
+def reply_too_large(what: str, size: int, limit: int, *, ask: str) -> InvalidRequest:
+    """The refusal of a request whose reply would be over one reply record: `what` (e.g.
+    "the items are") `size` bytes, over `limit`, and what to `ask` for less of."""
+    return InvalidRequest(
+        f"{what} {size} bytes, over the limit of {limit} {REPLY_TOO_LARGE}: ask for less ({ask})"
+    )
 
 
 def too_many_together(message: str) -> bool:
