@@ -9,7 +9,9 @@
 - a plain aiokafka requester with Spring headers keyed by the index's name gets the
   merged answer from the name's home;
 - a member whose worker is down makes the answer fail naming it, or flagged partial when
-  the caller allows it.
+  the caller allows it;
+- hostile queries keyed by the name, its members or an alias each get a reply, never
+  `internal`, and the workers log no error.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from workerkit import Env, WorkerProcess, create_topics, make_env
 
 from lhv_index import Clock, Delete, EngineKind, Index, IndexParams, Space, Upsert
-from lhv_index.errors import IndexNotFound
+from lhv_index.errors import IndexNotFound, LhvError
 from worker.client import LhvClient, ShardsMissing, WriteResult
 from worker.client.client import stop_consumer
 from worker.wire.headers import CORRELATION_ID, REPLY_TOPIC
@@ -320,3 +322,89 @@ async def test_an_alias_switched_to_a_sharded_index_is_followed_by_clients_and_p
         reply = await _plain_request(env, body, b"by-alias")
         assert reply["status"] == "ok" and reply["index"] == "live"
         assert [h["id"] for h in reply["hits"]] == ["new"]
+
+
+def _hostile_queries(vector: list[float]) -> list[dict[str, Any]]:
+    """Queries a careless or hostile requester sends: every field of the wrong type or
+    out of range, forged internal fields, ops that are not queries."""
+    v = vector
+    far = int(time.time() * 1000) + 400
+    return [{"op": "search", "vector": v, "k": k} for k in (0, -1, "5", 10**9, 1.5, None)] + [
+        {"op": "search", "vector": v[:2], "k": 3},
+        {"op": "search", "vector": None, "k": 3},
+        {"op": "search", "vectors": [], "k": 3},
+        {"op": "search", "vectors": [v] * 2000, "k": 3},
+        {"op": "search", "vector_b64": "!!!", "k": 3},
+        {"op": "search", "vector": v, "k": 3, "filter": "x"},
+        {"op": "search", "vector": v, "k": 3, "filter": {"g": {"$bogus": 1}}},
+        {"op": "search", "vector": v, "k": 3, "min_offsets": {f"{NAME}#0": "x"}},
+        {"op": "search", "vector": v, "k": 3, "min_offsets": [1]},
+        {"op": "search", "vector": v, "k": 3, "min_offset": -5},
+        {"op": "search", "vector": v, "k": 3, "min_offsets": {NAME: 10**12}, "deadline_ms": far},
+        {"op": "search", "vector": v, "k": 3, "allow_partial": "yes"},
+        {"op": "search", "vector": v, "k": 3, "via_alias": "forged"},
+        {"op": "search", "vector": v, "k": 3, "via_alias": 5},
+        {"op": "search", "vector": v, "k": 3, "deadline_ms": -1},
+        {"op": "search", "vector": v, "k": 3, "deadline_ms": "soon"},
+        {"op": "search", "vector": v, "k": 3, "include_metadata": "true"},
+        {"op": "search", "vector": v, "k": 3, "vector_encoding": "hex"},
+        {"op": "search", "vector": v, "k": 3, "ef": 10**9},
+        {"op": "search", "vector": v, "k": 3, "request_id": "r" * 100_000},
+        {"op": "get", "ids": []},
+        {"op": "get", "ids": "p-1"},
+        {"op": "get", "ids": [1, 2]},
+        {"op": "get", "ids": [f"p-{i}" for i in range(5000)], "include_vectors": True},
+        {"op": "stats", "min_offsets": {f"{NAME}#9": 0}},
+        {"op": "describe", "via_alias": "forged"},
+        {"op": "merge_in", "merge_id": "m"},
+        {"op": "add", "items": []},
+        {"op": "nope"},
+    ]
+
+
+async def test_hostile_queries_of_a_sharded_name_its_members_and_an_alias_are_each_answered(
+    bootstrap_servers: str, s3_config: Any, tmp_path: Path
+) -> None:
+    """Every query keyed by a sharded name, by its members (real and made up) or by an
+    alias, whatever its fields, gets one reply: an answer or an error naming what is
+    wrong, never `internal` and never silence; the workers keep serving and log no
+    error."""
+    env = await make_env(bootstrap_servers, s3_config, partitions=PARTITIONS)
+    async with (
+        _workers(env, tmp_path) as procs,
+        LhvClient(env.bootstrap, topics=env.topics, timeout_s=60) as c,
+    ):
+        await c.create(NAME, dim=DIM, space="l2", shards=SHARDS, timeout_s=90)
+        await _owners_once_both_serve(c)
+        rng = np.random.default_rng(5)
+        ids = [f"p-{i}" for i in range(200)]
+        vecs = rng.standard_normal((200, DIM)).astype(np.float32)
+        await c.add(NAME, ids, vecs, [{"g": i % 3} for i in range(200)], ack=True)
+        await c.alias("hostile-alias", NAME)
+        names = [NAME, "hostile-alias", shard_key(NAME, 0, SHARDS), shard_key(NAME, 3, SHARDS)]
+        names += [f"{NAME}#{SHARDS}", f"{NAME}#-1", f"{NAME}#", "#0", "hostile-alias#0"]
+        codes: dict[str, int] = {}
+        for name in names:
+            for body in _hostile_queries(vecs[0].tolist()):
+                try:
+                    await c.query(name, body, timeout_s=10)
+                    code = "ok"
+                except LhvError as exc:
+                    code = exc.code
+                    assert code != "internal", (name, str(body)[:200], str(exc))
+                codes[code] = codes.get(code, 0) + 1
+        assert set(codes) <= {
+            "ok",
+            "invalid_request",
+            "dim_mismatch",
+            "deadline_exceeded",
+            "index_not_found",
+        }, codes
+        # still serving, and the refusals were warnings at most
+        for name in (NAME, "hostile-alias"):
+            hits = await c.search(name, vecs[7], k=3)
+            assert hits[0].id == "p-7"
+        for p in procs:
+            assert p.proc.poll() is None
+            text = p.log_text()
+            assert " ERROR " not in text and "Traceback" not in text, text[-3000:]
