@@ -377,3 +377,32 @@ async def test_a_gathered_get_whose_items_are_over_one_reply_is_refused_before_d
     assert "ask for less" in refused["message"]
     two = worker.replies.sent[b"two"][0]
     assert [item["id"] for item in two["items"]] == ["id001", "id100"]
+
+
+async def test_a_gather_whose_own_replies_would_pass_the_bound_is_refused_not_told_to_retry() -> (
+    None
+):
+    """The bound can be passed while another gather holds replies too. A gather whose own
+    replies, at the size of those in so far, would pass it alone gets `invalid_request`
+    (a retry could never succeed); one that would fit alone gets `not_ready`."""
+    from lhv_index.errors import InvalidRequest, NotReady
+    from worker.service.gather import _Arrivals
+
+    gatherer = _rig(QueryPolicy(max_gather_bytes=1000))[1]._gatherer
+    assert gatherer is not None
+    target = GatherTarget("big", 4)
+    loop = asyncio.get_running_loop()
+    for size, expected in ((300, InvalidRequest), (200, NotReady)):
+        gatherer._held.bytes = 500  # another gather's replies
+        futures: list[asyncio.Future[bytes]] = [loop.create_future() for _ in range(4)]
+        arrivals = _Arrivals(gatherer._held, futures)
+        for fut in futures:
+            fut.set_result(b"x" * size)
+            await asyncio.sleep(0)  # the arrival is counted
+            if arrivals.over:
+                break
+        assert arrivals.over and arrivals.bytes <= 1000
+        error = gatherer._over(target, arrivals)
+        assert type(error) is expected, (size, error)
+        arrivals.release()
+        assert gatherer.held_bytes == 500

@@ -435,8 +435,8 @@ class ReplayReport:
     diffs: list[IndexDiff] = field(default_factory=list)
     not_replayable: list[str] = field(default_factory=list)
     """indexes touched by imports whose source is gone, or by merges from a partition
-    that cannot be rebuilt, and that differ from their checkpoint without them: not
-    compared"""
+    that cannot be rebuilt, whose rebuild without them differs from their checkpoint (or
+    is missing on one side): not compared"""
     errors: list[str] = field(default_factory=list)
     """partitions that could not be checked (log truncated, unreadable manifest, ...)"""
 
@@ -866,7 +866,9 @@ async def _compare(
     An index in `skipped` (a command on it could not be replayed) is still compared: when
     the rebuild without that command equals the snapshot, the command changed nothing
     then either (an import refused for the same missing source), and the index counts as
-    compared; any other outcome is `not_replayable`, not a difference.
+    compared; when it differs, or is missing from the manifest or from the rebuild, it is
+    `not_replayable`, not a difference. A snapshot that does not load is a difference
+    either way.
     """
     for name in sorted(set(rebuilt) | set(manifest.indexes)):
         entry = manifest.indexes.get(name)

@@ -180,9 +180,9 @@ class QueryPolicy:
     max_gathers_per_partition: int = 200
     """the same, per home partition"""
     max_gather_bytes: int = 256 * 1024 * 1024
-    """bytes of members' replies all gathers hold at once; a gather whose replies alone
-    pass it is refused `invalid_request`, one that finds it passed with others' is
-    answered `not_ready`"""
+    """bytes of members' replies, as received, all gathers hold at once; a gather whose
+    replies alone pass it (or would, at the size of those in so far) is refused
+    `invalid_request`, one that finds it passed with others' is answered `not_ready`"""
 
     def __post_init__(self) -> None:
         for name in (

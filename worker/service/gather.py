@@ -19,19 +19,22 @@ catalog entry (sharded, or an alias: then its target) and hands the query here:
 
 Bounds: at most `QueryPolicy.max_gathers_per_partition` gathers wait per partition and
 `max_gathers` in all; past either a query is answered `not_ready` at once. Each gather
-waits at most until its deadline (capped by `max_wait_ms`). The members' replies held by
-all gathers together are at most `max_gather_bytes`, counted as each one arrives: a gather
-whose replies alone pass it is refused `invalid_request` (ask for fewer hits, or without
-metadata or vectors), one that finds it passed with others' is answered `not_ready`. A
-search's member replies are decoded and merged one at a time (`SearchMerge`): the gather
-holds one parsed member reply beside the best hits so far, never all of them parsed.
+waits at most until its deadline (capped by `max_wait_ms`). The members' replies, as
+received, are counted against `max_gather_bytes` for all gathers together from the moment
+each arrives until the gather's reply is made (the reply that passes the bound is in
+memory already; an alias's relayed reply, one record, is not counted): a gather whose own
+replies pass it, or would at the size of those in so far, is refused `invalid_request`
+(ask for fewer hits, or without metadata or vectors); one that finds it passed with
+others' replies is answered `not_ready`. A search's member replies are decoded and merged
+one at a time (`SearchMerge`): the gather holds one parsed member reply beside the best
+hits so far, never all of them parsed. A `get` whose members' items are over one reply
+record is refused before any is decoded.
 Large bodies are encoded, decoded and merged in a thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -135,7 +138,9 @@ class _Arrivals:
 
     def __init__(self, held: _Held, futures: Sequence[asyncio.Future[bytes]]) -> None:
         self._held = held
+        self._asked = len(futures)
         self._left = len(futures)
+        self._counted = 0
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._released = False
         self.bytes = 0
@@ -150,6 +155,7 @@ class _Arrivals:
         self._left -= 1
         if not self._released and not fut.cancelled() and fut.exception() is None:
             size = len(fut.result())
+            self._counted += 1
             self.bytes += size
             self._held.bytes += size
             self.over = self.over or self._held.bytes > self._held.limit
@@ -159,10 +165,14 @@ class _Arrivals:
         if (self.over or self._left <= 0) and not self._done.done():
             self._done.set_result(None)
 
+    @property
+    def expected_bytes(self) -> int:
+        """The bytes of every reply asked for, at the mean size of those in so far."""
+        return self.bytes * self._asked // max(self._counted, 1)
+
     async def wait(self, timeout_s: float) -> None:
         """Until every reply is in, `held` passed its limit, or `timeout_s` passed."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._done), max(timeout_s, 0))
+        await asyncio.wait([self._done], timeout=max(timeout_s, 0))
 
     def release(self) -> None:
         if not self._released:
@@ -297,35 +307,39 @@ class Gatherer:
         big = isinstance(query, SearchQuery) and query.vectors.nbytes > _THREAD_BYTES
         members, values = await _run(big, _prepare, query, target, deadline_ms)
         arrivals: _Arrivals | None = None
-        try:
-            await self._send_all(members, values)
-            arrivals = _Arrivals(self._held, [m.reply for m in members if m.reply is not None])
-            await arrivals.wait(deadline_ms / 1000 - time.time())
-            if arrivals.over:
-                raise self._over(target, arrivals.bytes)
-            if isinstance(query, GetQuery):
-                self._check_items(arrivals.bytes - _ENVELOPE_BYTES * len(members))
-            merge = (
-                SearchMerge(
-                    k=query.k, queries=len(query.vectors), include_vectors=query.include_vectors
+        try:  # the replies' bytes stay counted until the reply is made of them
+            try:
+                await self._send_all(members, values)
+                arrivals = _Arrivals(self._held, [m.reply for m in members if m.reply is not None])
+                await arrivals.wait(deadline_ms / 1000 - time.time())
+                if arrivals.over:
+                    raise self._over(target, arrivals)
+                if isinstance(query, GetQuery):
+                    self._check_items(arrivals.bytes - _ENVELOPE_BYTES * len(members))
+                merge = (
+                    SearchMerge(
+                        k=query.k,
+                        queries=len(query.vectors),
+                        include_vectors=query.include_vectors,
+                    )
+                    if isinstance(query, SearchQuery)
+                    else None
                 )
-                if isinstance(query, SearchQuery)
-                else None
+                answers, missing = await self._collect(members, merge)
+            finally:
+                for m in members:
+                    self._requests.forget(m.cid)
+                    m.reply = None
+            if missing and not query.allow_partial:
+                raise missing_error(target.index, missing, target.shards)
+            rows = query.k * len(query.vectors) if isinstance(query, SearchQuery) else len(answers)
+            value: bytes = await _run(
+                rows > _THREAD_ROWS, _merged, query, target, answers, merge, missing, received
             )
-            answers, missing = await self._collect(members, merge)
+            return value
         finally:
-            for m in members:
-                self._requests.forget(m.cid)
-                m.reply = None
             if arrivals is not None:
                 arrivals.release()
-        if missing and not query.allow_partial:
-            raise missing_error(target.index, missing, target.shards)
-        rows = query.k * len(query.vectors) if isinstance(query, SearchQuery) else len(answers)
-        value: bytes = await _run(
-            rows > _THREAD_ROWS, _merged, query, target, answers, merge, missing, received
-        )
-        return value
 
     def _check_items(self, size: int) -> None:
         """Refuse a `get` whose members' items, `size` bytes, are over one reply record:
@@ -339,14 +353,15 @@ class Gatherer:
                 ask="fewer ids, or without include_metadata or include_vectors",
             )
 
-    def _over(self, target: GatherTarget, mine: int) -> LhvError:
-        """The error of a gather that found `max_gather_bytes` passed when its replies
-        (`mine` bytes of them) arrived."""
+    def _over(self, target: GatherTarget, arrivals: _Arrivals) -> LhvError:
+        """The error of a gather that found `max_gather_bytes` passed when one of its
+        replies arrived: `invalid_request` when its own replies are, or at the size of
+        those in so far would be, over it; else `not_ready` (others' replies held too)."""
         limit = self._held.limit
-        if mine > limit:
+        if arrivals.bytes > limit or arrivals.expected_bytes > limit:
             return InvalidRequest(
                 f"the replies of the {target.shards} shards of index {target.index!r} "
-                f"together are over {limit} bytes (LHV_MAX_GATHER_BYTES): ask for fewer "
+                f"together come to over {limit} bytes (LHV_MAX_GATHER_BYTES): ask for fewer "
                 "hits, or without metadata or vectors"
             )
         return NotReady(
