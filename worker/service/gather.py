@@ -308,28 +308,21 @@ class Gatherer:
         members, values = await _run(big, _prepare, query, target, deadline_ms)
         arrivals: _Arrivals | None = None
         try:  # the replies' bytes stay counted until the reply is made of them
-            try:
-                await self._send_all(members, values)
-                arrivals = _Arrivals(self._held, [m.reply for m in members if m.reply is not None])
-                await arrivals.wait(deadline_ms / 1000 - time.time())
-                if arrivals.over:
-                    raise self._over(target, arrivals)
-                if isinstance(query, GetQuery):
-                    self._check_items(arrivals.bytes - _ENVELOPE_BYTES * len(members))
-                merge = (
-                    SearchMerge(
-                        k=query.k,
-                        queries=len(query.vectors),
-                        include_vectors=query.include_vectors,
-                    )
-                    if isinstance(query, SearchQuery)
-                    else None
+            await self._send_all(members, values)
+            arrivals = _Arrivals(self._held, [m.reply for m in members if m.reply is not None])
+            await arrivals.wait(deadline_ms / 1000 - time.time())
+            if arrivals.over:
+                raise self._over(target, arrivals)
+            if isinstance(query, GetQuery):
+                self._check_items(arrivals.bytes - _ENVELOPE_BYTES * len(members))
+            merge = (
+                SearchMerge(
+                    k=query.k, queries=len(query.vectors), include_vectors=query.include_vectors
                 )
-                answers, missing = await self._collect(members, merge)
-            finally:
-                for m in members:
-                    self._requests.forget(m.cid)
-                    m.reply = None
+                if isinstance(query, SearchQuery)
+                else None
+            )
+            answers, missing = await self._collect(members, merge)
             if missing and not query.allow_partial:
                 raise missing_error(target.index, missing, target.shards)
             rows = query.k * len(query.vectors) if isinstance(query, SearchQuery) else len(answers)
@@ -338,6 +331,9 @@ class Gatherer:
             )
             return value
         finally:
+            for m in members:
+                self._requests.forget(m.cid)
+                m.reply = None
             if arrivals is not None:
                 arrivals.release()
 
@@ -358,7 +354,7 @@ class Gatherer:
         replies arrived: `invalid_request` when its own replies are, or at the size of
         those in so far would be, over it; else `not_ready` (others' replies held too)."""
         limit = self._held.limit
-        if arrivals.bytes > limit or arrivals.expected_bytes > limit:
+        if arrivals.expected_bytes > limit:  # never below the bytes in so far
             return InvalidRequest(
                 f"the replies of the {target.shards} shards of index {target.index!r} "
                 f"together come to over {limit} bytes (LHV_MAX_GATHER_BYTES): ask for fewer "
